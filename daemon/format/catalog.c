@@ -1,0 +1,754 @@
+/* Model and component resolution.
+ *
+ * A directory is resolved in this order: model.safetensors or
+ * diffusion_pytorch_model.safetensors; a *.safetensors.index.json (the
+ * canonical name, or the only one); all *.safetensors in sorted order.  A
+ * folder with only pickle checkpoints is refused with WD_E_UNSUPPORTED.
+ * Headers are parsed once per file identity and kept in a small LRU cache. */
+#include <dirent.h>
+#include <fcntl.h>
+#include <jansson.h>
+#include <stdio.h>
+#include <string.h>
+
+#include "format/catalog.h"
+
+#define HEADER_CACHE_MAX 4096
+#define INDEX_JSON_MAX (64ULL << 20)
+
+static const char *const single_names[] = { "model.safetensors", "diffusion_pytorch_model.safetensors" };
+static const char *const index_names[] = { "model.safetensors.index.json",
+                                           "diffusion_pytorch_model.safetensors.index.json" };
+static const char *const pickle_suffixes[] = { ".bin", ".pt", ".pth", ".ckpt" };
+
+typedef struct HeaderCacheEntry {
+        FileId id;
+        StHeader *header;
+        uint64_t last_use;
+} HeaderCacheEntry;
+
+struct Catalog {
+        int root_fd;
+        char *root_display;
+        HeaderCacheEntry *cache;
+        size_t n_cache;
+        uint64_t clock;
+};
+
+const char *component_kind_to_string(ComponentKind k) {
+        static const char *const names[_COMPONENT_KIND_MAX] = {
+                [COMPONENT_WEIGHTS] = "weights",        [COMPONENT_ABSENT] = "absent",
+                [COMPONENT_MISSING] = "missing",        [COMPONENT_NO_WEIGHTS] = "no-weights",
+                [COMPONENT_PICKLE_ONLY] = "pickle-only",
+        };
+        return k < _COMPONENT_KIND_MAX ? names[k] : NULL;
+}
+
+int catalog_new(Catalog **ret, int root_fd, const char *root_display) {
+        Catalog *c;
+
+        c = calloc(1, sizeof(Catalog));
+        if (!c)
+                return -ENOMEM;
+        c->root_fd = root_fd;
+        c->root_display = strdup(root_display ? root_display : "");
+        c->cache = calloc(HEADER_CACHE_MAX, sizeof(HeaderCacheEntry));
+        if (!c->root_display || !c->cache)
+                return catalog_free(c), -ENOMEM;
+        *ret = c;
+        return 0;
+}
+
+Catalog *catalog_free(Catalog *c) {
+        if (!c)
+                return NULL;
+        for (size_t i = 0; i < c->n_cache; i++)
+                st_header_unref(c->cache[i].header);
+        free(c->cache);
+        free(c->root_display);
+        free(c);
+        return NULL;
+}
+
+size_t catalog_cached_headers(Catalog *c) {
+        return c->n_cache;
+}
+
+static StHeader *cache_get(Catalog *c, const FileId *id) {
+        for (size_t i = 0; i < c->n_cache; i++)
+                if (file_id_equal(&c->cache[i].id, id)) {
+                        c->cache[i].last_use = ++c->clock;
+                        return st_header_ref(c->cache[i].header);
+                }
+        return NULL;
+}
+
+static void cache_put(Catalog *c, const FileId *id, StHeader *h) {
+        size_t slot = c->n_cache;
+
+        if (c->n_cache == HEADER_CACHE_MAX) {
+                slot = 0;
+                for (size_t i = 1; i < c->n_cache; i++)
+                        if (c->cache[i].last_use < c->cache[slot].last_use)
+                                slot = i;
+                st_header_unref(c->cache[slot].header);
+        } else
+                c->n_cache++;
+        c->cache[slot] = (HeaderCacheEntry){ .id = *id, .header = st_header_ref(h), .last_use = ++c->clock };
+}
+
+/* "root_display/path" for messages. */
+static char *display_path(Catalog *c, const char *path) {
+        return path_join(c->root_display, path);
+}
+
+/* Turn an open/stat failure into a user-facing error naming the path. */
+static int open_error(Catalog *c, const char *path, int r, WdError *err) {
+        _cleanup_free_ char *d = display_path(c, path);
+
+        if (r == -EXDEV || r == -ELOOP)
+                return wd_error_set(err, WD_E_PERMISSION, "%s: path leaves the model root", d ? d : path);
+        if (r == -ENOENT || r == -ENOTDIR)
+                return wd_error_set(err, WD_E_NOT_FOUND, "%s: no such file or directory", d ? d : path);
+        if (r == -EACCES || r == -EPERM)
+                return wd_error_set(err, WD_E_PERMISSION, "%s: permission denied", d ? d : path);
+        return wd_error_set(err, r, "%s: %s", d ? d : path, strerror(-r));
+}
+
+/* ---- directory scans ---- */
+
+typedef struct StrList {
+        size_t n;
+        char **items;
+} StrList;
+
+static void strlist_done(StrList *l) {
+        for (size_t i = 0; i < l->n; i++)
+                free(l->items[i]);
+        free(l->items);
+        *l = (StrList){};
+}
+
+static int strlist_add(StrList *l, const char *s) {
+        char **n = realloc(l->items, (l->n + 1) * sizeof(char *));
+
+        if (!n)
+                return -ENOMEM;
+        l->items = n;
+        l->items[l->n] = strdup(s);
+        if (!l->items[l->n])
+                return -ENOMEM;
+        l->n++;
+        return 0;
+}
+
+static int strcmp_ptr(const void *a, const void *b) {
+        return strcmp(*(char *const *) a, *(char *const *) b);
+}
+
+static bool strlist_contains(const StrList *l, const char *s) {
+        for (size_t i = 0; i < l->n; i++)
+                if (strcmp(l->items[i], s) == 0)
+                        return true;
+        return false;
+}
+
+typedef struct DirScan {
+        StrList safetensors; /* *.safetensors, sorted */
+        StrList indexes;     /* *.safetensors.index.json, sorted */
+        StrList pickles;     /* *.bin, *.pt, *.pth, *.ckpt, sorted */
+        bool model_index;    /* model_index.json present */
+} DirScan;
+
+static void dir_scan_done(DirScan *s) {
+        strlist_done(&s->safetensors);
+        strlist_done(&s->indexes);
+        strlist_done(&s->pickles);
+}
+
+static bool is_pickle(const char *name) {
+        for (size_t i = 0; i < ELEMENTSOF(pickle_suffixes); i++)
+                if (str_endswith(name, pickle_suffixes[i]))
+                        return true;
+        return false;
+}
+
+static int dir_scan(Catalog *c, const char *path, DirScan *ret, WdError *err) {
+        _cleanup_(dir_scan_done) DirScan s = {};
+        struct dirent *de;
+        DIR *d;
+        int fd, r = 0;
+
+        fd = fs_open_beneath(c->root_fd, path, O_RDONLY | O_DIRECTORY);
+        if (fd < 0)
+                return open_error(c, path, fd, err);
+        d = fdopendir(fd);
+        if (!d) {
+                r = negative_errno();
+                safe_close(fd);
+                return open_error(c, path, r, err);
+        }
+        while (r >= 0 && (de = readdir(d))) {
+                if (de->d_type != DT_REG && de->d_type != DT_LNK && de->d_type != DT_UNKNOWN)
+                        continue;
+                if (str_endswith(de->d_name, ".safetensors"))
+                        r = strlist_add(&s.safetensors, de->d_name);
+                else if (str_endswith(de->d_name, ".safetensors.index.json"))
+                        r = strlist_add(&s.indexes, de->d_name);
+                else if (is_pickle(de->d_name))
+                        r = strlist_add(&s.pickles, de->d_name);
+                else if (strcmp(de->d_name, "model_index.json") == 0)
+                        s.model_index = true;
+        }
+        closedir(d);
+        if (r < 0)
+                return wd_error_set(err, r, "out of memory");
+        qsort(s.safetensors.items, s.safetensors.n, sizeof(char *), strcmp_ptr);
+        qsort(s.indexes.items, s.indexes.n, sizeof(char *), strcmp_ptr);
+        qsort(s.pickles.items, s.pickles.n, sizeof(char *), strcmp_ptr);
+        *ret = s;
+        s = (DirScan){};
+        return 0;
+}
+
+static ComponentKind dir_kind(const DirScan *s) {
+        if (s->safetensors.n > 0 || s->indexes.n > 0)
+                return COMPONENT_WEIGHTS;
+        if (s->pickles.n > 0)
+                return COMPONENT_PICKLE_ONLY;
+        return COMPONENT_NO_WEIGHTS;
+}
+
+/* ---- JSON files of the layout ---- */
+
+static int load_json(Catalog *c, const char *path, json_t **ret, WdError *err) {
+        _cleanup_free_ char *d = display_path(c, path), *buf = NULL;
+        _cleanup_close_ int fd = -1;
+        json_error_t je;
+        struct stat st;
+        size_t done = 0;
+        json_t *j;
+
+        fd = fs_open_beneath(c->root_fd, path, O_RDONLY);
+        if (fd < 0)
+                return open_error(c, path, fd, err);
+        if (fstat(fd, &st) < 0)
+                return open_error(c, path, negative_errno(), err);
+        if (!S_ISREG(st.st_mode))
+                return wd_error_set(err, WD_E_FORMAT, "%s: not a regular file", d);
+        if ((uint64_t) st.st_size > INDEX_JSON_MAX)
+                return wd_error_set(err, WD_E_FORMAT, "%s: %llu bytes exceeds the limit of %llu bytes for JSON files", d,
+                                    (unsigned long long) st.st_size, INDEX_JSON_MAX);
+        buf = malloc((size_t) st.st_size + 1);
+        if (!buf)
+                return wd_error_set(err, -ENOMEM, "out of memory");
+        while (done < (size_t) st.st_size) {
+                ssize_t k = pread(fd, buf + done, (size_t) st.st_size - done, (off_t) done);
+                if (k < 0 && errno == EINTR)
+                        continue;
+                if (k < 0)
+                        return open_error(c, path, negative_errno(), err);
+                if (k == 0)
+                        return wd_error_set(err, WD_E_CHANGED, "%s: file shrank while reading", d);
+                done += (size_t) k;
+        }
+        j = json_loadb(buf, done, JSON_REJECT_DUPLICATES, &je);
+        if (!j)
+                return wd_error_set(err, WD_E_FORMAT, "%s: not valid JSON: %s (line %d, column %d)", d, je.text,
+                                    je.line, je.column);
+        *ret = j;
+        return 0;
+}
+
+/* ---- files ---- */
+
+static void catalog_file_done(CatalogFile *f) {
+        free(f->path);
+        free(f->display);
+        safe_close(f->fd);
+        st_header_unref(f->header);
+}
+
+Component *component_free(Component *c) {
+        if (!c)
+                return NULL;
+        for (size_t i = 0; i < c->n_files; i++)
+                catalog_file_done(&c->files[i]);
+        free(c->files);
+        free(c->model);
+        free(c->name);
+        free(c);
+        return NULL;
+}
+
+/* Open one safetensors file beneath the root and get its validated header. */
+static int file_open(Catalog *c, const char *dir, const char *name, CatalogFile *f, WdError *err) {
+        StHeader *h;
+        int r;
+
+        *f = (CatalogFile){ .fd = -1 };
+        f->path = path_join(dir, name);
+        f->display = f->path ? display_path(c, f->path) : NULL;
+        if (!f->path || !f->display)
+                return wd_error_set(err, -ENOMEM, "out of memory");
+        f->fd = fs_open_beneath(c->root_fd, f->path, O_RDONLY);
+        if (f->fd < 0)
+                return open_error(c, f->path, f->fd, err);
+        r = file_id_from_fd(f->fd, &f->id);
+        if (r < 0)
+                return open_error(c, f->path, r, err);
+
+        h = cache_get(c, &f->id);
+        if (!h) {
+                r = st_header_parse_fd(f->fd, f->display, &h, err);
+                if (r != 0)
+                        return r;
+                cache_put(c, &f->id, h);
+        }
+        f->header = h;
+        return 0;
+}
+
+static int component_add_file(Catalog *c, Component *comp, const char *dir, const char *name, WdError *err) {
+        CatalogFile *n;
+        int r;
+
+        n = realloc(comp->files, (comp->n_files + 1) * sizeof(CatalogFile));
+        if (!n)
+                return wd_error_set(err, -ENOMEM, "out of memory");
+        comp->files = n;
+        r = file_open(c, dir, name, &comp->files[comp->n_files], err);
+        comp->n_files++; /* even on failure: component_free() cleans it up */
+        if (r != 0)
+                return r;
+        comp->total_bytes += comp->files[comp->n_files - 1].header->file_size;
+        comp->n_tensors += comp->files[comp->n_files - 1].header->n_tensors;
+        return 0;
+}
+
+/* ---- sharded indexes ---- */
+
+static int index_shards(Catalog *c, const char *index_display, json_t *map, StrList *ret, WdError *err) {
+        _cleanup_(strlist_done) StrList shards = {};
+        const char *tensor;
+        json_t *value;
+
+        json_object_foreach(map, tensor, value) {
+                char t[256], v[256];
+
+                wd_escape(t, sizeof(t), tensor, 200);
+                if (!json_is_string(value))
+                        return wd_error_set(err, WD_E_FORMAT, "%s: weight_map: tensor \"%s\": shard is not a string",
+                                            index_display, t);
+                if (!filename_is_plain(json_string_value(value))) {
+                        wd_escape(v, sizeof(v), json_string_value(value), 200);
+                        return wd_error_set(err, WD_E_FORMAT,
+                                            "%s: weight_map: tensor \"%s\": shard \"%s\" is not a file name in the "
+                                            "index's folder",
+                                            index_display, t, v);
+                }
+                if (!strlist_contains(&shards, json_string_value(value)) &&
+                    strlist_add(&shards, json_string_value(value)) < 0)
+                        return wd_error_set(err, -ENOMEM, "out of memory");
+        }
+        (void) c;
+        qsort(shards.items, shards.n, sizeof(char *), strcmp_ptr);
+        *ret = shards;
+        shards = (StrList){};
+        return 0;
+}
+
+/* Every tensor a shard holds must be mapped to it, and every tensor mapped to
+ * it must be there. */
+static int index_check_shard(const char *index_display, json_t *map, const char *shard, const CatalogFile *f,
+                             WdError *err) {
+        const StHeader *h = f->header;
+        size_t mapped = 0;
+        const char *tensor;
+        json_t *value;
+        char t[256];
+
+        for (size_t i = 0; i < h->n_tensors; i++) {
+                json_t *v = json_object_get(map, h->tensors[i].name);
+
+                wd_escape(t, sizeof(t), h->tensors[i].name, 200);
+                if (!v)
+                        return wd_error_set(err, WD_E_FORMAT,
+                                            "%s: shard %s holds tensor \"%s\", which the weight_map does not list",
+                                            index_display, shard, t);
+                if (strcmp(json_string_value(v), shard) != 0)
+                        return wd_error_set(err, WD_E_FORMAT,
+                                            "%s: weight_map puts tensor \"%s\" in %s, but shard %s holds it",
+                                            index_display, t, json_string_value(v), shard);
+        }
+        json_object_foreach(map, tensor, value)
+                if (strcmp(json_string_value(value), shard) == 0)
+                        mapped++;
+        if (mapped == h->n_tensors)
+                return 0;
+        /* Some mapped tensor is not in the shard: find it for the message. */
+        json_object_foreach(map, tensor, value)
+                if (strcmp(json_string_value(value), shard) == 0 && !st_header_find(h, tensor)) {
+                        wd_escape(t, sizeof(t), tensor, 200);
+                        return wd_error_set(err, WD_E_FORMAT,
+                                            "%s: weight_map puts tensor \"%s\" in %s, which does not hold it",
+                                            index_display, t, shard);
+                }
+        return wd_error_set(err, WD_E_FORMAT, "%s: shard %s does not match the weight_map", index_display, shard);
+}
+
+static int resolve_index(Catalog *c, Component *comp, const char *dir, const char *index, WdError *err) {
+        _cleanup_free_ char *ipath = path_join(dir, index), *idisplay = NULL;
+        _cleanup_(json_decrefp) json_t *root = NULL;
+        _cleanup_(strlist_done) StrList shards = {};
+        json_t *map;
+        int r;
+
+        if (!ipath || !(idisplay = display_path(c, ipath)))
+                return wd_error_set(err, -ENOMEM, "out of memory");
+        r = load_json(c, ipath, &root, err);
+        if (r != 0)
+                return r;
+        map = json_is_object(root) ? json_object_get(root, "weight_map") : NULL;
+        if (!json_is_object(map))
+                return wd_error_set(err, WD_E_FORMAT, "%s: no \"weight_map\" object", idisplay);
+        if (json_object_size(map) == 0)
+                return wd_error_set(err, WD_E_FORMAT, "%s: the weight_map is empty", idisplay);
+        r = index_shards(c, idisplay, map, &shards, err);
+        if (r != 0)
+                return r;
+        for (size_t i = 0; i < shards.n; i++) {
+                r = component_add_file(c, comp, dir, shards.items[i], err);
+                if (r == WD_E_NOT_FOUND)
+                        return wd_error_set(err, WD_E_NOT_FOUND, "%s: shard %s does not exist", idisplay,
+                                            shards.items[i]);
+                if (r != 0)
+                        return r;
+                r = index_check_shard(idisplay, map, shards.items[i], &comp->files[comp->n_files - 1], err);
+                if (r != 0)
+                        return r;
+        }
+        return 0;
+}
+
+/* ---- directories and components ---- */
+
+static const char *first_present(const StrList *l, const char *const *names, size_t n) {
+        for (size_t i = 0; i < n; i++)
+                if (strlist_contains(l, names[i]))
+                        return names[i];
+        return NULL;
+}
+
+static int pickle_only_error(Catalog *c, const char *dir, const DirScan *s, WdError *err) {
+        _cleanup_free_ char *d = display_path(c, dir);
+
+        return wd_error_set(err, WD_E_UNSUPPORTED,
+                            "%s: only pickle checkpoints (%s%s); weightd serves safetensors files only", d ? d : dir,
+                            s->pickles.items[0], s->pickles.n > 1 ? ", ..." : "");
+}
+
+static int resolve_dir(Catalog *c, Component *comp, const char *dir, const DirScan *s, WdError *err) {
+        _cleanup_free_ char *d = NULL;
+        const char *name;
+
+        name = first_present(&s->safetensors, single_names, ELEMENTSOF(single_names));
+        if (name)
+                return component_add_file(c, comp, dir, name, err);
+
+        name = first_present(&s->indexes, index_names, ELEMENTSOF(index_names));
+        if (!name && s->indexes.n == 1)
+                name = s->indexes.items[0];
+        if (name)
+                return resolve_index(c, comp, dir, name, err);
+        if (s->indexes.n > 1) {
+                d = display_path(c, dir);
+                return wd_error_set(err, WD_E_FORMAT, "%s: %zu sharded indexes (%s, %s, ...) and no canonical one",
+                                    d ? d : dir, s->indexes.n, s->indexes.items[0], s->indexes.items[1]);
+        }
+
+        for (size_t i = 0; i < s->safetensors.n; i++) {
+                int r = component_add_file(c, comp, dir, s->safetensors.items[i], err);
+                if (r != 0)
+                        return r;
+        }
+        if (s->safetensors.n > 0)
+                return 0;
+
+        if (s->pickles.n > 0)
+                return pickle_only_error(c, dir, s, err);
+        d = display_path(c, dir);
+        return wd_error_set(err, WD_E_NOT_FOUND, "%s: no safetensors weights", d ? d : dir);
+}
+
+/* Tensor names must be unique across the files of a component. */
+static int check_unique_names(Catalog *c, const Component *comp, WdError *err) {
+        _cleanup_free_ const StTensor **all = NULL;
+        size_t n = 0;
+
+        if (comp->n_files < 2)
+                return 0;
+        all = malloc(comp->n_tensors * sizeof(StTensor *) + 1);
+        if (!all)
+                return wd_error_set(err, -ENOMEM, "out of memory");
+        for (size_t i = 0; i < comp->n_files; i++)
+                for (size_t j = 0; j < comp->files[i].header->n_tensors; j++)
+                        all[n++] = &comp->files[i].header->tensors[j];
+        qsort(all, n, sizeof(StTensor *), strcmp_ptr); /* name is the first member */
+        for (size_t i = 1; i < n; i++)
+                if (strcmp(all[i - 1]->name, all[i]->name) == 0) {
+                        _cleanup_free_ char *d = display_path(c, comp->model);
+                        char t[256];
+
+                        wd_escape(t, sizeof(t), all[i]->name, 200);
+                        return wd_error_set(err, WD_E_FORMAT,
+                                            "%s: tensor \"%s\" is stored in more than one file of component \"%s\"",
+                                            d ? d : comp->model, t, comp->name);
+                }
+        return 0;
+}
+
+static int component_new(const char *model, const char *name, Component **ret) {
+        Component *comp = calloc(1, sizeof(Component));
+
+        if (!comp)
+                return -ENOMEM;
+        comp->model = strdup(model);
+        comp->name = strdup(name);
+        if (!comp->model || !comp->name)
+                return component_free(comp), -ENOMEM;
+        *ret = comp;
+        return 0;
+}
+
+ComponentList *component_list_free(ComponentList *l) {
+        if (!l)
+                return NULL;
+        for (size_t i = 0; i < l->n; i++) {
+                free(l->items[i].name);
+                free(l->items[i].library);
+                free(l->items[i].class_name);
+        }
+        free(l->items);
+        free(l);
+        return NULL;
+}
+
+/* model_index.json: keys not starting with '_' whose value is a two-element
+ * array [library, class] are components; [null, ...] means absent. */
+static int diffusers_read(Catalog *c, const char *model, ComponentList *l, WdError *err) {
+        _cleanup_free_ char *path = path_join(model, "model_index.json"), *d = NULL;
+        _cleanup_(json_decrefp) json_t *root = NULL;
+        const char *key;
+        json_t *value;
+        int r;
+
+        if (!path || !(d = display_path(c, path)))
+                return wd_error_set(err, -ENOMEM, "out of memory");
+        r = load_json(c, path, &root, err);
+        if (r != 0)
+                return r;
+        if (!json_is_object(root))
+                return wd_error_set(err, WD_E_FORMAT, "%s: not a JSON object", d);
+        l->items = calloc(json_object_size(root) + 1, sizeof(ComponentInfo));
+        if (!l->items)
+                return wd_error_set(err, -ENOMEM, "out of memory");
+        json_object_foreach(root, key, value) {
+                ComponentInfo *ci = &l->items[l->n];
+                json_t *lib, *cls;
+
+                if (key[0] == '_' || !json_is_array(value) || json_array_size(value) != 2)
+                        continue;
+                lib = json_array_get(value, 0);
+                cls = json_array_get(value, 1);
+                if ((!json_is_null(lib) && !json_is_string(lib)) || (!json_is_null(cls) && !json_is_string(cls)))
+                        continue;
+                if (!filename_is_plain(key)) {
+                        char k[256];
+
+                        wd_escape(k, sizeof(k), key, 200);
+                        return wd_error_set(err, WD_E_FORMAT, "%s: component \"%s\" is not a folder name", d, k);
+                }
+                ci->name = strdup(key);
+                ci->library = json_is_string(lib) ? strdup(json_string_value(lib)) : NULL;
+                ci->class_name = json_is_string(cls) ? strdup(json_string_value(cls)) : NULL;
+                l->n++;
+                if (!ci->name || (json_is_string(lib) && !ci->library) || (json_is_string(cls) && !ci->class_name))
+                        return wd_error_set(err, -ENOMEM, "out of memory");
+                ci->kind = json_is_null(lib) ? COMPONENT_ABSENT : COMPONENT_WEIGHTS;
+        }
+        return 0;
+}
+
+static int component_dir_kind(Catalog *c, const char *model, ComponentInfo *ci, WdError *err) {
+        _cleanup_(dir_scan_done) DirScan s = {};
+        _cleanup_free_ char *dir = path_join(model, ci->name);
+        int r;
+
+        if (!dir)
+                return wd_error_set(err, -ENOMEM, "out of memory");
+        r = dir_scan(c, dir, &s, err);
+        if (r == WD_E_NOT_FOUND) {
+                ci->kind = COMPONENT_MISSING;
+                return 0;
+        }
+        if (r != 0)
+                return r;
+        ci->kind = dir_kind(&s);
+        return 0;
+}
+
+static bool is_safetensors_file(Catalog *c, const char *model, int *ret_error) {
+        int fd = fs_open_beneath(c->root_fd, model, O_RDONLY | O_NOCTTY | O_NONBLOCK);
+        struct stat st;
+        bool reg;
+
+        if (fd < 0) {
+                *ret_error = fd;
+                return false;
+        }
+        reg = fstat(fd, &st) == 0 && S_ISREG(st.st_mode);
+        safe_close(fd);
+        *ret_error = 0;
+        return reg;
+}
+
+int catalog_list(Catalog *c, const char *model, ComponentList **ret, WdError *err) {
+        _cleanup_(component_list_freep) ComponentList *l = NULL;
+        _cleanup_(dir_scan_done) DirScan s = {};
+        int r;
+
+        l = calloc(1, sizeof(ComponentList));
+        if (!l)
+                return wd_error_set(err, -ENOMEM, "out of memory");
+
+        if (is_safetensors_file(c, model, &r) || r < 0) {
+                if (r < 0)
+                        return open_error(c, model, r, err);
+                l->items = calloc(1, sizeof(ComponentInfo));
+                if (!l->items || !(l->items[0].name = strdup("")))
+                        return wd_error_set(err, -ENOMEM, "out of memory");
+                l->n = 1;
+                l->items[0].kind = is_pickle(model) ? COMPONENT_PICKLE_ONLY : COMPONENT_WEIGHTS;
+                *ret = TAKE_PTR(l);
+                return 0;
+        }
+
+        r = dir_scan(c, model, &s, err);
+        if (r != 0)
+                return r;
+        if (s.model_index) {
+                l->diffusers = true;
+                r = diffusers_read(c, model, l, err);
+                if (r != 0)
+                        return r;
+                for (size_t i = 0; i < l->n; i++)
+                        if (l->items[i].kind == COMPONENT_WEIGHTS) {
+                                r = component_dir_kind(c, model, &l->items[i], err);
+                                if (r != 0)
+                                        return r;
+                        }
+        } else {
+                l->items = calloc(1, sizeof(ComponentInfo));
+                if (!l->items || !(l->items[0].name = strdup("")))
+                        return wd_error_set(err, -ENOMEM, "out of memory");
+                l->n = 1;
+                l->items[0].kind = dir_kind(&s);
+        }
+        *ret = TAKE_PTR(l);
+        return 0;
+}
+
+static int resolve_diffusers(Catalog *c, Component *comp, const char *model, const char *component,
+                             WdError *err) {
+        _cleanup_(component_list_freep) ComponentList *l = NULL;
+        _cleanup_(dir_scan_done) DirScan s = {};
+        _cleanup_free_ char *dir = NULL, *d = display_path(c, model);
+        const ComponentInfo *ci = NULL;
+        char name[256];
+        int r;
+
+        l = calloc(1, sizeof(ComponentList));
+        if (!l || !d)
+                return wd_error_set(err, -ENOMEM, "out of memory");
+        r = diffusers_read(c, model, l, err);
+        if (r != 0)
+                return r;
+        if (!component || !*component) {
+                char names[512] = "";
+                size_t o = 0;
+
+                for (size_t i = 0; i < l->n && o < sizeof(names); i++)
+                        if (l->items[i].kind == COMPONENT_WEIGHTS)
+                                o += (size_t) snprintf(names + o, sizeof(names) - o, "%s%s", o ? ", " : "",
+                                                       l->items[i].name);
+                return wd_error_set(err, WD_E_INVALID, "%s: a diffusers model; name a component (%s)", d, names);
+        }
+        wd_escape(name, sizeof(name), component, 200);
+        for (size_t i = 0; i < l->n; i++)
+                if (strcmp(l->items[i].name, component) == 0)
+                        ci = &l->items[i];
+        if (!ci)
+                return wd_error_set(err, WD_E_NOT_FOUND, "%s: model_index.json lists no component \"%s\"", d, name);
+        if (ci->kind == COMPONENT_ABSENT)
+                return wd_error_set(err, WD_E_NOT_FOUND,
+                                    "%s: component \"%s\" is absent (model_index.json gives it as null)", d, name);
+
+        dir = path_join(model, component);
+        if (!dir)
+                return wd_error_set(err, -ENOMEM, "out of memory");
+        r = dir_scan(c, dir, &s, err);
+        if (r == WD_E_NOT_FOUND)
+                return wd_error_set(err, WD_E_NOT_FOUND, "%s: component \"%s\" has no folder %s/", d, name, name);
+        if (r != 0)
+                return r;
+        return resolve_dir(c, comp, dir, &s, err);
+}
+
+int catalog_resolve(Catalog *c, const char *model, const char *component, Component **ret, WdError *err) {
+        _cleanup_(component_freep) Component *comp = NULL;
+        _cleanup_(dir_scan_done) DirScan s = {};
+        _cleanup_free_ char *d = NULL;
+        int r;
+
+        r = component_new(model, component ? component : "", &comp);
+        if (r < 0)
+                return wd_error_set(err, r, "out of memory");
+
+        if (is_safetensors_file(c, model, &r) || r < 0) {
+                if (r < 0)
+                        return open_error(c, model, r, err);
+                d = display_path(c, model);
+                if (component && *component)
+                        return wd_error_set(err, WD_E_NOT_FOUND, "%s: a single file has no component \"%s\"",
+                                            d ? d : model, comp->name);
+                if (is_pickle(model))
+                        return wd_error_set(err, WD_E_UNSUPPORTED,
+                                            "%s: a pickle checkpoint; weightd serves safetensors files only",
+                                            d ? d : model);
+                r = component_add_file(c, comp, "", model, err);
+                if (r != 0)
+                        return r;
+                *ret = TAKE_PTR(comp);
+                return 0;
+        }
+
+        r = dir_scan(c, model, &s, err);
+        if (r != 0)
+                return r;
+        if (s.model_index)
+                r = resolve_diffusers(c, comp, model, component, err);
+        else if (component && *component) {
+                d = display_path(c, model);
+                return wd_error_set(err, WD_E_NOT_FOUND, "%s: not a diffusers model, so it has no component \"%s\"",
+                                    d ? d : model, comp->name);
+        } else
+                r = resolve_dir(c, comp, model, &s, err);
+        if (r != 0)
+                return r;
+        r = check_unique_names(c, comp, err);
+        if (r != 0)
+                return r;
+        *ret = TAKE_PTR(comp);
+        return 0;
+}

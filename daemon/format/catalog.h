@@ -1,0 +1,86 @@
+/* The catalog: turns a model path into components and their safetensors
+ * files, with parsed and validated headers.
+ *
+ * Layouts: a single *.safetensors file; a directory with model.safetensors
+ * (or diffusion_pytorch_model.safetensors); a directory with a
+ * *.safetensors.index.json whose weight_map names the shards; a directory of
+ * *.safetensors files taken in sorted order; a diffusers directory whose
+ * model_index.json names components in sub-folders, each resolved by the
+ * same rules.  Every path is opened beneath a root directory fd. */
+#pragma once
+
+#include <stddef.h>
+
+#include "format/safetensors.h"
+#include "util/error.h"
+#include "util/fs-util.h"
+
+typedef enum ComponentKind {
+        COMPONENT_WEIGHTS,     /* has safetensors files */
+        COMPONENT_ABSENT,      /* model_index.json says [null, ...] */
+        COMPONENT_MISSING,     /* listed, but its folder does not exist */
+        COMPONENT_NO_WEIGHTS,  /* a folder without weights (scheduler, tokenizer) */
+        COMPONENT_PICKLE_ONLY, /* only .bin/.pt/.pth/.ckpt checkpoints */
+        _COMPONENT_KIND_MAX,
+} ComponentKind;
+
+const char *component_kind_to_string(ComponentKind k);
+
+typedef struct ComponentInfo {
+        char *name;       /* "" for a model that is not a diffusers pipeline */
+        char *library;    /* from model_index.json, or NULL */
+        char *class_name; /* from model_index.json, or NULL */
+        ComponentKind kind;
+} ComponentInfo;
+
+typedef struct ComponentList {
+        bool diffusers;
+        size_t n;
+        ComponentInfo *items;
+} ComponentList;
+
+ComponentList *component_list_free(ComponentList *l);
+DEFINE_TRIVIAL_CLEANUP_FUNC(ComponentList *, component_list_free);
+
+typedef struct CatalogFile {
+        char *path;    /* beneath the root: what fs_open_beneath() takes */
+        char *display; /* root_display joined with path, for messages */
+        int fd;        /* O_RDONLY, buffered */
+        FileId id;
+        StHeader *header;
+} CatalogFile;
+
+typedef struct Component {
+        char *model;     /* the model path beneath the root, as given */
+        char *name;      /* "" for a plain model */
+        size_t n_files;
+        CatalogFile *files;
+        uint64_t total_bytes; /* sum of the files' sizes */
+        size_t n_tensors;
+} Component;
+
+Component *component_free(Component *c);
+DEFINE_TRIVIAL_CLEANUP_FUNC(Component *, component_free);
+
+typedef struct Catalog Catalog;
+
+/* root_fd is borrowed: it must outlive the catalog.  root_display is how
+ * messages name the root ("/srv/models"); paths are shown beneath it. */
+int catalog_new(Catalog **ret, int root_fd, const char *root_display);
+Catalog *catalog_free(Catalog *c);
+DEFINE_TRIVIAL_CLEANUP_FUNC(Catalog *, catalog_free);
+
+/* The components of a model, read from model_index.json and directory
+ * listings only: no safetensors file is opened.
+ * Returns 0, or WD_E_NOT_FOUND, WD_E_FORMAT, WD_E_PERMISSION, -errno with
+ * err filled. */
+int catalog_list(Catalog *c, const char *model, ComponentList **ret, WdError *err);
+
+/* Resolve one component (NULL or "" for a plain model) into its files, each
+ * opened and its header validated (cached by file identity).
+ * Returns 0, or WD_E_NOT_FOUND, WD_E_UNSUPPORTED, WD_E_FORMAT,
+ * WD_E_PERMISSION, WD_E_INVALID, -errno with err filled. */
+int catalog_resolve(Catalog *c, const char *model, const char *component, Component **ret, WdError *err);
+
+/* Number of headers held in the identity cache. */
+size_t catalog_cached_headers(Catalog *c);

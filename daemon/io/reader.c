@@ -1,0 +1,468 @@
+/* io_uring reader thread.
+ *
+ * One thread owns one ring.  Other threads hand jobs over through a locked
+ * queue and an eventfd whose read is always armed in the ring, so the thread
+ * sleeps in io_uring_wait_cqe() and nowhere else.  Each in-flight read has a
+ * slot (user_data = slot index + 1; 0 is the eventfd), so a completion finds
+ * its job, extent and range without any lookup. */
+#include <liburing.h>
+#include <pthread.h>
+#include <stdatomic.h>
+#include <string.h>
+#include <sys/eventfd.h>
+
+#include "io/reader.h"
+
+#define WAKE_TAG 0
+
+struct ReaderJob {
+        ReaderExtent *extents;
+        size_t n_extents;
+        reader_progress_fn progress;
+        reader_done_fn done;
+        void *userdata;
+        uint64_t total;
+
+        /* Owned by the reader thread once submitted. */
+        ReaderJob *next;
+        size_t next_extent;   /* first extent with bytes not yet issued */
+        uint64_t next_offset; /* bytes of that extent already issued */
+        unsigned in_flight;
+        uint64_t bytes_done;
+        int error;
+        size_t failed_extent;
+        atomic_bool cancelled;
+};
+
+typedef struct ReadSlot {
+        ReaderJob *job;     /* NULL when free */
+        size_t extent;
+        uint64_t offset;    /* file offset of this read */
+        uint64_t need;      /* bytes of the extent this read must deliver */
+        uint64_t length;    /* bytes requested (need rounded up when direct) */
+        bool buffered;      /* forced buffered: an unaligned remainder */
+} ReadSlot;
+
+struct Reader {
+        ReaderParams params;
+        struct io_uring ring;
+        bool ring_ready;
+        int wake_fd;
+        uint64_t wake_buf;
+        pthread_t thread;
+        bool thread_started;
+
+        pthread_mutex_t lock;
+        ReaderJob *queue_head, *queue_tail; /* submitted, not yet seen by the thread */
+        bool stopping;
+
+        /* Reader thread only. */
+        ReaderJob *active; /* singly linked, in arrival order */
+        ReaderJob *cursor; /* round-robin position in active */
+        ReadSlot *slots;
+        unsigned *free_slots;
+        unsigned n_free;
+
+        atomic_uint_fast64_t bytes_read;
+};
+
+int reader_job_new(ReaderJob **ret, const ReaderExtent *extents, size_t n_extents, reader_progress_fn progress,
+                   reader_done_fn done, void *userdata) {
+        ReaderJob *job;
+
+        job = calloc(1, sizeof(ReaderJob));
+        if (!job)
+                return -ENOMEM;
+        job->extents = calloc(n_extents ? n_extents : 1, sizeof(ReaderExtent));
+        if (!job->extents) {
+                free(job);
+                return -ENOMEM;
+        }
+        if (n_extents)
+                memcpy(job->extents, extents, n_extents * sizeof(ReaderExtent));
+        job->n_extents = n_extents;
+        for (size_t i = 0; i < n_extents; i++)
+                job->total += extents[i].length;
+        job->progress = progress;
+        job->done = done;
+        job->userdata = userdata;
+        atomic_init(&job->cancelled, false);
+        *ret = job;
+        return 0;
+}
+
+ReaderJob *reader_job_free(ReaderJob *job) {
+        if (!job)
+                return NULL;
+        free(job->extents);
+        free(job);
+        return NULL;
+}
+
+uint64_t reader_job_total(const ReaderJob *job) {
+        return job->total;
+}
+
+void reader_cancel(ReaderJob *job) {
+        atomic_store(&job->cancelled, true);
+}
+
+uint64_t reader_bytes_read(Reader *r) {
+        return atomic_load(&r->bytes_read);
+}
+
+static void arm_wake(Reader *r) {
+        struct io_uring_sqe *sqe = io_uring_get_sqe(&r->ring);
+
+        /* The ring has queue_depth + 1 entries and this is the only
+         * non-slot request, so there is always room. */
+        io_uring_prep_read(sqe, r->wake_fd, &r->wake_buf, sizeof(r->wake_buf), 0);
+        io_uring_sqe_set_data64(sqe, WAKE_TAG);
+}
+
+static void prep_slot(Reader *r, unsigned idx) {
+        ReadSlot *s = &r->slots[idx];
+        const ReaderExtent *e = &s->job->extents[s->extent];
+        uint8_t *dest = (uint8_t *) e->dest + (s->offset - e->offset);
+        struct io_uring_sqe *sqe = io_uring_get_sqe(&r->ring);
+        int fd = (e->direct && !s->buffered) ? e->fd : e->buffered_fd;
+
+        io_uring_prep_read(sqe, fd, dest, (unsigned) s->length, s->offset);
+        io_uring_sqe_set_data64(sqe, (uint64_t) idx + 1);
+}
+
+static bool job_can_issue(const ReaderJob *job) {
+        return job->error == 0 && !atomic_load(&job->cancelled) && job->next_extent < job->n_extents;
+}
+
+/* Issue the next chunk of job into a free slot. */
+static void issue_chunk(Reader *r, ReaderJob *job) {
+        const ReaderExtent *e = &job->extents[job->next_extent];
+        unsigned idx = r->free_slots[--r->n_free];
+        ReadSlot *s = &r->slots[idx];
+        uint64_t need = MIN(r->params.chunk_size, e->length - job->next_offset);
+
+        *s = (ReadSlot){
+                .job = job,
+                .extent = job->next_extent,
+                .offset = e->offset + job->next_offset,
+                .need = need,
+                .length = e->direct ? ALIGN_UP(need, READER_ALIGN) : need,
+        };
+        job->next_offset += need;
+        if (job->next_offset == e->length) {
+                job->next_extent++;
+                job->next_offset = 0;
+                /* Skip empty extents: they have nothing to read. */
+                while (job->next_extent < job->n_extents && job->extents[job->next_extent].length == 0)
+                        job->next_extent++;
+        }
+        job->in_flight++;
+        prep_slot(r, idx);
+}
+
+/* Fill free slots round-robin across active jobs. */
+static void fill_slots(Reader *r) {
+        while (r->n_free > 0 && r->active) {
+                ReaderJob *start = r->cursor ? r->cursor : r->active, *j = start;
+                bool issued = false;
+
+                do {
+                        if (r->n_free == 0)
+                                break;
+                        if (job_can_issue(j)) {
+                                issue_chunk(r, j);
+                                issued = true;
+                        }
+                        j = j->next ? j->next : r->active;
+                } while (j != start);
+                r->cursor = j;
+                if (!issued)
+                        break;
+        }
+}
+
+static void job_remove(Reader *r, ReaderJob *job) {
+        for (ReaderJob **p = &r->active; *p; p = &(*p)->next)
+                if (*p == job) {
+                        *p = job->next;
+                        break;
+                }
+        if (r->cursor == job)
+                r->cursor = job->next;
+        job->next = NULL;
+}
+
+/* Finish every job that has nothing in flight and nothing left to do. */
+static void reap_jobs(Reader *r) {
+        ReaderJob *j = r->active;
+
+        while (j) {
+                ReaderJob *next = j->next;
+                bool cancelled = atomic_load(&j->cancelled);
+
+                if (j->in_flight == 0 && (j->error || cancelled || j->next_extent >= j->n_extents)) {
+                        int error = j->error;
+
+                        if (!error && cancelled && j->bytes_done < j->total)
+                                error = -ECANCELED;
+                        job_remove(r, j);
+                        j->done(j, error, j->failed_extent, j->userdata);
+                }
+                j = next;
+        }
+}
+
+static void slot_release(Reader *r, unsigned idx) {
+        r->slots[idx].job = NULL;
+        r->free_slots[r->n_free++] = idx;
+}
+
+static void job_fail(ReaderJob *job, size_t extent, int error) {
+        if (job->error == 0) {
+                job->error = error;
+                job->failed_extent = extent;
+        }
+}
+
+static void handle_completion(Reader *r, unsigned idx, int res) {
+        ReadSlot *s = &r->slots[idx];
+        ReaderJob *job = s->job;
+        const ReaderExtent *e = &job->extents[s->extent];
+
+        if (res == -EAGAIN || res == -EINTR) {
+                prep_slot(r, idx);
+                return;
+        }
+        if (res == -EINVAL && e->direct && !s->buffered) {
+                /* The file system refused this direct read: do it buffered. */
+                s->buffered = true;
+                s->length = s->need;
+                prep_slot(r, idx);
+                return;
+        }
+        if (res < 0 || (res == 0 && s->need > 0)) {
+                job_fail(job, s->extent, res < 0 ? res : -ENODATA);
+                goto finished;
+        }
+
+        atomic_fetch_add(&r->bytes_read, (uint64_t) res);
+        if ((uint64_t) res < s->need) {
+                /* Short read: resubmit the rest, buffered if no longer aligned. */
+                s->offset += (uint64_t) res;
+                s->need -= (uint64_t) res;
+                s->buffered = s->buffered || (s->offset % READER_ALIGN) != 0;
+                s->length = (e->direct && !s->buffered) ? ALIGN_UP(s->need, READER_ALIGN) : s->need;
+                job->bytes_done += (uint64_t) res;
+                prep_slot(r, idx);
+                return;
+        }
+        job->bytes_done += s->need;
+        if (job->progress && job->error == 0)
+                job->progress(job, job->bytes_done, job->total, job->userdata);
+
+finished:
+        job->in_flight--;
+        slot_release(r, idx);
+}
+
+/* Move submitted jobs to the active list; returns false when stopping. */
+static bool take_queue(Reader *r) {
+        ReaderJob *q;
+        bool stopping;
+
+        pthread_mutex_lock(&r->lock);
+        q = r->queue_head;
+        r->queue_head = r->queue_tail = NULL;
+        stopping = r->stopping;
+        pthread_mutex_unlock(&r->lock);
+
+        while (q) {
+                ReaderJob *next = q->next, **tail = &r->active;
+
+                while (*tail)
+                        tail = &(*tail)->next;
+                q->next = NULL;
+                while (q->next_extent < q->n_extents && q->extents[q->next_extent].length == 0)
+                        q->next_extent++;
+                *tail = q;
+                q = next;
+        }
+        if (stopping)
+                for (ReaderJob *j = r->active; j; j = j->next)
+                        atomic_store(&j->cancelled, true);
+        return !stopping;
+}
+
+static void *reader_thread(void *arg) {
+        Reader *r = arg;
+        bool running = true;
+
+        arm_wake(r);
+        for (;;) {
+                struct io_uring_cqe *cqe;
+                unsigned head, n = 0;
+                int k;
+
+                if (running)
+                        running = take_queue(r);
+                fill_slots(r);
+                reap_jobs(r);
+                if (!running && !r->active)
+                        break;
+
+                k = io_uring_submit_and_wait(&r->ring, 1);
+                if (k < 0 && k != -EINTR && k != -EAGAIN && k != -EBUSY) {
+                        /* The ring itself failed: fail everything and stop. */
+                        for (ReaderJob *j = r->active; j; j = j->next)
+                                job_fail(j, j->next_extent < j->n_extents ? j->next_extent : 0, k);
+                }
+                io_uring_for_each_cqe(&r->ring, head, cqe) {
+                        uint64_t tag = io_uring_cqe_get_data64(cqe);
+
+                        n++;
+                        if (tag == WAKE_TAG)
+                                arm_wake(r);
+                        else
+                                handle_completion(r, (unsigned) (tag - 1), cqe->res);
+                }
+                io_uring_cq_advance(&r->ring, n);
+        }
+        return NULL;
+}
+
+int reader_new(Reader **ret, const ReaderParams *params) {
+        _cleanup_(reader_freep) Reader *r = NULL;
+        struct io_uring_params p = {};
+        int k;
+
+        if (params->queue_depth < 1 || params->queue_depth > 4096 || params->chunk_size == 0 ||
+            params->chunk_size % READER_ALIGN != 0 || params->chunk_size > (1u << 30))
+                return -EINVAL;
+
+        r = calloc(1, sizeof(Reader));
+        if (!r)
+                return -ENOMEM;
+        r->params = *params;
+        r->wake_fd = -1;
+        pthread_mutex_init(&r->lock, NULL);
+        atomic_init(&r->bytes_read, 0);
+
+        r->slots = calloc(params->queue_depth, sizeof(ReadSlot));
+        r->free_slots = calloc(params->queue_depth, sizeof(unsigned));
+        if (!r->slots || !r->free_slots)
+                return -ENOMEM;
+        for (unsigned i = 0; i < params->queue_depth; i++)
+                r->free_slots[r->n_free++] = params->queue_depth - 1 - i;
+
+        r->wake_fd = eventfd(0, EFD_CLOEXEC);
+        if (r->wake_fd < 0)
+                return negative_errno();
+
+        p.flags = IORING_SETUP_COOP_TASKRUN;
+        k = io_uring_queue_init_params(params->queue_depth + 1, &r->ring, &p);
+        if (k == -EINVAL) {
+                /* Kernels before 5.19: no cooperative task running. */
+                p = (struct io_uring_params){};
+                k = io_uring_queue_init_params(params->queue_depth + 1, &r->ring, &p);
+        }
+        if (k < 0)
+                return k;
+        r->ring_ready = true;
+
+        k = pthread_create(&r->thread, NULL, reader_thread, r);
+        if (k != 0)
+                return -k;
+        r->thread_started = true;
+        *ret = TAKE_PTR(r);
+        return 0;
+}
+
+Reader *reader_free(Reader *r) {
+        uint64_t one = 1;
+
+        if (!r)
+                return NULL;
+        if (r->thread_started) {
+                pthread_mutex_lock(&r->lock);
+                r->stopping = true;
+                pthread_mutex_unlock(&r->lock);
+                (void) !write(r->wake_fd, &one, sizeof(one));
+                pthread_join(r->thread, NULL);
+        }
+        if (r->ring_ready)
+                io_uring_queue_exit(&r->ring);
+        safe_close(r->wake_fd);
+        pthread_mutex_destroy(&r->lock);
+        free(r->slots);
+        free(r->free_slots);
+        free(r);
+        return NULL;
+}
+
+int reader_submit(Reader *r, ReaderJob *job) {
+        uint64_t one = 1;
+        bool stopping;
+
+        for (size_t i = 0; i < job->n_extents; i++) {
+                const ReaderExtent *e = &job->extents[i];
+
+                if (e->direct && (e->offset % READER_ALIGN || (uintptr_t) e->dest % READER_ALIGN))
+                        return -EINVAL;
+        }
+        pthread_mutex_lock(&r->lock);
+        stopping = r->stopping;
+        if (!stopping) {
+                job->next = NULL;
+                if (r->queue_tail)
+                        r->queue_tail->next = job;
+                else
+                        r->queue_head = job;
+                r->queue_tail = job;
+        }
+        pthread_mutex_unlock(&r->lock);
+        if (stopping)
+                return -ESHUTDOWN;
+        if (write(r->wake_fd, &one, sizeof(one)) < 0 && errno != EAGAIN)
+                return negative_errno(); /* the job is queued; it runs on the next wake-up */
+        return 0;
+}
+
+typedef struct SyncWait {
+        pthread_mutex_t lock;
+        pthread_cond_t cond;
+        bool finished;
+        int error;
+        size_t failed_extent;
+} SyncWait;
+
+static void sync_done(ReaderJob *job, int error, size_t failed_extent, void *userdata) {
+        SyncWait *w = userdata;
+
+        pthread_mutex_lock(&w->lock);
+        w->finished = true;
+        w->error = error;
+        w->failed_extent = failed_extent;
+        pthread_cond_signal(&w->cond);
+        pthread_mutex_unlock(&w->lock);
+}
+
+int reader_run(Reader *r, const ReaderExtent *extents, size_t n_extents, size_t *ret_failed_extent) {
+        _cleanup_(reader_job_freep) ReaderJob *job = NULL;
+        SyncWait w = { .lock = PTHREAD_MUTEX_INITIALIZER, .cond = PTHREAD_COND_INITIALIZER };
+        int k;
+
+        k = reader_job_new(&job, extents, n_extents, NULL, sync_done, &w);
+        if (k < 0)
+                return k;
+        k = reader_submit(r, job);
+        if (k < 0)
+                return k;
+        pthread_mutex_lock(&w.lock);
+        while (!w.finished)
+                pthread_cond_wait(&w.cond, &w.lock);
+        pthread_mutex_unlock(&w.lock);
+        if (w.error != 0 && ret_failed_extent)
+                *ret_failed_extent = w.failed_extent;
+        return w.error;
+}

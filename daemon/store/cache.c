@@ -1,0 +1,294 @@
+/* Residency cache: a doubly linked list kept in most-recently-used order, so
+ * eviction walks from the tail.  Counts here are per node; thousands of
+ * components at most, so lists are enough. */
+#include <stdio.h>
+#include <string.h>
+
+#include "store/cache.h"
+
+struct Cache {
+        uint64_t budget;
+        uint64_t used;
+        uint64_t evictions;
+        uint64_t clock;
+        CacheEntry *head, *tail; /* MRU .. LRU, not detached */
+        CacheEntry *detached;    /* singly linked through next */
+        size_t n_entries, n_detached;
+};
+
+int cache_new(Cache **ret, uint64_t budget) {
+        Cache *c = calloc(1, sizeof(Cache));
+
+        if (!c)
+                return -ENOMEM;
+        c->budget = budget;
+        *ret = c;
+        return 0;
+}
+
+static void entry_free(CacheEntry *e) {
+        if (e->slabs)
+                for (size_t i = 0; i < e->n_files; i++)
+                        slab_free(e->slabs[i]);
+        free(e->slabs);
+        free(e->ids);
+        free(e->model);
+        free(e->component);
+        free(e);
+}
+
+Cache *cache_free(Cache *c) {
+        if (!c)
+                return NULL;
+        while (c->head) {
+                CacheEntry *e = c->head;
+                c->head = e->next;
+                entry_free(e);
+        }
+        while (c->detached) {
+                CacheEntry *e = c->detached;
+                c->detached = e->next;
+                entry_free(e);
+        }
+        free(c);
+        return NULL;
+}
+
+static void list_unlink(Cache *c, CacheEntry *e) {
+        if (e->prev)
+                e->prev->next = e->next;
+        else
+                c->head = e->next;
+        if (e->next)
+                e->next->prev = e->prev;
+        else
+                c->tail = e->prev;
+        e->prev = e->next = NULL;
+        c->n_entries--;
+}
+
+static void list_push_front(Cache *c, CacheEntry *e) {
+        e->prev = NULL;
+        e->next = c->head;
+        if (c->head)
+                c->head->prev = e;
+        else
+                c->tail = e;
+        c->head = e;
+        c->n_entries++;
+}
+
+static void touch(CacheEntry *e) {
+        Cache *c = e->cache;
+
+        e->last_use = ++c->clock;
+        if (c->head != e) {
+                list_unlink(c, e);
+                list_push_front(c, e);
+        }
+}
+
+/* Take an entry out of service: freed now, or detached while leased. */
+static void entry_retire(CacheEntry *e) {
+        Cache *c = e->cache;
+
+        list_unlink(c, e);
+        if (e->leases > 0) {
+                e->state = CACHE_ENTRY_DETACHED;
+                e->next = c->detached;
+                c->detached = e;
+                c->n_detached++;
+                return;
+        }
+        c->used -= e->bytes;
+        entry_free(e);
+}
+
+static void detached_remove(Cache *c, CacheEntry *e) {
+        for (CacheEntry **p = &c->detached; *p; p = &(*p)->next)
+                if (*p == e) {
+                        *p = e->next;
+                        c->n_detached--;
+                        break;
+                }
+        c->used -= e->bytes;
+        entry_free(e);
+}
+
+static bool ids_equal(const CacheEntry *e, const FileId *ids, size_t n) {
+        if (e->n_files != n)
+                return false;
+        for (size_t i = 0; i < n; i++)
+                if (!file_id_equal(&e->ids[i], &ids[i]))
+                        return false;
+        return true;
+}
+
+static bool same_key(const CacheEntry *e, const char *model, const char *component) {
+        return strcmp(e->model, model) == 0 && strcmp(e->component, component ? component : "") == 0;
+}
+
+CacheEntry *cache_lookup(Cache *c, const char *model, const char *component, const FileId *ids, size_t n_ids) {
+        CacheEntry *e = c->head;
+
+        while (e) {
+                CacheEntry *next = e->next;
+
+                if (same_key(e, model, component)) {
+                        if (ids_equal(e, ids, n_ids)) {
+                                touch(e);
+                                return e;
+                        }
+                        /* The files changed: never serve the old bytes.  A
+                         * loading entry finishes first and is retired by the
+                         * next lookup. */
+                        if (e->state == CACHE_ENTRY_RESIDENT)
+                                entry_retire(e);
+                }
+                e = next;
+        }
+        return NULL;
+}
+
+static bool evictable(const CacheEntry *e) {
+        return e->state == CACHE_ENTRY_RESIDENT && e->leases == 0 && !e->pinned;
+}
+
+static uint64_t evictable_bytes(Cache *c) {
+        uint64_t n = 0;
+
+        for (CacheEntry *e = c->head; e; e = e->next)
+                if (evictable(e))
+                        n += e->bytes;
+        return n;
+}
+
+static bool fits(const Cache *c, uint64_t bytes) {
+        return c->used <= c->budget && bytes <= c->budget - c->used;
+}
+
+int cache_reserve(Cache *c, const char *model, const char *component, const FileId *ids, size_t n_ids, uint64_t bytes,
+                  CacheEntry **ret, WdError *err) {
+        CacheEntry *e;
+
+        for (e = c->head; e; e = e->next)
+                if (same_key(e, model, component) && ids_equal(e, ids, n_ids))
+                        return wd_error_set(err, WD_E_BUSY, "%s: component \"%s\" is already %s", model,
+                                            component ? component : "",
+                                            e->state == CACHE_ENTRY_LOADING ? "loading" : "resident");
+
+        if (!fits(c, bytes)) {
+                uint64_t free_now = c->used < c->budget ? c->budget - c->used : 0, ev = evictable_bytes(c);
+
+                if (free_now + ev < bytes)
+                        return wd_error_set(err, WD_E_BUDGET,
+                                            "%s: component \"%s\" needs %llu bytes, but the host budget of %llu "
+                                            "bytes has %llu in use, of which %llu can be evicted: short by %llu bytes",
+                                            model, component ? component : "", (unsigned long long) bytes,
+                                            (unsigned long long) c->budget, (unsigned long long) c->used,
+                                            (unsigned long long) ev, (unsigned long long) (bytes - free_now - ev));
+                /* Evict from the least recently used end until it fits. */
+                for (e = c->tail; e && !fits(c, bytes);) {
+                        CacheEntry *prev = e->prev;
+
+                        if (evictable(e)) {
+                                entry_retire(e);
+                                c->evictions++;
+                        }
+                        e = prev;
+                }
+        }
+
+        e = calloc(1, sizeof(CacheEntry));
+        if (!e)
+                return -ENOMEM;
+        e->cache = c;
+        e->model = strdup(model);
+        e->component = strdup(component ? component : "");
+        e->ids = calloc(n_ids ? n_ids : 1, sizeof(FileId));
+        if (!e->model || !e->component || !e->ids) {
+                entry_free(e);
+                return -ENOMEM;
+        }
+        if (n_ids)
+                memcpy(e->ids, ids, n_ids * sizeof(FileId));
+        e->n_files = n_ids;
+        e->bytes = bytes;
+        e->state = CACHE_ENTRY_LOADING;
+        e->last_use = ++c->clock;
+        c->used += bytes;
+        list_push_front(c, e);
+        *ret = e;
+        return 0;
+}
+
+void cache_entry_set_resident(CacheEntry *e, Slab **slabs) {
+        e->slabs = slabs;
+        e->state = CACHE_ENTRY_RESIDENT;
+}
+
+void cache_entry_abort(CacheEntry *e) {
+        Cache *c = e->cache;
+
+        list_unlink(c, e);
+        c->used -= e->bytes;
+        entry_free(e);
+}
+
+void cache_entry_lease(CacheEntry *e) {
+        e->leases++;
+        if (e->state != CACHE_ENTRY_DETACHED)
+                touch(e);
+}
+
+void cache_entry_unlease(CacheEntry *e) {
+        if (e->leases == 0)
+                return;
+        e->leases--;
+        if (e->leases == 0 && e->state == CACHE_ENTRY_DETACHED)
+                detached_remove(e->cache, e);
+}
+
+void cache_entry_pin(CacheEntry *e) {
+        e->pinned = true;
+}
+
+void cache_entry_unpin(CacheEntry *e) {
+        e->pinned = false;
+}
+
+int cache_entry_evict(CacheEntry *e, WdError *err) {
+        if (e->state != CACHE_ENTRY_RESIDENT)
+                return wd_error_set(err, WD_E_BUSY, "%s: component \"%s\" is still loading", e->model, e->component);
+        if (e->pinned)
+                return wd_error_set(err, WD_E_BUSY, "%s: component \"%s\" is pinned", e->model, e->component);
+        if (e->leases > 0)
+                return wd_error_set(err, WD_E_BUSY, "%s: component \"%s\" has %u lease%s", e->model, e->component,
+                                    e->leases, e->leases == 1 ? "" : "s");
+        e->cache->evictions++;
+        entry_retire(e);
+        return 0;
+}
+
+void cache_set_budget(Cache *c, uint64_t budget) {
+        c->budget = budget;
+}
+
+void cache_get_stats(Cache *c, CacheStats *ret) {
+        *ret = (CacheStats){
+                .budget = c->budget,
+                .used = c->used,
+                .evictable = evictable_bytes(c),
+                .n_entries = c->n_entries,
+                .n_detached = c->n_detached,
+                .evictions = c->evictions,
+        };
+}
+
+CacheEntry *cache_first(Cache *c) {
+        return c->head;
+}
+
+CacheEntry *cache_next(CacheEntry *e) {
+        return e->next;
+}

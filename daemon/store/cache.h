@@ -1,0 +1,95 @@
+/* The residency cache: components resident in host memory, keyed by model,
+ * component and the identities of their files, under a byte budget.
+ *
+ * An entry is charged against the budget from the moment a load reserves it
+ * until its memory is gone.  When a reservation does not fit, the cache
+ * evicts least-recently-used resident entries that have no lease and no pin;
+ * if even evicting all of them would not make room it evicts nothing and
+ * fails with WD_E_BUDGET naming the shortfall.  An entry whose files changed
+ * is never served again: it is dropped, or, while leases still map it,
+ * detached (still charged) until the last lease ends.
+ *
+ * Not thread-safe: one thread (the daemon's loop) owns a cache. */
+#pragma once
+
+#include <stdbool.h>
+#include <stddef.h>
+#include <stdint.h>
+
+#include "store/slab.h"
+#include "util/error.h"
+#include "util/fs-util.h"
+
+typedef struct Cache Cache;
+typedef struct CacheEntry CacheEntry;
+
+typedef enum CacheEntryState {
+        CACHE_ENTRY_LOADING,  /* reserved, being filled */
+        CACHE_ENTRY_RESIDENT, /* sealed slabs, servable */
+        CACHE_ENTRY_DETACHED, /* stale or evicted, kept only for its leases */
+} CacheEntryState;
+
+struct CacheEntry {
+        Cache *cache;
+        char *model;
+        char *component;
+        size_t n_files;
+        FileId *ids;
+        Slab **slabs; /* n_files, set when resident */
+        uint64_t bytes;
+        CacheEntryState state;
+        unsigned leases;
+        bool pinned;
+        uint64_t last_use;
+        CacheEntry *prev, *next;
+};
+
+typedef struct CacheStats {
+        uint64_t budget;
+        uint64_t used;      /* charged: resident + loading + detached */
+        uint64_t evictable; /* resident, no lease, no pin */
+        size_t n_entries;   /* in the lookup list (not detached) */
+        size_t n_detached;
+        uint64_t evictions;
+} CacheStats;
+
+int cache_new(Cache **ret, uint64_t budget);
+/* Frees every entry: only call when no lease can still be in use. */
+Cache *cache_free(Cache *c);
+DEFINE_TRIVIAL_CLEANUP_FUNC(Cache *, cache_free);
+
+/* A resident or loading entry for exactly these files, marked as used; NULL
+ * when there is none.  An entry for the same model and component whose files
+ * differ is dropped or detached on the way. */
+CacheEntry *cache_lookup(Cache *c, const char *model, const char *component, const FileId *ids, size_t n_ids);
+
+/* Reserve bytes for a new LOADING entry, evicting as needed.  Returns 0,
+ * WD_E_BUDGET (err names the shortfall), WD_E_BUSY if an entry for these
+ * files exists already, or -ENOMEM. */
+int cache_reserve(Cache *c, const char *model, const char *component, const FileId *ids, size_t n_ids, uint64_t bytes,
+                  CacheEntry **ret, WdError *err);
+
+/* A loading entry becomes resident; takes ownership of n_files slabs (the
+ * array too). */
+void cache_entry_set_resident(CacheEntry *e, Slab **slabs);
+/* A load failed: remove the loading entry and give its bytes back. */
+void cache_entry_abort(CacheEntry *e);
+
+void cache_entry_lease(CacheEntry *e);
+/* Ends one lease; a detached entry goes away with its last lease.  The
+ * entry may be freed by this call. */
+void cache_entry_unlease(CacheEntry *e);
+void cache_entry_pin(CacheEntry *e);
+void cache_entry_unpin(CacheEntry *e);
+
+/* Evict a resident entry now.  Returns 0, or WD_E_BUSY (err says why) when
+ * it is loading, leased or pinned. */
+int cache_entry_evict(CacheEntry *e, WdError *err);
+
+/* Change the budget; entries over it stay until they can be evicted. */
+void cache_set_budget(Cache *c, uint64_t budget);
+void cache_get_stats(Cache *c, CacheStats *ret);
+
+/* Iterate entries that are not detached, most recently used first. */
+CacheEntry *cache_first(Cache *c);
+CacheEntry *cache_next(CacheEntry *e);

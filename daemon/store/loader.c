@@ -1,0 +1,296 @@
+/* Component loads: cache reservation, slabs, reader job, verification. */
+#include <fcntl.h>
+#include <pthread.h>
+#include <stdio.h>
+#include <string.h>
+
+#include "store/loader.h"
+
+struct LoadJob {
+        Cache *cache;
+        int root_fd;
+        const Component *comp;
+        CacheEntry *entry;
+        Slab **slabs;         /* comp->n_files */
+        int *direct_fds;      /* comp->n_files, -1 where buffered */
+        ReaderJob *reader_job;
+        load_progress_fn progress;
+        load_done_fn done;
+        void *userdata;
+
+        int error;
+        size_t failed_extent;
+        bool direct_used;
+};
+
+const char *direct_mode_to_string(DirectMode m) {
+        static const char *const names[_DIRECT_MODE_MAX] = {
+                [DIRECT_AUTO] = "auto",
+                [DIRECT_ON] = "on",
+                [DIRECT_OFF] = "off",
+        };
+        return m < _DIRECT_MODE_MAX ? names[m] : NULL;
+}
+
+int direct_mode_from_string(const char *s) {
+        for (DirectMode m = 0; m < _DIRECT_MODE_MAX; m++)
+                if (strcmp(s, direct_mode_to_string(m)) == 0)
+                        return (int) m;
+        return -EINVAL;
+}
+
+static LoadJob *load_job_free(LoadJob *j) {
+        if (!j)
+                return NULL;
+        if (j->slabs)
+                for (size_t i = 0; i < j->comp->n_files; i++)
+                        slab_free(j->slabs[i]);
+        free(j->slabs);
+        if (j->direct_fds)
+                for (size_t i = 0; i < j->comp->n_files; i++)
+                        safe_close(j->direct_fds[i]);
+        free(j->direct_fds);
+        reader_job_free(j->reader_job);
+        free(j);
+        return NULL;
+}
+
+/* On failure before the reader took the job: give the reservation back. */
+static LoadJob *load_job_abort(LoadJob *j) {
+        if (j && j->entry)
+                cache_entry_abort(j->entry);
+        return load_job_free(j);
+}
+DEFINE_TRIVIAL_CLEANUP_FUNC(LoadJob *, load_job_abort);
+
+static void on_progress(ReaderJob *rj, uint64_t done, uint64_t total, void *userdata) {
+        LoadJob *j = userdata;
+
+        if (j->progress)
+                j->progress(j, done, total, j->userdata);
+}
+
+static void on_done(ReaderJob *rj, int error, size_t failed_extent, void *userdata) {
+        LoadJob *j = userdata;
+
+        j->error = error;
+        j->failed_extent = failed_extent;
+        j->done(j, j->userdata);
+}
+
+/* Open the file again with O_DIRECT, and make sure it is the same file.
+ * *ret_fd is -1 when the file is to be read buffered. */
+static int open_direct(LoadJob *j, const CatalogFile *f, DirectMode mode, int *ret_fd, WdError *err) {
+        _cleanup_close_ int fd = -1;
+        FileId id;
+        int r;
+
+        if (mode == DIRECT_OFF) {
+                *ret_fd = -1;
+                return 0;
+        }
+        fd = fs_open_beneath(j->root_fd, f->path, O_RDONLY | O_DIRECT);
+        if (fd == -EINVAL && mode == DIRECT_AUTO) {
+                *ret_fd = -1; /* the file system has no direct I/O */
+                return 0;
+        }
+        if (fd < 0)
+                return wd_error_set(err, fd, "%s: cannot open for direct I/O: %s", f->display, strerror(-fd));
+        r = file_id_from_fd(fd, &id);
+        if (r < 0)
+                return wd_error_set(err, r, "%s: cannot stat: %s", f->display, strerror(-r));
+        if (!file_id_equal(&id, &f->id))
+                return wd_error_set(err, WD_E_CHANGED, "%s: the file changed since its header was read", f->display);
+        *ret_fd = TAKE_FD(fd);
+        return 0;
+}
+
+int load_job_start(LoadJob **ret, Reader *reader, Cache *cache, int root_fd, const Component *comp,
+                   DirectMode direct, load_progress_fn progress, load_done_fn done, void *userdata, WdError *err) {
+        _cleanup_(load_job_abortp) LoadJob *j = NULL;
+        _cleanup_free_ ReaderExtent *extents = NULL;
+        _cleanup_free_ FileId *ids = NULL;
+        size_t n = comp->n_files;
+        int r;
+
+        j = calloc(1, sizeof(LoadJob));
+        ids = calloc(n ? n : 1, sizeof(FileId));
+        extents = calloc(n ? n : 1, sizeof(ReaderExtent));
+        if (!j || !ids || !extents)
+                return wd_error_set(err, -ENOMEM, "out of memory");
+        *j = (LoadJob){ .cache = cache, .root_fd = root_fd, .comp = comp, .progress = progress, .done = done,
+                        .userdata = userdata };
+        j->slabs = calloc(n ? n : 1, sizeof(Slab *));
+        j->direct_fds = calloc(n ? n : 1, sizeof(int));
+        if (!j->slabs || !j->direct_fds)
+                return wd_error_set(err, -ENOMEM, "out of memory");
+        for (size_t i = 0; i < n; i++) {
+                j->direct_fds[i] = -1;
+                ids[i] = comp->files[i].id;
+        }
+
+        r = cache_reserve(cache, comp->model, comp->name, ids, n, comp->total_bytes, &j->entry, err);
+        if (r != 0)
+                return r;
+
+        for (size_t i = 0; i < n; i++) {
+                const CatalogFile *f = &comp->files[i];
+
+                r = slab_new(&j->slabs[i], f->path, f->id.size);
+                if (r < 0)
+                        return wd_error_set(err, r, "%s: cannot create a host slab of %llu bytes: %s", f->display,
+                                            (unsigned long long) f->id.size, strerror(-r));
+                r = open_direct(j, f, direct, &j->direct_fds[i], err);
+                if (r != 0)
+                        return r;
+                j->direct_used = j->direct_used || j->direct_fds[i] >= 0;
+                extents[i] = (ReaderExtent){
+                        .fd = j->direct_fds[i] >= 0 ? j->direct_fds[i] : f->fd,
+                        .buffered_fd = f->fd,
+                        .direct = j->direct_fds[i] >= 0,
+                        .offset = 0,
+                        .length = f->id.size,
+                        .dest = j->slabs[i]->data,
+                };
+        }
+
+        r = reader_job_new(&j->reader_job, extents, n, on_progress, on_done, j);
+        if (r < 0)
+                return wd_error_set(err, r, "out of memory");
+        r = reader_submit(reader, j->reader_job);
+        if (r < 0)
+                return wd_error_set(err, r, "cannot queue the read: %s", strerror(-r));
+        *ret = TAKE_PTR(j);
+        return 0;
+}
+
+void load_job_cancel(LoadJob *job) {
+        reader_cancel(job->reader_job);
+}
+
+CacheEntry *load_job_entry(LoadJob *job) {
+        return job->entry;
+}
+
+bool load_job_direct(LoadJob *job) {
+        return job->direct_used;
+}
+
+static int read_error(const LoadJob *j, WdError *err) {
+        const CatalogFile *f = &j->comp->files[j->failed_extent];
+
+        if (j->error == -ECANCELED)
+                return wd_error_set(err, -ECANCELED, "%s: load cancelled", f->display);
+        if (j->error == -ENODATA)
+                return wd_error_set(err, WD_E_CHANGED, "%s: the file ended before its %llu bytes were read",
+                                    f->display, (unsigned long long) f->id.size);
+        return wd_error_set(err, j->error, "%s: read failed: %s", f->display, strerror(-j->error));
+}
+
+/* The bytes in the slabs must be the bytes whose header we validated. */
+static int verify(const LoadJob *j, WdError *err) {
+        for (size_t i = 0; i < j->comp->n_files; i++) {
+                const CatalogFile *f = &j->comp->files[i];
+                FileId now;
+                int r;
+
+                r = file_id_from_fd(f->fd, &now);
+                if (r < 0)
+                        return wd_error_set(err, r, "%s: cannot stat: %s", f->display, strerror(-r));
+                if (!file_id_equal(&now, &f->id))
+                        return wd_error_set(err, WD_E_CHANGED, "%s: the file changed while it was read", f->display);
+                if (memcmp(j->slabs[i]->data, f->header->raw, f->header->data_offset) != 0)
+                        return wd_error_set(err, WD_E_CHANGED,
+                                            "%s: the header read differs from the one validated (the file was "
+                                            "rewritten in place)",
+                                            f->display);
+        }
+        return 0;
+}
+
+int load_job_finish(LoadJob *job, CacheEntry **ret_entry, WdError *err) {
+        _cleanup_(load_job_abortp) LoadJob *j = job;
+        CacheEntry *e;
+        int r;
+
+        if (j->error != 0)
+                return read_error(j, err);
+        r = verify(j, err);
+        if (r != 0)
+                return r;
+        for (size_t i = 0; i < j->comp->n_files; i++) {
+                r = slab_seal(j->slabs[i]);
+                if (r < 0)
+                        return wd_error_set(err, r, "%s: cannot seal the host slab: %s", j->comp->files[i].display,
+                                            strerror(-r));
+        }
+        e = TAKE_PTR(j->entry);
+        cache_entry_set_resident(e, TAKE_PTR(j->slabs));
+        load_job_free(TAKE_PTR(j));
+        *ret_entry = e;
+        return 0;
+}
+
+typedef struct SyncLoad {
+        pthread_mutex_t lock;
+        pthread_cond_t cond;
+        bool finished;
+} SyncLoad;
+
+static void sync_done(LoadJob *job, void *userdata) {
+        SyncLoad *s = userdata;
+
+        pthread_mutex_lock(&s->lock);
+        s->finished = true;
+        pthread_cond_signal(&s->cond);
+        pthread_mutex_unlock(&s->lock);
+}
+
+typedef struct SyncProgress {
+        load_progress_fn fn;
+        void *userdata;
+        SyncLoad wait;
+} SyncProgress;
+
+static void sync_progress(LoadJob *job, uint64_t done, uint64_t total, void *userdata) {
+        SyncProgress *p = userdata;
+
+        if (p->fn)
+                p->fn(job, done, total, p->userdata);
+}
+
+static void sync_progress_done(LoadJob *job, void *userdata) {
+        sync_done(job, &((SyncProgress *) userdata)->wait);
+}
+
+int load_component(Reader *reader, Cache *cache, int root_fd, const Component *comp, DirectMode direct,
+                   load_progress_fn progress, void *userdata, CacheEntry **ret_entry, WdError *err) {
+        SyncProgress p = {
+                .fn = progress,
+                .userdata = userdata,
+                .wait = { .lock = PTHREAD_MUTEX_INITIALIZER, .cond = PTHREAD_COND_INITIALIZER },
+        };
+        _cleanup_free_ FileId *ids = calloc(comp->n_files ? comp->n_files : 1, sizeof(FileId));
+        CacheEntry *e;
+        LoadJob *job;
+        int r;
+
+        if (!ids)
+                return wd_error_set(err, -ENOMEM, "out of memory");
+        for (size_t i = 0; i < comp->n_files; i++)
+                ids[i] = comp->files[i].id;
+        e = cache_lookup(cache, comp->model, comp->name, ids, comp->n_files);
+        if (e && e->state == CACHE_ENTRY_RESIDENT) {
+                *ret_entry = e;
+                return 0;
+        }
+
+        r = load_job_start(&job, reader, cache, root_fd, comp, direct, sync_progress, sync_progress_done, &p, err);
+        if (r != 0)
+                return r;
+        pthread_mutex_lock(&p.wait.lock);
+        while (!p.wait.finished)
+                pthread_cond_wait(&p.wait.cond, &p.wait.lock);
+        pthread_mutex_unlock(&p.wait.lock);
+        return load_job_finish(job, ret_entry, err);
+}

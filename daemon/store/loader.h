@@ -1,0 +1,51 @@
+/* The loader: makes a resolved component resident.  It reserves the bytes in
+ * the cache, creates one slab per file, streams every file into its slab with
+ * the reader (O_DIRECT where the file system allows it), then checks that no
+ * file changed during the read, seals the slabs and marks the entry
+ * resident.
+ *
+ * A LoadJob runs asynchronously: its progress and done callbacks come from
+ * the reader thread, and the owner calls load_job_finish() on its own thread
+ * (the one that owns the cache) once done has fired. */
+#pragma once
+
+#include "format/catalog.h"
+#include "io/reader.h"
+#include "store/cache.h"
+
+typedef enum DirectMode {
+        DIRECT_AUTO, /* O_DIRECT where the file system accepts it */
+        DIRECT_ON,   /* O_DIRECT or fail */
+        DIRECT_OFF,  /* buffered reads */
+        _DIRECT_MODE_MAX,
+} DirectMode;
+
+const char *direct_mode_to_string(DirectMode m);
+int direct_mode_from_string(const char *s); /* -EINVAL when unknown */
+
+typedef struct LoadJob LoadJob;
+
+typedef void (*load_progress_fn)(LoadJob *job, uint64_t done, uint64_t total, void *userdata);
+typedef void (*load_done_fn)(LoadJob *job, void *userdata);
+
+/* Start loading comp into a new cache entry.  root_fd is where the
+ * component's paths are opened.  The job borrows comp, reader and cache: they
+ * must outlive it.  Returns 0 (job running), or WD_E_BUDGET, WD_E_BUSY,
+ * WD_E_CHANGED, -errno with err filled (nothing left behind). */
+int load_job_start(LoadJob **ret, Reader *reader, Cache *cache, int root_fd, const Component *comp,
+                   DirectMode direct, load_progress_fn progress, load_done_fn done, void *userdata, WdError *err);
+
+/* After done fired: verify, seal, and make the entry resident (returned in
+ * ret_entry), or remove it and report why.  Returns 0, WD_E_CHANGED,
+ * -ECANCELED, -errno with err filled.  Frees the job either way. */
+int load_job_finish(LoadJob *job, CacheEntry **ret_entry, WdError *err);
+
+void load_job_cancel(LoadJob *job);
+CacheEntry *load_job_entry(LoadJob *job);
+/* Whether at least one file was read with O_DIRECT. */
+bool load_job_direct(LoadJob *job);
+
+/* Resolve-free convenience for tools and tests: start, wait, finish.  A
+ * component that is already resident is returned as it is. */
+int load_component(Reader *reader, Cache *cache, int root_fd, const Component *comp, DirectMode direct,
+                   load_progress_fn progress, void *userdata, CacheEntry **ret_entry, WdError *err);

@@ -1,0 +1,39 @@
+/* File helpers: identity of a file, and opening paths beneath a root
+ * directory so that no "..", absolute symlink or magic link escapes it. */
+#pragma once
+
+#include <stdbool.h>
+#include <stdint.h>
+#include <sys/stat.h>
+#include <time.h>
+
+#include "util/macro.h"
+
+/* What identifies a file's contents without reading them: a replaced or
+ * rewritten file differs in at least one field. */
+typedef struct FileId {
+        uint64_t dev;
+        uint64_t ino;
+        uint64_t size;
+        struct timespec mtime;
+        struct timespec ctime;
+} FileId;
+
+void file_id_from_stat(FileId *id, const struct stat *st);
+bool file_id_equal(const FileId *a, const FileId *b);
+/* fstat() fd into ret; returns 0 or -errno. */
+int file_id_from_fd(int fd, FileId *ret);
+
+/* openat2(root, path, flags, RESOLVE_BENEATH | RESOLVE_NO_MAGICLINKS).
+ * O_CLOEXEC is always added.  Returns the fd or -errno: -EXDEV when the path
+ * leaves root, -ELOOP for magic links. */
+int fs_open_beneath(int root_fd, const char *path, int flags);
+
+/* Join a directory and a name with exactly one '/'; "" joins to name. */
+char *path_join(const char *dir, const char *name);
+
+bool str_endswith(const char *s, const char *suffix);
+
+/* A name safe to use as one path component: not empty, not "." or "..",
+ * no '/'. */
+bool filename_is_plain(const char *s);
