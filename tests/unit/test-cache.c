@@ -1,0 +1,172 @@
+/* Cache tests: budget accounting, LRU eviction order, pins and leases that
+ * block eviction, the shortfall message, identity changes, and detached
+ * entries that stay charged until their last lease ends. */
+#include "store/cache.h"
+#include "test-util.h"
+
+static FileId fid(uint64_t ino, uint64_t mtime) {
+        return (FileId){ .dev = 1, .ino = ino, .size = 100, .mtime = { (time_t) mtime, 0 }, .ctime = { 1, 0 } };
+}
+
+/* Reserve and mark resident (with no slabs: the cache does not look at them). */
+static CacheEntry *add(Cache *c, const char *model, uint64_t ino, uint64_t bytes) {
+        FileId id = fid(ino, 1);
+        CacheEntry *e = NULL;
+        WdError err = WD_ERROR_NULL;
+
+        if (cache_reserve(c, model, "", &id, 1, bytes, &e, &err) != 0)
+                fail_msg("%s: %s", model, err.message);
+        cache_entry_set_resident(e, NULL);
+        return e;
+}
+
+static bool present(Cache *c, const char *model, uint64_t ino) {
+        FileId id = fid(ino, 1);
+
+        return cache_lookup(c, model, "", &id, 1) != NULL;
+}
+
+static uint64_t used(Cache *c) {
+        CacheStats st;
+
+        cache_get_stats(c, &st);
+        return st.used;
+}
+
+static void test_budget_and_lru(void **state) {
+        _cleanup_(cache_freep) Cache *c = NULL;
+
+        assert_int_equal(cache_new(&c, 1000), 0);
+        add(c, "a", 1, 300);
+        add(c, "b", 2, 300);
+        add(c, "c", 3, 300);
+        assert_int_equal(used(c), 900);
+        /* Touch a: b is now the least recently used. */
+        assert_true(present(c, "a", 1));
+        add(c, "d", 4, 300);
+        assert_false(present(c, "b", 2));
+        assert_true(present(c, "a", 1));
+        assert_true(present(c, "c", 3));
+        assert_true(present(c, "d", 4));
+        assert_int_equal(used(c), 900);
+        /* Order now (most recent first): a, d, c.  600 more evicts c, then d. */
+        assert_true(present(c, "a", 1));
+        add(c, "e", 5, 600);
+        assert_false(present(c, "c", 3));
+        assert_false(present(c, "d", 4));
+        assert_true(present(c, "a", 1));
+        assert_true(present(c, "e", 5));
+        assert_int_equal(used(c), 900);
+}
+
+static void test_pins_and_leases(void **state) {
+        _cleanup_(cache_freep) Cache *c = NULL;
+        CacheEntry *a, *b, *e = NULL;
+        WdError err = WD_ERROR_NULL;
+        FileId id = fid(9, 1);
+        CacheStats st;
+
+        assert_int_equal(cache_new(&c, 1000), 0);
+        a = add(c, "a", 1, 400);
+        b = add(c, "b", 2, 400);
+        cache_entry_pin(a);
+        cache_entry_lease(b);
+        /* 300 does not fit in 200 free, and nothing is evictable. */
+        assert_int_equal(cache_reserve(c, "x", "", &id, 1, 300, &e, &err), WD_E_BUDGET);
+        assert_non_null(strstr(err.message, "needs 300 bytes"));
+        assert_non_null(strstr(err.message, "short by 100 bytes"));
+        assert_null(e);
+        assert_int_equal(cache_entry_evict(a, &err), WD_E_BUSY);
+        assert_non_null(strstr(err.message, "pinned"));
+        assert_int_equal(cache_entry_evict(b, &err), WD_E_BUSY);
+        assert_non_null(strstr(err.message, "1 lease"));
+        assert_true(present(c, "a", 1) && present(c, "b", 2));
+
+        /* Once unleased, b is the one to go. */
+        cache_entry_unlease(b);
+        assert_int_equal(cache_reserve(c, "x", "", &id, 1, 300, &e, &err), 0);
+        assert_false(present(c, "b", 2));
+        assert_true(present(c, "a", 1));
+        cache_get_stats(c, &st);
+        assert_int_equal(st.used, 700);
+        assert_int_equal(st.evictions, 1);
+
+        /* A loading entry is never evicted and cannot be evicted. */
+        assert_int_equal(cache_entry_evict(e, &err), WD_E_BUSY);
+        assert_non_null(strstr(err.message, "loading"));
+        cache_entry_abort(e);
+        assert_int_equal(used(c), 400);
+
+        /* Larger than the whole budget. */
+        assert_int_equal(cache_reserve(c, "huge", "", &id, 1, 5000, &e, &err), WD_E_BUDGET);
+        assert_non_null(strstr(err.message, "short by 4400 bytes"));
+        cache_entry_unpin(a);
+        assert_int_equal(cache_reserve(c, "huge", "", &id, 1, 5000, &e, &err), WD_E_BUDGET);
+        assert_non_null(strstr(err.message, "short by 4000 bytes"));
+        /* Failing evicted nothing. */
+        assert_true(present(c, "a", 1));
+}
+
+/* A changed file: the old entry is never served; while leased it stays
+ * charged (its memory is still mapped), then goes with its last lease. */
+static void test_identity_change(void **state) {
+        _cleanup_(cache_freep) Cache *c = NULL;
+        FileId new_id = fid(1, 2);
+        CacheEntry *a, *e = NULL;
+        WdError err = WD_ERROR_NULL;
+        CacheStats st;
+
+        assert_int_equal(cache_new(&c, 1000), 0);
+        a = add(c, "a", 1, 400);
+        cache_entry_lease(a);
+        assert_null(cache_lookup(c, "a", "", &new_id, 1));
+        assert_false(present(c, "a", 1));
+        assert_int_equal(a->state, CACHE_ENTRY_DETACHED);
+        cache_get_stats(c, &st);
+        assert_int_equal(st.used, 400);
+        assert_int_equal(st.n_entries, 0);
+        assert_int_equal(st.n_detached, 1);
+
+        /* The new version loads beside it; the detached one cannot be evicted. */
+        assert_int_equal(cache_reserve(c, "a", "", &new_id, 1, 500, &e, &err), 0);
+        cache_entry_set_resident(e, NULL);
+        assert_int_equal(used(c), 900);
+        assert_int_equal(cache_reserve(c, "b", "", &new_id, 1, 200, &e, &err), 0); /* evicts the new a */
+        assert_int_equal(used(c), 600);
+        cache_entry_unlease(a); /* frees it */
+        cache_get_stats(c, &st);
+        assert_int_equal(st.used, 200);
+        assert_int_equal(st.n_detached, 0);
+
+        /* Without leases a stale entry goes at once. */
+        a = add(c, "z", 7, 100);
+        new_id = fid(7, 5);
+        assert_null(cache_lookup(c, "z", "", &new_id, 1));
+        assert_int_equal(used(c), 200);
+}
+
+static void test_duplicate_reserve(void **state) {
+        _cleanup_(cache_freep) Cache *c = NULL;
+        FileId id = fid(1, 1);
+        CacheEntry *e = NULL, *e2 = NULL;
+        WdError err = WD_ERROR_NULL;
+
+        assert_int_equal(cache_new(&c, 1000), 0);
+        assert_int_equal(cache_reserve(c, "a", "vae", &id, 1, 10, &e, &err), 0);
+        assert_int_equal(cache_reserve(c, "a", "vae", &id, 1, 10, &e2, &err), WD_E_BUSY);
+        assert_non_null(strstr(err.message, "already loading"));
+        assert_ptr_equal(cache_lookup(c, "a", "vae", &id, 1), e);
+        /* Other component, same model: a different entry. */
+        assert_int_equal(cache_reserve(c, "a", "transformer", &id, 1, 10, &e2, &err), 0);
+        assert_int_equal(used(c), 20);
+}
+
+int main(void) {
+        const struct CMUnitTest tests[] = {
+                cmocka_unit_test(test_budget_and_lru),
+                cmocka_unit_test(test_pins_and_leases),
+                cmocka_unit_test(test_identity_change),
+                cmocka_unit_test(test_duplicate_reserve),
+        };
+        return cmocka_run_group_tests(tests, NULL, NULL);
+}

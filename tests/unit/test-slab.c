@@ -1,0 +1,189 @@
+/* Slab and loader tests: a sealed slab cannot be written through a new
+ * writable mapping, write(), a reopened fd or resizing; every layout loads
+ * into slabs whose bytes hash equal to an independent read() of the files;
+ * a file changed after its header was read is refused. */
+#include <sys/mman.h>
+
+#include "format/catalog.h"
+#include "store/loader.h"
+#include "test-util.h"
+
+static void test_seal(void **state) {
+        _cleanup_(slab_freep) Slab *s = NULL;
+        _cleanup_close_ int rw = -1;
+        char path[64];
+        void *p;
+
+        assert_int_equal(slab_new(&s, "test", 10000), 0);
+        assert_true(s->capacity >= 10000 && s->capacity % 4096 == 0);
+        memset(s->data, 0xab, 10000);
+        assert_int_equal(slab_seal(s), 0);
+        assert_true(s->sealed);
+        assert_int_equal(s->data[9999], 0xab);
+
+        assert_int_equal(fcntl(s->fd, F_GET_SEALS),
+                         F_SEAL_SHRINK | F_SEAL_GROW | F_SEAL_FUTURE_WRITE | F_SEAL_SEAL);
+        /* Size is the content size again. */
+        {
+                struct stat st;
+                assert_int_equal(fstat(s->fd, &st), 0);
+                assert_int_equal(st.st_size, 10000);
+        }
+        /* No new writable shared mapping. */
+        p = mmap(NULL, 10000, PROT_READ | PROT_WRITE, MAP_SHARED, s->fd, 0);
+        assert_true(p == MAP_FAILED);
+        assert_int_equal(errno, EPERM);
+        /* A read-only mapping cannot be made writable. */
+        p = mmap(NULL, 10000, PROT_READ, MAP_SHARED, s->fd, 0);
+        assert_true(p != MAP_FAILED);
+        assert_int_equal(mprotect(p, 4096, PROT_READ | PROT_WRITE), -1);
+        munmap(p, 10000);
+        /* No write(), even through a new open file description. */
+        assert_int_equal(pwrite(s->fd, "x", 1, 0), -1);
+        snprintf(path, sizeof(path), "/proc/self/fd/%d", s->fd);
+        rw = open(path, O_RDWR | O_CLOEXEC);
+        assert_true(rw >= 0);
+        assert_int_equal(pwrite(rw, "x", 1, 0), -1);
+        assert_int_equal(errno, EPERM);
+        /* No resizing, no unsealing. */
+        assert_int_equal(ftruncate(s->fd, 5000), -1);
+        assert_int_equal(ftruncate(s->fd, 20000), -1);
+        assert_int_equal(fcntl(s->fd, F_ADD_SEALS, F_SEAL_WRITE), -1);
+        assert_int_equal(s->data[0], 0xab);
+}
+
+typedef struct Fixture {
+        int root_fd;
+        Catalog *catalog;
+        Reader *reader;
+        Cache *cache;
+} Fixture;
+
+static int setup(void **state) {
+        Fixture *f = calloc(1, sizeof(Fixture));
+        ReaderParams p = { .queue_depth = 4, .chunk_size = 64 << 10 };
+
+        f->root_fd = open(testdata("models"), O_RDONLY | O_DIRECTORY | O_CLOEXEC);
+        assert_true(f->root_fd >= 0);
+        assert_int_equal(catalog_new(&f->catalog, f->root_fd, "models"), 0);
+        assert_int_equal(reader_new(&f->reader, &p), 0);
+        assert_int_equal(cache_new(&f->cache, UINT64_MAX), 0);
+        *state = f;
+        return 0;
+}
+
+static int teardown(void **state) {
+        Fixture *f = *state;
+
+        cache_free(f->cache);
+        reader_free(f->reader);
+        catalog_free(f->catalog);
+        close(f->root_fd);
+        free(f);
+        return 0;
+}
+
+/* Load model/component and compare every slab with the file it came from. */
+static void load_and_compare(Fixture *f, const char *model, const char *component, DirectMode direct) {
+        _cleanup_(component_freep) Component *c = NULL;
+        WdError err = WD_ERROR_NULL;
+        CacheEntry *e = NULL;
+
+        if (catalog_resolve(f->catalog, model, component, &c, &err) != 0)
+                fail_msg("%s: %s", model, err.message);
+        if (load_component(f->reader, f->cache, f->root_fd, c, direct, NULL, NULL, &e, &err) != 0)
+                fail_msg("%s: %s", model, err.message);
+        assert_int_equal(e->state, CACHE_ENTRY_RESIDENT);
+        assert_int_equal(e->n_files, c->n_files);
+        for (size_t i = 0; i < c->n_files; i++) {
+                _cleanup_free_ char *path = NULL;
+                struct stat st;
+
+                assert_true(asprintf(&path, "%s/%s", testdata("models"), c->files[i].path) > 0);
+                assert_int_equal(stat(path, &st), 0);
+                assert_true(e->slabs[i]->sealed);
+                assert_int_equal(e->slabs[i]->size, (uint64_t) st.st_size);
+                assert_hash_equal(XXH3_128bits(e->slabs[i]->data, e->slabs[i]->size), hash_file(path));
+        }
+        assert_int_equal(cache_entry_evict(e, &err), 0);
+}
+
+static void test_load_layouts(void **state) {
+        static const struct {
+                const char *model, *component;
+        } cases[] = {
+                { "single.safetensors", NULL }, { "plain", NULL },
+                { "sharded", NULL },            { "diffusers", "transformer" },
+                { "diffusers", "vae" },         { "diffusers", "text_encoder" },
+                { "diffusers", "controlnet" },
+        };
+        Fixture *f = *state;
+
+        for (DirectMode m = 0; m < _DIRECT_MODE_MAX; m++)
+                for (size_t i = 0; i < ELEMENTSOF(cases); i++)
+                        load_and_compare(f, cases[i].model, cases[i].component, m);
+}
+
+/* Every good single file too (odd sizes, empty data sections). */
+static void test_load_good_files(void **state) {
+        static const char *const files[] = { "all-dtypes", "empty", "large-tensor", "many", "unpadded", "zero-size" };
+        _cleanup_close_ int root = open(testdata("good"), O_RDONLY | O_DIRECTORY | O_CLOEXEC);
+        _cleanup_(catalog_freep) Catalog *catalog = NULL;
+        Fixture *f = *state;
+
+        assert_int_equal(catalog_new(&catalog, root, "good"), 0);
+        for (size_t i = 0; i < ELEMENTSOF(files); i++) {
+                _cleanup_(component_freep) Component *c = NULL;
+                _cleanup_free_ char *name = NULL, *path = NULL;
+                WdError err = WD_ERROR_NULL;
+                CacheEntry *e = NULL;
+
+                assert_true(asprintf(&name, "%s.safetensors", files[i]) > 0);
+                assert_true(asprintf(&path, "%s/%s", testdata("good"), name) > 0);
+                assert_int_equal(catalog_resolve(catalog, name, NULL, &c, &err), 0);
+                assert_int_equal(load_component(f->reader, f->cache, root, c, DIRECT_AUTO, NULL, NULL, &e, &err), 0);
+                assert_hash_equal(XXH3_128bits(e->slabs[0]->data, e->slabs[0]->size), hash_file(path));
+        }
+}
+
+/* A file truncated between resolution and load is refused, and nothing is
+ * left charged in the cache. */
+static void test_changed_file(void **state) {
+        _cleanup_free_ char *dir = make_temp_dir(NULL), *cmd = NULL, *path = NULL;
+        _cleanup_(catalog_freep) Catalog *catalog = NULL;
+        _cleanup_(component_freep) Component *c = NULL;
+        _cleanup_close_ int root = -1;
+        Fixture *f = *state;
+        WdError err = WD_ERROR_NULL;
+        CacheStats st;
+        CacheEntry *e = NULL;
+
+        assert_true(asprintf(&cmd, "cp '%s' '%s/m.safetensors'", testdata("good/large-tensor.safetensors"), dir) > 0);
+        assert_int_equal(system(cmd), 0);
+        assert_true(asprintf(&path, "%s/m.safetensors", dir) > 0);
+        root = open(dir, O_RDONLY | O_DIRECTORY | O_CLOEXEC);
+        assert_int_equal(catalog_new(&catalog, root, dir), 0);
+        assert_int_equal(catalog_resolve(catalog, "m.safetensors", NULL, &c, &err), 0);
+        assert_int_equal(truncate(path, 100000), 0);
+
+        for (DirectMode m = 0; m < _DIRECT_MODE_MAX; m++) {
+                int r = load_component(f->reader, f->cache, root, c, m, NULL, NULL, &e, &err);
+
+                assert_int_equal(r, WD_E_CHANGED);
+                assert_non_null(strstr(err.message, "m.safetensors"));
+                cache_get_stats(f->cache, &st);
+                assert_int_equal(st.used, 0);
+                assert_int_equal(st.n_entries, 0);
+        }
+        remove_tree(dir);
+}
+
+int main(void) {
+        const struct CMUnitTest tests[] = {
+                cmocka_unit_test(test_seal),
+                cmocka_unit_test_setup_teardown(test_load_layouts, setup, teardown),
+                cmocka_unit_test_setup_teardown(test_load_good_files, setup, teardown),
+                cmocka_unit_test_setup_teardown(test_changed_file, setup, teardown),
+        };
+        return cmocka_run_group_tests(tests, NULL, NULL);
+}
