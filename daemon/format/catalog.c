@@ -146,6 +146,11 @@ static int strcmp_ptr(const void *a, const void *b) {
         return strcmp(*(char *const *) a, *(char *const *) b);
 }
 
+static void strlist_sort(StrList *l) {
+        if (l->n > 1)
+                qsort(l->items, l->n, sizeof(char *), strcmp_ptr);
+}
+
 static bool strlist_contains(const StrList *l, const char *s) {
         for (size_t i = 0; i < l->n; i++)
                 if (strcmp(l->items[i], s) == 0)
@@ -203,9 +208,9 @@ static int dir_scan(Catalog *c, const char *path, DirScan *ret, WdError *err) {
         closedir(d);
         if (r < 0)
                 return wd_error_set(err, r, "out of memory");
-        qsort(s.safetensors.items, s.safetensors.n, sizeof(char *), strcmp_ptr);
-        qsort(s.indexes.items, s.indexes.n, sizeof(char *), strcmp_ptr);
-        qsort(s.pickles.items, s.pickles.n, sizeof(char *), strcmp_ptr);
+        strlist_sort(&s.safetensors);
+        strlist_sort(&s.indexes);
+        strlist_sort(&s.pickles);
         *ret = s;
         s = (DirScan){};
         return 0;
@@ -352,7 +357,7 @@ static int index_shards(Catalog *c, const char *index_display, json_t *map, StrL
                         return wd_error_set(err, -ENOMEM, "out of memory");
         }
         (void) c;
-        qsort(shards.items, shards.n, sizeof(char *), strcmp_ptr);
+        strlist_sort(&shards);
         *ret = shards;
         shards = (StrList){};
         return 0;
@@ -481,6 +486,10 @@ static int resolve_dir(Catalog *c, Component *comp, const char *dir, const DirSc
         return wd_error_set(err, WD_E_NOT_FOUND, "%s: no safetensors weights", d ? d : dir);
 }
 
+static int tensor_name_compare(const void *a, const void *b) {
+        return strcmp((*(const StTensor *const *) a)->name, (*(const StTensor *const *) b)->name);
+}
+
 /* Tensor names must be unique across the files of a component. */
 static int check_unique_names(Catalog *c, const Component *comp, WdError *err) {
         _cleanup_free_ const StTensor **all = NULL;
@@ -494,7 +503,7 @@ static int check_unique_names(Catalog *c, const Component *comp, WdError *err) {
         for (size_t i = 0; i < comp->n_files; i++)
                 for (size_t j = 0; j < comp->files[i].header->n_tensors; j++)
                         all[n++] = &comp->files[i].header->tensors[j];
-        qsort(all, n, sizeof(StTensor *), strcmp_ptr); /* name is the first member */
+        qsort(all, n, sizeof(StTensor *), tensor_name_compare);
         for (size_t i = 1; i < n; i++)
                 if (strcmp(all[i - 1]->name, all[i]->name) == 0) {
                         _cleanup_free_ char *d = display_path(c, comp->model);

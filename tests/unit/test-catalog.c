@@ -273,6 +273,25 @@ static void test_identity_change(void **state) {
         remove_tree(dir);
 }
 
+/* Two files of one component holding the same tensor name. */
+static void test_duplicate_across_files(void **state) {
+        _cleanup_free_ char *dir = make_temp_dir(NULL), *cmd = NULL;
+        _cleanup_(catalog_freep) Catalog *c = NULL;
+        _cleanup_close_ int root_fd = -1;
+        Component *comp = NULL;
+        WdError err = WD_ERROR_NULL;
+
+        assert_true(asprintf(&cmd, "cp '%s' '%s/a.safetensors' && cp '%s' '%s/b.safetensors'",
+                             testdata("good/scalars.safetensors"), dir, testdata("good/scalars.safetensors"), dir) > 0);
+        assert_int_equal(system(cmd), 0);
+        root_fd = open(dir, O_RDONLY | O_DIRECTORY | O_CLOEXEC);
+        assert_int_equal(catalog_new(&c, root_fd, "m"), 0);
+        assert_int_equal(catalog_resolve(c, "", NULL, &comp, &err), WD_E_FORMAT);
+        assert_non_null(strstr(err.message, "is stored in more than one file"));
+        assert_null(comp);
+        remove_tree(dir);
+}
+
 int main(void) {
         const struct CMUnitTest tests[] = {
                 cmocka_unit_test_setup_teardown(test_single_and_plain, setup, teardown),
@@ -282,6 +301,7 @@ int main(void) {
                 cmocka_unit_test_setup_teardown(test_broken_indexes, setup, teardown),
                 cmocka_unit_test(test_escapes),
                 cmocka_unit_test(test_identity_change),
+                cmocka_unit_test(test_duplicate_across_files),
         };
         return cmocka_run_group_tests(tests, NULL, NULL);
 }
