@@ -234,7 +234,7 @@ static int load_json(Catalog *c, const char *path, json_t **ret, WdError *err) {
         size_t done = 0;
         json_t *j;
 
-        fd = fs_open_beneath(c->root_fd, path, O_RDONLY);
+        fd = fs_open_beneath(c->root_fd, path, O_RDONLY | O_NONBLOCK);
         if (fd < 0)
                 return open_error(c, path, fd, err);
         if (fstat(fd, &st) < 0)
@@ -288,6 +288,7 @@ Component *component_free(Component *c) {
 
 /* Open one safetensors file beneath the root and get its validated header. */
 static int file_open(Catalog *c, const char *dir, const char *name, CatalogFile *f, WdError *err) {
+        struct stat st;
         StHeader *h;
         int r;
 
@@ -296,12 +297,18 @@ static int file_open(Catalog *c, const char *dir, const char *name, CatalogFile 
         f->display = f->path ? display_path(c, f->path) : NULL;
         if (!f->path || !f->display)
                 return wd_error_set(err, -ENOMEM, "out of memory");
-        f->fd = fs_open_beneath(c->root_fd, f->path, O_RDONLY);
+        f->fd = fs_open_beneath(c->root_fd, f->path, O_RDONLY | O_NONBLOCK);
         if (f->fd < 0)
                 return open_error(c, f->path, f->fd, err);
-        r = file_id_from_fd(f->fd, &f->id);
-        if (r < 0)
-                return open_error(c, f->path, r, err);
+        if (fstat(f->fd, &st) < 0)
+                return open_error(c, f->path, negative_errno(), err);
+        if (!S_ISREG(st.st_mode))
+                return wd_error_set(err, WD_E_FORMAT, "%s: not a regular file", f->display);
+        /* Opened non-blocking so that a FIFO cannot hang us; reads must block
+         * (io_uring would answer -EAGAIN forever on an uncached page). */
+        if (fcntl(f->fd, F_SETFL, fcntl(f->fd, F_GETFL) & ~O_NONBLOCK) < 0)
+                return open_error(c, f->path, negative_errno(), err);
+        file_id_from_stat(&f->id, &st);
 
         h = cache_get(c, &f->id);
         if (!h) {

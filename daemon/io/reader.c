@@ -14,6 +14,9 @@
 #include "io/reader.h"
 
 #define WAKE_TAG 0
+/* EINTR and EAGAIN are retried, but a file that answers EAGAIN forever (a
+ * non-blocking fd) must not spin the thread. */
+#define RETRY_MAX 1000
 
 struct ReaderJob {
         ReaderExtent *extents;
@@ -41,6 +44,7 @@ typedef struct ReadSlot {
         uint64_t need;      /* bytes of the extent this read must deliver */
         uint64_t length;    /* bytes requested (need rounded up when direct) */
         bool buffered;      /* forced buffered: an unaligned remainder */
+        unsigned retries;   /* EINTR/EAGAIN in a row */
 } ReadSlot;
 
 struct Reader {
@@ -230,7 +234,7 @@ static void handle_completion(Reader *r, unsigned idx, int res) {
         ReaderJob *job = s->job;
         const ReaderExtent *e = &job->extents[s->extent];
 
-        if (res == -EAGAIN || res == -EINTR) {
+        if ((res == -EAGAIN || res == -EINTR) && s->retries++ < RETRY_MAX) {
                 prep_slot(r, idx);
                 return;
         }
@@ -247,6 +251,7 @@ static void handle_completion(Reader *r, unsigned idx, int res) {
         }
 
         atomic_fetch_add(&r->bytes_read, (uint64_t) res);
+        s->retries = 0;
         if ((uint64_t) res < s->need) {
                 /* Short read: resubmit the rest, buffered if no longer aligned. */
                 s->offset += (uint64_t) res;

@@ -3,15 +3,19 @@
  * sealing trims it back to the file size before the seals go on. */
 #include <fcntl.h>
 #include <stdio.h>
+#include <string.h>
 #include <sys/mman.h>
 
 #include "io/reader.h"
 #include "store/slab.h"
 
+#define MEMFD_NAME_MAX 200 /* the kernel allows 249 bytes */
 #define SLAB_SEALS (F_SEAL_SHRINK | F_SEAL_GROW | F_SEAL_FUTURE_WRITE | F_SEAL_SEAL)
 
 int slab_new(Slab **ret, const char *name, uint64_t size) {
         _cleanup_(slab_freep) Slab *s = NULL;
+        const char *base = strrchr(name, '/');
+        char memfd_name[MEMFD_NAME_MAX + 1];
 
         s = calloc(1, sizeof(Slab));
         if (!s)
@@ -20,7 +24,9 @@ int slab_new(Slab **ret, const char *name, uint64_t size) {
         s->size = size;
         s->capacity = ALIGN_UP(MAX(size, 1u), READER_ALIGN);
 
-        s->fd = memfd_create(name, MFD_CLOEXEC | MFD_ALLOW_SEALING);
+        /* memfd names are limited; the file name is what helps in /proc. */
+        snprintf(memfd_name, sizeof(memfd_name), "weightd:%s", base ? base + 1 : name);
+        s->fd = memfd_create(memfd_name, MFD_CLOEXEC | MFD_ALLOW_SEALING);
         if (s->fd < 0)
                 return negative_errno();
         if (ftruncate(s->fd, (off_t) s->capacity) < 0)

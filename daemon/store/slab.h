@@ -20,7 +20,8 @@ typedef struct Slab {
         bool sealed;
 } Slab;
 
-/* A slab of size bytes; name shows in /proc/PID/fd ("memfd:NAME"). */
+/* A slab of size bytes; the last component of name shows in /proc/PID/fd
+ * ("memfd:weightd:NAME", cut to 200 bytes). */
 int slab_new(Slab **ret, const char *name, uint64_t size);
 Slab *slab_free(Slab *s);
 DEFINE_TRIVIAL_CLEANUP_FUNC(Slab *, slab_free);

@@ -231,6 +231,19 @@ static void test_escapes(void **state) {
         assert_int_equal(catalog_resolve(c, "sub/../../outside", NULL, &comp, &err), WD_E_PERMISSION);
         assert_int_equal(catalog_resolve(c, "/etc", NULL, &comp, &err), WD_E_PERMISSION);
         assert_null(comp);
+        /* A FIFO behind a symlink: refused, never waited on. */
+        free(p);
+        assert_true(asprintf(&p, "%s/root/fifo", dir) > 0);
+        assert_int_equal(mkdir(p, 0755), 0);
+        free(p);
+        assert_true(asprintf(&p, "%s/root/fifo/pipe", dir) > 0);
+        assert_int_equal(mkfifo(p, 0644), 0);
+        free(p);
+        assert_true(asprintf(&p, "%s/root/fifo/model.safetensors", dir) > 0);
+        assert_int_equal(symlink("pipe", p), 0);
+        assert_int_equal(catalog_resolve(c, "fifo", NULL, &comp, &err), WD_E_FORMAT);
+        assert_non_null(strstr(err.message, "/srv/fifo/model.safetensors: not a regular file"));
+
         assert_int_equal(catalog_resolve(c, "inside", NULL, &comp, &err), 0);
         assert_string_equal(comp->files[0].display, "/srv/inside/model.safetensors");
         component_free(comp);
