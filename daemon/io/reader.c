@@ -133,6 +133,12 @@ static void prep_slot(Reader *r, unsigned idx) {
 
         io_uring_prep_read(sqe, fd, dest, (unsigned) s->length, s->offset);
         io_uring_sqe_set_data64(sqe, (uint64_t) idx + 1);
+        /* Punt every read to io-wq workers.  Issued inline, an O_DIRECT read
+         * pins (and first faults in) its destination pages in this thread,
+         * so the thread stalls and reaps nothing meanwhile; on workers the
+         * faults run in parallel and overlap the I/O.  Measured on 4 GiB
+         * into fresh shmem: 0.38 GB/s inline, 0.98 GB/s punted. */
+        io_uring_sqe_set_flags(sqe, IOSQE_ASYNC);
 }
 
 static bool job_can_issue(const ReaderJob *job) {

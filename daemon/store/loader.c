@@ -106,7 +106,7 @@ static int open_direct(LoadJob *j, const CatalogFile *f, DirectMode mode, int *r
 }
 
 int load_job_start(LoadJob **ret, Reader *reader, Cache *cache, int root_fd, const Component *comp,
-                   DirectMode direct, load_progress_fn progress, load_done_fn done, void *userdata, WdError *err) {
+                   const LoadOptions *opts, load_progress_fn progress, load_done_fn done, void *userdata, WdError *err) {
         _cleanup_(load_job_abortp) LoadJob *j = NULL;
         _cleanup_free_ ReaderExtent *extents = NULL;
         _cleanup_free_ FileId *ids = NULL;
@@ -136,11 +136,11 @@ int load_job_start(LoadJob **ret, Reader *reader, Cache *cache, int root_fd, con
         for (size_t i = 0; i < n; i++) {
                 const CatalogFile *f = &comp->files[i];
 
-                r = slab_new(&j->slabs[i], f->path, f->id.size);
+                r = slab_new(&j->slabs[i], f->path, f->id.size, opts->pages);
                 if (r < 0)
                         return wd_error_set(err, r, "%s: cannot create a host slab of %llu bytes: %s", f->display,
                                             (unsigned long long) f->id.size, strerror(-r));
-                r = open_direct(j, f, direct, &j->direct_fds[i], err);
+                r = open_direct(j, f, opts->direct, &j->direct_fds[i], err);
                 if (r != 0)
                         return r;
                 j->direct_used = j->direct_used || j->direct_fds[i] >= 0;
@@ -263,7 +263,7 @@ static void sync_progress_done(LoadJob *job, void *userdata) {
         sync_done(job, &((SyncProgress *) userdata)->wait);
 }
 
-int load_component(Reader *reader, Cache *cache, int root_fd, const Component *comp, DirectMode direct,
+int load_component(Reader *reader, Cache *cache, int root_fd, const Component *comp, const LoadOptions *opts,
                    load_progress_fn progress, void *userdata, CacheEntry **ret_entry, WdError *err) {
         SyncProgress p = {
                 .fn = progress,
@@ -285,7 +285,7 @@ int load_component(Reader *reader, Cache *cache, int root_fd, const Component *c
                 return 0;
         }
 
-        r = load_job_start(&job, reader, cache, root_fd, comp, direct, sync_progress, sync_progress_done, &p, err);
+        r = load_job_start(&job, reader, cache, root_fd, comp, opts, sync_progress, sync_progress_done, &p, err);
         if (r != 0)
                 return r;
         pthread_mutex_lock(&p.wait.lock);

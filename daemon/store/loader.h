@@ -23,6 +23,13 @@ typedef enum DirectMode {
 const char *direct_mode_to_string(DirectMode m);
 int direct_mode_from_string(const char *s); /* -EINVAL when unknown */
 
+typedef struct LoadOptions {
+        DirectMode direct;
+        SlabPages pages;
+} LoadOptions;
+
+#define LOAD_OPTIONS_DEFAULT ((LoadOptions){ .direct = DIRECT_AUTO, .pages = SLAB_PAGES_AUTO })
+
 typedef struct LoadJob LoadJob;
 
 typedef void (*load_progress_fn)(LoadJob *job, uint64_t done, uint64_t total, void *userdata);
@@ -33,7 +40,7 @@ typedef void (*load_done_fn)(LoadJob *job, void *userdata);
  * must outlive it.  Returns 0 (job running), or WD_E_BUDGET, WD_E_BUSY,
  * WD_E_CHANGED, -errno with err filled (nothing left behind). */
 int load_job_start(LoadJob **ret, Reader *reader, Cache *cache, int root_fd, const Component *comp,
-                   DirectMode direct, load_progress_fn progress, load_done_fn done, void *userdata, WdError *err);
+                   const LoadOptions *opts, load_progress_fn progress, load_done_fn done, void *userdata, WdError *err);
 
 /* After done fired: verify, seal, and make the entry resident (returned in
  * ret_entry), or remove it and report why.  Returns 0, WD_E_CHANGED,
@@ -47,5 +54,5 @@ bool load_job_direct(LoadJob *job);
 
 /* Resolve-free convenience for tools and tests: start, wait, finish.  A
  * component that is already resident is returned as it is. */
-int load_component(Reader *reader, Cache *cache, int root_fd, const Component *comp, DirectMode direct,
+int load_component(Reader *reader, Cache *cache, int root_fd, const Component *comp, const LoadOptions *opts,
                    load_progress_fn progress, void *userdata, CacheEntry **ret_entry, WdError *err);

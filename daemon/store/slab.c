@@ -1,6 +1,8 @@
-/* Host slabs on sealed memfds.  The slab's capacity is rounded up to the
- * reader's alignment so that the last direct read of a file may land whole;
- * sealing trims it back to the file size before the seals go on. */
+/* Host slabs on sealed memfds.  The slab's capacity is rounded up to its
+ * page size, which also lets the last direct read of a file land whole;
+ * sealing trims a shmem slab back to the file size before the seals go on.
+ * A hugetlb memfd reserves its pages when it is mapped shared, so a short
+ * pool shows up as ENOMEM at slab_new() and never as SIGBUS later. */
 #include <fcntl.h>
 #include <stdio.h>
 #include <string.h>
@@ -12,33 +14,80 @@
 #define MEMFD_NAME_MAX 200 /* the kernel allows 249 bytes */
 #define SLAB_SEALS (F_SEAL_SHRINK | F_SEAL_GROW | F_SEAL_FUTURE_WRITE | F_SEAL_SEAL)
 
-int slab_new(Slab **ret, const char *name, uint64_t size) {
+#ifndef MFD_HUGE_2MB
+#define MFD_HUGE_2MB (21U << 26)
+#endif
+
+const char *slab_pages_to_string(SlabPages p) {
+        static const char *const names[_SLAB_PAGES_MAX] = {
+                [SLAB_PAGES_AUTO] = "auto",
+                [SLAB_PAGES_HUGETLB] = "hugetlb",
+                [SLAB_PAGES_SMALL] = "small",
+        };
+        return p < _SLAB_PAGES_MAX ? names[p] : NULL;
+}
+
+int slab_pages_from_string(const char *s) {
+        for (SlabPages p = 0; p < _SLAB_PAGES_MAX; p++)
+                if (strcmp(s, slab_pages_to_string(p)) == 0)
+                        return (int) p;
+        return -EINVAL;
+}
+
+/* Create, size and map the memfd; on failure nothing is left open. */
+static int slab_map(Slab *s, const char *name, bool hugetlb) {
+        unsigned flags = MFD_CLOEXEC | MFD_ALLOW_SEALING | (hugetlb ? MFD_HUGETLB | MFD_HUGE_2MB : 0);
+        uint64_t page = hugetlb ? SLAB_HUGE_PAGE_SIZE : READER_ALIGN;
+        int fd, r;
+
+        s->capacity = ALIGN_UP(MAX(s->size, 1u), page);
+        fd = memfd_create(name, flags);
+        if (fd < 0)
+                return negative_errno();
+        if (ftruncate(fd, (off_t) s->capacity) < 0) {
+                r = negative_errno();
+                safe_close(fd);
+                return r;
+        }
+        s->data = mmap(NULL, s->capacity, PROT_READ | PROT_WRITE, MAP_SHARED, fd, 0);
+        if (s->data == MAP_FAILED) {
+                r = negative_errno();
+                s->data = NULL;
+                safe_close(fd);
+                return r;
+        }
+        s->fd = fd;
+        s->hugetlb = hugetlb;
+        return 0;
+}
+
+int slab_new(Slab **ret, const char *name, uint64_t size, SlabPages pages) {
         _cleanup_(slab_freep) Slab *s = NULL;
         const char *base = strrchr(name, '/');
         char memfd_name[MEMFD_NAME_MAX + 1];
+        int r = -EOPNOTSUPP;
 
         s = calloc(1, sizeof(Slab));
         if (!s)
                 return -ENOMEM;
         s->fd = -1;
         s->size = size;
-        s->capacity = ALIGN_UP(MAX(size, 1u), READER_ALIGN);
 
         /* memfd names are limited; the file name is what helps in /proc. */
         snprintf(memfd_name, sizeof(memfd_name), "weightd:%s", base ? base + 1 : name);
-        s->fd = memfd_create(memfd_name, MFD_CLOEXEC | MFD_ALLOW_SEALING);
-        if (s->fd < 0)
-                return negative_errno();
-        if (ftruncate(s->fd, (off_t) s->capacity) < 0)
-                return negative_errno();
-        s->data = mmap(NULL, s->capacity, PROT_READ | PROT_WRITE, MAP_SHARED, s->fd, 0);
-        if (s->data == MAP_FAILED) {
-                s->data = NULL;
-                return negative_errno();
+        if (pages != SLAB_PAGES_SMALL) {
+                r = slab_map(s, memfd_name, true);
+                if (r < 0 && pages == SLAB_PAGES_HUGETLB)
+                        return r;
         }
-        /* Large slabs fill faster and page-lock faster on huge pages where
-         * shmem offers them; a hint only. */
-        (void) madvise(s->data, s->capacity, MADV_HUGEPAGE);
+        if (r < 0) {
+                r = slab_map(s, memfd_name, false);
+                if (r < 0)
+                        return r;
+                /* Shmem can still use transparent huge pages where the
+                 * system allows it (shmem_enabled=advise); a hint only. */
+                (void) madvise(s->data, s->capacity, MADV_HUGEPAGE);
+        }
         *ret = TAKE_PTR(s);
         return 0;
 }
@@ -47,27 +96,33 @@ Slab *slab_free(Slab *s) {
         if (!s)
                 return NULL;
         if (s->data)
-                munmap(s->data, s->sealed ? MAX(s->size, 1u) : s->capacity);
+                munmap(s->data, s->capacity);
         safe_close(s->fd);
         free(s);
         return NULL;
 }
 
 int slab_seal(Slab *s) {
+        uint64_t capacity = s->capacity;
         void *ro;
 
         if (s->sealed)
                 return 0;
-        if (ftruncate(s->fd, (off_t) s->size) < 0)
-                return negative_errno();
+        /* hugetlb files only take whole huge pages: the tail stays. */
+        if (!s->hugetlb) {
+                if (ftruncate(s->fd, (off_t) s->size) < 0)
+                        return negative_errno();
+                capacity = MAX(s->size, 1u);
+        }
         if (fcntl(s->fd, F_ADD_SEALS, SLAB_SEALS) < 0)
                 return negative_errno();
         /* Replace the writable mapping: nothing in this process can write any more either. */
-        ro = mmap(NULL, MAX(s->size, 1u), PROT_READ, MAP_SHARED, s->fd, 0);
+        ro = mmap(NULL, capacity, PROT_READ, MAP_SHARED, s->fd, 0);
         if (ro == MAP_FAILED)
                 return negative_errno();
         munmap(s->data, s->capacity);
         s->data = ro;
+        s->capacity = capacity;
         s->sealed = true;
         return 0;
 }

@@ -2,7 +2,8 @@
  * core, and report throughput and page-cache growth.
  *
  *   wd-load [--chunk-size SIZE] [--queue-depth N] [--direct auto|on|off]
- *           [--component NAME]... [--verify] [--json] MODEL
+ *           [--pages auto|hugetlb|small] [--component NAME]... [--verify]
+ *           [--json] MODEL
  *
  * Without --component every component with weights is loaded.  --verify
  * compares every slab byte for byte with an independent pread() of the file
@@ -20,7 +21,7 @@
 
 typedef struct Options {
         ReaderParams reader;
-        DirectMode direct;
+        LoadOptions load;
         char **components;
         size_t n_components;
         bool verify;
@@ -56,7 +57,8 @@ static int64_t page_cache_bytes(void) {
 
 static int usage(void) {
         fprintf(stderr, "usage: wd-load [--chunk-size SIZE] [--queue-depth N] [--direct auto|on|off]\n"
-                        "               [--component NAME]... [--verify] [--json] MODEL\n");
+                        "               [--pages auto|hugetlb|small] [--component NAME]... [--verify]\n"
+                        "               [--json] MODEL\n");
         return 2;
 }
 
@@ -65,6 +67,7 @@ static int parse_options(int argc, char **argv, Options *o) {
                 { "chunk-size", required_argument, NULL, 'c' }, { "queue-depth", required_argument, NULL, 'q' },
                 { "direct", required_argument, NULL, 'd' },     { "component", required_argument, NULL, 'C' },
                 { "verify", no_argument, NULL, 'v' },           { "json", no_argument, NULL, 'j' },
+                { "pages", required_argument, NULL, 'p' },
                 {},
         };
         uint64_t v;
@@ -84,7 +87,12 @@ static int parse_options(int argc, char **argv, Options *o) {
                 case 'd':
                         if (direct_mode_from_string(optarg) < 0)
                                 return fprintf(stderr, "--direct: auto, on or off: %s\n", optarg), -EINVAL;
-                        o->direct = (DirectMode) direct_mode_from_string(optarg);
+                        o->load.direct = (DirectMode) direct_mode_from_string(optarg);
+                        break;
+                case 'p':
+                        if (slab_pages_from_string(optarg) < 0)
+                                return fprintf(stderr, "--pages: auto, hugetlb or small: %s\n", optarg), -EINVAL;
+                        o->load.pages = (SlabPages) slab_pages_from_string(optarg);
                         break;
                 case 'C':
                         o->components = realloc(o->components, (o->n_components + 1) * sizeof(char *));
@@ -136,7 +144,7 @@ static void on_progress(LoadJob *job, uint64_t done, uint64_t total, void *userd
 }
 
 int main(int argc, char **argv) {
-        Options o = { .reader = READER_PARAMS_DEFAULT, .direct = DIRECT_AUTO };
+        Options o = { .reader = READER_PARAMS_DEFAULT, .load = LOAD_OPTIONS_DEFAULT };
         _cleanup_(catalog_freep) Catalog *catalog = NULL;
         _cleanup_(reader_freep) Reader *reader = NULL;
         _cleanup_(cache_freep) Cache *cache = NULL;
@@ -146,6 +154,8 @@ int main(int argc, char **argv) {
         CacheEntry **entries = NULL;
         size_t n_comps = 0;
         uint64_t bytes = 0;
+        size_t n_slabs = 0, n_huge = 0;
+        const char *pages;
         double t0, t1;
         int64_t pc0, pc1;
         int r, ret = 0;
@@ -195,7 +205,7 @@ int main(int argc, char **argv) {
                 r = catalog_resolve(catalog, model, o.components[i], &comps[n_comps], &err);
                 if (r == 0) {
                         n_comps++;
-                        r = load_component(reader, cache, root, comps[n_comps - 1], o.direct, on_progress,
+                        r = load_component(reader, cache, root, comps[n_comps - 1], &o.load, on_progress,
                                            o.components[i], &entries[n_comps - 1], &err);
                 }
                 if (progress_tty)
@@ -219,6 +229,14 @@ int main(int argc, char **argv) {
                         }
                 }
 
+        for (size_t i = 0; i < n_comps; i++)
+                for (size_t k = 0; k < entries[i]->n_files; k++) {
+                        if (entries[i]->slabs[k]->hugetlb)
+                                n_huge++;
+                        n_slabs++;
+                }
+        pages = n_huge == n_slabs ? "hugetlb" : n_huge == 0 ? "small" : "mixed";
+
         {
                 double secs = t1 - t0, gbps = secs > 0 ? (double) bytes / secs / 1e9 : 0;
                 int64_t growth = pc1 - pc0;
@@ -226,16 +244,16 @@ int main(int argc, char **argv) {
                 if (o.json)
                         printf("{\"bytes\": %llu, \"seconds\": %.6f, \"gbps\": %.4f, \"components\": %zu, "
                                "\"pagecache_growth_bytes\": %lld, \"chunk_size\": %llu, \"queue_depth\": %u, "
-                               "\"direct\": \"%s\", \"verified\": %s}\n",
+                               "\"direct\": \"%s\", \"pages\": \"%s\", \"verified\": %s}\n",
                                (unsigned long long) bytes, secs, gbps, n_comps, (long long) growth,
                                (unsigned long long) o.reader.chunk_size, o.reader.queue_depth,
-                               direct_mode_to_string(o.direct), o.verify && ret == 0 ? "true" : "false");
+                               direct_mode_to_string(o.load.direct), pages, o.verify && ret == 0 ? "true" : "false");
                 else {
-                        printf("loaded %zu component%s, %.2f GiB in %.3f s: %.2f GB/s (direct I/O %s, chunk %llu KiB, "
-                               "queue depth %u)\n",
+                        printf("loaded %zu component%s, %.2f GiB in %.3f s: %.2f GB/s (direct I/O %s, %s pages, "
+                               "chunk %llu KiB, queue depth %u)\n",
                                n_comps, n_comps == 1 ? "" : "s", (double) bytes / (1 << 30), secs, gbps,
-                               direct_mode_to_string(o.direct), (unsigned long long) o.reader.chunk_size >> 10,
-                               o.reader.queue_depth);
+                               direct_mode_to_string(o.load.direct), pages,
+                               (unsigned long long) o.reader.chunk_size >> 10, o.reader.queue_depth);
                         printf("page cache grew by %.1f MiB (%.2f%% of the model)\n", (double) growth / (1 << 20),
                                bytes ? 100.0 * (double) growth / (double) bytes : 0.0);
                         if (o.verify)
