@@ -725,11 +725,13 @@ int catalog_resolve(Catalog *c, const char *model, const char *component, Compon
         _cleanup_(component_freep) Component *comp = NULL;
         _cleanup_(dir_scan_done) DirScan s = {};
         _cleanup_free_ char *d = NULL;
+        char name[256];
         int r;
 
         r = component_new(model, component ? component : "", &comp);
         if (r < 0)
                 return wd_error_set(err, r, "out of memory");
+        wd_escape(name, sizeof(name), comp->name, 200);
 
         if (is_safetensors_file(c, model, &r) || r < 0) {
                 if (r < 0)
@@ -737,7 +739,7 @@ int catalog_resolve(Catalog *c, const char *model, const char *component, Compon
                 d = display_path(c, model);
                 if (component && *component)
                         return wd_error_set(err, WD_E_NOT_FOUND, "%s: a single file has no component \"%s\"",
-                                            d ? d : model, comp->name);
+                                            d ? d : model, name);
                 if (is_pickle(model))
                         return wd_error_set(err, WD_E_UNSUPPORTED,
                                             "%s: a pickle checkpoint; weightd serves safetensors files only",
@@ -757,7 +759,7 @@ int catalog_resolve(Catalog *c, const char *model, const char *component, Compon
         else if (component && *component) {
                 d = display_path(c, model);
                 return wd_error_set(err, WD_E_NOT_FOUND, "%s: not a diffusers model, so it has no component \"%s\"",
-                                    d ? d : model, comp->name);
+                                    d ? d : model, name);
         } else
                 r = resolve_dir(c, comp, model, &s, err);
         if (r != 0)
