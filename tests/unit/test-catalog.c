@@ -286,6 +286,31 @@ static void test_identity_change(void **state) {
         remove_tree(dir);
 }
 
+/* Every malformed file, served as a model: refused by the catalog with the
+ * corpus's error, the path shown beneath the root's display name. */
+static void test_corpus_as_models(void **state) {
+        _cleanup_(json_decrefp) json_t *expected = json_load_file(testdata("bad/expected.json"), 0, NULL);
+        _cleanup_close_ int root_fd = open(testdata("bad"), O_RDONLY | O_DIRECTORY | O_CLOEXEC);
+        _cleanup_(catalog_freep) Catalog *c = NULL;
+        const char *name;
+        json_t *value;
+
+        assert_non_null(expected);
+        assert_int_equal(catalog_new(&c, root_fd, "/models"), 0);
+        json_object_foreach(expected, name, value) {
+                _cleanup_free_ char *shown = NULL;
+                Component *comp = NULL;
+                WdError err = WD_ERROR_NULL;
+
+                assert_true(asprintf(&shown, "/models/%s: ", name) > 0);
+                if (catalog_resolve(c, name, NULL, &comp, &err) != WD_E_FORMAT ||
+                    !strstr(err.message, json_string_value(value)) || strncmp(err.message, shown, strlen(shown)) != 0)
+                        fail_msg("%s: %s", name, err.message);
+                assert_null(comp);
+        }
+        assert_int_equal(catalog_cached_headers(c), 0); /* nothing invalid is cached */
+}
+
 /* Two files of one component holding the same tensor name. */
 static void test_duplicate_across_files(void **state) {
         _cleanup_free_ char *dir = make_temp_dir(NULL), *cmd = NULL;
@@ -315,6 +340,7 @@ int main(void) {
                 cmocka_unit_test(test_escapes),
                 cmocka_unit_test(test_identity_change),
                 cmocka_unit_test(test_duplicate_across_files),
+                cmocka_unit_test(test_corpus_as_models),
         };
         return cmocka_run_group_tests(tests, NULL, NULL);
 }
