@@ -23,20 +23,18 @@ struct LoadJob {
         bool direct_used;
 };
 
+static const char *const direct_mode_names[_DIRECT_MODE_MAX] = {
+        [DIRECT_AUTO] = "auto",
+        [DIRECT_ON] = "on",
+        [DIRECT_OFF] = "off",
+};
+
 const char *direct_mode_to_string(DirectMode m) {
-        static const char *const names[_DIRECT_MODE_MAX] = {
-                [DIRECT_AUTO] = "auto",
-                [DIRECT_ON] = "on",
-                [DIRECT_OFF] = "off",
-        };
-        return m < _DIRECT_MODE_MAX ? names[m] : NULL;
+        return m < _DIRECT_MODE_MAX ? direct_mode_names[m] : NULL;
 }
 
 int direct_mode_from_string(const char *s) {
-        for (DirectMode m = 0; m < _DIRECT_MODE_MAX; m++)
-                if (strcmp(s, direct_mode_to_string(m)) == 0)
-                        return (int) m;
-        return -EINVAL;
+        return string_table_lookup(direct_mode_names, _DIRECT_MODE_MAX, s);
 }
 
 static LoadJob *load_job_free(LoadJob *j) {

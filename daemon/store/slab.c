@@ -18,20 +18,18 @@
 #define MFD_HUGE_2MB (21U << 26)
 #endif
 
+static const char *const slab_pages_names[_SLAB_PAGES_MAX] = {
+        [SLAB_PAGES_AUTO] = "auto",
+        [SLAB_PAGES_HUGETLB] = "hugetlb",
+        [SLAB_PAGES_SMALL] = "small",
+};
+
 const char *slab_pages_to_string(SlabPages p) {
-        static const char *const names[_SLAB_PAGES_MAX] = {
-                [SLAB_PAGES_AUTO] = "auto",
-                [SLAB_PAGES_HUGETLB] = "hugetlb",
-                [SLAB_PAGES_SMALL] = "small",
-        };
-        return p < _SLAB_PAGES_MAX ? names[p] : NULL;
+        return p < _SLAB_PAGES_MAX ? slab_pages_names[p] : NULL;
 }
 
 int slab_pages_from_string(const char *s) {
-        for (SlabPages p = 0; p < _SLAB_PAGES_MAX; p++)
-                if (strcmp(s, slab_pages_to_string(p)) == 0)
-                        return (int) p;
-        return -EINVAL;
+        return string_table_lookup(slab_pages_names, _SLAB_PAGES_MAX, s);
 }
 
 /* Create, size and map the memfd; on failure nothing is left open. */

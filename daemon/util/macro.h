@@ -76,3 +76,12 @@ static inline bool mul_overflow_u64(uint64_t a, uint64_t b, uint64_t *ret) {
 #define ALIGN_DOWN(x, a) (((x) / (a)) * (a))
 #define MIN(a, b) ((a) < (b) ? (a) : (b))
 #define MAX(a, b) ((a) > (b) ? (a) : (b))
+
+/* The index of s in a table of names (NULL entries allowed), or -EINVAL:
+ * the parser behind every foo_from_string() of an enum. */
+static inline int string_table_lookup(const char *const *table, size_t n, const char *s) {
+        for (size_t i = 0; i < n; i++)
+                if (table[i] && __builtin_strcmp(table[i], s) == 0)
+                        return (int) i;
+        return -EINVAL;
+}

@@ -1,4 +1,5 @@
-/* Checked number parsing. */
+/* Checked number parsing, and the enum names users type. */
+#include "store/loader.h"
 #include "test-util.h"
 #include "util/parse-util.h"
 
@@ -40,10 +41,24 @@ static void test_parse_u64(void **state) {
         assert_int_equal(parse_u64("+1", 0, 100, &v), -EINVAL);
 }
 
+static void test_enum_names(void **state) {
+        assert_int_equal(direct_mode_from_string("auto"), DIRECT_AUTO);
+        assert_int_equal(direct_mode_from_string("on"), DIRECT_ON);
+        assert_int_equal(direct_mode_from_string("off"), DIRECT_OFF);
+        assert_int_equal(direct_mode_from_string("yes"), -EINVAL);
+        assert_int_equal(slab_pages_from_string("auto"), SLAB_PAGES_AUTO);
+        assert_int_equal(slab_pages_from_string("hugetlb"), SLAB_PAGES_HUGETLB);
+        assert_int_equal(slab_pages_from_string("small"), SLAB_PAGES_SMALL);
+        assert_int_equal(slab_pages_from_string("Small"), -EINVAL);
+        assert_null(direct_mode_to_string(_DIRECT_MODE_MAX));
+        assert_null(slab_pages_to_string(_SLAB_PAGES_MAX));
+}
+
 int main(void) {
         const struct CMUnitTest tests[] = {
                 cmocka_unit_test(test_parse_size),
                 cmocka_unit_test(test_parse_u64),
+                cmocka_unit_test(test_enum_names),
         };
         return cmocka_run_group_tests(tests, NULL, NULL);
 }
