@@ -98,7 +98,9 @@ static int parse_options(int argc, char **argv, Options *o) {
                         o->components = realloc(o->components, (o->n_components + 1) * sizeof(char *));
                         if (!o->components)
                                 return -ENOMEM;
-                        o->components[o->n_components++] = optarg;
+                        o->components[o->n_components] = strdup(optarg);
+                        if (!o->components[o->n_components++])
+                                return -ENOMEM;
                         break;
                 case 'v':
                         o->verify = true;
@@ -189,7 +191,9 @@ int main(int argc, char **argv) {
                                 o.components = realloc(o.components, (o.n_components + 1) * sizeof(char *));
                                 if (!o.components)
                                         return 1;
-                                o.components[o.n_components++] = strdup(l->items[i].name);
+                                o.components[o.n_components] = strdup(l->items[i].name);
+                                if (!o.components[o.n_components++])
+                                        return 1;
                         }
         }
         comps = calloc(o.n_components + 1, sizeof(Component *));
@@ -266,6 +270,8 @@ int main(int argc, char **argv) {
                 component_free(comps[i]);
         free(comps);
         free(entries);
-        free(o.components); /* the names themselves belong to argv or leak with the process */
+        for (size_t i = 0; i < o.n_components; i++)
+                free(o.components[i]);
+        free(o.components);
         return ret;
 }

@@ -5,6 +5,7 @@
 #include <jansson.h>
 
 #include "format/safetensors.h"
+#include "util/fs-util.h"
 #include "test-util.h"
 
 /* The format's dtypes and their bit widths, written out from the
@@ -90,11 +91,10 @@ static void test_good_files(void **state) {
         static const struct {
                 const char *file;
                 size_t n_tensors;
-                size_t n_metadata;
         } cases[] = {
-                { "all-dtypes.safetensors", 22, 0 }, /* metadata count checked below */
-                { "empty.safetensors", 0, 0 },
-                { "many.safetensors", 1000, 0 },
+                { "all-dtypes.safetensors", 22 },
+                { "empty.safetensors", 0 },
+                { "many.safetensors", 1000 },
         };
         _cleanup_(st_header_unrefp) StHeader *h = NULL;
         WdError err = WD_ERROR_NULL;
@@ -108,7 +108,7 @@ static void test_good_files(void **state) {
                 _cleanup_(st_header_unrefp) StHeader *g = NULL;
                 _cleanup_free_ char *path = NULL;
 
-                if (!str_endswith_test(de->d_name, ".safetensors"))
+                if (!str_endswith(de->d_name, ".safetensors"))
                         continue;
                 assert_true(asprintf(&path, "%s/%s", testdata("good"), de->d_name) > 0);
                 if (parse_path(path, &g, &err) != 0)

@@ -106,9 +106,3 @@ static inline void remove_tree(const char *path) {
         assert_int_equal(system(cmd), 0);
         free(cmd);
 }
-
-static inline bool str_endswith_test(const char *s, const char *suffix) {
-        size_t a = strlen(s), b = strlen(suffix);
-
-        return a >= b && strcmp(s + a - b, suffix) == 0;
-}
