@@ -1,0 +1,229 @@
+/* libweightd-client: the C API of the weightd daemon.
+ *
+ * A client is one connection to the daemon's Unix socket.  Every call is
+ * synchronous: it sends one request and waits for its reply.  Calls return a
+ * wd_code (WD_OK is 0) and, when err is not NULL, fill err with the code and
+ * a message: the daemon's own message for codes the daemon sent, a local one
+ * naming the socket and the system error otherwise.
+ *
+ * Thread-safety: a wd_client may be shared between threads; its calls are
+ * serialized by a mutex inside it, so one thread's wd_prefetch() of a large
+ * model delays another thread's call on the same client (use one client per
+ * thread for parallel requests).  A progress callback runs on the calling
+ * thread while that mutex is held: it must not call into the same client.
+ * wd_lease and wd_manifest accessors are read-only and safe from any thread
+ * while the object lives; wd_release() and the *_free() functions must not
+ * race with other uses of the object they end.
+ *
+ * Lifetime: a lease keeps its client's connection open, because the daemon
+ * ends every lease of a connection when it closes.  wd_disconnect() drops the
+ * caller's reference; the socket closes when the last lease is released. */
+#pragma once
+
+#include <stddef.h>
+#include <stdint.h>
+
+#ifdef __cplusplus
+extern "C" {
+#endif
+
+#define WD_PROTOCOL_VERSION 1
+
+typedef enum wd_code {
+        WD_OK = 0,
+        WD_INVALID_ARGUMENT = 1,   /* the request itself is wrong */
+        WD_NOT_FOUND = 2,          /* no such model, component, tensor or lease */
+        WD_PERMISSION_DENIED = 3,  /* peer not allowed, or a path outside every model root */
+        WD_FORMAT_ERROR = 4,       /* a safetensors file or index breaks a rule */
+        WD_IO_ERROR = 5,           /* reading storage failed */
+        WD_RESOURCE_EXHAUSTED = 6, /* a budget or limit cannot hold the request */
+        WD_UNAVAILABLE = 7,        /* no daemon answers, the connection broke, or try again */
+        WD_CANCELLED = 8,          /* the request was cancelled */
+        WD_INTERNAL = 9,           /* a bug or system failure (in the daemon or here) */
+        WD_UNSUPPORTED = 10,       /* e.g. pickle-only component, unknown target */
+        WD_BUSY = 11,              /* evicting an entry that is loading, leased or pinned */
+        WD_PROTOCOL_ERROR = 12,    /* client side only: the daemon's reply broke the protocol */
+} wd_code;
+
+#define WD_ERROR_MESSAGE_MAX 1024
+
+typedef struct wd_error {
+        int code;
+        char message[WD_ERROR_MESSAGE_MAX];
+} wd_error;
+
+/* "NOT_FOUND" etc.; "UNKNOWN" for codes this library does not know. */
+const char *wd_code_name(int code);
+
+/* The library's version string ("0.1.0"). */
+const char *wd_version(void);
+
+/* The socket a client without an explicit path uses: $WEIGHTD_SOCKET if set,
+ * else /run/weightd/weightd.sock for root, else
+ * $XDG_RUNTIME_DIR/weightd/weightd.sock, else /tmp/weightd-UID/weightd.sock.
+ * Writes at most size bytes; returns WD_OK or WD_INVALID_ARGUMENT when it
+ * does not fit. */
+int wd_default_socket(char *buf, size_t size);
+
+typedef struct wd_client wd_client;
+
+/* Connect to the daemon at socket_path (NULL: wd_default_socket()) and
+ * negotiate the protocol version (Hello).
+ * Returns WD_OK, WD_UNAVAILABLE (no daemon answers there), WD_PERMISSION_DENIED
+ * (the daemon refused this uid or the socket's permissions did),
+ * WD_UNSUPPORTED (no common protocol version), WD_PROTOCOL_ERROR, WD_INTERNAL. */
+int wd_connect(const char *socket_path, wd_client **ret, wd_error *err);
+
+/* Drop the caller's reference.  Leases still held keep the connection open
+ * until they are released.  Accepts NULL. */
+void wd_disconnect(wd_client *c);
+
+typedef struct wd_hello {
+        uint32_t protocol_version;
+        char daemon_version[64];
+        uint64_t max_frame_size;
+        uint32_t max_pending_requests;
+        char features[256]; /* space-separated, e.g. "host" */
+} wd_hello;
+
+/* The daemon's answer to Hello, as received by wd_connect() (no request is
+ * sent).  Returns WD_OK. */
+int wd_hello_info(wd_client *c, wd_hello *ret);
+
+/* One tensor of a component. */
+typedef struct wd_tensor {
+        const char *name;
+        const char *dtype;     /* the safetensors spelling: "BF16", "F8_E4M3", ... */
+        unsigned ndim;
+        const uint64_t *shape; /* ndim entries (NULL for a scalar) */
+        uint64_t nbytes;
+        unsigned file;         /* index of its file in the manifest */
+        uint64_t offset;       /* byte offset in that file */
+        const void *data;      /* read-only, in the mapped slab; NULL outside a lease */
+} wd_tensor;
+
+/* The tensors and files of a component. */
+typedef struct wd_manifest wd_manifest;
+
+const char *wd_manifest_model(const wd_manifest *m);
+const char *wd_manifest_component(const wd_manifest *m);
+/* Total bytes of the component's files. */
+uint64_t wd_manifest_bytes(const wd_manifest *m);
+size_t wd_manifest_n_tensors(const wd_manifest *m);
+/* Tensors in file order (files in manifest order, each by data offset);
+ * NULL when i is out of range. */
+const wd_tensor *wd_manifest_tensor(const wd_manifest *m, size_t i);
+/* By name (O(log n)); NULL when there is none. */
+const wd_tensor *wd_manifest_find(const wd_manifest *m, const char *name);
+size_t wd_manifest_n_files(const wd_manifest *m);
+/* The file's path as the daemon names it; NULL when i is out of range. */
+const char *wd_manifest_file(const wd_manifest *m, size_t i);
+/* The file's __metadata__ entries, in the file's order. */
+size_t wd_manifest_n_metadata(const wd_manifest *m, size_t file);
+/* Returns WD_OK or WD_NOT_FOUND when an index is out of range. */
+int wd_manifest_metadata(const wd_manifest *m, size_t file, size_t i, const char **ret_key, const char **ret_value);
+/* Frees a manifest from wd_tensors(); never one owned by a lease.  Accepts NULL. */
+void wd_manifest_free(wd_manifest *m);
+
+/* The tensors of a component, from its validated headers, without loading
+ * it.  component: NULL or "" for a model that is not a diffusers pipeline.
+ * Returns WD_OK, WD_NOT_FOUND, WD_PERMISSION_DENIED, WD_FORMAT_ERROR,
+ * WD_UNSUPPORTED, WD_INVALID_ARGUMENT, WD_UNAVAILABLE, WD_PROTOCOL_ERROR,
+ * WD_INTERNAL. */
+int wd_tensors(wd_client *c, const char *model, const char *component, wd_manifest **ret, wd_error *err);
+
+typedef struct wd_lease wd_lease;
+
+/* Make a component resident in host memory (reading it if needed) and lease
+ * it: its slabs are mapped read-only into this process and every tensor's
+ * data points into them, until wd_release().
+ * Returns WD_OK, WD_NOT_FOUND, WD_PERMISSION_DENIED, WD_FORMAT_ERROR,
+ * WD_IO_ERROR, WD_RESOURCE_EXHAUSTED (the budget cannot hold it: the message
+ * names the shortfall), WD_UNSUPPORTED, WD_UNAVAILABLE (a file changed while
+ * it was read: try again; or the connection broke), WD_INVALID_ARGUMENT,
+ * WD_PROTOCOL_ERROR, WD_INTERNAL. */
+int wd_load(wd_client *c, const char *model, const char *component, wd_lease **ret, wd_error *err);
+
+/* The lease's manifest, with data pointers set; owned by the lease. */
+const wd_manifest *wd_lease_manifest(const wd_lease *l);
+/* The daemon's id of the lease. */
+uint64_t wd_lease_id(const wd_lease *l);
+
+/* End the lease in the daemon, unmap its memory and free l (always, whatever
+ * the result: pointers from the lease are invalid afterwards).  Accepts NULL.
+ * Returns WD_OK, WD_NOT_FOUND (the daemon did not know it), WD_UNAVAILABLE
+ * (the connection is gone, which ended the lease anyway), WD_PROTOCOL_ERROR. */
+int wd_release(wd_lease *l, wd_error *err);
+
+/* Progress of a load: bytes read so far of total.  Return 0 to go on, or
+ * non-zero to cancel the request (the call then returns WD_CANCELLED). */
+typedef int (*wd_progress_fn)(uint64_t done, uint64_t total, void *userdata);
+
+typedef struct wd_prefetch_result {
+        uint64_t bytes;   /* the component's bytes */
+        int was_resident; /* it was in memory already: nothing was read */
+} wd_prefetch_result;
+
+/* Make a component resident without leasing it.  progress (may be NULL) is
+ * called as the daemon reports progress.  ret may be NULL.
+ * Returns the codes of wd_load(), and WD_CANCELLED when progress asked. */
+int wd_prefetch(wd_client *c, const char *model, const char *component, wd_progress_fn progress, void *userdata,
+                wd_prefetch_result *ret, wd_error *err);
+
+/* Drop a resident component from memory now.
+ * Returns WD_OK, WD_NOT_FOUND (not resident), WD_BUSY (loading, leased or
+ * pinned: the message says which), WD_PERMISSION_DENIED, WD_INVALID_ARGUMENT,
+ * WD_UNAVAILABLE, WD_PROTOCOL_ERROR. */
+int wd_evict(wd_client *c, const char *model, const char *component, wd_error *err);
+
+/* Keep a resident component from being evicted, or allow it again.
+ * Returns WD_OK, WD_NOT_FOUND (not resident), WD_PERMISSION_DENIED,
+ * WD_INVALID_ARGUMENT, WD_UNAVAILABLE, WD_PROTOCOL_ERROR. */
+int wd_pin(wd_client *c, const char *model, const char *component, wd_error *err);
+int wd_unpin(wd_client *c, const char *model, const char *component, wd_error *err);
+
+typedef struct wd_entry {
+        const char *model;
+        const char *component;
+        const char *tier;  /* "host" */
+        const char *state; /* "loading", "resident", "detached" */
+        uint64_t bytes;
+        uint32_t leases;
+        int pinned;
+        uint32_t files;
+        uint64_t idle_ms;
+} wd_entry;
+
+/* The daemon's entries, most recently used first.  Free with
+ * wd_entries_free().  Returns WD_OK, WD_UNAVAILABLE, WD_PROTOCOL_ERROR,
+ * WD_INTERNAL. */
+int wd_list(wd_client *c, wd_entry **ret_entries, size_t *ret_n, wd_error *err);
+void wd_entries_free(wd_entry *entries, size_t n);
+
+typedef struct wd_status {
+        const char *version;
+        uint32_t pid;
+        uint64_t uptime_ms;
+        uint64_t host_budget_bytes;
+        uint64_t host_used_bytes;
+        uint64_t host_evictable_bytes;
+        uint64_t storage_read_bytes; /* read from storage since the daemon started */
+        uint32_t leases;
+        uint32_t connections;
+        uint32_t entries;
+        uint32_t loading;
+        uint64_t evictions;
+        size_t n_model_roots;
+        const char *const *model_roots;
+        const char *socket;
+        int hugetlb;
+} wd_status;
+
+/* The daemon's counters.  Free with wd_status_free().  Returns WD_OK,
+ * WD_UNAVAILABLE, WD_PROTOCOL_ERROR, WD_INTERNAL. */
+int wd_status_get(wd_client *c, wd_status **ret, wd_error *err);
+void wd_status_free(wd_status *s);
+
+#ifdef __cplusplus
+}
+#endif

@@ -1,0 +1,73 @@
+/* Framing of the control API, shared by the daemon and the client library.
+ *
+ * A frame is a u32 little-endian length followed by that many bytes of a
+ * weightd.v1.Envelope.  File descriptors ride with SCM_RIGHTS on the first
+ * sendmsg() of the frame that refers to them; the receiver queues them in
+ * arrival order and a frame that refers to k descriptors takes the first k.
+ *
+ * Nothing here allocates more than the announced frame length, and the
+ * length is checked against the receiver's limit before the buffer grows. */
+#pragma once
+
+#include <stdbool.h>
+#include <stddef.h>
+#include <stdint.h>
+
+#include "weightd.pb-c.h"
+
+#define WIRE_VERSION 1
+#define WIRE_HEADER_SIZE 4u
+/* The kernel's cap on descriptors in one SCM_RIGHTS message (SCM_MAX_FD). */
+#define WIRE_MAX_FDS 253u
+#define WIRE_DEFAULT_MAX_FRAME (16u << 20)
+
+typedef Weightd__V1__Envelope WireEnvelope;
+
+/* Serialize env with its length prefix into a new buffer (free()).  Returns 0,
+ * -EMSGSIZE when it would exceed max_frame, or -ENOMEM. */
+int wire_pack(const WireEnvelope *env, size_t max_frame, uint8_t **ret_buf, size_t *ret_len);
+
+/* Unpack one frame's payload (without the prefix); NULL when malformed. */
+WireEnvelope *wire_unpack(const uint8_t *payload, size_t len);
+void wire_envelope_free(WireEnvelope *env);
+
+/* Send buf[*offset..len) on a non-blocking or blocking stream socket, with
+ * the descriptors on the first byte (only while *offset is 0).  Advances
+ * *offset.  Returns 0 once everything went out, -EAGAIN when the socket is
+ * full (call again when writable), or -errno (-EPIPE when the peer left). */
+int wire_send(int fd, const uint8_t *buf, size_t len, const int *fds, size_t n_fds, size_t *offset);
+
+/* A receive buffer with its queue of descriptors. */
+typedef struct WireReader {
+        uint8_t *buf;
+        size_t size; /* allocated */
+        size_t used; /* received, not consumed */
+        size_t done; /* bytes of the frame last returned, dropped on the next call */
+        int *fds;    /* received descriptors, oldest first */
+        size_t n_fds;
+        uint32_t max_frame;
+        unsigned max_fds; /* at most this many queued; 0 refuses any */
+} WireReader;
+
+void wire_reader_init(WireReader *r, uint32_t max_frame, unsigned max_fds);
+/* Frees the buffer and closes queued descriptors. */
+void wire_reader_deinit(WireReader *r);
+
+/* One recvmsg().  Returns bytes received (> 0), 0 at end of stream, -EAGAIN,
+ * -EPROTO when descriptors came that the reader does not accept (they are
+ * closed) or were truncated, -EMSGSIZE when the pending frame announces a
+ * length over max_frame, or -errno. */
+int wire_reader_recv(WireReader *r, int fd);
+
+/* The next complete frame, if any: returns 1 and points ret_payload at its
+ * bytes (valid until the next wire_reader_* call), 0 when more bytes are
+ * needed, or -EMSGSIZE when the announced length is over max_frame. */
+int wire_reader_next(WireReader *r, const uint8_t **ret_payload, size_t *ret_len);
+
+/* Take the oldest n queued descriptors into ret (caller owns them).
+ * Returns 0 or -EPROTO when fewer are queued. */
+int wire_reader_take_fds(WireReader *r, size_t n, int *ret);
+
+/* Whether a frame has started but not completed (a peer that closes now
+ * cut a frame in the middle). */
+bool wire_reader_partial(const WireReader *r);
