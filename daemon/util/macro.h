@@ -6,6 +6,7 @@
 #include <stdbool.h>
 #include <stddef.h>
 #include <stdint.h>
+#include <stdio.h>
 #include <stdlib.h>
 #include <unistd.h>
 
@@ -54,6 +55,12 @@ static inline int safe_close(int fd) {
         return -1;
 }
 
+static inline void fclosep(FILE **f) {
+        if (*f)
+                (void) fclose(*f);
+}
+#define _cleanup_fclose_ _cleanup_(fclosep)
+
 static inline void closep(int *fd) {
         safe_close(*fd);
 }
@@ -74,8 +81,13 @@ static inline bool mul_overflow_u64(uint64_t a, uint64_t b, uint64_t *ret) {
 
 #define ALIGN_UP(x, a) ((((x) + (a) - 1) / (a)) * (a))
 #define ALIGN_DOWN(x, a) (((x) / (a)) * (a))
+/* <sys/param.h> (pulled in by uv.h) may have defined these already. */
+#ifndef MIN
 #define MIN(a, b) ((a) < (b) ? (a) : (b))
+#endif
+#ifndef MAX
 #define MAX(a, b) ((a) > (b) ? (a) : (b))
+#endif
 
 /* The index of s in a table of names (NULL entries allowed), or -EINVAL:
  * the parser behind every foo_from_string() of an enum. */

@@ -1,0 +1,613 @@
+/* The requests of the control API: validation of every field protobuf-c
+ * leaves unchecked, the handshake, and the replies (manifests with their slab
+ * descriptors, listings, counters). */
+
+#include <inttypes.h>
+#include <stdio.h>
+#include <string.h>
+#include <unistd.h>
+
+#include "server/server-private.h"
+#include "util/log.h"
+
+#define REPLY_ENVELOPE(env, reply, req_id)                        \
+        Weightd__V1__Envelope env = WEIGHTD__V1__ENVELOPE__INIT;  \
+        Weightd__V1__Reply reply = WEIGHTD__V1__REPLY__INIT;      \
+        env.id = (req_id);                                        \
+        env.body_case = WEIGHTD__V1__ENVELOPE__BODY_REPLY;        \
+        env.reply = &reply
+
+void request_free(Request *r) {
+        Conn *c = r->conn;
+        Job *j = r->job;
+
+        if (r->conn_prev)
+                r->conn_prev->conn_next = r->conn_next;
+        else
+                c->pending = r->conn_next;
+        if (r->conn_next)
+                r->conn_next->conn_prev = r->conn_prev;
+        c->n_pending--;
+
+        if (r->job_prev)
+                r->job_prev->job_next = r->job_next;
+        else
+                j->waiters = r->job_next;
+        if (r->job_next)
+                r->job_next->job_prev = r->job_prev;
+        j->n_waiters--;
+        free(r);
+}
+
+static int request_add(Conn *c, Job *j, uint64_t id, RequestKind kind, bool progress) {
+        Request *r = calloc(1, sizeof(Request));
+
+        if (!r)
+                return -ENOMEM;
+        *r = (Request){ .conn = c, .job = j, .id = id, .kind = kind, .progress = progress };
+        r->conn_next = c->pending;
+        if (c->pending)
+                c->pending->conn_prev = r;
+        c->pending = r;
+        c->n_pending++;
+        r->job_next = j->waiters;
+        if (j->waiters)
+                j->waiters->job_prev = r;
+        j->waiters = r;
+        j->n_waiters++;
+        return 0;
+}
+
+static Request *request_find(Conn *c, uint64_t id) {
+        for (Request *r = c->pending; r; r = r->conn_next)
+                if (r->id == id)
+                        return r;
+        return NULL;
+}
+
+/* ---- manifests ---------------------------------------------------------- */
+
+/* The protobuf view of a component: arrays that point into the component's
+ * headers (nothing is copied). */
+typedef struct Manifest {
+        size_t n_files, n_tensors, n_meta;
+        Weightd__V1__Slab *slabs;
+        Weightd__V1__Slab **slab_ptrs;
+        Weightd__V1__MetadataEntry *meta;
+        Weightd__V1__MetadataEntry **meta_ptrs;
+        Weightd__V1__Tensor *tensors;
+        Weightd__V1__Tensor **tensor_ptrs;
+} Manifest;
+
+static void manifest_deinit(Manifest *m) {
+        free(m->slabs);
+        free(m->slab_ptrs);
+        free(m->meta);
+        free(m->meta_ptrs);
+        free(m->tensors);
+        free(m->tensor_ptrs);
+}
+
+/* entry NULL: no descriptors (Tensors). */
+static int manifest_build(Manifest *m, const Component *comp, const CacheEntry *entry) {
+        size_t n_meta = 0, t = 0, k = 0;
+
+        *m = (Manifest){ .n_files = comp->n_files, .n_tensors = comp->n_tensors };
+        for (size_t i = 0; i < comp->n_files; i++)
+                n_meta += comp->files[i].header->n_metadata;
+        m->n_meta = n_meta;
+
+        m->slabs = calloc(MAX(comp->n_files, 1), sizeof(*m->slabs));
+        m->slab_ptrs = calloc(MAX(comp->n_files, 1), sizeof(*m->slab_ptrs));
+        m->meta = calloc(MAX(n_meta, 1), sizeof(*m->meta));
+        m->meta_ptrs = calloc(MAX(n_meta, 1), sizeof(*m->meta_ptrs));
+        m->tensors = calloc(MAX(comp->n_tensors, 1), sizeof(*m->tensors));
+        m->tensor_ptrs = calloc(MAX(comp->n_tensors, 1), sizeof(*m->tensor_ptrs));
+        if (!m->slabs || !m->slab_ptrs || !m->meta || !m->meta_ptrs || !m->tensors || !m->tensor_ptrs) {
+                manifest_deinit(m);
+                return -ENOMEM;
+        }
+
+        for (size_t i = 0; i < comp->n_files; i++) {
+                const CatalogFile *f = &comp->files[i];
+                const StHeader *h = f->header;
+                Weightd__V1__Slab *s = &m->slabs[i];
+
+                weightd__v1__slab__init(s);
+                s->file = f->display;
+                s->size = f->id.size;
+                if (entry) {
+                        s->fd_index = (uint32_t) i;
+                        s->map_size = entry->slabs[i]->capacity;
+                }
+                s->metadata = &m->meta_ptrs[k];
+                s->n_metadata = h->n_metadata;
+                for (size_t j = 0; j < h->n_metadata; j++, k++) {
+                        weightd__v1__metadata_entry__init(&m->meta[k]);
+                        m->meta[k].key = h->metadata[j].key;
+                        m->meta[k].value = h->metadata[j].value;
+                        m->meta_ptrs[k] = &m->meta[k];
+                }
+                m->slab_ptrs[i] = s;
+
+                for (size_t j = 0; j < h->n_tensors; j++, t++) {
+                        const StTensor *st = &h->tensors[j];
+                        Weightd__V1__Tensor *x = &m->tensors[t];
+
+                        weightd__v1__tensor__init(x);
+                        x->name = st->name;
+                        x->dtype = (char *) dtype_to_string(st->dtype);
+                        x->n_shape = st->ndim;
+                        x->shape = st->shape;
+                        x->slab = (uint32_t) i;
+                        x->offset = h->data_offset + st->begin;
+                        x->nbytes = st->end - st->begin;
+                        m->tensor_ptrs[t] = x;
+                }
+        }
+        return 0;
+}
+
+/* Reply to a Load or Prefetch with a resident entry.  A Load takes a lease
+ * and sends the slabs' descriptors. */
+static int reply_loaded(Conn *c, uint64_t id, RequestKind kind, const Component *comp, CacheEntry *entry,
+                        bool was_resident) {
+        REPLY_ENVELOPE(env, reply, id);
+        Weightd__V1__LoadReply load = WEIGHTD__V1__LOAD_REPLY__INIT;
+        _cleanup_free_ int *fds = NULL;
+        Manifest m = {};
+        int r;
+
+        load.model = comp->model;
+        load.component = comp->name;
+        load.bytes = comp->total_bytes;
+        load.was_resident = was_resident;
+        reply.result_case = WEIGHTD__V1__REPLY__RESULT_LOAD;
+        reply.load = &load;
+
+        if (kind == REQUEST_PREFETCH)
+                return conn_send(c, &env, NULL, 0);
+
+        if (comp->n_files > WIRE_MAX_FDS)
+                return conn_send_error(c, id, WEIGHTD__V1__CODE__RESOURCE_EXHAUSTED,
+                                       "%s: %zu files, more than the %u descriptors one reply can carry",
+                                       comp->model, comp->n_files, WIRE_MAX_FDS);
+        if (c->n_leases >= SERVER_MAX_LEASES_PER_CONN)
+                return conn_send_error(c, id, WEIGHTD__V1__CODE__RESOURCE_EXHAUSTED,
+                                       "this connection holds %u leases, the limit", SERVER_MAX_LEASES_PER_CONN);
+
+        r = manifest_build(&m, comp, entry);
+        fds = calloc(MAX(comp->n_files, 1), sizeof(int));
+        if (r < 0 || !fds) {
+                manifest_deinit(&m);
+                return conn_send_error(c, id, WEIGHTD__V1__CODE__RESOURCE_EXHAUSTED, "out of memory");
+        }
+        for (size_t i = 0; i < comp->n_files; i++)
+                fds[i] = entry->slabs[i]->fd;
+        load.lease = conn_lease_add(c, entry);
+        if (load.lease == 0) {
+                manifest_deinit(&m);
+                return conn_send_error(c, id, WEIGHTD__V1__CODE__RESOURCE_EXHAUSTED, "out of memory");
+        }
+        load.n_slabs = m.n_files;
+        load.slabs = m.slab_ptrs;
+        load.n_tensors = m.n_tensors;
+        load.tensors = m.tensor_ptrs;
+        r = conn_send(c, &env, fds, comp->n_files);
+        manifest_deinit(&m);
+        return r;
+}
+
+void dispatch_job_finished(Job *j, int r, CacheEntry *entry, const WdError *err) {
+        while (j->waiters) {
+                Request *req = j->waiters;
+                Conn *c = req->conn;
+                uint64_t id = req->id;
+                RequestKind kind = req->kind;
+
+                request_free(req);
+                if (r == 0)
+                        (void) reply_loaded(c, id, kind, j->comp, entry, false);
+                else
+                        (void) conn_send_wd_error(c, id, r, err);
+                conn_request_done(c);
+        }
+}
+
+void dispatch_job_progress(Job *j) {
+        uint64_t done = atomic_load(&j->done);
+
+        for (Request *r = j->waiters; r; r = r->job_next) {
+                Weightd__V1__Envelope env = WEIGHTD__V1__ENVELOPE__INIT;
+                Weightd__V1__ProgressEvent ev = WEIGHTD__V1__PROGRESS_EVENT__INIT;
+
+                if (!r->progress || r->progress_sent == done)
+                        continue;
+                r->progress_sent = done;
+                ev.done_bytes = done;
+                ev.total_bytes = j->total;
+                ev.model = j->comp->model;
+                ev.component = j->comp->name;
+                env.id = r->id;
+                env.body_case = WEIGHTD__V1__ENVELOPE__BODY_PROGRESS;
+                env.progress = &ev;
+                (void) conn_send(r->conn, &env, NULL, 0);
+        }
+}
+
+/* ---- requests ----------------------------------------------------------- */
+
+static bool string_ok(const char *s, size_t max) {
+        return s && strnlen(s, max + 1) <= max;
+}
+
+/* Check a model and component from a peer and resolve them to a root and
+ * the cache key.  Replies with the error itself; returns 0 or 1 (replied). */
+static int component_ref_resolve(Conn *c, uint64_t id, const char *model, const char *component, Root **ret_root,
+                                 char **ret_rel, char **ret_key) {
+        WdError err = WD_ERROR_NULL;
+        int r;
+
+        if (!string_ok(model, PATH_MAX) || !*model)
+                return conn_send_error(c, id, WEIGHTD__V1__CODE__INVALID_ARGUMENT, "model: an absolute path is required"),
+                       1;
+        if (!string_ok(component, SERVER_MAX_COMPONENT_NAME) || (*component && !filename_is_plain(component)))
+                return conn_send_error(c, id, WEIGHTD__V1__CODE__INVALID_ARGUMENT,
+                                       "component: not a plain name of at most %u bytes", SERVER_MAX_COMPONENT_NAME),
+                       1;
+        r = roots_resolve(c->server->roots, model, ret_root, ret_rel, ret_key, &err);
+        if (r != 0) {
+                if (r == WD_E_PERMISSION)
+                        log_info("%s: refused: %s", c->name, err.message);
+                conn_send_wd_error(c, id, r, &err);
+                return 1;
+        }
+        return 0;
+}
+
+static int resolve_component(Conn *c, uint64_t id, const char *model, const char *component, Root **ret_root,
+                             Component **ret) {
+        _cleanup_free_ char *rel = NULL, *key = NULL;
+        _cleanup_(component_freep) Component *comp = NULL;
+        WdError err = WD_ERROR_NULL;
+        Root *root;
+        int r;
+
+        if (component_ref_resolve(c, id, model, component, &root, &rel, &key))
+                return 1;
+        r = catalog_resolve(root->catalog, rel, component, &comp, &err);
+        if (r != 0) {
+                if (r == WD_E_PERMISSION)
+                        log_info("%s: refused: %s", c->name, err.message);
+                conn_send_wd_error(c, id, r, &err);
+                return 1;
+        }
+        /* Key the cache by the absolute path: two roots may hold the same
+         * relative one. */
+        free(comp->model);
+        comp->model = TAKE_PTR(key);
+        *ret_root = root;
+        *ret = TAKE_PTR(comp);
+        return 0;
+}
+
+static int handle_load(Conn *c, uint64_t id, const Weightd__V1__LoadRequest *req, RequestKind kind) {
+        _cleanup_(component_freep) Component *comp = NULL;
+        WdError err = WD_ERROR_NULL;
+        CacheEntry *e;
+        Root *root;
+        Job *j;
+        int r;
+
+        if (!string_ok(req->target, 64))
+                return conn_send_error(c, id, WEIGHTD__V1__CODE__INVALID_ARGUMENT, "target: too long");
+        if (*req->target && strcmp(req->target, "host") != 0) {
+                char t[80];
+                wd_escape(t, sizeof(t), req->target, 64);
+                return conn_send_error(c, id, WEIGHTD__V1__CODE__UNSUPPORTED,
+                                       "target \"%s\": this daemon serves the host tier only", t);
+        }
+        if (resolve_component(c, id, req->model, req->component, &root, &comp))
+                return 0;
+
+        _cleanup_free_ FileId *ids = calloc(MAX(comp->n_files, 1), sizeof(FileId));
+        if (!ids)
+                return conn_send_error(c, id, WEIGHTD__V1__CODE__RESOURCE_EXHAUSTED, "out of memory");
+        for (size_t i = 0; i < comp->n_files; i++)
+                ids[i] = comp->files[i].id;
+        e = cache_lookup(c->server->cache, comp->model, comp->name, ids, comp->n_files);
+        if (e && e->state == CACHE_ENTRY_RESIDENT)
+                return reply_loaded(c, id, kind, comp, e, true);
+
+        j = e ? server_job_find(c->server, e) : NULL;
+        if (!j) {
+                r = server_job_start(c->server, root, comp, &j, &err);
+                if (r != 0)
+                        return conn_send_wd_error(c, id, r, &err);
+                comp = NULL; /* the job owns it now */
+        }
+        r = request_add(c, j, id, kind, req->progress);
+        if (r < 0) {
+                server_job_waiter_gone(j);
+                return conn_send_error(c, id, WEIGHTD__V1__CODE__RESOURCE_EXHAUSTED, "out of memory");
+        }
+        return 0;
+}
+
+static int handle_release(Conn *c, uint64_t id, const Weightd__V1__ReleaseRequest *req) {
+        REPLY_ENVELOPE(env, reply, id);
+        Lease *l = conn_lease_find(c, req->lease);
+
+        if (!l)
+                return conn_send_error(c, id, WEIGHTD__V1__CODE__NOT_FOUND,
+                                       "lease %" PRIu64 ": not held by this connection", req->lease);
+        conn_lease_drop(c, l);
+        server_update_status(c->server);
+        return conn_send(c, &env, NULL, 0);
+}
+
+/* The entry for a model and component, whatever its files: NULL when none. */
+static CacheEntry *find_entry(Server *s, const char *key, const char *component) {
+        for (CacheEntry *e = cache_first(s->cache); e; e = cache_next(e))
+                if (strcmp(e->model, key) == 0 && strcmp(e->component, component) == 0)
+                        return e;
+        return NULL;
+}
+
+typedef enum EntryOp {
+        ENTRY_EVICT,
+        ENTRY_PIN,
+        ENTRY_UNPIN,
+} EntryOp;
+
+static int handle_entry_op(Conn *c, uint64_t id, const Weightd__V1__ComponentRef *ref, EntryOp op) {
+        REPLY_ENVELOPE(env, reply, id);
+        _cleanup_free_ char *rel = NULL, *key = NULL;
+        WdError err = WD_ERROR_NULL;
+        CacheEntry *e;
+        Root *root;
+        int r;
+
+        if (component_ref_resolve(c, id, ref->model, ref->component, &root, &rel, &key))
+                return 0;
+        e = find_entry(c->server, key, ref->component);
+        if (!e || e->state == CACHE_ENTRY_DETACHED)
+                return conn_send_error(c, id, WEIGHTD__V1__CODE__NOT_FOUND, "%s%s%s: not resident", key,
+                                       *ref->component ? " component " : "", ref->component);
+
+        switch (op) {
+        case ENTRY_EVICT:
+                r = cache_entry_evict(e, &err);
+                if (r != 0)
+                        return conn_send_wd_error(c, id, r, &err);
+                log_info("%s: evicted %s %s", c->name, key, ref->component);
+                break;
+        case ENTRY_PIN:
+                if (e->state != CACHE_ENTRY_RESIDENT)
+                        return conn_send_error(c, id, WEIGHTD__V1__CODE__NOT_FOUND, "%s: still loading", key);
+                cache_entry_pin(e);
+                break;
+        case ENTRY_UNPIN:
+                cache_entry_unpin(e);
+                break;
+        }
+        server_update_status(c->server);
+        return conn_send(c, &env, NULL, 0);
+}
+
+static const char *entry_state_name(CacheEntryState s) {
+        switch (s) {
+        case CACHE_ENTRY_LOADING:
+                return "loading";
+        case CACHE_ENTRY_RESIDENT:
+                return "resident";
+        case CACHE_ENTRY_DETACHED:
+                return "detached";
+        }
+        return "unknown";
+}
+
+static int handle_list(Conn *c, uint64_t id) {
+        REPLY_ENVELOPE(env, reply, id);
+        Weightd__V1__ListReply list = WEIGHTD__V1__LIST_REPLY__INIT;
+        _cleanup_free_ Weightd__V1__Entry *entries = NULL;
+        _cleanup_free_ Weightd__V1__Entry **ptrs = NULL;
+        CacheStats st;
+        uint64_t now = now_usec();
+        size_t n = 0;
+
+        cache_get_stats(c->server->cache, &st);
+        entries = calloc(MAX(st.n_entries, 1), sizeof(*entries));
+        ptrs = calloc(MAX(st.n_entries, 1), sizeof(*ptrs));
+        if (!entries || !ptrs)
+                return conn_send_error(c, id, WEIGHTD__V1__CODE__RESOURCE_EXHAUSTED, "out of memory");
+        for (CacheEntry *e = cache_first(c->server->cache); e && n < st.n_entries; e = cache_next(e), n++) {
+                Weightd__V1__Entry *x = &entries[n];
+
+                weightd__v1__entry__init(x);
+                x->model = e->model;
+                x->component = e->component;
+                x->tier = (char *) "host";
+                x->state = (char *) entry_state_name(e->state);
+                x->bytes = e->bytes;
+                x->leases = e->leases;
+                x->pinned = e->pinned;
+                x->files = (uint32_t) e->n_files;
+                x->idle_ms = e->last_use && now > e->last_use ? (now - e->last_use) / 1000 : 0;
+                ptrs[n] = x;
+        }
+        list.n_entries = n;
+        list.entries = ptrs;
+        reply.result_case = WEIGHTD__V1__REPLY__RESULT_LIST;
+        reply.list = &list;
+        return conn_send(c, &env, NULL, 0);
+}
+
+static int handle_tensors(Conn *c, uint64_t id, const Weightd__V1__ComponentRef *ref) {
+        REPLY_ENVELOPE(env, reply, id);
+        Weightd__V1__TensorsReply tr = WEIGHTD__V1__TENSORS_REPLY__INIT;
+        _cleanup_(component_freep) Component *comp = NULL;
+        Manifest m;
+        Root *root;
+        int r;
+
+        if (resolve_component(c, id, ref->model, ref->component, &root, &comp))
+                return 0;
+        if (manifest_build(&m, comp, NULL) < 0)
+                return conn_send_error(c, id, WEIGHTD__V1__CODE__RESOURCE_EXHAUSTED, "out of memory");
+        tr.model = comp->model;
+        tr.component = comp->name;
+        tr.n_files = m.n_files;
+        tr.files = m.slab_ptrs;
+        tr.n_tensors = m.n_tensors;
+        tr.tensors = m.tensor_ptrs;
+        reply.result_case = WEIGHTD__V1__REPLY__RESULT_TENSORS;
+        reply.tensors = &tr;
+        r = conn_send(c, &env, NULL, 0);
+        manifest_deinit(&m);
+        return r;
+}
+
+/* Free pages in the default hugetlb pool (0 when there is none). */
+static uint64_t hugetlb_pool_free(void) {
+        _cleanup_fclose_ FILE *f = fopen("/sys/kernel/mm/hugepages/hugepages-2048kB/free_hugepages", "re");
+        unsigned long long n = 0;
+
+        if (!f || fscanf(f, "%llu", &n) != 1)
+                return 0;
+        return n;
+}
+
+static int handle_status(Conn *c, uint64_t id) {
+        REPLY_ENVELOPE(env, reply, id);
+        Weightd__V1__StatusReply st = WEIGHTD__V1__STATUS_REPLY__INIT;
+        Server *s = c->server;
+        _cleanup_free_ char **roots = calloc(MAX(s->roots->n, 1), sizeof(char *));
+        CacheStats cs;
+        bool hugetlb;
+
+        if (!roots)
+                return conn_send_error(c, id, WEIGHTD__V1__CODE__RESOURCE_EXHAUSTED, "out of memory");
+        cache_get_stats(s->cache, &cs);
+        st.version = (char *) WEIGHTD_VERSION;
+        st.pid = (uint32_t) getpid();
+        st.uptime_ms = (now_usec() - s->started_usec) / 1000;
+        st.host_budget_bytes = cs.budget;
+        st.host_used_bytes = cs.used;
+        st.host_evictable_bytes = cs.evictable;
+        st.storage_read_bytes = s->storage_read_retired + reader_bytes_read(s->reader);
+        st.leases = s->n_leases;
+        st.connections = s->n_conns;
+        st.entries = (uint32_t) cs.n_entries;
+        st.loading = s->n_jobs;
+        st.evictions = cs.evictions;
+        for (size_t i = 0; i < s->roots->n; i++)
+                roots[i] = s->roots->items[i].path;
+        st.n_model_roots = s->roots->n;
+        st.model_roots = roots;
+        st.socket = s->socket_path;
+        hugetlb = s->load_opts.pages != SLAB_PAGES_SMALL && hugetlb_pool_free() > 0;
+        st.hugetlb = hugetlb;
+        reply.result_case = WEIGHTD__V1__REPLY__RESULT_STATUS;
+        reply.status = &st;
+        return conn_send(c, &env, NULL, 0);
+}
+
+static int handle_cancel(Conn *c, uint64_t id, const Weightd__V1__CancelRequest *req) {
+        REPLY_ENVELOPE(env, reply, id);
+        Request *r = request_find(c, req->target);
+        Job *j;
+
+        if (!r)
+                return conn_send_error(c, id, WEIGHTD__V1__CODE__NOT_FOUND,
+                                       "request %" PRIu64 ": nothing to cancel", req->target);
+        j = r->job;
+        request_free(r);
+        (void) conn_send_error(c, req->target, WEIGHTD__V1__CODE__CANCELLED, "request %" PRIu64 " cancelled",
+                               req->target);
+        server_job_waiter_gone(j);
+        if (conn_send(c, &env, NULL, 0) < 0)
+                return 0;
+        conn_request_done(c);
+        return 0;
+}
+
+static int handle_hello(Conn *c, uint64_t id, const Weightd__V1__HelloRequest *req) {
+        REPLY_ENVELOPE(env, reply, id);
+        Weightd__V1__HelloReply hello = WEIGHTD__V1__HELLO_REPLY__INIT;
+        char *features[] = { (char *) "host" };
+
+        if (c->hello)
+                return conn_send_error(c, id, WEIGHTD__V1__CODE__INVALID_ARGUMENT, "hello: already done");
+        if (req->min_version > WIRE_VERSION || req->max_version < WIRE_VERSION) {
+                conn_send_error(c, id, WEIGHTD__V1__CODE__UNSUPPORTED,
+                                "hello: the daemon speaks protocol version %u, the client %u..%u", WIRE_VERSION,
+                                req->min_version, req->max_version);
+                c->close_when_sent = true;
+                conn_update_poll(c);
+                return 0;
+        }
+        c->hello = true;
+        hello.version = WIRE_VERSION;
+        hello.daemon_version = (char *) WEIGHTD_VERSION;
+        hello.n_features = ELEMENTSOF(features);
+        hello.features = features;
+        hello.max_frame_size = c->server->config->max_frame_size;
+        hello.max_pending_requests = c->server->config->max_pending_requests;
+        reply.result_case = WEIGHTD__V1__REPLY__RESULT_HELLO;
+        reply.hello = &hello;
+        if (string_ok(req->client, 128))
+                log_debug("%s: hello from \"%s\"", c->name, req->client);
+        return conn_send(c, &env, NULL, 0);
+}
+
+int dispatch_frame(Conn *c, WireEnvelope *env) {
+        uint64_t id = env->id;
+
+        switch (env->body_case) {
+        case WEIGHTD__V1__ENVELOPE__BODY_REPLY:
+        case WEIGHTD__V1__ENVELOPE__BODY_PROGRESS:
+                log_warning("%s: sent a reply or an event to the daemon, disconnecting", c->name);
+                return -EBADMSG;
+        default:
+                break;
+        }
+
+        if (!c->hello && env->body_case != WEIGHTD__V1__ENVELOPE__BODY_HELLO) {
+                conn_send_error(c, id, WEIGHTD__V1__CODE__INVALID_ARGUMENT, "the first request must be Hello");
+                c->close_when_sent = true;
+                conn_update_poll(c);
+                return 0;
+        }
+        if (request_find(c, id))
+                return conn_send_error(c, id, WEIGHTD__V1__CODE__INVALID_ARGUMENT,
+                                       "request id %" PRIu64 " is already in flight", id),
+                       0;
+
+        switch (env->body_case) {
+        case WEIGHTD__V1__ENVELOPE__BODY_HELLO:
+                return handle_hello(c, id, env->hello), 0;
+        case WEIGHTD__V1__ENVELOPE__BODY_LOAD:
+                return handle_load(c, id, env->load, REQUEST_LOAD), 0;
+        case WEIGHTD__V1__ENVELOPE__BODY_PREFETCH:
+                return handle_load(c, id, env->prefetch, REQUEST_PREFETCH), 0;
+        case WEIGHTD__V1__ENVELOPE__BODY_RELEASE:
+                return handle_release(c, id, env->release), 0;
+        case WEIGHTD__V1__ENVELOPE__BODY_EVICT:
+                return handle_entry_op(c, id, env->evict, ENTRY_EVICT), 0;
+        case WEIGHTD__V1__ENVELOPE__BODY_PIN:
+                return handle_entry_op(c, id, env->pin, ENTRY_PIN), 0;
+        case WEIGHTD__V1__ENVELOPE__BODY_UNPIN:
+                return handle_entry_op(c, id, env->unpin, ENTRY_UNPIN), 0;
+        case WEIGHTD__V1__ENVELOPE__BODY_LIST:
+                return handle_list(c, id), 0;
+        case WEIGHTD__V1__ENVELOPE__BODY_TENSORS:
+                return handle_tensors(c, id, env->tensors), 0;
+        case WEIGHTD__V1__ENVELOPE__BODY_STATUS:
+                return handle_status(c, id), 0;
+        case WEIGHTD__V1__ENVELOPE__BODY_CANCEL:
+                return handle_cancel(c, id, env->cancel), 0;
+        default:
+                return conn_send_error(c, id, WEIGHTD__V1__CODE__INVALID_ARGUMENT, "unknown request"), 0;
+        }
+}

@@ -1,0 +1,155 @@
+/* Model roots: lexical normalisation of client paths, the prefix match that
+ * picks a root, and one catalog per root.  See roots.h. */
+
+#include <fcntl.h>
+#include <limits.h>
+#include <stdio.h>
+#include <string.h>
+
+#include "server/roots.h"
+
+int path_normalise(const char *path, char **ret) {
+        size_t n;
+        char *out, *o;
+
+        if (!path || path[0] != '/')
+                return -EINVAL;
+        n = strlen(path);
+        if (n >= PATH_MAX)
+                return -ENAMETOOLONG;
+        out = malloc(n + 1);
+        if (!out)
+                return -ENOMEM;
+
+        o = out;
+        for (const char *p = path; *p;) {
+                const char *e;
+
+                while (*p == '/')
+                        p++;
+                if (!*p)
+                        break;
+                e = strchrnul(p, '/');
+                if (!(e - p == 1 && p[0] == '.')) {
+                        *o++ = '/';
+                        memcpy(o, p, (size_t) (e - p));
+                        o += e - p;
+                }
+                p = e;
+        }
+        if (o == out)
+                *o++ = '/';
+        *o = 0;
+        *ret = out;
+        return 0;
+}
+
+static void root_deinit(Root *r) {
+        catalog_free(r->catalog);
+        safe_close(r->fd);
+        free(r->path);
+}
+
+Roots *roots_free(Roots *r) {
+        if (!r)
+                return NULL;
+        for (size_t i = 0; i < r->n; i++)
+                root_deinit(&r->items[i]);
+        free(r->items);
+        free(r);
+        return NULL;
+}
+
+int roots_new(Roots **ret, char *const *paths, size_t n) {
+        _cleanup_(roots_freep) Roots *r = NULL;
+        int k;
+
+        r = calloc(1, sizeof(Roots));
+        if (!r)
+                return -ENOMEM;
+        r->items = calloc(n ? n : 1, sizeof(Root));
+        if (!r->items)
+                return -ENOMEM;
+
+        for (size_t i = 0; i < n; i++) {
+                Root *root = &r->items[r->n];
+
+                root->fd = -1;
+                k = path_normalise(paths[i], &root->path);
+                if (k == -ENOMEM)
+                        return k;
+                if (k < 0)
+                        continue; /* the config parser refuses these */
+                r->n++;
+                root->fd = open(root->path, O_PATH | O_DIRECTORY | O_CLOEXEC);
+                if (root->fd < 0) {
+                        root->open_error = negative_errno();
+                        continue;
+                }
+                k = catalog_new(&root->catalog, root->fd, root->path);
+                if (k < 0)
+                        return k;
+        }
+        *ret = TAKE_PTR(r);
+        return 0;
+}
+
+Root *roots_find(Roots *r, const char *path) {
+        for (size_t i = 0; i < r->n; i++)
+                if (strcmp(r->items[i].path, path) == 0)
+                        return &r->items[i];
+        return NULL;
+}
+
+/* Whether root is path or a parent directory of it. */
+static const char *beneath(const char *root, const char *path) {
+        size_t n = strlen(root);
+
+        if (strcmp(root, "/") == 0)
+                return path + 1;
+        if (strncmp(root, path, n) != 0)
+                return NULL;
+        if (path[n] == 0)
+                return path + n;
+        if (path[n] == '/')
+                return path + n + 1;
+        return NULL;
+}
+
+int roots_resolve(Roots *r, const char *model, Root **ret_root, char **ret_rel, char **ret_key, WdError *err) {
+        _cleanup_free_ char *key = NULL;
+        char shown[256];
+        Root *best = NULL;
+        const char *rest = NULL;
+        int k;
+
+        wd_escape(shown, sizeof(shown), model, 200);
+        k = path_normalise(model, &key);
+        if (k == -ENOMEM)
+                return wd_error_set(err, k, "out of memory");
+        if (k < 0)
+                return wd_error_set(err, WD_E_INVALID, "model \"%s\": %s", shown,
+                                    k == -ENAMETOOLONG ? "path too long" : "not an absolute path");
+
+        /* The longest matching root wins, so nested roots behave. */
+        for (size_t i = 0; i < r->n; i++) {
+                const char *b = beneath(r->items[i].path, key);
+                if (b && (!best || strlen(r->items[i].path) > strlen(best->path))) {
+                        best = &r->items[i];
+                        rest = b;
+                }
+        }
+        if (!best)
+                return wd_error_set(err, WD_E_PERMISSION, "model \"%s\": outside every model root", shown);
+        if (best->fd < 0)
+                return wd_error_set(err, WD_E_NOT_FOUND, "model root %s cannot be opened: %s", best->path,
+                                    strerror(-best->open_error));
+
+        char *rel = strdup(*rest ? rest : ".");
+        if (!rel)
+                return wd_error_set(err, -ENOMEM, "out of memory");
+        *ret_root = best;
+        *ret_rel = rel;
+        *ret_key = TAKE_PTR(key);
+        return 0;
+}

@@ -1,0 +1,177 @@
+/* The daemon's internal structures, shared by server.c (lifecycle, socket,
+ * signals, load jobs), conn.c (one client connection: framing, output queue,
+ * limits) and dispatch.c (the requests).  Everything here runs on the loop
+ * thread except the two load-job callbacks, which only touch atomics and
+ * wake the loop. */
+#pragma once
+
+#include <stdatomic.h>
+#include <stdbool.h>
+#include <stdint.h>
+#include <sys/socket.h>
+#include <uv.h>
+
+#include "server/config.h"
+#include "server/roots.h"
+#include "server/server.h"
+#include "store/cache.h"
+#include "store/loader.h"
+#include "wire.h"
+
+typedef struct Conn Conn;
+typedef struct Job Job;
+typedef struct Request Request;
+typedef struct Lease Lease;
+typedef struct OutFrame OutFrame;
+typedef struct UidSlot UidSlot;
+
+#define SERVER_MAX_LEASES_PER_CONN 4096u
+#define SERVER_MAX_OUT_BYTES ((size_t) 64 << 20)
+#define SERVER_PROGRESS_INTERVAL_USEC 100000u
+#define SERVER_DRAIN_TIMEOUT_MS 2000u
+#define SERVER_MAX_COMPONENT_NAME 255u
+
+struct OutFrame {
+        OutFrame *next;
+        uint8_t *buf;
+        size_t len, off;
+        int *fds; /* owned duplicates, closed once sent */
+        size_t n_fds;
+};
+
+struct Lease {
+        Lease *prev, *next;
+        uint64_t id;
+        CacheEntry *entry;
+};
+
+typedef enum RequestKind {
+        REQUEST_LOAD,
+        REQUEST_PREFETCH,
+} RequestKind;
+
+/* A Load or Prefetch waiting for a job. */
+struct Request {
+        Conn *conn;
+        Job *job;
+        uint64_t id;
+        RequestKind kind;
+        bool progress;
+        uint64_t progress_sent;
+        Request *conn_prev, *conn_next;
+        Request *job_prev, *job_next;
+};
+
+struct Job {
+        Server *server;
+        Job *prev, *next;
+        LoadJob *load;
+        Component *comp; /* owned; comp->model is the cache key */
+        CacheEntry *entry;
+        Request *waiters;
+        unsigned n_waiters;
+        uint64_t total;
+        _Atomic uint64_t done;
+        _Atomic bool finished;
+        bool cancelled;
+        uint64_t progress_usec; /* when waiters last heard */
+        uint64_t started_usec;
+};
+
+struct UidSlot {
+        UidSlot *next;
+        uid_t uid;
+        unsigned n;
+};
+
+struct Conn {
+        Server *server;
+        Conn *prev, *next;
+        uv_poll_t poll;
+        int fd;
+        int events; /* what poll watches now */
+        struct ucred cred;
+        UidSlot *uid_slot;
+        char name[64];
+        WireReader in;
+        OutFrame *out_head, *out_tail;
+        size_t out_bytes;
+        bool hello;
+        bool closing;      /* uv_close() called */
+        bool close_when_sent;
+        Request *pending;
+        unsigned n_pending;
+        Lease *leases;
+        unsigned n_leases;
+};
+
+struct Server {
+        uv_loop_t loop;
+        Config *config;
+        char *config_path;
+        Roots *roots;
+        Roots **retired_roots; /* replaced by reloads; jobs may still use them */
+        size_t n_retired_roots;
+        Cache *cache;
+        Reader *reader;
+        bool reader_stale; /* io settings changed: replace when idle */
+        uint64_t storage_read_retired;
+        LoadOptions load_opts;
+
+        int listen_fd;
+        bool listen_bound; /* we bound it: unlink at exit */
+        char *socket_path;
+        uv_poll_t listen_poll;
+        bool listening;
+        uv_signal_t sig_term, sig_int, sig_hup;
+        uv_async_t wake;
+        uv_timer_t status_timer, watchdog_timer, drain_timer, accept_timer;
+        uint64_t watchdog_usec;
+
+        Conn *conns;
+        unsigned n_conns;
+        UidSlot *uids;
+        Job *jobs;
+        unsigned n_jobs;
+        uint64_t next_lease_id;
+        unsigned n_leases;
+        uint64_t started_usec;
+        bool stopping;
+        int exit_code;
+};
+
+uint64_t now_usec(void);
+
+/* conn.c */
+int conn_new(Server *s, int fd, const struct ucred *cred, UidSlot *slot, Conn **ret);
+void conn_close(Conn *c);
+/* Queue a frame (takes buf and fds, even on failure) and try to send it. */
+int conn_queue(Conn *c, uint8_t *buf, size_t len, int *fds, size_t n_fds);
+/* Pack and queue env.  On failure the connection is closed. */
+int conn_send(Conn *c, const WireEnvelope *env, const int *fds, size_t n_fds);
+int conn_send_error(Conn *c, uint64_t id, int code, const char *fmt, ...) _printf_(4, 5);
+int conn_send_wd_error(Conn *c, uint64_t id, int r, const WdError *err);
+/* A request in flight completed: read again if the limit held reading. */
+void conn_request_done(Conn *c);
+void conn_update_poll(Conn *c);
+uint64_t conn_lease_add(Conn *c, CacheEntry *e);
+void conn_lease_drop(Conn *c, Lease *l);
+Lease *conn_lease_find(Conn *c, uint64_t id);
+/* Map one of our codes (WD_E_*, -errno) to the protocol's. */
+int wd_code_to_proto(int r);
+
+/* dispatch.c */
+/* Handle one decoded frame.  Returns 0, or < 0 when the peer broke the
+ * protocol (the caller logs and disconnects). */
+int dispatch_frame(Conn *c, WireEnvelope *env);
+/* A job finished: answer its waiters. */
+void dispatch_job_finished(Job *j, int r, CacheEntry *entry, const WdError *err);
+void dispatch_job_progress(Job *j);
+void request_free(Request *r);
+
+/* server.c */
+int server_job_start(Server *s, const Root *root, Component *comp, Job **ret, WdError *err);
+Job *server_job_find(Server *s, CacheEntry *e);
+/* A waiter went away; the job stops when nobody waits for it. */
+void server_job_waiter_gone(Job *j);
+void server_update_status(Server *s);
