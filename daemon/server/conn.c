@@ -162,6 +162,16 @@ void conn_close(Conn *c) {
         server_update_status(s);
 }
 
+void conn_close_when_sent(Conn *c) {
+        if (c->closing)
+                return;
+        c->close_when_sent = true;
+        if (!c->out_head)
+                conn_close(c);
+        else
+                conn_update_poll(c);
+}
+
 uint64_t conn_lease_add(Conn *c, CacheEntry *e) {
         Lease *l = calloc(1, sizeof(Lease));
 

@@ -543,8 +543,7 @@ static int handle_hello(Conn *c, uint64_t id, const Weightd__V1__HelloRequest *r
                 conn_send_error(c, id, WEIGHTD__V1__CODE__UNSUPPORTED,
                                 "hello: the daemon speaks protocol version %u, the client %u..%u", WIRE_VERSION,
                                 req->min_version, req->max_version);
-                c->close_when_sent = true;
-                conn_update_poll(c);
+                conn_close_when_sent(c);
                 return 0;
         }
         c->hello = true;
@@ -575,8 +574,7 @@ int dispatch_frame(Conn *c, WireEnvelope *env) {
 
         if (!c->hello && env->body_case != WEIGHTD__V1__ENVELOPE__BODY_HELLO) {
                 conn_send_error(c, id, WEIGHTD__V1__CODE__INVALID_ARGUMENT, "the first request must be Hello");
-                c->close_when_sent = true;
-                conn_update_poll(c);
+                conn_close_when_sent(c);
                 return 0;
         }
         if (request_find(c, id))

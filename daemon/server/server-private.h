@@ -145,6 +145,8 @@ uint64_t now_usec(void);
 /* conn.c */
 int conn_new(Server *s, int fd, const struct ucred *cred, UidSlot *slot, Conn **ret);
 void conn_close(Conn *c);
+/* Stop reading; close once the queued output went out. */
+void conn_close_when_sent(Conn *c);
 /* Queue a frame (takes buf and fds, even on failure) and try to send it. */
 int conn_queue(Conn *c, uint8_t *buf, size_t len, int *fds, size_t n_fds);
 /* Pack and queue env.  On failure the connection is closed. */

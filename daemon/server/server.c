@@ -336,6 +336,25 @@ static void on_listen(uv_poll_t *p, int status, int events) {
         server_update_status(s);
 }
 
+int server_add_peer(Server *s, int fd, const struct ucred *cred) {
+        UidSlot *slot = uid_slot(s, cred->uid);
+        Conn *c;
+        int r;
+
+        if (!slot) {
+                safe_close(fd);
+                return -ENOMEM;
+        }
+        r = conn_new(s, fd, cred, slot, &c);
+        if (r < 0)
+                safe_close(fd);
+        return r;
+}
+
+int server_run_nowait(Server *s) {
+        return uv_run(&s->loop, UV_RUN_NOWAIT);
+}
+
 static void on_accept_resume(uv_timer_t *t) {
         Server *s = t->data;
 
@@ -574,11 +593,7 @@ static void server_stop(Server *s) {
         /* Let peers read what is queued for them, for a while. */
         for (Conn *c = s->conns, *next; c; c = next) {
                 next = c->next;
-                c->close_when_sent = true;
-                if (!c->out_head)
-                        conn_close(c);
-                else
-                        conn_update_poll(c);
+                conn_close_when_sent(c);
         }
         uv_timer_stop(&s->drain_timer);
         uv_timer_start(&s->drain_timer, on_drain_timeout, SERVER_DRAIN_TIMEOUT_MS, 0);

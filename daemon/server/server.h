@@ -15,5 +15,13 @@ int server_new(Server **ret, Config *config, const char *config_path);
 Server *server_free(Server *s);
 DEFINE_TRIVIAL_CLEANUP_FUNC(Server *, server_free);
 
+/* Serve an already-connected socket as a peer with these credentials (for
+ * fuzzers and tests: a socketpair end stands in for an accepted client).
+ * Takes fd.  Returns 0, or -errno (fd closed). */
+struct ucred;
+int server_add_peer(Server *s, int fd, const struct ucred *cred);
+/* Run the loop once without blocking; returns whether handles are active. */
+int server_run_nowait(Server *s);
+
 /* Serve until SIGTERM or SIGINT, then drain.  Returns 0 or -errno. */
 int server_run(Server *s);
