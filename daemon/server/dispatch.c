@@ -433,7 +433,7 @@ static int handle_list(Conn *c, uint64_t id) {
                 x->leases = e->leases;
                 x->pinned = e->pinned;
                 x->files = (uint32_t) e->n_files;
-                x->idle_ms = e->last_use && now > e->last_use ? (now - e->last_use) / 1000 : 0;
+                x->idle_ms = now > e->last_use_usec ? (now - e->last_use_usec) / 1000 : 0;
                 ptrs[n] = x;
         }
         list.n_entries = n;

@@ -3,6 +3,7 @@
  * components at most, so lists are enough. */
 #include <stdio.h>
 #include <string.h>
+#include <time.h>
 
 #include "store/cache.h"
 
@@ -78,10 +79,18 @@ static void list_push_front(Cache *c, CacheEntry *e) {
         c->n_entries++;
 }
 
+static uint64_t monotonic_usec(void) {
+        struct timespec ts;
+
+        clock_gettime(CLOCK_MONOTONIC, &ts);
+        return (uint64_t) ts.tv_sec * 1000000u + (uint64_t) ts.tv_nsec / 1000u;
+}
+
 static void touch(CacheEntry *e) {
         Cache *c = e->cache;
 
         e->last_use = ++c->clock;
+        e->last_use_usec = monotonic_usec();
         if (c->head != e) {
                 list_unlink(c, e);
                 list_push_front(c, e);
@@ -216,6 +225,7 @@ int cache_reserve(Cache *c, const char *model, const char *component, const File
         e->bytes = bytes;
         e->state = CACHE_ENTRY_LOADING;
         e->last_use = ++c->clock;
+        e->last_use_usec = monotonic_usec();
         c->used += bytes;
         list_push_front(c, e);
         *ret = e;

@@ -40,7 +40,8 @@ struct CacheEntry {
         CacheEntryState state;
         unsigned leases;
         bool pinned;
-        uint64_t last_use;
+        uint64_t last_use;      /* the cache's use counter: orders the LRU list */
+        uint64_t last_use_usec; /* CLOCK_MONOTONIC of the last use, for listings */
         CacheEntry *prev, *next;
 };
 
