@@ -27,13 +27,55 @@ typedef struct HeaderCacheEntry {
         uint64_t last_use;
 } HeaderCacheEntry;
 
+/* A sharded index that passed every check, with the identities of the
+ * index and of the shards it was checked against: while none of them
+ * changes, resolving it again needs no JSON parse and no cross-check. */
+typedef struct IndexMemo {
+        char *path; /* beneath the root */
+        FileId id;
+        size_t n_shards;
+        char **shards; /* sorted, as resolved */
+        FileId *shard_ids;
+        uint64_t last_use;
+} IndexMemo;
+
+/* A set of headers (by identity, in order) whose tensor names were found
+ * unique across the set. */
+typedef struct UniqueMemo {
+        size_t n;
+        StHeader **headers; /* references */
+        uint64_t last_use;
+} UniqueMemo;
+
+#define MEMO_MAX 64
+
 struct Catalog {
         int root_fd;
         char *root_display;
         HeaderCacheEntry *cache;
         size_t n_cache;
         uint64_t clock;
+        IndexMemo index_memo[MEMO_MAX];
+        size_t n_index_memo;
+        UniqueMemo unique_memo[MEMO_MAX];
+        size_t n_unique_memo;
 };
+
+static void index_memo_done(IndexMemo *m) {
+        for (size_t i = 0; i < m->n_shards; i++)
+                free(m->shards[i]);
+        free(m->shards);
+        free(m->shard_ids);
+        free(m->path);
+        *m = (IndexMemo){};
+}
+
+static void unique_memo_done(UniqueMemo *m) {
+        for (size_t i = 0; i < m->n; i++)
+                st_header_unref(m->headers[i]);
+        free(m->headers);
+        *m = (UniqueMemo){};
+}
 
 const char *component_kind_to_string(ComponentKind k) {
         static const char *const names[_COMPONENT_KIND_MAX] = {
@@ -64,6 +106,10 @@ Catalog *catalog_free(Catalog *c) {
                 return NULL;
         for (size_t i = 0; i < c->n_cache; i++)
                 st_header_unref(c->cache[i].header);
+        for (size_t i = 0; i < c->n_index_memo; i++)
+                index_memo_done(&c->index_memo[i]);
+        for (size_t i = 0; i < c->n_unique_memo; i++)
+                unique_memo_done(&c->unique_memo[i]);
         free(c->cache);
         free(c->root_display);
         free(c);
@@ -226,19 +272,26 @@ static ComponentKind dir_kind(const DirScan *s) {
 
 /* ---- JSON files of the layout ---- */
 
-static int load_json(Catalog *c, const char *path, json_t **ret, WdError *err) {
-        _cleanup_free_ char *d = display_path(c, path), *buf = NULL;
+/* Open a JSON file of the layout beneath the root: a regular file. */
+static int json_open(Catalog *c, const char *path, int *ret_fd, struct stat *ret_st, WdError *err) {
         _cleanup_close_ int fd = -1;
-        json_error_t je;
-        struct stat st;
-        size_t done = 0;
-        json_t *j;
 
         fd = fs_open_beneath(c->root_fd, path, O_RDONLY | O_NONBLOCK);
         if (fd < 0)
                 return open_error(c, path, fd, err);
-        if (fstat(fd, &st) < 0)
+        if (fstat(fd, ret_st) < 0)
                 return open_error(c, path, negative_errno(), err);
+        *ret_fd = TAKE_FD(fd);
+        return 0;
+}
+
+static int load_json_fd(Catalog *c, const char *path, int fd, const struct stat *st_in, json_t **ret, WdError *err) {
+        _cleanup_free_ char *d = display_path(c, path), *buf = NULL;
+        const struct stat st = *st_in;
+        json_error_t je;
+        size_t done = 0;
+        json_t *j;
+
         if (!S_ISREG(st.st_mode))
                 return wd_error_set(err, WD_E_FORMAT, "%s: not a regular file", d);
         if ((uint64_t) st.st_size > INDEX_JSON_MAX)
@@ -263,6 +316,17 @@ static int load_json(Catalog *c, const char *path, json_t **ret, WdError *err) {
                                     je.line, je.column);
         *ret = j;
         return 0;
+}
+
+static int load_json(Catalog *c, const char *path, json_t **ret, WdError *err) {
+        _cleanup_close_ int fd = -1;
+        struct stat st;
+        int r;
+
+        r = json_open(c, path, &fd, &st, err);
+        if (r != 0)
+                return r;
+        return load_json_fd(c, path, fd, &st, ret, err);
 }
 
 /* ---- files ---- */
@@ -348,11 +412,13 @@ static int index_shards(Catalog *c, const char *index_display, json_t *map, StrL
         json_object_foreach(map, tensor, value) {
                 char t[256], v[256];
 
-                wd_escape(t, sizeof(t), tensor, 200);
-                if (!json_is_string(value))
+                if (!json_is_string(value)) {
+                        wd_escape(t, sizeof(t), tensor, 200);
                         return wd_error_set(err, WD_E_FORMAT, "%s: weight_map: tensor \"%s\": shard is not a string",
                                             index_display, t);
+                }
                 if (!filename_is_plain(json_string_value(value))) {
+                        wd_escape(t, sizeof(t), tensor, 200);
                         wd_escape(v, sizeof(v), json_string_value(value), 200);
                         return wd_error_set(err, WD_E_FORMAT,
                                             "%s: weight_map: tensor \"%s\": shard \"%s\" is not a file name in the "
@@ -383,7 +449,8 @@ static int index_check_shard(const char *index_display, json_t *map, const char 
         for (size_t i = 0; i < h->n_tensors; i++) {
                 json_t *v = json_object_get(map, h->tensors[i].name);
 
-                wd_escape(t, sizeof(t), h->tensors[i].name, 200);
+                if (!v || strcmp(json_string_value(v), shard) != 0)
+                        wd_escape(t, sizeof(t), h->tensors[i].name, 200);
                 if (!v)
                         return wd_error_set(err, WD_E_FORMAT,
                                             "%s: shard %s holds tensor \"%s\", which the weight_map does not list",
@@ -409,16 +476,91 @@ static int index_check_shard(const char *index_display, json_t *map, const char 
         return wd_error_set(err, WD_E_FORMAT, "%s: shard %s does not match the weight_map", index_display, shard);
 }
 
+static IndexMemo *index_memo_find(Catalog *c, const char *path, const FileId *id) {
+        for (size_t i = 0; i < c->n_index_memo; i++)
+                if (file_id_equal(&c->index_memo[i].id, id) && strcmp(c->index_memo[i].path, path) == 0) {
+                        c->index_memo[i].last_use = ++c->clock;
+                        return &c->index_memo[i];
+                }
+        return NULL;
+}
+
+/* Remember a checked index; failing to (out of memory) only costs speed. */
+static void index_memo_put(Catalog *c, const char *path, const FileId *id, const Component *comp, size_t first) {
+        IndexMemo m = { .id = *id, .n_shards = comp->n_files - first, .last_use = ++c->clock };
+        size_t slot = c->n_index_memo;
+
+        m.path = strdup(path);
+        m.shards = calloc(m.n_shards, sizeof(char *));
+        m.shard_ids = calloc(m.n_shards, sizeof(FileId));
+        if (!m.path || !m.shards || !m.shard_ids)
+                return index_memo_done(&m);
+        for (size_t i = 0; i < m.n_shards; i++) {
+                const char *base = strrchr(comp->files[first + i].path, '/');
+                m.shards[i] = strdup(base ? base + 1 : comp->files[first + i].path);
+                if (!m.shards[i])
+                        return index_memo_done(&m);
+                m.shard_ids[i] = comp->files[first + i].id;
+        }
+        if (c->n_index_memo == MEMO_MAX) {
+                slot = 0;
+                for (size_t i = 1; i < MEMO_MAX; i++)
+                        if (c->index_memo[i].last_use < c->index_memo[slot].last_use)
+                                slot = i;
+                index_memo_done(&c->index_memo[slot]);
+        } else
+                c->n_index_memo++;
+        c->index_memo[slot] = m;
+}
+
+/* Drop the files added since first (a memo that no longer holds). */
+static void component_truncate(Component *comp, size_t first) {
+        while (comp->n_files > first) {
+                CatalogFile *f = &comp->files[--comp->n_files];
+                if (f->header) {
+                        comp->total_bytes -= f->header->file_size;
+                        comp->n_tensors -= f->header->n_tensors;
+                }
+                catalog_file_done(f);
+        }
+}
+
+/* Resolve from a memo: every shard still the file that was checked. */
+static bool resolve_index_memo(Catalog *c, Component *comp, const char *dir, const IndexMemo *m) {
+        size_t first = comp->n_files;
+
+        for (size_t i = 0; i < m->n_shards; i++)
+                if (component_add_file(c, comp, dir, m->shards[i], NULL) != 0 ||
+                    !file_id_equal(&comp->files[comp->n_files - 1].id, &m->shard_ids[i])) {
+                        component_truncate(comp, first);
+                        return false;
+                }
+        return true;
+}
+
 static int resolve_index(Catalog *c, Component *comp, const char *dir, const char *index, WdError *err) {
         _cleanup_free_ char *ipath = path_join(dir, index), *idisplay = NULL;
         _cleanup_(json_decrefp) json_t *root = NULL;
         _cleanup_(strlist_done) StrList shards = {};
+        _cleanup_close_ int fd = -1;
+        size_t first = comp->n_files;
+        const IndexMemo *memo;
+        struct stat st;
+        FileId id;
         json_t *map;
         int r;
 
         if (!ipath || !(idisplay = display_path(c, ipath)))
                 return wd_error_set(err, -ENOMEM, "out of memory");
-        r = load_json(c, ipath, &root, err);
+        r = json_open(c, ipath, &fd, &st, err);
+        if (r != 0)
+                return r;
+        file_id_from_stat(&id, &st);
+        memo = index_memo_find(c, ipath, &id);
+        if (memo && resolve_index_memo(c, comp, dir, memo))
+                return 0;
+
+        r = load_json_fd(c, ipath, fd, &st, &root, err);
         if (r != 0)
                 return r;
         map = json_is_object(root) ? json_object_get(root, "weight_map") : NULL;
@@ -440,6 +582,7 @@ static int resolve_index(Catalog *c, Component *comp, const char *dir, const cha
                 if (r != 0)
                         return r;
         }
+        index_memo_put(c, ipath, &id, comp, first);
         return 0;
 }
 
@@ -497,12 +640,50 @@ static int tensor_name_compare(const void *a, const void *b) {
         return strcmp((*(const StTensor *const *) a)->name, (*(const StTensor *const *) b)->name);
 }
 
-/* Tensor names must be unique across the files of a component. */
+static bool unique_memo_find(Catalog *c, const Component *comp) {
+        for (size_t i = 0; i < c->n_unique_memo; i++) {
+                UniqueMemo *m = &c->unique_memo[i];
+                size_t k = 0;
+
+                if (m->n != comp->n_files)
+                        continue;
+                while (k < m->n && m->headers[k] == comp->files[k].header)
+                        k++;
+                if (k == m->n) {
+                        m->last_use = ++c->clock;
+                        return true;
+                }
+        }
+        return false;
+}
+
+static void unique_memo_put(Catalog *c, const Component *comp) {
+        UniqueMemo m = { .n = comp->n_files, .last_use = ++c->clock };
+        size_t slot = c->n_unique_memo;
+
+        m.headers = calloc(m.n, sizeof(StHeader *));
+        if (!m.headers)
+                return;
+        for (size_t i = 0; i < m.n; i++)
+                m.headers[i] = st_header_ref(comp->files[i].header);
+        if (c->n_unique_memo == MEMO_MAX) {
+                slot = 0;
+                for (size_t i = 1; i < MEMO_MAX; i++)
+                        if (c->unique_memo[i].last_use < c->unique_memo[slot].last_use)
+                                slot = i;
+                unique_memo_done(&c->unique_memo[slot]);
+        } else
+                c->n_unique_memo++;
+        c->unique_memo[slot] = m;
+}
+
+/* Tensor names must be unique across the files of a component (checked once
+ * per set of headers). */
 static int check_unique_names(Catalog *c, const Component *comp, WdError *err) {
         _cleanup_free_ const StTensor **all = NULL;
         size_t n = 0;
 
-        if (comp->n_files < 2)
+        if (comp->n_files < 2 || unique_memo_find(c, comp))
                 return 0;
         all = malloc(comp->n_tensors * sizeof(StTensor *) + 1);
         if (!all)
@@ -521,6 +702,7 @@ static int check_unique_names(Catalog *c, const Component *comp, WdError *err) {
                                             "%s: tensor \"%s\" is stored in more than one file of component \"%s\"",
                                             d ? d : comp->model, t, comp->name);
                 }
+        unique_memo_put(c, comp);
         return 0;
 }
 

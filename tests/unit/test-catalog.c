@@ -330,6 +330,68 @@ static void test_duplicate_across_files(void **state) {
         remove_tree(dir);
 }
 
+/* Resolving again skips the checks of an unchanged index and an unchanged
+ * set of files, but never those of a changed one. */
+static void test_memo_sees_changes(void **state) {
+        _cleanup_free_ char *dir = make_temp_dir(NULL), *cmd = NULL, *index = NULL;
+        _cleanup_(catalog_freep) Catalog *c = NULL;
+        _cleanup_close_ int root_fd = -1;
+        Component *a = NULL, *b = NULL;
+        WdError err = WD_ERROR_NULL;
+        json_t *j;
+
+        /* testdata() returns one static buffer: one call per command. */
+        assert_true(asprintf(&cmd, "cp -r '%s' '%s/m'", testdata("models/sharded"), dir) > 0);
+        assert_int_equal(system(cmd), 0);
+        free(cmd);
+        assert_true(asprintf(&cmd, "cp '%s' '%s/d1.safetensors'", testdata("good/scalars.safetensors"), dir) > 0);
+        assert_int_equal(system(cmd), 0);
+        free(cmd);
+        assert_true(asprintf(&cmd, "cp '%s' '%s/d2.safetensors'", testdata("good/zero-size.safetensors"), dir) > 0);
+        assert_int_equal(system(cmd), 0);
+        assert_true(asprintf(&index, "%s/m/model.safetensors.index.json", dir) > 0);
+        root_fd = open(dir, O_RDONLY | O_DIRECTORY | O_CLOEXEC);
+        assert_int_equal(catalog_new(&c, root_fd, dir), 0);
+
+        assert_int_equal(catalog_resolve(c, "m", NULL, &a, &err), 0);
+        assert_int_equal(catalog_resolve(c, "m", NULL, &b, &err), 0);
+        assert_int_equal(a->n_files, b->n_files);
+        assert_int_equal(a->n_tensors, b->n_tensors);
+        assert_int_equal(a->total_bytes, b->total_bytes);
+        for (size_t i = 0; i < a->n_files; i++)
+                assert_string_equal(a->files[i].path, b->files[i].path);
+        component_free(b);
+
+        /* The index now puts a tensor in the wrong shard: refused. */
+        j = json_load_file(index, 0, NULL);
+        assert_non_null(j);
+        json_object_set_new(json_object_get(j, "weight_map"), "extra.bool",
+                            json_string("model-00001-of-00003.safetensors"));
+        assert_int_equal(json_dump_file(j, index, 0), 0);
+        json_decref(j);
+        assert_int_equal(catalog_resolve(c, "m", NULL, &b, &err), WD_E_FORMAT);
+        assert_non_null(strstr(err.message, "extra.bool"));
+
+        /* Two files whose names do not clash, then one replaced by a copy of
+         * the other: the clash is found. */
+        component_free(a);
+        a = NULL;
+        free(cmd);
+        assert_true(asprintf(&cmd, "rm -r '%s/m'", dir) > 0);
+        assert_int_equal(system(cmd), 0);
+        assert_int_equal(catalog_resolve(c, "", NULL, &a, &err), 0);
+        assert_int_equal(catalog_resolve(c, "", NULL, &b, &err), 0);
+        component_free(b);
+        free(cmd);
+        assert_true(asprintf(&cmd, "cp '%s/d1.safetensors' '%s/d2.tmp' && mv '%s/d2.tmp' '%s/d2.safetensors'", dir, dir,
+                             dir, dir) > 0);
+        assert_int_equal(system(cmd), 0);
+        assert_int_equal(catalog_resolve(c, "", NULL, &b, &err), WD_E_FORMAT);
+        assert_non_null(strstr(err.message, "is stored in more than one file"));
+        component_free(a);
+        remove_tree(dir);
+}
+
 int main(void) {
         const struct CMUnitTest tests[] = {
                 cmocka_unit_test_setup_teardown(test_single_and_plain, setup, teardown),
@@ -340,6 +402,7 @@ int main(void) {
                 cmocka_unit_test(test_escapes),
                 cmocka_unit_test(test_identity_change),
                 cmocka_unit_test(test_duplicate_across_files),
+                cmocka_unit_test(test_memo_sees_changes),
                 cmocka_unit_test(test_corpus_as_models),
         };
         return cmocka_run_group_tests(tests, NULL, NULL);
