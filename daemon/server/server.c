@@ -90,7 +90,8 @@ static void job_on_done(LoadJob *lj, void *userdata) {
         (void) uv_async_send(&s->wake);
 }
 
-static void job_free(Job *j) {
+/* Take a job out of the list: nothing can find or join it any more. */
+static void job_unlink(Job *j) {
         Server *s = j->server;
 
         if (j->prev)
@@ -99,7 +100,12 @@ static void job_free(Job *j) {
                 s->jobs = j->next;
         if (j->next)
                 j->next->prev = j->prev;
+        j->prev = j->next = NULL;
+        j->entry = NULL;
         s->n_jobs--;
+}
+
+static void job_free(Job *j) {
         component_free(j->comp);
         free(j);
 }
@@ -162,7 +168,7 @@ Job *server_job_find(Server *s, CacheEntry *e) {
 }
 
 void server_job_waiter_gone(Job *j) {
-        if (j->n_waiters > 0 || j->cancelled)
+        if (j->n_waiters > 0 || j->cancelled || !j->load)
                 return;
         j->cancelled = true;
         log_debug("nobody waits for %s %s any more, cancelling its load", j->comp->model, j->comp->name);
@@ -176,6 +182,8 @@ static void job_complete(Job *j) {
         double secs = (double) (now_usec() - j->started_usec) / 1e6;
         int r;
 
+        /* Replies can make peers send requests that must not find this job. */
+        job_unlink(j);
         r = load_job_finish(TAKE_PTR(j->load), &e, &err);
         if (r == 0)
                 log_info("loaded %s%s%s: %.1f MiB in %.2f s (%.2f GB/s)", j->comp->model, *j->comp->name ? " " : "",
@@ -628,6 +636,7 @@ Server *server_free(Server *s) {
                         CacheEntry *e;
                         (void) load_job_finish(TAKE_PTR(j->load), &e, &err);
                 }
+                job_unlink(j);
                 job_free(j);
         }
         reader_free(s->reader);
