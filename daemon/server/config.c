@@ -1,0 +1,1063 @@
+/* The daemon configuration: defaults, then the main file, then its drop-ins.
+ *
+ * libinih splits lines into sections and key = value pairs and strips
+ * comments (';' and '#' at the start of a line, " ;" after a value).  It is
+ * fed through ini_parse_stream() by our own line reader, which is what makes
+ * the result strict: the reader counts lines (the handler has no line
+ * number in Debian's build), refuses a line longer than libinih's buffer
+ * instead of letting it be split into two, refuses NUL bytes, and checks
+ * every [section] header as it passes, so an unknown section is an error
+ * even when it holds no keys.  Indented lines after a key are libinih's
+ * continuation lines: the handler accepts them for the list keys only.
+ *
+ * Values are written into the Config as they are parsed; the caller loads
+ * into a fresh Config and frees it on any error, so nothing partial leaks
+ * out. */
+#include <ctype.h>
+#include <dirent.h>
+#include <fcntl.h>
+#include <grp.h>
+#include <ini.h>
+#include <pwd.h>
+#include <stdarg.h>
+#include <stddef.h>
+#include <stdio.h>
+#include <string.h>
+#include <sys/socket.h>
+#include <sys/stat.h>
+#include <sys/sysinfo.h>
+#include <sys/un.h>
+#include <syslog.h>
+
+#include "server/config.h"
+#include "util/fs-util.h"
+#include "util/parse-util.h"
+
+#define SOCKET_PATH_MAX (sizeof(((struct sockaddr_un *) NULL)->sun_path) - 1)
+#define ID_MAX (UINT32_MAX - 1) /* (uid_t) -1 and (gid_t) -1 mean "none" */
+#define REASON_MAX 512
+#define VALUE_SHOWN_MAX 128     /* bytes of a value quoted in a message */
+#define DUMP_WIDTH 100          /* wrap lists in config_dump() after this many bytes */
+
+static const char *const known_sections[] = { "daemon", "memory", "io" };
+static const char *const reserved_sections[] = { "gpu", "cluster" };
+
+static const char *const log_level_names[] = {
+        [LOG_ERR - LOG_ERR] = "err",
+        [LOG_WARNING - LOG_ERR] = "warning",
+        [LOG_NOTICE - LOG_ERR] = "notice",
+        [LOG_INFO - LOG_ERR] = "info",
+        [LOG_DEBUG - LOG_ERR] = "debug",
+};
+
+typedef enum KeyType {
+        KEY_UNSIGNED,  /* decimal in [min, max] */
+        KEY_SIZE,      /* parse_size() in [min, max], a multiple of align */
+        KEY_SOCKET,
+        KEY_ROOTS,     /* list */
+        KEY_UIDS,      /* list */
+        KEY_GIDS,      /* list */
+        KEY_LOG_LEVEL,
+        KEY_BUDGET,
+        KEY_PAGES,
+        KEY_DIRECT,
+} KeyType;
+
+typedef struct KeyDef {
+        const char *section;
+        const char *name;
+        KeyType type;
+        size_t offset; /* of the field, for KEY_UNSIGNED and KEY_SIZE */
+        uint64_t min, max, align;
+} KeyDef;
+
+static const KeyDef key_defs[] = {
+        { "daemon", "socket", KEY_SOCKET },
+        { "daemon", "model_roots", KEY_ROOTS },
+        { "daemon", "allow_uids", KEY_UIDS },
+        { "daemon", "allow_gids", KEY_GIDS },
+        { "daemon", "max_connections", KEY_UNSIGNED, offsetof(Config, max_connections), 1, 65536 },
+        { "daemon", "max_connections_per_uid", KEY_UNSIGNED, offsetof(Config, max_connections_per_uid), 1, 65536 },
+        { "daemon", "max_pending_requests", KEY_UNSIGNED, offsetof(Config, max_pending_requests), 1, 4096 },
+        { "daemon", "max_frame_size", KEY_SIZE, offsetof(Config, max_frame_size), 4ull << 10, 256ull << 20, 1 },
+        { "daemon", "log_level", KEY_LOG_LEVEL },
+        { "memory", "host_budget", KEY_BUDGET },
+        { "memory", "host_pages", KEY_PAGES },
+        { "io", "queue_depth", KEY_UNSIGNED, offsetof(Config, queue_depth), 1, 4096 },
+        { "io", "chunk_size", KEY_SIZE, offsetof(Config, chunk_size), 64ull << 10, 1ull << 30, 4096 },
+        { "io", "direct_io", KEY_DIRECT },
+};
+
+static bool key_is_list(const KeyDef *k) {
+        return k->type == KEY_ROOTS || k->type == KEY_UIDS || k->type == KEY_GIDS;
+}
+
+/* One file (or buffer) being parsed into a Config. */
+typedef struct Parser {
+        Config *config;
+        const char *display;
+        const char *text;
+        size_t len;
+        size_t pos;
+        unsigned line;      /* of the line last handed to libinih */
+        bool indented;      /* that line starts with a blank */
+        bool have_key;      /* libinih's "prev_name": a key line since the last section header */
+        unsigned roots_line; /* last line that set model_roots, 0 if none in this file */
+        uint64_t mem_total;
+        bool failed;
+        unsigned error_line;
+        int error;
+        WdError *err;
+} Parser;
+
+const char *config_log_level_to_string(int level) {
+        if (level < LOG_ERR || level > LOG_DEBUG)
+                return NULL;
+        return log_level_names[level - LOG_ERR];
+}
+
+int config_log_level_from_string(const char *s) {
+        int i = string_table_lookup(log_level_names, ELEMENTSOF(log_level_names), s);
+
+        return i < 0 ? i : LOG_ERR + i;
+}
+
+static bool str_in(const char *s, const char *const *table, size_t n) {
+        return string_table_lookup(table, n, s) >= 0;
+}
+
+/* "16M" for 16 MiB: the largest suffix that divides v exactly. */
+static const char *format_size(uint64_t v, char buf[static 32]) {
+        static const char suffixes[] = "TGMK";
+
+        for (size_t i = 0; i < 4; i++) {
+                unsigned shift = 10 * (unsigned) (4 - i);
+
+                if (v && v % (1ull << shift) == 0) {
+                        snprintf(buf, 32, "%llu%c", (unsigned long long) (v >> shift), suffixes[i]);
+                        return buf;
+                }
+        }
+        snprintf(buf, 32, "%llu", (unsigned long long) v);
+        return buf;
+}
+
+static int mem_total(uint64_t *ret) {
+        struct sysinfo si;
+        uint64_t t;
+
+        if (sysinfo(&si) < 0)
+                return negative_errno();
+        if (mul_overflow_u64(si.totalram, si.mem_unit ? si.mem_unit : 1, &t))
+                t = UINT64_MAX;
+        *ret = t;
+        return 0;
+}
+
+static int default_socket(char **ret) {
+        uid_t uid = geteuid();
+        const char *xdg;
+        char *p = NULL;
+
+        if (uid == 0)
+                p = strdup("/run/weightd/weightd.sock");
+        else {
+                xdg = secure_getenv("XDG_RUNTIME_DIR");
+                if (xdg && xdg[0] == '/') {
+                        size_t n = strlen(xdg);
+
+                        while (n > 1 && xdg[n - 1] == '/')
+                                n--;
+                        if (asprintf(&p, "%.*s/weightd/weightd.sock", (int) n, xdg) < 0)
+                                return -ENOMEM;
+                        if (strlen(p) > SOCKET_PATH_MAX) {
+                                free(p);
+                                p = NULL;
+                        }
+                }
+                if (!p && asprintf(&p, "/tmp/weightd-%u/weightd.sock", (unsigned) uid) < 0)
+                        return -ENOMEM;
+        }
+        if (!p)
+                return -ENOMEM;
+        *ret = p;
+        return 0;
+}
+
+static void strv_free(char **l, size_t n) {
+        for (size_t i = 0; i < n; i++)
+                free(l[i]);
+        free(l);
+}
+
+Config *config_free(Config *c) {
+        if (!c)
+                return NULL;
+        free(c->path);
+        free(c->socket);
+        strv_free(c->model_roots, c->n_model_roots);
+        free(c->allow_uids);
+        free(c->allow_gids);
+        free(c->host_budget_spec);
+        free(c);
+        return NULL;
+}
+
+static uint64_t budget_percent(uint64_t total, uint64_t pct) {
+        return (uint64_t) ((unsigned __int128) total * pct / 100);
+}
+
+int config_new_default(Config **ret, WdError *err) {
+        _cleanup_(config_freep) Config *c = NULL;
+        uint64_t total;
+        int r;
+
+        c = calloc(1, sizeof(Config));
+        if (!c)
+                return wd_error_set(err, -ENOMEM, "configuration: out of memory");
+        *c = (Config){
+                .max_connections = CONFIG_MAX_CONNECTIONS_DEFAULT,
+                .max_connections_per_uid = CONFIG_MAX_CONNECTIONS_PER_UID_DEFAULT,
+                .max_pending_requests = CONFIG_MAX_PENDING_REQUESTS_DEFAULT,
+                .max_frame_size = CONFIG_MAX_FRAME_SIZE_DEFAULT,
+                .log_level = LOG_INFO,
+                .host_pages = SLAB_PAGES_AUTO,
+                .queue_depth = CONFIG_QUEUE_DEPTH_DEFAULT,
+                .chunk_size = CONFIG_CHUNK_SIZE_DEFAULT,
+                .direct_io = DIRECT_AUTO,
+        };
+        r = default_socket(&c->socket);
+        if (r < 0)
+                return wd_error_set(err, r, "configuration: out of memory");
+        c->model_roots = calloc(1, sizeof(char *));
+        if (c->model_roots)
+                c->model_roots[0] = strdup(CONFIG_MODEL_ROOT_DEFAULT);
+        if (!c->model_roots || !c->model_roots[0])
+                return wd_error_set(err, -ENOMEM, "configuration: out of memory");
+        c->n_model_roots = 1;
+        c->host_budget_spec = strdup(CONFIG_HOST_BUDGET_DEFAULT);
+        if (!c->host_budget_spec)
+                return wd_error_set(err, -ENOMEM, "configuration: out of memory");
+        r = mem_total(&total);
+        if (r < 0)
+                return wd_error_set(err, r, "configuration: cannot read the memory size: %s", strerror(-r));
+        c->host_budget = budget_percent(total, 50);
+        *ret = TAKE_PTR(c);
+        return 0;
+}
+
+/* Record the first error of a parse as "DISPLAY:LINE: message". */
+_printf_(4, 5) static int parser_fail(Parser *p, unsigned line, int code, const char *fmt, ...) {
+        char msg[WD_ERROR_MESSAGE_MAX];
+        va_list ap;
+
+        if (p->failed)
+                return p->error;
+        va_start(ap, fmt);
+        vsnprintf(msg, sizeof(msg), fmt, ap);
+        va_end(ap);
+        p->failed = true;
+        p->error_line = line;
+        p->error = code;
+        wd_error_set(p->err, code, "%s:%u: %s", p->display, line, msg);
+        return code;
+}
+
+/* A [section] header line: check the name; libinih ignores what follows
+ * the ']', we allow only a comment there. */
+static void parser_section(Parser *p, const char *start) {
+        const char *end = strchr(start + 1, ']'), *rest;
+        char name[64], shown[160];
+
+        if (!end) {
+                parser_fail(p, p->line, WD_E_INVALID, "syntax error: \"[\" without \"]\"");
+                return;
+        }
+        snprintf(name, sizeof(name), "%.*s", (int) MIN((size_t) (end - start - 1), sizeof(name) - 1), start + 1);
+        wd_escape(shown, sizeof(shown), name, VALUE_SHOWN_MAX);
+        if ((size_t) (end - start - 1) >= sizeof(name) || !str_in(name, known_sections, ELEMENTSOF(known_sections))) {
+                if (str_in(name, reserved_sections, ELEMENTSOF(reserved_sections)))
+                        parser_fail(p, p->line, WD_E_INVALID,
+                                    "[%s]: section reserved for a later version, not supported yet", shown);
+                else
+                        parser_fail(p, p->line, WD_E_INVALID, "[%s]: unknown section", shown);
+                return;
+        }
+        for (rest = end + 1; isspace((unsigned char) *rest); rest++)
+                ;
+        if (*rest && *rest != ';' && *rest != '#') {
+                parser_fail(p, p->line, WD_E_INVALID, "[%s]: text after the section header", shown);
+                return;
+        }
+        p->have_key = false;
+}
+
+/* libinih's fgets(): one line per call, never a part of one. */
+static char *parser_read_line(char *str, int num, void *userdata) {
+        Parser *p = userdata;
+        const char *s, *nl, *start;
+        size_t n, content;
+
+        if (p->failed || p->pos >= p->len)
+                return NULL;
+        s = p->text + p->pos;
+        nl = memchr(s, '\n', p->len - p->pos);
+        n = nl ? (size_t) (nl - s) + 1 : p->len - p->pos;
+        content = nl ? n - 1 : n;
+        p->line++;
+        if (memchr(s, '\0', n)) {
+                parser_fail(p, p->line, WD_E_INVALID, "NUL byte in the line");
+                return NULL;
+        }
+        if (num < 3 || content > (size_t) num - 2) {
+                parser_fail(p, p->line, WD_E_INVALID, "line longer than %d bytes", MAX(num - 2, 0));
+                return NULL;
+        }
+        memcpy(str, s, n);
+        str[n] = '\0';
+        p->pos += n;
+        p->indented = isspace((unsigned char) str[0]);
+
+        /* Mirror libinih's view of the line: a UTF-8 BOM is skipped on the
+         * first line, and an indented line after a key continues its value
+         * even when it starts with '['. */
+        start = str;
+        if (p->line == 1 && n >= 3 && memcmp(start, "\xEF\xBB\xBF", 3) == 0)
+                start += 3;
+        while (isspace((unsigned char) *start))
+                start++;
+        if (*start == '[' && !(p->have_key && start > str))
+                parser_section(p, start);
+        return p->failed ? NULL : str;
+}
+
+/* Split value at sep into items with blanks trimmed; calls fn on each.  An
+ * empty item is an error. */
+typedef int (*item_fn)(Parser *p, const KeyDef *k, const char *item, char *reason);
+
+static int for_each_item(Parser *p, const KeyDef *k, const char *value, char sep, item_fn fn, char *reason) {
+        _cleanup_free_ char *copy = strdup(value);
+        char *item, *next, *end;
+        char shown[VALUE_SHOWN_MAX + 32];
+        int r;
+
+        if (!copy)
+                return -ENOMEM;
+        for (item = copy; item; item = next) {
+                next = strchr(item, sep);
+                if (next)
+                        *next++ = '\0';
+                while (isspace((unsigned char) *item))
+                        item++;
+                end = item + strlen(item);
+                while (end > item && isspace((unsigned char) end[-1]))
+                        *--end = '\0';
+                if (!*item) {
+                        wd_escape(shown, sizeof(shown), value, VALUE_SHOWN_MAX);
+                        snprintf(reason, REASON_MAX, "empty item in \"%s\"", shown);
+                        return WD_E_INVALID;
+                }
+                r = fn(p, k, item, reason);
+                if (r != 0)
+                        return r;
+        }
+        return 0;
+}
+
+static int root_add(Parser *p, const KeyDef *k, const char *item, char *reason) {
+        Config *c = p->config;
+        char shown[VALUE_SHOWN_MAX + 32], *norm, **l;
+        size_t o = 0;
+
+        wd_escape(shown, sizeof(shown), item, VALUE_SHOWN_MAX);
+        if (item[0] != '/') {
+                snprintf(reason, REASON_MAX, "\"%s\" is not an absolute path", shown);
+                return WD_E_INVALID;
+        }
+        norm = malloc(strlen(item) + 1);
+        if (!norm)
+                return -ENOMEM;
+        for (const char *s = item; *s;) {
+                size_t len;
+
+                while (*s == '/')
+                        s++;
+                len = strcspn(s, "/");
+                if (len == 0 || (len == 1 && s[0] == '.')) {
+                        s += len;
+                        continue;
+                }
+                if (len == 2 && s[0] == '.' && s[1] == '.') {
+                        free(norm);
+                        snprintf(reason, REASON_MAX, "\"%s\" has a \"..\" component", shown);
+                        return WD_E_INVALID;
+                }
+                norm[o++] = '/';
+                memcpy(norm + o, s, len);
+                o += len;
+                s += len;
+        }
+        norm[o] = '\0';
+        /* libinih would strip such a blank when the path is read back. */
+        if (o > 0 && isspace((unsigned char) norm[o - 1])) {
+                free(norm);
+                snprintf(reason, REASON_MAX, "\"%s\": the last component ends with a blank", shown);
+                return WD_E_INVALID;
+        }
+        if (o == 0) {
+                free(norm);
+                snprintf(reason, REASON_MAX, "\"%s\" is the root directory, which cannot be a model root", shown);
+                return WD_E_INVALID;
+        }
+        for (size_t i = 0; i < c->n_model_roots; i++)
+                if (strcmp(c->model_roots[i], norm) == 0) {
+                        free(norm);
+                        snprintf(reason, REASON_MAX, "\"%s\" is listed twice", shown);
+                        return WD_E_INVALID;
+                }
+        l = reallocarray(c->model_roots, c->n_model_roots + 1, sizeof(char *));
+        if (!l) {
+                free(norm);
+                return -ENOMEM;
+        }
+        c->model_roots = l;
+        c->model_roots[c->n_model_roots++] = norm;
+        return 0;
+}
+
+/* A user or group name through NSS: 0, -ENOENT when there is none, or
+ * another -errno when the lookup itself failed. */
+static int lookup_id(const char *name, bool group, uint32_t *ret) {
+        long m = sysconf(group ? _SC_GETGR_R_SIZE_MAX : _SC_GETPW_R_SIZE_MAX);
+        size_t size = m > 0 ? (size_t) m : 4096;
+
+        for (;;) {
+                _cleanup_free_ char *buf = malloc(size);
+                int r;
+
+                if (!buf)
+                        return -ENOMEM;
+                if (group) {
+                        struct group gr, *res = NULL;
+
+                        r = getgrnam_r(name, &gr, buf, size, &res);
+                        if (r == 0 && res) {
+                                *ret = (uint32_t) res->gr_gid;
+                                return 0;
+                        }
+                } else {
+                        struct passwd pw, *res = NULL;
+
+                        r = getpwnam_r(name, &pw, buf, size, &res);
+                        if (r == 0 && res) {
+                                *ret = (uint32_t) res->pw_uid;
+                                return 0;
+                        }
+                }
+                if (r == ERANGE && size < (16u << 20)) {
+                        size *= 2;
+                        continue;
+                }
+                /* glibc reports "no such entry" as 0; other libcs and NSS
+                 * modules use these. */
+                if (r == 0 || r == ENOENT || r == ESRCH || r == EBADF || r == EPERM)
+                        return -ENOENT;
+                return -r;
+        }
+}
+
+static int id_add(Parser *p, const KeyDef *k, const char *item, char *reason) {
+        Config *c = p->config;
+        bool group = k->type == KEY_GIDS;
+        const char *what = group ? "group" : "user";
+        char shown[VALUE_SHOWN_MAX + 32];
+        uint32_t id = 0;
+        uint64_t v;
+        int r;
+
+        wd_escape(shown, sizeof(shown), item, VALUE_SHOWN_MAX);
+        if (item[strspn(item, "0123456789")] == '\0') {
+                r = parse_u64(item, 0, ID_MAX, &v);
+                if (r < 0) {
+                        snprintf(reason, REASON_MAX, "\"%s\" is not in 0..%u", shown, (unsigned) ID_MAX);
+                        return WD_E_INVALID;
+                }
+                id = (uint32_t) v;
+        } else {
+                r = lookup_id(item, group, &id);
+                if (r == -ENOENT) {
+                        snprintf(reason, REASON_MAX, "unknown %s \"%s\"", what, shown);
+                        return WD_E_INVALID;
+                }
+                if (r < 0) {
+                        snprintf(reason, REASON_MAX, "cannot look up %s \"%s\": %s", what, shown, strerror(-r));
+                        return r;
+                }
+        }
+        if (group) {
+                gid_t *l = reallocarray(c->allow_gids, c->n_allow_gids + 1, sizeof(gid_t));
+
+                if (!l)
+                        return -ENOMEM;
+                c->allow_gids = l;
+                c->allow_gids[c->n_allow_gids++] = (gid_t) id;
+        } else {
+                uid_t *l = reallocarray(c->allow_uids, c->n_allow_uids + 1, sizeof(uid_t));
+
+                if (!l)
+                        return -ENOMEM;
+                c->allow_uids = l;
+                c->allow_uids[c->n_allow_uids++] = (uid_t) id;
+        }
+        return 0;
+}
+
+static int parse_enum(int v, const char *shown, const char *choices, char *reason) {
+        if (v < 0) {
+                snprintf(reason, REASON_MAX, "\"%s\" is not one of %s", shown, choices);
+                return WD_E_INVALID;
+        }
+        return 0;
+}
+
+static int parse_budget(Parser *p, const char *value, const char *shown, char *reason) {
+        Config *c = p->config;
+        size_t n = strlen(value);
+        uint64_t v;
+        char *spec;
+        int r;
+
+        if (n > 0 && value[n - 1] == '%') {
+                _cleanup_free_ char *digits = strndup(value, n - 1);
+
+                if (!digits)
+                        return -ENOMEM;
+                r = parse_u64(digits, 1, 100, &v);
+                if (r == -ERANGE) {
+                        snprintf(reason, REASON_MAX, "\"%s\" is not in 1%%..100%%", shown);
+                        return WD_E_INVALID;
+                }
+                if (r < 0) {
+                        snprintf(reason, REASON_MAX, "\"%s\" is not a size or a percentage of RAM", shown);
+                        return WD_E_INVALID;
+                }
+                if (p->mem_total == 0) {
+                        r = mem_total(&p->mem_total);
+                        if (r < 0) {
+                                snprintf(reason, REASON_MAX, "cannot read the memory size: %s", strerror(-r));
+                                return r;
+                        }
+                }
+                v = budget_percent(p->mem_total, v);
+        } else {
+                r = parse_size(value, &v);
+                if (r == -ERANGE) {
+                        snprintf(reason, REASON_MAX, "\"%s\" is too large", shown);
+                        return WD_E_INVALID;
+                }
+                if (r < 0) {
+                        snprintf(reason, REASON_MAX, "\"%s\" is not a size or a percentage of RAM", shown);
+                        return WD_E_INVALID;
+                }
+                if (v == 0) {
+                        snprintf(reason, REASON_MAX, "\"%s\" is not a positive size", shown);
+                        return WD_E_INVALID;
+                }
+        }
+        spec = strdup(value);
+        if (!spec)
+                return -ENOMEM;
+        free(c->host_budget_spec);
+        c->host_budget_spec = spec;
+        c->host_budget = v;
+        return 0;
+}
+
+/* Apply one value (or, with append, one continuation line of a list).
+ * Returns 0, or WD_E_INVALID / -errno with the reason written. */
+static int parser_apply(Parser *p, const KeyDef *k, const char *value, bool append, char *reason) {
+        Config *c = p->config;
+        char shown[VALUE_SHOWN_MAX + 32], a[32], b[32];
+        uint64_t v;
+        int r;
+
+        wd_escape(shown, sizeof(shown), value, VALUE_SHOWN_MAX);
+        switch (k->type) {
+        case KEY_UNSIGNED:
+                r = parse_u64(value, k->min, k->max, &v);
+                if (r == -ERANGE) {
+                        snprintf(reason, REASON_MAX, "\"%s\" is not in %llu..%llu", shown,
+                                 (unsigned long long) k->min, (unsigned long long) k->max);
+                        return WD_E_INVALID;
+                }
+                if (r < 0) {
+                        snprintf(reason, REASON_MAX, "\"%s\" is not a number", shown);
+                        return WD_E_INVALID;
+                }
+                *(unsigned *) ((uint8_t *) c + k->offset) = (unsigned) v;
+                return 0;
+
+        case KEY_SIZE:
+                r = parse_size(value, &v);
+                if (r == -EINVAL) {
+                        snprintf(reason, REASON_MAX, "\"%s\" is not a size (a number with an optional K, M, G or T suffix)",
+                                 shown);
+                        return WD_E_INVALID;
+                }
+                if (r < 0 || v < k->min || v > k->max) {
+                        snprintf(reason, REASON_MAX, "\"%s\" is not in %s..%s", shown, format_size(k->min, a),
+                                 format_size(k->max, b));
+                        return WD_E_INVALID;
+                }
+                if (v % k->align) {
+                        snprintf(reason, REASON_MAX, "\"%s\" is not a multiple of %llu", shown,
+                                 (unsigned long long) k->align);
+                        return WD_E_INVALID;
+                }
+                *(uint64_t *) ((uint8_t *) c + k->offset) = v;
+                return 0;
+
+        case KEY_SOCKET: {
+                char *s;
+
+                if (value[0] != '/') {
+                        snprintf(reason, REASON_MAX, "\"%s\" is not an absolute path", shown);
+                        return WD_E_INVALID;
+                }
+                if (strlen(value) > SOCKET_PATH_MAX) {
+                        snprintf(reason, REASON_MAX, "\"%s\" is longer than %zu bytes", shown, SOCKET_PATH_MAX);
+                        return WD_E_INVALID;
+                }
+                if (value[strlen(value) - 1] == '/') {
+                        snprintf(reason, REASON_MAX, "\"%s\" ends with '/': it must name a socket, not a directory",
+                                 shown);
+                        return WD_E_INVALID;
+                }
+                s = strdup(value);
+                if (!s)
+                        return -ENOMEM;
+                free(c->socket);
+                c->socket = s;
+                return 0;
+        }
+
+        case KEY_ROOTS:
+                if (!append) {
+                        strv_free(c->model_roots, c->n_model_roots);
+                        c->model_roots = NULL;
+                        c->n_model_roots = 0;
+                        p->roots_line = p->line;
+                        /* "model_roots =" may be followed by indented lines. */
+                        if (!*value)
+                                return 0;
+                }
+                return for_each_item(p, k, value, ':', root_add, reason);
+
+        case KEY_UIDS:
+        case KEY_GIDS:
+                if (!append) {
+                        if (k->type == KEY_UIDS) {
+                                free(c->allow_uids);
+                                c->allow_uids = NULL;
+                                c->n_allow_uids = 0;
+                        } else {
+                                free(c->allow_gids);
+                                c->allow_gids = NULL;
+                                c->n_allow_gids = 0;
+                        }
+                        if (!*value) /* the empty list */
+                                return 0;
+                }
+                return for_each_item(p, k, value, ',', id_add, reason);
+
+        case KEY_LOG_LEVEL:
+                r = config_log_level_from_string(value);
+                if (r < 0)
+                        return parse_enum(r, shown, "err, warning, notice, info, debug", reason);
+                c->log_level = r;
+                return 0;
+
+        case KEY_BUDGET:
+                return parse_budget(p, value, shown, reason);
+
+        case KEY_PAGES:
+                r = slab_pages_from_string(value);
+                if (r < 0)
+                        return parse_enum(r, shown, "auto, hugetlb, small", reason);
+                c->host_pages = (SlabPages) r;
+                return 0;
+
+        case KEY_DIRECT:
+                r = direct_mode_from_string(value);
+                if (r < 0)
+                        return parse_enum(r, shown, "auto, on, off", reason);
+                c->direct_io = (DirectMode) r;
+                return 0;
+        }
+        return -EINVAL;
+}
+
+/* Cut s at an inline comment (';' after a blank, libinih's rule for values
+ * on a key line) and drop the blanks before it. */
+static void strip_inline_comment(char *s) {
+        size_t n;
+
+        for (char *q = s; *q; q++)
+                if (*q == ';' && q > s && isspace((unsigned char) q[-1])) {
+                        *q = '\0';
+                        break;
+                }
+        n = strlen(s);
+        while (n > 0 && isspace((unsigned char) s[n - 1]))
+                s[--n] = '\0';
+}
+
+static int parser_handle(void *userdata, const char *section, const char *name, const char *value) {
+        Parser *p = userdata;
+        _cleanup_free_ char *stripped = NULL;
+        char reason[REASON_MAX] = "", shown[VALUE_SHOWN_MAX + 32];
+        const KeyDef *k = NULL;
+        bool continuation;
+        int r;
+
+        /* libinih calls us for an indented line after a key with that key's
+         * name: a continuation line. */
+        continuation = p->have_key && p->indented;
+        p->have_key = true;
+        if (p->failed)
+                return 0;
+
+        wd_escape(shown, sizeof(shown), name, VALUE_SHOWN_MAX);
+        if (!*section) {
+                parser_fail(p, p->line, WD_E_INVALID, "%s: key outside of any section", shown);
+                return 0;
+        }
+        if (!str_in(section, known_sections, ELEMENTSOF(known_sections))) {
+                /* parser_read_line() stops at such a header already. */
+                parser_fail(p, p->line, WD_E_INVALID, "[%s]: unknown section", section);
+                return 0;
+        }
+        for (size_t i = 0; i < ELEMENTSOF(key_defs); i++)
+                if (strcmp(key_defs[i].section, section) == 0 && strcmp(key_defs[i].name, name) == 0)
+                        k = &key_defs[i];
+        if (!k) {
+                parser_fail(p, p->line, WD_E_INVALID, "[%s] %s: unknown key", section, shown);
+                return 0;
+        }
+        if (continuation && !key_is_list(k)) {
+                parser_fail(p, p->line, WD_E_INVALID,
+                            "[%s] %s: indented line continues a key that takes a single value", section, shown);
+                return 0;
+        }
+        if (continuation) {
+                /* libinih (r55) leaves " ; comment" on continuation lines. */
+                stripped = strdup(value);
+                if (!stripped) {
+                        parser_fail(p, p->line, -ENOMEM, "out of memory");
+                        return 0;
+                }
+                strip_inline_comment(stripped);
+                value = stripped;
+        }
+        r = parser_apply(p, k, value, continuation, reason);
+        if (r != 0) {
+                if (r == -ENOMEM && !*reason)
+                        snprintf(reason, sizeof(reason), "out of memory");
+                parser_fail(p, p->line, r, "[%s] %s: %s", section, shown, reason);
+                return 0;
+        }
+        return 1;
+}
+
+/* Parse one file's text over c. */
+static int config_parse_text(Config *c, const char *text, size_t len, const char *display, WdError *err) {
+        Parser p = {
+                .config = c,
+                .display = display,
+                .text = text,
+                .len = len,
+                .err = err,
+        };
+        int r;
+
+        if (len > CONFIG_FILE_MAX)
+                return wd_error_set(err, -EFBIG, "%s: larger than %u bytes", display, CONFIG_FILE_MAX);
+        r = ini_parse_stream(parser_read_line, &p, parser_handle, &p);
+        /* libinih goes on after a line it cannot parse and reports the first
+         * one; that comes before an error of ours on a later line. */
+        if (r > 0 && (!p.failed || (unsigned) r < p.error_line)) {
+                p.failed = false;
+                return parser_fail(&p, (unsigned) r, WD_E_INVALID,
+                                   "syntax error: expected \"key = value\", \"[section]\" or a comment");
+        }
+        if (p.failed)
+                return p.error;
+        if (r < 0)
+                return wd_error_set(err, -ENOMEM, "%s: out of memory", display);
+        if (p.roots_line && c->n_model_roots == 0)
+                return parser_fail(&p, p.roots_line, WD_E_INVALID, "[daemon] model_roots: no model root given");
+        return 0;
+}
+
+/* Read a whole configuration file; a FIFO or device cannot make us hang. */
+static int read_config_file(int dir_fd, const char *name, const char *display, char **ret, size_t *ret_len,
+                            WdError *err) {
+        _cleanup_close_ int fd = -1;
+        _cleanup_free_ char *buf = NULL;
+        size_t n = 0;
+        struct stat st;
+
+        fd = openat(dir_fd, name, O_RDONLY | O_CLOEXEC | O_NOCTTY | O_NONBLOCK);
+        if (fd < 0) {
+                int r = negative_errno();
+                return wd_error_set(err, r, "%s: cannot open: %s", display, strerror(-r));
+        }
+        if (fstat(fd, &st) < 0) {
+                int r = negative_errno();
+                return wd_error_set(err, r, "%s: cannot stat: %s", display, strerror(-r));
+        }
+        if (!S_ISREG(st.st_mode))
+                return wd_error_set(err, WD_E_INVALID, "%s: not a regular file", display);
+        if (st.st_size > CONFIG_FILE_MAX)
+                return wd_error_set(err, -EFBIG, "%s: larger than %u bytes", display, CONFIG_FILE_MAX);
+        /* One byte more than allowed, to notice a file that grew. */
+        buf = malloc(CONFIG_FILE_MAX + 1);
+        if (!buf)
+                return wd_error_set(err, -ENOMEM, "%s: out of memory", display);
+        while (n <= CONFIG_FILE_MAX) {
+                ssize_t k = read(fd, buf + n, CONFIG_FILE_MAX + 1 - n);
+
+                if (k < 0 && errno == EINTR)
+                        continue;
+                if (k < 0) {
+                        int r = negative_errno();
+                        return wd_error_set(err, r, "%s: cannot read: %s", display, strerror(-r));
+                }
+                if (k == 0)
+                        break;
+                n += (size_t) k;
+        }
+        if (n > CONFIG_FILE_MAX)
+                return wd_error_set(err, -EFBIG, "%s: larger than %u bytes", display, CONFIG_FILE_MAX);
+        *ret = TAKE_PTR(buf);
+        *ret_len = n;
+        return 0;
+}
+
+static int config_parse_file(Config *c, int dir_fd, const char *name, const char *display, WdError *err) {
+        _cleanup_free_ char *text = NULL;
+        size_t len = 0;
+        int r;
+
+        r = read_config_file(dir_fd, name, display, &text, &len, err);
+        if (r != 0)
+                return r;
+        return config_parse_text(c, text, len, display, err);
+}
+
+static int cmp_names(const void *a, const void *b) {
+        return strcmp(*(char *const *) a, *(char *const *) b);
+}
+
+static void closedirp(DIR **d) {
+        if (*d)
+                closedir(*d);
+}
+
+/* Every NAME.conf in dir (not hidden), in strcmp() order.  A missing dir is
+ * fine. */
+static int config_parse_dropins(Config *c, const char *dir, WdError *err) {
+        _cleanup_(closedirp) DIR *d = NULL;
+        char **names = NULL;
+        size_t n = 0;
+        struct dirent *de;
+        int fd, r = 0;
+
+        fd = open(dir, O_RDONLY | O_DIRECTORY | O_CLOEXEC);
+        if (fd < 0) {
+                if (errno == ENOENT)
+                        return 0;
+                r = negative_errno();
+                return wd_error_set(err, r, "%s: cannot open: %s", dir, strerror(-r));
+        }
+        d = fdopendir(fd);
+        if (!d) {
+                r = negative_errno();
+                close(fd);
+                return wd_error_set(err, r, "%s: cannot open: %s", dir, strerror(-r));
+        }
+        for (errno = 0; (de = readdir(d)); errno = 0) {
+                char **l, *s;
+
+                if (de->d_name[0] == '.' || !str_endswith(de->d_name, ".conf"))
+                        continue;
+                l = reallocarray(names, n + 1, sizeof(char *));
+                s = l ? strdup(de->d_name) : NULL;
+                if (l)
+                        names = l;
+                if (!s) {
+                        r = wd_error_set(err, -ENOMEM, "%s: out of memory", dir);
+                        goto finish;
+                }
+                names[n++] = s;
+        }
+        if (errno) {
+                r = negative_errno();
+                wd_error_set(err, r, "%s: cannot read: %s", dir, strerror(-r));
+                goto finish;
+        }
+        if (n > 0)
+                qsort(names, n, sizeof(char *), cmp_names);
+        for (size_t i = 0; i < n; i++) {
+                _cleanup_free_ char *display = path_join(dir, names[i]);
+
+                if (!display) {
+                        r = wd_error_set(err, -ENOMEM, "%s: out of memory", dir);
+                        goto finish;
+                }
+                r = config_parse_file(c, dirfd(d), names[i], display, err);
+                if (r != 0)
+                        goto finish;
+        }
+finish:
+        strv_free(names, n);
+        return r;
+}
+
+int config_load(const char *path, Config **ret, WdError *err) {
+        _cleanup_(config_freep) Config *c = NULL;
+        _cleanup_free_ char *dir = NULL;
+        int r;
+
+        r = config_new_default(&c, err);
+        if (r != 0)
+                return r;
+        if (path) {
+                c->path = strdup(path);
+                if (!c->path || asprintf(&dir, "%s.d", path) < 0)
+                        return wd_error_set(err, -ENOMEM, "%s: out of memory", path);
+                r = config_parse_file(c, AT_FDCWD, path, path, err);
+                if (r != 0)
+                        return r;
+                r = config_parse_dropins(c, dir, err);
+                if (r != 0)
+                        return r;
+        }
+        *ret = TAKE_PTR(c);
+        return 0;
+}
+
+int config_load_string(const char *text, size_t len, const char *display, Config **ret, WdError *err) {
+        _cleanup_(config_freep) Config *c = NULL;
+        int r;
+
+        r = config_new_default(&c, err);
+        if (r != 0)
+                return r;
+        r = config_parse_text(c, text, len, display ? display : "<string>", err);
+        if (r != 0)
+                return r;
+        *ret = TAKE_PTR(c);
+        return 0;
+}
+
+bool config_equal(const Config *a, const Config *b) {
+        if (strcmp(a->socket, b->socket) != 0 || a->n_model_roots != b->n_model_roots ||
+            a->n_allow_uids != b->n_allow_uids || a->n_allow_gids != b->n_allow_gids ||
+            a->max_connections != b->max_connections || a->max_connections_per_uid != b->max_connections_per_uid ||
+            a->max_pending_requests != b->max_pending_requests || a->max_frame_size != b->max_frame_size ||
+            a->log_level != b->log_level || a->host_budget != b->host_budget ||
+            strcmp(a->host_budget_spec, b->host_budget_spec) != 0 || a->host_pages != b->host_pages ||
+            a->queue_depth != b->queue_depth || a->chunk_size != b->chunk_size || a->direct_io != b->direct_io)
+                return false;
+        for (size_t i = 0; i < a->n_model_roots; i++)
+                if (strcmp(a->model_roots[i], b->model_roots[i]) != 0)
+                        return false;
+        for (size_t i = 0; i < a->n_allow_uids; i++)
+                if (a->allow_uids[i] != b->allow_uids[i])
+                        return false;
+        for (size_t i = 0; i < a->n_allow_gids; i++)
+                if (a->allow_gids[i] != b->allow_gids[i])
+                        return false;
+        return true;
+}
+
+/* A list as "key = a, b" that wraps onto indented continuation lines. */
+typedef struct ListWriter {
+        FILE *f;
+        const char *sep;
+        size_t col;
+        bool key_line;
+        bool line_empty;
+} ListWriter;
+
+static void list_begin(ListWriter *w, FILE *f, const char *key, const char *sep) {
+        *w = (ListWriter){ .f = f, .sep = sep, .key_line = true, .line_empty = true };
+        w->col = (size_t) fprintf(f, "%s =", key);
+}
+
+static void list_item(ListWriter *w, const char *item) {
+        size_t len = strlen(item), add = w->line_empty ? 1 + len : strlen(w->sep) + len;
+
+        if (w->col + add > DUMP_WIDTH && !(w->line_empty && !w->key_line)) {
+                fputs("\n\t", w->f);
+                w->col = 1;
+                w->key_line = false;
+                w->line_empty = true;
+        }
+        if (w->line_empty)
+                w->col += (size_t) fprintf(w->f, "%s%s", w->key_line ? " " : "", item);
+        else
+                w->col += (size_t) fprintf(w->f, "%s%s", w->sep, item);
+        w->line_empty = false;
+}
+
+static void list_end(ListWriter *w) {
+        fputc('\n', w->f);
+}
+
+static const char *name_or(const char *name, const char *fallback) {
+        return name ? name : fallback;
+}
+
+int config_dump(const Config *c, FILE *f) {
+        char a[32];
+        ListWriter w;
+
+        fprintf(f, "# weightd: effective configuration%s%s%s\n", c->path ? " (" : "", c->path ? c->path : "",
+                c->path ? " and its drop-ins)" : "");
+        fprintf(f, "\n[daemon]\nsocket = %s\n", c->socket);
+        list_begin(&w, f, "model_roots", ":");
+        for (size_t i = 0; i < c->n_model_roots; i++)
+                list_item(&w, c->model_roots[i]);
+        list_end(&w);
+        list_begin(&w, f, "allow_uids", ", ");
+        for (size_t i = 0; i < c->n_allow_uids; i++) {
+                snprintf(a, sizeof(a), "%u", (unsigned) c->allow_uids[i]);
+                list_item(&w, a);
+        }
+        list_end(&w);
+        list_begin(&w, f, "allow_gids", ", ");
+        for (size_t i = 0; i < c->n_allow_gids; i++) {
+                snprintf(a, sizeof(a), "%u", (unsigned) c->allow_gids[i]);
+                list_item(&w, a);
+        }
+        list_end(&w);
+        fprintf(f, "max_connections = %u\n", c->max_connections);
+        fprintf(f, "max_connections_per_uid = %u\n", c->max_connections_per_uid);
+        fprintf(f, "max_pending_requests = %u\n", c->max_pending_requests);
+        fprintf(f, "max_frame_size = %s\n", format_size(c->max_frame_size, a));
+        fprintf(f, "log_level = %s\n", name_or(config_log_level_to_string(c->log_level), "info"));
+
+        fprintf(f, "\n[memory]\n# %llu bytes\nhost_budget = %s\n", (unsigned long long) c->host_budget,
+                c->host_budget_spec);
+        fprintf(f, "host_pages = %s\n", name_or(slab_pages_to_string(c->host_pages), "auto"));
+
+        fprintf(f, "\n[io]\nqueue_depth = %u\n", c->queue_depth);
+        fprintf(f, "chunk_size = %s\n", format_size(c->chunk_size, a));
+        fprintf(f, "direct_io = %s\n", name_or(direct_mode_to_string(c->direct_io), "auto"));
+
+        if (fflush(f) != 0 || ferror(f))
+                return -EIO;
+        return 0;
+}

@@ -1,0 +1,105 @@
+/* The daemon configuration: an INI file plus drop-ins, parsed with libinih.
+ *
+ * For a main file PATH, every *.conf file in the directory PATH.d is applied
+ * after it in lexical (strcmp) order; a value set later replaces an earlier
+ * one, a list set later replaces the whole list.  A missing PATH.d is fine.
+ *
+ * Sections and keys are fixed: an unknown section or key is an error with
+ * its file and line, and so is a value that fails its rule.  [gpu] and
+ * [cluster] are reserved for later versions and refused like unknown
+ * sections until then.  Keys that take a list (model_roots, allow_uids,
+ * allow_gids) may continue on indented lines; other keys may not.  A line
+ * longer than libinih's line buffer (198 bytes in Debian's build) is an
+ * error, never split.
+ *
+ * The daemon's own uid is always allowed to connect: that is for the server
+ * to add, allow_uids lists the others. */
+#pragma once
+
+#include <stdbool.h>
+#include <stdint.h>
+#include <stdio.h>
+#include <sys/types.h>
+
+#include "store/loader.h"
+#include "store/slab.h"
+#include "util/error.h"
+#include "util/macro.h"
+
+/* Bounds and defaults. */
+#define CONFIG_MAX_CONNECTIONS_DEFAULT 1024u
+#define CONFIG_MAX_CONNECTIONS_PER_UID_DEFAULT 64u
+#define CONFIG_MAX_PENDING_REQUESTS_DEFAULT 64u
+#define CONFIG_MAX_FRAME_SIZE_DEFAULT (16ull << 20)
+#define CONFIG_QUEUE_DEPTH_DEFAULT 32u
+#define CONFIG_CHUNK_SIZE_DEFAULT (16ull << 20)
+#define CONFIG_HOST_BUDGET_DEFAULT "50%"
+#define CONFIG_MODEL_ROOT_DEFAULT "/srv/models"
+#define CONFIG_FILE_MAX (1u << 20) /* bytes in one file */
+
+typedef struct Config {
+        char *path; /* main file, NULL for built-in defaults (and for config_load_string()) */
+
+        /* [daemon] */
+        char *socket;                     /* absolute path */
+        char **model_roots;               /* absolute, normalised (no trailing '/', no '.' or '..'
+                                           * components, no '//'), n_model_roots >= 1 entries */
+        size_t n_model_roots;
+        uid_t *allow_uids;                /* numbers or user names, resolved with getpwnam_r() */
+        size_t n_allow_uids;
+        gid_t *allow_gids;                /* numbers or group names, resolved with getgrnam_r() */
+        size_t n_allow_gids;
+        unsigned max_connections;         /* default 1024, 1..65536 */
+        unsigned max_connections_per_uid; /* default 64, 1..65536 */
+        unsigned max_pending_requests;    /* per connection, default 64, 1..4096 */
+        uint64_t max_frame_size;          /* default 16M, 4K..256M */
+        int log_level;                    /* LOG_ERR..LOG_DEBUG of <syslog.h>; default LOG_INFO */
+
+        /* [memory] */
+        uint64_t host_budget;   /* resolved bytes */
+        char *host_budget_spec; /* as written, e.g. "50%" or "64G" */
+        SlabPages host_pages;   /* default SLAB_PAGES_AUTO */
+
+        /* [io] */
+        unsigned queue_depth; /* default 32, 1..4096 */
+        uint64_t chunk_size;  /* default 16M, multiple of 4096, 64K..1G */
+        DirectMode direct_io; /* default DIRECT_AUTO */
+} Config;
+
+/* Built-in defaults.  socket: /run/weightd/weightd.sock when geteuid() is 0,
+ * else $XDG_RUNTIME_DIR/weightd/weightd.sock, else
+ * /tmp/weightd-<uid>/weightd.sock.  model_roots: /srv/models.  host_budget:
+ * 50% of MemTotal (sysinfo()).  Returns 0 or -errno with err filled. */
+int config_new_default(Config **ret, WdError *err);
+
+/* Defaults, then path, then the drop-ins in path.d.  path NULL gives the defaults.
+ * Returns 0; WD_E_INVALID with err->message "FILE:LINE: [section] key:
+ * reason" (e.g. "/etc/weightd/weightd.conf:7: [io] queue_depth: \"0\" is
+ * not in 1..4096"), "FILE:LINE: [section]: reason" or "FILE: reason" for a
+ * file that is not a regular file; or -errno with err filled, e.g. "FILE:
+ * cannot open: No such file or directory" (-ENOENT), a user name lookup that
+ * failed in NSS, -EFBIG for a file over CONFIG_FILE_MAX.  On failure *ret is
+ * not written and nothing is left behind. */
+int config_load(const char *path, Config **ret, WdError *err);
+
+/* The same for a buffer (len bytes, NUL bytes are refused), without
+ * drop-ins; display names it in messages ("<string>" when NULL). */
+int config_load_string(const char *text, size_t len, const char *display, Config **ret, WdError *err);
+
+Config *config_free(Config *c);
+DEFINE_TRIVIAL_CLEANUP_FUNC(Config *, config_free);
+
+/* Whether two configurations have the same effective values (path is not
+ * compared; host_budget_spec is). */
+bool config_equal(const Config *a, const Config *b);
+
+/* Write the effective configuration as INI, every key, for `weightd
+ * --check-config` and logs.  The output loads back to an equal Config.
+ * Returns 0 or -errno (-EIO when the stream reports an error). */
+int config_dump(const Config *c, FILE *f);
+
+/* "err", "warning", "notice", "info", "debug" for LOG_ERR..LOG_DEBUG; NULL
+ * for other levels. */
+const char *config_log_level_to_string(int level);
+/* The syslog level for such a name, or -EINVAL. */
+int config_log_level_from_string(const char *s);

@@ -1,0 +1,811 @@
+/* The configuration parser: every key with good and bad values (the exact
+ * FILE:LINE message for each bad one), defaults, drop-in order, sections,
+ * libinih's corners (continuation lines, long lines, comments), names
+ * resolved through NSS, and config_dump() loading back to an equal Config.
+ *
+ * argv[1] is the shipped conf/weightd.conf, which must mean "defaults". */
+#include <grp.h>
+#include <pwd.h>
+#include <syslog.h>
+
+#include "server/config.h"
+#include "test-util.h"
+#include "util/fs-util.h"
+
+static const char *shipped_conf;
+
+/* MemTotal from /proc/meminfo, in bytes: the independent reference for the
+ * percentage budgets. */
+static uint64_t meminfo_total(void) {
+        FILE *f = fopen("/proc/meminfo", "re");
+        unsigned long long kb = 0;
+        char line[256];
+
+        assert_non_null(f);
+        while (fgets(line, sizeof(line), f))
+                if (sscanf(line, "MemTotal: %llu kB", &kb) == 1)
+                        break;
+        fclose(f);
+        assert_true(kb > 0);
+        return (uint64_t) kb * 1024;
+}
+
+static Config *load_ok(const char *text) {
+        Config *c = NULL;
+        WdError err = WD_ERROR_NULL;
+        int r;
+
+        r = config_load_string(text, strlen(text), "test.conf", &c, &err);
+        if (r != 0)
+                fail_msg("unexpected error %d for:\n%s\n%s", r, text, err.message);
+        assert_non_null(c);
+        return c;
+}
+
+/* text must fail with code and exactly message; *ret is not written. */
+static void load_bad_len(const char *text, size_t len, int code, const char *message) {
+        Config *sentinel = (Config *) (uintptr_t) 0x5a5a, *c = sentinel;
+        WdError err = WD_ERROR_NULL;
+        int r;
+
+        r = config_load_string(text, len, "test.conf", &c, &err);
+        if (r != code || strcmp(err.message, message) != 0)
+                fail_msg("for:\n%s\nexpected %d \"%s\"\n     got %d \"%s\"", text, code, message, r, err.message);
+        assert_int_equal(err.code, code);
+        assert_ptr_equal(c, sentinel);
+}
+
+static void load_bad(const char *text, const char *message) {
+        load_bad_len(text, strlen(text), WD_E_INVALID, message);
+}
+
+static void write_text(const char *dir, const char *name, const char *text) {
+        char *p = path_join(dir, name);
+        FILE *f;
+
+        assert_non_null(p);
+        f = fopen(p, "we");
+        assert_non_null(f);
+        assert_int_equal(fputs(text, f) >= 0, 1);
+        assert_int_equal(fclose(f), 0);
+        free(p);
+}
+
+static char *expected_default_socket(void) {
+        const char *xdg = getenv("XDG_RUNTIME_DIR");
+        char *p = NULL;
+
+        if (geteuid() == 0)
+                return strdup("/run/weightd/weightd.sock");
+        if (xdg && xdg[0] == '/' && strlen(xdg) + strlen("/weightd/weightd.sock") <= 107)
+                assert_true(asprintf(&p, "%s/weightd/weightd.sock", xdg) > 0);
+        else
+                assert_true(asprintf(&p, "/tmp/weightd-%u/weightd.sock", (unsigned) geteuid()) > 0);
+        return p;
+}
+
+static void assert_defaults(const Config *c) {
+        _cleanup_free_ char *sock = expected_default_socket();
+
+        assert_string_equal(c->socket, sock);
+        assert_int_equal(c->n_model_roots, 1);
+        assert_string_equal(c->model_roots[0], "/srv/models");
+        assert_int_equal(c->n_allow_uids, 0);
+        assert_int_equal(c->n_allow_gids, 0);
+        assert_int_equal(c->max_connections, 1024);
+        assert_int_equal(c->max_connections_per_uid, 64);
+        assert_int_equal(c->max_pending_requests, 64);
+        assert_int_equal(c->max_frame_size, 16u << 20);
+        assert_int_equal(c->log_level, LOG_INFO);
+        assert_string_equal(c->host_budget_spec, "50%");
+        assert_int_equal(c->host_budget, meminfo_total() * 50 / 100);
+        assert_int_equal(c->host_pages, SLAB_PAGES_AUTO);
+        assert_int_equal(c->queue_depth, 32);
+        assert_int_equal(c->chunk_size, 16u << 20);
+        assert_int_equal(c->direct_io, DIRECT_AUTO);
+}
+
+static void test_defaults(void **state) {
+        _cleanup_(config_freep) Config *c = NULL, *d = NULL, *e = NULL;
+        WdError err = WD_ERROR_NULL;
+
+        assert_int_equal(config_new_default(&c, &err), 0);
+        assert_null(c->path);
+        assert_defaults(c);
+
+        assert_int_equal(config_load(NULL, &d, &err), 0);
+        assert_null(d->path);
+        assert_true(config_equal(c, d));
+
+        /* An empty file, and one with sections but no keys, mean defaults. */
+        e = load_ok("");
+        assert_true(config_equal(c, e));
+        e = config_free(e);
+        e = load_ok("; nothing\n\n[daemon]\n[memory]\n# nothing either\n[io]\n");
+        assert_true(config_equal(c, e));
+}
+
+static char *saved_xdg;
+static bool saved_xdg_set;
+
+static int save_env(void **state) {
+        const char *old = getenv("XDG_RUNTIME_DIR");
+
+        saved_xdg_set = old != NULL;
+        saved_xdg = old ? strdup(old) : NULL;
+        return 0;
+}
+
+/* Back to root and the old $XDG_RUNTIME_DIR, also when a check failed. */
+static int restore_env(void **state) {
+        if (getuid() == 0 && geteuid() != 0 && seteuid(0) < 0)
+                return -1;
+        if (saved_xdg_set)
+                setenv("XDG_RUNTIME_DIR", saved_xdg, 1);
+        else
+                unsetenv("XDG_RUNTIME_DIR");
+        free(saved_xdg);
+        saved_xdg = NULL;
+        return 0;
+}
+
+/* The socket of a user other than root: $XDG_RUNTIME_DIR or /tmp.  Run as
+ * root, the test switches its effective uid to 65534 for this. */
+static void test_default_socket_user(void **state) {
+        char long_dir[128];
+        Config *c = NULL;
+
+        if (geteuid() == 0 && seteuid(65534) < 0)
+                skip();
+        setenv("XDG_RUNTIME_DIR", "/run/user/4242/", 1);
+        assert_int_equal(config_new_default(&c, NULL), 0);
+        assert_string_equal(c->socket, "/run/user/4242/weightd/weightd.sock");
+        c = config_free(c);
+
+        unsetenv("XDG_RUNTIME_DIR");
+        assert_int_equal(config_new_default(&c, NULL), 0);
+        {
+                char want[64];
+
+                snprintf(want, sizeof(want), "/tmp/weightd-%u/weightd.sock", (unsigned) geteuid());
+                assert_string_equal(c->socket, want);
+                c = config_free(c);
+
+                setenv("XDG_RUNTIME_DIR", "relative/dir", 1);
+                assert_int_equal(config_new_default(&c, NULL), 0);
+                assert_string_equal(c->socket, want);
+                c = config_free(c);
+
+                /* Too long for sun_path with the suffix: /tmp instead. */
+                memset(long_dir, 'x', sizeof(long_dir) - 1);
+                long_dir[0] = '/';
+                long_dir[100] = '\0';
+                setenv("XDG_RUNTIME_DIR", long_dir, 1);
+                assert_int_equal(config_new_default(&c, NULL), 0);
+                assert_string_equal(c->socket, want);
+                c = config_free(c);
+        }
+}
+
+static void test_shipped_conf(void **state) {
+        _cleanup_(config_freep) Config *c = NULL, *d = NULL;
+        WdError err = WD_ERROR_NULL;
+        int r;
+
+        if (!shipped_conf)
+                skip();
+        r = config_load(shipped_conf, &c, &err);
+        if (r != 0)
+                fail_msg("%s", err.message);
+        assert_string_equal(c->path, shipped_conf);
+        assert_int_equal(config_new_default(&d, &err), 0);
+        assert_true(config_equal(c, d));
+}
+
+static void test_daemon_keys(void **state) {
+        _cleanup_(config_freep) Config *c = NULL;
+        char text[512], path[128];
+
+        c = load_ok("[daemon]\n"
+                    "socket = /tmp/wd-test/weightd.sock\n"
+                    "model_roots = /srv/a : /srv//b/./c/\n"
+                    "allow_uids = 0, 1000,65534 ,4294967294\n"
+                    "allow_gids = 0,100\n"
+                    "max_connections = 1\n"
+                    "max_connections_per_uid = 65536\n"
+                    "max_pending_requests = 4096\n"
+                    "max_frame_size = 4K\n"
+                    "log_level = debug\n");
+        assert_string_equal(c->socket, "/tmp/wd-test/weightd.sock");
+        assert_int_equal(c->n_model_roots, 2);
+        assert_string_equal(c->model_roots[0], "/srv/a");
+        assert_string_equal(c->model_roots[1], "/srv/b/c");
+        assert_int_equal(c->n_allow_uids, 4);
+        assert_int_equal(c->allow_uids[0], 0);
+        assert_int_equal(c->allow_uids[1], 1000);
+        assert_int_equal(c->allow_uids[2], 65534);
+        assert_int_equal(c->allow_uids[3], 4294967294u);
+        assert_int_equal(c->n_allow_gids, 2);
+        assert_int_equal(c->allow_gids[0], 0);
+        assert_int_equal(c->allow_gids[1], 100);
+        assert_int_equal(c->max_connections, 1);
+        assert_int_equal(c->max_connections_per_uid, 65536);
+        assert_int_equal(c->max_pending_requests, 4096);
+        assert_int_equal(c->max_frame_size, 4096);
+        assert_int_equal(c->log_level, LOG_DEBUG);
+        c = config_free(c);
+
+        c = load_ok("[daemon]\nmax_connections = 65536\nmax_connections_per_uid = 1\nmax_pending_requests = 1\n"
+                    "max_frame_size = 256M\nallow_uids =\nallow_gids =\n");
+        assert_int_equal(c->max_connections, 65536);
+        assert_int_equal(c->max_connections_per_uid, 1);
+        assert_int_equal(c->max_pending_requests, 1);
+        assert_int_equal(c->max_frame_size, 256u << 20);
+        assert_int_equal(c->n_allow_uids, 0);
+        assert_int_equal(c->n_allow_gids, 0);
+        c = config_free(c);
+
+        c = load_ok("[daemon]\nmax_frame_size = 1m\n");
+        assert_int_equal(c->max_frame_size, 1u << 20);
+        c = config_free(c);
+        c = load_ok("[daemon]\nmax_frame_size = 65536\n");
+        assert_int_equal(c->max_frame_size, 65536);
+        c = config_free(c);
+
+        static const struct {
+                const char *name;
+                int level;
+        } levels[] = {
+                { "err", LOG_ERR },   { "warning", LOG_WARNING }, { "notice", LOG_NOTICE },
+                { "info", LOG_INFO }, { "debug", LOG_DEBUG },
+        };
+        for (size_t i = 0; i < ELEMENTSOF(levels); i++) {
+                snprintf(text, sizeof(text), "[daemon]\nlog_level = %s\n", levels[i].name);
+                c = load_ok(text);
+                assert_int_equal(c->log_level, levels[i].level);
+                assert_string_equal(config_log_level_to_string(c->log_level), levels[i].name);
+                c = config_free(c);
+        }
+
+        /* The longest socket path that fits sun_path: 107 bytes. */
+        memset(path, 'a', sizeof(path));
+        path[0] = '/';
+        path[107] = '\0';
+        snprintf(text, sizeof(text), "[daemon]\nsocket = %s\n", path);
+        c = load_ok(text);
+        assert_string_equal(c->socket, path);
+        c = config_free(c);
+        path[107] = 'a';
+        path[108] = '\0';
+        snprintf(text, sizeof(text), "[daemon]\nsocket = %s\n", path);
+        {
+                char msg[512];
+
+                snprintf(msg, sizeof(msg), "test.conf:2: [daemon] socket: \"%s\" is longer than 107 bytes", path);
+                load_bad(text, msg);
+        }
+}
+
+static void test_memory_keys(void **state) {
+        _cleanup_(config_freep) Config *c = NULL;
+        static const unsigned pcts[] = { 1, 37, 50, 99, 100 };
+        uint64_t total = meminfo_total();
+        char text[128];
+
+        for (size_t i = 0; i < ELEMENTSOF(pcts); i++) {
+                snprintf(text, sizeof(text), "[memory]\nhost_budget = %u%%\n", pcts[i]);
+                c = load_ok(text);
+                assert_int_equal(c->host_budget, (uint64_t) ((unsigned __int128) total * pcts[i] / 100));
+                snprintf(text, sizeof(text), "%u%%", pcts[i]);
+                assert_string_equal(c->host_budget_spec, text);
+                c = config_free(c);
+        }
+        c = load_ok("[memory]\nhost_budget = 64G\nhost_pages = hugetlb\n");
+        assert_int_equal(c->host_budget, 64ull << 30);
+        assert_string_equal(c->host_budget_spec, "64G");
+        assert_int_equal(c->host_pages, SLAB_PAGES_HUGETLB);
+        c = config_free(c);
+        c = load_ok("[memory]\nhost_budget = 1\nhost_pages = small\n");
+        assert_int_equal(c->host_budget, 1);
+        assert_int_equal(c->host_pages, SLAB_PAGES_SMALL);
+        c = config_free(c);
+        c = load_ok("[memory]\nhost_pages = hugetlb\nhost_pages = auto\n");
+        assert_int_equal(c->host_pages, SLAB_PAGES_AUTO);
+}
+
+static void test_io_keys(void **state) {
+        _cleanup_(config_freep) Config *c = NULL;
+
+        c = load_ok("[io]\nqueue_depth = 1\nchunk_size = 64K\ndirect_io = on\n");
+        assert_int_equal(c->queue_depth, 1);
+        assert_int_equal(c->chunk_size, 64u << 10);
+        assert_int_equal(c->direct_io, DIRECT_ON);
+        c = config_free(c);
+        c = load_ok("[io]\nqueue_depth = 4096\nchunk_size = 1G\ndirect_io = off\n");
+        assert_int_equal(c->queue_depth, 4096);
+        assert_int_equal(c->chunk_size, 1u << 30);
+        assert_int_equal(c->direct_io, DIRECT_OFF);
+        c = config_free(c);
+        c = load_ok("[io]\nchunk_size = 69632\ndirect_io = auto\n"); /* 17 * 4096 */
+        assert_int_equal(c->chunk_size, 69632);
+        assert_int_equal(c->direct_io, DIRECT_AUTO);
+}
+
+/* Every rule, with the message a user sees. */
+static void test_bad_values(void **state) {
+        static const struct {
+                const char *text;
+                const char *message;
+        } cases[] = {
+                /* [daemon] socket */
+                { "[daemon]\nsocket = run/x.sock\n", "test.conf:2: [daemon] socket: \"run/x.sock\" is not an absolute path" },
+                { "[daemon]\nsocket =\n", "test.conf:2: [daemon] socket: \"\" is not an absolute path" },
+                { "[daemon]\nsocket = /run/weightd/\n",
+                  "test.conf:2: [daemon] socket: \"/run/weightd/\" ends with '/': it must name a socket, not a directory" },
+                /* model_roots */
+                { "[daemon]\nmodel_roots = srv/models\n",
+                  "test.conf:2: [daemon] model_roots: \"srv/models\" is not an absolute path" },
+                { "[daemon]\nmodel_roots = /a::/b\n", "test.conf:2: [daemon] model_roots: empty item in \"/a::/b\"" },
+                { "[daemon]\nmodel_roots = /a:\n", "test.conf:2: [daemon] model_roots: empty item in \"/a:\"" },
+                { "[daemon]\n\nmodel_roots =\n", "test.conf:3: [daemon] model_roots: no model root given" },
+                { "[daemon]\nmodel_roots = /a/../b\n", "test.conf:2: [daemon] model_roots: \"/a/../b\" has a \"..\" component" },
+                { "[daemon]\nmodel_roots = /\n",
+                  "test.conf:2: [daemon] model_roots: \"/\" is the root directory, which cannot be a model root" },
+                { "[daemon]\nmodel_roots = //./\n",
+                  "test.conf:2: [daemon] model_roots: \"//./\" is the root directory, which cannot be a model root" },
+                { "[daemon]\nmodel_roots = /a:/b:/a/\n", "test.conf:2: [daemon] model_roots: \"/a/\" is listed twice" },
+                { "[daemon]\nmodel_roots = /srv/x //\n",
+                  "test.conf:2: [daemon] model_roots: \"/srv/x //\": the last component ends with a blank" },
+                /* allow_uids, allow_gids */
+                { "[daemon]\nallow_uids = 0,,1\n", "test.conf:2: [daemon] allow_uids: empty item in \"0,,1\"" },
+                { "[daemon]\nallow_uids = 0,\n", "test.conf:2: [daemon] allow_uids: empty item in \"0,\"" },
+                { "[daemon]\nallow_uids = 4294967295\n",
+                  "test.conf:2: [daemon] allow_uids: \"4294967295\" is not in 0..4294967294" },
+                { "[daemon]\nallow_uids = 99999999999999999999\n",
+                  "test.conf:2: [daemon] allow_uids: \"99999999999999999999\" is not in 0..4294967294" },
+                { "[daemon]\nallow_uids = root, wd-no-such-user\n",
+                  "test.conf:2: [daemon] allow_uids: unknown user \"wd-no-such-user\"" },
+                { "[daemon]\nallow_gids = wd-no-such-group\n",
+                  "test.conf:2: [daemon] allow_gids: unknown group \"wd-no-such-group\"" },
+                { "[daemon]\nallow_gids = -1\n", "test.conf:2: [daemon] allow_gids: unknown group \"-1\"" },
+                /* numbers */
+                { "[daemon]\nmax_connections = 0\n", "test.conf:2: [daemon] max_connections: \"0\" is not in 1..65536" },
+                { "[daemon]\nmax_connections = 65537\n",
+                  "test.conf:2: [daemon] max_connections: \"65537\" is not in 1..65536" },
+                { "[daemon]\nmax_connections = abc\n", "test.conf:2: [daemon] max_connections: \"abc\" is not a number" },
+                { "[daemon]\nmax_connections = -1\n", "test.conf:2: [daemon] max_connections: \"-1\" is not a number" },
+                { "[daemon]\nmax_connections = 1k\n", "test.conf:2: [daemon] max_connections: \"1k\" is not a number" },
+                { "[daemon]\nmax_connections =\n", "test.conf:2: [daemon] max_connections: \"\" is not a number" },
+                { "[daemon]\nmax_connections_per_uid = 0\n",
+                  "test.conf:2: [daemon] max_connections_per_uid: \"0\" is not in 1..65536" },
+                { "[daemon]\nmax_connections_per_uid = 65537\n",
+                  "test.conf:2: [daemon] max_connections_per_uid: \"65537\" is not in 1..65536" },
+                { "[daemon]\nmax_pending_requests = 0\n",
+                  "test.conf:2: [daemon] max_pending_requests: \"0\" is not in 1..4096" },
+                { "[daemon]\nmax_pending_requests = 4097\n",
+                  "test.conf:2: [daemon] max_pending_requests: \"4097\" is not in 1..4096" },
+                { "[daemon]\nmax_frame_size = 4095\n", "test.conf:2: [daemon] max_frame_size: \"4095\" is not in 4K..256M" },
+                { "[daemon]\nmax_frame_size = 257M\n", "test.conf:2: [daemon] max_frame_size: \"257M\" is not in 4K..256M" },
+                { "[daemon]\nmax_frame_size = 1X\n",
+                  "test.conf:2: [daemon] max_frame_size: \"1X\" is not a size (a number with an optional K, M, G or T suffix)" },
+                { "[daemon]\nmax_frame_size = 16777216T\n",
+                  "test.conf:2: [daemon] max_frame_size: \"16777216T\" is not in 4K..256M" },
+                { "[daemon]\nlog_level = verbose\n",
+                  "test.conf:2: [daemon] log_level: \"verbose\" is not one of err, warning, notice, info, debug" },
+                { "[daemon]\nlog_level = INFO\n",
+                  "test.conf:2: [daemon] log_level: \"INFO\" is not one of err, warning, notice, info, debug" },
+                /* [memory] */
+                { "[memory]\nhost_budget = 0%\n", "test.conf:2: [memory] host_budget: \"0%\" is not in 1%..100%" },
+                { "[memory]\nhost_budget = 101%\n", "test.conf:2: [memory] host_budget: \"101%\" is not in 1%..100%" },
+                { "[memory]\nhost_budget = %\n", "test.conf:2: [memory] host_budget: \"%\" is not a size or a percentage of RAM" },
+                { "[memory]\nhost_budget = 50 %\n",
+                  "test.conf:2: [memory] host_budget: \"50 %\" is not a size or a percentage of RAM" },
+                { "[memory]\nhost_budget = 1.5G\n",
+                  "test.conf:2: [memory] host_budget: \"1.5G\" is not a size or a percentage of RAM" },
+                { "[memory]\nhost_budget = 0\n", "test.conf:2: [memory] host_budget: \"0\" is not a positive size" },
+                { "[memory]\nhost_budget = 16777216T\n", "test.conf:2: [memory] host_budget: \"16777216T\" is too large" },
+                { "[memory]\nhost_budget =\n", "test.conf:2: [memory] host_budget: \"\" is not a size or a percentage of RAM" },
+                { "[memory]\nhost_pages = huge\n",
+                  "test.conf:2: [memory] host_pages: \"huge\" is not one of auto, hugetlb, small" },
+                /* [io] */
+                { "[io]\nqueue_depth = 0\n", "test.conf:2: [io] queue_depth: \"0\" is not in 1..4096" },
+                { "[io]\nqueue_depth = 4097\n", "test.conf:2: [io] queue_depth: \"4097\" is not in 1..4096" },
+                { "[io]\nqueue_depth = 1.5\n", "test.conf:2: [io] queue_depth: \"1.5\" is not a number" },
+                { "[io]\nchunk_size = 32K\n", "test.conf:2: [io] chunk_size: \"32K\" is not in 64K..1G" },
+                { "[io]\nchunk_size = 2G\n", "test.conf:2: [io] chunk_size: \"2G\" is not in 64K..1G" },
+                { "[io]\nchunk_size = 100000\n", "test.conf:2: [io] chunk_size: \"100000\" is not a multiple of 4096" },
+                { "[io]\ndirect_io = yes\n", "test.conf:2: [io] direct_io: \"yes\" is not one of auto, on, off" },
+                /* '#' starts a comment only at the start of a line */
+                { "[io]\nqueue_depth = 8 # eight\n", "test.conf:2: [io] queue_depth: \"8 # eight\" is not a number" },
+                /* the message quotes control characters escaped */
+                { "[io]\nqueue_depth = 1\x01\n", "test.conf:2: [io] queue_depth: \"1\\x01\" is not a number" },
+        };
+
+        for (size_t i = 0; i < ELEMENTSOF(cases); i++)
+                load_bad(cases[i].text, cases[i].message);
+}
+
+static void test_sections_and_keys(void **state) {
+        load_bad("[io]\nqueue = 1\n", "test.conf:2: [io] queue: unknown key");
+        load_bad("[io]\nsocket = /x\n", "test.conf:2: [io] socket: unknown key");
+        load_bad("[daemon]\nsocket = /x\n\n[foo]\n", "test.conf:4: [foo]: unknown section");
+        load_bad("[IO]\nqueue_depth = 1\n", "test.conf:1: [IO]: unknown section");
+        load_bad("[ io ]\n", "test.conf:1: [ io ]: unknown section");
+        load_bad("[io]\n[gpu]\n", "test.conf:2: [gpu]: section reserved for a later version, not supported yet");
+        load_bad("[cluster]\nnodes = 2\n",
+                 "test.conf:1: [cluster]: section reserved for a later version, not supported yet");
+        load_bad("queue_depth = 1\n", "test.conf:1: queue_depth: key outside of any section");
+        load_bad("[io]\nqueue_depth\n",
+                 "test.conf:2: syntax error: expected \"key = value\", \"[section]\" or a comment");
+        /* libinih's error on an earlier line comes first. */
+        load_bad("[io]\nqueue_depth\nqueue_depth = 0\n",
+                 "test.conf:2: syntax error: expected \"key = value\", \"[section]\" or a comment");
+        load_bad("[io\n", "test.conf:1: syntax error: \"[\" without \"]\"");
+        load_bad("[io] x\n", "test.conf:1: [io]: text after the section header");
+        load_bad("[io]\nqueue_depth = 1\n  2\n",
+                 "test.conf:3: [io] queue_depth: indented line continues a key that takes a single value");
+        /* After a key, an indented key line is a continuation of it. */
+        load_bad("[io]\nqueue_depth = 1\n  chunk_size = 1M\n",
+                 "test.conf:3: [io] queue_depth: indented line continues a key that takes a single value");
+        load_bad("[io]\nweird\x7fname = 1\n", "test.conf:2: [io] weird\\x7fname: unknown key");
+}
+
+static void test_syntax(void **state) {
+        _cleanup_(config_freep) Config *c = NULL;
+        char text[512], msg[256];
+        size_t n;
+
+        /* " ;" starts an inline comment; ';' without a blank before it does
+         * not.  '#' and ';' start a comment at the start of a line, also
+         * indented. */
+        c = load_ok("# comment\n; comment\n[io] ; comment\nqueue_depth = 8 ; eight\n  ; indented comment\n"
+                    "[daemon]\nsocket = /run/a;b ; the socket\n");
+        assert_int_equal(c->queue_depth, 8);
+        assert_string_equal(c->socket, "/run/a;b");
+        c = config_free(c);
+
+        /* A key given twice: the last one wins, lists included. */
+        c = load_ok("[io]\nqueue_depth = 1\nqueue_depth = 2\n[daemon]\nmodel_roots = /a:/b\nallow_uids = 1, 2\n"
+                    "[io]\nqueue_depth = 3\n[daemon]\nmodel_roots = /c\nallow_uids =\n");
+        assert_int_equal(c->queue_depth, 3);
+        assert_int_equal(c->n_model_roots, 1);
+        assert_string_equal(c->model_roots[0], "/c");
+        assert_int_equal(c->n_allow_uids, 0);
+        c = config_free(c);
+
+        /* A UTF-8 BOM, CRLF line ends, blanks around '=', no final newline. */
+        c = load_ok("\xEF\xBB\xBF[io]\r\nqueue_depth=7\r\nchunk_size\t=   1M\r\n\r\n[daemon]\r\nlog_level = err");
+        assert_int_equal(c->queue_depth, 7);
+        assert_int_equal(c->chunk_size, 1u << 20);
+        assert_int_equal(c->log_level, LOG_ERR);
+        c = config_free(c);
+
+        /* The first key of a section may be indented (there is nothing to
+         * continue yet). */
+        c = load_ok("[io]\n  queue_depth = 6\n");
+        assert_int_equal(c->queue_depth, 6);
+        c = config_free(c);
+
+        /* A NUL byte is refused, not taken as the end of the text. */
+        load_bad_len("[io]\nqueue_depth = 1\0\n", 21, WD_E_INVALID, "test.conf:2: NUL byte in the line");
+        load_bad_len("[io]\n\0", 6, WD_E_INVALID, "test.conf:2: NUL byte in the line");
+
+        /* 198 bytes fit libinih's buffer; 199 would be split into two lines
+         * by libinih, so they are refused. */
+        memset(text, 0, sizeof(text));
+        strcpy(text, "[daemon]\n#");
+        n = strlen(text);
+        memset(text + n, 'x', 197);
+        strcat(text, "\n[io]\nqueue_depth = 5\n");
+        c = load_ok(text);
+        assert_int_equal(c->queue_depth, 5);
+        c = config_free(c);
+        strcpy(text, "[daemon]\n#");
+        memset(text + n, 'x', 198);
+        text[n + 198] = '\0';
+        strcat(text, "\nqueue_depth = 5\n");
+        load_bad(text, "test.conf:2: line longer than 198 bytes");
+        /* Also the last line, without a newline. */
+        strcpy(text, "[daemon]\nsocket = /");
+        n = strlen(text);
+        memset(text + n, 's', 199 - n + 9);
+        text[9 + 199] = '\0';
+        assert_int_equal(strlen(text) - 9, 199);
+        load_bad(text, "test.conf:2: line longer than 198 bytes");
+
+        /* Messages name the file given as display; NULL gives "<string>". */
+        {
+                Config *d = NULL;
+                WdError err = WD_ERROR_NULL;
+
+                assert_int_equal(config_load_string("[x]\n", 4, NULL, &d, &err), WD_E_INVALID);
+                assert_string_equal(err.message, "<string>:1: [x]: unknown section");
+                assert_null(d);
+        }
+        snprintf(msg, sizeof(msg), "test.conf: larger than %u bytes", CONFIG_FILE_MAX);
+        {
+                char *big = calloc(1, CONFIG_FILE_MAX + 2);
+
+                assert_non_null(big);
+                memset(big, '\n', CONFIG_FILE_MAX + 1);
+                load_bad_len(big, CONFIG_FILE_MAX + 1, -EFBIG, msg);
+                /* Exactly the limit is fine. */
+                big[CONFIG_FILE_MAX] = '\0';
+                c = load_ok(big);
+                c = config_free(c);
+                free(big);
+        }
+}
+
+/* Keys that take a list continue on indented lines. */
+static void test_continuation(void **state) {
+        _cleanup_(config_freep) Config *c = NULL;
+
+        c = load_ok("[daemon]\n"
+                    "model_roots =\n"
+                    "    /m1\n"
+                    "# a comment between\n"
+                    "\n"
+                    "    /m2 : /m3 ; a comment on a continuation line\n"
+                    "allow_uids = 1, 2 ; two\n"
+                    "\t3 ;three\n"
+                    "allow_gids =\n"
+                    " 4,5\n"
+                    "[io]\n"
+                    "queue_depth = 9\n");
+        assert_int_equal(c->n_model_roots, 3);
+        assert_string_equal(c->model_roots[0], "/m1");
+        assert_string_equal(c->model_roots[1], "/m2");
+        assert_string_equal(c->model_roots[2], "/m3");
+        assert_int_equal(c->n_allow_uids, 3);
+        assert_int_equal(c->allow_uids[2], 3);
+        assert_int_equal(c->n_allow_gids, 2);
+        assert_int_equal(c->allow_gids[0], 4);
+        assert_int_equal(c->allow_gids[1], 5);
+        assert_int_equal(c->queue_depth, 9);
+
+        load_bad("[daemon]\nmodel_roots = /a\n  /a\n", "test.conf:3: [daemon] model_roots: \"/a\" is listed twice");
+        load_bad("[daemon]\nmodel_roots = /a\n  b\n", "test.conf:3: [daemon] model_roots: \"b\" is not an absolute path");
+        load_bad("[daemon]\nallow_uids = 1\n  2,\n", "test.conf:3: [daemon] allow_uids: empty item in \"2,\"");
+        /* An indented section header after a key is a continuation too. */
+        load_bad("[daemon]\nmodel_roots = /a\n  [io]\n",
+                 "test.conf:3: [daemon] model_roots: \"[io]\" is not an absolute path");
+}
+
+static void test_names(void **state) {
+        _cleanup_(config_freep) Config *c = NULL;
+        struct group *gr = getgrgid(0);
+        struct passwd *pw = getpwuid(0);
+        char text[256];
+
+        assert_non_null(gr);
+        assert_non_null(pw);
+        snprintf(text, sizeof(text), "[daemon]\nallow_uids = %s, 7\nallow_gids = 8 , %s\n", pw->pw_name, gr->gr_name);
+        c = load_ok(text);
+        assert_int_equal(c->n_allow_uids, 2);
+        assert_int_equal(c->allow_uids[0], 0);
+        assert_int_equal(c->allow_uids[1], 7);
+        assert_int_equal(c->n_allow_gids, 2);
+        assert_int_equal(c->allow_gids[0], 8);
+        assert_int_equal(c->allow_gids[1], 0);
+        c = config_free(c);
+
+        c = load_ok("[daemon]\nallow_uids = root\n");
+        assert_int_equal(c->n_allow_uids, 1);
+        assert_int_equal(c->allow_uids[0], 0);
+        c = config_free(c);
+
+        /* A name that starts with digits is a name, not a number. */
+        load_bad("[daemon]\nallow_uids = 12wd-nobody\n", "test.conf:2: [daemon] allow_uids: unknown user \"12wd-nobody\"");
+}
+
+/* Files: the main one, its drop-ins in lexical order, and file errors. */
+static void test_files(void **state) {
+        _cleanup_free_ char *dir = make_temp_dir(NULL);
+        _cleanup_free_ char *main_path = path_join(dir, "weightd.conf");
+        _cleanup_free_ char *dropins = path_join(dir, "weightd.conf.d");
+        _cleanup_(config_freep) Config *c = NULL;
+        Config *sentinel = (Config *) (uintptr_t) 0x5a5a, *bad = sentinel;
+        WdError err = WD_ERROR_NULL;
+        char msg[1024];
+        int r;
+
+        /* No main file. */
+        r = config_load(main_path, &bad, &err);
+        assert_int_equal(r, -ENOENT);
+        snprintf(msg, sizeof(msg), "%s: cannot open: No such file or directory", main_path);
+        assert_string_equal(err.message, msg);
+        assert_ptr_equal(bad, sentinel);
+
+        /* A main file and no drop-in directory. */
+        write_text(dir, "weightd.conf",
+                   "[daemon]\nallow_uids = 1, 2\nlog_level = debug\n[io]\nqueue_depth = 2\nchunk_size = 1M\n");
+        assert_int_equal(config_load(main_path, &c, &err), 0);
+        assert_string_equal(c->path, main_path);
+        assert_int_equal(c->queue_depth, 2);
+        c = config_free(c);
+
+        /* Drop-ins override in strcmp() order: "10-" < "2-" < "20-". */
+        assert_int_equal(mkdir(dropins, 0755), 0);
+        write_text(dropins, "10-a.conf", "[io]\nqueue_depth = 3\n[daemon]\nmodel_roots = /a\n");
+        write_text(dropins, "2-z.conf", "[io]\nqueue_depth = 4\n");
+        write_text(dropins, "20-b.conf", "[daemon]\nallow_uids = 5\n");
+        write_text(dropins, "30-skip.txt", "[io]\nqueue_depth = 99\n");
+        write_text(dropins, ".hidden.conf", "[io]\nqueue_depth = 98\n");
+        write_text(dropins, "conf", "garbage\n");
+        assert_int_equal(config_load(main_path, &c, &err), 0);
+        assert_int_equal(c->queue_depth, 4);
+        assert_int_equal(c->chunk_size, 1u << 20);
+        assert_int_equal(c->log_level, LOG_DEBUG);
+        assert_int_equal(c->n_model_roots, 1);
+        assert_string_equal(c->model_roots[0], "/a");
+        assert_int_equal(c->n_allow_uids, 1);
+        assert_int_equal(c->allow_uids[0], 5);
+        c = config_free(c);
+
+        /* An error in a drop-in names the drop-in and its line. */
+        write_text(dropins, "25-bad.conf", "[io]\n\nchunk_size = 3\n");
+        bad = sentinel;
+        assert_int_equal(config_load(main_path, &bad, &err), WD_E_INVALID);
+        snprintf(msg, sizeof(msg), "%s/25-bad.conf:3: [io] chunk_size: \"3\" is not in 64K..1G", dropins);
+        assert_string_equal(err.message, msg);
+        assert_ptr_equal(bad, sentinel);
+
+        /* A drop-in that is a directory, a dangling link. */
+        write_text(dropins, "25-bad.conf", "\n");
+        {
+                _cleanup_free_ char *sub = path_join(dropins, "40-dir.conf");
+                _cleanup_free_ char *link = path_join(dropins, "50-link.conf");
+
+                assert_int_equal(mkdir(sub, 0755), 0);
+                assert_int_equal(config_load(main_path, &bad, &err), WD_E_INVALID);
+                snprintf(msg, sizeof(msg), "%s: not a regular file", sub);
+                assert_string_equal(err.message, msg);
+                assert_int_equal(rmdir(sub), 0);
+
+                assert_int_equal(symlink("nowhere", link), 0);
+                assert_int_equal(config_load(main_path, &bad, &err), -ENOENT);
+                snprintf(msg, sizeof(msg), "%s: cannot open: No such file or directory", link);
+                assert_string_equal(err.message, msg);
+                assert_int_equal(unlink(link), 0);
+                assert_ptr_equal(bad, sentinel);
+        }
+
+        /* An error in the main file: its line. */
+        write_text(dir, "weightd.conf", "[daemon]\n\n\n\n\n\n[io]\nqueue_depth = 0\n");
+        assert_int_equal(config_load(main_path, &bad, &err), WD_E_INVALID);
+        snprintf(msg, sizeof(msg), "%s:8: [io] queue_depth: \"0\" is not in 1..4096", main_path);
+        assert_string_equal(err.message, msg);
+
+        /* The main path is a directory; the drop-in path is a file. */
+        assert_int_equal(config_load(dir, &bad, &err), WD_E_INVALID);
+        snprintf(msg, sizeof(msg), "%s: not a regular file", dir);
+        assert_string_equal(err.message, msg);
+        write_text(dir, "weightd.conf", "");
+        remove_tree(dropins);
+        write_text(dir, "weightd.conf.d", "");
+        assert_int_equal(config_load(main_path, &bad, &err), -ENOTDIR);
+        snprintf(msg, sizeof(msg), "%s: cannot open: Not a directory", dropins);
+        assert_string_equal(err.message, msg);
+        assert_ptr_equal(bad, sentinel);
+
+        /* A FIFO is refused without blocking. */
+        {
+                _cleanup_free_ char *fifo = path_join(dir, "fifo.conf");
+
+                assert_int_equal(mkfifo(fifo, 0600), 0);
+                assert_int_equal(config_load(fifo, &bad, &err), WD_E_INVALID);
+                snprintf(msg, sizeof(msg), "%s: not a regular file", fifo);
+                assert_string_equal(err.message, msg);
+        }
+        remove_tree(dir);
+}
+
+static Config *dump_and_reload(const Config *c) {
+        char *buf = NULL, *line, *save = NULL;
+        size_t size = 0;
+        FILE *f = open_memstream(&buf, &size);
+        Config *d;
+
+        assert_non_null(f);
+        assert_int_equal(config_dump(c, f), 0);
+        assert_int_equal(fclose(f), 0);
+        d = load_ok(buf);
+        /* Every line fits libinih's buffer. */
+        for (line = strtok_r(buf, "\n", &save); line; line = strtok_r(NULL, "\n", &save))
+                assert_true(strlen(line) <= 198);
+        free(buf);
+        return d;
+}
+
+static void test_dump(void **state) {
+        _cleanup_(config_freep) Config *c = NULL, *d = NULL;
+        _cleanup_free_ char *text = NULL;
+        char *p;
+        size_t size = 0;
+        FILE *f;
+
+        /* Defaults. */
+        assert_int_equal(config_new_default(&c, NULL), 0);
+        d = dump_and_reload(c);
+        assert_true(config_equal(c, d));
+        c = config_free(c);
+        d = config_free(d);
+
+        /* Every key away from its default, lists long enough to wrap, and a
+         * model root as long as a line allows. */
+        f = open_memstream(&text, &size);
+        assert_non_null(f);
+        fputs("[daemon]\nsocket = /var/lib/wd test/s.sock\nmodel_roots = /srv/a:/srv/b b\n", f);
+        for (int i = 0; i < 12; i++)
+                fprintf(f, "  /data/models/collection-%02d/with/a/fairly/long/path:/x%d\n", i, i);
+        fputc('\t', f);
+        fputc('/', f);
+        for (int i = 0; i < 196; i++)
+                fputc('L', f);
+        fputs("\nallow_uids = root", f);
+        for (int i = 0; i < 60; i++)
+                fprintf(f, "%s%u", i % 10 == 9 ? "\n  " : ", ", 4000000000u + (unsigned) i);
+        fputs("\nallow_gids = 0, 1\nmax_connections = 10\nmax_connections_per_uid = 3\nmax_pending_requests = 5\n"
+              "max_frame_size = 12288\nlog_level = notice\n"
+              "[memory]\nhost_budget = 3%\nhost_pages = small\n"
+              "[io]\nqueue_depth = 100\nchunk_size = 1G\ndirect_io = off\n",
+              f);
+        assert_int_equal(fclose(f), 0);
+        c = load_ok(text);
+        assert_int_equal(c->n_model_roots, 2 + 24 + 1);
+        assert_int_equal(strlen(c->model_roots[26]), 197);
+        assert_int_equal(c->n_allow_uids, 61);
+        assert_int_equal(c->max_frame_size, 12288);
+        d = dump_and_reload(c);
+        assert_true(config_equal(c, d));
+        c = config_free(c);
+        d = config_free(d);
+
+        /* A size dumps with the largest exact suffix. */
+        c = load_ok("[daemon]\nmax_frame_size = 1048576\n[io]\nchunk_size = 69632\n[memory]\nhost_budget = 2048\n");
+        free(text);
+        text = NULL;
+        f = open_memstream(&text, &size);
+        assert_int_equal(config_dump(c, f), 0);
+        assert_int_equal(fclose(f), 0);
+        assert_non_null(strstr(text, "\nmax_frame_size = 1M\n"));
+        assert_non_null(strstr(text, "\nchunk_size = 68K\n"));
+        assert_non_null(strstr(text, "\nhost_budget = 2048\n"));
+        p = strstr(text, "\n[memory]\n# 2048 bytes\n");
+        assert_non_null(p);
+
+        /* config_equal() sees each field. */
+        d = dump_and_reload(c);
+        assert_true(config_equal(c, d));
+        d->allow_uids = realloc(d->allow_uids, sizeof(uid_t));
+        d->allow_uids[0] = 1;
+        d->n_allow_uids = 1;
+        assert_false(config_equal(c, d));
+        d = config_free(d);
+        d = dump_and_reload(c);
+        free(d->host_budget_spec);
+        d->host_budget_spec = strdup("2K");
+        assert_false(config_equal(c, d));
+}
+
+int main(int argc, char **argv) {
+        const struct CMUnitTest tests[] = {
+                cmocka_unit_test(test_defaults),
+                cmocka_unit_test_setup_teardown(test_default_socket_user, save_env, restore_env),
+                cmocka_unit_test(test_shipped_conf),
+                cmocka_unit_test(test_daemon_keys),
+                cmocka_unit_test(test_memory_keys),
+                cmocka_unit_test(test_io_keys),
+                cmocka_unit_test(test_bad_values),
+                cmocka_unit_test(test_sections_and_keys),
+                cmocka_unit_test(test_syntax),
+                cmocka_unit_test(test_continuation),
+                cmocka_unit_test(test_names),
+                cmocka_unit_test(test_files),
+                cmocka_unit_test(test_dump),
+        };
+
+        shipped_conf = argc > 1 ? argv[1] : NULL;
+        return cmocka_run_group_tests(tests, NULL, NULL);
+}
