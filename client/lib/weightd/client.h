@@ -4,7 +4,12 @@
  * synchronous: it sends one request and waits for its reply.  Calls return a
  * wd_code (WD_OK is 0) and, when err is not NULL, fill err with the code and
  * a message: the daemon's own message for codes the daemon sent, a local one
- * naming the socket and the system error otherwise.
+ * naming the socket and the system error otherwise.  Besides the codes each
+ * function lists, any call may return WD_INTERNAL (out of memory here) and
+ * a code from a newer daemon that this header does not name (kept as sent).
+ * After WD_PROTOCOL_ERROR on a frame it cannot place, or once the daemon
+ * closed the connection, a client is broken: every later call returns
+ * WD_UNAVAILABLE "connection is broken: ..." with the first reason.
  *
  * Thread-safety: a wd_client may be shared between threads; its calls are
  * serialized by a mutex inside it, so one thread's wd_prefetch() of a large
@@ -71,7 +76,10 @@ typedef struct wd_client wd_client;
  * negotiate the protocol version (Hello).
  * Returns WD_OK, WD_UNAVAILABLE (no daemon answers there), WD_PERMISSION_DENIED
  * (the daemon refused this uid or the socket's permissions did),
- * WD_UNSUPPORTED (no common protocol version), WD_PROTOCOL_ERROR, WD_INTERNAL. */
+ * WD_RESOURCE_EXHAUSTED (the daemon is at its connection limit for this uid
+ * or in total), WD_UNSUPPORTED (no common protocol version),
+ * WD_INVALID_ARGUMENT (the path does not fit a socket address),
+ * WD_PROTOCOL_ERROR, WD_INTERNAL. */
 int wd_connect(const char *socket_path, wd_client **ret, wd_error *err);
 
 /* Drop the caller's reference.  Leases still held keep the connection open

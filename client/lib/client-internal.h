@@ -1,0 +1,104 @@
+/* Internals of libweightd-client shared by its source files and its unit
+ * test: the connection, the manifest, error helpers.  Nothing here is
+ * exported from the shared library. */
+#pragma once
+
+#include <pthread.h>
+#include <stdarg.h>
+#include <stdbool.h>
+#include <stddef.h>
+#include <stdint.h>
+#include <stdlib.h>
+#include <unistd.h>
+
+#include "weightd/client.h"
+#include "wire.h"
+
+#define _public_ __attribute__((visibility("default")))
+#define _cleanup_(f) __attribute__((cleanup(f)))
+#define _printf_(a, b) __attribute__((format(printf, a, b)))
+#define _fallthrough_ __attribute__((fallthrough))
+
+#define ELEMENTSOF(x) (sizeof(x) / sizeof((x)[0]))
+
+#define TAKE_PTR(p)                        \
+        ({                                 \
+                __typeof__(p) _ptr_ = (p); \
+                (p) = NULL;                \
+                _ptr_;                     \
+        })
+
+static inline void freep(void *p) {
+        free(*(void **) p);
+}
+#define _cleanup_free_ _cleanup_(freep)
+
+static inline void envelope_freep(WireEnvelope **p) {
+        wire_envelope_free(*p);
+}
+#define _cleanup_envelope_ _cleanup_(envelope_freep)
+
+/* The largest frame the client accepts from the daemon: a LoadReply lists
+ * every tensor of a component. */
+#define CLIENT_MAX_FRAME (256u << 20)
+
+/* Short aliases for the generated protobuf-c names. */
+typedef Weightd__V1__Reply PbReply;
+typedef Weightd__V1__Slab PbSlab;
+typedef Weightd__V1__Tensor PbTensor;
+
+struct wd_client {
+        pthread_mutex_t mutex;
+        unsigned n_ref; /* the caller's plus one per lease; under mutex */
+        int fd;
+        char *path; /* for messages */
+        WireReader reader;
+        uint64_t next_id;
+        uint32_t max_frame_out; /* the daemon's limit for our frames */
+        wd_hello hello;
+        bool broken;
+        char broken_reason[WD_ERROR_MESSAGE_MAX];
+};
+
+/* One file of a manifest, and its mapping when a lease owns the manifest. */
+typedef struct ManifestFile {
+        const PbSlab *slab; /* points into the manifest's envelope */
+        void *map;
+        size_t map_size;
+} ManifestFile;
+
+struct wd_manifest {
+        WireEnvelope *env; /* the reply the strings and shapes point into */
+        const char *model;
+        const char *component;
+        uint64_t bytes;
+        ManifestFile *files;
+        size_t n_files;
+        wd_tensor *tensors;
+        size_t n_tensors;
+        const wd_tensor **by_name; /* sorted by name, for bsearch */
+        bool leased;               /* owned by a lease: wd_manifest_free() leaves it */
+};
+
+/* Fill err (not NULL) with code and a formatted message; returns code. */
+int error_set(wd_error *err, int code, const char *fmt, ...) _printf_(3, 4);
+/* Write src into dst for a message: control bytes, quotes and backslashes
+ * escaped, at most max_bytes of the source (then "..."). */
+void escape_string(char *dst, size_t dst_size, const char *src, size_t max_bytes);
+
+/* Build and validate a manifest from the daemon's slabs and tensors, which
+ * point into *env.  With fds (one per slab, by fd_index) each slab is
+ * mapped read-only and the tensors' data pointers set; the caller still
+ * closes the fds.  On success the manifest takes *env.  Returns WD_OK,
+ * WD_PROTOCOL_ERROR naming the tensor or file that breaks a rule, or
+ * WD_INTERNAL. */
+int manifest_new(WireEnvelope **env, const char *model, const char *component, PbSlab *const *slabs, size_t n_slabs,
+                 PbTensor *const *tensors, size_t n_tensors, const int *fds, wd_manifest **ret, wd_error *err);
+/* Unmap and free, whoever owns it.  Accepts NULL; returns NULL. */
+wd_manifest *manifest_free(wd_manifest *m);
+
+/* Take ownership of fd, a connected stream socket, say Hello on it and
+ * return the client.  name is used in messages.  On failure fd is closed.
+ * wd_connect() is socket() + connect() + this; the unit test calls it on
+ * one end of a socketpair. */
+int client_new_from_fd(int fd, const char *name, wd_client **ret, wd_error *err);

@@ -1,0 +1,933 @@
+/* libweightd-client: the connection to weightd and its requests.
+ *
+ * A wd_client is one blocking AF_UNIX stream socket.  Each call takes the
+ * client's mutex, sends one Envelope with a fresh id and reads frames until
+ * the Reply with that id arrives; Progress events for it go to the caller's
+ * callback, which may cancel the request.  A frame the protocol does not
+ * allow here (an unknown id, a request, descriptors nobody refers to, bytes
+ * that do not decode) breaks the connection: it is shut down, so the daemon
+ * ends its leases, and every later call fails with WD_UNAVAILABLE.  Leases
+ * hold a reference on their client, so the socket stays open while any
+ * lease lives.  See proto/PROTOCOL.md for the wire format. */
+
+#include <errno.h>
+#include <fcntl.h>
+#include <stdio.h>
+#include <string.h>
+#include <sys/socket.h>
+#include <sys/un.h>
+
+#include "client-internal.h"
+
+#define CLIENT_NAME "libweightd-client " WEIGHTD_VERSION
+
+struct wd_lease {
+        wd_client *client;
+        uint64_t id;
+        wd_manifest *manifest;
+};
+
+typedef Weightd__V1__Envelope__BodyCase BodyCase;
+typedef Weightd__V1__Reply__ResultCase ResultCase;
+
+/* ---- errors ---- */
+
+int error_set(wd_error *err, int code, const char *fmt, ...) {
+        va_list ap;
+
+        err->code = code;
+        va_start(ap, fmt);
+        vsnprintf(err->message, sizeof(err->message), fmt, ap);
+        va_end(ap);
+        return code;
+}
+
+void escape_string(char *dst, size_t dst_size, const char *src, size_t max_bytes) {
+        size_t o = 0;
+
+        if (dst_size == 0)
+                return;
+        for (size_t i = 0; src[i] != '\0' && o + 5 < dst_size; i++) {
+                unsigned char ch = (unsigned char) src[i];
+
+                if (i >= max_bytes && (ch & 0xc0) != 0x80) { /* cut between characters */
+                        snprintf(dst + o, dst_size - o, "...");
+                        o += 3;
+                        break;
+                }
+                if (ch < 0x20 || ch == 0x7f) {
+                        snprintf(dst + o, dst_size - o, "\\x%02x", ch);
+                        o += 4;
+                } else {
+                        if (ch == '"' || ch == '\\')
+                                dst[o++] = '\\';
+                        dst[o++] = (char) ch;
+                }
+        }
+        dst[o < dst_size ? o : dst_size - 1] = '\0';
+}
+
+/* Hand a call's error to the caller: err is written only on failure. */
+static int finish(int r, const wd_error *e, wd_error *err) {
+        if (r != WD_OK && err)
+                *err = *e;
+        return r;
+}
+
+/* ok: every argument the caller must give is there. */
+static int check_args(const char *func, bool ok, wd_error *err) {
+        if (!ok)
+                return error_set(err, WD_INVALID_ARGUMENT, "%s(): a required argument is NULL", func);
+        return WD_OK;
+}
+
+static int error_from_reply(wd_error *err, const PbReply *reply) {
+        int code = (int) reply->code;
+
+        if (reply->message[0] != '\0')
+                return error_set(err, code, "%s", reply->message);
+        return error_set(err, code, "the daemon answered %s", wd_code_name(code));
+}
+
+_public_ const char *wd_code_name(int code) {
+        static const char *const names[] = {
+                [WD_OK] = "OK",
+                [WD_INVALID_ARGUMENT] = "INVALID_ARGUMENT",
+                [WD_NOT_FOUND] = "NOT_FOUND",
+                [WD_PERMISSION_DENIED] = "PERMISSION_DENIED",
+                [WD_FORMAT_ERROR] = "FORMAT_ERROR",
+                [WD_IO_ERROR] = "IO_ERROR",
+                [WD_RESOURCE_EXHAUSTED] = "RESOURCE_EXHAUSTED",
+                [WD_UNAVAILABLE] = "UNAVAILABLE",
+                [WD_CANCELLED] = "CANCELLED",
+                [WD_INTERNAL] = "INTERNAL",
+                [WD_UNSUPPORTED] = "UNSUPPORTED",
+                [WD_BUSY] = "BUSY",
+                [WD_PROTOCOL_ERROR] = "PROTOCOL_ERROR",
+        };
+
+        if (code < 0 || (size_t) code >= ELEMENTSOF(names))
+                return "UNKNOWN";
+        return names[code];
+}
+
+_public_ const char *wd_version(void) {
+        return WEIGHTD_VERSION;
+}
+
+_public_ int wd_default_socket(char *buf, size_t size) {
+        const char *env = secure_getenv("WEIGHTD_SOCKET"), *runtime = secure_getenv("XDG_RUNTIME_DIR");
+        int n;
+
+        if (!buf && size > 0)
+                return WD_INVALID_ARGUMENT;
+        if (env && env[0] != '\0')
+                n = snprintf(buf, size, "%s", env);
+        else if (geteuid() == 0)
+                n = snprintf(buf, size, "/run/weightd/weightd.sock");
+        else if (runtime && runtime[0] == '/')
+                n = snprintf(buf, size, "%s/weightd/weightd.sock", runtime);
+        else
+                n = snprintf(buf, size, "/tmp/weightd-%u/weightd.sock", (unsigned) geteuid());
+        if (n < 0 || (size_t) n >= size)
+                return WD_INVALID_ARGUMENT;
+        return WD_OK;
+}
+
+/* ---- the connection ---- */
+
+static const char *body_name(BodyCase b) {
+        switch (b) {
+        case WEIGHTD__V1__ENVELOPE__BODY_HELLO:
+                return "Hello";
+        case WEIGHTD__V1__ENVELOPE__BODY_LOAD:
+                return "Load";
+        case WEIGHTD__V1__ENVELOPE__BODY_RELEASE:
+                return "Release";
+        case WEIGHTD__V1__ENVELOPE__BODY_PREFETCH:
+                return "Prefetch";
+        case WEIGHTD__V1__ENVELOPE__BODY_EVICT:
+                return "Evict";
+        case WEIGHTD__V1__ENVELOPE__BODY_PIN:
+                return "Pin";
+        case WEIGHTD__V1__ENVELOPE__BODY_UNPIN:
+                return "Unpin";
+        case WEIGHTD__V1__ENVELOPE__BODY_LIST:
+                return "List";
+        case WEIGHTD__V1__ENVELOPE__BODY_TENSORS:
+                return "Tensors";
+        case WEIGHTD__V1__ENVELOPE__BODY_STATUS:
+                return "Status";
+        case WEIGHTD__V1__ENVELOPE__BODY_CANCEL:
+                return "Cancel";
+        case WEIGHTD__V1__ENVELOPE__BODY_REPLY:
+                return "Reply";
+        case WEIGHTD__V1__ENVELOPE__BODY_PROGRESS:
+                return "Progress";
+        default:
+                return "empty";
+        }
+}
+
+static const char *result_name(ResultCase r) {
+        switch (r) {
+        case WEIGHTD__V1__REPLY__RESULT_HELLO:
+                return "a HelloReply";
+        case WEIGHTD__V1__REPLY__RESULT_LOAD:
+                return "a LoadReply";
+        case WEIGHTD__V1__REPLY__RESULT_LIST:
+                return "a ListReply";
+        case WEIGHTD__V1__REPLY__RESULT_TENSORS:
+                return "a TensorsReply";
+        case WEIGHTD__V1__REPLY__RESULT_STATUS:
+                return "a StatusReply";
+        default:
+                return "no result";
+        }
+}
+
+static wd_client *client_free(wd_client *c) {
+        if (!c)
+                return NULL;
+        if (c->fd >= 0)
+                close(c->fd);
+        wire_reader_deinit(&c->reader);
+        pthread_mutex_destroy(&c->mutex);
+        free(c->path);
+        free(c);
+        return NULL;
+}
+
+static void client_unref(wd_client *c) {
+        unsigned n;
+
+        pthread_mutex_lock(&c->mutex);
+        n = --c->n_ref;
+        pthread_mutex_unlock(&c->mutex);
+        if (n == 0)
+                client_free(c);
+}
+
+/* Give up on the connection after err: shut it down (the daemon then ends
+ * our leases) and close descriptors that were queued. */
+static int client_break(wd_client *c, wd_error *err) {
+        if (!c->broken) {
+                c->broken = true;
+                snprintf(c->broken_reason, sizeof(c->broken_reason), "%s", err->message);
+                (void) shutdown(c->fd, SHUT_RDWR);
+        }
+        wire_reader_deinit(&c->reader);
+        return err->code;
+}
+
+static int client_fail(wd_client *c, wd_error *err, int code, const char *fmt, ...) _printf_(4, 5);
+static int client_fail(wd_client *c, wd_error *err, int code, const char *fmt, ...) {
+        va_list ap;
+
+        err->code = code;
+        va_start(ap, fmt);
+        vsnprintf(err->message, sizeof(err->message), fmt, ap);
+        va_end(ap);
+        return client_break(c, err);
+}
+
+static void reader_close_fds(WireReader *r) {
+        int fds[WIRE_MAX_FDS];
+        size_t n = r->n_fds;
+
+        if (n == 0 || wire_reader_take_fds(r, n, fds) < 0)
+                return;
+        for (size_t i = 0; i < n; i++)
+                close(fds[i]);
+}
+
+/* Descriptors came with a frame that refers to none: once the reader holds
+ * no byte past that frame, they cannot belong to a later one. */
+static int client_check_fds(wd_client *c, wd_error *err) {
+        if (c->reader.n_fds == 0 || wire_reader_partial(&c->reader))
+                return WD_OK;
+        return client_fail(c, err, WD_PROTOCOL_ERROR, "the daemon sent %zu descriptors with a frame that refers to none",
+                           c->reader.n_fds);
+}
+
+static int client_recv_failed(wd_client *c, int r, wd_error *err) {
+        switch (r) {
+        case 0:
+                if (wire_reader_partial(&c->reader))
+                        return client_fail(c, err, WD_UNAVAILABLE, "daemon closed the connection in the middle of a frame");
+                _fallthrough_;
+        case -ECONNRESET:
+        case -EPIPE:
+                return client_fail(c, err, WD_UNAVAILABLE, "daemon closed the connection");
+        case -EMSGSIZE: {
+                const uint8_t *p = c->reader.buf + c->reader.done;
+                uint32_t n = (uint32_t) p[0] | (uint32_t) p[1] << 8 | (uint32_t) p[2] << 16 | (uint32_t) p[3] << 24;
+
+                return client_fail(c, err, WD_PROTOCOL_ERROR,
+                                   "the daemon announced a frame of %u bytes, over the client's limit of %u", n,
+                                   c->reader.max_frame);
+        }
+        case -EPROTO:
+                return client_fail(c, err, WD_PROTOCOL_ERROR,
+                                   "the daemon sent more descriptors than the client holds (%u), or they were truncated",
+                                   c->reader.max_fds);
+        case -ENOMEM:
+                return client_fail(c, err, WD_INTERNAL, "out of memory reading from the daemon");
+        default:
+                return client_fail(c, err, WD_UNAVAILABLE, "reading from %s failed: %s", c->path, strerror(-r));
+        }
+}
+
+/* Read the next frame.  Returns WD_OK with *ret set, a wd_code (the
+ * connection is broken then), or -EAGAIN when the socket is non-blocking
+ * and has nothing more. */
+static int client_read(wd_client *c, WireEnvelope **ret, wd_error *err) {
+        for (;;) {
+                const uint8_t *payload;
+                size_t len;
+                int r = wire_reader_next(&c->reader, &payload, &len);
+
+                if (r > 0) {
+                        WireEnvelope *env = wire_unpack(payload, len);
+
+                        if (!env)
+                                return client_fail(c, err, WD_PROTOCOL_ERROR,
+                                                   "the daemon sent a frame of %zu bytes that does not decode", len);
+                        *ret = env;
+                        return WD_OK;
+                }
+                if (r == 0)
+                        r = wire_reader_recv(&c->reader, c->fd);
+                if (r > 0)
+                        continue;
+                if (r == -EAGAIN)
+                        return -EAGAIN;
+                return client_recv_failed(c, r, err);
+        }
+}
+
+/* A Reply with id 0 speaks of the connection: the daemon refuses or drops
+ * it, and closes. */
+static int client_refused(wd_client *c, const PbReply *reply, wd_error *err) {
+        if (reply->code == WEIGHTD__V1__CODE__OK)
+                return client_fail(c, err, WD_PROTOCOL_ERROR, "the daemon sent an OK reply with id 0");
+        error_from_reply(err, reply);
+        return client_break(c, err);
+}
+
+/* Sending failed because the daemon closed the connection: it may have
+ * said why before it did.  Read what is already here, without waiting. */
+static int client_closed(wd_client *c, wd_error *err) {
+        int flags = fcntl(c->fd, F_GETFL);
+
+        if (flags >= 0)
+                (void) fcntl(c->fd, F_SETFL, flags | O_NONBLOCK);
+        for (;;) {
+                _cleanup_envelope_ WireEnvelope *env = NULL;
+                int r = client_read(c, &env, err);
+
+                if (r == -EAGAIN)
+                        break;
+                if (r != WD_OK)
+                        return r;
+                if (env->body_case == WEIGHTD__V1__ENVELOPE__BODY_REPLY && env->id == 0)
+                        return client_refused(c, env->reply, err);
+        }
+        return client_fail(c, err, WD_UNAVAILABLE, "daemon closed the connection");
+}
+
+static int client_send(wd_client *c, const WireEnvelope *env, wd_error *err) {
+        _cleanup_free_ uint8_t *buf = NULL;
+        size_t len, offset = 0;
+        int r;
+
+        r = wire_pack(env, c->max_frame_out, &buf, &len);
+        if (r == -EMSGSIZE)
+                return error_set(err, WD_INVALID_ARGUMENT, "the %s request is over the daemon's frame limit of %u bytes",
+                                 body_name(env->body_case), c->max_frame_out);
+        if (r < 0)
+                return error_set(err, WD_INTERNAL, "out of memory");
+
+        r = wire_send(c->fd, buf, len, NULL, 0, &offset);
+        if (r == -EPIPE || r == -ECONNRESET)
+                return client_closed(c, err);
+        if (r < 0)
+                return client_fail(c, err, WD_UNAVAILABLE, "writing to %s failed: %s", c->path, strerror(-r));
+        return WD_OK;
+}
+
+static int client_cancel(wd_client *c, uint64_t target, uint64_t *ret_id, wd_error *err) {
+        Weightd__V1__CancelRequest cancel = WEIGHTD__V1__CANCEL_REQUEST__INIT;
+        WireEnvelope env = WEIGHTD__V1__ENVELOPE__INIT;
+        int r;
+
+        cancel.target = target;
+        env.id = c->next_id++;
+        env.body_case = WEIGHTD__V1__ENVELOPE__BODY_CANCEL;
+        env.cancel = &cancel;
+        r = client_send(c, &env, err);
+        if (r != WD_OK)
+                return r;
+        *ret_id = env.id;
+        return WD_OK;
+}
+
+/* Send req with a fresh id and wait for its reply, which must carry the
+ * result `expect` when it is OK.  Progress events go to progress; when it
+ * asks to stop, a Cancel goes out and the call ends with WD_CANCELLED once
+ * both replies are in.  With takes_fds the caller takes the descriptors of
+ * an OK reply from the reader.  Returns WD_OK with *ret (may be NULL) set,
+ * the daemon's code, or a local one.  Call with the mutex held. */
+static int client_call(wd_client *c, WireEnvelope *req, ResultCase expect, wd_progress_fn progress, void *userdata,
+                       bool takes_fds, WireEnvelope **ret, wd_error *err) {
+        _cleanup_envelope_ WireEnvelope *reply = NULL;
+        uint64_t cancel_id = 0;
+        bool cancel_done = false;
+        int r;
+
+        if (c->broken)
+                return error_set(err, WD_UNAVAILABLE, "connection is broken: %s", c->broken_reason);
+
+        req->id = c->next_id++;
+        r = client_send(c, req, err);
+        if (r != WD_OK)
+                return r;
+
+        while (!reply || (cancel_id != 0 && !cancel_done)) {
+                _cleanup_envelope_ WireEnvelope *env = NULL;
+
+                r = client_read(c, &env, err);
+                if (r != WD_OK)
+                        return r;
+
+                if (env->body_case == WEIGHTD__V1__ENVELOPE__BODY_PROGRESS && env->id == req->id) {
+                        r = client_check_fds(c, err);
+                        if (r != WD_OK)
+                                return r;
+                        if (progress && cancel_id == 0 && !reply &&
+                            progress(env->progress->done_bytes, env->progress->total_bytes, userdata) != 0) {
+                                r = client_cancel(c, req->id, &cancel_id, err);
+                                if (r != WD_OK)
+                                        return r;
+                        }
+                        continue;
+                }
+                if (env->body_case != WEIGHTD__V1__ENVELOPE__BODY_REPLY)
+                        return client_fail(c, err, WD_PROTOCOL_ERROR, "unexpected %s frame with id %llu from the daemon",
+                                           body_name(env->body_case), (unsigned long long) env->id);
+
+                if (env->id == req->id && !reply)
+                        reply = TAKE_PTR(env);
+                else if (cancel_id != 0 && env->id == cancel_id && !cancel_done) {
+                        cancel_done = true;
+                        r = client_check_fds(c, err);
+                        if (r != WD_OK)
+                                return r;
+                } else if (env->id == 0)
+                        return client_refused(c, env->reply, err);
+                else
+                        return client_fail(c, err, WD_PROTOCOL_ERROR, "the daemon sent a reply for unknown request %llu",
+                                           (unsigned long long) env->id);
+        }
+
+        const PbReply *rp = reply->reply;
+        bool ok = rp->code == WEIGHTD__V1__CODE__OK;
+
+        if (!ok || !takes_fds || cancel_id != 0) {
+                r = client_check_fds(c, err);
+                if (r != WD_OK)
+                        return r;
+        }
+        if (cancel_id != 0)
+                return error_set(err, WD_CANCELLED, "%s cancelled by the progress callback", body_name(req->body_case));
+        if (!ok)
+                return error_from_reply(err, rp);
+        if (rp->result_case != expect)
+                return client_fail(c, err, WD_PROTOCOL_ERROR, "the daemon answered %s with %s instead of %s",
+                                   body_name(req->body_case), result_name(rp->result_case), result_name(expect));
+        if (ret)
+                *ret = TAKE_PTR(reply);
+        return WD_OK;
+}
+
+static int client_hello(wd_client *c, wd_error *err) {
+        Weightd__V1__HelloRequest hello = WEIGHTD__V1__HELLO_REQUEST__INIT;
+        WireEnvelope env = WEIGHTD__V1__ENVELOPE__INIT;
+        _cleanup_envelope_ WireEnvelope *reply = NULL;
+        int r;
+
+        hello.min_version = WD_PROTOCOL_VERSION;
+        hello.max_version = WD_PROTOCOL_VERSION;
+        hello.client = (char *) CLIENT_NAME;
+        env.body_case = WEIGHTD__V1__ENVELOPE__BODY_HELLO;
+        env.hello = &hello;
+        r = client_call(c, &env, WEIGHTD__V1__REPLY__RESULT_HELLO, NULL, NULL, false, &reply, err);
+        if (r != WD_OK)
+                return r;
+
+        const Weightd__V1__HelloReply *h = reply->reply->hello;
+        if (h->version != WD_PROTOCOL_VERSION)
+                return client_fail(c, err, WD_PROTOCOL_ERROR, "the daemon chose protocol version %u; this client speaks %u",
+                                   h->version, WD_PROTOCOL_VERSION);
+
+        wd_hello *info = &c->hello;
+        size_t o = 0;
+
+        *info = (wd_hello){
+                .protocol_version = h->version,
+                .max_frame_size = h->max_frame_size,
+                .max_pending_requests = h->max_pending_requests,
+        };
+        snprintf(info->daemon_version, sizeof(info->daemon_version), "%s", h->daemon_version);
+        for (size_t i = 0; i < h->n_features; i++) {
+                size_t n = strlen(h->features[i]);
+
+                if (o + (o > 0) + n >= sizeof(info->features))
+                        break;
+                if (o > 0)
+                        info->features[o++] = ' ';
+                memcpy(info->features + o, h->features[i], n + 1);
+                o += n;
+        }
+        if (h->max_frame_size > 0)
+                c->max_frame_out = h->max_frame_size > UINT32_MAX ? UINT32_MAX : (uint32_t) h->max_frame_size;
+        return WD_OK;
+}
+
+int client_new_from_fd(int fd, const char *name, wd_client **ret, wd_error *err) {
+        wd_client *c = calloc(1, sizeof(*c));
+        int r;
+
+        if (!c) {
+                close(fd);
+                return error_set(err, WD_INTERNAL, "out of memory");
+        }
+        c->fd = fd;
+        c->n_ref = 1;
+        c->next_id = 1;
+        c->max_frame_out = WIRE_DEFAULT_MAX_FRAME;
+        wire_reader_init(&c->reader, CLIENT_MAX_FRAME, WIRE_MAX_FDS);
+        c->path = strdup(name);
+        if (!c->path || pthread_mutex_init(&c->mutex, NULL) != 0) {
+                free(c->path);
+                close(fd);
+                free(c);
+                return error_set(err, WD_INTERNAL, "out of memory");
+        }
+
+        r = client_hello(c, err);
+        if (r != WD_OK) {
+                client_free(c);
+                return r;
+        }
+        *ret = c;
+        return WD_OK;
+}
+
+_public_ int wd_connect(const char *socket_path, wd_client **ret, wd_error *err) {
+        struct sockaddr_un sa = { .sun_family = AF_UNIX };
+        char path[sizeof(sa.sun_path)];
+        wd_error e;
+        int fd;
+
+        if (check_args("wd_connect", ret, &e) != WD_OK)
+                return finish(e.code, &e, err);
+        if (!socket_path) {
+                if (wd_default_socket(path, sizeof(path)) != WD_OK)
+                        return finish(error_set(&e, WD_INVALID_ARGUMENT, "the default socket path is too long"), &e,
+                                      err);
+                socket_path = path;
+        }
+        if (strlen(socket_path) >= sizeof(sa.sun_path))
+                return finish(error_set(&e, WD_INVALID_ARGUMENT, "socket path %s is too long (at most %zu bytes)",
+                                        socket_path, sizeof(sa.sun_path) - 1),
+                              &e, err);
+        memcpy(sa.sun_path, socket_path, strlen(socket_path) + 1);
+
+        fd = socket(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0);
+        if (fd < 0)
+                return finish(error_set(&e, WD_INTERNAL, "cannot create a socket: %s", strerror(errno)), &e, err);
+        if (connect(fd, (const struct sockaddr *) &sa, sizeof(sa)) < 0) {
+                int k = errno;
+
+                close(fd);
+                if (k == ENOENT || k == ECONNREFUSED)
+                        error_set(&e, WD_UNAVAILABLE, "no daemon at %s: %s", socket_path, strerror(k));
+                else if (k == EACCES || k == EPERM)
+                        error_set(&e, WD_PERMISSION_DENIED, "cannot connect to %s: %s", socket_path, strerror(k));
+                else
+                        error_set(&e, WD_UNAVAILABLE, "cannot connect to %s: %s", socket_path, strerror(k));
+                return finish(e.code, &e, err);
+        }
+        return finish(client_new_from_fd(fd, socket_path, ret, &e), &e, err);
+}
+
+_public_ void wd_disconnect(wd_client *c) {
+        if (c)
+                client_unref(c);
+}
+
+_public_ int wd_hello_info(wd_client *c, wd_hello *ret) {
+        if (!c || !ret)
+                return WD_INVALID_ARGUMENT;
+        *ret = c->hello; /* written once, by wd_connect() */
+        return WD_OK;
+}
+
+/* ---- requests ---- */
+
+static Weightd__V1__ComponentRef component_ref(const char *model, const char *component) {
+        Weightd__V1__ComponentRef ref = WEIGHTD__V1__COMPONENT_REF__INIT;
+
+        ref.model = (char *) model;
+        ref.component = (char *) (component ? component : "");
+        return ref;
+}
+
+static Weightd__V1__LoadRequest load_request(const char *model, const char *component, bool progress) {
+        Weightd__V1__LoadRequest load = WEIGHTD__V1__LOAD_REQUEST__INIT;
+
+        load.model = (char *) model;
+        load.component = (char *) (component ? component : "");
+        load.target = (char *) "";
+        load.progress = progress;
+        return load;
+}
+
+/* client_call() under the client's mutex. */
+static int client_request(wd_client *c, WireEnvelope *req, ResultCase expect, wd_progress_fn progress, void *userdata,
+                          WireEnvelope **ret, wd_error *err) {
+        int r;
+
+        pthread_mutex_lock(&c->mutex);
+        r = client_call(c, req, expect, progress, userdata, false, ret, err);
+        pthread_mutex_unlock(&c->mutex);
+        return r;
+}
+
+_public_ int wd_tensors(wd_client *c, const char *model, const char *component, wd_manifest **ret, wd_error *err) {
+        Weightd__V1__ComponentRef ref = component_ref(model, component);
+        WireEnvelope env = WEIGHTD__V1__ENVELOPE__INIT;
+        _cleanup_envelope_ WireEnvelope *reply = NULL;
+        wd_error e;
+        int r;
+
+        r = check_args("wd_tensors", c && model && ret, &e);
+        if (r != WD_OK)
+                return finish(r, &e, err);
+
+        env.body_case = WEIGHTD__V1__ENVELOPE__BODY_TENSORS;
+        env.tensors = &ref;
+        r = client_request(c, &env, WEIGHTD__V1__REPLY__RESULT_TENSORS, NULL, NULL, &reply, &e);
+        if (r == WD_OK) {
+                Weightd__V1__TensorsReply *t = reply->reply->tensors;
+
+                r = manifest_new(&reply, t->model, t->component, t->files, t->n_files, t->tensors, t->n_tensors, NULL,
+                                 ret, &e);
+        }
+        return finish(r, &e, err);
+}
+
+static int client_release(wd_client *c, uint64_t lease, wd_error *err) {
+        Weightd__V1__ReleaseRequest release = WEIGHTD__V1__RELEASE_REQUEST__INIT;
+        WireEnvelope env = WEIGHTD__V1__ENVELOPE__INIT;
+
+        release.lease = lease;
+        env.body_case = WEIGHTD__V1__ENVELOPE__BODY_RELEASE;
+        env.release = &release;
+        return client_call(c, &env, WEIGHTD__V1__REPLY__RESULT__NOT_SET, NULL, NULL, false, NULL, err);
+}
+
+static void close_fds(const int *fds, size_t n) {
+        for (size_t i = 0; i < n; i++)
+                close(fds[i]);
+}
+
+/* The LoadReply's slabs and the descriptors that came with it do not
+ * match: end the lease and the connection, whose descriptor queue can no
+ * longer be trusted. */
+static int client_load_fd_mismatch(wd_client *c, uint64_t lease, size_t n_slabs, size_t n_fds, wd_error *err) {
+        wd_error ignored;
+
+        error_set(err, WD_PROTOCOL_ERROR, "the daemon's LoadReply lists %zu slabs but %zu descriptors came with it",
+                  n_slabs, n_fds);
+        reader_close_fds(&c->reader);
+        (void) client_release(c, lease, &ignored);
+        return client_break(c, err);
+}
+
+static int client_load(wd_client *c, WireEnvelope *req, wd_lease **ret, wd_error *err) {
+        _cleanup_envelope_ WireEnvelope *reply = NULL;
+        int fds[WIRE_MAX_FDS];
+        wd_error ignored;
+        wd_lease *l;
+        int r;
+
+        r = client_call(c, req, WEIGHTD__V1__REPLY__RESULT_LOAD, NULL, NULL, true, &reply, err);
+        if (r != WD_OK)
+                return r;
+
+        Weightd__V1__LoadReply *lr = reply->reply->load;
+        size_t n = lr->n_slabs;
+
+        if (lr->lease == 0)
+                return client_fail(c, err, WD_PROTOCOL_ERROR, "the daemon's LoadReply holds no lease");
+        /* (wire_reader_take_fds() must not be asked for 0 before any
+         * descriptor came: its queue is still NULL.) */
+        if (n > WIRE_MAX_FDS || (n > 0 && wire_reader_take_fds(&c->reader, n, fds) < 0))
+                return client_load_fd_mismatch(c, lr->lease, n, c->reader.n_fds, err);
+        if (c->reader.n_fds > 0 && !wire_reader_partial(&c->reader)) {
+                close_fds(fds, n);
+                return client_load_fd_mismatch(c, lr->lease, n, n + c->reader.n_fds, err);
+        }
+
+        l = calloc(1, sizeof(*l));
+        if (!l)
+                r = error_set(err, WD_INTERNAL, "out of memory");
+        else {
+                l->id = lr->lease;
+                r = manifest_new(&reply, lr->model, lr->component, lr->slabs, n, lr->tensors, lr->n_tensors, fds,
+                                 &l->manifest, err);
+        }
+        close_fds(fds, n);
+        if (r != WD_OK) {
+                /* Nothing of the lease may stay behind in the daemon. */
+                (void) client_release(c, lr->lease, &ignored);
+                free(l);
+                return r;
+        }
+
+        l->manifest->leased = true;
+        l->client = c;
+        c->n_ref++;
+        *ret = l;
+        return WD_OK;
+}
+
+_public_ int wd_load(wd_client *c, const char *model, const char *component, wd_lease **ret, wd_error *err) {
+        Weightd__V1__LoadRequest load = load_request(model, component, false);
+        WireEnvelope env = WEIGHTD__V1__ENVELOPE__INIT;
+        wd_error e;
+        int r;
+
+        r = check_args("wd_load", c && model && ret, &e);
+        if (r != WD_OK)
+                return finish(r, &e, err);
+
+        env.body_case = WEIGHTD__V1__ENVELOPE__BODY_LOAD;
+        env.load = &load;
+        pthread_mutex_lock(&c->mutex);
+        r = client_load(c, &env, ret, &e);
+        pthread_mutex_unlock(&c->mutex);
+        return finish(r, &e, err);
+}
+
+_public_ const wd_manifest *wd_lease_manifest(const wd_lease *l) {
+        return l ? l->manifest : NULL;
+}
+
+_public_ uint64_t wd_lease_id(const wd_lease *l) {
+        return l ? l->id : 0;
+}
+
+_public_ int wd_release(wd_lease *l, wd_error *err) {
+        wd_client *c;
+        wd_error e;
+        int r;
+
+        if (!l)
+                return WD_OK;
+        c = l->client;
+
+        pthread_mutex_lock(&c->mutex);
+        r = client_release(c, l->id, &e);
+        pthread_mutex_unlock(&c->mutex);
+
+        manifest_free(l->manifest);
+        free(l);
+        client_unref(c);
+        return finish(r, &e, err);
+}
+
+_public_ int wd_prefetch(wd_client *c, const char *model, const char *component, wd_progress_fn progress,
+                         void *userdata, wd_prefetch_result *ret, wd_error *err) {
+        Weightd__V1__LoadRequest load = load_request(model, component, progress != NULL);
+        WireEnvelope env = WEIGHTD__V1__ENVELOPE__INIT;
+        _cleanup_envelope_ WireEnvelope *reply = NULL;
+        wd_error e;
+        int r;
+
+        r = check_args("wd_prefetch", c && model, &e);
+        if (r != WD_OK)
+                return finish(r, &e, err);
+
+        env.body_case = WEIGHTD__V1__ENVELOPE__BODY_PREFETCH;
+        env.prefetch = &load;
+        r = client_request(c, &env, WEIGHTD__V1__REPLY__RESULT_LOAD, progress, userdata, &reply, &e);
+        if (r == WD_OK && ret)
+                *ret = (wd_prefetch_result){
+                        .bytes = reply->reply->load->bytes,
+                        .was_resident = reply->reply->load->was_resident,
+                };
+        return finish(r, &e, err);
+}
+
+/* Evict, Pin and Unpin: a ComponentRef and a reply without a result. */
+static int component_request(wd_client *c, const char *func, BodyCase body, const char *model, const char *component,
+                             wd_error *err) {
+        Weightd__V1__ComponentRef ref = component_ref(model, component);
+        WireEnvelope env = WEIGHTD__V1__ENVELOPE__INIT;
+        wd_error e;
+        int r;
+
+        r = check_args(func, c && model, &e);
+        if (r != WD_OK)
+                return finish(r, &e, err);
+
+        env.body_case = body;
+        if (body == WEIGHTD__V1__ENVELOPE__BODY_EVICT)
+                env.evict = &ref;
+        else if (body == WEIGHTD__V1__ENVELOPE__BODY_PIN)
+                env.pin = &ref;
+        else
+                env.unpin = &ref;
+        r = client_request(c, &env, WEIGHTD__V1__REPLY__RESULT__NOT_SET, NULL, NULL, NULL, &e);
+        return finish(r, &e, err);
+}
+
+_public_ int wd_evict(wd_client *c, const char *model, const char *component, wd_error *err) {
+        return component_request(c, "wd_evict", WEIGHTD__V1__ENVELOPE__BODY_EVICT, model, component, err);
+}
+
+_public_ int wd_pin(wd_client *c, const char *model, const char *component, wd_error *err) {
+        return component_request(c, "wd_pin", WEIGHTD__V1__ENVELOPE__BODY_PIN, model, component, err);
+}
+
+_public_ int wd_unpin(wd_client *c, const char *model, const char *component, wd_error *err) {
+        return component_request(c, "wd_unpin", WEIGHTD__V1__ENVELOPE__BODY_UNPIN, model, component, err);
+}
+
+/* List and Status: a request without fields and a reply with one result. */
+static int query_request(wd_client *c, BodyCase body, ResultCase expect, WireEnvelope **ret, wd_error *err) {
+        Weightd__V1__ListRequest list = WEIGHTD__V1__LIST_REQUEST__INIT;
+        Weightd__V1__StatusRequest status = WEIGHTD__V1__STATUS_REQUEST__INIT;
+        WireEnvelope env = WEIGHTD__V1__ENVELOPE__INIT;
+
+        env.body_case = body;
+        if (body == WEIGHTD__V1__ENVELOPE__BODY_LIST)
+                env.list = &list;
+        else
+                env.status = &status;
+        return client_request(c, &env, expect, NULL, NULL, ret, err);
+}
+
+/* Copy s to *p and advance it past the copy's NUL. */
+static const char *pack_string(char **p, const char *s) {
+        size_t n = strlen(s) + 1;
+        char *d = *p;
+
+        memcpy(d, s, n);
+        *p += n;
+        return d;
+}
+
+_public_ int wd_list(wd_client *c, wd_entry **ret_entries, size_t *ret_n, wd_error *err) {
+        _cleanup_envelope_ WireEnvelope *reply = NULL;
+        wd_error e;
+        int r;
+
+        r = check_args("wd_list", c && ret_entries && ret_n, &e);
+        if (r == WD_OK)
+                r = query_request(c, WEIGHTD__V1__ENVELOPE__BODY_LIST, WEIGHTD__V1__REPLY__RESULT_LIST, &reply, &e);
+        if (r != WD_OK)
+                return finish(r, &e, err);
+
+        const Weightd__V1__ListReply *lr = reply->reply->list;
+        size_t n = lr->n_entries, strings = 0;
+
+        for (size_t i = 0; i < n; i++) {
+                const Weightd__V1__Entry *x = lr->entries[i];
+
+                strings += strlen(x->model) + strlen(x->component) + strlen(x->tier) + strlen(x->state) + 4;
+        }
+
+        /* One allocation: the entries, then their strings. */
+        wd_entry *v = malloc(n * sizeof(wd_entry) + strings + 1);
+        if (!v)
+                return finish(error_set(&e, WD_INTERNAL, "out of memory"), &e, err);
+        char *p = (char *) (v + n);
+        for (size_t i = 0; i < n; i++) {
+                const Weightd__V1__Entry *x = lr->entries[i];
+
+                v[i] = (wd_entry){
+                        .model = pack_string(&p, x->model),
+                        .component = pack_string(&p, x->component),
+                        .tier = pack_string(&p, x->tier),
+                        .state = pack_string(&p, x->state),
+                        .bytes = x->bytes,
+                        .leases = x->leases,
+                        .pinned = x->pinned,
+                        .files = x->files,
+                        .idle_ms = x->idle_ms,
+                };
+        }
+        *ret_entries = v;
+        *ret_n = n;
+        return WD_OK;
+}
+
+_public_ void wd_entries_free(wd_entry *entries, size_t n) {
+        free(entries);
+}
+
+_public_ int wd_status_get(wd_client *c, wd_status **ret, wd_error *err) {
+        _cleanup_envelope_ WireEnvelope *reply = NULL;
+        wd_error e;
+        int r;
+
+        r = check_args("wd_status_get", c && ret, &e);
+        if (r == WD_OK)
+                r = query_request(c, WEIGHTD__V1__ENVELOPE__BODY_STATUS, WEIGHTD__V1__REPLY__RESULT_STATUS, &reply, &e);
+        if (r != WD_OK)
+                return finish(r, &e, err);
+
+        const Weightd__V1__StatusReply *sr = reply->reply->status;
+        size_t n = sr->n_model_roots, strings = strlen(sr->version) + strlen(sr->socket) + 2;
+
+        for (size_t i = 0; i < n; i++)
+                strings += strlen(sr->model_roots[i]) + 1;
+
+        /* One allocation: the status, the roots' pointers, then the strings. */
+        wd_status *s = malloc(sizeof(wd_status) + n * sizeof(char *) + strings);
+        if (!s)
+                return finish(error_set(&e, WD_INTERNAL, "out of memory"), &e, err);
+        const char **roots = (const char **) (s + 1);
+        char *p = (char *) (roots + n);
+
+        *s = (wd_status){
+                .version = pack_string(&p, sr->version),
+                .pid = sr->pid,
+                .uptime_ms = sr->uptime_ms,
+                .host_budget_bytes = sr->host_budget_bytes,
+                .host_used_bytes = sr->host_used_bytes,
+                .host_evictable_bytes = sr->host_evictable_bytes,
+                .storage_read_bytes = sr->storage_read_bytes,
+                .leases = sr->leases,
+                .connections = sr->connections,
+                .entries = sr->entries,
+                .loading = sr->loading,
+                .evictions = sr->evictions,
+                .n_model_roots = n,
+                .model_roots = roots,
+                .socket = pack_string(&p, sr->socket),
+                .hugetlb = sr->hugetlb,
+        };
+        for (size_t i = 0; i < n; i++)
+                roots[i] = pack_string(&p, sr->model_roots[i]);
+        *ret = s;
+        return WD_OK;
+}
+
+_public_ void wd_status_free(wd_status *s) {
+        free(s);
+}

@@ -1,0 +1,330 @@
+/* The manifest of a component: its files and tensors as the daemon describes
+ * them in a LoadReply or TensorsReply.  Every field is checked before it is
+ * used, because the daemon's reply decides where this process reads: slab
+ * and fd indices in range, each tensor inside its file, the shape matching
+ * the byte count for the dtypes we know, names unique.  For a lease the
+ * slabs are mapped read-only and each tensor points into its mapping.  The
+ * manifest keeps the unpacked reply and points into it, so nothing is
+ * copied; a name index sorted with strcmp() serves wd_manifest_find(). */
+
+#include <errno.h>
+#include <fcntl.h>
+#include <limits.h>
+#include <stdio.h>
+#include <string.h>
+#include <sys/mman.h>
+#include <sys/stat.h>
+
+#include "client-internal.h"
+
+/* Bits per element of the safetensors dtypes; 0 for one we do not know,
+ * whose byte count then goes unchecked. */
+static unsigned dtype_bits(const char *dtype) {
+        static const struct {
+                const char *name;
+                unsigned bits;
+        } table[] = {
+                { "BOOL", 8 },     { "U8", 8 },       { "I8", 8 },          { "F8_E4M3", 8 },
+                { "F8_E5M2", 8 },  { "F8_E8M0", 8 },  { "F8_E4M3FNUZ", 8 }, { "F8_E5M2FNUZ", 8 },
+                { "I16", 16 },     { "U16", 16 },     { "F16", 16 },        { "BF16", 16 },
+                { "I32", 32 },     { "U32", 32 },     { "F32", 32 },        { "I64", 64 },
+                { "U64", 64 },     { "F64", 64 },     { "C64", 64 },        { "F4", 4 },
+                { "F6_E2M3", 6 },  { "F6_E3M2", 6 },
+        };
+
+        for (size_t i = 0; i < ELEMENTSOF(table); i++)
+                if (strcmp(table[i].name, dtype) == 0)
+                        return table[i].bits;
+        return 0;
+}
+
+static void shape_format(char *buf, size_t size, const uint64_t *shape, size_t ndim) {
+        size_t o = (size_t) snprintf(buf, size, "[");
+
+        for (size_t i = 0; i < ndim && o < size; i++)
+                o += (size_t) snprintf(buf + o, size - o, "%s%llu", i > 0 ? ", " : "", (unsigned long long) shape[i]);
+        if (o < size)
+                snprintf(buf + o, size - o, "]");
+}
+
+wd_manifest *manifest_free(wd_manifest *m) {
+        if (!m)
+                return NULL;
+        for (size_t i = 0; m->files && i < m->n_files; i++)
+                if (m->files[i].map)
+                        munmap(m->files[i].map, m->files[i].map_size);
+        free(m->files);
+        free(m->tensors);
+        free(m->by_name);
+        wire_envelope_free(m->env);
+        free(m);
+        return NULL;
+}
+
+static void manifest_freep(wd_manifest **m) {
+        manifest_free(*m);
+}
+
+/* The file's name for messages. */
+static void file_label(char *buf, size_t size, const PbSlab *s, size_t i) {
+        if (s->file[0] != '\0')
+                escape_string(buf, size, s->file, 200);
+        else
+                snprintf(buf, size, "slab %zu", i);
+}
+
+/* Check one slab's descriptor and map it read-only. */
+static int file_map(ManifestFile *f, size_t i, int fd, wd_error *err) {
+        const PbSlab *s = f->slab;
+        char label[256];
+        struct stat st;
+        int seals;
+
+        file_label(label, sizeof(label), s, i);
+        if (s->size > s->map_size)
+                return error_set(err, WD_PROTOCOL_ERROR, "daemon's manifest: %s: size %llu is over map_size %llu",
+                                 label, (unsigned long long) s->size, (unsigned long long) s->map_size);
+        if (s->map_size == 0)
+                return error_set(err, WD_PROTOCOL_ERROR, "daemon's manifest: %s: map_size is 0", label);
+        if (fstat(fd, &st) < 0)
+                return error_set(err, WD_INTERNAL, "%s: cannot stat the slab's descriptor: %s", label, strerror(errno));
+        if (!S_ISREG(st.st_mode))
+                return error_set(err, WD_PROTOCOL_ERROR, "daemon's manifest: %s: the descriptor is not a memory file",
+                                 label);
+        if (st.st_size < 0 || s->map_size > (uint64_t) st.st_size || s->map_size > SIZE_MAX)
+                return error_set(err, WD_PROTOCOL_ERROR,
+                                 "daemon's manifest: %s: map_size %llu is over the descriptor's size %lld", label,
+                                 (unsigned long long) s->map_size, (long long) st.st_size);
+        /* A memory file that could shrink under the mapping would kill us with
+         * SIGBUS; the daemon seals every slab. */
+        seals = fcntl(fd, F_GET_SEALS);
+        if (seals < 0 || !(seals & F_SEAL_SHRINK))
+                return error_set(err, WD_PROTOCOL_ERROR, "daemon's manifest: %s: the descriptor is not sealed against shrinking",
+                                 label);
+
+        void *p = mmap(NULL, (size_t) s->map_size, PROT_READ, MAP_SHARED, fd, 0);
+        if (p == MAP_FAILED)
+                return error_set(err, errno == ENOMEM ? WD_RESOURCE_EXHAUSTED : WD_INTERNAL,
+                                 "%s: cannot map %llu bytes: %s", label, (unsigned long long) s->map_size,
+                                 strerror(errno));
+        f->map = p;
+        f->map_size = (size_t) s->map_size;
+        return WD_OK;
+}
+
+static int manifest_map(wd_manifest *m, const int *fds, wd_error *err) {
+        _cleanup_free_ bool *seen = calloc(m->n_files ? m->n_files : 1, sizeof(bool));
+
+        if (!seen)
+                return error_set(err, WD_INTERNAL, "out of memory");
+        for (size_t i = 0; i < m->n_files; i++) {
+                uint32_t k = m->files[i].slab->fd_index;
+                char label[256];
+
+                file_label(label, sizeof(label), m->files[i].slab, i);
+                if (k >= m->n_files || seen[k])
+                        return error_set(err, WD_PROTOCOL_ERROR,
+                                         "daemon's manifest: %s: fd_index %u is %s among %zu descriptors", label, k,
+                                         k >= m->n_files ? "out of range" : "used twice", m->n_files);
+                seen[k] = true;
+
+                int r = file_map(&m->files[i], i, fds[k], err);
+                if (r != WD_OK)
+                        return r;
+        }
+        return WD_OK;
+}
+
+static int tensor_check(const wd_manifest *m, const PbTensor *t, wd_error *err) {
+        char name[256], label[256];
+
+        escape_string(name, sizeof(name), t->name, 200);
+        if (t->slab >= m->n_files)
+                return error_set(err, WD_PROTOCOL_ERROR, "daemon's manifest: tensor \"%s\": slab %u is out of range (%zu files)",
+                                 name, t->slab, m->n_files);
+
+        const PbSlab *s = m->files[t->slab].slab;
+        uint64_t end;
+
+        file_label(label, sizeof(label), s, t->slab);
+        if (t->dtype[0] == '\0')
+                return error_set(err, WD_PROTOCOL_ERROR, "daemon's manifest: %s: tensor \"%s\": no dtype", label, name);
+        if (__builtin_add_overflow(t->offset, t->nbytes, &end) || end > s->size)
+                return error_set(err, WD_PROTOCOL_ERROR,
+                                 "daemon's manifest: %s: tensor \"%s\": %llu bytes at offset %llu end past the file's %llu bytes",
+                                 label, name, (unsigned long long) t->nbytes, (unsigned long long) t->offset,
+                                 (unsigned long long) s->size);
+        if (t->n_shape > UINT_MAX)
+                return error_set(err, WD_PROTOCOL_ERROR, "daemon's manifest: %s: tensor \"%s\": %zu dimensions", label,
+                                 name, t->n_shape);
+
+        unsigned bits = dtype_bits(t->dtype);
+        if (bits == 0)
+                return WD_OK;
+
+        /* Bits of the whole tensor: a zero dimension makes it empty, however
+         * large the others. */
+        unsigned __int128 n = bits;
+        bool overflow = false;
+        for (size_t i = 0; i < t->n_shape && !overflow; i++)
+                overflow = __builtin_mul_overflow(n, t->shape[i], &n);
+        for (size_t i = 0; i < t->n_shape; i++)
+                if (t->shape[i] == 0)
+                        overflow = false, n = 0;
+        if (overflow || n % 8 != 0 || n / 8 != t->nbytes) {
+                char shape[256], dtype[64];
+
+                shape_format(shape, sizeof(shape), t->shape, t->n_shape);
+                escape_string(dtype, sizeof(dtype), t->dtype, 32);
+                return error_set(err, WD_PROTOCOL_ERROR,
+                                 "daemon's manifest: %s: tensor \"%s\": shape %s of %s does not match %llu bytes", label,
+                                 name, shape, dtype, (unsigned long long) t->nbytes);
+        }
+        return WD_OK;
+}
+
+static int tensor_cmp(const void *a, const void *b) {
+        const wd_tensor *x = *(const wd_tensor *const *) a, *y = *(const wd_tensor *const *) b;
+
+        return strcmp(x->name, y->name);
+}
+
+static int manifest_index(wd_manifest *m, wd_error *err) {
+        for (size_t i = 0; i < m->n_tensors; i++)
+                m->by_name[i] = &m->tensors[i];
+        if (m->n_tensors > 0)
+                qsort(m->by_name, m->n_tensors, sizeof(m->by_name[0]), tensor_cmp);
+        for (size_t i = 1; i < m->n_tensors; i++)
+                if (strcmp(m->by_name[i - 1]->name, m->by_name[i]->name) == 0) {
+                        char name[256];
+
+                        escape_string(name, sizeof(name), m->by_name[i]->name, 200);
+                        return error_set(err, WD_PROTOCOL_ERROR, "daemon's manifest: tensor \"%s\" appears twice", name);
+                }
+        return WD_OK;
+}
+
+int manifest_new(WireEnvelope **env, const char *model, const char *component, PbSlab *const *slabs, size_t n_slabs,
+                 PbTensor *const *tensors, size_t n_tensors, const int *fds, wd_manifest **ret, wd_error *err) {
+        _cleanup_(manifest_freep) wd_manifest *m = calloc(1, sizeof(*m));
+        int r;
+
+        if (!m)
+                return error_set(err, WD_INTERNAL, "out of memory");
+        m->model = model;
+        m->component = component;
+        m->n_files = n_slabs;
+        m->n_tensors = n_tensors;
+        m->files = calloc(n_slabs ? n_slabs : 1, sizeof(ManifestFile));
+        m->tensors = calloc(n_tensors ? n_tensors : 1, sizeof(wd_tensor));
+        m->by_name = calloc(n_tensors ? n_tensors : 1, sizeof(wd_tensor *));
+        if (!m->files || !m->tensors || !m->by_name)
+                return error_set(err, WD_INTERNAL, "out of memory");
+
+        for (size_t i = 0; i < n_slabs; i++) {
+                m->files[i].slab = slabs[i];
+                if (__builtin_add_overflow(m->bytes, slabs[i]->size, &m->bytes))
+                        return error_set(err, WD_PROTOCOL_ERROR, "daemon's manifest: file sizes overflow 64 bits");
+        }
+        if (fds) {
+                r = manifest_map(m, fds, err);
+                if (r != WD_OK)
+                        return r;
+        }
+
+        for (size_t i = 0; i < n_tensors; i++) {
+                const PbTensor *t = tensors[i];
+
+                r = tensor_check(m, t, err);
+                if (r != WD_OK)
+                        return r;
+                const ManifestFile *f = &m->files[t->slab];
+                m->tensors[i] = (wd_tensor){
+                        .name = t->name,
+                        .dtype = t->dtype,
+                        .ndim = (unsigned) t->n_shape,
+                        .shape = t->n_shape > 0 ? t->shape : NULL,
+                        .nbytes = t->nbytes,
+                        .file = t->slab,
+                        .offset = t->offset,
+                        .data = f->map ? (const uint8_t *) f->map + t->offset : NULL,
+                };
+        }
+
+        r = manifest_index(m, err);
+        if (r != WD_OK)
+                return r;
+
+        m->env = TAKE_PTR(*env);
+        *ret = TAKE_PTR(m);
+        return WD_OK;
+}
+
+_public_ const char *wd_manifest_model(const wd_manifest *m) {
+        return m ? m->model : NULL;
+}
+
+_public_ const char *wd_manifest_component(const wd_manifest *m) {
+        return m ? m->component : NULL;
+}
+
+_public_ uint64_t wd_manifest_bytes(const wd_manifest *m) {
+        return m ? m->bytes : 0;
+}
+
+_public_ size_t wd_manifest_n_tensors(const wd_manifest *m) {
+        return m ? m->n_tensors : 0;
+}
+
+_public_ const wd_tensor *wd_manifest_tensor(const wd_manifest *m, size_t i) {
+        if (!m || i >= m->n_tensors)
+                return NULL;
+        return &m->tensors[i];
+}
+
+static int tensor_find_cmp(const void *key, const void *elem) {
+        return strcmp(key, (*(const wd_tensor *const *) elem)->name);
+}
+
+_public_ const wd_tensor *wd_manifest_find(const wd_manifest *m, const char *name) {
+        if (!m || !name || m->n_tensors == 0)
+                return NULL;
+
+        const wd_tensor *const *p = bsearch(name, m->by_name, m->n_tensors, sizeof(m->by_name[0]), tensor_find_cmp);
+        return p ? *p : NULL;
+}
+
+_public_ size_t wd_manifest_n_files(const wd_manifest *m) {
+        return m ? m->n_files : 0;
+}
+
+_public_ const char *wd_manifest_file(const wd_manifest *m, size_t i) {
+        if (!m || i >= m->n_files)
+                return NULL;
+        return m->files[i].slab->file;
+}
+
+_public_ size_t wd_manifest_n_metadata(const wd_manifest *m, size_t file) {
+        if (!m || file >= m->n_files)
+                return 0;
+        return m->files[file].slab->n_metadata;
+}
+
+_public_ int wd_manifest_metadata(const wd_manifest *m, size_t file, size_t i, const char **ret_key,
+                                  const char **ret_value) {
+        if (!m || file >= m->n_files || i >= m->files[file].slab->n_metadata)
+                return WD_NOT_FOUND;
+
+        const Weightd__V1__MetadataEntry *e = m->files[file].slab->metadata[i];
+        if (ret_key)
+                *ret_key = e->key;
+        if (ret_value)
+                *ret_value = e->value;
+        return WD_OK;
+}
+
+_public_ void wd_manifest_free(wd_manifest *m) {
+        /* A lease's manifest ends with the lease. */
+        if (m && !m->leased)
+                manifest_free(m);
+}
