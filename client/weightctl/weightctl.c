@@ -1,0 +1,1104 @@
+/* weightctl: the operator's command-line client of weightd.
+ *
+ * One connection, one command: the command line is parsed with getopt_long
+ * (options may follow the command), MODEL is made absolute without resolving
+ * symlinks, and the request goes through libweightd-client's public API
+ * only.  Results are text for people, or with --json one compact JSON
+ * document on stdout.  Exit 0 on success, 1 when the daemon refused or a
+ * local step failed ("weightctl: CODE_NAME: message" on stderr), 2 on a
+ * usage error.  README.md next to this file is the manual. */
+#include <errno.h>
+#include <getopt.h>
+#include <inttypes.h>
+#include <jansson.h>
+#include <signal.h>
+#include <stdarg.h>
+#include <stdbool.h>
+#include <stdint.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/ioctl.h>
+#include <sys/stat.h>
+#include <time.h>
+#include <unistd.h>
+
+#include "weightd/client.h"
+
+enum {
+        EXIT_OK = 0,
+        EXIT_FAILED = 1,
+        EXIT_USAGE = 2,
+};
+
+#define _cleanup_(f) __attribute__((cleanup(f)))
+#define _printf_(a, b) __attribute__((format(printf, a, b)))
+#define ELEMENTSOF(x) (sizeof(x) / sizeof((x)[0]))
+#define TAKE_PTR(p)                        \
+        ({                                 \
+                __typeof__(p) _ptr_ = (p); \
+                (p) = NULL;                \
+                _ptr_;                     \
+        })
+#define DEFINE_TRIVIAL_CLEANUP_FUNC(type, func) \
+        static inline void func##p(type *p) {   \
+                if (*p)                         \
+                        func(*p);               \
+        }
+
+static inline void freep(void *p) {
+        free(*(void **) p);
+}
+#define _cleanup_free_ _cleanup_(freep)
+
+static inline uint64_t min_u64(uint64_t a, uint64_t b) {
+        return a < b ? a : b;
+}
+
+/* An owned list of strings. */
+typedef struct Strv {
+        char **items;
+        size_t n;
+} Strv;
+
+static void strv_done(Strv *s) {
+        for (size_t i = 0; i < s->n; i++)
+                free(s->items[i]);
+        free(s->items);
+        *s = (Strv) {};
+}
+
+DEFINE_TRIVIAL_CLEANUP_FUNC(wd_client *, wd_disconnect);
+DEFINE_TRIVIAL_CLEANUP_FUNC(wd_manifest *, wd_manifest_free);
+DEFINE_TRIVIAL_CLEANUP_FUNC(wd_status *, wd_status_free);
+
+/* A failed release needs no report: closing the connection ends the lease. */
+static inline void wd_releasep(wd_lease **l) {
+        if (*l)
+                (void) wd_release(*l, NULL);
+}
+
+/* The one JSON style of every --json output: a single line. */
+#define JSON_FLAGS (JSON_COMPACT | JSON_REAL_PRECISION(9))
+
+#define SIZE_MAX_LEN 32
+#define DURATION_MAX_LEN 32
+
+enum {
+        CMD_MODEL = 1u << 0,      /* takes MODEL */
+        CMD_COMPONENT = 1u << 1,  /* takes one --component */
+        CMD_COMPONENTS = 1u << 2, /* takes --component more than once */
+        CMD_JSON = 1u << 3,       /* takes --json */
+        CMD_TENSOR = 1u << 4,     /* takes --tensor (required) and --force */
+};
+
+typedef struct Options {
+        const char *socket;
+        const char *command;
+        const char *model_arg;
+        char *model; /* model_arg made absolute */
+        const char **components;
+        size_t n_components;
+        const char *tensor;
+        bool json;
+        bool force;
+} Options;
+
+static void options_done(Options *o) {
+        free(o->model);
+        free(o->components);
+}
+
+typedef struct Command {
+        const char *name;
+        unsigned flags;
+        int (*run)(wd_client *c, const Options *o);
+} Command;
+
+/* ---- output helpers ---------------------------------------------------- */
+
+static int usage_error(const char *fmt, ...) _printf_(1, 2);
+static int usage_error(const char *fmt, ...) {
+        va_list ap;
+
+        fputs("weightctl: ", stderr);
+        va_start(ap, fmt);
+        vfprintf(stderr, fmt, ap);
+        va_end(ap);
+        fputs("\nUsage: weightctl [--socket PATH] COMMAND [ARGS]...  (weightctl --help lists the commands)\n",
+              stderr);
+        return EXIT_USAGE;
+}
+
+/* A local failure, with errno_value's text when it is not 0. */
+static int fail(int errno_value, const char *fmt, ...) _printf_(2, 3);
+static int fail(int errno_value, const char *fmt, ...) {
+        va_list ap;
+
+        fputs("weightctl: ", stderr);
+        va_start(ap, fmt);
+        vfprintf(stderr, fmt, ap);
+        va_end(ap);
+        if (errno_value != 0)
+                fprintf(stderr, ": %s", strerror(errno_value));
+        fputc('\n', stderr);
+        return EXIT_FAILED;
+}
+
+/* A refusal by the daemon or the library: "weightctl: CODE_NAME: message". */
+static int fail_wd(int code, const wd_error *e) {
+        fprintf(stderr, "weightctl: %s%s%s\n", wd_code_name(code), e->message[0] ? ": " : "", e->message);
+        return EXIT_FAILED;
+}
+
+static int fail_oom(void) {
+        return fail(ENOMEM, "cannot build the output");
+}
+
+/* A copy of s that is safe to print on a terminal: control characters become
+ * \xNN (names come from files nobody vetted).  NULL s gives "-". */
+static char *printable(const char *s) {
+        char *out, *o;
+
+        if (!s)
+                s = "-";
+        out = malloc(strlen(s) * 4 + 1);
+        if (!out)
+                return NULL;
+        o = out;
+        for (const unsigned char *p = (const unsigned char *) s; *p; p++)
+                if (*p < 0x20 || *p == 0x7f)
+                        o += sprintf(o, "\\x%02x", *p);
+                else
+                        *o++ = (char) *p;
+        *o = '\0';
+        return out;
+}
+
+/* Terminal columns taken by a UTF-8 string, counting one per code point. */
+static size_t text_width(const char *s) {
+        size_t n = 0;
+
+        for (; *s; s++)
+                if (((unsigned char) *s & 0xc0) != 0x80)
+                        n++;
+        return n;
+}
+
+/* "512 B", "1.5 GiB": binary units with one decimal. */
+static const char *format_bytes(char buf[static SIZE_MAX_LEN], uint64_t n) {
+        static const char *const units[] = { "KiB", "MiB", "GiB", "TiB", "PiB", "EiB" };
+        double v;
+        size_t u = 0;
+
+        if (n < 1024) {
+                snprintf(buf, SIZE_MAX_LEN, "%" PRIu64 " B", n);
+                return buf;
+        }
+        v = (double) n / 1024.0;
+        /* Move up a unit where one decimal would round to 1024.0. */
+        while (v >= 1023.95 && u + 1 < ELEMENTSOF(units)) {
+                v /= 1024.0;
+                u++;
+        }
+        snprintf(buf, SIZE_MAX_LEN, "%.1f %s", v, units[u]);
+        return buf;
+}
+
+/* "350ms", "4.2s", "5m03s", "2h05m", "3d04h". */
+static const char *format_duration(char buf[static DURATION_MAX_LEN], uint64_t ms) {
+        uint64_t s = ms / 1000;
+
+        if (ms < 1000)
+                snprintf(buf, DURATION_MAX_LEN, "%" PRIu64 "ms", ms);
+        else if (s < 60)
+                snprintf(buf, DURATION_MAX_LEN, "%" PRIu64 ".%" PRIu64 "s", s, ms % 1000 / 100);
+        else if (s < 3600)
+                snprintf(buf, DURATION_MAX_LEN, "%" PRIu64 "m%02" PRIu64 "s", s / 60, s % 60);
+        else if (s < 86400)
+                snprintf(buf, DURATION_MAX_LEN, "%" PRIu64 "h%02" PRIu64 "m", s / 3600, s % 3600 / 60);
+        else
+                snprintf(buf, DURATION_MAX_LEN, "%" PRIu64 "d%02" PRIu64 "h", s / 86400, s % 86400 / 3600);
+        return buf;
+}
+
+static double now_s(void) {
+        struct timespec ts;
+
+        clock_gettime(CLOCK_MONOTONIC, &ts);
+        return (double) ts.tv_sec + (double) ts.tv_nsec * 1e-9;
+}
+
+/* A JSON string; null for NULL.  jansson takes only valid UTF-8, and paths
+ * need not be: such a string is written with '?' for every non-ASCII byte. */
+static json_t *json_str(const char *s) {
+        _cleanup_free_ char *ascii = NULL;
+        json_t *v;
+
+        if (!s)
+                return json_null();
+        v = json_string(s);
+        if (v)
+                return v;
+        ascii = strdup(s);
+        if (!ascii)
+                return NULL;
+        for (char *p = ascii; *p; p++)
+                if ((unsigned char) *p >= 0x80)
+                        *p = '?';
+        return json_string(ascii);
+}
+
+/* jansson integers are signed 64-bit; larger values become reals. */
+static json_t *json_u64(uint64_t v) {
+        if (v <= INT64_MAX)
+                return json_integer((json_int_t) v);
+        return json_real((double) v);
+}
+
+/* Write doc (consumed) as the one JSON document of this run. */
+static int json_print(json_t *doc) {
+        _cleanup_(json_decrefp) json_t *d = doc;
+
+        if (!d)
+                return fail_oom();
+        if (json_dumpf(d, stdout, JSON_FLAGS) < 0)
+                return fail(errno, "cannot write the JSON output");
+        fputc('\n', stdout);
+        return EXIT_OK;
+}
+
+/* Text tables: a header row, then rows; two spaces between columns. */
+typedef struct Table {
+        size_t n_columns;
+        unsigned right; /* bit i: column i is right-aligned */
+        Strv cells;     /* row-major, printable copies */
+        size_t allocated;
+} Table;
+
+static void table_done(Table *t) {
+        strv_done(&t->cells);
+}
+
+static int table_add_row(Table *t, const char *const *row) {
+        Strv *c = &t->cells;
+
+        if (c->n + t->n_columns > t->allocated) {
+                size_t n = t->allocated ? t->allocated * 2 : t->n_columns * 16;
+                char **items = reallocarray(c->items, n, sizeof(char *));
+
+                if (!items)
+                        return -ENOMEM;
+                c->items = items;
+                t->allocated = n;
+        }
+        for (size_t i = 0; i < t->n_columns; i++) {
+                c->items[c->n] = printable(row[i]);
+                if (!c->items[c->n])
+                        return -ENOMEM;
+                c->n++;
+        }
+        return 0;
+}
+
+static int table_print(const Table *t) {
+        _cleanup_free_ size_t *width = calloc(t->n_columns, sizeof(size_t));
+        const Strv *c = &t->cells;
+
+        if (!width)
+                return -ENOMEM;
+        for (size_t i = 0; i < c->n; i++) {
+                size_t w = text_width(c->items[i]);
+
+                if (w > width[i % t->n_columns])
+                        width[i % t->n_columns] = w;
+        }
+        for (size_t i = 0; i < c->n; i++) {
+                size_t col = i % t->n_columns, pad = width[col] - text_width(c->items[i]);
+                bool last = col + 1 == t->n_columns;
+
+                if (t->right & (1u << col))
+                        printf("%*s%s", (int) pad, "", c->items[i]);
+                else
+                        printf("%s%*s", c->items[i], last ? 0 : (int) pad, "");
+                fputs(last ? "\n" : "  ", stdout);
+        }
+        return 0;
+}
+
+/* ---- MODEL ------------------------------------------------------------- */
+
+/* MODEL as an absolute path: a relative one is joined to getcwd(); "."
+ * components and repeated or trailing slashes are dropped lexically.
+ * Symlinks and ".." in MODEL stay as written: the daemon judges where they
+ * lead. */
+static int model_path_absolute(const char *arg, char **ret) {
+        _cleanup_free_ char *cwd = NULL, *joined = NULL;
+        char *out, *o;
+
+        if (arg[0] != '/') {
+                cwd = getcwd(NULL, 0);
+                if (!cwd)
+                        return -errno;
+                if (asprintf(&joined, "%s/%s", cwd, arg) < 0)
+                        return -ENOMEM;
+                arg = joined;
+        }
+        out = malloc(strlen(arg) + 2);
+        if (!out)
+                return -ENOMEM;
+        o = out;
+        for (const char *p = arg; *p;) {
+                size_t n;
+
+                while (*p == '/')
+                        p++;
+                n = strcspn(p, "/");
+                if (n > 0 && !(n == 1 && p[0] == '.')) {
+                        *o++ = '/';
+                        memcpy(o, p, n);
+                        o += n;
+                }
+                p += n;
+        }
+        if (o == out)
+                *o++ = '/';
+        *o = '\0';
+        *ret = out;
+        return 0;
+}
+
+/* The components a diffusers pipeline lists in MODEL/model_index.json: keys
+ * not starting with '_' whose value is a two-element array without nulls.
+ * Returns 0, -ENOENT when there is no such file, or EXIT_FAILED after saying
+ * why the file cannot be used. */
+static int diffusers_components(const char *model, Strv *ret) {
+        _cleanup_free_ char *path = NULL;
+        _cleanup_(json_decrefp) json_t *index = NULL;
+        _cleanup_(strv_done) Strv l = {};
+        json_error_t jerr;
+        struct stat st;
+        const char *key;
+        json_t *value;
+
+        if (asprintf(&path, "%s/model_index.json", model) < 0)
+                return fail_oom();
+        if (stat(path, &st) < 0) {
+                if (errno == ENOENT || errno == ENOTDIR)
+                        return -ENOENT;
+                return fail(errno, "%s", path);
+        }
+        index = json_load_file(path, 0, &jerr);
+        if (!index)
+                return fail(0, "%s: line %d: %s", path, jerr.line, jerr.text);
+        if (!json_is_object(index))
+                return fail(0, "%s: not a JSON object", path);
+        l.items = calloc(json_object_size(index) + 1, sizeof(char *));
+        if (!l.items)
+                return fail_oom();
+        /* jansson keeps the file's key order. */
+        json_object_foreach(index, key, value) {
+                if (key[0] == '_' || !json_is_array(value) || json_array_size(value) != 2 ||
+                    json_is_null(json_array_get(value, 0)) || json_is_null(json_array_get(value, 1)))
+                        continue;
+                l.items[l.n] = strdup(key);
+                if (!l.items[l.n])
+                        return fail_oom();
+                l.n++;
+        }
+        *ret = l;
+        l = (Strv) {};
+        return 0;
+}
+
+/* ---- prefetch ---------------------------------------------------------- */
+
+static volatile sig_atomic_t cancel_requested = 0;
+
+static void on_sigint(int sig) {
+        cancel_requested = 1;
+}
+
+typedef struct Progress {
+        char label[25]; /* printable, cut to leave room for a bar */
+        bool tty;
+        unsigned columns;
+        double start;
+        double last_draw;
+        bool drawn;
+} Progress;
+
+static void progress_clear(Progress *p) {
+        if (p->drawn) {
+                fputs("\r\033[K", stderr);
+                fflush(stderr);
+                p->drawn = false;
+        }
+}
+
+static void progress_draw(Progress *p, uint64_t done, uint64_t total, double now) {
+        char d[SIZE_MAX_LEN], t[SIZE_MAX_LEN], eta[DURATION_MAX_LEN] = "-", tail[160], bar[64];
+        double elapsed = now - p->start, rate = elapsed > 0 ? (double) done / elapsed : 0;
+        double fraction = total > 0 ? (double) min_u64(done, total) / (double) total : 1.0;
+        size_t used, width = 0;
+
+        if (rate > 0 && total > done)
+                format_duration(eta, (uint64_t) ((double) (total - done) / rate * 1000.0));
+        /* Fixed-width fields, so the bar keeps its length. */
+        snprintf(tail, sizeof(tail), "%10s/%-10s %3u%% %6.2f GB/s ETA %-6s", format_bytes(d, done),
+                 format_bytes(t, total), (unsigned) (fraction * 100.0), rate / 1e9, eta);
+        used = text_width(p->label) + strlen(tail) + 4; /* " [" "] " */
+        if (p->columns > used + 10)
+                width = min_u64(p->columns - used - 1, 40);
+        if (width > 0) {
+                size_t filled = (size_t) (fraction * (double) width);
+
+                memset(bar, '#', filled);
+                memset(bar + filled, '-', width - filled);
+                bar[width] = '\0';
+                fprintf(stderr, "\r\033[K%s [%s] %s", p->label, bar, tail);
+        } else
+                fprintf(stderr, "\r\033[K%s %s", p->label, tail);
+        fflush(stderr);
+        p->drawn = true;
+        p->last_draw = now;
+}
+
+static int progress_update(uint64_t done, uint64_t total, void *userdata) {
+        Progress *p = userdata;
+        double now;
+
+        if (cancel_requested)
+                return 1;
+        if (!p->tty)
+                return 0;
+        now = now_s();
+        /* At most ten frames a second, and always the last one. */
+        if (p->drawn && now - p->last_draw < 0.1 && done < total)
+                return 0;
+        progress_draw(p, done, total, now);
+        return 0;
+}
+
+static void progress_init(Progress *p, const char *label, bool tty) {
+        _cleanup_free_ char *l = printable(label);
+        struct winsize ws;
+        size_t n;
+
+        *p = (Progress) { .tty = tty, .columns = 80, .start = now_s() };
+        if (tty && ioctl(STDERR_FILENO, TIOCGWINSZ, &ws) == 0 && ws.ws_col > 0)
+                p->columns = ws.ws_col;
+        snprintf(p->label, sizeof(p->label), "%s", l ? l : "?");
+        /* Do not leave half a UTF-8 sequence where the label was cut. */
+        n = strlen(p->label);
+        if (l && strlen(l) > n)
+                while (n > 0 && ((unsigned char) p->label[n] & 0xc0) == 0x80)
+                        p->label[--n] = '\0';
+}
+
+/* Which components "prefetch MODEL" means without --component: "" for a
+ * plain checkpoint, else each component of the diffusers pipeline that has
+ * weights. */
+static int prefetch_components(wd_client *c, const Options *o, Strv *ret) {
+        _cleanup_(wd_manifest_freep) wd_manifest *m = NULL;
+        _cleanup_(strv_done) Strv l = {};
+        wd_error e = {};
+        size_t n = 0;
+        int r, q;
+
+        r = wd_tensors(c, o->model, NULL, &m, &e);
+        if (r == WD_OK) {
+                l.items = calloc(1, sizeof(char *));
+                if (!l.items || !(l.items[0] = strdup("")))
+                        return fail_oom();
+                l.n = 1;
+                *ret = l;
+                l = (Strv) {};
+                return 0;
+        }
+        if (r != WD_INVALID_ARGUMENT && r != WD_NOT_FOUND)
+                return fail_wd(r, &e);
+        q = diffusers_components(o->model, &l);
+        if (q == -ENOENT)
+                return fail_wd(r, &e); /* not a pipeline: the daemon's answer stands */
+        if (q != 0)
+                return q;
+
+        /* Keep those with weights. */
+        for (size_t i = 0; i < l.n; i++) {
+                _cleanup_(wd_manifest_freep) wd_manifest *cm = NULL;
+                wd_error ce = {};
+
+                r = wd_tensors(c, o->model, l.items[i], &cm, &ce);
+                if (r == WD_OK) {
+                        n++;
+                        continue;
+                }
+                if (r != WD_UNSUPPORTED && r != WD_NOT_FOUND)
+                        return fail_wd(r, &ce);
+                if (!o->json) {
+                        _cleanup_free_ char *name = printable(l.items[i]);
+
+                        fprintf(stderr, "weightctl: skipping %s: %s: %s\n", name ? name : "?", wd_code_name(r),
+                                ce.message);
+                }
+                free(l.items[i]);
+                l.items[i] = NULL;
+        }
+        if (n == 0)
+                return fail(0, "%s: no component of this diffusers model has safetensors weights", o->model);
+        n = 0;
+        for (size_t i = 0; i < l.n; i++)
+                if (l.items[i])
+                        l.items[n++] = l.items[i];
+        l.n = n;
+        *ret = l;
+        l = (Strv) {};
+        return 0;
+}
+
+static int run_prefetch(wd_client *c, const Options *o) {
+        _cleanup_(json_decrefp) json_t *results = NULL;
+        _cleanup_(strv_done) Strv names = {};
+        struct sigaction sa = { .sa_handler = on_sigint, .sa_flags = SA_RESTART | SA_RESETHAND };
+        bool tty = isatty(STDERR_FILENO);
+        int r;
+
+        /* The first Ctrl-C cancels at the next progress report; a second
+         * one ends weightctl at once. */
+        sigemptyset(&sa.sa_mask);
+        if (sigaction(SIGINT, &sa, NULL) < 0)
+                return fail(errno, "cannot handle SIGINT");
+
+        if (o->n_components > 0) {
+                names.items = calloc(o->n_components, sizeof(char *));
+                if (!names.items)
+                        return fail_oom();
+                for (; names.n < o->n_components; names.n++)
+                        if (!(names.items[names.n] = strdup(o->components[names.n])))
+                                return fail_oom();
+        } else {
+                r = prefetch_components(c, o, &names);
+                if (r != 0)
+                        return r;
+        }
+
+        results = json_array();
+        if (!results)
+                return fail_oom();
+        for (size_t i = 0; i < names.n; i++) {
+                const char *component = names.items[i], *label = component[0] ? component : o->model;
+                const char *slash = strrchr(o->model, '/');
+                wd_prefetch_result res = {};
+                wd_error e = {};
+                Progress p;
+                double seconds;
+
+                if (cancel_requested)
+                        break;
+                /* The bar names a plain model by its last component. */
+                progress_init(&p, component[0] || !slash[1] ? label : slash + 1, tty);
+                r = wd_prefetch(c, o->model, component, progress_update, &p, &res, &e);
+                seconds = now_s() - p.start;
+                progress_clear(&p);
+                if (r == WD_CANCELLED && cancel_requested)
+                        break;
+                if (r != WD_OK)
+                        return fail_wd(r, &e);
+
+                if (json_array_append_new(results, json_pack("{s:o, s:o, s:o, s:f, s:b}", "model",
+                                                             json_str(o->model), "component", json_str(component),
+                                                             "bytes", json_u64(res.bytes), "seconds", seconds,
+                                                             "was_resident", res.was_resident)) < 0)
+                        return fail_oom();
+                if (!o->json) {
+                        _cleanup_free_ char *l = printable(label);
+                        char size[SIZE_MAX_LEN];
+
+                        if (res.was_resident)
+                                printf("%s: %s already resident\n", l ? l : "?", format_bytes(size, res.bytes));
+                        else
+                                printf("%s: %s resident in %.1f s (%.1f GB/s)\n", l ? l : "?",
+                                       format_bytes(size, res.bytes), seconds,
+                                       seconds > 0 ? (double) res.bytes / seconds / 1e9 : 0.0);
+                        fflush(stdout);
+                }
+        }
+        if (cancel_requested) {
+                fputs("weightctl: cancelled\n", stderr);
+                return EXIT_FAILED;
+        }
+        return o->json ? json_print(TAKE_PTR(results)) : EXIT_OK;
+}
+
+/* ---- ls, status, tensors ----------------------------------------------- */
+
+typedef struct EntryList {
+        wd_entry *entries;
+        size_t n;
+} EntryList;
+
+static void entry_list_done(EntryList *l) {
+        if (l->entries)
+                wd_entries_free(l->entries, l->n);
+}
+
+static int run_ls(wd_client *c, const Options *o) {
+        _cleanup_(entry_list_done) EntryList l = {};
+        _cleanup_(table_done) Table t = { .n_columns = 8, .right = 1u << 4 | 1u << 5 | 1u << 7 };
+        wd_error e = {};
+        int r;
+
+        r = wd_list(c, &l.entries, &l.n, &e);
+        if (r != WD_OK)
+                return fail_wd(r, &e);
+
+        if (o->json) {
+                json_t *a = json_array();
+
+                for (size_t i = 0; a && i < l.n; i++) {
+                        const wd_entry *x = &l.entries[i];
+
+                        if (json_array_append_new(
+                                    a, json_pack("{s:o, s:o, s:o, s:o, s:o, s:I, s:b, s:I, s:o}", "model",
+                                                 json_str(x->model), "component", json_str(x->component), "tier",
+                                                 json_str(x->tier), "state", json_str(x->state), "bytes",
+                                                 json_u64(x->bytes), "leases", (json_int_t) x->leases, "pinned",
+                                                 x->pinned, "files", (json_int_t) x->files, "idle_ms",
+                                                 json_u64(x->idle_ms))) < 0) {
+                                json_decref(a);
+                                a = NULL;
+                        }
+                }
+                return json_print(a);
+        }
+
+        r = table_add_row(&t, (const char *const[]) { "MODEL", "COMPONENT", "TIER", "STATE", "SIZE", "LEASES",
+                                                       "PINNED", "IDLE" });
+        for (size_t i = 0; r == 0 && i < l.n; i++) {
+                const wd_entry *x = &l.entries[i];
+                char size[SIZE_MAX_LEN], leases[16], idle[DURATION_MAX_LEN];
+
+                snprintf(leases, sizeof(leases), "%" PRIu32, x->leases);
+                r = table_add_row(&t, (const char *const[]) {
+                                              x->model,
+                                              x->component && x->component[0] ? x->component : "-",
+                                              x->tier,
+                                              x->state,
+                                              format_bytes(size, x->bytes),
+                                              leases,
+                                              x->pinned ? "yes" : "no",
+                                              format_duration(idle, x->idle_ms),
+                                      });
+        }
+        if (r == 0)
+                r = table_print(&t);
+        return r == 0 ? EXIT_OK : fail_oom();
+}
+
+static int status_json(const wd_status *s) {
+        json_t *roots = json_array();
+
+        for (size_t i = 0; roots && i < s->n_model_roots; i++)
+                if (json_array_append_new(roots, json_str(s->model_roots[i])) < 0) {
+                        json_decref(roots);
+                        roots = NULL;
+                }
+        if (!roots)
+                return fail_oom();
+        return json_print(json_pack("{s:o, s:I, s:o, s:o, s:o, s:o, s:o, s:I, s:I, s:I, s:I, s:o, s:o, s:o, s:b}",
+                                    "version", json_str(s->version), "pid", (json_int_t) s->pid, "uptime_ms",
+                                    json_u64(s->uptime_ms), "host_budget_bytes", json_u64(s->host_budget_bytes),
+                                    "host_used_bytes", json_u64(s->host_used_bytes), "host_evictable_bytes",
+                                    json_u64(s->host_evictable_bytes), "storage_read_bytes",
+                                    json_u64(s->storage_read_bytes), "leases", (json_int_t) s->leases, "connections",
+                                    (json_int_t) s->connections, "entries", (json_int_t) s->entries, "loading",
+                                    (json_int_t) s->loading, "evictions", json_u64(s->evictions), "model_roots",
+                                    roots, "socket", json_str(s->socket), "hugetlb", s->hugetlb));
+}
+
+static int run_status(wd_client *c, const Options *o) {
+        _cleanup_(wd_status_freep) wd_status *s = NULL;
+        char num[7][24], size[4][SIZE_MAX_LEN], uptime[DURATION_MAX_LEN];
+        wd_error e = {};
+        int r;
+
+        r = wd_status_get(c, &s, &e);
+        if (r != WD_OK)
+                return fail_wd(r, &e);
+        if (o->json)
+                return status_json(s);
+
+        snprintf(num[0], sizeof(num[0]), "%" PRIu32, s->pid);
+        snprintf(num[1], sizeof(num[1]), "%" PRIu32, s->entries);
+        snprintf(num[2], sizeof(num[2]), "%" PRIu32, s->loading);
+        snprintf(num[3], sizeof(num[3]), "%" PRIu32, s->leases);
+        snprintf(num[4], sizeof(num[4]), "%" PRIu32, s->connections);
+        snprintf(num[5], sizeof(num[5]), "%" PRIu64, s->evictions);
+        const char *const lines[][2] = {
+                { "version", s->version },
+                { "pid", num[0] },
+                { "uptime", format_duration(uptime, s->uptime_ms) },
+                { "socket", s->socket },
+                { "host budget", format_bytes(size[0], s->host_budget_bytes) },
+                { "host used", format_bytes(size[1], s->host_used_bytes) },
+                { "host evictable", format_bytes(size[2], s->host_evictable_bytes) },
+                { "hugetlb", s->hugetlb ? "yes" : "no" },
+                { "storage read", format_bytes(size[3], s->storage_read_bytes) },
+                { "entries", num[1] },
+                { "loading", num[2] },
+                { "leases", num[3] },
+                { "connections", num[4] },
+                { "evictions", num[5] },
+        };
+        const int w = (int) strlen("host evictable");
+
+        for (size_t i = 0; i < ELEMENTSOF(lines); i++) {
+                _cleanup_free_ char *v = printable(lines[i][1]);
+
+                printf("%s:%*s %s\n", lines[i][0], w - (int) strlen(lines[i][0]), "", v ? v : "?");
+        }
+        /* One root a line, the later ones under the first. */
+        for (size_t i = 0; i < s->n_model_roots || i == 0; i++) {
+                _cleanup_free_ char *v = printable(i < s->n_model_roots ? s->model_roots[i] : "-");
+
+                if (i == 0)
+                        printf("model roots:%*s %s\n", w - (int) strlen("model roots"), "", v ? v : "?");
+                else
+                        printf("%*s  %s\n", w, "", v ? v : "?");
+        }
+        return EXIT_OK;
+}
+
+static int run_tensors(wd_client *c, const Options *o) {
+        _cleanup_(wd_manifest_freep) wd_manifest *m = NULL;
+        _cleanup_(table_done) Table t = { .n_columns = 4, .right = 1u << 3 };
+        const char *component = o->n_components > 0 ? o->components[0] : NULL;
+        size_t n;
+        wd_error e = {};
+        int r;
+
+        r = wd_tensors(c, o->model, component, &m, &e);
+        if (r != WD_OK)
+                return fail_wd(r, &e);
+        n = wd_manifest_n_tensors(m);
+
+        if (o->json) {
+                json_t *a = json_array();
+
+                for (size_t i = 0; a && i < n; i++) {
+                        const wd_tensor *x = wd_manifest_tensor(m, i);
+                        json_t *shape = json_array();
+
+                        for (unsigned d = 0; shape && d < x->ndim; d++)
+                                if (json_array_append_new(shape, json_u64(x->shape[d])) < 0) {
+                                        json_decref(shape);
+                                        shape = NULL;
+                                }
+                        if (json_array_append_new(a, json_pack("{s:o, s:o, s:o, s:o, s:o, s:o}", "name",
+                                                               json_str(x->name), "dtype", json_str(x->dtype),
+                                                               "shape", shape, "nbytes", json_u64(x->nbytes), "file",
+                                                               json_str(wd_manifest_file(m, x->file)), "offset",
+                                                               json_u64(x->offset))) < 0) {
+                                json_decref(a);
+                                a = NULL;
+                        }
+                }
+                return json_print(a);
+        }
+
+        r = table_add_row(&t, (const char *const[]) { "NAME", "DTYPE", "SHAPE", "SIZE" });
+        for (size_t i = 0; r == 0 && i < n; i++) {
+                const wd_tensor *x = wd_manifest_tensor(m, i);
+                _cleanup_free_ char *shape = NULL;
+                char size[SIZE_MAX_LEN];
+                size_t len;
+                FILE *f;
+
+                f = open_memstream(&shape, &len);
+                if (!f)
+                        return fail_oom();
+                fputc('[', f);
+                for (unsigned d = 0; d < x->ndim; d++)
+                        fprintf(f, "%s%" PRIu64, d ? ", " : "", x->shape[d]);
+                fputc(']', f);
+                if (fclose(f) != 0)
+                        return fail_oom();
+                r = table_add_row(&t,
+                                  (const char *const[]) { x->name, x->dtype, shape, format_bytes(size, x->nbytes) });
+        }
+        if (r == 0)
+                r = table_print(&t);
+        return r == 0 ? EXIT_OK : fail_oom();
+}
+
+/* ---- cat --------------------------------------------------------------- */
+
+/* Write all of buf to fd, across interruptions and partial writes.
+ * Returns 0 or -errno. */
+static int write_full(int fd, const void *buf, size_t n) {
+        const char *p = buf;
+
+        while (n > 0) {
+                ssize_t k = write(fd, p, n);
+
+                if (k < 0) {
+                        if (errno == EINTR)
+                                continue;
+                        return -errno;
+                }
+                p += k;
+                n -= (size_t) k;
+        }
+        return 0;
+}
+
+static int run_cat(wd_client *c, const Options *o) {
+        const char *component = o->n_components > 0 ? o->components[0] : NULL;
+        _cleanup_(wd_releasep) wd_lease *lease = NULL;
+        const wd_tensor *t;
+        wd_error e = {};
+        int r;
+
+        r = wd_load(c, o->model, component, &lease, &e);
+        if (r != WD_OK)
+                return fail_wd(r, &e);
+        t = wd_manifest_find(wd_lease_manifest(lease), o->tensor);
+        if (!t) {
+                _cleanup_free_ char *name = printable(o->tensor);
+
+                return fail(0, "%s: %s: no tensor \"%s\"", wd_code_name(WD_NOT_FOUND), o->model, name ? name : "?");
+        }
+        if (t->nbytes > 0 && !t->data)
+                return fail(0, "%s: the lease maps no data for tensor \"%s\"", wd_code_name(WD_INTERNAL), o->tensor);
+        if (t->nbytes > SIZE_MAX)
+                return fail(EFBIG, "tensor \"%s\"", o->tensor);
+        r = write_full(STDOUT_FILENO, t->data, (size_t) t->nbytes);
+        if (r == -EPIPE)
+                return EXIT_FAILED; /* the reader went away: nothing to say */
+        if (r < 0)
+                return fail(-r, "cannot write to stdout");
+        return EXIT_OK;
+}
+
+/* ---- evict, pin, unpin ------------------------------------------------- */
+
+static int run_change(wd_client *c, const Options *o, const char *done,
+                      int (*call)(wd_client *, const char *, const char *, wd_error *)) {
+        const char *component = o->n_components > 0 ? o->components[0] : NULL;
+        wd_error e = {};
+        int r;
+
+        r = call(c, o->model, component, &e);
+        if (r != WD_OK)
+                return fail_wd(r, &e);
+        if (!o->json)
+                return EXIT_OK;
+        return json_print(json_pack("{s:o, s:o, s:s}", "model", json_str(o->model), "component",
+                                    json_str(component ? component : ""), "result", done));
+}
+
+static int run_evict(wd_client *c, const Options *o) {
+        return run_change(c, o, "evicted", wd_evict);
+}
+
+static int run_pin(wd_client *c, const Options *o) {
+        return run_change(c, o, "pinned", wd_pin);
+}
+
+static int run_unpin(wd_client *c, const Options *o) {
+        return run_change(c, o, "unpinned", wd_unpin);
+}
+
+/* ---- main -------------------------------------------------------------- */
+
+static const Command commands[] = {
+        { "prefetch", CMD_MODEL | CMD_COMPONENT | CMD_COMPONENTS | CMD_JSON, run_prefetch },
+        { "ls", CMD_JSON, run_ls },
+        { "status", CMD_JSON, run_status },
+        { "tensors", CMD_MODEL | CMD_COMPONENT | CMD_JSON, run_tensors },
+        { "cat", CMD_MODEL | CMD_COMPONENT | CMD_TENSOR, run_cat },
+        { "evict", CMD_MODEL | CMD_COMPONENT | CMD_JSON, run_evict },
+        { "pin", CMD_MODEL | CMD_COMPONENT | CMD_JSON, run_pin },
+        { "unpin", CMD_MODEL | CMD_COMPONENT | CMD_JSON, run_unpin },
+};
+
+static void help(void) {
+        char socket[256];
+
+        if (wd_default_socket(socket, sizeof(socket)) != WD_OK)
+                snprintf(socket, sizeof(socket), "(too long)");
+        printf("Usage: weightctl [--socket PATH] COMMAND [ARGS]...\n"
+               "\n"
+               "Drive the weightd daemon of this node.\n"
+               "\n"
+               "Commands:\n"
+               "  prefetch MODEL [--component NAME]...   make components resident in host memory\n"
+               "  ls                                     list the daemon's entries\n"
+               "  status                                 show the daemon's counters\n"
+               "  tensors MODEL [--component NAME]       list a component's tensors\n"
+               "  cat MODEL [--component NAME] --tensor NAME [--force]\n"
+               "                                         write a tensor's bytes to stdout\n"
+               "  evict MODEL [--component NAME]         drop a resident component now\n"
+               "  pin MODEL [--component NAME]           keep a component from being evicted\n"
+               "  unpin MODEL [--component NAME]         let it be evicted again\n"
+               "\n"
+               "Options:\n"
+               "  -s, --socket PATH     the daemon's socket (default here: %s)\n"
+               "  -c, --component NAME  a component of a diffusers pipeline\n"
+               "  -t, --tensor NAME     the tensor cat writes\n"
+               "  -f, --force           let cat write binary to a terminal\n"
+               "      --json            one JSON document on stdout instead of text\n"
+               "  -h, --help            show this help\n"
+               "  -V, --version         show the version\n"
+               "\n"
+               "MODEL is a checkpoint file or folder; a relative path is made absolute.\n"
+               "Exit status: 0 success, 1 refused or failed, 2 usage error.\n",
+               socket);
+}
+
+static int parse_argv(int argc, char *argv[], Options *o, const Command **ret) {
+        enum { ARG_JSON = 0x100 };
+        static const struct option options[] = {
+                { "socket", required_argument, NULL, 's' },
+                { "component", required_argument, NULL, 'c' },
+                { "tensor", required_argument, NULL, 't' },
+                { "force", no_argument, NULL, 'f' },
+                { "json", no_argument, NULL, ARG_JSON },
+                { "help", no_argument, NULL, 'h' },
+                { "version", no_argument, NULL, 'V' },
+                {},
+        };
+        const Command *cmd = NULL;
+        const char *pos[2];
+        size_t n_pos = 0;
+        int opt;
+
+        o->components = calloc((size_t) argc, sizeof(char *));
+        if (!o->components)
+                return fail_oom();
+
+        /* '-': arguments come back in order as 1, whatever POSIXLY_CORRECT
+         * says, so options may follow the command. */
+        opterr = 0;
+        while ((opt = getopt_long(argc, argv, "-:s:c:t:fhV", options, NULL)) >= 0)
+                switch (opt) {
+                case 1:
+                        if (n_pos == ELEMENTSOF(pos))
+                                return usage_error("unexpected argument '%s'", optarg);
+                        pos[n_pos++] = optarg;
+                        break;
+                case 's':
+                        if (optarg[0] == '\0')
+                                return usage_error("--socket needs a path");
+                        o->socket = optarg;
+                        break;
+                case 'c':
+                        o->components[o->n_components++] = optarg;
+                        break;
+                case 't':
+                        o->tensor = optarg;
+                        break;
+                case 'f':
+                        o->force = true;
+                        break;
+                case ARG_JSON:
+                        o->json = true;
+                        break;
+                case 'h':
+                        help();
+                        return -1;
+                case 'V':
+                        printf("weightctl %s (libweightd-client %s)\n", WEIGHTD_VERSION, wd_version());
+                        return -1;
+                case ':':
+                        return usage_error("option '%s' needs an argument", argv[optind - 1]);
+                default:
+                        if (optopt)
+                                return usage_error("unknown option '-%c'", optopt);
+                        return usage_error("unknown option '%s'", argv[optind - 1]);
+                }
+
+        for (int i = optind; i < argc; i++) { /* after "--" */
+                if (n_pos == ELEMENTSOF(pos))
+                        return usage_error("unexpected argument '%s'", argv[i]);
+                pos[n_pos++] = argv[i];
+        }
+        if (n_pos == 0)
+                return usage_error("no command given");
+        o->command = pos[0];
+        for (size_t i = 0; i < ELEMENTSOF(commands); i++)
+                if (strcmp(commands[i].name, o->command) == 0)
+                        cmd = &commands[i];
+        if (!cmd)
+                return usage_error("unknown command '%s'", o->command);
+
+        if (cmd->flags & CMD_MODEL) {
+                if (n_pos < 2)
+                        return usage_error("%s needs a MODEL", cmd->name);
+                if (pos[1][0] == '\0')
+                        return usage_error("MODEL must not be empty");
+                o->model_arg = pos[1];
+        } else if (n_pos > 1)
+                return usage_error("%s takes no MODEL, but got '%s'", cmd->name, pos[1]);
+        if (o->n_components > 0 && !(cmd->flags & CMD_COMPONENT))
+                return usage_error("%s takes no --component", cmd->name);
+        if (o->n_components > 1 && !(cmd->flags & CMD_COMPONENTS))
+                return usage_error("%s takes one --component", cmd->name);
+        if (o->json && !(cmd->flags & CMD_JSON))
+                return usage_error("%s has no --json output", cmd->name);
+        if ((o->tensor || o->force) && !(cmd->flags & CMD_TENSOR))
+                return usage_error("%s takes no --%s", cmd->name, o->tensor ? "tensor" : "force");
+        if ((cmd->flags & CMD_TENSOR) && !o->tensor)
+                return usage_error("%s needs --tensor NAME", cmd->name);
+        *ret = cmd;
+        return 0;
+}
+
+/* Say how writing stdout ended, if it failed: quietly for a closed pipe. */
+static int finish_stdout(int r) {
+        if (fflush(stdout) == 0 && !ferror(stdout))
+                return r;
+        if (errno == EPIPE)
+                return EXIT_FAILED;
+        return fail(errno, "cannot write to stdout");
+}
+
+int main(int argc, char *argv[]) {
+        _cleanup_(wd_disconnectp) wd_client *c = NULL;
+        _cleanup_(options_done) Options o = {};
+        const Command *cmd = NULL;
+        wd_error e = {};
+        const char *socket;
+        int r;
+
+        /* A reader that goes away shows up as EPIPE from write(). */
+        signal(SIGPIPE, SIG_IGN);
+
+        r = parse_argv(argc, argv, &o, &cmd);
+        if (r != 0)
+                return r < 0 ? finish_stdout(EXIT_OK) : r;
+        if ((cmd->flags & CMD_TENSOR) && !o.force && isatty(STDOUT_FILENO)) {
+                fputs("weightctl: refusing to write binary tensor data to a terminal; redirect stdout or use --force\n",
+                      stderr);
+                return EXIT_USAGE;
+        }
+        if (o.model_arg) {
+                r = model_path_absolute(o.model_arg, &o.model);
+                if (r < 0)
+                        return fail(-r, "cannot make '%s' an absolute path", o.model_arg);
+        }
+
+        socket = o.socket;
+        if (!socket) {
+                socket = getenv("WEIGHTD_SOCKET");
+                if (socket && !*socket)
+                        socket = NULL;
+        }
+        r = wd_connect(socket, &c, &e);
+        if (r != WD_OK)
+                r = fail_wd(r, &e);
+        else
+                r = cmd->run(c, &o);
+        return finish_stdout(r);
+}
