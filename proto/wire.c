@@ -206,6 +206,8 @@ int wire_reader_next(WireReader *r, const uint8_t **ret_payload, size_t *ret_len
 }
 
 int wire_reader_take_fds(WireReader *r, size_t n, int *ret) {
+        if (n == 0)
+                return 0;
         if (n > r->n_fds)
                 return -EPROTO;
         memcpy(ret, r->fds, n * sizeof(int));
