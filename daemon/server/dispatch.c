@@ -321,7 +321,7 @@ static int handle_load(Conn *c, uint64_t id, const Weightd__V1__LoadRequest *req
 
         j = e ? server_job_find(c->server, e) : NULL;
         if (!j) {
-                r = server_job_start(c->server, root, comp, &j, &err);
+                r = server_job_start(c->server, root->fd, comp, &j, &err);
                 if (r != 0)
                         return conn_send_wd_error(c, id, r, &err);
                 comp = NULL; /* the job owns it now */
@@ -440,6 +440,46 @@ static int handle_list(Conn *c, uint64_t id) {
         list.entries = ptrs;
         reply.result_case = WEIGHTD__V1__REPLY__RESULT_LIST;
         reply.list = &list;
+        return conn_send(c, &env, NULL, 0);
+}
+
+static int handle_components(Conn *c, uint64_t id, const Weightd__V1__ComponentRef *ref) {
+        REPLY_ENVELOPE(env, reply, id);
+        Weightd__V1__ComponentsReply cr = WEIGHTD__V1__COMPONENTS_REPLY__INIT;
+        _cleanup_(component_list_freep) ComponentList *l = NULL;
+        _cleanup_free_ Weightd__V1__ComponentInfo *infos = NULL;
+        _cleanup_free_ Weightd__V1__ComponentInfo **ptrs = NULL;
+        _cleanup_free_ char *rel = NULL, *key = NULL;
+        WdError err = WD_ERROR_NULL;
+        Root *root;
+        int r;
+
+        if (*ref->component)
+                return conn_send_error(c, id, WEIGHTD__V1__CODE__INVALID_ARGUMENT,
+                                       "components: name a model, not a component");
+        if (component_ref_resolve(c, id, ref->model, "", &root, &rel, &key))
+                return 0;
+        r = catalog_list(root->catalog, rel, &l, &err);
+        if (r != 0)
+                return conn_send_wd_error(c, id, r, &err);
+        infos = calloc(MAX(l->n, 1), sizeof(*infos));
+        ptrs = calloc(MAX(l->n, 1), sizeof(*ptrs));
+        if (!infos || !ptrs)
+                return conn_send_error(c, id, WEIGHTD__V1__CODE__RESOURCE_EXHAUSTED, "out of memory");
+        for (size_t i = 0; i < l->n; i++) {
+                weightd__v1__component_info__init(&infos[i]);
+                infos[i].name = l->items[i].name;
+                infos[i].kind = (char *) component_kind_to_string(l->items[i].kind);
+                infos[i].library = l->items[i].library ? l->items[i].library : (char *) "";
+                infos[i].class_name = l->items[i].class_name ? l->items[i].class_name : (char *) "";
+                ptrs[i] = &infos[i];
+        }
+        cr.model = key;
+        cr.diffusers = l->diffusers;
+        cr.n_components = l->n;
+        cr.components = ptrs;
+        reply.result_case = WEIGHTD__V1__REPLY__RESULT_COMPONENTS;
+        reply.components = &cr;
         return conn_send(c, &env, NULL, 0);
 }
 
@@ -572,6 +612,10 @@ int dispatch_frame(Conn *c, WireEnvelope *env) {
                 break;
         }
 
+        if (id == 0)
+                return conn_send_error(c, 0, WEIGHTD__V1__CODE__INVALID_ARGUMENT,
+                                       "request id 0 is reserved for the daemon's own messages"),
+                       0;
         if (!c->hello && env->body_case != WEIGHTD__V1__ENVELOPE__BODY_HELLO) {
                 conn_send_error(c, id, WEIGHTD__V1__CODE__INVALID_ARGUMENT, "the first request must be Hello");
                 conn_close_when_sent(c);
@@ -605,6 +649,8 @@ int dispatch_frame(Conn *c, WireEnvelope *env) {
                 return handle_status(c, id), 0;
         case WEIGHTD__V1__ENVELOPE__BODY_CANCEL:
                 return handle_cancel(c, id, env->cancel), 0;
+        case WEIGHTD__V1__ENVELOPE__BODY_COMPONENTS:
+                return handle_components(c, id, env->components), 0;
         default:
                 return conn_send_error(c, id, WEIGHTD__V1__CODE__INVALID_ARGUMENT, "unknown request"), 0;
         }

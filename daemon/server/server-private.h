@@ -67,6 +67,7 @@ struct Job {
         Job *prev, *next;
         LoadJob *load;
         Component *comp; /* owned; comp->model is the cache key */
+        int root_fd;     /* owned duplicate: where comp's files are opened */
         CacheEntry *entry;
         Request *waiters;
         unsigned n_waiters;
@@ -110,8 +111,6 @@ struct Server {
         Config *config;
         char *config_path;
         Roots *roots;
-        Roots **retired_roots; /* replaced by reloads; jobs may still use them */
-        size_t n_retired_roots;
         Cache *cache;
         Reader *reader;
         bool reader_stale; /* io settings changed: replace when idle */
@@ -172,8 +171,10 @@ void dispatch_job_progress(Job *j);
 void request_free(Request *r);
 
 /* server.c */
-int server_job_start(Server *s, const Root *root, Component *comp, Job **ret, WdError *err);
+/* Start loading comp (taken on success) from files beneath root_fd. */
+int server_job_start(Server *s, int root_fd, Component *comp, Job **ret, WdError *err);
 Job *server_job_find(Server *s, CacheEntry *e);
-/* A waiter went away; the job stops when nobody waits for it. */
+/* A waiter went away; the job stops when nobody waits for it.  Requests
+ * that join a job after it was cancelled get a fresh load when it ends. */
 void server_job_waiter_gone(Job *j);
 void server_update_status(Server *s);

@@ -107,6 +107,7 @@ static void job_unlink(Job *j) {
 
 static void job_free(Job *j) {
         component_free(j->comp);
+        safe_close(j->root_fd);
         free(j);
 }
 
@@ -130,21 +131,29 @@ static void server_replace_reader(Server *s) {
         s->reader_stale = false;
 }
 
-int server_job_start(Server *s, const Root *root, Component *comp, Job **ret, WdError *err) {
+int server_job_start(Server *s, int root_fd, Component *comp, Job **ret, WdError *err) {
         Job *j;
         int r;
 
         j = calloc(1, sizeof(Job));
         if (!j)
                 return wd_error_set(err, -ENOMEM, "out of memory");
+        /* A reload may close the root; a restarted load needs it. */
+        j->root_fd = fcntl(root_fd, F_DUPFD_CLOEXEC, 3);
+        if (j->root_fd < 0) {
+                r = negative_errno();
+                free(j);
+                return wd_error_set(err, r, "cannot duplicate the model root's descriptor: %s", strerror(-r));
+        }
         j->server = s;
         j->comp = comp;
         j->total = comp->total_bytes;
         j->started_usec = now_usec();
-        r = load_job_start(&j->load, s->reader, s->cache, root->fd, comp, &s->load_opts, job_on_progress, job_on_done,
-                           j, err);
+        r = load_job_start(&j->load, s->reader, s->cache, j->root_fd, comp, &s->load_opts, job_on_progress,
+                           job_on_done, j, err);
         if (r != 0) {
-                free(j);
+                j->comp = NULL; /* still the caller's */
+                job_free(j);
                 return r;
         }
         j->entry = load_job_entry(j->load);
@@ -175,6 +184,38 @@ void server_job_waiter_gone(Job *j) {
         load_job_cancel(j->load);
 }
 
+/* Requests joined after the job was cancelled: hand them to a new load of
+ * the same component.  Returns true when it started; else *r and err say
+ * why, for the waiters. */
+static bool job_restart(Job *j, int *r, WdError *err) {
+        Job *n;
+        int k;
+
+        *err = WD_ERROR_NULL;
+        k = server_job_start(j->server, j->root_fd, j->comp, &n, err);
+        if (k != 0) {
+                *r = k;
+                return false;
+        }
+        log_debug("restarting the load of %s %s for %u requests that came after it was cancelled", j->comp->model,
+                  j->comp->name, j->n_waiters);
+        j->comp = NULL; /* the new job's */
+        while (j->waiters) {
+                Request *w = j->waiters;
+
+                j->waiters = w->job_next;
+                j->n_waiters--;
+                w->job = n;
+                w->job_prev = NULL;
+                w->job_next = n->waiters;
+                if (n->waiters)
+                        n->waiters->job_prev = w;
+                n->waiters = w;
+                n->n_waiters++;
+        }
+        return true;
+}
+
 static void job_complete(Job *j) {
         Server *s = j->server;
         WdError err = WD_ERROR_NULL;
@@ -192,6 +233,11 @@ static void job_complete(Job *j) {
         else if (r != -ECANCELED)
                 log_warning("load of %s%s%s failed: %s", j->comp->model, *j->comp->name ? " " : "", j->comp->name,
                             err.message);
+        if (r == -ECANCELED && j->waiters && !s->stopping && job_restart(j, &r, &err)) {
+                job_free(j);
+                server_update_status(s);
+                return;
+        }
         dispatch_job_finished(j, r, e, &err);
         job_free(j);
         server_replace_reader(s);
