@@ -160,6 +160,8 @@ static const char *body_name(BodyCase b) {
                 return "Status";
         case WEIGHTD__V1__ENVELOPE__BODY_CANCEL:
                 return "Cancel";
+        case WEIGHTD__V1__ENVELOPE__BODY_COMPONENTS:
+                return "Components";
         case WEIGHTD__V1__ENVELOPE__BODY_REPLY:
                 return "Reply";
         case WEIGHTD__V1__ENVELOPE__BODY_PROGRESS:
@@ -181,6 +183,8 @@ static const char *result_name(ResultCase r) {
                 return "a TensorsReply";
         case WEIGHTD__V1__REPLY__RESULT_STATUS:
                 return "a StatusReply";
+        case WEIGHTD__V1__REPLY__RESULT_COMPONENTS:
+                return "a ComponentsReply";
         default:
                 return "no result";
         }
@@ -878,6 +882,114 @@ _public_ int wd_list(wd_client *c, wd_entry **ret_entries, size_t *ret_n, wd_err
 
 _public_ void wd_entries_free(wd_entry *entries, size_t n) {
         free(entries);
+}
+
+static int info_name_cmp(const void *a, const void *b) {
+        const Weightd__V1__ComponentInfo *x = *(Weightd__V1__ComponentInfo *const *) a;
+        const Weightd__V1__ComponentInfo *y = *(Weightd__V1__ComponentInfo *const *) b;
+
+        return strcmp(x->name, y->name);
+}
+
+/* A ComponentsReply as the daemon builds it: a pipeline's components are
+ * named by distinct plain folder names, any other model has one component
+ * named "", and every component has a kind.  Returns WD_OK,
+ * WD_PROTOCOL_ERROR naming the component that breaks a rule, or
+ * WD_INTERNAL. */
+static int components_check(const Weightd__V1__ComponentsReply *cr, wd_error *err) {
+        size_t n = cr->n_components;
+        char name[256];
+
+        if (!cr->diffusers && n != 1)
+                return error_set(err, WD_PROTOCOL_ERROR,
+                                 "daemon's component list: %zu components for a model that is not a pipeline", n);
+        for (size_t i = 0; i < n; i++) {
+                const Weightd__V1__ComponentInfo *x = cr->components[i];
+
+                escape_string(name, sizeof(name), x->name, 200);
+                if (!cr->diffusers && x->name[0] != '\0')
+                        return error_set(err, WD_PROTOCOL_ERROR,
+                                         "daemon's component list: component \"%s\" of a model that is not a pipeline",
+                                         name);
+                if (cr->diffusers && (x->name[0] == '\0' || strcmp(x->name, ".") == 0 ||
+                                      strcmp(x->name, "..") == 0 || strchr(x->name, '/')))
+                        return error_set(err, WD_PROTOCOL_ERROR,
+                                         "daemon's component list: component \"%s\" is not a folder name", name);
+                if (x->kind[0] == '\0')
+                        return error_set(err, WD_PROTOCOL_ERROR, "daemon's component list: component \"%s\": no kind",
+                                         name);
+        }
+        if (n < 2)
+                return WD_OK;
+
+        _cleanup_free_ Weightd__V1__ComponentInfo **sorted = malloc(n * sizeof(*sorted));
+        if (!sorted)
+                return error_set(err, WD_INTERNAL, "out of memory");
+        memcpy(sorted, cr->components, n * sizeof(*sorted));
+        qsort(sorted, n, sizeof(*sorted), info_name_cmp);
+        for (size_t i = 1; i < n; i++)
+                if (strcmp(sorted[i - 1]->name, sorted[i]->name) == 0) {
+                        escape_string(name, sizeof(name), sorted[i]->name, 200);
+                        return error_set(err, WD_PROTOCOL_ERROR,
+                                         "daemon's component list: component \"%s\" is listed twice", name);
+                }
+        return WD_OK;
+}
+
+_public_ int wd_components(wd_client *c, const char *model, wd_component **ret, size_t *ret_n, int *ret_diffusers,
+                           wd_error *err) {
+        Weightd__V1__ComponentRef ref = component_ref(model, NULL);
+        WireEnvelope env = WEIGHTD__V1__ENVELOPE__INIT;
+        _cleanup_envelope_ WireEnvelope *reply = NULL;
+        wd_error e;
+        int r;
+
+        r = check_args("wd_components", c && model && ret && ret_n, &e);
+        if (r != WD_OK)
+                return finish(r, &e, err);
+
+        env.body_case = WEIGHTD__V1__ENVELOPE__BODY_COMPONENTS;
+        env.components = &ref;
+        r = client_request(c, &env, WEIGHTD__V1__REPLY__RESULT_COMPONENTS, NULL, NULL, &reply, &e);
+        if (r != WD_OK)
+                return finish(r, &e, err);
+
+        const Weightd__V1__ComponentsReply *cr = reply->reply->components;
+        size_t n = cr->n_components, strings = 0;
+
+        r = components_check(cr, &e);
+        if (r != WD_OK)
+                return finish(r, &e, err);
+        for (size_t i = 0; i < n; i++) {
+                const Weightd__V1__ComponentInfo *x = cr->components[i];
+
+                strings += strlen(x->name) + strlen(x->kind) + strlen(x->library) + strlen(x->class_name) + 4;
+        }
+
+        /* One allocation: the components, then their strings. */
+        wd_component *v = malloc(n * sizeof(wd_component) + strings + 1);
+        if (!v)
+                return finish(error_set(&e, WD_INTERNAL, "out of memory"), &e, err);
+        char *p = (char *) (v + n);
+        for (size_t i = 0; i < n; i++) {
+                const Weightd__V1__ComponentInfo *x = cr->components[i];
+
+                v[i] = (wd_component){
+                        .name = pack_string(&p, x->name),
+                        .kind = pack_string(&p, x->kind),
+                        .library = pack_string(&p, x->library),
+                        .class_name = pack_string(&p, x->class_name),
+                };
+        }
+        *ret = v;
+        *ret_n = n;
+        if (ret_diffusers)
+                *ret_diffusers = cr->diffusers;
+        return WD_OK;
+}
+
+_public_ void wd_components_free(wd_component *components, size_t n) {
+        free(components);
 }
 
 _public_ int wd_status_get(wd_client *c, wd_status **ret, wd_error *err) {

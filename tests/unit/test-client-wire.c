@@ -1054,6 +1054,149 @@ static void test_tensors(void **state) {
         fake_close(&f);
 }
 
+/* A ComponentsReply of n components: names[i], kinds[i]; pipeline
+ * components get a library and a class. */
+static void fake_components_reply(Fake *f, uint64_t id, bool diffusers, const char *const *names,
+                                  const char *const *kinds, size_t n) {
+        Weightd__V1__ComponentsReply cr = WEIGHTD__V1__COMPONENTS_REPLY__INIT;
+        Weightd__V1__ComponentInfo infos[4], *ptrs[4];
+        PbReply reply = WEIGHTD__V1__REPLY__INIT;
+
+        assert_true(n <= ELEMENTSOF(infos));
+        for (size_t i = 0; i < n; i++) {
+                weightd__v1__component_info__init(&infos[i]);
+                infos[i].name = (char *) names[i];
+                infos[i].kind = (char *) kinds[i];
+                if (diffusers && strcmp(kinds[i], "absent") != 0) {
+                        infos[i].library = (char *) "diffusers";
+                        infos[i].class_name = (char *) "AutoencoderKL";
+                }
+                ptrs[i] = &infos[i];
+        }
+        cr.model = (char *) "/models/m";
+        cr.diffusers = diffusers;
+        cr.components = ptrs;
+        cr.n_components = n;
+        reply.result_case = WEIGHTD__V1__REPLY__RESULT_COMPONENTS;
+        reply.components = &cr;
+        fake_send_reply(f, id, &reply, NULL, 0);
+}
+
+/* A reply that breaks a rule is refused; the connection stays usable. */
+static void components_refused(Fake *f, wd_client *c, uint64_t id, bool diffusers, const char *const *names,
+                               const char *const *kinds, size_t n, const char *needle) {
+        wd_component *v = NULL;
+        size_t n_v = 7;
+        int diff = 7;
+        wd_error err;
+
+        fake_components_reply(f, id, diffusers, names, kinds, n);
+        assert_int_equal(wd_components(c, "/models/m", &v, &n_v, &diff, &err), WD_PROTOCOL_ERROR);
+        assert_int_equal(err.code, WD_PROTOCOL_ERROR);
+        if (!strstr(err.message, needle))
+                fail_msg("\"%s\" does not contain \"%s\"", err.message, needle);
+        assert_null(v);
+        assert_int_equal(n_v, 7);
+        assert_int_equal(diff, 7);
+        wire_envelope_free(fake_expect(f, WEIGHTD__V1__ENVELOPE__BODY_COMPONENTS, id));
+}
+
+static void test_components(void **state) {
+        const char *names[] = { "transformer", "text_encoder_2", "scheduler", "vae" };
+        const char *kinds[] = { "weights", "absent", "no-weights", "pickle-only" };
+        wd_component *v = NULL;
+        size_t n = 0;
+        int diffusers = -1;
+        wd_error err;
+        Fake f;
+        wd_client *c = fake_connect(&f);
+
+        fake_components_reply(&f, 2, true, names, kinds, 4);
+        assert_int_equal(wd_components(c, "/models/m", &v, &n, &diffusers, &err), WD_OK);
+        assert_int_equal(n, 4);
+        assert_int_equal(diffusers, 1);
+        for (size_t i = 0; i < n; i++) {
+                assert_string_equal(v[i].name, names[i]);
+                assert_string_equal(v[i].kind, kinds[i]);
+        }
+        assert_string_equal(v[0].library, "diffusers");
+        assert_string_equal(v[0].class_name, "AutoencoderKL");
+        assert_string_equal(v[1].library, "");
+        assert_string_equal(v[1].class_name, "");
+        wd_components_free(v, n);
+        WireEnvelope *env = fake_expect(&f, WEIGHTD__V1__ENVELOPE__BODY_COMPONENTS, 2);
+        assert_string_equal(env->components->model, "/models/m");
+        assert_string_equal(env->components->component, "");
+        wire_envelope_free(env);
+
+        /* A plain model: one component named ""; ret_diffusers may be NULL.
+         * A kind this client does not know is kept as sent. */
+        v = NULL;
+        fake_components_reply(&f, 3, false, (const char *[]){ "" }, (const char *[]){ "holographic" }, 1);
+        assert_int_equal(wd_components(c, "/models/m.safetensors", &v, &n, NULL, &err), WD_OK);
+        assert_int_equal(n, 1);
+        assert_string_equal(v[0].name, "");
+        assert_string_equal(v[0].kind, "holographic");
+        assert_string_equal(v[0].library, "");
+        wd_components_free(v, n);
+        wire_envelope_free(fake_expect(&f, WEIGHTD__V1__ENVELOPE__BODY_COMPONENTS, 3));
+
+        /* A pipeline without components. */
+        v = NULL;
+        fake_components_reply(&f, 4, true, NULL, NULL, 0);
+        assert_int_equal(wd_components(c, "/models/m", &v, &n, &diffusers, &err), WD_OK);
+        assert_int_equal(n, 0);
+        assert_int_equal(diffusers, 1);
+        wd_components_free(v, n);
+        wire_envelope_free(fake_expect(&f, WEIGHTD__V1__ENVELOPE__BODY_COMPONENTS, 4));
+
+        components_refused(&f, c, 5, true, (const char *[]){ "vae", "unet", "vae" },
+                           (const char *[]){ "weights", "weights", "missing" }, 3,
+                           "component \"vae\" is listed twice");
+        components_refused(&f, c, 6, true, (const char *[]){ "../etc" }, (const char *[]){ "weights" }, 1,
+                           "component \"../etc\" is not a folder name");
+        components_refused(&f, c, 7, true, (const char *[]){ ".." }, (const char *[]){ "weights" }, 1,
+                           "component \"..\" is not a folder name");
+        components_refused(&f, c, 8, true, (const char *[]){ "" }, (const char *[]){ "weights" }, 1,
+                           "component \"\" is not a folder name");
+        components_refused(&f, c, 9, true, (const char *[]){ "vae\n" }, (const char *[]){ "" }, 1,
+                           "component \"vae\\x0a\": no kind");
+        components_refused(&f, c, 10, false, (const char *[]){ "", "" }, (const char *[]){ "weights", "weights" }, 2,
+                           "2 components for a model that is not a pipeline");
+        components_refused(&f, c, 11, false, NULL, NULL, 0, "0 components for a model that is not a pipeline");
+        components_refused(&f, c, 12, false, (const char *[]){ "vae" }, (const char *[]){ "weights" }, 1,
+                           "component \"vae\" of a model that is not a pipeline");
+
+        /* The daemon's refusal, with its message. */
+        fake_reply(&f, 13, WD_INVALID_ARGUMENT, "components: name a model, not a component");
+        assert_int_equal(wd_components(c, "/models/m", &v, &n, NULL, &err), WD_INVALID_ARGUMENT);
+        assert_string_equal(err.message, "components: name a model, not a component");
+        wire_envelope_free(fake_expect(&f, WEIGHTD__V1__ENVELOPE__BODY_COMPONENTS, 13));
+
+        /* Another result breaks the connection. */
+        fake_reply(&f, 14, WD_OK, "");
+        assert_int_equal(wd_components(c, "/models/m", &v, &n, NULL, &err), WD_PROTOCOL_ERROR);
+        assert_non_null(strstr(err.message, "answered Components with no result instead of a ComponentsReply"));
+        wire_envelope_free(fake_expect(&f, WEIGHTD__V1__ENVELOPE__BODY_COMPONENTS, 14));
+
+        assert_int_equal(wd_components(c, NULL, &v, &n, NULL, &err), WD_INVALID_ARGUMENT);
+        assert_int_equal(wd_components(c, "/models/m", NULL, &n, NULL, &err), WD_INVALID_ARGUMENT);
+        assert_int_equal(wd_components(c, "/models/m", &v, NULL, NULL, &err), WD_INVALID_ARGUMENT);
+        wd_disconnect(c);
+        assert_null(fake_recv(&f));
+        fake_close(&f);
+}
+
+/* The *_free() functions accept NULL. */
+static void test_free_null(void **state) {
+        wd_entries_free(NULL, 0);
+        wd_components_free(NULL, 0);
+        wd_status_free(NULL);
+        wd_manifest_free(NULL);
+        wd_disconnect(NULL);
+        assert_int_equal(wd_release(NULL, NULL), WD_OK);
+}
+
 /* ---- a reply larger than the socket buffer, from a thread ---- */
 
 typedef struct BigReply {
@@ -1267,6 +1410,8 @@ int main(void) {
                 cmocka_unit_test(test_prefetch_cancel),
                 cmocka_unit_test(test_list_status),
                 cmocka_unit_test(test_tensors),
+                cmocka_unit_test(test_components),
+                cmocka_unit_test(test_free_null),
                 cmocka_unit_test(test_big_manifest),
                 cmocka_unit_test(test_connect_path),
                 cmocka_unit_test(test_default_socket),

@@ -18,7 +18,8 @@
  * thread while that mutex is held: it must not call into the same client.
  * wd_lease and wd_manifest accessors are read-only and safe from any thread
  * while the object lives; wd_release() and the *_free() functions must not
- * race with other uses of the object they end.
+ * race with other uses of the object they end.  wd_entries_free(),
+ * wd_status_free(), wd_components_free() and wd_manifest_free() accept NULL.
  *
  * Lifetime: a lease keeps its client's connection open, because the daemon
  * ends every lease of a connection when it closes.  wd_disconnect() drops the
@@ -206,7 +207,33 @@ typedef struct wd_entry {
  * wd_entries_free().  Returns WD_OK, WD_UNAVAILABLE, WD_PROTOCOL_ERROR,
  * WD_INTERNAL. */
 int wd_list(wd_client *c, wd_entry **ret_entries, size_t *ret_n, wd_error *err);
+/* Accepts NULL. */
 void wd_entries_free(wd_entry *entries, size_t n);
+
+typedef struct wd_component {
+        const char *name;       /* "" for a model that is not a diffusers pipeline */
+        const char *kind;       /* "weights", "absent", "missing", "no-weights", "pickle-only" */
+        const char *library;    /* from model_index.json, "" when none */
+        const char *class_name; /* from model_index.json, "" when none */
+} wd_component;
+
+/* The components of a model, from model_index.json and directory listings
+ * (no safetensors file is opened, so a component of kind "weights" may
+ * still fail to load).  For a diffusers pipeline (*ret_diffusers 1) they
+ * come in model_index.json's order, each named by its folder; for any other
+ * model there is one, named "".  kind is "weights" (safetensors files),
+ * "absent" (model_index.json gives it as null), "missing" (no folder),
+ * "no-weights" (a folder without weights, such as a scheduler) or
+ * "pickle-only" (.bin/.pt/.pth/.ckpt checkpoints only); a newer daemon may
+ * send a kind not listed here, kept as sent.  ret_diffusers may be NULL.
+ * Free with wd_components_free().
+ * Returns WD_OK, WD_NOT_FOUND, WD_PERMISSION_DENIED, WD_FORMAT_ERROR (a
+ * model_index.json that breaks a rule), WD_INVALID_ARGUMENT, WD_UNAVAILABLE,
+ * WD_PROTOCOL_ERROR, WD_INTERNAL. */
+int wd_components(wd_client *c, const char *model, wd_component **ret, size_t *ret_n, int *ret_diffusers,
+                  wd_error *err);
+/* Accepts NULL. */
+void wd_components_free(wd_component *components, size_t n);
 
 typedef struct wd_status {
         const char *version;
@@ -230,6 +257,7 @@ typedef struct wd_status {
 /* The daemon's counters.  Free with wd_status_free().  Returns WD_OK,
  * WD_UNAVAILABLE, WD_PROTOCOL_ERROR, WD_INTERNAL. */
 int wd_status_get(wd_client *c, wd_status **ret, wd_error *err);
+/* Accepts NULL. */
 void wd_status_free(wd_status *s);
 
 #ifdef __cplusplus
