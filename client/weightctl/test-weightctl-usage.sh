@@ -45,7 +45,7 @@ expect() {
         fi
 }
 
-echo "1..27"
+echo "1..31"
 
 expect 2 "^Usage: weightctl" "no command" --
 expect 2 "unknown command 'frobnicate'" "unknown command" -- frobnicate
@@ -56,6 +56,9 @@ expect 2 "needs an argument" "--component without its argument" -- tensors /m --
 expect 2 "needs a MODEL" "prefetch without MODEL" -- prefetch
 expect 2 "needs a MODEL" "tensors without MODEL" -- tensors --json
 expect 2 "needs a MODEL" "evict without MODEL" -- evict
+expect 2 "needs a MODEL" "components without MODEL" -- components --json
+expect 2 "takes no --component" "components --component" -- components /m --component vae
+expect 2 "unexpected argument" "components with two MODELs" -- components /a /b
 expect 2 "must not be empty" "empty MODEL" -- pin ""
 expect 2 "takes no MODEL" "ls with an argument" -- ls /m
 expect 2 "unexpected argument" "two MODELs" -- unpin /a /b
@@ -75,6 +78,7 @@ expect 0 "" "--version" -- --version
 grep -q "^weightctl [0-9]" "$scratch/out" && ok "--version names the version" || not_ok "--version names the version"
 
 expect 1 "^weightctl: UNAVAILABLE: " "no daemon at \$WEIGHTD_SOCKET" -- status
+expect 1 "^weightctl: UNAVAILABLE: " "components with no daemon" -- components /m --json
 expect 1 "^weightctl: UNAVAILABLE: " "no daemon at --socket" -- --socket "$scratch/other.sock" ls --json
 if [ -s "$scratch/out" ]; then not_ok "nothing on stdout when it fails"; else ok "nothing on stdout when it fails"; fi
 

@@ -19,7 +19,6 @@
 #include <stdlib.h>
 #include <string.h>
 #include <sys/ioctl.h>
-#include <sys/stat.h>
 #include <time.h>
 #include <unistd.h>
 
@@ -66,6 +65,18 @@ static void strv_done(Strv *s) {
                 free(s->items[i]);
         free(s->items);
         *s = (Strv) {};
+}
+
+/* The daemon's answer to wd_components(). */
+typedef struct ComponentList {
+        wd_component *items;
+        size_t n;
+        int diffusers;
+} ComponentList;
+
+static void component_list_done(ComponentList *l) {
+        wd_components_free(l->items, l->n);
+        *l = (ComponentList) {};
 }
 
 DEFINE_TRIVIAL_CLEANUP_FUNC(wd_client *, wd_disconnect);
@@ -368,49 +379,6 @@ static int model_path_absolute(const char *arg, char **ret) {
         return 0;
 }
 
-/* The components a diffusers pipeline lists in MODEL/model_index.json: keys
- * not starting with '_' whose value is a two-element array without nulls.
- * Returns 0, -ENOENT when there is no such file, or EXIT_FAILED after saying
- * why the file cannot be used. */
-static int diffusers_components(const char *model, Strv *ret) {
-        _cleanup_free_ char *path = NULL;
-        _cleanup_(json_decrefp) json_t *index = NULL;
-        _cleanup_(strv_done) Strv l = {};
-        json_error_t jerr;
-        struct stat st;
-        const char *key;
-        json_t *value;
-
-        if (asprintf(&path, "%s/model_index.json", model) < 0)
-                return fail_oom();
-        if (stat(path, &st) < 0) {
-                if (errno == ENOENT || errno == ENOTDIR)
-                        return -ENOENT;
-                return fail(errno, "%s", path);
-        }
-        index = json_load_file(path, 0, &jerr);
-        if (!index)
-                return fail(0, "%s: line %d: %s", path, jerr.line, jerr.text);
-        if (!json_is_object(index))
-                return fail(0, "%s: not a JSON object", path);
-        l.items = calloc(json_object_size(index) + 1, sizeof(char *));
-        if (!l.items)
-                return fail_oom();
-        /* jansson keeps the file's key order. */
-        json_object_foreach(index, key, value) {
-                if (key[0] == '_' || !json_is_array(value) || json_array_size(value) != 2 ||
-                    json_is_null(json_array_get(value, 0)) || json_is_null(json_array_get(value, 1)))
-                        continue;
-                l.items[l.n] = strdup(key);
-                if (!l.items[l.n])
-                        return fail_oom();
-                l.n++;
-        }
-        *ret = l;
-        l = (Strv) {};
-        return 0;
-}
-
 /* ---- prefetch ---------------------------------------------------------- */
 
 static volatile sig_atomic_t cancel_requested = 0;
@@ -496,62 +464,59 @@ static void progress_init(Progress *p, const char *label, bool tty) {
                         p->label[--n] = '\0';
 }
 
-/* Which components "prefetch MODEL" means without --component: "" for a
- * plain checkpoint, else each component of the diffusers pipeline that has
- * weights. */
+/* Why prefetch skips a pipeline's component of this kind; NULL for one
+ * with weights. */
+static const char *kind_skip_reason(const char *kind) {
+        static const char *const reasons[][2] = {
+                { "no-weights", "no weights" },
+                { "absent", "absent" },
+                { "missing", "missing folder" },
+                { "pickle-only", "pickle checkpoints only, not served" },
+        };
+
+        if (strcmp(kind, "weights") == 0)
+                return NULL;
+        for (size_t i = 0; i < ELEMENTSOF(reasons); i++)
+                if (strcmp(kind, reasons[i][0]) == 0)
+                        return reasons[i][1];
+        return kind; /* from a newer daemon */
+}
+
+/* Which components "prefetch MODEL" means without --component, as the
+ * daemon lists them: "" for a model that is not a pipeline (whatever its
+ * kind: a refusal of the prefetch says best what is wrong with it), else
+ * each component of kind "weights", in model_index.json's order. */
 static int prefetch_components(wd_client *c, const Options *o, Strv *ret) {
-        _cleanup_(wd_manifest_freep) wd_manifest *m = NULL;
+        _cleanup_(component_list_done) ComponentList cl = {};
         _cleanup_(strv_done) Strv l = {};
         wd_error e = {};
-        size_t n = 0;
-        int r, q;
+        int r;
 
-        r = wd_tensors(c, o->model, NULL, &m, &e);
-        if (r == WD_OK) {
-                l.items = calloc(1, sizeof(char *));
-                if (!l.items || !(l.items[0] = strdup("")))
-                        return fail_oom();
-                l.n = 1;
-                *ret = l;
-                l = (Strv) {};
-                return 0;
-        }
-        if (r != WD_INVALID_ARGUMENT && r != WD_NOT_FOUND)
+        r = wd_components(c, o->model, &cl.items, &cl.n, &cl.diffusers, &e);
+        if (r != WD_OK)
                 return fail_wd(r, &e);
-        q = diffusers_components(o->model, &l);
-        if (q == -ENOENT)
-                return fail_wd(r, &e); /* not a pipeline: the daemon's answer stands */
-        if (q != 0)
-                return q;
+        l.items = calloc(cl.n + 1, sizeof(char *));
+        if (!l.items)
+                return fail_oom();
+        for (size_t i = 0; i < cl.n; i++) {
+                const wd_component *x = &cl.items[i];
+                const char *reason = cl.diffusers ? kind_skip_reason(x->kind) : NULL;
 
-        /* Keep those with weights. */
-        for (size_t i = 0; i < l.n; i++) {
-                _cleanup_(wd_manifest_freep) wd_manifest *cm = NULL;
-                wd_error ce = {};
+                if (reason) {
+                        if (!o->json) {
+                                _cleanup_free_ char *name = printable(x->name), *why = printable(reason);
 
-                r = wd_tensors(c, o->model, l.items[i], &cm, &ce);
-                if (r == WD_OK) {
-                        n++;
+                                fprintf(stderr, "weightctl: skipping %s: %s\n", name ? name : "?", why ? why : "?");
+                        }
                         continue;
                 }
-                if (r != WD_UNSUPPORTED && r != WD_NOT_FOUND)
-                        return fail_wd(r, &ce);
-                if (!o->json) {
-                        _cleanup_free_ char *name = printable(l.items[i]);
-
-                        fprintf(stderr, "weightctl: skipping %s: %s: %s\n", name ? name : "?", wd_code_name(r),
-                                ce.message);
-                }
-                free(l.items[i]);
-                l.items[i] = NULL;
+                l.items[l.n] = strdup(x->name);
+                if (!l.items[l.n])
+                        return fail_oom();
+                l.n++;
         }
-        if (n == 0)
+        if (l.n == 0)
                 return fail(0, "%s: no component of this diffusers model has safetensors weights", o->model);
-        n = 0;
-        for (size_t i = 0; i < l.n; i++)
-                if (l.items[i])
-                        l.items[n++] = l.items[i];
-        l.n = n;
         *ret = l;
         l = (Strv) {};
         return 0;
@@ -832,6 +797,52 @@ static int run_tensors(wd_client *c, const Options *o) {
         return r == 0 ? EXIT_OK : fail_oom();
 }
 
+/* ---- components -------------------------------------------------------- */
+
+static int run_components(wd_client *c, const Options *o) {
+        _cleanup_(component_list_done) ComponentList l = {};
+        _cleanup_(table_done) Table t = { .n_columns = 4 };
+        wd_error e = {};
+        int r;
+
+        r = wd_components(c, o->model, &l.items, &l.n, &l.diffusers, &e);
+        if (r != WD_OK)
+                return fail_wd(r, &e);
+
+        if (o->json) {
+                json_t *a = json_array();
+
+                for (size_t i = 0; a && i < l.n; i++) {
+                        const wd_component *x = &l.items[i];
+
+                        if (json_array_append_new(a, json_pack("{s:o, s:o, s:o, s:o}", "name", json_str(x->name),
+                                                               "kind", json_str(x->kind), "library",
+                                                               json_str(x->library), "class",
+                                                               json_str(x->class_name))) < 0) {
+                                json_decref(a);
+                                a = NULL;
+                        }
+                }
+                return json_print(a);
+        }
+
+        /* "-" stands for an empty field, as in ls. */
+        r = table_add_row(&t, (const char *const[]) { "NAME", "KIND", "LIBRARY", "CLASS" });
+        for (size_t i = 0; r == 0 && i < l.n; i++) {
+                const wd_component *x = &l.items[i];
+
+                r = table_add_row(&t, (const char *const[]) {
+                                              x->name[0] ? x->name : "-",
+                                              x->kind,
+                                              x->library[0] ? x->library : "-",
+                                              x->class_name[0] ? x->class_name : "-",
+                                      });
+        }
+        if (r == 0)
+                r = table_print(&t);
+        return r == 0 ? EXIT_OK : fail_oom();
+}
+
 /* ---- cat --------------------------------------------------------------- */
 
 /* Write all of buf to fd, across interruptions and partial writes.
@@ -917,6 +928,7 @@ static const Command commands[] = {
         { "ls", CMD_JSON, run_ls },
         { "status", CMD_JSON, run_status },
         { "tensors", CMD_MODEL | CMD_COMPONENT | CMD_JSON, run_tensors },
+        { "components", CMD_MODEL | CMD_JSON, run_components },
         { "cat", CMD_MODEL | CMD_COMPONENT | CMD_TENSOR, run_cat },
         { "evict", CMD_MODEL | CMD_COMPONENT | CMD_JSON, run_evict },
         { "pin", CMD_MODEL | CMD_COMPONENT | CMD_JSON, run_pin },
@@ -937,6 +949,7 @@ static void help(void) {
                "  ls                                     list the daemon's entries\n"
                "  status                                 show the daemon's counters\n"
                "  tensors MODEL [--component NAME]       list a component's tensors\n"
+               "  components MODEL                       list a model's components\n"
                "  cat MODEL [--component NAME] --tensor NAME [--force]\n"
                "                                         write a tensor's bytes to stdout\n"
                "  evict MODEL [--component NAME]         drop a resident component now\n"
