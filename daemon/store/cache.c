@@ -159,6 +159,16 @@ CacheEntry *cache_lookup(Cache *c, const char *model, const char *component, con
         return NULL;
 }
 
+/* How messages name an entry: "MODEL" for a model that is not a pipeline,
+ * else "MODEL component \"NAME\"".  Cut to fit an error message. */
+static const char *entry_label(char buf[static WD_ERROR_MESSAGE_MAX], const char *model, const char *component) {
+        if (!component || component[0] == '\0')
+                snprintf(buf, WD_ERROR_MESSAGE_MAX, "%s", model);
+        else
+                snprintf(buf, WD_ERROR_MESSAGE_MAX, "%s component \"%s\"", model, component);
+        return buf;
+}
+
 static bool evictable(const CacheEntry *e) {
         return e->state == CACHE_ENTRY_RESIDENT && e->leases == 0 && !e->pinned;
 }
@@ -178,12 +188,12 @@ static bool fits(const Cache *c, uint64_t bytes) {
 
 int cache_reserve(Cache *c, const char *model, const char *component, const FileId *ids, size_t n_ids, uint64_t bytes,
                   CacheEntry **ret, WdError *err) {
+        char label[WD_ERROR_MESSAGE_MAX];
         CacheEntry *e;
 
         for (e = c->head; e; e = e->next)
                 if (same_key(e, model, component) && ids_equal(e, ids, n_ids))
-                        return wd_error_set(err, WD_E_BUSY, "%s: component \"%s\" is already %s", model,
-                                            component ? component : "",
+                        return wd_error_set(err, WD_E_BUSY, "%s is already %s", entry_label(label, model, component),
                                             e->state == CACHE_ENTRY_LOADING ? "loading" : "resident");
 
         if (!fits(c, bytes)) {
@@ -191,9 +201,9 @@ int cache_reserve(Cache *c, const char *model, const char *component, const File
 
                 if (free_now + ev < bytes)
                         return wd_error_set(err, WD_E_BUDGET,
-                                            "%s: component \"%s\" needs %llu bytes, but the host budget of %llu "
-                                            "bytes has %llu in use, of which %llu can be evicted: short by %llu bytes",
-                                            model, component ? component : "", (unsigned long long) bytes,
+                                            "%s needs %llu bytes, but the host budget of %llu bytes has %llu in "
+                                            "use, of which %llu can be evicted: short by %llu bytes",
+                                            entry_label(label, model, component), (unsigned long long) bytes,
                                             (unsigned long long) c->budget, (unsigned long long) c->used,
                                             (unsigned long long) ev, (unsigned long long) (bytes - free_now - ev));
                 /* Evict from the least recently used end until it fits. */
@@ -268,12 +278,14 @@ void cache_entry_unpin(CacheEntry *e) {
 }
 
 int cache_entry_evict(CacheEntry *e, WdError *err) {
+        char label[WD_ERROR_MESSAGE_MAX];
+
         if (e->state != CACHE_ENTRY_RESIDENT)
-                return wd_error_set(err, WD_E_BUSY, "%s: component \"%s\" is still loading", e->model, e->component);
+                return wd_error_set(err, WD_E_BUSY, "%s is still loading", entry_label(label, e->model, e->component));
         if (e->pinned)
-                return wd_error_set(err, WD_E_BUSY, "%s: component \"%s\" is pinned", e->model, e->component);
+                return wd_error_set(err, WD_E_BUSY, "%s is pinned", entry_label(label, e->model, e->component));
         if (e->leases > 0)
-                return wd_error_set(err, WD_E_BUSY, "%s: component \"%s\" has %u lease%s", e->model, e->component,
+                return wd_error_set(err, WD_E_BUSY, "%s has %u lease%s", entry_label(label, e->model, e->component),
                                     e->leases, e->leases == 1 ? "" : "s");
         e->cache->evictions++;
         entry_retire(e);

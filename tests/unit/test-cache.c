@@ -73,13 +73,14 @@ static void test_pins_and_leases(void **state) {
         cache_entry_lease(b);
         /* 300 does not fit in 200 free, and nothing is evictable. */
         assert_int_equal(cache_reserve(c, "x", "", &id, 1, 300, &e, &err), WD_E_BUDGET);
-        assert_non_null(strstr(err.message, "needs 300 bytes"));
+        assert_non_null(strstr(err.message, "x needs 300 bytes"));
         assert_non_null(strstr(err.message, "short by 100 bytes"));
         assert_null(e);
+        /* A plain model is named by its path alone. */
         assert_int_equal(cache_entry_evict(a, &err), WD_E_BUSY);
-        assert_non_null(strstr(err.message, "pinned"));
+        assert_string_equal(err.message, "a is pinned");
         assert_int_equal(cache_entry_evict(b, &err), WD_E_BUSY);
-        assert_non_null(strstr(err.message, "1 lease"));
+        assert_string_equal(err.message, "b has 1 lease");
         assert_true(present(c, "a", 1) && present(c, "b", 2));
 
         /* Once unleased, b is the one to go. */
@@ -93,7 +94,7 @@ static void test_pins_and_leases(void **state) {
 
         /* A loading entry is never evicted and cannot be evicted. */
         assert_int_equal(cache_entry_evict(e, &err), WD_E_BUSY);
-        assert_non_null(strstr(err.message, "loading"));
+        assert_string_equal(err.message, "x is still loading");
         cache_entry_abort(e);
         assert_int_equal(used(c), 400);
 
@@ -154,11 +155,24 @@ static void test_duplicate_reserve(void **state) {
         assert_int_equal(cache_new(&c, 1000), 0);
         assert_int_equal(cache_reserve(c, "a", "vae", &id, 1, 10, &e, &err), 0);
         assert_int_equal(cache_reserve(c, "a", "vae", &id, 1, 10, &e2, &err), WD_E_BUSY);
-        assert_non_null(strstr(err.message, "already loading"));
+        assert_string_equal(err.message, "a component \"vae\" is already loading");
         assert_ptr_equal(cache_lookup(c, "a", "vae", &id, 1), e);
         /* Other component, same model: a different entry. */
         assert_int_equal(cache_reserve(c, "a", "transformer", &id, 1, 10, &e2, &err), 0);
         assert_int_equal(used(c), 20);
+
+        /* A pipeline's component is named with its model. */
+        cache_entry_set_resident(e2, NULL);
+        cache_entry_pin(e2);
+        assert_int_equal(cache_entry_evict(e2, &err), WD_E_BUSY);
+        assert_string_equal(err.message, "a component \"transformer\" is pinned");
+        cache_entry_unpin(e2);
+        cache_entry_lease(e2);
+        cache_entry_lease(e2);
+        assert_int_equal(cache_entry_evict(e2, &err), WD_E_BUSY);
+        assert_string_equal(err.message, "a component \"transformer\" has 2 leases");
+        assert_int_equal(cache_reserve(c, "a", "unet", &id, 1, 5000, &e2, &err), WD_E_BUDGET);
+        assert_non_null(strstr(err.message, "a component \"unet\" needs 5000 bytes"));
 }
 
 int main(void) {
