@@ -470,16 +470,16 @@ static int listen_bind(const char *path, int *ret_fd) {
         if (fd < 0)
                 return log_error_errno(-errno, "Cannot create a socket: %m");
         if (bind(fd, (struct sockaddr *) &sa, sizeof(sa)) < 0)
-                return log_error_errno(-errno, "Cannot bind %s: %m", path);
+                return log_error_errno(-errno, "Cannot bind %s: %m", sa.sun_path);
         /* Access is decided by SO_PEERCRED and the allow lists. */
-        if (chmod(path, 0666) < 0) {
-                r = log_error_errno(-errno, "Cannot set the mode of %s: %m", path);
-                (void) unlink(path);
+        if (chmod(sa.sun_path, 0666) < 0) {
+                r = log_error_errno(-errno, "Cannot set the mode of %s: %m", sa.sun_path);
+                (void) unlink(sa.sun_path);
                 return r;
         }
         if (listen(fd, SOMAXCONN) < 0) {
-                r = log_error_errno(-errno, "Cannot listen on %s: %m", path);
-                (void) unlink(path);
+                r = log_error_errno(-errno, "Cannot listen on %s: %m", sa.sun_path);
+                (void) unlink(sa.sun_path);
                 return r;
         }
         *ret_fd = TAKE_FD(fd);
