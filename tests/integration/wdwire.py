@@ -1,0 +1,287 @@
+"""A second, independent implementation of weightd's wire format.
+
+Frames are a u32 little-endian length and one protobuf weightd.v1.Envelope.
+Only what the tests need is here: varints and length-delimited fields to
+encode requests, a generic decoder that returns {field number: [values]},
+and views of the replies the tests read.  Field numbers come from
+proto/weightd.proto; nothing is shared with the C code.
+"""
+import os
+import socket
+import struct
+
+# Envelope fields.
+ID, HELLO, LOAD, RELEASE, PREFETCH, EVICT, PIN, UNPIN, LIST, TENSORS, STATUS, CANCEL = (
+    1, 10, 11, 12, 13, 14, 15, 16, 17, 18, 19, 20)
+REPLY, PROGRESS = 40, 41
+
+CODES = ["OK", "INVALID_ARGUMENT", "NOT_FOUND", "PERMISSION_DENIED", "FORMAT_ERROR", "IO_ERROR",
+         "RESOURCE_EXHAUSTED", "UNAVAILABLE", "CANCELLED", "INTERNAL", "UNSUPPORTED", "BUSY"]
+
+
+# ---- encoding ----------------------------------------------------------------
+
+def varint(n):
+    if n < 0:
+        n += 1 << 64
+    out = bytearray()
+    while True:
+        b = n & 0x7F
+        n >>= 7
+        if n:
+            out.append(b | 0x80)
+        else:
+            out.append(b)
+            return bytes(out)
+
+
+def f_varint(num, value):
+    return varint(num << 3) + varint(int(value))
+
+
+def f_bytes(num, value):
+    if isinstance(value, str):
+        value = value.encode()
+    return varint((num << 3) | 2) + varint(len(value)) + value
+
+
+def frame(payload):
+    return struct.pack("<I", len(payload)) + payload
+
+
+def envelope(req_id, field, body=b""):
+    return f_varint(ID, req_id) + f_bytes(field, body)
+
+
+def hello_body(min_version=1, max_version=1, client="integration test"):
+    return f_varint(1, min_version) + f_varint(2, max_version) + f_bytes(3, client)
+
+
+def load_body(model, component="", target="", progress=False):
+    b = f_bytes(1, model) + f_bytes(2, component)
+    if target:
+        b += f_bytes(3, target)
+    if progress:
+        b += f_varint(4, 1)
+    return b
+
+
+def ref_body(model, component=""):
+    return f_bytes(1, model) + f_bytes(2, component)
+
+
+# ---- decoding ----------------------------------------------------------------
+
+def read_varint(buf, pos):
+    n = shift = 0
+    while True:
+        if pos >= len(buf) or shift > 63:
+            raise ValueError("truncated or overlong varint")
+        b = buf[pos]
+        pos += 1
+        n |= (b & 0x7F) << shift
+        shift += 7
+        if not b & 0x80:
+            return n, pos
+
+
+def decode(buf):
+    """{field number: [int or bytes, ...]} for one message."""
+    fields = {}
+    pos = 0
+    while pos < len(buf):
+        key, pos = read_varint(buf, pos)
+        num, wt = key >> 3, key & 7
+        if wt == 0:
+            val, pos = read_varint(buf, pos)
+        elif wt == 2:
+            n, pos = read_varint(buf, pos)
+            if pos + n > len(buf):
+                raise ValueError("length-delimited field past the end")
+            val, pos = bytes(buf[pos:pos + n]), pos + n
+        elif wt == 1:
+            val, pos = struct.unpack_from("<Q", buf, pos)[0], pos + 8
+        elif wt == 5:
+            val, pos = struct.unpack_from("<I", buf, pos)[0], pos + 4
+        else:
+            raise ValueError(f"wire type {wt}")
+        fields.setdefault(num, []).append(val)
+    return fields
+
+
+class Msg:
+    """Typed access to a decoded message."""
+
+    def __init__(self, raw):
+        self.raw = raw
+        self.f = decode(raw)
+
+    def int(self, num, default=0):
+        return self.f.get(num, [default])[-1]
+
+    def str(self, num):
+        return self.f.get(num, [b""])[-1].decode("utf-8", "replace")
+
+    def msg(self, num):
+        return Msg(self.f[num][-1]) if num in self.f else None
+
+    def msgs(self, num):
+        return [Msg(v) for v in self.f.get(num, [])]
+
+    def strs(self, num):
+        return [v.decode("utf-8", "replace") for v in self.f.get(num, [])]
+
+    def packed(self, num):
+        out = []
+        for v in self.f.get(num, []):
+            if isinstance(v, int):
+                out.append(v)
+                continue
+            pos = 0
+            while pos < len(v):
+                n, pos = read_varint(v, pos)
+                out.append(n)
+        return out
+
+    def has(self, num):
+        return num in self.f
+
+
+class Envelope(Msg):
+    @property
+    def id(self):
+        return self.int(ID)
+
+    @property
+    def reply(self):
+        return self.msg(REPLY)
+
+    @property
+    def progress(self):
+        return self.msg(PROGRESS)
+
+    @property
+    def code(self):
+        return CODES[self.reply.int(1)]
+
+    @property
+    def message(self):
+        return self.reply.str(2)
+
+
+STATUS_FIELDS = {1: "version", 2: "pid", 3: "uptime_ms", 4: "host_budget_bytes", 5: "host_used_bytes",
+                 6: "host_evictable_bytes", 7: "storage_read_bytes", 8: "leases", 9: "connections",
+                 10: "entries", 11: "loading", 12: "evictions", 14: "socket"}
+
+
+def status_dict(reply):
+    st = reply.msg(14)
+    out = {}
+    for num, name in STATUS_FIELDS.items():
+        out[name] = st.str(num) if name in ("version", "socket") else st.int(num)
+    return out
+
+
+def tensors_of(result, num=5):
+    """[(name, dtype, shape, slab, offset, nbytes)] of a LoadReply (its field 5)
+    or a TensorsReply (num=4)."""
+    return [(t.str(1), t.str(2), t.packed(3), t.int(4), t.int(5), t.int(6)) for t in result.msgs(num)]
+
+
+# ---- a connection ------------------------------------------------------------
+
+class Closed(Exception):
+    """The daemon closed the connection."""
+
+
+class Conn:
+    def __init__(self, path, timeout=10.0):
+        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        self.sock.settimeout(timeout)
+        self.sock.connect(path)
+        self.buf = b""
+        self.fds = []
+        self.next_id = 1
+
+    def close(self):
+        for fd in self.fds:
+            _close_quietly(fd)
+        self.fds = []
+        self.sock.close()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+    def send_raw(self, data, fds=()):
+        if fds:
+            socket.send_fds(self.sock, [data], list(fds))
+        else:
+            self.sock.sendall(data)
+
+    def _fill(self):
+        data, fds, _flags, _addr = socket.recv_fds(self.sock, 1 << 20, 253)
+        self.fds.extend(fds)
+        if not data:
+            raise Closed()
+        self.buf += data
+
+    def recv(self):
+        """The next Envelope; raises Closed at end of stream."""
+        while len(self.buf) < 4:
+            self._fill()
+        (n,) = struct.unpack_from("<I", self.buf)
+        while len(self.buf) < 4 + n:
+            self._fill()
+        payload, self.buf = self.buf[4:4 + n], self.buf[4 + n:]
+        return Envelope(payload)
+
+    def take_fds(self, n):
+        out, self.fds = self.fds[:n], self.fds[n:]
+        return out
+
+    def request(self, field, body=b""):
+        """Send a request and return its Reply envelope (skipping Progress)."""
+        rid = self.send(field, body)
+        return self.wait(rid)
+
+    def send(self, field, body=b""):
+        rid = self.next_id
+        self.next_id += 1
+        self.send_raw(frame(envelope(rid, field, body)))
+        return rid
+
+    def wait(self, rid):
+        while True:
+            env = self.recv()
+            if env.id == rid and env.has(REPLY):
+                return env
+
+    def hello(self):
+        env = self.request(HELLO, hello_body())
+        assert env.code == "OK", env.message
+        return env
+
+    def status(self):
+        env = self.request(STATUS)
+        assert env.code == "OK", env.message
+        return status_dict(env.reply)
+
+
+def connect(path, timeout=10.0):
+    c = Conn(path, timeout)
+    c.hello()
+    return c
+
+
+def _close_quietly(fd):
+    try:
+        os.close(fd)
+    except OSError:
+        pass
+
+
+__all__ = ["Conn", "Closed", "connect", "frame", "envelope", "f_varint", "f_bytes", "varint", "decode",
+           "hello_body", "load_body", "ref_body", "status_dict", "tensors_of"]
