@@ -217,6 +217,9 @@ void dispatch_job_finished(Job *j, int r, CacheEntry *entry, const WdError *err)
 void dispatch_job_progress(Job *j) {
         uint64_t done = atomic_load(&j->done);
 
+        /* A failed send closes that connection, which frees its requests
+         * (maybe several of this job's): start over, skipping those told. */
+restart:
         for (Request *r = j->waiters; r; r = r->job_next) {
                 Weightd__V1__Envelope env = WEIGHTD__V1__ENVELOPE__INIT;
                 Weightd__V1__ProgressEvent ev = WEIGHTD__V1__PROGRESS_EVENT__INIT;
@@ -231,7 +234,8 @@ void dispatch_job_progress(Job *j) {
                 env.id = r->id;
                 env.body_case = WEIGHTD__V1__ENVELOPE__BODY_PROGRESS;
                 env.progress = &ev;
-                (void) conn_send(r->conn, &env, NULL, 0);
+                if (conn_send(r->conn, &env, NULL, 0) < 0)
+                        goto restart;
         }
 }
 
@@ -407,35 +411,41 @@ static const char *entry_state_name(CacheEntryState s) {
         return "unknown";
 }
 
+static void entry_fill(Weightd__V1__Entry *x, CacheEntry *e, uint64_t now) {
+        weightd__v1__entry__init(x);
+        x->model = e->model;
+        x->component = e->component;
+        x->tier = (char *) "host";
+        x->state = (char *) entry_state_name(e->state);
+        x->bytes = e->bytes;
+        x->leases = e->leases;
+        x->pinned = e->pinned;
+        x->files = (uint32_t) e->n_files;
+        x->idle_ms = now > e->last_use_usec ? (now - e->last_use_usec) / 1000 : 0;
+}
+
 static int handle_list(Conn *c, uint64_t id) {
         REPLY_ENVELOPE(env, reply, id);
         Weightd__V1__ListReply list = WEIGHTD__V1__LIST_REPLY__INIT;
         _cleanup_free_ Weightd__V1__Entry *entries = NULL;
         _cleanup_free_ Weightd__V1__Entry **ptrs = NULL;
-        CacheStats st;
+        Cache *cache = c->server->cache;
         uint64_t now = now_usec();
-        size_t n = 0;
+        size_t n = 0, total;
+        CacheStats st;
 
-        cache_get_stats(c->server->cache, &st);
-        entries = calloc(MAX(st.n_entries, 1), sizeof(*entries));
-        ptrs = calloc(MAX(st.n_entries, 1), sizeof(*ptrs));
+        cache_get_stats(cache, &st);
+        total = st.n_entries + st.n_detached;
+        entries = calloc(MAX(total, 1), sizeof(*entries));
+        ptrs = calloc(MAX(total, 1), sizeof(*ptrs));
         if (!entries || !ptrs)
                 return conn_send_error(c, id, WEIGHTD__V1__CODE__RESOURCE_EXHAUSTED, "out of memory");
-        for (CacheEntry *e = cache_first(c->server->cache); e && n < st.n_entries; e = cache_next(e), n++) {
-                Weightd__V1__Entry *x = &entries[n];
-
-                weightd__v1__entry__init(x);
-                x->model = e->model;
-                x->component = e->component;
-                x->tier = (char *) "host";
-                x->state = (char *) entry_state_name(e->state);
-                x->bytes = e->bytes;
-                x->leases = e->leases;
-                x->pinned = e->pinned;
-                x->files = (uint32_t) e->n_files;
-                x->idle_ms = now > e->last_use_usec ? (now - e->last_use_usec) / 1000 : 0;
-                ptrs[n] = x;
-        }
+        /* Resident and loading entries, most recently used first, then the
+         * ones kept only for their leases. */
+        for (CacheEntry *e = cache_first(cache); e && n < total; e = cache_next(e), n++)
+                entry_fill(ptrs[n] = &entries[n], e, now);
+        for (CacheEntry *e = cache_first_detached(cache); e && n < total; e = cache_next(e), n++)
+                entry_fill(ptrs[n] = &entries[n], e, now);
         list.n_entries = n;
         list.entries = ptrs;
         reply.result_case = WEIGHTD__V1__REPLY__RESULT_LIST;

@@ -314,3 +314,7 @@ CacheEntry *cache_first(Cache *c) {
 CacheEntry *cache_next(CacheEntry *e) {
         return e->next;
 }
+
+CacheEntry *cache_first_detached(Cache *c) {
+        return c->detached;
+}

@@ -94,3 +94,6 @@ void cache_get_stats(Cache *c, CacheStats *ret);
 /* Iterate entries that are not detached, most recently used first. */
 CacheEntry *cache_first(Cache *c);
 CacheEntry *cache_next(CacheEntry *e);
+/* Iterate detached entries (stale or evicted, still leased); cache_next()
+ * continues among them. */
+CacheEntry *cache_first_detached(Cache *c);

@@ -48,13 +48,15 @@ def test_replaced_file_is_served_new(start_daemon, tmp_root):
     assert new != old
 
     assert hashes(d.hash(path)) == new
-    # The old copy lives on while its lease does, charged to the budget.
-    assert [(e["state"], e["leases"]) for e in d.ls()] == [("resident", 0)]
+    # The old copy lives on while its lease does, charged to the budget and
+    # listed after the entries that can be served.
+    assert [(e["state"], e["leases"]) for e in d.ls()] == [("resident", 0), ("detached", 1)]
     st = d.status()
     assert (st["leases"], st["host_used_bytes"]) == (1, old_size + path.stat().st_size)
     holder.kill()
     holder.wait()
     wait_until(lambda: d.status()["host_used_bytes"] == path.stat().st_size, what="the old copy to go")
+    assert [e["state"] for e in d.ls()] == ["resident"]
     assert hashes(d.hash(path)) == new
 
 
