@@ -22,6 +22,17 @@
 int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size);
 
 static Server *server;
+static char run_dir[] = "/tmp/weightd-fuzz-XXXXXX";
+
+/* The server stays up for the whole run (and reachable, so leak checkers
+ * do not count it); only its socket and folder are removed at exit. */
+static void remove_run_dir(void) {
+        char path[sizeof(run_dir) + 32];
+
+        snprintf(path, sizeof(path), "%s/weightd.sock", run_dir);
+        (void) unlink(path);
+        (void) rmdir(run_dir);
+}
 
 /* The model root the seed corpus names. */
 #define FUZZ_ROOT "/tmp/weightd-fuzz-root"
@@ -51,16 +62,17 @@ static int write_model(void) {
 }
 
 static void setup(void) {
-        char dir[] = "/tmp/weightd-fuzz-XXXXXX", text[1024];
+        char text[1024];
         WdError err = WD_ERROR_NULL;
         Config *c = NULL;
 
-        if (!mkdtemp(dir) || write_model() < 0)
+        if (!mkdtemp(run_dir) || write_model() < 0)
                 abort();
+        atexit(remove_run_dir);
         snprintf(text, sizeof(text),
                  "[daemon]\nsocket = %s/weightd.sock\nmodel_roots = " FUZZ_ROOT "\nmax_pending_requests = 4\n"
                  "max_frame_size = 64K\nlog_level = err\n[memory]\nhost_budget = 1M\n",
-                 dir);
+                 run_dir);
         if (config_load_string(text, strlen(text), "fuzz.conf", &c, &err) != 0) {
                 fprintf(stderr, "%s\n", err.message);
                 abort();
