@@ -157,6 +157,9 @@ void conn_close(Conn *c) {
                 c->next->prev = c->prev;
         s->n_conns--;
         c->uid_slot->n--;
+        /* What is queued will never be sent. */
+        c->uid_slot->out_bytes -= c->out_bytes;
+        c->out_bytes = 0;
 
         uv_close((uv_handle_t *) &c->poll, on_closed);
         server_update_status(s);
@@ -185,6 +188,7 @@ uint64_t conn_lease_add(Conn *c, CacheEntry *e) {
                 c->leases->prev = l;
         c->leases = l;
         c->n_leases++;
+        c->uid_slot->leases++;
         c->server->n_leases++;
         return l->id;
 }
@@ -197,6 +201,7 @@ void conn_lease_drop(Conn *c, Lease *l) {
         if (l->next)
                 l->next->prev = l->prev;
         c->n_leases--;
+        c->uid_slot->leases--;
         c->server->n_leases--;
         cache_entry_unlease(l->entry);
         free(l);
@@ -218,6 +223,7 @@ static int conn_flush(Conn *c) {
 
                 r = wire_send(c->fd, f->buf, f->len, f->fds, f->n_fds, &f->off);
                 c->out_bytes -= f->off - before;
+                c->uid_slot->out_bytes -= f->off - before;
                 if (r == -EAGAIN)
                         break;
                 if (r < 0) {
@@ -264,9 +270,17 @@ int conn_queue(Conn *c, uint8_t *buf, size_t len, int *fds, size_t n_fds) {
                 c->out_head = f;
         c->out_tail = f;
         c->out_bytes += len;
+        c->uid_slot->out_bytes += len;
         if (c->out_bytes > SERVER_MAX_OUT_BYTES) {
                 log_warning("%s: more than %zu bytes of replies not read, disconnecting", c->name,
                             SERVER_MAX_OUT_BYTES);
+                conn_close(c);
+                return -ENOBUFS;
+        }
+        if (c->uid_slot->out_bytes > SERVER_MAX_OUT_BYTES_PER_UID) {
+                log_warning("%s: more than %zu bytes of replies not read over the connections of uid %u, "
+                            "disconnecting",
+                            c->name, SERVER_MAX_OUT_BYTES_PER_UID, (unsigned) c->cred.uid);
                 conn_close(c);
                 return -ENOBUFS;
         }

@@ -26,7 +26,9 @@ typedef struct OutFrame OutFrame;
 typedef struct UidSlot UidSlot;
 
 #define SERVER_MAX_LEASES_PER_CONN 4096u
-#define SERVER_MAX_OUT_BYTES ((size_t) 64 << 20)
+#define SERVER_MAX_LEASES_PER_UID 65536u
+#define SERVER_MAX_OUT_BYTES ((size_t) 64 << 20)          /* unread replies, per connection */
+#define SERVER_MAX_OUT_BYTES_PER_UID ((size_t) 256 << 20) /* and over a uid's connections */
 #define SERVER_PROGRESS_INTERVAL_USEC 100000u
 #define SERVER_DRAIN_TIMEOUT_MS 2000u
 #define SERVER_MAX_COMPONENT_NAME 255u
@@ -79,10 +81,13 @@ struct Job {
         uint64_t started_usec;
 };
 
+/* What one uid holds, over all its connections. */
 struct UidSlot {
         UidSlot *next;
         uid_t uid;
-        unsigned n;
+        unsigned n; /* connections */
+        unsigned leases;
+        size_t out_bytes;
 };
 
 struct Conn {
