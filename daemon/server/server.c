@@ -432,6 +432,31 @@ static int mkdir_parents(const char *path) {
         return 0;
 }
 
+/* The socket's folder must be ours (or root's) and writable by nobody else
+ * (unless sticky, like /tmp): otherwise another user could have put a
+ * socket of their own where clients look for the daemon. */
+static int check_socket_dir(const char *path) {
+        _cleanup_free_ char *dir = strdup(path);
+        struct stat st;
+        char *slash;
+
+        if (!dir)
+                return -ENOMEM;
+        slash = strrchr(dir, '/');
+        if (slash == dir)
+                slash[1] = 0;
+        else if (slash)
+                *slash = 0;
+        if (stat(dir, &st) < 0)
+                return log_error_errno(-errno, "Cannot stat the socket's folder %s: %m", dir);
+        if (st.st_uid != geteuid() && st.st_uid != 0)
+                return log_error_errno(-EPERM, "The socket's folder %s belongs to uid %u, not to this daemon; refusing",
+                                       dir, (unsigned) st.st_uid);
+        if ((st.st_mode & (S_IWGRP | S_IWOTH)) && !(st.st_mode & S_ISVTX))
+                return log_error_errno(-EPERM, "The socket's folder %s is writable by others; refusing", dir);
+        return 0;
+}
+
 /* Bind path, replacing only a stale socket: never a symlink, never a file,
  * never a socket someone still listens on. */
 static int listen_bind(const char *path, int *ret_fd) {
@@ -447,6 +472,9 @@ static int listen_bind(const char *path, int *ret_fd) {
         r = mkdir_parents(path);
         if (r < 0)
                 return log_error_errno(r, "Cannot create the directory of %s: %m", path);
+        r = check_socket_dir(path);
+        if (r < 0)
+                return r;
 
         if (lstat(path, &st) == 0) {
                 if (S_ISLNK(st.st_mode))
