@@ -71,8 +71,9 @@ static int verify(wd_client *c, const char *model, const char *component) {
                 }
         }
         if (!bad)
-                printf("%s: %zu tensors, %.1f MiB in %zu files: every byte matches the files\n", shown,
-                       wd_manifest_n_tensors(m), (double) wd_manifest_bytes(m) / (1 << 20), n_files);
+                printf("%s: %zu tensors, %.1f MiB in %zu file%s: every byte matches the files\n", shown,
+                       wd_manifest_n_tensors(m), (double) wd_manifest_bytes(m) / (1 << 20), n_files,
+                       n_files == 1 ? "" : "s");
         for (size_t i = 0; i < n_files; i++)
                 if (fds[i] >= 0)
                         close(fds[i]);
