@@ -72,14 +72,16 @@ void st_shape_format(char *buf, size_t size, const uint64_t *shape, unsigned ndi
                 snprintf(buf + o, size - o, "]");
 }
 
+/* Atomic: the daemon resolves components on worker threads and frees them
+ * on its loop, while the catalog's cache keeps its own references. */
 StHeader *st_header_ref(StHeader *h) {
         if (h)
-                h->n_ref++;
+                __atomic_add_fetch(&h->n_ref, 1, __ATOMIC_RELAXED);
         return h;
 }
 
 StHeader *st_header_unref(StHeader *h) {
-        if (!h || --h->n_ref > 0)
+        if (!h || __atomic_sub_fetch(&h->n_ref, 1, __ATOMIC_ACQ_REL) > 0)
                 return NULL;
         for (size_t i = 0; i < h->n_tensors; i++) {
                 free(h->tensors[i].name);

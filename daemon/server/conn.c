@@ -140,12 +140,8 @@ void conn_close(Conn *c) {
                 return;
         c->closing = true;
 
-        while (c->pending) {
-                Request *r = c->pending;
-                Job *j = r->job;
-                request_free(r);
-                server_job_waiter_gone(j);
-        }
+        while (c->pending)
+                request_drop(c->pending);
         while (c->leases)
                 conn_lease_drop(c, c->leases);
 

@@ -17,45 +17,83 @@
         env.body_case = WEIGHTD__V1__ENVELOPE__BODY_REPLY;        \
         env.reply = &reply
 
-void request_free(Request *r) {
+static void request_detach_conn(Request *r) {
         Conn *c = r->conn;
-        Job *j = r->job;
 
+        if (!c)
+                return;
         if (r->conn_prev)
                 r->conn_prev->conn_next = r->conn_next;
         else
                 c->pending = r->conn_next;
         if (r->conn_next)
                 r->conn_next->conn_prev = r->conn_prev;
+        r->conn_prev = r->conn_next = NULL;
         c->n_pending--;
+        r->conn = NULL;
+}
 
+static void request_detach_job(Request *r) {
+        Job *j = r->job;
+
+        if (!j)
+                return;
         if (r->job_prev)
                 r->job_prev->job_next = r->job_next;
         else
                 j->waiters = r->job_next;
         if (r->job_next)
                 r->job_next->job_prev = r->job_prev;
+        r->job_prev = r->job_next = NULL;
         j->n_waiters--;
-        free(r);
+        r->job = NULL;
 }
 
-static int request_add(Conn *c, Job *j, uint64_t id, RequestKind kind, bool progress) {
-        Request *r = calloc(1, sizeof(Request));
-
-        if (!r)
-                return -ENOMEM;
-        *r = (Request){ .conn = c, .job = j, .id = id, .kind = kind, .progress = progress };
-        r->conn_next = c->pending;
-        if (c->pending)
-                c->pending->conn_prev = r;
-        c->pending = r;
-        c->n_pending++;
+static void request_attach_job(Request *r, Job *j) {
+        r->job = j;
         r->job_next = j->waiters;
         if (j->waiters)
                 j->waiters->job_prev = r;
         j->waiters = r;
         j->n_waiters++;
-        return 0;
+}
+
+void request_free(Request *r) {
+        request_detach_conn(r);
+        request_detach_job(r);
+        component_free(r->comp);
+        component_list_free(r->list);
+        free(r->rel);
+        free(r->key);
+        free(r->component);
+        roots_unref(r->roots);
+        free(r);
+}
+
+void request_drop(Request *r) {
+        Job *j = r->job;
+
+        if (r->resolving) {
+                request_detach_conn(r); /* freed when the resolve ends */
+                return;
+        }
+        request_free(r);
+        if (j)
+                server_job_waiter_gone(j);
+}
+
+static Request *request_new(Conn *c, uint64_t id, RequestKind kind, bool progress) {
+        Request *r = calloc(1, sizeof(Request));
+
+        if (!r)
+                return NULL;
+        *r = (Request){ .server = c->server, .conn = c, .id = id, .kind = kind, .progress = progress };
+        r->conn_next = c->pending;
+        if (c->pending)
+                c->pending->conn_prev = r;
+        c->pending = r;
+        c->n_pending++;
+        return r;
 }
 
 static Request *request_find(Conn *c, uint64_t id) {
@@ -273,40 +311,151 @@ static int component_ref_resolve(Conn *c, uint64_t id, const char *model, const 
         return 0;
 }
 
-static int resolve_component(Conn *c, uint64_t id, const char *model, const char *component, Root **ret_root,
-                             Component **ret) {
-        _cleanup_free_ char *rel = NULL, *key = NULL;
-        _cleanup_(component_freep) Component *comp = NULL;
-        WdError err = WD_ERROR_NULL;
+/* ---- resolving on the thread pool --------------------------------------- */
+
+static void resolve_work(uv_work_t *w) {
+        Request *r = w->data;
+
+        /* Only the request's own fields and the catalog (under its lock):
+         * the loop owns everything else. */
+        pthread_mutex_lock(&r->server->catalog_lock);
+        if (r->kind == REQUEST_COMPONENTS)
+                r->r = catalog_list(r->root->catalog, r->rel, &r->list, &r->err);
+        else
+                r->r = catalog_resolve(r->root->catalog, r->rel, r->component, &r->comp, &r->err);
+        pthread_mutex_unlock(&r->server->catalog_lock);
+        if (r->r == 0 && r->comp) {
+                /* Key the cache by the absolute path: two roots may hold
+                 * the same relative one. */
+                free(r->comp->model);
+                r->comp->model = TAKE_PTR(r->key);
+        }
+}
+
+static void resolve_done(uv_work_t *w, int status);
+
+/* Check the model and component (lexically, here), then resolve them on the
+ * thread pool; the request's reply comes from resolve_done(). */
+static int request_resolve(Conn *c, uint64_t id, RequestKind kind, bool progress, const char *model,
+                           const char *component) {
+        Server *s = c->server;
         Root *root;
-        int r;
+        char *rel, *key;
+        Request *r;
+        int k;
 
         if (component_ref_resolve(c, id, model, component, &root, &rel, &key))
-                return 1;
-        r = catalog_resolve(root->catalog, rel, component, &comp, &err);
-        if (r != 0) {
-                if (r == WD_E_PERMISSION)
-                        log_info("%s: refused: %s", c->name, err.message);
-                conn_send_wd_error(c, id, r, &err);
-                return 1;
+                return 0;
+        r = request_new(c, id, kind, progress);
+        if (!r) {
+                free(rel);
+                free(key);
+                return conn_send_error(c, id, WEIGHTD__V1__CODE__RESOURCE_EXHAUSTED, "out of memory");
         }
-        /* Key the cache by the absolute path: two roots may hold the same
-         * relative one. */
-        free(comp->model);
-        comp->model = TAKE_PTR(key);
-        *ret_root = root;
-        *ret = TAKE_PTR(comp);
+        r->roots = roots_ref(s->roots);
+        r->root = root;
+        r->rel = rel;
+        r->key = key;
+        r->component = strdup(component);
+        if (!r->component) {
+                request_free(r);
+                return conn_send_error(c, id, WEIGHTD__V1__CODE__RESOURCE_EXHAUSTED, "out of memory");
+        }
+        r->work.data = r;
+        k = uv_queue_work(&s->loop, &r->work, resolve_work, resolve_done);
+        if (k < 0) {
+                request_free(r);
+                return conn_send_error(c, id, WEIGHTD__V1__CODE__INTERNAL, "cannot queue the resolve: %s",
+                                       uv_strerror(k));
+        }
+        r->resolving = true;
+        s->n_resolving++;
         return 0;
 }
 
-static int handle_load(Conn *c, uint64_t id, const Weightd__V1__LoadRequest *req, RequestKind kind) {
-        _cleanup_(component_freep) Component *comp = NULL;
-        WdError err = WD_ERROR_NULL;
-        CacheEntry *e;
-        Root *root;
-        Job *j;
-        int r;
+static void reply_tensors(Conn *c, uint64_t id, const Component *comp);
+static void reply_components(Conn *c, uint64_t id, const char *model, const ComponentList *l);
 
+/* A resolved Load or Prefetch: serve it from memory, or wait for a load
+ * (joining one that runs).  Takes r. */
+static void load_resolved(Request *r) {
+        _cleanup_(component_freep) Component *comp = TAKE_PTR(r->comp);
+        Server *s = r->server;
+        Conn *c = r->conn;
+        WdError err = WD_ERROR_NULL;
+        uint64_t id = r->id;
+        RequestKind kind = r->kind;
+        CacheEntry *e;
+        Job *j;
+        int k;
+
+        _cleanup_free_ FileId *ids = calloc(MAX(comp->n_files, 1), sizeof(FileId));
+        if (!ids) {
+                request_free(r);
+                conn_send_error(c, id, WEIGHTD__V1__CODE__RESOURCE_EXHAUSTED, "out of memory");
+                return;
+        }
+        for (size_t i = 0; i < comp->n_files; i++)
+                ids[i] = comp->files[i].id;
+        e = cache_lookup(s->cache, comp->model, comp->name, ids, comp->n_files);
+        if (e && e->state == CACHE_ENTRY_RESIDENT) {
+                request_free(r);
+                reply_loaded(c, id, kind, comp, e, true);
+                return;
+        }
+        j = e ? server_job_find(s, e) : NULL;
+        if (!j) {
+                k = server_job_start(s, r->root->fd, comp, &j, &err);
+                if (k != 0) {
+                        request_free(r);
+                        conn_send_wd_error(c, id, k, &err);
+                        return;
+                }
+                comp = NULL; /* the job's now */
+        }
+        request_attach_job(r, j);
+}
+
+static void resolve_done(uv_work_t *w, int status) {
+        Request *r = w->data;
+        Server *s = r->server;
+        Conn *c = r->conn;
+        uint64_t id = r->id;
+
+        r->resolving = false;
+        s->n_resolving--;
+        if (!c) {
+                /* The peer left or cancelled meanwhile. */
+                request_free(r);
+                server_maybe_exit(s);
+                return;
+        }
+        if (status < 0 && r->r == 0)
+                r->r = wd_error_set(&r->err, -ECANCELED, "the resolve was cancelled");
+        if (r->r != 0) {
+                int k = r->r;
+                WdError err = r->err;
+
+                if (k == WD_E_PERMISSION)
+                        log_info("%s: refused: %s", c->name, err.message);
+                request_free(r);
+                conn_send_wd_error(c, id, k, &err);
+        } else if (r->kind == REQUEST_LOAD || r->kind == REQUEST_PREFETCH) {
+                load_resolved(r);
+        } else if (r->kind == REQUEST_TENSORS) {
+                _cleanup_(component_freep) Component *comp = TAKE_PTR(r->comp);
+                request_free(r);
+                reply_tensors(c, id, comp);
+        } else {
+                _cleanup_(component_list_freep) ComponentList *l = TAKE_PTR(r->list);
+                _cleanup_free_ char *key = TAKE_PTR(r->key);
+                request_free(r);
+                reply_components(c, id, key, l);
+        }
+        conn_request_done(c);
+}
+
+static int handle_load(Conn *c, uint64_t id, const Weightd__V1__LoadRequest *req, RequestKind kind) {
         if (!string_ok(req->target, 64))
                 return conn_send_error(c, id, WEIGHTD__V1__CODE__INVALID_ARGUMENT, "target: too long");
         if (*req->target && strcmp(req->target, "host") != 0) {
@@ -315,31 +464,7 @@ static int handle_load(Conn *c, uint64_t id, const Weightd__V1__LoadRequest *req
                 return conn_send_error(c, id, WEIGHTD__V1__CODE__UNSUPPORTED,
                                        "target \"%s\": this daemon serves the host tier only", t);
         }
-        if (resolve_component(c, id, req->model, req->component, &root, &comp))
-                return 0;
-
-        _cleanup_free_ FileId *ids = calloc(MAX(comp->n_files, 1), sizeof(FileId));
-        if (!ids)
-                return conn_send_error(c, id, WEIGHTD__V1__CODE__RESOURCE_EXHAUSTED, "out of memory");
-        for (size_t i = 0; i < comp->n_files; i++)
-                ids[i] = comp->files[i].id;
-        e = cache_lookup(c->server->cache, comp->model, comp->name, ids, comp->n_files);
-        if (e && e->state == CACHE_ENTRY_RESIDENT)
-                return reply_loaded(c, id, kind, comp, e, true);
-
-        j = e ? server_job_find(c->server, e) : NULL;
-        if (!j) {
-                r = server_job_start(c->server, root->fd, comp, &j, &err);
-                if (r != 0)
-                        return conn_send_wd_error(c, id, r, &err);
-                comp = NULL; /* the job owns it now */
-        }
-        r = request_add(c, j, id, kind, req->progress);
-        if (r < 0) {
-                server_job_waiter_gone(j);
-                return conn_send_error(c, id, WEIGHTD__V1__CODE__RESOURCE_EXHAUSTED, "out of memory");
-        }
-        return 0;
+        return request_resolve(c, id, kind, req->progress, req->model, req->component);
 }
 
 static int handle_release(Conn *c, uint64_t id, const Weightd__V1__ReleaseRequest *req) {
@@ -458,28 +583,24 @@ static int handle_list(Conn *c, uint64_t id) {
 }
 
 static int handle_components(Conn *c, uint64_t id, const Weightd__V1__ComponentRef *ref) {
-        REPLY_ENVELOPE(env, reply, id);
-        Weightd__V1__ComponentsReply cr = WEIGHTD__V1__COMPONENTS_REPLY__INIT;
-        _cleanup_(component_list_freep) ComponentList *l = NULL;
-        _cleanup_free_ Weightd__V1__ComponentInfo *infos = NULL;
-        _cleanup_free_ Weightd__V1__ComponentInfo **ptrs = NULL;
-        _cleanup_free_ char *rel = NULL, *key = NULL;
-        WdError err = WD_ERROR_NULL;
-        Root *root;
-        int r;
-
         if (*ref->component)
                 return conn_send_error(c, id, WEIGHTD__V1__CODE__INVALID_ARGUMENT,
                                        "components: name a model, not a component");
-        if (component_ref_resolve(c, id, ref->model, "", &root, &rel, &key))
-                return 0;
-        r = catalog_list(root->catalog, rel, &l, &err);
-        if (r != 0)
-                return conn_send_wd_error(c, id, r, &err);
+        return request_resolve(c, id, REQUEST_COMPONENTS, false, ref->model, "");
+}
+
+static void reply_components(Conn *c, uint64_t id, const char *model, const ComponentList *l) {
+        REPLY_ENVELOPE(env, reply, id);
+        Weightd__V1__ComponentsReply cr = WEIGHTD__V1__COMPONENTS_REPLY__INIT;
+        _cleanup_free_ Weightd__V1__ComponentInfo *infos = NULL;
+        _cleanup_free_ Weightd__V1__ComponentInfo **ptrs = NULL;
+
         infos = calloc(MAX(l->n, 1), sizeof(*infos));
         ptrs = calloc(MAX(l->n, 1), sizeof(*ptrs));
-        if (!infos || !ptrs)
-                return conn_send_error(c, id, WEIGHTD__V1__CODE__RESOURCE_EXHAUSTED, "out of memory");
+        if (!infos || !ptrs) {
+                conn_send_error(c, id, WEIGHTD__V1__CODE__RESOURCE_EXHAUSTED, "out of memory");
+                return;
+        }
         for (size_t i = 0; i < l->n; i++) {
                 weightd__v1__component_info__init(&infos[i]);
                 infos[i].name = l->items[i].name;
@@ -488,27 +609,28 @@ static int handle_components(Conn *c, uint64_t id, const Weightd__V1__ComponentR
                 infos[i].class_name = l->items[i].class_name ? l->items[i].class_name : (char *) "";
                 ptrs[i] = &infos[i];
         }
-        cr.model = key;
+        cr.model = (char *) model;
         cr.diffusers = l->diffusers;
         cr.n_components = l->n;
         cr.components = ptrs;
         reply.result_case = WEIGHTD__V1__REPLY__RESULT_COMPONENTS;
         reply.components = &cr;
-        return conn_send(c, &env, NULL, 0);
+        conn_send(c, &env, NULL, 0);
 }
 
 static int handle_tensors(Conn *c, uint64_t id, const Weightd__V1__ComponentRef *ref) {
+        return request_resolve(c, id, REQUEST_TENSORS, false, ref->model, ref->component);
+}
+
+static void reply_tensors(Conn *c, uint64_t id, const Component *comp) {
         REPLY_ENVELOPE(env, reply, id);
         Weightd__V1__TensorsReply tr = WEIGHTD__V1__TENSORS_REPLY__INIT;
-        _cleanup_(component_freep) Component *comp = NULL;
         Manifest m;
-        Root *root;
-        int r;
 
-        if (resolve_component(c, id, ref->model, ref->component, &root, &comp))
-                return 0;
-        if (manifest_build(&m, comp, NULL) < 0)
-                return conn_send_error(c, id, WEIGHTD__V1__CODE__RESOURCE_EXHAUSTED, "out of memory");
+        if (manifest_build(&m, comp, NULL) < 0) {
+                conn_send_error(c, id, WEIGHTD__V1__CODE__RESOURCE_EXHAUSTED, "out of memory");
+                return;
+        }
         tr.model = comp->model;
         tr.component = comp->name;
         tr.n_files = m.n_files;
@@ -517,9 +639,8 @@ static int handle_tensors(Conn *c, uint64_t id, const Weightd__V1__ComponentRef 
         tr.tensors = m.tensor_ptrs;
         reply.result_case = WEIGHTD__V1__REPLY__RESULT_TENSORS;
         reply.tensors = &tr;
-        r = conn_send(c, &env, NULL, 0);
+        conn_send(c, &env, NULL, 0);
         manifest_deinit(&m);
-        return r;
 }
 
 /* Free pages in the default hugetlb pool (0 when there is none). */
@@ -570,16 +691,13 @@ static int handle_status(Conn *c, uint64_t id) {
 static int handle_cancel(Conn *c, uint64_t id, const Weightd__V1__CancelRequest *req) {
         REPLY_ENVELOPE(env, reply, id);
         Request *r = request_find(c, req->target);
-        Job *j;
 
         if (!r)
                 return conn_send_error(c, id, WEIGHTD__V1__CODE__NOT_FOUND,
                                        "request %" PRIu64 ": nothing to cancel", req->target);
-        j = r->job;
-        request_free(r);
+        request_drop(r);
         (void) conn_send_error(c, req->target, WEIGHTD__V1__CODE__CANCELLED, "request %" PRIu64 " cancelled",
                                req->target);
-        server_job_waiter_gone(j);
         if (conn_send(c, &env, NULL, 0) < 0)
                 return 0;
         conn_request_done(c);

@@ -50,8 +50,13 @@ static void root_deinit(Root *r) {
         free(r->path);
 }
 
-Roots *roots_free(Roots *r) {
-        if (!r)
+Roots *roots_ref(Roots *r) {
+        r->n_ref++;
+        return r;
+}
+
+Roots *roots_unref(Roots *r) {
+        if (!r || --r->n_ref > 0)
                 return NULL;
         for (size_t i = 0; i < r->n; i++)
                 root_deinit(&r->items[i]);
@@ -61,12 +66,13 @@ Roots *roots_free(Roots *r) {
 }
 
 int roots_new(Roots **ret, char *const *paths, size_t n) {
-        _cleanup_(roots_freep) Roots *r = NULL;
+        _cleanup_(roots_unrefp) Roots *r = NULL;
         int k;
 
         r = calloc(1, sizeof(Roots));
         if (!r)
                 return -ENOMEM;
+        r->n_ref = 1;
         r->items = calloc(n ? n : 1, sizeof(Root));
         if (!r->items)
                 return -ENOMEM;

@@ -20,17 +20,23 @@ typedef struct Root {
         Catalog *catalog;
 } Root;
 
+/* Shared by the server and the requests resolving beneath it on worker
+ * threads, so a reload can replace the server's while they run. */
 typedef struct Roots {
+        unsigned n_ref;
         size_t n;
         Root *items;
 } Roots;
 
-/* Open every root.  A root that cannot be opened is kept with fd -1 (and
+/* Open every root (one reference).  A root that cannot be opened is kept with fd -1 (and
  * requests under it fail with its error): mounts may come later, and a
  * reload retries.  Returns 0 or -ENOMEM. */
 int roots_new(Roots **ret, char *const *paths, size_t n);
-Roots *roots_free(Roots *r);
-DEFINE_TRIVIAL_CLEANUP_FUNC(Roots *, roots_free);
+Roots *roots_ref(Roots *r);
+/* Frees the roots, their descriptors and catalogs with the last reference.
+ * Only on the loop thread. */
+Roots *roots_unref(Roots *r);
+DEFINE_TRIVIAL_CLEANUP_FUNC(Roots *, roots_unref);
 
 /* A root with this path, or NULL. */
 Root *roots_find(Roots *r, const char *path);

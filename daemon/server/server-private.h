@@ -5,6 +5,7 @@
  * wake the loop. */
 #pragma once
 
+#include <pthread.h>
 #include <stdatomic.h>
 #include <stdbool.h>
 #include <stdint.h>
@@ -50,18 +51,35 @@ struct Lease {
 typedef enum RequestKind {
         REQUEST_LOAD,
         REQUEST_PREFETCH,
+        REQUEST_TENSORS,
+        REQUEST_COMPONENTS,
 } RequestKind;
 
-/* A Load or Prefetch waiting for a job. */
+/* A request that cannot be answered at once: its model is resolved on the
+ * thread pool (file system calls and header parsing stay off the loop),
+ * then a Load or Prefetch waits for a job.  It counts against the
+ * connection's max_pending_requests from start to reply. */
 struct Request {
-        Conn *conn;
-        Job *job;
+        Server *server;
+        Conn *conn; /* NULL once the peer left or cancelled: dropped when the resolve ends */
+        Job *job;   /* the load it waits for, once resolved */
         uint64_t id;
         RequestKind kind;
         bool progress;
         uint64_t progress_sent;
         Request *conn_prev, *conn_next;
         Request *job_prev, *job_next;
+
+        /* The resolve, on a worker thread (resolving is true meanwhile). */
+        uv_work_t work;
+        bool resolving;
+        Roots *roots; /* a reference: a reload may replace the server's */
+        Root *root;
+        char *rel, *key, *component;
+        int r;
+        WdError err;
+        Component *comp;
+        ComponentList *list;
 };
 
 struct Job {
@@ -116,6 +134,9 @@ struct Server {
         Config *config;
         char *config_path;
         Roots *roots;
+        pthread_mutex_t catalog_lock; /* the catalogs are used by one worker at a time */
+        bool catalog_lock_init;
+        unsigned n_resolving;
         Cache *cache;
         Reader *reader;
         bool reader_stale; /* io settings changed: replace when idle */
@@ -174,6 +195,9 @@ int dispatch_frame(Conn *c, WireEnvelope *env);
 void dispatch_job_finished(Job *j, int r, CacheEntry *entry, const WdError *err);
 void dispatch_job_progress(Job *j);
 void request_free(Request *r);
+/* The peer does not wait any more (it left, cancelled, or the daemon is
+ * stopping): forget the request, or orphan it until its resolve ends. */
+void request_drop(Request *r);
 
 /* server.c */
 /* Start loading comp (taken on success) from files beneath root_fd. */
@@ -183,3 +207,5 @@ Job *server_job_find(Server *s, CacheEntry *e);
  * that join a job after it was cancelled get a fresh load when it ends. */
 void server_job_waiter_gone(Job *j);
 void server_update_status(Server *s);
+/* When stopping: exit once no connection, load or resolve is left. */
+void server_maybe_exit(Server *s);

@@ -4,8 +4,10 @@
  * component, configuration reloads on SIGHUP, readiness, status and watchdog
  * notifications, and a clean drain on SIGTERM.
  *
- * Load jobs run on the reader thread; their callbacks store progress in
- * atomics and wake the loop with a uv_async_t, and the loop finishes them. */
+ * Threads: models are resolved (opened, headers parsed) on libuv's thread
+ * pool, one at a time under catalog_lock, so slow storage never stalls the
+ * loop; load jobs run on the reader thread, whose callbacks store progress in
+ * atomics and wake the loop with a uv_async_t; the loop does the rest. */
 
 #include <fcntl.h>
 #include <grp.h>
@@ -43,7 +45,6 @@ static ReaderParams reader_params(const Config *c) {
         return (ReaderParams){ .queue_depth = c->queue_depth, .chunk_size = c->chunk_size };
 }
 
-static void server_maybe_exit(Server *s);
 
 /* ---- status ------------------------------------------------------------- */
 
@@ -601,7 +602,7 @@ static void server_reload(Server *s) {
                         (void) notify_send("READY=1");
                         return;
                 }
-                roots_free(s->roots);
+                roots_unref(s->roots);
                 s->roots = roots;
                 for (size_t i = 0; i < roots->n; i++)
                         if (roots->items[i].fd < 0)
@@ -643,10 +644,10 @@ static void server_close_handles(Server *s) {
         uv_close((uv_handle_t *) &s->accept_timer, NULL);
 }
 
-static void server_maybe_exit(Server *s) {
+void server_maybe_exit(Server *s) {
         static bool closed;
 
-        if (!s->stopping || s->n_conns > 0 || s->n_jobs > 0 || closed)
+        if (!s->stopping || s->n_conns > 0 || s->n_jobs > 0 || s->n_resolving > 0 || closed)
                 return;
         closed = true;
         server_close_handles(s);
@@ -660,16 +661,16 @@ static void server_stop(Server *s) {
         s->stopping = true;
         listen_close(s);
 
-        for (Job *j = s->jobs; j; j = j->next) {
-                while (j->waiters) {
-                        Request *r = j->waiters;
-                        Conn *c = r->conn;
-                        uint64_t id = r->id;
+        /* Every request waiting for a resolve or a load hears why it ends;
+         * a load nobody waits for any more is cancelled. */
+        for (Conn *c = s->conns, *next; c; c = next) {
+                next = c->next;
+                while (c->pending) {
+                        uint64_t id = c->pending->id;
 
-                        request_free(r);
+                        request_drop(c->pending);
                         (void) conn_send_error(c, id, WEIGHTD__V1__CODE__UNAVAILABLE, "weightd is stopping");
                 }
-                server_job_waiter_gone(j);
         }
 
         /* Let peers read what is queued for them, for a while. */
@@ -715,7 +716,7 @@ Server *server_free(Server *s) {
         }
         reader_free(s->reader);
         cache_free(s->cache);
-        roots_free(s->roots);
+        roots_unref(s->roots);
         if (s->listen_fd >= 0) {
                 if (s->listen_bound && s->socket_path)
                         (void) unlink(s->socket_path);
@@ -727,6 +728,8 @@ Server *server_free(Server *s) {
                 free(u);
         }
         (void) uv_loop_close(&s->loop);
+        if (s->catalog_lock_init)
+                pthread_mutex_destroy(&s->catalog_lock);
         config_free(s->config);
         free(s->config_path);
         free(s->socket_path);
@@ -752,6 +755,10 @@ int server_new(Server **ret, Config *config, const char *config_path) {
                 if (!s->config_path)
                         return log_error_errno(-ENOMEM, "Out of memory");
         }
+        r = pthread_mutex_init(&s->catalog_lock, NULL);
+        if (r != 0)
+                return log_error_errno(-r, "Cannot create a lock: %m");
+        s->catalog_lock_init = true;
         r = uv_loop_init(&s->loop);
         if (r < 0)
                 return log_error_errno(r, "Cannot create the event loop: %s", uv_strerror(r));
