@@ -2,6 +2,7 @@
 stale socket, and refuses (exit 1, with the reason) to replace a symlink, a
 file or a socket another daemon listens on, or to bind in a folder that
 another user owns or may write to."""
+import json
 import os
 import socket
 import subprocess
@@ -110,4 +111,35 @@ def test_refuses_a_folder_others_control(bins, workdir, testdata, how):
     rc, err = refused(start(bins, d, path, testdata / "models"))
     assert rc == 1
     assert ("is writable by others" if how == "writable-by-others" else f"belongs to uid {NOBODY}") in err
+    assert not path.exists()
+
+
+def test_built_in_defaults_as_another_user(bins, workdir):
+    """No --config, not root: the socket goes under $XDG_RUNTIME_DIR, where
+    the client library looks for it by default too."""
+    runtime = make_dir(workdir, "xdg-")
+    os.chown(runtime, NOBODY, NOBODY)
+    runtime.chmod(0o700)
+    env = dict(os.environ, XDG_RUNTIME_DIR=str(runtime))
+    env.pop("WEIGHTD_SOCKET", None)
+    as_nobody = ["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups", "--"]
+    p = subprocess.Popen(as_nobody + [str(bins.weightd)], env=env,
+                         stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    path = runtime / "weightd" / "weightd.sock"
+    try:
+        for _ in range(500):
+            r = subprocess.run(as_nobody + [str(bins.weightctl), "status", "--json"], env=env,
+                               capture_output=True, text=True)
+            if r.returncode == 0:
+                break
+            assert p.poll() is None, p.stderr.read()
+            time.sleep(0.01)
+        assert r.returncode == 0, r.stderr
+        status = json.loads(r.stdout)
+        assert status["socket"] == str(path)
+        assert status["model_roots"] == ["/srv/models"]
+        assert (path.parent.stat().st_mode & 0o777, path.parent.stat().st_uid) == (0o755, NOBODY)
+    finally:
+        err = stop(p)
+    assert "Listening on " + str(path) in err
     assert not path.exists()
