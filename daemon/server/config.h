@@ -12,7 +12,7 @@
  * longer than libinih's line buffer (198 bytes in Debian's build) is an
  * error, never split.
  *
- * The daemon's own uid is always allowed to connect: that is for the server
+ * The daemon's own uid and root are always allowed to connect: that is for the server
  * to add, allow_uids lists the others. */
 #pragma once
 

@@ -118,8 +118,7 @@ def test_built_in_defaults_as_another_user(bins, workdir):
     """No --config, not root: the socket goes under $XDG_RUNTIME_DIR, where
     the client library looks for it by default too."""
     runtime = make_dir(workdir, "xdg-")
-    os.chown(runtime, NOBODY, NOBODY)
-    runtime.chmod(0o700)
+    os.chown(runtime, NOBODY, NOBODY)  # 0755: other users reach the socket, and the allow list decides
     env = dict(os.environ, XDG_RUNTIME_DIR=str(runtime))
     env.pop("WEIGHTD_SOCKET", None)
     as_nobody = ["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups", "--"]
@@ -139,6 +138,14 @@ def test_built_in_defaults_as_another_user(bins, workdir):
         assert status["socket"] == str(path)
         assert status["model_roots"] == ["/srv/models"]
         assert (path.parent.stat().st_mode & 0o777, path.parent.stat().st_uid) == (0o755, NOBODY)
+        # Root is always let in; any other user only when a list names it.
+        r = subprocess.run([str(bins.weightctl), "--socket", str(path), "status", "--json"],
+                           capture_output=True, text=True)
+        assert r.returncode == 0, r.stderr
+        r = subprocess.run(["setpriv", "--reuid=12345", "--regid=12345", "--clear-groups", "--",
+                            str(bins.weightctl), "--socket", str(path), "status"], capture_output=True, text=True)
+        assert r.returncode == 1
+        assert "PERMISSION_DENIED" in r.stderr and "uid 12345 is not allowed" in r.stderr
     finally:
         err = stop(p)
     assert "Listening on " + str(path) in err
