@@ -1,6 +1,12 @@
 /* The requests of the control API: validation of every field protobuf-c
  * leaves unchecked, the handshake, and the replies (manifests with their slab
- * descriptors, listings, counters). */
+ * descriptors, listings, counters).
+ *
+ * Requests that name a model (Load, Prefetch, Tensors, Components) are
+ * checked lexically here, resolved on the thread pool (resolve_work), and
+ * finished back on the loop (resolve_done): answered, or a Load or Prefetch
+ * attached to the job that reads its component.  Every other request is
+ * answered at once. */
 
 #include <inttypes.h>
 #include <stdio.h>
