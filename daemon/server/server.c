@@ -73,6 +73,46 @@ static void on_watchdog_timer(uv_timer_t *t) {
         (void) notify_send("WATCHDOG=1");
 }
 
+/* ---- slab memory -------------------------------------------------------- */
+
+/* Slabs the cache let go of, freed on the thread pool: returning GiB of
+ * pages to the kernel must not stall the loop. */
+typedef struct Reap {
+        uv_work_t work;
+        Slab **slabs;
+        size_t n;
+} Reap;
+
+static void reap_free_slabs(Slab **slabs, size_t n) {
+        for (size_t i = 0; i < n; i++)
+                slab_free(slabs[i]);
+        free(slabs);
+}
+
+static void reap_work(uv_work_t *w) {
+        Reap *r = w->data;
+
+        reap_free_slabs(r->slabs, r->n);
+}
+
+static void reap_done(uv_work_t *w, int status) {
+        free(w->data);
+}
+
+static void server_reap(Slab **slabs, size_t n, void *userdata) {
+        Server *s = userdata;
+        Reap *r = calloc(1, sizeof(Reap));
+
+        if (r) {
+                *r = (Reap){ .slabs = slabs, .n = n };
+                r->work.data = r;
+                if (uv_queue_work(&s->loop, &r->work, reap_work, reap_done) == 0)
+                        return;
+        }
+        free(r);
+        reap_free_slabs(slabs, n); /* here, then */
+}
+
 /* ---- load jobs ---------------------------------------------------------- */
 
 static void job_on_progress(LoadJob *lj, uint64_t done, uint64_t total, void *userdata) {
@@ -701,7 +741,10 @@ static void on_signal(uv_signal_t *h, int signum) {
 Server *server_free(Server *s) {
         if (!s)
                 return NULL;
-        /* Only after server_run() returned: no handle is active any more. */
+        /* Only after server_run() returned: no handle is active any more,
+         * and nothing may be queued on the loop: free slabs here. */
+        if (s->cache)
+                cache_set_reaper(s->cache, NULL, NULL);
         while (s->jobs) {
                 Job *j = s->jobs;
                 if (j->load) {
@@ -774,6 +817,7 @@ int server_new(Server **ret, Config *config, const char *config_path) {
         r = cache_new(&s->cache, config->host_budget);
         if (r < 0)
                 return log_error_errno(r, "Cannot create the cache: %m");
+        cache_set_reaper(s->cache, server_reap, s);
         ReaderParams p = reader_params(config);
         r = reader_new(&s->reader, &p);
         if (r < 0)

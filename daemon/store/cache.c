@@ -15,6 +15,8 @@ struct Cache {
         CacheEntry *head, *tail; /* MRU .. LRU, not detached */
         CacheEntry *detached;    /* singly linked through next */
         size_t n_entries, n_detached;
+        cache_reap_fn reap;
+        void *reap_userdata;
 };
 
 int cache_new(Cache **ret, uint64_t budget) {
@@ -27,11 +29,25 @@ int cache_new(Cache **ret, uint64_t budget) {
         return 0;
 }
 
+void cache_set_reaper(Cache *c, cache_reap_fn reap, void *userdata) {
+        c->reap = reap;
+        c->reap_userdata = userdata;
+}
+
+void cache_reap_slabs(Cache *c, Slab **slabs, size_t n) {
+        if (!slabs)
+                return;
+        if (c->reap) {
+                c->reap(slabs, n, c->reap_userdata);
+                return;
+        }
+        for (size_t i = 0; i < n; i++)
+                slab_free(slabs[i]);
+        free(slabs);
+}
+
 static void entry_free(CacheEntry *e) {
-        if (e->slabs)
-                for (size_t i = 0; i < e->n_files; i++)
-                        slab_free(e->slabs[i]);
-        free(e->slabs);
+        cache_reap_slabs(e->cache, TAKE_PTR(e->slabs), e->n_files);
         free(e->ids);
         free(e->model);
         free(e->component);
@@ -41,6 +57,7 @@ static void entry_free(CacheEntry *e) {
 Cache *cache_free(Cache *c) {
         if (!c)
                 return NULL;
+        c->reap = NULL; /* the owner is going away too: free here */
         while (c->head) {
                 CacheEntry *e = c->head;
                 c->head = e->next;

@@ -40,10 +40,8 @@ int direct_mode_from_string(const char *s) {
 static LoadJob *load_job_free(LoadJob *j) {
         if (!j)
                 return NULL;
-        if (j->slabs)
-                for (size_t i = 0; i < j->comp->n_files; i++)
-                        slab_free(j->slabs[i]);
-        free(j->slabs);
+        /* A failed load's slabs may hold GiB already read. */
+        cache_reap_slabs(j->cache, TAKE_PTR(j->slabs), j->comp->n_files);
         if (j->direct_fds)
                 for (size_t i = 0; i < j->comp->n_files; i++)
                         safe_close(j->direct_fds[i]);
