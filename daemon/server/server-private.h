@@ -95,6 +95,8 @@ struct Job {
         _Atomic uint64_t done;
         _Atomic bool finished;
         bool cancelled;
+        bool sealing, sealed; /* load_job_seal() on the thread pool */
+        uv_work_t seal_work;
         uint64_t progress_usec; /* when waiters last heard */
         uint64_t started_usec;
 };

@@ -286,6 +286,31 @@ static void job_complete(Job *j) {
         server_maybe_exit(s);
 }
 
+static void seal_work(uv_work_t *w) {
+        Job *j = w->data;
+
+        load_job_seal(j->load);
+}
+
+static void seal_done(uv_work_t *w, int status) {
+        Job *j = w->data;
+
+        j->sealing = false;
+        j->sealed = true;
+        job_complete(j);
+}
+
+/* Checking the files and sealing the slabs drops their writable mappings:
+ * page tables of GiB, so on the thread pool.  The job stays joinable. */
+static void job_seal(Job *j) {
+        j->sealing = true;
+        j->seal_work.data = j;
+        if (uv_queue_work(&j->server->loop, &j->seal_work, seal_work, seal_done) < 0) {
+                load_job_seal(j->load);
+                seal_done(&j->seal_work, 0);
+        }
+}
+
 static void on_wake(uv_async_t *a) {
         Server *s = a->data;
         uint64_t now = now_usec();
@@ -294,7 +319,8 @@ static void on_wake(uv_async_t *a) {
         for (Job *j = s->jobs; j; j = next) {
                 next = j->next;
                 if (atomic_load(&j->finished)) {
-                        job_complete(j);
+                        if (!j->sealing && !j->sealed)
+                                job_seal(j);
                         continue;
                 }
                 if (now - j->progress_usec >= SERVER_PROGRESS_INTERVAL_USEC) {

@@ -21,6 +21,10 @@ struct LoadJob {
         int error;
         size_t failed_extent;
         bool direct_used;
+
+        bool sealed;   /* load_job_seal() ran */
+        int seal_r;    /* and its outcome */
+        WdError seal_err;
 };
 
 static const char *const direct_mode_names[_DIRECT_MODE_MAX] = {
@@ -204,21 +208,32 @@ static int verify(const LoadJob *j, WdError *err) {
         return 0;
 }
 
+void load_job_seal(LoadJob *j) {
+        if (j->sealed)
+                return;
+        j->sealed = true;
+        if (j->error != 0)
+                return; /* load_job_finish() reports it */
+        j->seal_r = verify(j, &j->seal_err);
+        for (size_t i = 0; i < j->comp->n_files && j->seal_r == 0; i++) {
+                int r = slab_seal(j->slabs[i]);
+                if (r < 0)
+                        j->seal_r = wd_error_set(&j->seal_err, r, "%s: cannot seal the host slab: %s",
+                                                 j->comp->files[i].display, strerror(-r));
+        }
+}
+
 int load_job_finish(LoadJob *job, CacheEntry **ret_entry, WdError *err) {
         _cleanup_(load_job_abortp) LoadJob *j = job;
         CacheEntry *e;
-        int r;
 
         if (j->error != 0)
                 return read_error(j, err);
-        r = verify(j, err);
-        if (r != 0)
-                return r;
-        for (size_t i = 0; i < j->comp->n_files; i++) {
-                r = slab_seal(j->slabs[i]);
-                if (r < 0)
-                        return wd_error_set(err, r, "%s: cannot seal the host slab: %s", j->comp->files[i].display,
-                                            strerror(-r));
+        load_job_seal(j);
+        if (j->seal_r != 0) {
+                if (err)
+                        *err = j->seal_err;
+                return j->seal_r;
         }
         e = TAKE_PTR(j->entry);
         cache_entry_set_resident(e, TAKE_PTR(j->slabs));

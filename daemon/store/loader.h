@@ -42,9 +42,17 @@ typedef void (*load_done_fn)(LoadJob *job, void *userdata);
 int load_job_start(LoadJob **ret, Reader *reader, Cache *cache, int root_fd, const Component *comp,
                    const LoadOptions *opts, load_progress_fn progress, load_done_fn done, void *userdata, WdError *err);
 
-/* After done fired: verify, seal, and make the entry resident (returned in
- * ret_entry), or remove it and report why.  Returns 0, WD_E_CHANGED,
- * -ECANCELED, -errno with err filled.  Frees the job either way. */
+/* After done fired, on any thread: check that no file changed during the
+ * read and seal the slabs.  It touches neither the cache nor anything the
+ * owner's thread uses, so the owner may run it on a worker (dropping the
+ * writable mapping of a large slab takes a while).  The outcome is kept for
+ * load_job_finish(); calling it again does nothing. */
+void load_job_seal(LoadJob *job);
+
+/* After done fired (and load_job_seal(), which it runs if nobody did): make
+ * the entry resident (returned in ret_entry), or remove it and report why.
+ * Returns 0, WD_E_CHANGED, -ECANCELED, -errno with err filled.  Frees the
+ * job either way. */
 int load_job_finish(LoadJob *job, CacheEntry **ret_entry, WdError *err);
 
 void load_job_cancel(LoadJob *job);
