@@ -9,6 +9,11 @@
  *   wd-bench-client load SOCKET MODEL COMPONENT
  *       one load, for fan-out runs: prints {"seconds", "bytes",
  *       "was_resident"}; the lease ends when the process exits.
+ *   wd-bench-client latency SOCKET SECONDS
+ *       one connection sends Status requests back to back for SECONDS and
+ *       reports their round trips: {"requests", "median_us", "p99_us",
+ *       "max_us"}; run beside a load or an eviction, it shows whether the
+ *       daemon's loop ever stalls.
  *   wd-bench-client status SOCKET SECONDS CONNECTIONS
  *       CONNECTIONS threads, each with its own connection, send Status
  *       requests back to back for SECONDS; prints {"requests",
@@ -203,6 +208,34 @@ static int cmd_status(const char *sock, unsigned long seconds, unsigned long con
         return 0;
 }
 
+static int cmd_latency(const char *sock, unsigned long seconds) {
+        size_t cap = 1 << 20, n = 0;
+        double *rtt = calloc(cap, sizeof(double)), end;
+        wd_client *c = NULL;
+        wd_error err;
+
+        if (!rtt)
+                return 1;
+        if (wd_connect(sock, &c, &err) != WD_OK)
+                return fail("connect", &err);
+        end = now_s() + (double) seconds;
+        while (n < cap && now_s() < end) {
+                wd_status *st = NULL;
+                double t0 = now_s();
+
+                if (wd_status_get(c, &st, &err) != WD_OK)
+                        return fail("status", &err);
+                rtt[n++] = now_s() - t0;
+                wd_status_free(st);
+        }
+        wd_disconnect(c);
+        qsort(rtt, n, sizeof(double), cmp_double);
+        printf("{\"requests\": %zu, \"median_us\": %.0f, \"p99_us\": %.0f, \"max_us\": %.0f}\n", n,
+               rtt[n / 2] * 1e6, rtt[(n * 99) / 100] * 1e6, rtt[n - 1] * 1e6);
+        free(rtt);
+        return 0;
+}
+
 int main(int argc, char **argv) {
         unsigned long a, b;
 
@@ -210,11 +243,14 @@ int main(int argc, char **argv) {
                 return cmd_attach(argv[2], argv[3], argv[4], a);
         if (argc == 5 && strcmp(argv[1], "load") == 0)
                 return cmd_load(argv[2], argv[3], argv[4]);
+        if (argc == 4 && strcmp(argv[1], "latency") == 0 && parse_count(argv[3], &a) == 0)
+                return cmd_latency(argv[2], a);
         if (argc == 5 && strcmp(argv[1], "status") == 0 && parse_count(argv[3], &a) == 0 &&
             parse_count(argv[4], &b) == 0)
                 return cmd_status(argv[2], a, b);
         fprintf(stderr, "usage: wd-bench-client attach SOCKET MODEL COMPONENT RUNS\n"
                         "       wd-bench-client load SOCKET MODEL COMPONENT\n"
+                        "       wd-bench-client latency SOCKET SECONDS\n"
                         "       wd-bench-client status SOCKET SECONDS CONNECTIONS\n");
         return 2;
 }
