@@ -31,6 +31,7 @@
 #define CONFIG_MAX_CONNECTIONS_PER_UID_DEFAULT 64u
 #define CONFIG_MAX_PENDING_REQUESTS_DEFAULT 64u
 #define CONFIG_MAX_FRAME_SIZE_DEFAULT (16ull << 20)
+#define CONFIG_HELLO_TIMEOUT_DEFAULT 10u
 #define CONFIG_QUEUE_DEPTH_DEFAULT 32u
 #define CONFIG_CHUNK_SIZE_DEFAULT (16ull << 20)
 #define CONFIG_HOST_BUDGET_DEFAULT "50%"
@@ -53,6 +54,7 @@ typedef struct Config {
         unsigned max_connections_per_uid; /* default 64, 1..65536 */
         unsigned max_pending_requests;    /* per connection, default 64, 1..4096 */
         uint64_t max_frame_size;          /* default 16M, 4K..256M */
+        unsigned hello_timeout;           /* seconds a new connection has to say Hello, default 10, 1..3600 */
         int log_level;                    /* LOG_ERR..LOG_DEBUG of <syslog.h>; default LOG_INFO */
 
         /* [memory] */

@@ -91,6 +91,7 @@ int conn_new(Server *s, int fd, const struct ucred *cred, UidSlot *slot, Conn **
         c->fd = fd;
         c->cred = *cred;
         c->uid_slot = slot;
+        c->accepted_usec = now_usec();
         snprintf(c->name, sizeof(c->name), "pid %d uid %u", (int) cred->pid, (unsigned) cred->uid);
         wire_reader_init(&c->in, (uint32_t) MIN(s->config->max_frame_size, UINT32_MAX), 0);
 

@@ -123,6 +123,7 @@ struct Conn {
         OutFrame *out_head, *out_tail;
         size_t out_bytes;
         bool hello;
+        uint64_t accepted_usec; /* for the Hello deadline */
         bool closing;      /* uv_close() called */
         bool close_when_sent;
         Request *pending;
@@ -152,7 +153,7 @@ struct Server {
         bool listening;
         uv_signal_t sig_term, sig_int, sig_hup;
         uv_async_t wake;
-        uv_timer_t status_timer, watchdog_timer, drain_timer, accept_timer;
+        uv_timer_t status_timer, watchdog_timer, drain_timer, accept_timer, hello_timer;
         uint64_t watchdog_usec;
 
         Conn *conns;

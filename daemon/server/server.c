@@ -69,6 +69,21 @@ static void on_status_timer(uv_timer_t *t) {
         server_update_status(t->data);
 }
 
+/* Every second: close connections that did not say Hello in time, so that
+ * silent ones cannot hold a uid's connection slots. */
+static void on_hello_timer(uv_timer_t *t) {
+        Server *s = t->data;
+        uint64_t now = now_usec(), limit = (uint64_t) s->config->hello_timeout * 1000000u;
+
+        for (Conn *c = s->conns, *next; c; c = next) {
+                next = c->next;
+                if (!c->hello && now - c->accepted_usec >= limit) {
+                        log_info("%s: no Hello within %u s, disconnecting", c->name, s->config->hello_timeout);
+                        conn_close(c);
+                }
+        }
+}
+
 static void on_watchdog_timer(uv_timer_t *t) {
         (void) notify_send("WATCHDOG=1");
 }
@@ -709,6 +724,7 @@ static void server_close_handles(Server *s) {
         uv_close((uv_handle_t *) &s->watchdog_timer, NULL);
         uv_close((uv_handle_t *) &s->drain_timer, NULL);
         uv_close((uv_handle_t *) &s->accept_timer, NULL);
+        uv_close((uv_handle_t *) &s->hello_timer, NULL);
 }
 
 void server_maybe_exit(Server *s) {
@@ -750,6 +766,7 @@ static void server_stop(Server *s) {
         uv_timer_stop(&s->status_timer);
         uv_timer_stop(&s->watchdog_timer);
         uv_timer_stop(&s->accept_timer);
+        uv_timer_stop(&s->hello_timer);
         server_maybe_exit(s);
 }
 
@@ -860,11 +877,12 @@ int server_new(Server **ret, Config *config, const char *config_path) {
             (r = uv_timer_init(&s->loop, &s->status_timer)) < 0 ||
             (r = uv_timer_init(&s->loop, &s->watchdog_timer)) < 0 ||
             (r = uv_timer_init(&s->loop, &s->drain_timer)) < 0 ||
-            (r = uv_timer_init(&s->loop, &s->accept_timer)) < 0)
+            (r = uv_timer_init(&s->loop, &s->accept_timer)) < 0 ||
+            (r = uv_timer_init(&s->loop, &s->hello_timer)) < 0)
                 return log_error_errno(r, "Cannot set up the event loop: %s", uv_strerror(r));
         s->listening = true;
         s->listen_poll.data = s->sig_term.data = s->sig_int.data = s->sig_hup.data = s;
-        s->wake.data = s->status_timer.data = s->watchdog_timer.data = s->drain_timer.data = s->accept_timer.data = s;
+        s->wake.data = s->status_timer.data = s->watchdog_timer.data = s->drain_timer.data = s->accept_timer.data = s->hello_timer.data = s;
 
         log_info("weightd %s: budget %.1f GiB (%s), %zu model roots, io queue depth %u, chunk %" PRIu64
                  " KiB, direct I/O %s",
@@ -883,6 +901,7 @@ int server_run(Server *s) {
         uv_signal_start(&s->sig_int, on_signal, SIGINT);
         uv_signal_start(&s->sig_hup, on_signal, SIGHUP);
         uv_timer_start(&s->status_timer, on_status_timer, 5000, 5000);
+        uv_timer_start(&s->hello_timer, on_hello_timer, 1000, 1000);
         s->watchdog_usec = notify_watchdog_usec();
         if (s->watchdog_usec > 0) {
                 uint64_t ms = MAX(s->watchdog_usec / 2000, 1);

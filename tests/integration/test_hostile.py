@@ -48,7 +48,9 @@ class Hostile:
 @pytest.fixture(scope="module")
 def h(bins, workdir, testdata):
     d = Daemon(bins, workdir, [testdata / "models"],
-               {"max_connections_per_uid": 64, "allow_uids": NOBODY}).start()
+               {"max_connections_per_uid": 64, "allow_uids": NOBODY,
+                # Idle connections are the point of some cases here.
+                "hello_timeout": 3600}).start()
     model = str(testdata / "models" / "plain")
     good = d.raw()
     holder = d.spawn_client("hold", model, user="nobody")
@@ -294,3 +296,21 @@ def test_thousand_idle_connections(h):
         assert c.status()["connections"] == base
     h.served()
 
+
+
+def test_silent_connections_are_closed_after_hello_timeout(bins, workdir, testdata):
+    """A connection that never says Hello is closed once hello_timeout
+    passes, freeing its slot; one that said Hello stays open."""
+    d = Daemon(bins, workdir, [testdata / "models"], {"hello_timeout": 1}).start()
+    try:
+        silent = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        silent.connect(d.socket)
+        with raw_conn(d) as talker:
+            silent.settimeout(10)
+            assert silent.recv(1) == b"", "the daemon should close the silent connection"
+            wait_until(lambda: "no Hello within 1 s, disconnecting" in d.log(), what="the log line")
+            # Well past the deadline, the one that said Hello is served.
+            assert talker.status()["connections"] == 1
+        silent.close()
+    finally:
+        d.finish()

@@ -95,6 +95,7 @@ static void assert_defaults(const Config *c) {
         assert_int_equal(c->max_connections, 1024);
         assert_int_equal(c->max_connections_per_uid, 64);
         assert_int_equal(c->max_pending_requests, 64);
+        assert_int_equal(c->hello_timeout, 10);
         assert_int_equal(c->max_frame_size, 16u << 20);
         assert_int_equal(c->log_level, LOG_INFO);
         assert_string_equal(c->host_budget_spec, "50%");
@@ -215,6 +216,7 @@ static void test_daemon_keys(void **state) {
                     "max_connections_per_uid = 65536\n"
                     "max_pending_requests = 4096\n"
                     "max_frame_size = 4K\n"
+                    "hello_timeout = 3600\n"
                     "log_level = debug\n");
         assert_string_equal(c->socket, "/tmp/wd-test/weightd.sock");
         assert_int_equal(c->n_model_roots, 2);
@@ -232,6 +234,7 @@ static void test_daemon_keys(void **state) {
         assert_int_equal(c->max_connections_per_uid, 65536);
         assert_int_equal(c->max_pending_requests, 4096);
         assert_int_equal(c->max_frame_size, 4096);
+        assert_int_equal(c->hello_timeout, 3600);
         assert_int_equal(c->log_level, LOG_DEBUG);
         c = config_free(c);
 
@@ -380,6 +383,10 @@ static void test_bad_values(void **state) {
                   "test.conf:2: [daemon] max_connections_per_uid: \"0\" is not in 1..65536" },
                 { "[daemon]\nmax_connections_per_uid = 65537\n",
                   "test.conf:2: [daemon] max_connections_per_uid: \"65537\" is not in 1..65536" },
+                { "[daemon]\nhello_timeout = 0\n",
+                  "test.conf:2: [daemon] hello_timeout: \"0\" is not in 1..3600" },
+                { "[daemon]\nhello_timeout = 3601\n",
+                  "test.conf:2: [daemon] hello_timeout: \"3601\" is not in 1..3600" },
                 { "[daemon]\nmax_pending_requests = 0\n",
                   "test.conf:2: [daemon] max_pending_requests: \"0\" is not in 1..4096" },
                 { "[daemon]\nmax_pending_requests = 4097\n",
