@@ -104,10 +104,7 @@ int conn_new(Server *s, int fd, const struct ucred *cred, UidSlot *slot, Conn **
         }
         c->poll.data = c;
 
-        c->next = s->conns;
-        if (s->conns)
-                s->conns->prev = c;
-        s->conns = c;
+        LIST_PREPEND(conns, s->conns, c);
         s->n_conns++;
         slot->n++;
 
@@ -146,12 +143,7 @@ void conn_close(Conn *c) {
         while (c->leases)
                 conn_lease_drop(c, c->leases);
 
-        if (c->prev)
-                c->prev->next = c->next;
-        else
-                s->conns = c->next;
-        if (c->next)
-                c->next->prev = c->prev;
+        LIST_REMOVE(conns, s->conns, c);
         s->n_conns--;
         c->uid_slot->n--;
         /* What is queued will never be sent. */
@@ -180,10 +172,7 @@ uint64_t conn_lease_add(Conn *c, CacheEntry *e) {
         l->id = ++c->server->next_lease_id;
         l->entry = e;
         cache_entry_lease(e);
-        l->next = c->leases;
-        if (c->leases)
-                c->leases->prev = l;
-        c->leases = l;
+        LIST_PREPEND(leases, c->leases, l);
         c->n_leases++;
         c->uid_slot->leases++;
         c->server->n_leases++;
@@ -191,12 +180,7 @@ uint64_t conn_lease_add(Conn *c, CacheEntry *e) {
 }
 
 void conn_lease_drop(Conn *c, Lease *l) {
-        if (l->prev)
-                l->prev->next = l->next;
-        else
-                c->leases = l->next;
-        if (l->next)
-                l->next->prev = l->prev;
+        LIST_REMOVE(leases, c->leases, l);
         c->n_leases--;
         c->uid_slot->leases--;
         c->server->n_leases--;
@@ -205,7 +189,7 @@ void conn_lease_drop(Conn *c, Lease *l) {
 }
 
 Lease *conn_lease_find(Conn *c, uint64_t id) {
-        for (Lease *l = c->leases; l; l = l->next)
+        LIST_FOREACH(leases, l, c->leases)
                 if (l->id == id)
                         return l;
         return NULL;

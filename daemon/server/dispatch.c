@@ -28,13 +28,7 @@ static void request_detach_conn(Request *r) {
 
         if (!c)
                 return;
-        if (r->conn_prev)
-                r->conn_prev->conn_next = r->conn_next;
-        else
-                c->pending = r->conn_next;
-        if (r->conn_next)
-                r->conn_next->conn_prev = r->conn_prev;
-        r->conn_prev = r->conn_next = NULL;
+        LIST_REMOVE(conn, c->pending, r);
         c->n_pending--;
         r->conn = NULL;
 }
@@ -44,23 +38,14 @@ static void request_detach_job(Request *r) {
 
         if (!j)
                 return;
-        if (r->job_prev)
-                r->job_prev->job_next = r->job_next;
-        else
-                j->waiters = r->job_next;
-        if (r->job_next)
-                r->job_next->job_prev = r->job_prev;
-        r->job_prev = r->job_next = NULL;
+        LIST_REMOVE(job, j->waiters, r);
         j->n_waiters--;
         r->job = NULL;
 }
 
 static void request_attach_job(Request *r, Job *j) {
         r->job = j;
-        r->job_next = j->waiters;
-        if (j->waiters)
-                j->waiters->job_prev = r;
-        j->waiters = r;
+        LIST_PREPEND(job, j->waiters, r);
         j->n_waiters++;
 }
 
@@ -94,16 +79,13 @@ static Request *request_new(Conn *c, uint64_t id, RequestKind kind, bool progres
         if (!r)
                 return NULL;
         *r = (Request){ .server = c->server, .conn = c, .id = id, .kind = kind, .progress = progress };
-        r->conn_next = c->pending;
-        if (c->pending)
-                c->pending->conn_prev = r;
-        c->pending = r;
+        LIST_PREPEND(conn, c->pending, r);
         c->n_pending++;
         return r;
 }
 
 static Request *request_find(Conn *c, uint64_t id) {
-        for (Request *r = c->pending; r; r = r->conn_next)
+        LIST_FOREACH(conn, r, c->pending)
                 if (r->id == id)
                         return r;
         return NULL;

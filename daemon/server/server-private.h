@@ -13,6 +13,7 @@
 #include <uv.h>
 
 #include "server/config.h"
+#include "util/list.h"
 #include "server/roots.h"
 #include "server/server.h"
 #include "store/cache.h"
@@ -43,7 +44,7 @@ struct OutFrame {
 };
 
 struct Lease {
-        Lease *prev, *next;
+        LIST_FIELDS(Lease, leases);
         uint64_t id;
         CacheEntry *entry;
 };
@@ -67,8 +68,8 @@ struct Request {
         RequestKind kind;
         bool progress;
         uint64_t progress_sent;
-        Request *conn_prev, *conn_next;
-        Request *job_prev, *job_next;
+        LIST_FIELDS(Request, conn); /* in conn->pending */
+        LIST_FIELDS(Request, job);  /* in job->waiters */
 
         /* The resolve, on a worker thread (resolving is true meanwhile). */
         uv_work_t work;
@@ -84,7 +85,7 @@ struct Request {
 
 struct Job {
         Server *server;
-        Job *prev, *next;
+        LIST_FIELDS(Job, jobs);
         LoadJob *load;
         Component *comp; /* owned; comp->model is the cache key */
         int root_fd;     /* owned duplicate: where comp's files are opened */
@@ -112,7 +113,7 @@ struct UidSlot {
 
 struct Conn {
         Server *server;
-        Conn *prev, *next;
+        LIST_FIELDS(Conn, conns);
         uv_poll_t poll;
         int fd;
         int events; /* what poll watches now */

@@ -76,7 +76,7 @@ static void on_hello_timer(uv_timer_t *t) {
         uint64_t now = now_usec(), limit = (uint64_t) s->config->hello_timeout * 1000000u;
 
         for (Conn *c = s->conns, *next; c; c = next) {
-                next = c->next;
+                next = c->conns_next;
                 if (!c->hello && now - c->accepted_usec >= limit) {
                         log_info("%s: no Hello within %u s, disconnecting", c->name, s->config->hello_timeout);
                         conn_close(c);
@@ -150,13 +150,7 @@ static void job_on_done(LoadJob *lj, void *userdata) {
 static void job_unlink(Job *j) {
         Server *s = j->server;
 
-        if (j->prev)
-                j->prev->next = j->next;
-        else
-                s->jobs = j->next;
-        if (j->next)
-                j->next->prev = j->prev;
-        j->prev = j->next = NULL;
+        LIST_REMOVE(jobs, s->jobs, j);
         j->entry = NULL;
         s->n_jobs--;
 }
@@ -213,10 +207,7 @@ int server_job_start(Server *s, int root_fd, Component *comp, Job **ret, WdError
                 return r;
         }
         j->entry = load_job_entry(j->load);
-        j->next = s->jobs;
-        if (s->jobs)
-                s->jobs->prev = j;
-        s->jobs = j;
+        LIST_PREPEND(jobs, s->jobs, j);
         s->n_jobs++;
         log_debug("loading %s %s: %zu files, %" PRIu64 " bytes", comp->model, comp->name, comp->n_files,
                   comp->total_bytes);
@@ -226,7 +217,7 @@ int server_job_start(Server *s, int root_fd, Component *comp, Job **ret, WdError
 }
 
 Job *server_job_find(Server *s, CacheEntry *e) {
-        for (Job *j = s->jobs; j; j = j->next)
+        LIST_FOREACH(jobs, j, s->jobs)
                 if (j->entry == e)
                         return j;
         return NULL;
@@ -259,14 +250,10 @@ static bool job_restart(Job *j, int *r, WdError *err) {
         while (j->waiters) {
                 Request *w = j->waiters;
 
-                j->waiters = w->job_next;
+                LIST_REMOVE(job, j->waiters, w);
                 j->n_waiters--;
                 w->job = n;
-                w->job_prev = NULL;
-                w->job_next = n->waiters;
-                if (n->waiters)
-                        n->waiters->job_prev = w;
-                n->waiters = w;
+                LIST_PREPEND(job, n->waiters, w);
                 n->n_waiters++;
         }
         return true;
@@ -332,7 +319,7 @@ static void on_wake(uv_async_t *a) {
         Job *next;
 
         for (Job *j = s->jobs; j; j = next) {
-                next = j->next;
+                next = j->jobs_next;
                 if (atomic_load(&j->finished)) {
                         if (!j->sealing && !j->sealed)
                                 job_seal(j);
@@ -747,7 +734,7 @@ static void server_stop(Server *s) {
         /* Every request waiting for a resolve or a load hears why it ends;
          * a load nobody waits for any more is cancelled. */
         for (Conn *c = s->conns, *next; c; c = next) {
-                next = c->next;
+                next = c->conns_next;
                 while (c->pending) {
                         uint64_t id = c->pending->id;
 
@@ -758,7 +745,7 @@ static void server_stop(Server *s) {
 
         /* Let peers read what is queued for them, for a while. */
         for (Conn *c = s->conns, *next; c; c = next) {
-                next = c->next;
+                next = c->conns_next;
                 conn_close_when_sent(c);
         }
         uv_timer_stop(&s->drain_timer);
