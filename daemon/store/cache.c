@@ -186,6 +186,15 @@ static const char *entry_label(char buf[static WD_ERROR_MESSAGE_MAX], const char
         return buf;
 }
 
+CacheEntry *cache_lookup_files(Cache *c, const FileId *ids, size_t n_ids) {
+        for (CacheEntry *e = c->head; e; e = e->next)
+                if (ids_equal(e, ids, n_ids)) {
+                        touch(e);
+                        return e;
+                }
+        return NULL;
+}
+
 static bool evictable(const CacheEntry *e) {
         return e->state == CACHE_ENTRY_RESIDENT && e->leases == 0 && !e->pinned;
 }

@@ -76,6 +76,11 @@ DEFINE_TRIVIAL_CLEANUP_FUNC(Cache *, cache_free);
  * differ is dropped or detached on the way. */
 CacheEntry *cache_lookup(Cache *c, const char *model, const char *component, const FileId *ids, size_t n_ids);
 
+/* A resident or loading entry holding exactly these files under any model
+ * path (a symlinked folder, another spelling), marked as used; NULL when
+ * there is none.  Only ever one: cache_reserve() refuses a second. */
+CacheEntry *cache_lookup_files(Cache *c, const FileId *ids, size_t n_ids);
+
 /* Reserve bytes for a new LOADING entry, evicting as needed.  Returns 0,
  * WD_E_BUDGET (err names the shortfall), WD_E_BUSY if an entry for these
  * files exists already, or -ENOMEM. */
