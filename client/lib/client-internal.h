@@ -11,27 +11,12 @@
 #include <stdlib.h>
 #include <unistd.h>
 
+#include "macro.h"
 #include "weightd/client.h"
 #include "wire.h"
 
 #define _public_ __attribute__((visibility("default")))
-#define _cleanup_(f) __attribute__((cleanup(f)))
-#define _printf_(a, b) __attribute__((format(printf, a, b)))
 #define _fallthrough_ __attribute__((fallthrough))
-
-#define ELEMENTSOF(x) (sizeof(x) / sizeof((x)[0]))
-
-#define TAKE_PTR(p)                        \
-        ({                                 \
-                __typeof__(p) _ptr_ = (p); \
-                (p) = NULL;                \
-                _ptr_;                     \
-        })
-
-static inline void freep(void *p) {
-        free(*(void **) p);
-}
-#define _cleanup_free_ _cleanup_(freep)
 
 static inline void envelope_freep(WireEnvelope **p) {
         wire_envelope_free(*p);

@@ -22,6 +22,7 @@
 #include <time.h>
 #include <unistd.h>
 
+#include "macro.h"
 #include "weightd/client.h"
 
 enum {
@@ -29,30 +30,6 @@ enum {
         EXIT_FAILED = 1,
         EXIT_USAGE = 2,
 };
-
-#define _cleanup_(f) __attribute__((cleanup(f)))
-#define _printf_(a, b) __attribute__((format(printf, a, b)))
-#define ELEMENTSOF(x) (sizeof(x) / sizeof((x)[0]))
-#define TAKE_PTR(p)                        \
-        ({                                 \
-                __typeof__(p) _ptr_ = (p); \
-                (p) = NULL;                \
-                _ptr_;                     \
-        })
-#define DEFINE_TRIVIAL_CLEANUP_FUNC(type, func) \
-        static inline void func##p(type *p) {   \
-                if (*p)                         \
-                        func(*p);               \
-        }
-
-static inline void freep(void *p) {
-        free(*(void **) p);
-}
-#define _cleanup_free_ _cleanup_(freep)
-
-static inline uint64_t min_u64(uint64_t a, uint64_t b) {
-        return a < b ? a : b;
-}
 
 /* An owned list of strings. */
 typedef struct Strv {
@@ -407,7 +384,7 @@ static void progress_clear(Progress *p) {
 static void progress_draw(Progress *p, uint64_t done, uint64_t total, double now) {
         char d[SIZE_MAX_LEN], t[SIZE_MAX_LEN], eta[DURATION_MAX_LEN] = "-", tail[160], bar[64];
         double elapsed = now - p->start, rate = elapsed > 0 ? (double) done / elapsed : 0;
-        double fraction = total > 0 ? (double) min_u64(done, total) / (double) total : 1.0;
+        double fraction = total > 0 ? (double) MIN(done, total) / (double) total : 1.0;
         size_t used, width = 0;
 
         if (rate > 0 && total > done)
@@ -417,7 +394,7 @@ static void progress_draw(Progress *p, uint64_t done, uint64_t total, double now
                  format_bytes(t, total), (unsigned) (fraction * 100.0), rate / 1e9, eta);
         used = text_width(p->label) + strlen(tail) + 4; /* " [" "] " */
         if (p->columns > used + 10)
-                width = min_u64(p->columns - used - 1, 40);
+                width = MIN(p->columns - used - 1, 40);
         if (width > 0) {
                 size_t filled = (size_t) (fraction * (double) width);
 

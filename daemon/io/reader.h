@@ -17,7 +17,7 @@
 #include <stddef.h>
 #include <stdint.h>
 
-#include "util/macro.h"
+#include "macro.h"
 
 /* Offset, length and memory alignment of direct reads. */
 #define READER_ALIGN 4096u

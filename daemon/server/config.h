@@ -24,7 +24,7 @@
 #include "store/loader.h"
 #include "store/slab.h"
 #include "util/error.h"
-#include "util/macro.h"
+#include "macro.h"
 
 /* Bounds and defaults. */
 #define CONFIG_MAX_CONNECTIONS_DEFAULT 1024u

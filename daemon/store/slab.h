@@ -15,7 +15,7 @@
 #include <stddef.h>
 #include <stdint.h>
 
-#include "util/macro.h"
+#include "macro.h"
 
 #define SLAB_HUGE_PAGE_SIZE (2u << 20)
 

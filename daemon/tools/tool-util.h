@@ -8,7 +8,7 @@
 #include <stdlib.h>
 #include <string.h>
 
-#include "util/macro.h"
+#include "macro.h"
 
 /* Open "/" as the root and turn arg into an absolute path without the
  * leading '/', in *ret_path (malloc'd). */

@@ -9,7 +9,7 @@
 #include <stdarg.h>
 #include <stddef.h>
 
-#include "util/macro.h"
+#include "macro.h"
 
 enum {
         WD_E_FORMAT = 1,   /* a safetensors file or index breaks a rule */

@@ -7,7 +7,7 @@
 #include <sys/stat.h>
 #include <time.h>
 
-#include "util/macro.h"
+#include "macro.h"
 
 /* What identifies a file's contents without reading them: a replaced or
  * rewritten file differs in at least one field. */

@@ -2,7 +2,7 @@
  * daemon's top layer logs once, with context. */
 #pragma once
 
-#include "util/macro.h"
+#include "macro.h"
 
 typedef enum LogLevel {
         LOG_LEVEL_ERROR,

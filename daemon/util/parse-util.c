@@ -4,7 +4,7 @@
 #include <stdlib.h>
 #include <string.h>
 
-#include "util/macro.h"
+#include "macro.h"
 #include "util/parse-util.h"
 
 static int parse_digits(const char *s, const char **ret_end, uint64_t *ret) {

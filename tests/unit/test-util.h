@@ -17,7 +17,7 @@
 
 #include <cmocka.h>
 
-#include "util/macro.h"
+#include "macro.h"
 
 /* $WD_TESTDATA/rel, as a static buffer (tests are single threaded). */
 static inline const char *testdata(const char *rel) {

@@ -1,5 +1,8 @@
 /* Common macros: cleanup attributes, ownership transfer, checked arithmetic.
- * Modelled on systemd's cleanup-fundamental.h. */
+ * Modelled on systemd's cleanup-fundamental.h.  Header-only and without
+ * dependencies, so the daemon, the client library and weightctl share it
+ * (common/ is the one folder besides proto/ that the client and the daemon
+ * both include). */
 #pragma once
 
 #include <errno.h>
