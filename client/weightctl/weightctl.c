@@ -23,6 +23,7 @@
 #include <unistd.h>
 
 #include "macro.h"
+#include "path-util.h"
 #include "weightd/client.h"
 
 enum {
@@ -322,7 +323,6 @@ static int table_print(const Table *t) {
  * lead. */
 static int model_path_absolute(const char *arg, char **ret) {
         _cleanup_free_ char *cwd = NULL, *joined = NULL;
-        char *out, *o;
 
         if (arg[0] != '/') {
                 cwd = getcwd(NULL, 0);
@@ -332,28 +332,7 @@ static int model_path_absolute(const char *arg, char **ret) {
                         return -ENOMEM;
                 arg = joined;
         }
-        out = malloc(strlen(arg) + 2);
-        if (!out)
-                return -ENOMEM;
-        o = out;
-        for (const char *p = arg; *p;) {
-                size_t n;
-
-                while (*p == '/')
-                        p++;
-                n = strcspn(p, "/");
-                if (n > 0 && !(n == 1 && p[0] == '.')) {
-                        *o++ = '/';
-                        memcpy(o, p, n);
-                        o += n;
-                }
-                p += n;
-        }
-        if (o == out)
-                *o++ = '/';
-        *o = '\0';
-        *ret = out;
-        return 0;
+        return path_simplify(arg, ret);
 }
 
 /* ---- prefetch ---------------------------------------------------------- */

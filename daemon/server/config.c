@@ -29,6 +29,7 @@
 #include <sys/un.h>
 #include <syslog.h>
 
+#include "path-util.h"
 #include "server/config.h"
 #include "util/fs-util.h"
 #include "util/parse-util.h"
@@ -369,44 +370,34 @@ static int for_each_item(Parser *p, const KeyDef *k, const char *value, char sep
 static int root_add(Parser *p, const KeyDef *k, const char *item, char *reason) {
         Config *c = p->config;
         char shown[VALUE_SHOWN_MAX + 32], *norm, **l;
-        size_t o = 0;
+        size_t o;
+        int r;
 
         wd_escape(shown, sizeof(shown), item, VALUE_SHOWN_MAX);
         if (item[0] != '/') {
                 snprintf(reason, REASON_MAX, "\"%s\" is not an absolute path", shown);
                 return WD_E_INVALID;
         }
-        norm = malloc(strlen(item) + 1);
-        if (!norm)
-                return -ENOMEM;
-        for (const char *s = item; *s;) {
-                size_t len;
-
-                while (*s == '/')
-                        s++;
-                len = strcspn(s, "/");
-                if (len == 0 || (len == 1 && s[0] == '.')) {
-                        s += len;
-                        continue;
-                }
-                if (len == 2 && s[0] == '.' && s[1] == '.') {
-                        free(norm);
-                        snprintf(reason, REASON_MAX, "\"%s\" has a \"..\" component", shown);
-                        return WD_E_INVALID;
-                }
-                norm[o++] = '/';
-                memcpy(norm + o, s, len);
-                o += len;
-                s += len;
+        r = path_simplify(item, &norm);
+        if (r == -ENOMEM)
+                return r;
+        if (r < 0) {
+                snprintf(reason, REASON_MAX, "\"%s\" is too long", shown);
+                return WD_E_INVALID;
         }
-        norm[o] = '\0';
+        o = strlen(norm);
+        if (path_has_dotdot(norm)) {
+                free(norm);
+                snprintf(reason, REASON_MAX, "\"%s\" has a \"..\" component", shown);
+                return WD_E_INVALID;
+        }
         /* libinih would strip such a blank when the path is read back. */
-        if (o > 0 && isspace((unsigned char) norm[o - 1])) {
+        if (isspace((unsigned char) norm[o - 1])) {
                 free(norm);
                 snprintf(reason, REASON_MAX, "\"%s\": the last component ends with a blank", shown);
                 return WD_E_INVALID;
         }
-        if (o == 0) {
+        if (strcmp(norm, "/") == 0) {
                 free(norm);
                 snprintf(reason, REASON_MAX, "\"%s\" is the root directory, which cannot be a model root", shown);
                 return WD_E_INVALID;

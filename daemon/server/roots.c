@@ -6,43 +6,8 @@
 #include <stdio.h>
 #include <string.h>
 
+#include "path-util.h"
 #include "server/roots.h"
-
-int path_normalise(const char *path, char **ret) {
-        size_t n;
-        char *out, *o;
-
-        if (!path || path[0] != '/')
-                return -EINVAL;
-        n = strlen(path);
-        if (n >= PATH_MAX)
-                return -ENAMETOOLONG;
-        out = malloc(n + 1);
-        if (!out)
-                return -ENOMEM;
-
-        o = out;
-        for (const char *p = path; *p;) {
-                const char *e;
-
-                while (*p == '/')
-                        p++;
-                if (!*p)
-                        break;
-                e = strchrnul(p, '/');
-                if (!(e - p == 1 && p[0] == '.')) {
-                        *o++ = '/';
-                        memcpy(o, p, (size_t) (e - p));
-                        o += e - p;
-                }
-                p = e;
-        }
-        if (o == out)
-                *o++ = '/';
-        *o = 0;
-        *ret = out;
-        return 0;
-}
 
 static void root_deinit(Root *r) {
         catalog_free(r->catalog);
@@ -81,7 +46,7 @@ int roots_new(Roots **ret, char *const *paths, size_t n) {
                 Root *root = &r->items[r->n];
 
                 root->fd = -1;
-                k = path_normalise(paths[i], &root->path);
+                k = path_simplify(paths[i], &root->path);
                 if (k == -ENOMEM)
                         return k;
                 if (k < 0)
@@ -130,7 +95,7 @@ int roots_resolve(Roots *r, const char *model, Root **ret_root, char **ret_rel, 
         int k;
 
         wd_escape(shown, sizeof(shown), model, 200);
-        k = path_normalise(model, &key);
+        k = path_simplify(model, &key);
         if (k == -ENOMEM)
                 return wd_error_set(err, k, "out of memory");
         if (k < 0)

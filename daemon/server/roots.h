@@ -41,11 +41,6 @@ DEFINE_TRIVIAL_CLEANUP_FUNC(Roots *, roots_unref);
 /* A root with this path, or NULL. */
 Root *roots_find(Roots *r, const char *path);
 
-/* Normalise an absolute path lexically into a new string: "//" -> "/",
- * "/./" -> "/", no trailing '/'.  Returns 0, -EINVAL for a relative or empty
- * path, -ENAMETOOLONG, -ENOMEM. */
-int path_normalise(const char *path, char **ret);
-
 /* The root holding model, the path beneath it ("." for the root itself) and
  * the normalised absolute path that keys the model in the cache.
  * Returns 0, WD_E_INVALID (not an absolute path), WD_E_PERMISSION (outside
