@@ -194,10 +194,6 @@ static int reply_loaded(Conn *c, uint64_t id, RequestKind kind, const Component 
         if (kind == REQUEST_PREFETCH)
                 return conn_send(c, &env, NULL, 0);
 
-        if (comp->n_files > WIRE_MAX_FDS)
-                return conn_send_error(c, id, WEIGHTD__V1__CODE__RESOURCE_EXHAUSTED,
-                                       "%s: %zu files, more than the %u descriptors one reply can carry",
-                                       comp->model, comp->n_files, WIRE_MAX_FDS);
         if (c->n_leases >= SERVER_MAX_LEASES_PER_CONN)
                 return conn_send_error(c, id, WEIGHTD__V1__CODE__RESOURCE_EXHAUSTED,
                                        "this connection holds %u leases, the limit", SERVER_MAX_LEASES_PER_CONN);
@@ -376,6 +372,16 @@ static void load_resolved(Request *r) {
         CacheEntry *e;
         Job *j;
         int k;
+
+        /* Refused before anything is read: one reply carries every slab. */
+        if (kind == REQUEST_LOAD && comp->n_files > WIRE_MAX_FDS) {
+                request_free(r);
+                conn_send_error(c, id, WEIGHTD__V1__CODE__RESOURCE_EXHAUSTED,
+                                "%s: %zu files, more than the %u descriptors one Load reply can carry "
+                                "(Prefetch has no such limit)",
+                                comp->model, comp->n_files, WIRE_MAX_FDS);
+                return;
+        }
 
         _cleanup_free_ FileId *ids = calloc(MAX(comp->n_files, 1), sizeof(FileId));
         if (!ids) {
@@ -635,23 +641,12 @@ static void reply_tensors(Conn *c, uint64_t id, const Component *comp) {
         manifest_deinit(&m);
 }
 
-/* Free pages in the default hugetlb pool (0 when there is none). */
-static uint64_t hugetlb_pool_free(void) {
-        _cleanup_fclose_ FILE *f = fopen("/sys/kernel/mm/hugepages/hugepages-2048kB/free_hugepages", "re");
-        unsigned long long n = 0;
-
-        if (!f || fscanf(f, "%llu", &n) != 1)
-                return 0;
-        return n;
-}
-
 static int handle_status(Conn *c, uint64_t id) {
         REPLY_ENVELOPE(env, reply, id);
         Weightd__V1__StatusReply st = WEIGHTD__V1__STATUS_REPLY__INIT;
         Server *s = c->server;
         _cleanup_free_ char **roots = calloc(MAX(s->roots->n, 1), sizeof(char *));
         CacheStats cs;
-        bool hugetlb;
 
         if (!roots)
                 return conn_send_error(c, id, WEIGHTD__V1__CODE__RESOURCE_EXHAUSTED, "out of memory");
@@ -673,8 +668,7 @@ static int handle_status(Conn *c, uint64_t id) {
         st.n_model_roots = s->roots->n;
         st.model_roots = roots;
         st.socket = s->socket_path;
-        hugetlb = s->load_opts.pages != SLAB_PAGES_SMALL && hugetlb_pool_free() > 0;
-        st.hugetlb = hugetlb;
+        st.hugetlb = s->load_opts.pages != SLAB_PAGES_SMALL && s->hugetlb_free_pages > 0;
         reply.result_case = WEIGHTD__V1__REPLY__RESULT_STATUS;
         reply.status = &st;
         return conn_send(c, &env, NULL, 0);

@@ -154,7 +154,7 @@ struct Server {
         bool listening;
         uv_signal_t sig_term, sig_int, sig_hup;
         uv_async_t wake;
-        uv_timer_t status_timer, watchdog_timer, drain_timer, accept_timer, hello_timer;
+        uv_timer_t status_timer, watchdog_timer, drain_timer, accept_timer, tick_timer;
         uint64_t watchdog_usec;
 
         Conn *conns;
@@ -165,7 +165,10 @@ struct Server {
         uint64_t next_lease_id;
         unsigned n_leases;
         uint64_t started_usec;
+        uint64_t hugetlb_free_pages; /* of the default pool, refreshed every second */
+        char status_line[256];       /* the last STATUS= sent */
         bool stopping;
+        bool handles_closed;
         int exit_code;
 };
 

@@ -49,8 +49,7 @@ static ReaderParams reader_params(const Config *c) {
 /* ---- status ------------------------------------------------------------- */
 
 void server_update_status(Server *s) {
-        static char last[256];
-        char buf[256];
+        char buf[sizeof(s->status_line)];
         CacheStats st;
 
         if (s->stopping)
@@ -59,9 +58,9 @@ void server_update_status(Server *s) {
         snprintf(buf, sizeof(buf),
                  "STATUS=%zu components, %.1f of %.1f GiB used, %u leases, %u connections, %u loading", st.n_entries,
                  (double) st.used / (1u << 30), (double) st.budget / (1u << 30), s->n_leases, s->n_conns, s->n_jobs);
-        if (strcmp(buf, last) == 0)
+        if (strcmp(buf, s->status_line) == 0)
                 return;
-        memcpy(last, buf, sizeof(buf));
+        memcpy(s->status_line, buf, sizeof(buf));
         (void) notify_send(buf);
 }
 
@@ -69,11 +68,24 @@ static void on_status_timer(uv_timer_t *t) {
         server_update_status(t->data);
 }
 
+/* Free pages in the default hugetlb pool (0 when there is none). */
+static uint64_t hugetlb_pool_free(void) {
+        _cleanup_fclose_ FILE *f = fopen("/sys/kernel/mm/hugepages/hugepages-2048kB/free_hugepages", "re");
+        unsigned long long n = 0;
+
+        if (!f || fscanf(f, "%llu", &n) != 1)
+                return 0;
+        return n;
+}
+
 /* Every second: close connections that did not say Hello in time, so that
- * silent ones cannot hold a uid's connection slots. */
-static void on_hello_timer(uv_timer_t *t) {
+ * silent ones cannot hold a uid's connection slots, and note whether the
+ * hugetlb pool has room (for Status, which must not read sysfs each time). */
+static void on_tick(uv_timer_t *t) {
         Server *s = t->data;
         uint64_t now = now_usec(), limit = (uint64_t) s->config->hello_timeout * 1000000u;
+
+        s->hugetlb_free_pages = hugetlb_pool_free();
 
         for (Conn *c = s->conns, *next; c; c = next) {
                 next = c->conns_next;
@@ -711,15 +723,13 @@ static void server_close_handles(Server *s) {
         uv_close((uv_handle_t *) &s->watchdog_timer, NULL);
         uv_close((uv_handle_t *) &s->drain_timer, NULL);
         uv_close((uv_handle_t *) &s->accept_timer, NULL);
-        uv_close((uv_handle_t *) &s->hello_timer, NULL);
+        uv_close((uv_handle_t *) &s->tick_timer, NULL);
 }
 
 void server_maybe_exit(Server *s) {
-        static bool closed;
-
-        if (!s->stopping || s->n_conns > 0 || s->n_jobs > 0 || s->n_resolving > 0 || closed)
+        if (!s->stopping || s->n_conns > 0 || s->n_jobs > 0 || s->n_resolving > 0 || s->handles_closed)
                 return;
-        closed = true;
+        s->handles_closed = true;
         server_close_handles(s);
 }
 
@@ -753,7 +763,7 @@ static void server_stop(Server *s) {
         uv_timer_stop(&s->status_timer);
         uv_timer_stop(&s->watchdog_timer);
         uv_timer_stop(&s->accept_timer);
-        uv_timer_stop(&s->hello_timer);
+        uv_timer_stop(&s->tick_timer);
         server_maybe_exit(s);
 }
 
@@ -865,11 +875,11 @@ int server_new(Server **ret, Config *config, const char *config_path) {
             (r = uv_timer_init(&s->loop, &s->watchdog_timer)) < 0 ||
             (r = uv_timer_init(&s->loop, &s->drain_timer)) < 0 ||
             (r = uv_timer_init(&s->loop, &s->accept_timer)) < 0 ||
-            (r = uv_timer_init(&s->loop, &s->hello_timer)) < 0)
+            (r = uv_timer_init(&s->loop, &s->tick_timer)) < 0)
                 return log_error_errno(r, "Cannot set up the event loop: %s", uv_strerror(r));
         s->listening = true;
         s->listen_poll.data = s->sig_term.data = s->sig_int.data = s->sig_hup.data = s;
-        s->wake.data = s->status_timer.data = s->watchdog_timer.data = s->drain_timer.data = s->accept_timer.data = s->hello_timer.data = s;
+        s->wake.data = s->status_timer.data = s->watchdog_timer.data = s->drain_timer.data = s->accept_timer.data = s->tick_timer.data = s;
 
         log_info("weightd %s: budget %.1f GiB (%s), %zu model roots, io queue depth %u, chunk %" PRIu64
                  " KiB, direct I/O %s",
@@ -888,7 +898,8 @@ int server_run(Server *s) {
         uv_signal_start(&s->sig_int, on_signal, SIGINT);
         uv_signal_start(&s->sig_hup, on_signal, SIGHUP);
         uv_timer_start(&s->status_timer, on_status_timer, 5000, 5000);
-        uv_timer_start(&s->hello_timer, on_hello_timer, 1000, 1000);
+        s->hugetlb_free_pages = hugetlb_pool_free();
+        uv_timer_start(&s->tick_timer, on_tick, 1000, 1000);
         s->watchdog_usec = notify_watchdog_usec();
         if (s->watchdog_usec > 0) {
                 uint64_t ms = MAX(s->watchdog_usec / 2000, 1);

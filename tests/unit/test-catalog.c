@@ -355,6 +355,23 @@ static void test_memo_sees_changes(void **state) {
 
         assert_int_equal(catalog_resolve(c, "m", NULL, &a, &err), 0);
         assert_int_equal(catalog_resolve(c, "m", NULL, &b, &err), 0);
+        /* The memo's answer is the index's: the shards it names, in order. */
+        j = json_load_file(index, 0, NULL);
+        assert_non_null(j);
+        assert_int_equal(b->n_files, 3);
+        for (size_t i = 0; i < b->n_files; i++) {
+                char want[64];
+                const char *v;
+                json_t *t;
+                bool named = false;
+
+                snprintf(want, sizeof(want), "m/model-%05zu-of-00003.safetensors", i + 1);
+                assert_string_equal(b->files[i].path, want);
+                json_object_foreach(json_object_get(j, "weight_map"), v, t)
+                        named = named || strcmp(json_string_value(t), want + 2) == 0;
+                assert_true(named);
+        }
+        json_decref(j);
         assert_int_equal(a->n_files, b->n_files);
         assert_int_equal(a->n_tensors, b->n_tensors);
         assert_int_equal(a->total_bytes, b->total_bytes);
