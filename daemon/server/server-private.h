@@ -89,7 +89,6 @@ struct Job {
         LoadJob *load;
         Component *comp; /* owned; comp->model is the cache key */
         int root_fd;     /* owned duplicate: where comp's files are opened */
-        CacheEntry *entry;
         Request *waiters;
         unsigned n_waiters;
         uint64_t total;

@@ -163,7 +163,6 @@ static void job_unlink(Job *j) {
         Server *s = j->server;
 
         LIST_REMOVE(jobs, s->jobs, j);
-        j->entry = NULL;
         s->n_jobs--;
 }
 
@@ -218,7 +217,6 @@ int server_job_start(Server *s, int root_fd, Component *comp, Job **ret, WdError
                 job_free(j);
                 return r;
         }
-        j->entry = load_job_entry(j->load);
         LIST_PREPEND(jobs, s->jobs, j);
         s->n_jobs++;
         log_debug("loading %s %s: %zu files, %" PRIu64 " bytes", comp->model, comp->name, comp->n_files,
@@ -230,7 +228,7 @@ int server_job_start(Server *s, int root_fd, Component *comp, Job **ret, WdError
 
 Job *server_job_find(Server *s, CacheEntry *e) {
         LIST_FOREACH(jobs, j, s->jobs)
-                if (j->entry == e)
+                if (j->load && load_job_entry(j->load) == e)
                         return j;
         return NULL;
 }
