@@ -248,6 +248,7 @@ int manifest_new(WireEnvelope **env, const char *model, const char *component, P
                         .file = t->slab,
                         .offset = t->offset,
                         .data = f->map ? (const uint8_t *) f->map + t->offset : NULL,
+                        .device = -1,
                 };
         }
 

@@ -462,6 +462,9 @@ static int handle_load(Conn *c, uint64_t id, const Weightd__V1__LoadRequest *req
                 return conn_send_error(c, id, WEIGHTD__V1__CODE__UNSUPPORTED,
                                        "target \"%s\": this daemon serves the host tier only", t);
         }
+        if (req->shard)
+                return conn_send_error(c, id, WEIGHTD__V1__CODE__UNSUPPORTED,
+                                       "shard: this daemon does not deliver sharded loads yet");
         return request_resolve(c, id, kind, req->progress, req->model, req->component);
 }
 

@@ -108,7 +108,19 @@ typedef struct wd_tensor {
         uint64_t nbytes;
         unsigned file;         /* index of its file in the manifest */
         uint64_t offset;       /* byte offset in that file */
-        const void *data;      /* read-only, in the mapped slab; NULL outside a lease */
+        const void *data;      /* read-only, in the mapped slab; NULL outside a lease or for a device lease */
+        /* Added in 0.2.  Sharded loads: for a tensor a rule split, shape is
+         * this rank's part, full_shape (ndim entries) the tensor's in the
+         * file, and the part starts at index shard_start along shard_dim.
+         * full_shape is NULL for a tensor delivered whole. */
+        const uint64_t *full_shape;
+        unsigned shard_dim;
+        uint64_t shard_start;
+        /* Device leases: the CUDA device ordinal in this process (after
+         * CUDA_VISIBLE_DEVICES) and the tensor's device address; -1 and 0
+         * for host memory. */
+        int device;
+        uint64_t device_ptr;
 } wd_tensor;
 
 /* The tensors and files of a component. */
@@ -143,6 +155,43 @@ int wd_tensors(wd_client *c, const char *model, const char *component, wd_manife
 
 typedef struct wd_lease wd_lease;
 
+/* Progress of a load: bytes read so far of total.  Return 0 to go on, or
+ * non-zero to cancel the request (the call then returns WD_CANCELLED). */
+typedef int (*wd_progress_fn)(uint64_t done, uint64_t total, void *userdata);
+
+/* One rule of a sharded load: tensors whose name matches pattern (a glob,
+ * fnmatch(3) without flags) are split along dim (0 or 1). */
+typedef struct wd_shard_rule {
+        const char *pattern;
+        unsigned dim;
+} wd_shard_rule;
+
+enum {
+        WD_KEEP_HOST_DEFAULT = 0, /* the daemon's [gpu] keep_host */
+        WD_KEEP_HOST_YES = 1,
+        WD_KEEP_HOST_NO = 2,
+};
+
+/* Options of wd_load_ex() and wd_prefetch_ex(); zero-initialize, then set
+ * what you need.  All zero means wd_load(). */
+typedef struct wd_load_options {
+        /* NULL, "" or "host": host memory.  "cuda:N" (N is this process's
+         * ordinal, so CUDA_VISIBLE_DEVICES applies) or "cuda:GPU-<uuid>". */
+        const char *device;
+        /* Sharded delivery when world > 0: this rank's slices of the tensors
+         * the rules match (the first matching rule wins; others whole).  A
+         * dimension that world does not divide is an error unless uneven is
+         * set (then the first size % world ranks take one more row). */
+        unsigned rank;
+        unsigned world;
+        const wd_shard_rule *rules;
+        size_t n_rules;
+        int uneven;
+        int keep_host;             /* WD_KEEP_HOST_*; device targets only */
+        wd_progress_fn progress;   /* may be NULL; non-zero return cancels */
+        void *userdata;
+} wd_load_options;
+
 /* Make a component resident in host memory (reading it if needed) and lease
  * it: its slabs are mapped read-only into this process and every tensor's
  * data points into them, until wd_release().
@@ -164,10 +213,6 @@ uint64_t wd_lease_id(const wd_lease *l);
  * (the connection is gone, which ended the lease anyway), WD_PROTOCOL_ERROR. */
 int wd_release(wd_lease *l, wd_error *err);
 
-/* Progress of a load: bytes read so far of total.  Return 0 to go on, or
- * non-zero to cancel the request (the call then returns WD_CANCELLED). */
-typedef int (*wd_progress_fn)(uint64_t done, uint64_t total, void *userdata);
-
 typedef struct wd_prefetch_result {
         uint64_t bytes;   /* the component's bytes */
         int was_resident; /* it was in memory already: nothing was read */
@@ -178,6 +223,18 @@ typedef struct wd_prefetch_result {
  * Returns the codes of wd_load(), and WD_CANCELLED when progress asked. */
 int wd_prefetch(wd_client *c, const char *model, const char *component, wd_progress_fn progress, void *userdata,
                 wd_prefetch_result *ret, wd_error *err);
+
+/* wd_load() and wd_prefetch() with options (NULL: none).  A device load
+ * leaves the tensors in device memory: data is NULL and device_ptr the
+ * address, mapped into this process's CUDA context until wd_release().
+ * Besides their codes: WD_UNSUPPORTED (no GPU tier in the daemon, or this
+ * library cannot reach the CUDA driver: the message says which),
+ * WD_INVALID_ARGUMENT (a device this process does not see, a rule's dim
+ * beyond a tensor's, a dimension world does not divide). */
+int wd_load_ex(wd_client *c, const char *model, const char *component, const wd_load_options *opts,
+               wd_lease **ret, wd_error *err);
+int wd_prefetch_ex(wd_client *c, const char *model, const char *component, const wd_load_options *opts,
+                   wd_prefetch_result *ret, wd_error *err);
 
 /* Drop a resident component from memory now.
  * Returns WD_OK, WD_NOT_FOUND (not resident), WD_BUSY (loading, leased or
@@ -194,13 +251,14 @@ int wd_unpin(wd_client *c, const char *model, const char *component, wd_error *e
 typedef struct wd_entry {
         const char *model;
         const char *component;
-        const char *tier;  /* "host" */
+        const char *tier;  /* "host" or "cuda:N" (the daemon's numbering) */
         const char *state; /* "loading", "resident", "detached" */
         uint64_t bytes;
         uint32_t leases;
         int pinned;
         uint32_t files;
         uint64_t idle_ms;
+        const char *shard; /* added in 0.2: "" for whole tensors, else "rank R/W ..." */
 } wd_entry;
 
 /* The daemon's entries, most recently used first.  Free with
@@ -252,7 +310,22 @@ typedef struct wd_status {
         const char *const *model_roots;
         const char *socket;
         int hugetlb;
+        /* Added in 0.2: the GPU tier.  gpu is "ok" or why there is none. */
+        const char *gpu;
+        size_t n_devices;
+        const struct wd_device *devices;
 } wd_status;
+
+typedef struct wd_device {
+        uint32_t index; /* the daemon's CUDA ordinal */
+        const char *uuid;
+        const char *name;
+        const char *pci_bus_id;
+        uint64_t total_bytes;
+        uint64_t budget_bytes;
+        uint64_t used_bytes;
+        uint64_t evictable_bytes;
+} wd_device;
 
 /* The daemon's counters.  Free with wd_status_free().  Returns WD_OK,
  * WD_UNAVAILABLE, WD_PROTOCOL_ERROR, WD_INTERNAL. */
