@@ -391,11 +391,11 @@ static void load_resolved(Request *r) {
         }
         for (size_t i = 0; i < comp->n_files; i++)
                 ids[i] = comp->files[i].id;
-        e = cache_lookup(s->cache, comp->model, comp->name, ids, comp->n_files);
+        e = cache_lookup(s->cache, comp->model, comp->name, "", ids, comp->n_files);
         if (!e)
                 /* The same files by another path (a symlinked folder inside
                  * the root): one copy in memory, one read. */
-                e = cache_lookup_files(s->cache, ids, comp->n_files);
+                e = cache_lookup_files(s->cache, "", ids, comp->n_files);
         if (e && e->state == CACHE_ENTRY_RESIDENT) {
                 request_free(r);
                 reply_loaded(c, id, kind, comp, e, true);

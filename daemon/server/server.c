@@ -852,7 +852,7 @@ int server_new(Server **ret, Config *config, const char *config_path) {
                 if (s->roots->items[i].fd < 0)
                         log_warning_errno(s->roots->items[i].open_error, "Model root %s: %m, ignoring.",
                                           s->roots->items[i].path);
-        r = cache_new(&s->cache, config->host_budget);
+        r = cache_new(&s->cache, "host", config->host_budget);
         if (r < 0)
                 return log_error_errno(r, "Cannot create the cache: %m");
         cache_set_reaper(s->cache, server_reap, s);

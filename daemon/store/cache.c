@@ -8,6 +8,7 @@
 #include "store/cache.h"
 
 struct Cache {
+        char *name; /* "host", "cuda:0": for messages */
         uint64_t budget;
         uint64_t used;
         uint64_t evictions;
@@ -17,16 +18,28 @@ struct Cache {
         size_t n_entries, n_detached;
         cache_reap_fn reap;
         void *reap_userdata;
+        cache_free_memory_fn free_memory;
+        void *free_memory_userdata;
 };
 
-int cache_new(Cache **ret, uint64_t budget) {
+int cache_new(Cache **ret, const char *name, uint64_t budget) {
         Cache *c = calloc(1, sizeof(Cache));
 
         if (!c)
                 return -ENOMEM;
+        c->name = strdup(name);
+        if (!c->name) {
+                free(c);
+                return -ENOMEM;
+        }
         c->budget = budget;
         *ret = c;
         return 0;
+}
+
+void cache_set_memory_free(Cache *c, cache_free_memory_fn free_memory, void *userdata) {
+        c->free_memory = free_memory;
+        c->free_memory_userdata = userdata;
 }
 
 void cache_set_reaper(Cache *c, cache_reap_fn reap, void *userdata) {
@@ -47,8 +60,11 @@ void cache_reap_slabs(Cache *c, Slab **slabs, size_t n) {
 }
 
 static void entry_free(CacheEntry *e) {
-        cache_reap_slabs(e->cache, TAKE_PTR(e->slabs), e->n_files);
+        cache_reap_slabs(e->cache, TAKE_PTR(e->slabs), e->n_slabs);
+        if (e->memory && e->cache->free_memory)
+                e->cache->free_memory(TAKE_PTR(e->memory), e->cache->free_memory_userdata);
         free(e->ids);
+        free(e->variant);
         free(e->model);
         free(e->component);
         free(e);
@@ -68,6 +84,7 @@ Cache *cache_free(Cache *c) {
                 c->detached = e->next;
                 entry_free(e);
         }
+        free(c->name);
         free(c);
         return NULL;
 }
@@ -150,17 +167,23 @@ static bool ids_equal(const CacheEntry *e, const FileId *ids, size_t n) {
         return true;
 }
 
-static bool same_key(const CacheEntry *e, const char *model, const char *component) {
-        return strcmp(e->model, model) == 0 && strcmp(e->component, component ? component : "") == 0;
+static bool same_variant(const CacheEntry *e, const char *variant) {
+        return strcmp(e->variant, variant ? variant : "") == 0;
 }
 
-CacheEntry *cache_lookup(Cache *c, const char *model, const char *component, const FileId *ids, size_t n_ids) {
+static bool same_key(const CacheEntry *e, const char *model, const char *component, const char *variant) {
+        return strcmp(e->model, model) == 0 && strcmp(e->component, component ? component : "") == 0 &&
+               same_variant(e, variant);
+}
+
+CacheEntry *cache_lookup(Cache *c, const char *model, const char *component, const char *variant, const FileId *ids,
+                         size_t n_ids) {
         CacheEntry *e = c->head;
 
         while (e) {
                 CacheEntry *next = e->next;
 
-                if (same_key(e, model, component)) {
+                if (same_key(e, model, component, variant)) {
                         if (ids_equal(e, ids, n_ids)) {
                                 touch(e);
                                 return e;
@@ -186,9 +209,9 @@ static const char *entry_label(char buf[static WD_ERROR_MESSAGE_MAX], const char
         return buf;
 }
 
-CacheEntry *cache_lookup_files(Cache *c, const FileId *ids, size_t n_ids) {
+CacheEntry *cache_lookup_files(Cache *c, const char *variant, const FileId *ids, size_t n_ids) {
         for (CacheEntry *e = c->head; e; e = e->next)
-                if (ids_equal(e, ids, n_ids)) {
+                if (same_variant(e, variant) && ids_equal(e, ids, n_ids)) {
                         touch(e);
                         return e;
                 }
@@ -212,13 +235,13 @@ static bool fits(const Cache *c, uint64_t bytes) {
         return c->used <= c->budget && bytes <= c->budget - c->used;
 }
 
-int cache_reserve(Cache *c, const char *model, const char *component, const FileId *ids, size_t n_ids, uint64_t bytes,
-                  CacheEntry **ret, WdError *err) {
+int cache_reserve(Cache *c, const char *model, const char *component, const char *variant, const FileId *ids,
+                  size_t n_ids, uint64_t bytes, CacheEntry **ret, WdError *err) {
         char label[WD_ERROR_MESSAGE_MAX];
         CacheEntry *e;
 
         for (e = c->head; e; e = e->next)
-                if (same_key(e, model, component) && ids_equal(e, ids, n_ids))
+                if (same_key(e, model, component, variant) && ids_equal(e, ids, n_ids))
                         return wd_error_set(err, WD_E_BUSY, "%s is already %s", entry_label(label, model, component),
                                             e->state == CACHE_ENTRY_LOADING ? "loading" : "resident");
 
@@ -227,9 +250,9 @@ int cache_reserve(Cache *c, const char *model, const char *component, const File
 
                 if (free_now + ev < bytes)
                         return wd_error_set(err, WD_E_BUDGET,
-                                            "%s needs %llu bytes, but the host budget of %llu bytes has %llu in "
+                                            "%s needs %llu bytes, but the %s budget of %llu bytes has %llu in "
                                             "use, of which %llu can be evicted: short by %llu bytes",
-                                            entry_label(label, model, component), (unsigned long long) bytes,
+                                            entry_label(label, model, component), (unsigned long long) bytes, c->name,
                                             (unsigned long long) c->budget, (unsigned long long) c->used,
                                             (unsigned long long) ev, (unsigned long long) (bytes - free_now - ev));
                 /* Evict from the least recently used end until it fits. */
@@ -250,8 +273,9 @@ int cache_reserve(Cache *c, const char *model, const char *component, const File
         e->cache = c;
         e->model = strdup(model);
         e->component = strdup(component ? component : "");
+        e->variant = strdup(variant ? variant : "");
         e->ids = calloc(n_ids ? n_ids : 1, sizeof(FileId));
-        if (!e->model || !e->component || !e->ids) {
+        if (!e->model || !e->component || !e->variant || !e->ids) {
                 entry_free(e);
                 return -ENOMEM;
         }
@@ -268,9 +292,19 @@ int cache_reserve(Cache *c, const char *model, const char *component, const File
         return 0;
 }
 
-void cache_entry_set_resident(CacheEntry *e, Slab **slabs) {
+void cache_entry_set_resident(CacheEntry *e, Slab **slabs, size_t n_slabs) {
         e->slabs = slabs;
+        e->n_slabs = n_slabs;
         e->state = CACHE_ENTRY_RESIDENT;
+}
+
+void cache_entry_set_resident_memory(CacheEntry *e, void *memory) {
+        e->memory = memory;
+        e->state = CACHE_ENTRY_RESIDENT;
+}
+
+const char *cache_name(const Cache *c) {
+        return c->name;
 }
 
 void cache_entry_abort(CacheEntry *e) {

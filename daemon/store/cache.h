@@ -1,5 +1,7 @@
-/* The residency cache: components resident in host memory, keyed by model,
- * component and the identities of their files, under a byte budget.
+/* The residency cache: components resident in one kind of memory (host
+ * memory, or one GPU's), keyed by model, component, variant (how they are
+ * delivered: "" for whole tensors, else a sharding) and the identities of
+ * their files, under a byte budget.
  *
  * An entry is charged against the budget from the moment a load reserves it
  * until its memory is gone.  When a reservation does not fit, the cache
@@ -33,9 +35,12 @@ struct CacheEntry {
         Cache *cache;
         char *model;
         char *component;
+        char *variant; /* "" for whole tensors */
         size_t n_files;
         FileId *ids;
-        Slab **slabs; /* n_files, set when resident */
+        Slab **slabs; /* host memory: n_slabs, set when resident */
+        size_t n_slabs;
+        void *memory; /* other memory (a device slab), freed by the cache's cache_free_memory_fn */
         uint64_t bytes;
         CacheEntryState state;
         unsigned leases;
@@ -54,7 +59,13 @@ typedef struct CacheStats {
         uint64_t evictions;
 } CacheStats;
 
-int cache_new(Cache **ret, uint64_t budget);
+/* name says whose budget it is in messages: "host", "cuda:0". */
+int cache_new(Cache **ret, const char *name, uint64_t budget);
+const char *cache_name(const Cache *c);
+
+/* Who frees an entry's memory (CacheEntry.memory) when the cache lets go. */
+typedef void (*cache_free_memory_fn)(void *memory, void *userdata);
+void cache_set_memory_free(Cache *c, cache_free_memory_fn free_memory, void *userdata);
 
 /* Who frees the slabs the cache lets go of (evicted, stale, released, or of
  * a failed load).  By default the cache frees them at once; the daemon hands
@@ -74,22 +85,24 @@ DEFINE_TRIVIAL_CLEANUP_FUNC(Cache *, cache_free);
 /* A resident or loading entry for exactly these files, marked as used; NULL
  * when there is none.  An entry for the same model and component whose files
  * differ is dropped or detached on the way. */
-CacheEntry *cache_lookup(Cache *c, const char *model, const char *component, const FileId *ids, size_t n_ids);
+CacheEntry *cache_lookup(Cache *c, const char *model, const char *component, const char *variant, const FileId *ids,
+                         size_t n_ids);
 
 /* A resident or loading entry holding exactly these files under any model
  * path (a symlinked folder, another spelling), marked as used; NULL when
  * there is none.  Only ever one: cache_reserve() refuses a second. */
-CacheEntry *cache_lookup_files(Cache *c, const FileId *ids, size_t n_ids);
+CacheEntry *cache_lookup_files(Cache *c, const char *variant, const FileId *ids, size_t n_ids);
 
 /* Reserve bytes for a new LOADING entry, evicting as needed.  Returns 0,
  * WD_E_BUDGET (err names the shortfall), WD_E_BUSY if an entry for these
  * files exists already, or -ENOMEM. */
-int cache_reserve(Cache *c, const char *model, const char *component, const FileId *ids, size_t n_ids, uint64_t bytes,
-                  CacheEntry **ret, WdError *err);
+int cache_reserve(Cache *c, const char *model, const char *component, const char *variant, const FileId *ids,
+                  size_t n_ids, uint64_t bytes, CacheEntry **ret, WdError *err);
 
-/* A loading entry becomes resident; takes ownership of n_files slabs (the
- * array too). */
-void cache_entry_set_resident(CacheEntry *e, Slab **slabs);
+/* A loading entry becomes resident; takes ownership of n_slabs slabs (the
+ * array too), or of memory. */
+void cache_entry_set_resident(CacheEntry *e, Slab **slabs, size_t n_slabs);
+void cache_entry_set_resident_memory(CacheEntry *e, void *memory);
 /* A load failed: remove the loading entry and give its bytes back. */
 void cache_entry_abort(CacheEntry *e);
 

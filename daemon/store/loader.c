@@ -129,7 +129,7 @@ int load_job_start(LoadJob **ret, Reader *reader, Cache *cache, int root_fd, con
                 ids[i] = comp->files[i].id;
         }
 
-        r = cache_reserve(cache, comp->model, comp->name, ids, n, comp->total_bytes, &j->entry, err);
+        r = cache_reserve(cache, comp->model, comp->name, "", ids, n, comp->total_bytes, &j->entry, err);
         if (r != 0)
                 return r;
 
@@ -236,7 +236,7 @@ int load_job_finish(LoadJob *job, CacheEntry **ret_entry, WdError *err) {
                 return j->seal_r;
         }
         e = TAKE_PTR(j->entry);
-        cache_entry_set_resident(e, TAKE_PTR(j->slabs));
+        cache_entry_set_resident(e, TAKE_PTR(j->slabs), j->comp->n_files);
         load_job_free(TAKE_PTR(j));
         *ret_entry = e;
         return 0;
@@ -290,7 +290,7 @@ int load_component(Reader *reader, Cache *cache, int root_fd, const Component *c
                 return wd_error_set(err, -ENOMEM, "out of memory");
         for (size_t i = 0; i < comp->n_files; i++)
                 ids[i] = comp->files[i].id;
-        e = cache_lookup(cache, comp->model, comp->name, ids, comp->n_files);
+        e = cache_lookup(cache, comp->model, comp->name, "", ids, comp->n_files);
         if (e && e->state == CACHE_ENTRY_RESIDENT) {
                 *ret_entry = e;
                 return 0;

@@ -169,7 +169,7 @@ int main(int argc, char **argv) {
                 fprintf(stderr, "NOT_FOUND: %s: %s\n", o.model, strerror(-r));
                 return 1;
         }
-        if (catalog_new(&catalog, root, "/") < 0 || cache_new(&cache, UINT64_MAX) < 0)
+        if (catalog_new(&catalog, root, "/") < 0 || cache_new(&cache, "host", UINT64_MAX) < 0)
                 return 1;
         r = reader_new(&reader, &o.reader);
         if (r < 0) {

@@ -14,16 +14,16 @@ static CacheEntry *add(Cache *c, const char *model, uint64_t ino, uint64_t bytes
         CacheEntry *e = NULL;
         WdError err = WD_ERROR_NULL;
 
-        if (cache_reserve(c, model, "", &id, 1, bytes, &e, &err) != 0)
+        if (cache_reserve(c, model, "", "", &id, 1, bytes, &e, &err) != 0)
                 fail_msg("%s: %s", model, err.message);
-        cache_entry_set_resident(e, NULL);
+        cache_entry_set_resident(e, NULL, 0);
         return e;
 }
 
 static bool present(Cache *c, const char *model, uint64_t ino) {
         FileId id = fid(ino, 1);
 
-        return cache_lookup(c, model, "", &id, 1) != NULL;
+        return cache_lookup(c, model, "", "", &id, 1) != NULL;
 }
 
 static uint64_t used(Cache *c) {
@@ -36,7 +36,7 @@ static uint64_t used(Cache *c) {
 static void test_budget_and_lru(void **state) {
         _cleanup_(cache_freep) Cache *c = NULL;
 
-        assert_int_equal(cache_new(&c, 1000), 0);
+        assert_int_equal(cache_new(&c, "host", 1000), 0);
         add(c, "a", 1, 300);
         add(c, "b", 2, 300);
         add(c, "c", 3, 300);
@@ -66,13 +66,13 @@ static void test_pins_and_leases(void **state) {
         FileId id = fid(9, 1);
         CacheStats st;
 
-        assert_int_equal(cache_new(&c, 1000), 0);
+        assert_int_equal(cache_new(&c, "host", 1000), 0);
         a = add(c, "a", 1, 400);
         b = add(c, "b", 2, 400);
         cache_entry_pin(a);
         cache_entry_lease(b);
         /* 300 does not fit in 200 free, and nothing is evictable. */
-        assert_int_equal(cache_reserve(c, "x", "", &id, 1, 300, &e, &err), WD_E_BUDGET);
+        assert_int_equal(cache_reserve(c, "x", "", "", &id, 1, 300, &e, &err), WD_E_BUDGET);
         assert_non_null(strstr(err.message, "x needs 300 bytes"));
         assert_non_null(strstr(err.message, "short by 100 bytes"));
         assert_null(e);
@@ -85,7 +85,7 @@ static void test_pins_and_leases(void **state) {
 
         /* Once unleased, b is the one to go. */
         cache_entry_unlease(b);
-        assert_int_equal(cache_reserve(c, "x", "", &id, 1, 300, &e, &err), 0);
+        assert_int_equal(cache_reserve(c, "x", "", "", &id, 1, 300, &e, &err), 0);
         assert_false(present(c, "b", 2));
         assert_true(present(c, "a", 1));
         cache_get_stats(c, &st);
@@ -99,10 +99,10 @@ static void test_pins_and_leases(void **state) {
         assert_int_equal(used(c), 400);
 
         /* Larger than the whole budget. */
-        assert_int_equal(cache_reserve(c, "huge", "", &id, 1, 5000, &e, &err), WD_E_BUDGET);
+        assert_int_equal(cache_reserve(c, "huge", "", "", &id, 1, 5000, &e, &err), WD_E_BUDGET);
         assert_non_null(strstr(err.message, "short by 4400 bytes"));
         cache_entry_unpin(a);
-        assert_int_equal(cache_reserve(c, "huge", "", &id, 1, 5000, &e, &err), WD_E_BUDGET);
+        assert_int_equal(cache_reserve(c, "huge", "", "", &id, 1, 5000, &e, &err), WD_E_BUDGET);
         assert_non_null(strstr(err.message, "short by 4000 bytes"));
         /* Failing evicted nothing. */
         assert_true(present(c, "a", 1));
@@ -117,10 +117,10 @@ static void test_identity_change(void **state) {
         WdError err = WD_ERROR_NULL;
         CacheStats st;
 
-        assert_int_equal(cache_new(&c, 1000), 0);
+        assert_int_equal(cache_new(&c, "host", 1000), 0);
         a = add(c, "a", 1, 400);
         cache_entry_lease(a);
-        assert_null(cache_lookup(c, "a", "", &new_id, 1));
+        assert_null(cache_lookup(c, "a", "", "", &new_id, 1));
         assert_false(present(c, "a", 1));
         assert_int_equal(a->state, CACHE_ENTRY_DETACHED);
         cache_get_stats(c, &st);
@@ -129,10 +129,10 @@ static void test_identity_change(void **state) {
         assert_int_equal(st.n_detached, 1);
 
         /* The new version loads beside it; the detached one cannot be evicted. */
-        assert_int_equal(cache_reserve(c, "a", "", &new_id, 1, 500, &e, &err), 0);
-        cache_entry_set_resident(e, NULL);
+        assert_int_equal(cache_reserve(c, "a", "", "", &new_id, 1, 500, &e, &err), 0);
+        cache_entry_set_resident(e, NULL, 0);
         assert_int_equal(used(c), 900);
-        assert_int_equal(cache_reserve(c, "b", "", &new_id, 1, 200, &e, &err), 0); /* evicts the new a */
+        assert_int_equal(cache_reserve(c, "b", "", "", &new_id, 1, 200, &e, &err), 0); /* evicts the new a */
         assert_int_equal(used(c), 600);
         cache_entry_unlease(a); /* frees it */
         cache_get_stats(c, &st);
@@ -142,7 +142,7 @@ static void test_identity_change(void **state) {
         /* Without leases a stale entry goes at once. */
         a = add(c, "z", 7, 100);
         new_id = fid(7, 5);
-        assert_null(cache_lookup(c, "z", "", &new_id, 1));
+        assert_null(cache_lookup(c, "z", "", "", &new_id, 1));
         assert_int_equal(used(c), 200);
 }
 
@@ -152,17 +152,17 @@ static void test_duplicate_reserve(void **state) {
         CacheEntry *e = NULL, *e2 = NULL;
         WdError err = WD_ERROR_NULL;
 
-        assert_int_equal(cache_new(&c, 1000), 0);
-        assert_int_equal(cache_reserve(c, "a", "vae", &id, 1, 10, &e, &err), 0);
-        assert_int_equal(cache_reserve(c, "a", "vae", &id, 1, 10, &e2, &err), WD_E_BUSY);
+        assert_int_equal(cache_new(&c, "host", 1000), 0);
+        assert_int_equal(cache_reserve(c, "a", "vae", "", &id, 1, 10, &e, &err), 0);
+        assert_int_equal(cache_reserve(c, "a", "vae", "", &id, 1, 10, &e2, &err), WD_E_BUSY);
         assert_string_equal(err.message, "a component \"vae\" is already loading");
-        assert_ptr_equal(cache_lookup(c, "a", "vae", &id, 1), e);
+        assert_ptr_equal(cache_lookup(c, "a", "vae", "", &id, 1), e);
         /* Other component, same model: a different entry. */
-        assert_int_equal(cache_reserve(c, "a", "transformer", &id, 1, 10, &e2, &err), 0);
+        assert_int_equal(cache_reserve(c, "a", "transformer", "", &id, 1, 10, &e2, &err), 0);
         assert_int_equal(used(c), 20);
 
         /* A pipeline's component is named with its model. */
-        cache_entry_set_resident(e2, NULL);
+        cache_entry_set_resident(e2, NULL, 0);
         cache_entry_pin(e2);
         assert_int_equal(cache_entry_evict(e2, &err), WD_E_BUSY);
         assert_string_equal(err.message, "a component \"transformer\" is pinned");
@@ -171,7 +171,7 @@ static void test_duplicate_reserve(void **state) {
         cache_entry_lease(e2);
         assert_int_equal(cache_entry_evict(e2, &err), WD_E_BUSY);
         assert_string_equal(err.message, "a component \"transformer\" has 2 leases");
-        assert_int_equal(cache_reserve(c, "a", "unet", &id, 1, 5000, &e2, &err), WD_E_BUDGET);
+        assert_int_equal(cache_reserve(c, "a", "unet", "", &id, 1, 5000, &e2, &err), WD_E_BUDGET);
         assert_non_null(strstr(err.message, "a component \"unet\" needs 5000 bytes"));
 }
 
@@ -203,10 +203,10 @@ static void test_reaper(void **state) {
         assert_int_equal(slab_new(&slabs[1], "b", 8192, SLAB_PAGES_SMALL), 0);
         Slab *a = slabs[0], *b = slabs[1];
 
-        assert_int_equal(cache_new(&c, 1 << 20), 0);
+        assert_int_equal(cache_new(&c, "host", 1 << 20), 0);
         cache_set_reaper(c, collect, &reaped);
-        assert_int_equal(cache_reserve(c, "m", "", ids, 2, 12288, &e, &err), 0);
-        cache_entry_set_resident(e, slabs);
+        assert_int_equal(cache_reserve(c, "m", "", "", ids, 2, 12288, &e, &err), 0);
+        cache_entry_set_resident(e, slabs, 2);
         assert_int_equal(cache_entry_evict(e, &err), 0);
         assert_int_equal(reaped.n, 2);
         assert_ptr_equal(reaped.slabs[0], a);
@@ -234,8 +234,48 @@ static void test_reaper(void **state) {
         assert_int_equal(reaped.n, 3);
 }
 
+static void count_free(void *memory, void *userdata) {
+        (*(int *) userdata)++;
+        free(memory);
+}
+
+/* Variants of the same files are separate entries; a cache names its
+ * budget in messages; other memory goes to the cache's free function. */
+static void test_variants_and_memory(void **state) {
+        _cleanup_(cache_freep) Cache *c = NULL;
+        FileId id = fid(7, 1);
+        CacheEntry *whole = NULL, *r0 = NULL, *r1 = NULL, *e = NULL;
+        WdError err = WD_ERROR_NULL;
+        int freed = 0;
+
+        assert_int_equal(cache_new(&c, "cuda:3", 100), 0);
+        assert_string_equal(cache_name(c), "cuda:3");
+        cache_set_memory_free(c, count_free, &freed);
+        assert_int_equal(cache_reserve(c, "m", "", "", &id, 1, 40, &whole, &err), 0);
+        assert_int_equal(cache_reserve(c, "m", "", "rank 0/2", &id, 1, 20, &r0, &err), 0);
+        assert_int_equal(cache_reserve(c, "m", "", "rank 1/2", &id, 1, 20, &r1, &err), 0);
+        assert_int_equal(cache_reserve(c, "m", "", "rank 1/2", &id, 1, 20, &e, &err), WD_E_BUSY);
+        assert_ptr_equal(cache_lookup(c, "m", "", "rank 0/2", &id, 1), r0);
+        assert_ptr_equal(cache_lookup(c, "m", "", NULL, &id, 1), whole);
+        assert_ptr_equal(cache_lookup_files(c, "rank 1/2", &id, 1), r1);
+        assert_null(cache_lookup_files(c, "rank 2/3", &id, 1));
+        assert_int_equal(used(c), 80);
+
+        void *mem = malloc(16);
+        assert_non_null(mem);
+        cache_entry_set_resident_memory(r0, mem);
+        assert_int_equal(cache_entry_evict(r0, &err), 0);
+        assert_int_equal(freed, 1);
+        assert_int_equal(used(c), 60);
+
+        /* 30 more fit only after evicting: nothing is evictable while loading. */
+        assert_int_equal(cache_reserve(c, "n", "", "", &id, 1, 50, &e, &err), WD_E_BUDGET);
+        assert_non_null(strstr(err.message, "the cuda:3 budget of 100 bytes has 60 in use"));
+}
+
 int main(void) {
         const struct CMUnitTest tests[] = {
+                cmocka_unit_test(test_variants_and_memory),
                 cmocka_unit_test(test_budget_and_lru),
                 cmocka_unit_test(test_pins_and_leases),
                 cmocka_unit_test(test_identity_change),

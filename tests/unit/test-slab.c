@@ -76,7 +76,7 @@ static int setup(void **state) {
         assert_true(f->root_fd >= 0);
         assert_int_equal(catalog_new(&f->catalog, f->root_fd, "models"), 0);
         assert_int_equal(reader_new(&f->reader, &p), 0);
-        assert_int_equal(cache_new(&f->cache, UINT64_MAX), 0);
+        assert_int_equal(cache_new(&f->cache, "host", UINT64_MAX), 0);
         *state = f;
         return 0;
 }
