@@ -107,9 +107,12 @@ def test_safe_open_outside_the_roots(daemon, testdata, wd, tmp_root):
 
 def test_pip_installs_the_package(daemon, testdata, tmp_root):
     from conftest import PACKAGE
+    import shutil
     target = tmp_root / "site"
+    src = tmp_root / "src"  # a copy: building leaves weightd.egg-info next to pyproject.toml
+    shutil.copytree(PACKAGE, src, ignore=shutil.ignore_patterns("__pycache__", "*.egg-info"))
     r = subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--no-build-isolation",
-                        "--no-index", "--target", str(target), str(PACKAGE)], capture_output=True, timeout=300,
+                        "--no-index", "--target", str(target), str(src)], capture_output=True, timeout=300,
                        cwd=tmp_root)
     assert r.returncode == 0, r.stderr.decode()
     script = ("import sys, weightd; assert weightd.__file__.startswith(sys.argv[1]), weightd.__file__;"
