@@ -36,7 +36,7 @@ struct ShardBuild {
         CacheEntry *whole;               /* leased while the build runs */
         Component *comp;                 /* headers and names, no descriptors read */
         ShardPlan *plan;
-        char *name;                      /* for the memfd and logs */
+        char *name;                      /* for the memfd: "MODEL rank R of W" */
         Request *waiters;
         unsigned n_waiters;
         uv_work_t work;
@@ -422,6 +422,14 @@ static bool derived_serve(Request *r, const FileId *ids) {
         return true;
 }
 
+/* The last component of a path, for the memfd's name (slab_new() keeps
+ * what follows the last '/'). */
+static const char *base_name(const char *path) {
+        const char *slash = strrchr(path, '/');
+
+        return slash && slash[1] ? slash + 1 : path;
+}
+
 /* Start building r's derived slab from the resident whole entry. */
 static void build_start(Request *r, CacheEntry *whole, const FileId *ids) {
         Server *s = r->server;
@@ -437,7 +445,7 @@ static void build_start(Request *r, CacheEntry *whole, const FileId *ids) {
         }
         b = calloc(1, sizeof(ShardBuild));
         if (!b || !(b->files = calloc(MAX(whole->n_slabs, 1u), sizeof(uint8_t *))) ||
-            asprintf(&b->name, "%s [%s]", r->comp->model, r->variant) < 0) {
+            asprintf(&b->name, "%s rank %u of %u", base_name(r->comp->model), r->shard->rank, r->shard->world) < 0) {
                 if (b)
                         b->name = NULL;
                 build_free(b);
