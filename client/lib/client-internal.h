@@ -57,7 +57,9 @@ struct wd_manifest {
         const char *model;
         const char *component;
         uint64_t bytes;
-        ManifestFile *files;
+        ManifestFile *slabs; /* what Tensor.slab indexes */
+        size_t n_slabs;
+        const PbSlab **files; /* the component's files (names, metadata): the slabs' own, or LoadReply.files */
         size_t n_files;
         wd_tensor *tensors;
         size_t n_tensors;
@@ -72,13 +74,17 @@ int error_set(wd_error *err, int code, const char *fmt, ...) _printf_(3, 4);
 void escape_string(char *dst, size_t dst_size, const char *src, size_t max_bytes);
 
 /* Build and validate a manifest from the daemon's slabs and tensors, which
- * point into *env.  With fds (one per slab, by fd_index) each slab is
- * mapped read-only and the tensors' data pointers set; the caller still
- * closes the fds.  On success the manifest takes *env.  Returns WD_OK,
- * WD_PROTOCOL_ERROR naming the tensor or file that breaks a rule, or
- * WD_INTERNAL. */
+ * point into *env.  files (n_files > 0) is LoadReply.files of a reply whose
+ * slabs are derived (a sharded load): the component's files, which
+ * Tensor.file indexes, while Tensor.slab indexes the slabs; bytes is then
+ * the component's size.  Without files every slab is one whole file.  With
+ * fds (one per slab, by fd_index) each slab is mapped read-only and the
+ * tensors' data pointers set; the caller still closes the fds.  On success
+ * the manifest takes *env.  Returns WD_OK, WD_PROTOCOL_ERROR naming the
+ * tensor or file that breaks a rule, or WD_INTERNAL. */
 int manifest_new(WireEnvelope **env, const char *model, const char *component, PbSlab *const *slabs, size_t n_slabs,
-                 PbTensor *const *tensors, size_t n_tensors, const int *fds, wd_manifest **ret, wd_error *err);
+                 PbSlab *const *files, size_t n_files, uint64_t bytes, PbTensor *const *tensors, size_t n_tensors,
+                 const int *fds, wd_manifest **ret, wd_error *err);
 /* Unmap and free, whoever owns it.  Accepts NULL; returns NULL. */
 wd_manifest *manifest_free(wd_manifest *m);
 

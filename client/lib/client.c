@@ -382,6 +382,8 @@ static int client_cancel(wd_client *c, uint64_t target, uint64_t *ret_id, wd_err
  * both replies are in.  With takes_fds the caller takes the descriptors of
  * an OK reply from the reader.  Returns WD_OK with *ret (may be NULL) set,
  * the daemon's code, or a local one.  Call with the mutex held. */
+static int client_release(wd_client *c, uint64_t lease, wd_error *err);
+
 static int client_call(wd_client *c, WireEnvelope *req, ResultCase expect, wd_progress_fn progress, void *userdata,
                        bool takes_fds, WireEnvelope **ret, wd_error *err) {
         _cleanup_envelope_ WireEnvelope *reply = NULL;
@@ -442,8 +444,15 @@ static int client_call(wd_client *c, WireEnvelope *req, ResultCase expect, wd_pr
                 if (r != WD_OK)
                         return r;
         }
-        if (cancel_id != 0)
+        if (cancel_id != 0) {
+                /* The Load was answered before the Cancel arrived: give
+                 * its lease back. */
+                if (ok && rp->result_case == WEIGHTD__V1__REPLY__RESULT_LOAD && rp->load->lease != 0) {
+                        wd_error ignored;
+                        (void) client_release(c, rp->load->lease, &ignored);
+                }
                 return error_set(err, WD_CANCELLED, "%s cancelled by the progress callback", body_name(req->body_case));
+        }
         if (!ok)
                 return error_from_reply(err, rp);
         if (rp->result_case != expect)
@@ -626,8 +635,8 @@ _public_ int wd_tensors(wd_client *c, const char *model, const char *component, 
         if (r == WD_OK) {
                 Weightd__V1__TensorsReply *t = reply->reply->tensors;
 
-                r = manifest_new(&reply, t->model, t->component, t->files, t->n_files, t->tensors, t->n_tensors, NULL,
-                                 ret, &e);
+                r = manifest_new(&reply, t->model, t->component, t->files, t->n_files, NULL, 0, 0, t->tensors,
+                                 t->n_tensors, NULL, ret, &e);
         }
         return finish(r, &e, err);
 }
@@ -660,14 +669,15 @@ static int client_load_fd_mismatch(wd_client *c, uint64_t lease, size_t n_slabs,
         return client_break(c, err);
 }
 
-static int client_load(wd_client *c, WireEnvelope *req, wd_lease **ret, wd_error *err) {
+static int client_load(wd_client *c, WireEnvelope *req, wd_progress_fn progress, void *userdata, wd_lease **ret,
+                       wd_error *err) {
         _cleanup_envelope_ WireEnvelope *reply = NULL;
         int fds[WIRE_MAX_FDS];
         wd_error ignored;
         wd_lease *l;
         int r;
 
-        r = client_call(c, req, WEIGHTD__V1__REPLY__RESULT_LOAD, NULL, NULL, true, &reply, err);
+        r = client_call(c, req, WEIGHTD__V1__REPLY__RESULT_LOAD, progress, userdata, true, &reply, err);
         if (r != WD_OK)
                 return r;
 
@@ -690,8 +700,8 @@ static int client_load(wd_client *c, WireEnvelope *req, wd_lease **ret, wd_error
                 r = error_set(err, WD_INTERNAL, "out of memory");
         else {
                 l->id = lr->lease;
-                r = manifest_new(&reply, lr->model, lr->component, lr->slabs, n, lr->tensors, lr->n_tensors, fds,
-                                 &l->manifest, err);
+                r = manifest_new(&reply, lr->model, lr->component, lr->slabs, n, lr->files, lr->n_files, lr->bytes,
+                                 lr->tensors, lr->n_tensors, fds, &l->manifest, err);
         }
         close_fds(fds, n);
         if (r != WD_OK) {
@@ -708,22 +718,81 @@ static int client_load(wd_client *c, WireEnvelope *req, wd_lease **ret, wd_error
         return WD_OK;
 }
 
-_public_ int wd_load(wd_client *c, const char *model, const char *component, wd_lease **ret, wd_error *err) {
-        Weightd__V1__LoadRequest load = load_request(model, component, false);
+/* A LoadRequest from options; the shard's rules live in rules (n_rules
+ * entries, allocated here).  Returns WD_OK or WD_INVALID_ARGUMENT. */
+static int load_request_ex(const char *func, const char *model, const char *component, const wd_load_options *o,
+                           Weightd__V1__LoadRequest *load, Weightd__V1__Shard *shard, Weightd__V1__ShardRule **rules,
+                           Weightd__V1__ShardRule ***rule_ptrs, wd_error *err) {
+        *load = load_request(model, component, o && o->progress);
+        if (!o)
+                return WD_OK;
+        if (o->device && o->device[0] != '\0' && strcmp(o->device, "host") != 0)
+                load->target = (char *) o->device;
+        if (o->keep_host < WD_KEEP_HOST_DEFAULT || o->keep_host > WD_KEEP_HOST_NO)
+                return error_set(err, WD_INVALID_ARGUMENT, "%s: keep_host %d is not a WD_KEEP_HOST_* value", func,
+                                 o->keep_host);
+        load->keep_host = (Weightd__V1__KeepHost) o->keep_host;
+        if (o->world == 0) {
+                if (o->n_rules > 0 || o->rank > 0)
+                        return error_set(err, WD_INVALID_ARGUMENT, "%s: shard rules or a rank without a world", func);
+                return WD_OK;
+        }
+        if (o->rank >= o->world)
+                return error_set(err, WD_INVALID_ARGUMENT, "%s: rank %u is not below world %u", func, o->rank,
+                                 o->world);
+        if (o->n_rules > 0 && !o->rules)
+                return error_set(err, WD_INVALID_ARGUMENT, "%s: n_rules is %zu but rules is NULL", func, o->n_rules);
+
+        weightd__v1__shard__init(shard);
+        shard->rank = o->rank;
+        shard->world = o->world;
+        shard->uneven = o->uneven != 0;
+        *rules = calloc(o->n_rules ? o->n_rules : 1, sizeof(Weightd__V1__ShardRule));
+        *rule_ptrs = calloc(o->n_rules ? o->n_rules : 1, sizeof(Weightd__V1__ShardRule *));
+        if (!*rules || !*rule_ptrs)
+                return error_set(err, WD_INTERNAL, "out of memory");
+        for (size_t i = 0; i < o->n_rules; i++) {
+                Weightd__V1__ShardRule *x = &(*rules)[i];
+
+                if (!o->rules[i].pattern)
+                        return error_set(err, WD_INVALID_ARGUMENT, "%s: rule %zu has no pattern", func, i);
+                weightd__v1__shard_rule__init(x);
+                x->pattern = (char *) o->rules[i].pattern;
+                x->dim = o->rules[i].dim;
+                (*rule_ptrs)[i] = x;
+        }
+        shard->n_rules = o->n_rules;
+        shard->rules = *rule_ptrs;
+        load->shard = shard;
+        return WD_OK;
+}
+
+_public_ int wd_load_ex(wd_client *c, const char *model, const char *component, const wd_load_options *opts,
+                        wd_lease **ret, wd_error *err) {
+        Weightd__V1__LoadRequest load;
+        Weightd__V1__Shard shard;
+        _cleanup_free_ Weightd__V1__ShardRule *rules = NULL;
+        _cleanup_free_ Weightd__V1__ShardRule **rule_ptrs = NULL;
         WireEnvelope env = WEIGHTD__V1__ENVELOPE__INIT;
         wd_error e;
         int r;
 
         r = check_args("wd_load", c && model && ret, &e);
+        if (r == WD_OK)
+                r = load_request_ex("wd_load", model, component, opts, &load, &shard, &rules, &rule_ptrs, &e);
         if (r != WD_OK)
                 return finish(r, &e, err);
 
         env.body_case = WEIGHTD__V1__ENVELOPE__BODY_LOAD;
         env.load = &load;
         pthread_mutex_lock(&c->mutex);
-        r = client_load(c, &env, ret, &e);
+        r = client_load(c, &env, opts ? opts->progress : NULL, opts ? opts->userdata : NULL, ret, &e);
         pthread_mutex_unlock(&c->mutex);
         return finish(r, &e, err);
+}
+
+_public_ int wd_load(wd_client *c, const char *model, const char *component, wd_lease **ret, wd_error *err) {
+        return wd_load_ex(c, model, component, NULL, ret, err);
 }
 
 _public_ const wd_manifest *wd_lease_manifest(const wd_lease *l) {
@@ -753,27 +822,40 @@ _public_ int wd_release(wd_lease *l, wd_error *err) {
         return finish(r, &e, err);
 }
 
-_public_ int wd_prefetch(wd_client *c, const char *model, const char *component, wd_progress_fn progress,
-                         void *userdata, wd_prefetch_result *ret, wd_error *err) {
-        Weightd__V1__LoadRequest load = load_request(model, component, progress != NULL);
+_public_ int wd_prefetch_ex(wd_client *c, const char *model, const char *component, const wd_load_options *opts,
+                            wd_prefetch_result *ret, wd_error *err) {
+        Weightd__V1__LoadRequest load;
+        Weightd__V1__Shard shard;
+        _cleanup_free_ Weightd__V1__ShardRule *rules = NULL;
+        _cleanup_free_ Weightd__V1__ShardRule **rule_ptrs = NULL;
         WireEnvelope env = WEIGHTD__V1__ENVELOPE__INIT;
         _cleanup_envelope_ WireEnvelope *reply = NULL;
         wd_error e;
         int r;
 
         r = check_args("wd_prefetch", c && model, &e);
+        if (r == WD_OK)
+                r = load_request_ex("wd_prefetch", model, component, opts, &load, &shard, &rules, &rule_ptrs, &e);
         if (r != WD_OK)
                 return finish(r, &e, err);
 
         env.body_case = WEIGHTD__V1__ENVELOPE__BODY_PREFETCH;
         env.prefetch = &load;
-        r = client_request(c, &env, WEIGHTD__V1__REPLY__RESULT_LOAD, progress, userdata, &reply, &e);
+        r = client_request(c, &env, WEIGHTD__V1__REPLY__RESULT_LOAD, opts ? opts->progress : NULL,
+                           opts ? opts->userdata : NULL, &reply, &e);
         if (r == WD_OK && ret)
                 *ret = (wd_prefetch_result){
                         .bytes = reply->reply->load->bytes,
                         .was_resident = reply->reply->load->was_resident,
                 };
         return finish(r, &e, err);
+}
+
+_public_ int wd_prefetch(wd_client *c, const char *model, const char *component, wd_progress_fn progress,
+                         void *userdata, wd_prefetch_result *ret, wd_error *err) {
+        wd_load_options o = { .progress = progress, .userdata = userdata };
+
+        return wd_prefetch_ex(c, model, component, &o, ret, err);
 }
 
 /* Evict, Pin and Unpin: a ComponentRef and a reply without a result. */
@@ -852,7 +934,8 @@ _public_ int wd_list(wd_client *c, wd_entry **ret_entries, size_t *ret_n, wd_err
         for (size_t i = 0; i < n; i++) {
                 const Weightd__V1__Entry *x = lr->entries[i];
 
-                strings += strlen(x->model) + strlen(x->component) + strlen(x->tier) + strlen(x->state) + 4;
+                strings += strlen(x->model) + strlen(x->component) + strlen(x->tier) + strlen(x->state) +
+                           strlen(x->shard) + 5;
         }
 
         /* One allocation: the entries, then their strings. */
@@ -873,6 +956,7 @@ _public_ int wd_list(wd_client *c, wd_entry **ret_entries, size_t *ret_n, wd_err
                         .pinned = x->pinned,
                         .files = x->files,
                         .idle_ms = x->idle_ms,
+                        .shard = pack_string(&p, x->shard),
                 };
         }
         *ret_entries = v;

@@ -2,8 +2,11 @@
  * them in a LoadReply or TensorsReply.  Every field is checked before it is
  * used, because the daemon's reply decides where this process reads: slab
  * and fd indices in range, each tensor inside its file, the shape matching
- * the byte count for the dtypes we know, names unique.  For a lease the
- * slabs are mapped read-only and each tensor points into its mapping.  The
+ * the byte count for the dtypes we know, names unique, a shard's part
+ * inside its tensor.  For a lease the slabs are mapped read-only and each
+ * tensor points into its mapping.  A sharded load's reply has one derived
+ * slab for the whole component and lists the component's files apart
+ * (LoadReply.files): Tensor.slab indexes the slabs, Tensor.file the files.  The
  * manifest keeps the unpacked reply and points into it, so nothing is
  * copied; a name index sorted with strcmp() serves wd_manifest_find(). */
 
@@ -50,9 +53,10 @@ static void shape_format(char *buf, size_t size, const uint64_t *shape, size_t n
 wd_manifest *manifest_free(wd_manifest *m) {
         if (!m)
                 return NULL;
-        for (size_t i = 0; m->files && i < m->n_files; i++)
-                if (m->files[i].map)
-                        munmap(m->files[i].map, m->files[i].map_size);
+        for (size_t i = 0; m->slabs && i < m->n_slabs; i++)
+                if (m->slabs[i].map)
+                        munmap(m->slabs[i].map, m->slabs[i].map_size);
+        free(m->slabs);
         free(m->files);
         free(m->tensors);
         free(m->by_name);
@@ -113,37 +117,75 @@ static int file_map(ManifestFile *f, size_t i, int fd, wd_error *err) {
 }
 
 static int manifest_map(wd_manifest *m, const int *fds, wd_error *err) {
-        _cleanup_free_ bool *seen = calloc(m->n_files ? m->n_files : 1, sizeof(bool));
+        _cleanup_free_ bool *seen = calloc(m->n_slabs ? m->n_slabs : 1, sizeof(bool));
 
         if (!seen)
                 return error_set(err, WD_INTERNAL, "out of memory");
-        for (size_t i = 0; i < m->n_files; i++) {
-                uint32_t k = m->files[i].slab->fd_index;
+        for (size_t i = 0; i < m->n_slabs; i++) {
+                uint32_t k = m->slabs[i].slab->fd_index;
                 char label[256];
 
-                file_label(label, sizeof(label), m->files[i].slab, i);
-                if (k >= m->n_files || seen[k])
+                file_label(label, sizeof(label), m->slabs[i].slab, i);
+                if (k >= m->n_slabs || seen[k])
                         return error_set(err, WD_PROTOCOL_ERROR,
                                          "daemon's manifest: %s: fd_index %u is %s among %zu descriptors", label, k,
-                                         k >= m->n_files ? "out of range" : "used twice", m->n_files);
+                                         k >= m->n_slabs ? "out of range" : "used twice", m->n_slabs);
                 seen[k] = true;
 
-                int r = file_map(&m->files[i], i, fds[k], err);
+                int r = file_map(&m->slabs[i], i, fds[k], err);
                 if (r != WD_OK)
                         return r;
         }
         return WD_OK;
 }
 
-static int tensor_check(const wd_manifest *m, const PbTensor *t, wd_error *err) {
+/* A sharded tensor's part: full_shape has the same dimensions, differs
+ * only along shard_dim, and the part lies inside it there. */
+static int tensor_check_shard(const PbTensor *t, const char *label, const char *name, wd_error *err) {
+        uint64_t end;
+
+        if (t->n_full_shape == 0)
+                return t->shard_dim == 0 && t->shard_start == 0
+                               ? WD_OK
+                               : error_set(err, WD_PROTOCOL_ERROR,
+                                           "daemon's manifest: %s: tensor \"%s\": a shard position without full_shape",
+                                           label, name);
+        if (t->n_full_shape != t->n_shape || t->shard_dim >= t->n_shape)
+                return error_set(err, WD_PROTOCOL_ERROR,
+                                 "daemon's manifest: %s: tensor \"%s\": full_shape has %zu dimensions, shape %zu, "
+                                 "shard_dim %u",
+                                 label, name, t->n_full_shape, t->n_shape, t->shard_dim);
+        for (size_t i = 0; i < t->n_shape; i++)
+                if (i != t->shard_dim && t->shape[i] != t->full_shape[i])
+                        return error_set(err, WD_PROTOCOL_ERROR,
+                                         "daemon's manifest: %s: tensor \"%s\": shape and full_shape differ in "
+                                         "dimension %zu, not the shard's %u",
+                                         label, name, i, t->shard_dim);
+        if (__builtin_add_overflow(t->shard_start, t->shape[t->shard_dim], &end) ||
+            end > t->full_shape[t->shard_dim])
+                return error_set(err, WD_PROTOCOL_ERROR,
+                                 "daemon's manifest: %s: tensor \"%s\": part [%llu, +%llu) is outside dimension %u "
+                                 "of size %llu",
+                                 label, name, (unsigned long long) t->shard_start,
+                                 (unsigned long long) t->shape[t->shard_dim], t->shard_dim,
+                                 (unsigned long long) t->full_shape[t->shard_dim]);
+        return WD_OK;
+}
+
+static int tensor_check(const wd_manifest *m, const PbTensor *t, bool derived, wd_error *err) {
         char name[256], label[256];
+        int r;
 
         escape_string(name, sizeof(name), t->name, 200);
-        if (t->slab >= m->n_files)
-                return error_set(err, WD_PROTOCOL_ERROR, "daemon's manifest: tensor \"%s\": slab %u is out of range (%zu files)",
-                                 name, t->slab, m->n_files);
+        if (t->slab >= m->n_slabs)
+                return error_set(err, WD_PROTOCOL_ERROR, "daemon's manifest: tensor \"%s\": slab %u is out of range (%zu %s)",
+                                 name, t->slab, m->n_slabs, derived ? "slabs" : "files");
+        if (derived && t->file >= m->n_files)
+                return error_set(err, WD_PROTOCOL_ERROR,
+                                 "daemon's manifest: tensor \"%s\": file %u is out of range (%zu files)", name, t->file,
+                                 m->n_files);
 
-        const PbSlab *s = m->files[t->slab].slab;
+        const PbSlab *s = m->slabs[t->slab].slab;
         uint64_t end;
 
         file_label(label, sizeof(label), s, t->slab);
@@ -157,6 +199,9 @@ static int tensor_check(const wd_manifest *m, const PbTensor *t, wd_error *err) 
         if (t->n_shape > UINT_MAX)
                 return error_set(err, WD_PROTOCOL_ERROR, "daemon's manifest: %s: tensor \"%s\": %zu dimensions", label,
                                  name, t->n_shape);
+        r = tensor_check_shard(t, label, name, err);
+        if (r != WD_OK)
+                return r;
 
         unsigned bits = dtype_bits(t->dtype);
         if (bits == 0)
@@ -205,26 +250,40 @@ static int manifest_index(wd_manifest *m, wd_error *err) {
 }
 
 int manifest_new(WireEnvelope **env, const char *model, const char *component, PbSlab *const *slabs, size_t n_slabs,
-                 PbTensor *const *tensors, size_t n_tensors, const int *fds, wd_manifest **ret, wd_error *err) {
+                 PbSlab *const *files, size_t n_files, uint64_t bytes, PbTensor *const *tensors, size_t n_tensors,
+                 const int *fds, wd_manifest **ret, wd_error *err) {
         _cleanup_(manifest_freep) wd_manifest *m = calloc(1, sizeof(*m));
+        bool derived = n_files > 0;
         int r;
 
         if (!m)
                 return error_set(err, WD_INTERNAL, "out of memory");
         m->model = model;
         m->component = component;
-        m->n_files = n_slabs;
+        m->n_slabs = n_slabs;
+        m->n_files = derived ? n_files : n_slabs;
         m->n_tensors = n_tensors;
-        m->files = calloc(n_slabs ? n_slabs : 1, sizeof(ManifestFile));
+        m->slabs = calloc(n_slabs ? n_slabs : 1, sizeof(ManifestFile));
+        m->files = calloc(m->n_files ? m->n_files : 1, sizeof(PbSlab *));
         m->tensors = calloc(n_tensors ? n_tensors : 1, sizeof(wd_tensor));
         m->by_name = calloc(n_tensors ? n_tensors : 1, sizeof(wd_tensor *));
-        if (!m->files || !m->tensors || !m->by_name)
+        if (!m->slabs || !m->files || !m->tensors || !m->by_name)
                 return error_set(err, WD_INTERNAL, "out of memory");
 
         for (size_t i = 0; i < n_slabs; i++) {
-                m->files[i].slab = slabs[i];
-                if (__builtin_add_overflow(m->bytes, slabs[i]->size, &m->bytes))
-                        return error_set(err, WD_PROTOCOL_ERROR, "daemon's manifest: file sizes overflow 64 bits");
+                m->slabs[i].slab = slabs[i];
+                if (!derived) {
+                        m->files[i] = slabs[i];
+                        if (__builtin_add_overflow(m->bytes, slabs[i]->size, &m->bytes))
+                                return error_set(err, WD_PROTOCOL_ERROR,
+                                                 "daemon's manifest: file sizes overflow 64 bits");
+                }
+        }
+        if (derived) {
+                /* The daemon sends these without descriptors. */
+                for (size_t i = 0; i < n_files; i++)
+                        m->files[i] = files[i];
+                m->bytes = bytes;
         }
         if (fds) {
                 r = manifest_map(m, fds, err);
@@ -235,19 +294,22 @@ int manifest_new(WireEnvelope **env, const char *model, const char *component, P
         for (size_t i = 0; i < n_tensors; i++) {
                 const PbTensor *t = tensors[i];
 
-                r = tensor_check(m, t, err);
+                r = tensor_check(m, t, derived, err);
                 if (r != WD_OK)
                         return r;
-                const ManifestFile *f = &m->files[t->slab];
+                const ManifestFile *f = &m->slabs[t->slab];
                 m->tensors[i] = (wd_tensor){
                         .name = t->name,
                         .dtype = t->dtype,
                         .ndim = (unsigned) t->n_shape,
                         .shape = t->n_shape > 0 ? t->shape : NULL,
                         .nbytes = t->nbytes,
-                        .file = t->slab,
+                        .file = derived ? t->file : t->slab,
                         .offset = t->offset,
                         .data = f->map ? (const uint8_t *) f->map + t->offset : NULL,
+                        .full_shape = t->n_full_shape > 0 ? t->full_shape : NULL,
+                        .shard_dim = t->shard_dim,
+                        .shard_start = t->shard_start,
                         .device = -1,
                 };
         }
@@ -302,21 +364,21 @@ _public_ size_t wd_manifest_n_files(const wd_manifest *m) {
 _public_ const char *wd_manifest_file(const wd_manifest *m, size_t i) {
         if (!m || i >= m->n_files)
                 return NULL;
-        return m->files[i].slab->file;
+        return m->files[i]->file;
 }
 
 _public_ size_t wd_manifest_n_metadata(const wd_manifest *m, size_t file) {
         if (!m || file >= m->n_files)
                 return 0;
-        return m->files[file].slab->n_metadata;
+        return m->files[file]->n_metadata;
 }
 
 _public_ int wd_manifest_metadata(const wd_manifest *m, size_t file, size_t i, const char **ret_key,
                                   const char **ret_value) {
-        if (!m || file >= m->n_files || i >= m->files[file].slab->n_metadata)
+        if (!m || file >= m->n_files || i >= m->files[file]->n_metadata)
                 return WD_NOT_FOUND;
 
-        const Weightd__V1__MetadataEntry *e = m->files[file].slab->metadata[i];
+        const Weightd__V1__MetadataEntry *e = m->files[file]->metadata[i];
         if (ret_key)
                 *ret_key = e->key;
         if (ret_value)

@@ -45,7 +45,7 @@ expect() {
         fi
 }
 
-echo "1..31"
+echo "1..43"
 
 expect 2 "^Usage: weightctl" "no command" --
 expect 2 "unknown command 'frobnicate'" "unknown command" -- frobnicate
@@ -68,6 +68,18 @@ expect 2 "needs --tensor" "cat without --tensor" -- cat /m
 expect 2 "has no --json" "cat --json" -- cat /m --tensor t --json
 expect 2 "takes no --tensor" "ls --tensor" -- ls --tensor t
 expect 2 "needs a path" "empty --socket" -- --socket "" status
+expect 2 "RANK/WORLD with 1 <= WORLD" "--shard without a slash" -- prefetch /m --shard 3
+expect 2 "RANK/WORLD with 1 <= WORLD" "--shard with world 0" -- prefetch /m --shard 0/0
+expect 2 "RANK/WORLD with 1 <= WORLD" "--shard with a sign" -- prefetch /m --shard -1/2
+expect 2 "RANK/WORLD with 1 <= WORLD" "--shard over the world limit" -- prefetch /m --shard 0/65537
+expect 2 "must be below the world" "--shard rank 2/2" -- prefetch /m --shard 2/2
+expect 2 "PATTERN:DIM with DIM 0 or 1" "--rule with dim 2" -- prefetch /m --shard 0/2 --rule 'x:2'
+expect 2 "PATTERN:DIM with DIM 0 or 1" "--rule without a dim" -- prefetch /m --shard 0/2 --rule x
+expect 2 "PATTERN:DIM with DIM 0 or 1" "--rule with an empty pattern" -- prefetch /m --shard 0/2 --rule :0
+expect 2 "need --shard" "--rule without --shard" -- prefetch /m --rule 'x:0'
+expect 2 "need --shard" "--uneven without --shard" -- cat /m -t x --uneven
+expect 2 "takes no --shard" "ls --shard" -- ls --shard 0/2
+expect 2 "takes no --shard" "evict --shard" -- evict /m --shard 0/2
 export POSIXLY_CORRECT=1
 expect 2 "unknown option '--bogus'" "options after the command under POSIXLY_CORRECT" -- ls --bogus
 unset POSIXLY_CORRECT

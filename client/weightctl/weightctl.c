@@ -11,6 +11,7 @@
 #include <getopt.h>
 #include <inttypes.h>
 #include <jansson.h>
+#include <limits.h>
 #include <signal.h>
 #include <stdarg.h>
 #include <stdbool.h>
@@ -79,6 +80,7 @@ enum {
         CMD_COMPONENTS = 1u << 2, /* takes --component more than once */
         CMD_JSON = 1u << 3,       /* takes --json */
         CMD_TENSOR = 1u << 4,     /* takes --tensor (required) and --force */
+        CMD_SHARD = 1u << 5,      /* takes --shard, --rule and --uneven */
 };
 
 typedef struct Options {
@@ -91,11 +93,28 @@ typedef struct Options {
         const char *tensor;
         bool json;
         bool force;
+        /* --shard RANK/WORLD (world 0: none), --rule PATTERN:DIM, --uneven */
+        unsigned rank, world;
+        wd_shard_rule *rules;
+        size_t n_rules;
+        bool uneven;
 } Options;
 
 static void options_done(Options *o) {
         free(o->model);
         free(o->components);
+        free(o->rules);
+}
+
+/* The load options of --shard, --rule and --uneven. */
+static wd_load_options load_options(const Options *o) {
+        return (wd_load_options){
+                .rank = o->rank,
+                .world = o->world,
+                .rules = o->rules,
+                .n_rules = o->n_rules,
+                .uneven = o->uneven,
+        };
 }
 
 typedef struct Command {
@@ -519,7 +538,10 @@ static int run_prefetch(wd_client *c, const Options *o) {
                         break;
                 /* The bar names a plain model by its last component. */
                 progress_init(&p, component[0] || !slash[1] ? label : slash + 1, tty);
-                r = wd_prefetch(c, o->model, component, progress_update, &p, &res, &e);
+                wd_load_options lo = load_options(o);
+                lo.progress = progress_update;
+                lo.userdata = &p;
+                r = wd_prefetch_ex(c, o->model, component, &lo, &res, &e);
                 seconds = now_s() - p.start;
                 progress_clear(&p);
                 if (r == WD_CANCELLED && cancel_requested)
@@ -566,7 +588,7 @@ static void entry_list_done(EntryList *l) {
 
 static int run_ls(wd_client *c, const Options *o) {
         _cleanup_(entry_list_done) EntryList l = {};
-        _cleanup_(table_done) Table t = { .n_columns = 8, .right = 1u << 4 | 1u << 5 | 1u << 7 };
+        _cleanup_(table_done) Table t = { .n_columns = 9, .right = 1u << 4 | 1u << 5 | 1u << 7 };
         wd_error e = {};
         int r;
 
@@ -581,12 +603,13 @@ static int run_ls(wd_client *c, const Options *o) {
                         const wd_entry *x = &l.entries[i];
 
                         if (json_array_append_new(
-                                    a, json_pack("{s:o, s:o, s:o, s:o, s:o, s:I, s:b, s:I, s:o}", "model",
+                                    a, json_pack("{s:o, s:o, s:o, s:o, s:o, s:I, s:b, s:I, s:o, s:o}", "model",
                                                  json_str(x->model), "component", json_str(x->component), "tier",
                                                  json_str(x->tier), "state", json_str(x->state), "bytes",
                                                  json_u64(x->bytes), "leases", (json_int_t) x->leases, "pinned",
                                                  x->pinned, "files", (json_int_t) x->files, "idle_ms",
-                                                 json_u64(x->idle_ms))) < 0) {
+                                                 json_u64(x->idle_ms), "shard",
+                                                 json_str(x->shard ? x->shard : ""))) < 0) {
                                 json_decref(a);
                                 a = NULL;
                         }
@@ -595,7 +618,7 @@ static int run_ls(wd_client *c, const Options *o) {
         }
 
         r = table_add_row(&t, (const char *const[]) { "MODEL", "COMPONENT", "TIER", "STATE", "SIZE", "LEASES",
-                                                       "PINNED", "IDLE" });
+                                                       "PINNED", "IDLE", "SHARD" });
         for (size_t i = 0; r == 0 && i < l.n; i++) {
                 const wd_entry *x = &l.entries[i];
                 char size[SIZE_MAX_LEN], leases[16], idle[DURATION_MAX_LEN];
@@ -610,6 +633,7 @@ static int run_ls(wd_client *c, const Options *o) {
                                               leases,
                                               x->pinned ? "yes" : "no",
                                               format_duration(idle, x->idle_ms),
+                                              x->shard && x->shard[0] ? x->shard : "-",
                                       });
         }
         if (r == 0)
@@ -691,6 +715,95 @@ static int run_status(wd_client *c, const Options *o) {
         return EXIT_OK;
 }
 
+/* "[32, 64]" into a malloc'd string; NULL when out of memory. */
+static char *shape_string(const uint64_t *shape, unsigned ndim) {
+        char *buf = NULL;
+        size_t len;
+        FILE *f = open_memstream(&buf, &len);
+
+        if (!f)
+                return NULL;
+        fputc('[', f);
+        for (unsigned d = 0; d < ndim; d++)
+                fprintf(f, "%s%" PRIu64, d ? ", " : "", shape[d]);
+        fputc(']', f);
+        if (fclose(f) != 0) {
+                free(buf);
+                return NULL;
+        }
+        return buf;
+}
+
+static json_t *shape_json(const uint64_t *shape, unsigned ndim) {
+        json_t *a = json_array();
+
+        for (unsigned d = 0; a && d < ndim; d++)
+                if (json_array_append_new(a, json_u64(shape[d])) < 0) {
+                        json_decref(a);
+                        a = NULL;
+                }
+        return a;
+}
+
+/* tensors with --shard: the rank's tensors, which only a sharded load
+ * (it makes the shard resident) can tell. */
+static int run_tensors_sharded(wd_client *c, const Options *o) {
+        const char *component = o->n_components > 0 ? o->components[0] : NULL;
+        _cleanup_(wd_releasep) wd_lease *lease = NULL;
+        _cleanup_(table_done) Table t = { .n_columns = 6, .right = 1u << 3 | 1u << 5 };
+        wd_load_options lo = load_options(o);
+        const wd_manifest *m;
+        wd_error e = {};
+        size_t n;
+        int r;
+
+        r = wd_load_ex(c, o->model, component, &lo, &lease, &e);
+        if (r != WD_OK)
+                return fail_wd(r, &e);
+        m = wd_lease_manifest(lease);
+        n = wd_manifest_n_tensors(m);
+
+        if (o->json) {
+                json_t *a = json_array();
+
+                for (size_t i = 0; a && i < n; i++) {
+                        const wd_tensor *x = wd_manifest_tensor(m, i);
+                        json_t *full = x->full_shape ? shape_json(x->full_shape, x->ndim) : json_null();
+
+                        if (json_array_append_new(a, json_pack("{s:o, s:o, s:o, s:o, s:o, s:o, s:o, s:I}", "name",
+                                                               json_str(x->name), "dtype", json_str(x->dtype),
+                                                               "shape", shape_json(x->shape, x->ndim), "nbytes",
+                                                               json_u64(x->nbytes), "file",
+                                                               json_str(wd_manifest_file(m, x->file)), "full_shape",
+                                                               full, "shard_start", json_u64(x->shard_start),
+                                                               "shard_dim", (json_int_t) x->shard_dim)) < 0) {
+                                json_decref(a);
+                                a = NULL;
+                        }
+                }
+                return json_print(a);
+        }
+
+        r = table_add_row(&t, (const char *const[]) { "NAME", "DTYPE", "SHAPE", "SIZE", "FULL SHAPE", "DIM:START" });
+        for (size_t i = 0; r == 0 && i < n; i++) {
+                const wd_tensor *x = wd_manifest_tensor(m, i);
+                _cleanup_free_ char *shape = shape_string(x->shape, x->ndim), *full = NULL;
+                char size[SIZE_MAX_LEN], where[48] = "-";
+
+                if (x->full_shape) {
+                        full = shape_string(x->full_shape, x->ndim);
+                        snprintf(where, sizeof(where), "%u:%" PRIu64, x->shard_dim, x->shard_start);
+                }
+                if (!shape || (x->full_shape && !full))
+                        return fail_oom();
+                r = table_add_row(&t, (const char *const[]) { x->name, x->dtype, shape, format_bytes(size, x->nbytes),
+                                                              full ? full : "-", where });
+        }
+        if (r == 0)
+                r = table_print(&t);
+        return r == 0 ? EXIT_OK : fail_oom();
+}
+
 static int run_tensors(wd_client *c, const Options *o) {
         _cleanup_(wd_manifest_freep) wd_manifest *m = NULL;
         _cleanup_(table_done) Table t = { .n_columns = 4, .right = 1u << 3 };
@@ -699,6 +812,8 @@ static int run_tensors(wd_client *c, const Options *o) {
         wd_error e = {};
         int r;
 
+        if (o->world > 0)
+                return run_tensors_sharded(c, o);
         r = wd_tensors(c, o->model, component, &m, &e);
         if (r != WD_OK)
                 return fail_wd(r, &e);
@@ -827,7 +942,8 @@ static int run_cat(wd_client *c, const Options *o) {
         wd_error e = {};
         int r;
 
-        r = wd_load(c, o->model, component, &lease, &e);
+        wd_load_options lo = load_options(o);
+        r = wd_load_ex(c, o->model, component, &lo, &lease, &e);
         if (r != WD_OK)
                 return fail_wd(r, &e);
         t = wd_manifest_find(wd_lease_manifest(lease), o->tensor);
@@ -880,12 +996,12 @@ static int run_unpin(wd_client *c, const Options *o) {
 /* ---- main -------------------------------------------------------------- */
 
 static const Command commands[] = {
-        { "prefetch", CMD_MODEL | CMD_COMPONENT | CMD_COMPONENTS | CMD_JSON, run_prefetch },
+        { "prefetch", CMD_MODEL | CMD_COMPONENT | CMD_COMPONENTS | CMD_JSON | CMD_SHARD, run_prefetch },
         { "ls", CMD_JSON, run_ls },
         { "status", CMD_JSON, run_status },
-        { "tensors", CMD_MODEL | CMD_COMPONENT | CMD_JSON, run_tensors },
+        { "tensors", CMD_MODEL | CMD_COMPONENT | CMD_JSON | CMD_SHARD, run_tensors },
         { "components", CMD_MODEL | CMD_JSON, run_components },
-        { "cat", CMD_MODEL | CMD_COMPONENT | CMD_TENSOR, run_cat },
+        { "cat", CMD_MODEL | CMD_COMPONENT | CMD_TENSOR | CMD_SHARD, run_cat },
         { "evict", CMD_MODEL | CMD_COMPONENT | CMD_JSON, run_evict },
         { "pin", CMD_MODEL | CMD_COMPONENT | CMD_JSON, run_pin },
         { "unpin", CMD_MODEL | CMD_COMPONENT | CMD_JSON, run_unpin },
@@ -912,11 +1028,18 @@ static void help(void) {
                "  pin MODEL [--component NAME]           keep a component from being evicted\n"
                "  unpin MODEL [--component NAME]         let it be evicted again\n"
                "\n"
+               "prefetch, tensors and cat take a shard: --shard RANK/WORLD [--rule PATTERN:DIM]... [--uneven]\n"
+               "(this rank's slices of the tensors a rule matches; tensors loads it to list them).\n"
+               "ls shows the shard of each entry.  evict, pin and unpin act on every shard too.\n"
+               "\n"
                "Options:\n"
                "  -s, --socket PATH     the daemon's socket (default here: %s)\n"
                "  -c, --component NAME  a component of a diffusers pipeline\n"
                "  -t, --tensor NAME     the tensor cat writes\n"
                "  -f, --force           let cat write binary to a terminal\n"
+               "      --shard R/W       deliver rank R of a world of W (0 <= R < W)\n"
+               "      --rule PAT:DIM    split tensors whose name matches the glob PAT along DIM (0 or 1)\n"
+               "      --uneven          allow sizes W does not divide (the first ranks take one more)\n"
                "      --json            one JSON document on stdout instead of text\n"
                "  -h, --help            show this help\n"
                "  -V, --version         show the version\n"
@@ -926,14 +1049,58 @@ static void help(void) {
                socket);
 }
 
+/* A whole decimal number in [0, max]: digits only, no sign, no spaces. */
+static int parse_unsigned(const char *s, size_t len, unsigned max, unsigned *ret) {
+        unsigned long long v = 0;
+
+        if (len == 0 || len > 10)
+                return -EINVAL;
+        for (size_t i = 0; i < len; i++) {
+                if (s[i] < '0' || s[i] > '9')
+                        return -EINVAL;
+                v = v * 10 + (unsigned) (s[i] - '0');
+        }
+        if (v > max)
+                return -ERANGE;
+        *ret = (unsigned) v;
+        return 0;
+}
+
+/* --shard RANK/WORLD: world 1..65536 (the daemon's limit), rank below it. */
+static int parse_shard(const char *arg, Options *o) {
+        const char *slash = strchr(arg, '/');
+
+        if (!slash || parse_unsigned(arg, (size_t) (slash - arg), UINT_MAX, &o->rank) < 0 ||
+            parse_unsigned(slash + 1, strlen(slash + 1), 65536, &o->world) < 0 || o->world == 0)
+                return usage_error("--shard takes RANK/WORLD with 1 <= WORLD <= 65536, not '%s'", arg);
+        if (o->rank >= o->world)
+                return usage_error("--shard %s: the rank must be below the world", arg);
+        return 0;
+}
+
+/* --rule PATTERN:DIM, split at the last ':'.  The pattern stays in argv. */
+static int parse_rule(char *arg, Options *o) {
+        char *colon = strrchr(arg, ':');
+        unsigned dim;
+
+        if (!colon || colon == arg || parse_unsigned(colon + 1, strlen(colon + 1), 1, &dim) < 0)
+                return usage_error("--rule takes PATTERN:DIM with DIM 0 or 1, not '%s'", arg);
+        *colon = '\0';
+        o->rules[o->n_rules++] = (wd_shard_rule){ .pattern = arg, .dim = dim };
+        return 0;
+}
+
 static int parse_argv(int argc, char *argv[], Options *o, const Command **ret) {
-        enum { ARG_JSON = 0x100 };
+        enum { ARG_JSON = 0x100, ARG_SHARD, ARG_RULE, ARG_UNEVEN };
         static const struct option options[] = {
                 { "socket", required_argument, NULL, 's' },
                 { "component", required_argument, NULL, 'c' },
                 { "tensor", required_argument, NULL, 't' },
                 { "force", no_argument, NULL, 'f' },
                 { "json", no_argument, NULL, ARG_JSON },
+                { "shard", required_argument, NULL, ARG_SHARD },
+                { "rule", required_argument, NULL, ARG_RULE },
+                { "uneven", no_argument, NULL, ARG_UNEVEN },
                 { "help", no_argument, NULL, 'h' },
                 { "version", no_argument, NULL, 'V' },
                 {},
@@ -944,7 +1111,8 @@ static int parse_argv(int argc, char *argv[], Options *o, const Command **ret) {
         int opt;
 
         o->components = calloc((size_t) argc, sizeof(char *));
-        if (!o->components)
+        o->rules = calloc((size_t) argc, sizeof(wd_shard_rule));
+        if (!o->components || !o->rules)
                 return fail_oom();
 
         /* '-': arguments come back in order as 1, whatever POSIXLY_CORRECT
@@ -973,6 +1141,17 @@ static int parse_argv(int argc, char *argv[], Options *o, const Command **ret) {
                         break;
                 case ARG_JSON:
                         o->json = true;
+                        break;
+                case ARG_SHARD:
+                        if (parse_shard(optarg, o) != 0)
+                                return EXIT_USAGE;
+                        break;
+                case ARG_RULE:
+                        if (parse_rule(optarg, o) != 0)
+                                return EXIT_USAGE;
+                        break;
+                case ARG_UNEVEN:
+                        o->uneven = true;
                         break;
                 case 'h':
                         help();
@@ -1020,6 +1199,10 @@ static int parse_argv(int argc, char *argv[], Options *o, const Command **ret) {
                 return usage_error("%s takes no --%s", cmd->name, o->tensor ? "tensor" : "force");
         if ((cmd->flags & CMD_TENSOR) && !o->tensor)
                 return usage_error("%s needs --tensor NAME", cmd->name);
+        if ((o->world > 0 || o->n_rules > 0 || o->uneven) && !(cmd->flags & CMD_SHARD))
+                return usage_error("%s takes no --shard, --rule or --uneven", cmd->name);
+        if ((o->n_rules > 0 || o->uneven) && o->world == 0)
+                return usage_error("--rule and --uneven need --shard RANK/WORLD");
         *ret = cmd;
         return 0;
 }

@@ -52,6 +52,10 @@ static void request_attach_job(Request *r, Job *j) {
 void request_free(Request *r) {
         request_detach_conn(r);
         request_detach_job(r);
+        shard_request_forget(r);
+        shard_plan_free(r->plan);
+        shard_spec_free(r->shard);
+        free(r->variant);
         component_free(r->comp);
         component_list_free(r->list);
         free(r->rel);
@@ -231,6 +235,12 @@ void dispatch_job_finished(Job *j, int r, CacheEntry *entry, const WdError *err)
                 uint64_t id = req->id;
                 RequestKind kind = req->kind;
 
+                if (req->shard) {
+                        /* It needed the whole component to cut its slices. */
+                        request_detach_job(req);
+                        shard_whole_loaded(req, r, entry, err);
+                        continue;
+                }
                 request_free(req);
                 if (r == 0)
                         (void) reply_loaded(c, id, kind, j->comp, entry, false);
@@ -308,6 +318,10 @@ static void resolve_work(uv_work_t *w) {
         else
                 r->r = catalog_resolve(r->root->catalog, r->rel, r->component, &r->comp, &r->err);
         pthread_mutex_unlock(&r->server->catalog_lock);
+        /* A sharded load is planned here, before anything is read: globs
+         * over every tensor name are no work for the loop. */
+        if (r->r == 0 && r->comp && r->shard)
+                r->r = shard_plan(r->comp, r->shard, 256, &r->plan, &r->err);
         if (r->r == 0 && r->comp) {
                 /* Key the cache by the absolute path: two roots may hold
                  * the same relative one. */
@@ -321,7 +335,8 @@ static void resolve_done(uv_work_t *w, int status);
 /* Check the model and component (lexically, here), then resolve them on the
  * thread pool; the request's reply comes from resolve_done(). */
 static int request_resolve(Conn *c, uint64_t id, RequestKind kind, bool progress, const char *model,
-                           const char *component) {
+                           const char *component, ShardSpec *shard) {
+        _cleanup_(shard_spec_freep) ShardSpec *spec = shard;
         Server *s = c->server;
         Root *root;
         char *rel, *key;
@@ -341,7 +356,11 @@ static int request_resolve(Conn *c, uint64_t id, RequestKind kind, bool progress
         r->rel = rel;
         r->key = key;
         r->component = strdup(component);
-        if (!r->component) {
+        if (spec) {
+                r->variant = shard_spec_key(spec);
+                r->shard = TAKE_PTR(spec);
+        }
+        if (!r->component || (r->shard && !r->variant)) {
                 request_free(r);
                 return conn_send_error(c, id, WEIGHTD__V1__CODE__RESOURCE_EXHAUSTED, "out of memory");
         }
@@ -372,6 +391,12 @@ static void load_resolved(Request *r) {
         CacheEntry *e;
         Job *j;
         int k;
+
+        if (r->shard) {
+                r->comp = TAKE_PTR(comp);
+                shard_load_resolved(r);
+                return;
+        }
 
         /* Refused before anything is read: one reply carries every slab. */
         if (kind == REQUEST_LOAD && comp->n_files > WIRE_MAX_FDS) {
@@ -462,10 +487,14 @@ static int handle_load(Conn *c, uint64_t id, const Weightd__V1__LoadRequest *req
                 return conn_send_error(c, id, WEIGHTD__V1__CODE__UNSUPPORTED,
                                        "target \"%s\": this daemon serves the host tier only", t);
         }
-        if (req->shard)
-                return conn_send_error(c, id, WEIGHTD__V1__CODE__UNSUPPORTED,
-                                       "shard: this daemon does not deliver sharded loads yet");
-        return request_resolve(c, id, kind, req->progress, req->model, req->component);
+        ShardSpec *spec = NULL;
+        if (req->shard) {
+                WdError err = WD_ERROR_NULL;
+                int r = shard_spec_from_wire(req->shard, &spec, &err);
+                if (r != 0)
+                        return conn_send_wd_error(c, id, r, &err);
+        }
+        return request_resolve(c, id, kind, req->progress, req->model, req->component, spec);
 }
 
 static int handle_release(Conn *c, uint64_t id, const Weightd__V1__ReleaseRequest *req) {
@@ -480,9 +509,10 @@ static int handle_release(Conn *c, uint64_t id, const Weightd__V1__ReleaseReques
         return conn_send(c, &env, NULL, 0);
 }
 
-/* The entry for a model and component, whatever its files: NULL when none. */
-static CacheEntry *find_entry(Server *s, const char *key, const char *component) {
-        for (CacheEntry *e = cache_first(s->cache); e; e = cache_next(e))
+/* The next entry for a model and component after e (NULL: the first),
+ * whatever its files and variant: NULL when none is left. */
+static CacheEntry *find_entry(Server *s, CacheEntry *e, const char *key, const char *component) {
+        for (e = e ? cache_next(e) : cache_first(s->cache); e; e = cache_next(e))
                 if (strcmp(e->model, key) == 0 && strcmp(e->component, component) == 0)
                         return e;
         return NULL;
@@ -494,38 +524,61 @@ typedef enum EntryOp {
         ENTRY_UNPIN,
 } EntryOp;
 
+/* Evict, Pin and Unpin act on every entry of the component: the whole one
+ * and each sharded one.  Evict takes all or none: one that is loading,
+ * leased or pinned makes it BUSY and nothing is evicted. */
 static int handle_entry_op(Conn *c, uint64_t id, const Weightd__V1__ComponentRef *ref, EntryOp op) {
         REPLY_ENVELOPE(env, reply, id);
         _cleanup_free_ char *rel = NULL, *key = NULL;
         WdError err = WD_ERROR_NULL;
-        CacheEntry *e;
+        Server *s = c->server;
+        CacheEntry *e, *next;
+        unsigned n = 0;
         Root *root;
         int r;
 
         if (component_ref_resolve(c, id, ref->model, ref->component, &root, &rel, &key))
                 return 0;
-        e = find_entry(c->server, key, ref->component);
-        if (!e || e->state == CACHE_ENTRY_DETACHED)
+        e = find_entry(s, NULL, key, ref->component);
+        if (!e)
                 return conn_send_error(c, id, WEIGHTD__V1__CODE__NOT_FOUND, "%s%s%s: not resident", key,
                                        *ref->component ? " component " : "", ref->component);
 
         switch (op) {
         case ENTRY_EVICT:
-                r = cache_entry_evict(e, &err);
-                if (r != 0)
-                        return conn_send_wd_error(c, id, r, &err);
-                log_info("%s: evicted %s %s", c->name, key, ref->component);
+                for (CacheEntry *x = e; x; x = find_entry(s, x, key, ref->component))
+                        if (x->state != CACHE_ENTRY_RESIDENT || x->pinned || x->leases > 0) {
+                                r = cache_entry_evict(x, &err);
+                                if (r != 0) {
+                                        if (*x->variant)
+                                                wd_error_prefix(&err, "shard \"%s\"", x->variant);
+                                        return conn_send_wd_error(c, id, r, &err);
+                                }
+                        }
+                for (; e; e = next) {
+                        next = find_entry(s, e, key, ref->component);
+                        r = cache_entry_evict(e, &err);
+                        if (r != 0)
+                                return conn_send_wd_error(c, id, r, &err);
+                        n++;
+                }
+                log_info("%s: evicted %s %s (%u entr%s)", c->name, key, ref->component, n, n == 1 ? "y" : "ies");
                 break;
         case ENTRY_PIN:
-                if (e->state != CACHE_ENTRY_RESIDENT)
+                for (; e; e = find_entry(s, e, key, ref->component))
+                        if (e->state == CACHE_ENTRY_RESIDENT) {
+                                cache_entry_pin(e);
+                                n++;
+                        }
+                if (n == 0)
                         return conn_send_error(c, id, WEIGHTD__V1__CODE__NOT_FOUND, "%s: still loading", key);
-                cache_entry_pin(e);
                 break;
         case ENTRY_UNPIN:
-                cache_entry_unpin(e);
+                for (; e; e = find_entry(s, e, key, ref->component))
+                        cache_entry_unpin(e);
                 break;
         }
-        server_update_status(c->server);
+        server_update_status(s);
         return conn_send(c, &env, NULL, 0);
 }
 
@@ -552,6 +605,7 @@ static void entry_fill(Weightd__V1__Entry *x, CacheEntry *e, uint64_t now) {
         x->pinned = e->pinned;
         x->files = (uint32_t) e->n_files;
         x->idle_ms = now > e->last_use_usec ? (now - e->last_use_usec) / 1000 : 0;
+        x->shard = e->variant;
 }
 
 static int handle_list(Conn *c, uint64_t id) {
@@ -587,7 +641,7 @@ static int handle_components(Conn *c, uint64_t id, const Weightd__V1__ComponentR
         if (*ref->component)
                 return conn_send_error(c, id, WEIGHTD__V1__CODE__INVALID_ARGUMENT,
                                        "components: name a model, not a component");
-        return request_resolve(c, id, REQUEST_COMPONENTS, false, ref->model, "");
+        return request_resolve(c, id, REQUEST_COMPONENTS, false, ref->model, "", NULL);
 }
 
 static void reply_components(Conn *c, uint64_t id, const char *model, const ComponentList *l) {
@@ -620,7 +674,7 @@ static void reply_components(Conn *c, uint64_t id, const char *model, const Comp
 }
 
 static int handle_tensors(Conn *c, uint64_t id, const Weightd__V1__ComponentRef *ref) {
-        return request_resolve(c, id, REQUEST_TENSORS, false, ref->model, ref->component);
+        return request_resolve(c, id, REQUEST_TENSORS, false, ref->model, ref->component, NULL);
 }
 
 static void reply_tensors(Conn *c, uint64_t id, const Component *comp) {

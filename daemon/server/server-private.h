@@ -18,6 +18,7 @@
 #include "server/server.h"
 #include "store/cache.h"
 #include "store/loader.h"
+#include "store/shard.h"
 #include "wire.h"
 
 typedef struct Conn Conn;
@@ -26,6 +27,7 @@ typedef struct Request Request;
 typedef struct Lease Lease;
 typedef struct OutFrame OutFrame;
 typedef struct UidSlot UidSlot;
+typedef struct ShardBuild ShardBuild;
 
 #define SERVER_MAX_LEASES_PER_CONN 4096u
 #define SERVER_MAX_LEASES_PER_UID 65536u
@@ -70,6 +72,15 @@ struct Request {
         uint64_t progress_sent;
         LIST_FIELDS(Request, conn); /* in conn->pending */
         LIST_FIELDS(Request, job);  /* in job->waiters */
+
+        /* A sharded Load or Prefetch (shard-job.c): the spec, its cache
+         * variant, the plan (made on the thread pool with the resolve), and
+         * the build of the derived slab it waits for. */
+        ShardSpec *shard;
+        char *variant;
+        ShardPlan *plan;
+        ShardBuild *build;
+        LIST_FIELDS(Request, build); /* in build->waiters */
 
         /* The resolve, on a worker thread (resolving is true meanwhile). */
         uv_work_t work;
@@ -161,6 +172,7 @@ struct Server {
         UidSlot *uids;
         Job *jobs;
         unsigned n_jobs;
+        ShardBuild *shard_builds; /* derived slabs being built (shard-job.c) */
         uint64_t next_lease_id;
         unsigned n_leases;
         uint64_t started_usec;
@@ -204,6 +216,20 @@ void request_free(Request *r);
 /* The peer does not wait any more (it left, cancelled, or the daemon is
  * stopping): forget the request, or orphan it until its resolve ends. */
 void request_drop(Request *r);
+
+/* shard-job.c */
+/* Check a Shard from the wire and turn it into a spec; *ret is NULL when it
+ * shards nothing (world 1 without rules).  Returns 0 or WD_E_INVALID. */
+int shard_spec_from_wire(const Weightd__V1__Shard *w, ShardSpec **ret, WdError *err);
+/* A resolved sharded Load or Prefetch (its plan made): serve the derived
+ * entry, join its build, or get the whole component resident first.
+ * Takes r. */
+void shard_load_resolved(Request *r);
+/* The whole load that sharded request r waited for ended (r is off the
+ * job already): build the derived slab, or pass the error on.  Takes r. */
+void shard_whole_loaded(Request *r, int k, CacheEntry *whole, const WdError *err);
+/* r goes away: take it off the build it waits for. */
+void shard_request_forget(Request *r);
 
 /* server.c */
 /* Start loading comp (taken on success) from files beneath root_fd. */

@@ -1,11 +1,12 @@
 /* Benchmark client for the daemon, on libweightd-client.
  *
- *   wd-bench-client attach SOCKET MODEL COMPONENT RUNS
+ *   wd-bench-client attach SOCKET MODEL COMPONENT RUNS [R/W [uneven] PATTERN:DIM...]
  *       RUNS times: fork a new process that connects, says Hello, loads
  *       the (resident) component and has every tensor mapped, then
  *       releases it; prints the attach times (connect to lease in hand,
  *       measured in the child) as JSON: {"runs", "median_ms", "p99_ms",
- *       "min_ms", "max_ms", "tensors", "bytes"}.
+ *       "min_ms", "max_ms", "tensors", "bytes"}.  With a shard, the load
+ *       asks for rank R of world W split by the rules.
  *   wd-bench-client load SOCKET MODEL COMPONENT
  *       one load, for fan-out runs: prints {"seconds", "bytes",
  *       "was_resident"}; the lease ends when the process exits.
@@ -55,6 +56,33 @@ static int parse_count(const char *s, unsigned long *ret) {
         return 0;
 }
 
+/* The load options of attach: a shard, or none. */
+static wd_load_options load_opts;
+static wd_shard_rule load_rules[64];
+
+/* "R/W [uneven] PATTERN:DIM...", split at the last ':'.  Returns 0 or -EINVAL. */
+static int parse_shard(char **argv, int argc) {
+        unsigned rank, world, dim;
+        char c;
+
+        if (argc < 1 || argc > 65 || sscanf(argv[0], "%u/%u%c", &rank, &world, &c) != 2)
+                return -EINVAL;
+        load_opts = (wd_load_options){ .rank = rank, .world = world, .rules = load_rules };
+        for (int i = 1; i < argc; i++) {
+                char *colon = strrchr(argv[i], ':');
+
+                if (strcmp(argv[i], "uneven") == 0) {
+                        load_opts.uneven = 1;
+                        continue;
+                }
+                if (!colon || sscanf(colon + 1, "%u%c", &dim, &c) != 1)
+                        return -EINVAL;
+                *colon = '\0';
+                load_rules[load_opts.n_rules++] = (wd_shard_rule){ .pattern = argv[i], .dim = dim };
+        }
+        return 0;
+}
+
 static int cmp_double(const void *a, const void *b) {
         double x = *(const double *) a, y = *(const double *) b;
         return (x > y) - (x < y);
@@ -70,7 +98,7 @@ static double attach_once(const char *sock, const char *model, const char *comp,
 
         if (wd_connect(sock, &c, &err) != WD_OK)
                 return fail("connect", &err), -1;
-        if (wd_load(c, model, comp, &l, &err) != WD_OK)
+        if (wd_load_ex(c, model, comp, &load_opts, &l, &err) != WD_OK)
                 return fail("load", &err), -1;
         t = now_s() - t0;
         *ret_tensors = wd_manifest_n_tensors(wd_lease_manifest(l));
@@ -239,7 +267,8 @@ static int cmd_latency(const char *sock, unsigned long seconds) {
 int main(int argc, char **argv) {
         unsigned long a, b;
 
-        if (argc == 6 && strcmp(argv[1], "attach") == 0 && parse_count(argv[5], &a) == 0)
+        if (argc >= 6 && strcmp(argv[1], "attach") == 0 && parse_count(argv[5], &a) == 0 &&
+            (argc == 6 || parse_shard(argv + 6, argc - 6) == 0))
                 return cmd_attach(argv[2], argv[3], argv[4], a);
         if (argc == 5 && strcmp(argv[1], "load") == 0)
                 return cmd_load(argv[2], argv[3], argv[4]);
@@ -248,7 +277,7 @@ int main(int argc, char **argv) {
         if (argc == 5 && strcmp(argv[1], "status") == 0 && parse_count(argv[3], &a) == 0 &&
             parse_count(argv[4], &b) == 0)
                 return cmd_status(argv[2], a, b);
-        fprintf(stderr, "usage: wd-bench-client attach SOCKET MODEL COMPONENT RUNS\n"
+        fprintf(stderr, "usage: wd-bench-client attach SOCKET MODEL COMPONENT RUNS [R/W [uneven] PATTERN:DIM...]\n"
                         "       wd-bench-client load SOCKET MODEL COMPONENT\n"
                         "       wd-bench-client latency SOCKET SECONDS\n"
                         "       wd-bench-client status SOCKET SECONDS CONNECTIONS\n");

@@ -9,6 +9,12 @@
  *                                         page writable, print the errno
  *   load-many SOCKET MODEL COMPONENT N    N sequential loads and releases,
  *                                         print their timing
+ *   shard SOCKET MODEL COMPONENT OUT R/W [uneven] PATTERN:DIM...
+ *                                         a sharded load: every tensor's
+ *                                         bytes written to OUT one after
+ *                                         the other, and per tensor its
+ *                                         place in OUT, shape, full_shape,
+ *                                         shard_dim, shard_start and file
  *
  * Results are one JSON document on stdout.  A failed call prints
  * {"error": CODE_NAME, "message": ...} on stdout and the same on stderr,
@@ -197,9 +203,108 @@ static int cmd_load_many(wd_client *c, const char *model, const char *component,
         return r;
 }
 
+/* Parse "R/W" and "PATTERN:DIM" (split at the last ':'). */
+static int parse_shard(char **argv, int argc, wd_load_options *o, wd_shard_rule *rules) {
+        unsigned rank, world;
+        char c;
+
+        if (argc < 1 || sscanf(argv[0], "%u/%u%c", &rank, &world, &c) != 2)
+                return -1;
+        o->rank = rank;
+        o->world = world;
+        o->rules = rules;
+        for (int i = 1; i < argc; i++) {
+                char *colon = strrchr(argv[i], ':');
+                unsigned dim;
+
+                if (strcmp(argv[i], "uneven") == 0) {
+                        o->uneven = 1;
+                        continue;
+                }
+                if (!colon || sscanf(colon + 1, "%u%c", &dim, &c) != 1)
+                        return -1;
+                *colon = 0;
+                rules[o->n_rules++] = (wd_shard_rule){ .pattern = argv[i], .dim = dim };
+        }
+        return 0;
+}
+
+static int cmd_shard(wd_client *c, const char *model, const char *component, const char *out, char **argv,
+                     int argc) {
+        wd_shard_rule rules[64];
+        wd_load_options o = { 0 };
+        wd_error err = { 0 };
+        wd_lease *l = NULL;
+        const wd_manifest *m;
+        json_t *tensors, *files, *o_json;
+        uint64_t off = 0;
+        FILE *f;
+        int r;
+
+        if (argc > 65 || parse_shard(argv, argc, &o, rules) < 0) {
+                fprintf(stderr, "wd-test-client: shard: R/W [uneven] PATTERN:DIM...\n");
+                return 2;
+        }
+        r = wd_load_ex(c, model, component, &o, &l, &err);
+        if (r != WD_OK)
+                return fail(r, &err);
+        m = wd_lease_manifest(l);
+        f = fopen(out, "we");
+        if (!f) {
+                fprintf(stderr, "wd-test-client: %s: %s\n", out, strerror(errno));
+                return 1;
+        }
+        tensors = json_object();
+        for (size_t i = 0; i < wd_manifest_n_tensors(m); i++) {
+                const wd_tensor *t = wd_manifest_tensor(m, i);
+                json_t *shape = json_array(), *full = json_null();
+
+                for (unsigned d = 0; d < t->ndim; d++)
+                        json_array_append_new(shape, json_integer((json_int_t) t->shape[d]));
+                if (t->full_shape) {
+                        full = json_array();
+                        for (unsigned d = 0; d < t->ndim; d++)
+                                json_array_append_new(full, json_integer((json_int_t) t->full_shape[d]));
+                }
+                if (t->nbytes > 0 && fwrite(t->data, 1, (size_t) t->nbytes, f) != t->nbytes) {
+                        fprintf(stderr, "wd-test-client: %s: short write\n", out);
+                        return 1;
+                }
+                json_object_set_new(tensors, t->name,
+                                    json_pack("{s:s, s:o, s:o, s:i, s:I, s:i, s:I, s:I, s:I}", "dtype", t->dtype,
+                                              "shape", shape, "full_shape", full, "shard_dim", (int) t->shard_dim,
+                                              "shard_start", (json_int_t) t->shard_start, "file", (int) t->file,
+                                              "nbytes", (json_int_t) t->nbytes, "dump_offset", (json_int_t) off,
+                                              "slab_offset", (json_int_t) t->offset));
+                off += t->nbytes;
+        }
+        if (fclose(f) != 0) {
+                fprintf(stderr, "wd-test-client: %s: %s\n", out, strerror(errno));
+                return 1;
+        }
+        files = json_array();
+        for (size_t i = 0; i < wd_manifest_n_files(m); i++) {
+                const char *k = NULL, *v = NULL;
+                json_t *meta = json_object();
+
+                for (size_t j = 0; wd_manifest_metadata(m, i, j, &k, &v) == WD_OK; j++)
+                        json_object_set_new(meta, k, json_string(v));
+                json_array_append_new(files, json_pack("{s:s, s:o}", "path", wd_manifest_file(m, i), "metadata", meta));
+        }
+        o_json = json_pack("{s:I, s:o, s:o, s:I}", "lease", (json_int_t) wd_lease_id(l), "tensors", tensors, "files",
+                           files, "bytes", (json_int_t) wd_manifest_bytes(m));
+        r = wd_release(l, &err);
+        if (r != WD_OK) {
+                json_decref(o_json);
+                return fail(r, &err);
+        }
+        return print_json(o_json);
+}
+
 static int usage(void) {
         fprintf(stderr, "Usage: wd-test-client hash|hold|write-probe SOCKET MODEL [COMPONENT]\n"
-                        "       wd-test-client load-many SOCKET MODEL COMPONENT N\n");
+                        "       wd-test-client load-many SOCKET MODEL COMPONENT N\n"
+                        "       wd-test-client shard SOCKET MODEL COMPONENT OUT R/W [uneven] PATTERN:DIM...\n");
         return 2;
 }
 
@@ -213,7 +318,7 @@ int main(int argc, char **argv) {
                 return usage();
         cmd = argv[1];
         component = argc > 4 ? argv[4] : "";
-        if (strcmp(cmd, "load-many") == 0 ? argc != 6 : argc > 5)
+        if (strcmp(cmd, "shard") == 0 ? argc < 7 : strcmp(cmd, "load-many") == 0 ? argc != 6 : argc > 5)
                 return usage();
 
         r = wd_connect(argv[2], &c, &err);
@@ -228,6 +333,8 @@ int main(int argc, char **argv) {
                 r = cmd_write_probe(c, argv[3], component);
         else if (strcmp(cmd, "load-many") == 0)
                 r = cmd_load_many(c, argv[3], component, argv[5]);
+        else if (strcmp(cmd, "shard") == 0)
+                r = cmd_shard(c, argv[3], component, argv[5], argv + 6, argc - 6);
         else
                 r = usage();
         wd_disconnect(c);

@@ -57,12 +57,24 @@ def hello_body(min_version=1, max_version=1, client="integration test"):
     return f_varint(1, min_version) + f_varint(2, max_version) + f_bytes(3, client)
 
 
-def load_body(model, component="", target="", progress=False):
+def shard_body(rank, world, rules=(), uneven=False):
+    """A Shard: rules is [(pattern, dim)]."""
+    b = f_varint(1, rank) + f_varint(2, world)
+    for pattern, dim in rules:
+        b += f_bytes(3, f_bytes(1, pattern) + f_varint(2, dim))
+    if uneven:
+        b += f_varint(4, 1)
+    return b
+
+
+def load_body(model, component="", target="", progress=False, shard=None):
     b = f_bytes(1, model) + f_bytes(2, component)
     if target:
         b += f_bytes(3, target)
     if progress:
         b += f_varint(4, 1)
+    if shard is not None:
+        b += f_bytes(5, shard)
     return b
 
 

@@ -507,6 +507,208 @@ static void test_load_empty(void **state) {
         fake_close(&f);
 }
 
+/* A sharded load's reply: one derived slab, the component's files listed
+ * apart.  The request carries the shard; the manifest names the real files,
+ * Tensor.file indexes them, and split tensors have their full shape. */
+typedef struct Sharded {
+        Component k;     /* slab 0 is the derived slab; slabs[1] is unused */
+        PbSlab files[2];
+        PbSlab *file_ptrs[2];
+        uint64_t full[8][4];
+} Sharded;
+
+static void sharded_init(Sharded *x) {
+        component_init(&x->k, 1);
+        x->k.slabs[0].fd_index = 0;
+        x->k.slabs[0].file = (char *) "";
+        x->k.slabs[0].n_metadata = 0;
+        for (size_t i = 0; i < 2; i++) {
+                x->files[i] = (PbSlab) WEIGHTD__V1__SLAB__INIT;
+                x->files[i].file = (char *) (i == 0 ? "/models/m/model-00001.safetensors"
+                                                    : "/models/m/model-00002.safetensors");
+                x->file_ptrs[i] = &x->files[i];
+        }
+        x->files[1].metadata = x->k.md_ptrs;
+        x->files[1].n_metadata = 2;
+        /* a.weight: rows [2, 4) of [8, 8] along dim 0, in file 1. */
+        x->k.tensors[0].file = 1;
+        x->full[0][0] = 8;
+        x->full[0][1] = 8;
+        x->k.tensors[0].full_shape = x->full[0];
+        x->k.tensors[0].n_full_shape = 2;
+        x->k.tensors[0].shard_dim = 0;
+        x->k.tensors[0].shard_start = 2;
+        /* b.bias: columns [16, 32) of [32] along dim 0, in file 0. */
+        x->full[1][0] = 32;
+        x->k.tensors[1].full_shape = x->full[1];
+        x->k.tensors[1].n_full_shape = 1;
+        x->k.tensors[1].shard_start = 16;
+}
+
+static void sharded_reply(Fake *f, Sharded *x, uint64_t id, uint64_t lease) {
+        Weightd__V1__LoadReply load = WEIGHTD__V1__LOAD_REPLY__INIT;
+        PbReply reply = WEIGHTD__V1__REPLY__INIT;
+
+        load.lease = lease;
+        load.model = (char *) "/models/m";
+        load.component = (char *) "unet";
+        load.slabs = x->k.slab_ptrs;
+        load.n_slabs = 1;
+        load.files = x->file_ptrs;
+        load.n_files = 2;
+        load.tensors = x->k.tensor_ptrs;
+        load.n_tensors = x->k.n_tensors;
+        load.bytes = 123456;
+        load.target = (char *) "host";
+        reply.result_case = WEIGHTD__V1__REPLY__RESULT_LOAD;
+        reply.load = &load;
+        fake_send_reply(f, id, &reply, x->k.fds, 1);
+}
+
+static void test_sharded_load(void **state) {
+        static const wd_shard_rule rules[] = { { "a.*", 0 }, { "*.bias", 0 } };
+        wd_load_options o = { .rank = 1, .world = 4, .rules = rules, .n_rules = 2, .uneven = 1 };
+        const char *key, *value;
+        const wd_manifest *m;
+        const wd_tensor *t;
+        wd_lease *l = NULL;
+        wd_error err;
+        Sharded x;
+        Fake f;
+        wd_client *c = fake_connect(&f);
+
+        sharded_init(&x);
+        sharded_reply(&f, &x, 2, 5);
+        component_close(&x.k);
+
+        assert_int_equal(wd_load_ex(c, "/models/m", "unet", &o, &l, &err), WD_OK);
+        WireEnvelope *env = fake_expect(&f, WEIGHTD__V1__ENVELOPE__BODY_LOAD, 2);
+        assert_non_null(env->load->shard);
+        assert_int_equal(env->load->shard->rank, 1);
+        assert_int_equal(env->load->shard->world, 4);
+        assert_true(env->load->shard->uneven);
+        assert_int_equal(env->load->shard->n_rules, 2);
+        assert_string_equal(env->load->shard->rules[1]->pattern, "*.bias");
+        assert_string_equal(env->load->target, "");
+        wire_envelope_free(env);
+
+        m = wd_lease_manifest(l);
+        assert_int_equal(wd_manifest_n_files(m), 2);
+        assert_int_equal(wd_manifest_bytes(m), 123456);
+        assert_string_equal(wd_manifest_file(m, 1), "/models/m/model-00002.safetensors");
+        assert_int_equal(wd_manifest_n_metadata(m, 0), 0);
+        assert_int_equal(wd_manifest_metadata(m, 1, 1, &key, &value), WD_OK);
+        assert_string_equal(key, "author");
+        t = wd_manifest_find(m, "a.weight");
+        assert_int_equal(t->file, 1);
+        assert_non_null(t->full_shape);
+        assert_int_equal(t->full_shape[0], 8);
+        assert_int_equal(t->shard_start, 2);
+        assert_memory_equal(t->data, x.k.content[0], 128);
+        t = wd_manifest_find(m, "b.bias");
+        assert_int_equal(t->file, 0);
+        assert_int_equal(t->shard_start, 16);
+        assert_memory_equal(t->data, x.k.content[0] + 128, 32);
+        assert_null(wd_manifest_find(m, "c.scale")->full_shape);
+
+        fake_reply(&f, 3, WD_OK, "");
+        assert_int_equal(wd_release(l, &err), WD_OK);
+        fake_expect_release(&f, 3, 5);
+        wd_disconnect(c);
+        fake_close(&f);
+}
+
+typedef void (*SpoilSharded)(Sharded *x);
+
+static void spoil_file_index(Sharded *x) {
+        x->k.tensors[2].file = 2;
+}
+static void spoil_full_ndim(Sharded *x) {
+        x->k.tensors[0].n_full_shape = 1;
+}
+static void spoil_part_outside(Sharded *x) {
+        x->k.tensors[0].shard_start = 7;
+}
+static void spoil_other_dim(Sharded *x) {
+        x->full[0][1] = 9;
+}
+static void spoil_dim_range(Sharded *x) {
+        x->k.tensors[1].shard_dim = 1;
+}
+static void spoil_start_without_full(Sharded *x) {
+        x->k.tensors[2].shard_start = 1;
+}
+static void spoil_derived_offset(Sharded *x) {
+        x->k.tensors[1].offset = 190;
+}
+
+static void test_hostile_sharded(void **state) {
+        static const struct {
+                SpoilSharded spoil;
+                const char *message;
+        } cases[] = {
+                { spoil_file_index, "tensor \"c.scale\": file 2 is out of range (2 files)" },
+                { spoil_full_ndim, "tensor \"a.weight\": full_shape has 1 dimensions, shape 2, shard_dim 0" },
+                { spoil_part_outside, "tensor \"a.weight\": part [7, +4) is outside dimension 0 of size 8" },
+                { spoil_other_dim, "shape and full_shape differ in dimension 1" },
+                { spoil_dim_range, "tensor \"b.bias\": full_shape has 1 dimensions, shape 1, shard_dim 1" },
+                { spoil_start_without_full, "tensor \"c.scale\": a shard position without full_shape" },
+                { spoil_derived_offset, "tensor \"b.bias\": 32 bytes at offset 190 end past the file's 200 bytes" },
+        };
+
+        for (size_t i = 0; i < ELEMENTSOF(cases); i++) {
+                wd_load_options o = { .world = 2 };
+                wd_lease *l = NULL;
+                wd_error err;
+                Sharded x;
+                Fake f;
+                wd_client *c = fake_connect(&f);
+
+                sharded_init(&x);
+                cases[i].spoil(&x);
+                sharded_reply(&f, &x, 2, 9);
+                component_close(&x.k);
+                fake_reply(&f, 3, WD_OK, ""); /* to the Release */
+
+                assert_int_equal(wd_load_ex(c, "/models/m", "unet", &o, &l, &err), WD_PROTOCOL_ERROR);
+                assert_null(l);
+                if (!strstr(err.message, cases[i].message))
+                        fail_msg("\"%s\" does not contain \"%s\"", err.message, cases[i].message);
+                wire_envelope_free(fake_expect(&f, WEIGHTD__V1__ENVELOPE__BODY_LOAD, 2));
+                fake_expect_release(&f, 3, 9);
+                wd_disconnect(c);
+                fake_close(&f);
+        }
+}
+
+static void test_load_options_checked(void **state) {
+        static const wd_shard_rule rules[] = { { NULL, 0 } };
+        const struct {
+                wd_load_options o;
+                const char *message;
+        } cases[] = {
+                { { .rank = 2, .world = 2 }, "rank 2 is not below world 2" },
+                { { .n_rules = 1, .rules = rules }, "without a world" },
+                { { .world = 2, .n_rules = 1 }, "rules is NULL" },
+                { { .world = 2, .n_rules = 1, .rules = rules }, "rule 0 has no pattern" },
+                { { .keep_host = 7 }, "keep_host 7" },
+        };
+
+        for (size_t i = 0; i < ELEMENTSOF(cases); i++) {
+                wd_lease *l = NULL;
+                wd_error err;
+                Fake f;
+                wd_client *c = fake_connect(&f);
+
+                assert_int_equal(wd_load_ex(c, "/models/m", NULL, &cases[i].o, &l, &err), WD_INVALID_ARGUMENT);
+                assert_non_null(strstr(err.message, cases[i].message));
+                assert_int_equal(wd_prefetch_ex(c, "/models/m", NULL, &cases[i].o, NULL, &err), WD_INVALID_ARGUMENT);
+                wd_disconnect(c);
+                assert_null(fake_recv(&f)); /* nothing was sent */
+                fake_close(&f);
+        }
+}
+
 /* A reply that breaks one rule of the manifest: WD_PROTOCOL_ERROR naming
  * the culprit, the lease released, nothing left open or mapped, and the
  * connection still usable. */
@@ -1402,6 +1604,9 @@ int main(void) {
                 cmocka_unit_test(test_release_not_found),
                 cmocka_unit_test(test_load_empty),
                 cmocka_unit_test(test_hostile_manifest),
+                cmocka_unit_test(test_sharded_load),
+                cmocka_unit_test(test_hostile_sharded),
+                cmocka_unit_test(test_load_options_checked),
                 cmocka_unit_test(test_fd_count_mismatch),
                 cmocka_unit_test(test_hostile_frames),
                 cmocka_unit_test(test_daemon_gone),
