@@ -52,6 +52,7 @@ static void request_attach_job(Request *r, Job *j) {
 void request_free(Request *r) {
         request_detach_conn(r);
         request_detach_job(r);
+        device_request_detach(r);
         component_free(r->comp);
         component_list_free(r->list);
         free(r->rel);
@@ -78,7 +79,7 @@ static Request *request_new(Conn *c, uint64_t id, RequestKind kind, bool progres
 
         if (!r)
                 return NULL;
-        *r = (Request){ .server = c->server, .conn = c, .id = id, .kind = kind, .progress = progress };
+        *r = (Request){ .server = c->server, .conn = c, .id = id, .kind = kind, .progress = progress, .device = -1 };
         LIST_PREPEND(conn, c->pending, r);
         c->n_pending++;
         return r;
@@ -373,6 +374,11 @@ static void load_resolved(Request *r) {
         Job *j;
         int k;
 
+        if (r->device >= 0) {
+                device_load_resolved(r, TAKE_PTR(comp));
+                return;
+        }
+
         /* Refused before anything is read: one reply carries every slab. */
         if (kind == REQUEST_LOAD && comp->n_files > WIRE_MAX_FDS) {
                 request_free(r);
@@ -411,6 +417,7 @@ static void load_resolved(Request *r) {
                 }
                 comp = NULL; /* the job's now */
         }
+        j->keep_host = true;
         request_attach_job(r, j);
 }
 
@@ -454,18 +461,31 @@ static void resolve_done(uv_work_t *w, int status) {
 }
 
 static int handle_load(Conn *c, uint64_t id, const Weightd__V1__LoadRequest *req, RequestKind kind) {
+        int device = -1, k;
+
         if (!string_ok(req->target, 64))
                 return conn_send_error(c, id, WEIGHTD__V1__CODE__INVALID_ARGUMENT, "target: too long");
         if (*req->target && strcmp(req->target, "host") != 0) {
-                char t[80];
-                wd_escape(t, sizeof(t), req->target, 64);
-                return conn_send_error(c, id, WEIGHTD__V1__CODE__UNSUPPORTED,
-                                       "target \"%s\": this daemon serves the host tier only", t);
+                device = device_target(c, id, req->target);
+                if (device < 0)
+                        return 0;
         }
+        if (req->keep_host > WEIGHTD__V1__KEEP_HOST__KEEP_HOST_NO)
+                return conn_send_error(c, id, WEIGHTD__V1__CODE__INVALID_ARGUMENT, "keep_host: unknown value %d",
+                                       (int) req->keep_host);
         if (req->shard)
                 return conn_send_error(c, id, WEIGHTD__V1__CODE__UNSUPPORTED,
                                        "shard: this daemon does not deliver sharded loads yet");
-        return request_resolve(c, id, kind, req->progress, req->model, req->component);
+        k = request_resolve(c, id, kind, req->progress, req->model, req->component);
+        if (k == 0 && device >= 0) {
+                Request *r = request_find(c, id);
+
+                if (r) {
+                        r->device = device;
+                        r->keep_host = req->keep_host;
+                }
+        }
+        return k;
 }
 
 static int handle_release(Conn *c, uint64_t id, const Weightd__V1__ReleaseRequest *req) {
@@ -545,7 +565,7 @@ static void entry_fill(Weightd__V1__Entry *x, CacheEntry *e, uint64_t now) {
         weightd__v1__entry__init(x);
         x->model = e->model;
         x->component = e->component;
-        x->tier = (char *) "host";
+        x->tier = (char *) cache_name(e->cache);
         x->state = (char *) entry_state_name(e->state);
         x->bytes = e->bytes;
         x->leases = e->leases;
@@ -565,17 +585,24 @@ static int handle_list(Conn *c, uint64_t id) {
         CacheStats st;
 
         cache_get_stats(cache, &st);
-        total = st.n_entries + st.n_detached;
+        total = st.n_entries + st.n_detached + device_n_entries(c->server);
         entries = calloc(MAX(total, 1), sizeof(*entries));
         ptrs = calloc(MAX(total, 1), sizeof(*ptrs));
         if (!entries || !ptrs)
                 return conn_send_error(c, id, WEIGHTD__V1__CODE__RESOURCE_EXHAUSTED, "out of memory");
         /* Resident and loading entries, most recently used first, then the
-         * ones kept only for their leases. */
-        for (CacheEntry *e = cache_first(cache); e && n < total; e = cache_next(e), n++)
-                entry_fill(ptrs[n] = &entries[n], e, now);
-        for (CacheEntry *e = cache_first_detached(cache); e && n < total; e = cache_next(e), n++)
-                entry_fill(ptrs[n] = &entries[n], e, now);
+         * ones kept only for their leases; the host tier, then each device. */
+        for (size_t d = 0; d <= gpu_n_devices(c->server->gpu); d++) {
+                if (d > 0) {
+                        if (!c->server->dev_caches)
+                                break;
+                        cache = c->server->dev_caches[d - 1];
+                }
+                for (CacheEntry *e = cache_first(cache); e && n < total; e = cache_next(e), n++)
+                        entry_fill(ptrs[n] = &entries[n], e, now);
+                for (CacheEntry *e = cache_first_detached(cache); e && n < total; e = cache_next(e), n++)
+                        entry_fill(ptrs[n] = &entries[n], e, now);
+        }
         list.n_entries = n;
         list.entries = ptrs;
         reply.result_case = WEIGHTD__V1__REPLY__RESULT_LIST;
@@ -649,9 +676,11 @@ static int handle_status(Conn *c, uint64_t id) {
         Weightd__V1__StatusReply st = WEIGHTD__V1__STATUS_REPLY__INIT;
         Server *s = c->server;
         _cleanup_free_ char **roots = calloc(MAX(s->roots->n, 1), sizeof(char *));
+        _cleanup_free_ Weightd__V1__Device *devs = calloc(MAX(gpu_n_devices(s->gpu), 1), sizeof(*devs));
+        _cleanup_free_ Weightd__V1__Device **dev_ptrs = calloc(MAX(gpu_n_devices(s->gpu), 1), sizeof(*dev_ptrs));
         CacheStats cs;
 
-        if (!roots)
+        if (!roots || !devs || !dev_ptrs)
                 return conn_send_error(c, id, WEIGHTD__V1__CODE__RESOURCE_EXHAUSTED, "out of memory");
         cache_get_stats(s->cache, &cs);
         st.version = (char *) WEIGHTD_VERSION;
@@ -672,6 +701,7 @@ static int handle_status(Conn *c, uint64_t id) {
         st.model_roots = roots;
         st.socket = s->socket_path;
         st.hugetlb = s->load_opts.pages != SLAB_PAGES_SMALL && s->hugetlb_free_pages > 0;
+        device_status(s, &st, devs, dev_ptrs);
         reply.result_case = WEIGHTD__V1__REPLY__RESULT_STATUS;
         reply.status = &st;
         return conn_send(c, &env, NULL, 0);
@@ -696,7 +726,7 @@ static int handle_cancel(Conn *c, uint64_t id, const Weightd__V1__CancelRequest 
 static int handle_hello(Conn *c, uint64_t id, const Weightd__V1__HelloRequest *req) {
         REPLY_ENVELOPE(env, reply, id);
         Weightd__V1__HelloReply hello = WEIGHTD__V1__HELLO_REPLY__INIT;
-        char *features[] = { (char *) "host" };
+        char *features[] = { (char *) "host", (char *) "cuda" };
 
         if (c->hello)
                 return conn_send_error(c, id, WEIGHTD__V1__CODE__INVALID_ARGUMENT, "hello: already done");
@@ -710,7 +740,7 @@ static int handle_hello(Conn *c, uint64_t id, const Weightd__V1__HelloRequest *r
         c->hello = true;
         hello.version = WIRE_VERSION;
         hello.daemon_version = (char *) WEIGHTD_VERSION;
-        hello.n_features = ELEMENTSOF(features);
+        hello.n_features = c->server->gpu_state == GPU_UP ? 2 : 1;
         hello.features = features;
         hello.max_frame_size = c->server->config->max_frame_size;
         hello.max_pending_requests = c->server->config->max_pending_requests;

@@ -180,6 +180,10 @@ Slab *const *load_job_slabs(LoadJob *job) {
         return job->slabs;
 }
 
+int load_job_error(LoadJob *job) {
+        return job->error;
+}
+
 bool load_job_direct(LoadJob *job) {
         return job->direct_used;
 }
