@@ -96,6 +96,7 @@ void device_tier_start(Server *s) {
                 (void) gpu_new(&s->gpu_found, NULL, 0, &err);
                 snprintf(s->gpu_reason, sizeof(s->gpu_reason), "%s", err.message);
                 s->gpu_state = GPU_OFF;
+                log_info("No GPU tier: %s", s->gpu_reason);
                 return;
         }
         s->n_resolving++; /* the daemon waits for it before it exits */
