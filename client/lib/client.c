@@ -1088,16 +1088,22 @@ _public_ int wd_status_get(wd_client *c, wd_status **ret, wd_error *err) {
                 return finish(r, &e, err);
 
         const Weightd__V1__StatusReply *sr = reply->reply->status;
-        size_t n = sr->n_model_roots, strings = strlen(sr->version) + strlen(sr->socket) + 2;
+        size_t n = sr->n_model_roots, nd = sr->n_devices,
+               strings = strlen(sr->version) + strlen(sr->socket) + strlen(sr->gpu) + 3;
 
         for (size_t i = 0; i < n; i++)
                 strings += strlen(sr->model_roots[i]) + 1;
+        for (size_t i = 0; i < nd; i++)
+                strings += strlen(sr->devices[i]->uuid) + strlen(sr->devices[i]->name) +
+                           strlen(sr->devices[i]->pci_bus_id) + 3;
 
-        /* One allocation: the status, the roots' pointers, then the strings. */
-        wd_status *s = malloc(sizeof(wd_status) + n * sizeof(char *) + strings);
+        /* One allocation: the status, the devices, the roots' pointers, then
+         * the strings. */
+        wd_status *s = malloc(sizeof(wd_status) + nd * sizeof(wd_device) + n * sizeof(char *) + strings);
         if (!s)
                 return finish(error_set(&e, WD_INTERNAL, "out of memory"), &e, err);
-        const char **roots = (const char **) (s + 1);
+        wd_device *devs = (wd_device *) (s + 1);
+        const char **roots = (const char **) (devs + nd);
         char *p = (char *) (roots + n);
 
         *s = (wd_status){
@@ -1117,9 +1123,26 @@ _public_ int wd_status_get(wd_client *c, wd_status **ret, wd_error *err) {
                 .model_roots = roots,
                 .socket = pack_string(&p, sr->socket),
                 .hugetlb = sr->hugetlb,
+                .gpu = pack_string(&p, sr->gpu),
+                .n_devices = nd,
+                .devices = devs,
         };
         for (size_t i = 0; i < n; i++)
                 roots[i] = pack_string(&p, sr->model_roots[i]);
+        for (size_t i = 0; i < nd; i++) {
+                const Weightd__V1__Device *d = sr->devices[i];
+
+                devs[i] = (wd_device){
+                        .index = d->index,
+                        .uuid = pack_string(&p, d->uuid),
+                        .name = pack_string(&p, d->name),
+                        .pci_bus_id = pack_string(&p, d->pci_bus_id),
+                        .total_bytes = d->total_bytes,
+                        .budget_bytes = d->budget_bytes,
+                        .used_bytes = d->used_bytes,
+                        .evictable_bytes = d->evictable_bytes,
+                };
+        }
         *ret = s;
         return WD_OK;
 }

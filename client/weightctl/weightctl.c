@@ -651,7 +651,27 @@ static int status_json(const wd_status *s) {
                 }
         if (!roots)
                 return fail_oom();
-        return json_print(json_pack("{s:o, s:I, s:o, s:o, s:o, s:o, s:o, s:I, s:I, s:I, s:I, s:o, s:o, s:o, s:b}",
+        json_t *devs = json_array();
+
+        for (size_t i = 0; devs && i < s->n_devices; i++) {
+                const wd_device *d = &s->devices[i];
+
+                if (json_array_append_new(devs, json_pack("{s:I, s:o, s:o, s:o, s:o, s:o, s:o, s:o}", "index",
+                                                          (json_int_t) d->index, "uuid", json_str(d->uuid), "name",
+                                                          json_str(d->name), "pci_bus_id", json_str(d->pci_bus_id),
+                                                          "total_bytes", json_u64(d->total_bytes), "budget_bytes",
+                                                          json_u64(d->budget_bytes), "used_bytes",
+                                                          json_u64(d->used_bytes), "evictable_bytes",
+                                                          json_u64(d->evictable_bytes))) < 0) {
+                        json_decref(devs);
+                        devs = NULL;
+                }
+        }
+        if (!devs) {
+                json_decref(roots);
+                return fail_oom();
+        }
+        return json_print(json_pack("{s:o, s:I, s:o, s:o, s:o, s:o, s:o, s:I, s:I, s:I, s:I, s:o, s:o, s:o, s:b, s:o, s:o}",
                                     "version", json_str(s->version), "pid", (json_int_t) s->pid, "uptime_ms",
                                     json_u64(s->uptime_ms), "host_budget_bytes", json_u64(s->host_budget_bytes),
                                     "host_used_bytes", json_u64(s->host_used_bytes), "host_evictable_bytes",
@@ -659,7 +679,8 @@ static int status_json(const wd_status *s) {
                                     json_u64(s->storage_read_bytes), "leases", (json_int_t) s->leases, "connections",
                                     (json_int_t) s->connections, "entries", (json_int_t) s->entries, "loading",
                                     (json_int_t) s->loading, "evictions", json_u64(s->evictions), "model_roots",
-                                    roots, "socket", json_str(s->socket), "hugetlb", s->hugetlb));
+                                    roots, "socket", json_str(s->socket), "hugetlb", s->hugetlb, "gpu",
+                                    json_str(s->gpu ? s->gpu : ""), "devices", devs));
 }
 
 static int run_status(wd_client *c, const Options *o) {
@@ -711,6 +732,23 @@ static int run_status(wd_client *c, const Options *o) {
                         printf("model roots:%*s %s\n", w - (int) strlen("model roots"), "", v ? v : "?");
                 else
                         printf("%*s  %s\n", w, "", v ? v : "?");
+        }
+        /* The GPU tier: "ok" and a device a line, or why there is none. */
+        {
+                _cleanup_free_ char *v = printable(s->gpu ? s->gpu : "");
+
+                printf("gpu:%*s %s\n", w - (int) strlen("gpu"), "", v ? v : "?");
+        }
+        for (size_t i = 0; i < s->n_devices; i++) {
+                const wd_device *d = &s->devices[i];
+                _cleanup_free_ char *name = printable(d->name), *uuid = printable(d->uuid);
+                char dev[16];
+
+                snprintf(dev, sizeof(dev), "cuda:%" PRIu32, d->index);
+                printf("%s:%*s %s %s, %s of %s budget used (%s evictable), %s memory\n", dev,
+                       w - (int) strlen(dev), "", uuid ? uuid : "?", name ? name : "?",
+                       format_bytes(size[0], d->used_bytes), format_bytes(size[1], d->budget_bytes),
+                       format_bytes(size[2], d->evictable_bytes), format_bytes(size[3], d->total_bytes));
         }
         return EXIT_OK;
 }

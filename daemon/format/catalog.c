@@ -350,6 +350,38 @@ Component *component_free(Component *c) {
         return NULL;
 }
 
+int component_dup(const Component *c, Component **ret) {
+        _cleanup_(component_freep) Component *d = NULL;
+
+        d = calloc(1, sizeof(Component));
+        if (!d)
+                return -ENOMEM;
+        d->model = strdup(c->model);
+        d->name = strdup(c->name);
+        d->files = calloc(MAX(c->n_files, 1), sizeof(CatalogFile));
+        if (!d->model || !d->name || !d->files)
+                return -ENOMEM;
+        d->total_bytes = c->total_bytes;
+        d->n_tensors = c->n_tensors;
+        for (size_t i = 0; i < c->n_files; i++) {
+                const CatalogFile *f = &c->files[i];
+                CatalogFile *g = &d->files[d->n_files];
+
+                *g = (CatalogFile){ .fd = -1, .id = f->id };
+                g->path = strdup(f->path);
+                g->display = strdup(f->display);
+                g->fd = fcntl(f->fd, F_DUPFD_CLOEXEC, 3);
+                g->header = st_header_ref(f->header);
+                d->n_files++;
+                if (!g->path || !g->display)
+                        return -ENOMEM;
+                if (g->fd < 0)
+                        return -errno;
+        }
+        *ret = TAKE_PTR(d);
+        return 0;
+}
+
 /* Open one safetensors file beneath the root and get its validated header. */
 static int file_open(Catalog *c, const char *dir, const char *name, CatalogFile *f, WdError *err) {
         struct stat st;

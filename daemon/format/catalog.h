@@ -60,6 +60,9 @@ typedef struct Component {
 } Component;
 
 Component *component_free(Component *c);
+/* A copy with its own descriptors and references to the same headers.
+ * Returns 0 or -ENOMEM, -EMFILE. */
+int component_dup(const Component *c, Component **ret);
 DEFINE_TRIVIAL_CLEANUP_FUNC(Component *, component_free);
 
 typedef struct Catalog Catalog;

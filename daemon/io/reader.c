@@ -25,6 +25,7 @@ struct ReaderJob {
         reader_done_fn done;
         void *userdata;
         uint64_t total;
+        _Atomic uint64_t *filled; /* per extent: bytes read contiguously from its start */
 
         /* Owned by the reader thread once submitted. */
         ReaderJob *next;
@@ -35,11 +36,14 @@ struct ReaderJob {
         int error;
         size_t failed_extent;
         atomic_bool cancelled;
+        uint8_t **chunk_done; /* per extent: one flag per chunk, allocated when first needed */
+        uint64_t *next_chunk; /* per extent: the first chunk not yet read */
 };
 
 typedef struct ReadSlot {
         ReaderJob *job;     /* NULL when free */
         size_t extent;
+        uint64_t chunk;     /* index of the chunk in its extent */
         uint64_t offset;    /* file offset of this read */
         uint64_t need;      /* bytes of the extent this read must deliver */
         uint64_t length;    /* bytes requested (need rounded up when direct) */
@@ -85,6 +89,13 @@ int reader_job_new(ReaderJob **ret, const ReaderExtent *extents, size_t n_extent
         if (n_extents)
                 memcpy(job->extents, extents, n_extents * sizeof(ReaderExtent));
         job->n_extents = n_extents;
+        job->filled = calloc(n_extents ? n_extents : 1, sizeof(*job->filled));
+        job->chunk_done = calloc(n_extents ? n_extents : 1, sizeof(uint8_t *));
+        job->next_chunk = calloc(n_extents ? n_extents : 1, sizeof(uint64_t));
+        if (!job->filled || !job->chunk_done || !job->next_chunk) {
+                reader_job_free(job);
+                return -ENOMEM;
+        }
         for (size_t i = 0; i < n_extents; i++)
                 job->total += extents[i].length;
         job->progress = progress;
@@ -98,6 +109,11 @@ int reader_job_new(ReaderJob **ret, const ReaderExtent *extents, size_t n_extent
 ReaderJob *reader_job_free(ReaderJob *job) {
         if (!job)
                 return NULL;
+        for (size_t i = 0; job->chunk_done && i < job->n_extents; i++)
+                free(job->chunk_done[i]);
+        free(job->chunk_done);
+        free(job->next_chunk);
+        free((void *) job->filled);
         free(job->extents);
         free(job);
         return NULL;
@@ -105,6 +121,10 @@ ReaderJob *reader_job_free(ReaderJob *job) {
 
 uint64_t reader_job_total(const ReaderJob *job) {
         return job->total;
+}
+
+uint64_t reader_job_filled(const ReaderJob *job, size_t extent) {
+        return extent < job->n_extents ? atomic_load(&job->filled[extent]) : 0;
 }
 
 void reader_cancel(ReaderJob *job) {
@@ -155,6 +175,7 @@ static void issue_chunk(Reader *r, ReaderJob *job) {
         *s = (ReadSlot){
                 .job = job,
                 .extent = job->next_extent,
+                .chunk = job->next_offset / r->params.chunk_size,
                 .offset = e->offset + job->next_offset,
                 .need = need,
                 .length = e->direct ? ALIGN_UP(need, READER_ALIGN) : need,
@@ -216,6 +237,9 @@ static void reap_jobs(Reader *r) {
 
                         if (!error && cancelled && j->bytes_done < j->total)
                                 error = -ECANCELED;
+                        if (!error)
+                                for (size_t i = 0; i < j->n_extents; i++)
+                                        atomic_store(&j->filled[i], j->extents[i].length);
                         job_remove(r, j);
                         j->done(j, error, j->failed_extent, j->userdata);
                 }
@@ -233,6 +257,24 @@ static void job_fail(ReaderJob *job, size_t extent, int error) {
                 job->error = error;
                 job->failed_extent = extent;
         }
+}
+
+/* A chunk landed: move the extent's watermark past every chunk read
+ * contiguously from its start.  Without memory for the flags the watermark
+ * waits for the whole extent (reap_jobs() sets it then). */
+static void chunk_done(Reader *r, ReaderJob *job, size_t extent, uint64_t chunk) {
+        const ReaderExtent *e = &job->extents[extent];
+        uint64_t n = (e->length + r->params.chunk_size - 1) / r->params.chunk_size;
+
+        if (!job->chunk_done[extent]) {
+                job->chunk_done[extent] = calloc(n ? n : 1, 1);
+                if (!job->chunk_done[extent])
+                        return;
+        }
+        job->chunk_done[extent][chunk] = 1;
+        while (job->next_chunk[extent] < n && job->chunk_done[extent][job->next_chunk[extent]])
+                job->next_chunk[extent]++;
+        atomic_store(&job->filled[extent], MIN(job->next_chunk[extent] * r->params.chunk_size, e->length));
 }
 
 static void handle_completion(Reader *r, unsigned idx, int res) {
@@ -269,6 +311,7 @@ static void handle_completion(Reader *r, unsigned idx, int res) {
                 return;
         }
         job->bytes_done += s->need;
+        chunk_done(r, job, s->extent, s->chunk);
         if (job->progress && job->error == 0)
                 job->progress(job, job->bytes_done, job->total, job->userdata);
 

@@ -60,6 +60,10 @@ int reader_job_new(ReaderJob **ret, const ReaderExtent *extents, size_t n_extent
 ReaderJob *reader_job_free(ReaderJob *job);
 DEFINE_TRIVIAL_CLEANUP_FUNC(ReaderJob *, reader_job_free);
 uint64_t reader_job_total(const ReaderJob *job);
+/* Bytes of extent i read contiguously from its start so far: its
+ * destination holds them.  Any thread; monotone; the whole extent by the time
+ * done reports success.  The progress callback runs after it moved. */
+uint64_t reader_job_filled(const ReaderJob *job, size_t extent);
 
 /* Queue a job.  Returns 0 or -errno (nothing was queued then). */
 int reader_submit(Reader *r, ReaderJob *job);

@@ -40,8 +40,8 @@
 #define VALUE_SHOWN_MAX 128     /* bytes of a value quoted in a message */
 #define DUMP_WIDTH 100          /* wrap lists in config_dump() after this many bytes */
 
-static const char *const known_sections[] = { "daemon", "memory", "io" };
-static const char *const reserved_sections[] = { "gpu", "cluster" };
+static const char *const known_sections[] = { "daemon", "memory", "io", "gpu" };
+static const char *const reserved_sections[] = { "cluster" };
 
 static const char *const log_level_names[] = {
         [LOG_ERR - LOG_ERR] = "err",
@@ -62,6 +62,10 @@ typedef enum KeyType {
         KEY_BUDGET,
         KEY_PAGES,
         KEY_DIRECT,
+        KEY_GPU_BUDGET,
+        KEY_DEVICE_BUDGETS, /* list */
+        KEY_BOOL,
+        KEY_DEVICES,        /* list */
 } KeyType;
 
 typedef struct KeyDef {
@@ -88,10 +92,15 @@ static const KeyDef key_defs[] = {
         { "io", "queue_depth", KEY_UNSIGNED, offsetof(Config, queue_depth), 1, 4096 },
         { "io", "chunk_size", KEY_SIZE, offsetof(Config, chunk_size), 64ull << 10, 1ull << 30, 4096 },
         { "io", "direct_io", KEY_DIRECT },
+        { "gpu", "budget", KEY_GPU_BUDGET },
+        { "gpu", "device_budgets", KEY_DEVICE_BUDGETS },
+        { "gpu", "keep_host", KEY_BOOL, offsetof(Config, keep_host) },
+        { "gpu", "devices", KEY_DEVICES },
 };
 
 static bool key_is_list(const KeyDef *k) {
-        return k->type == KEY_ROOTS || k->type == KEY_UIDS || k->type == KEY_GIDS;
+        return k->type == KEY_ROOTS || k->type == KEY_UIDS || k->type == KEY_GIDS || k->type == KEY_DEVICE_BUDGETS ||
+               k->type == KEY_DEVICES;
 }
 
 /* One file (or buffer) being parsed into a Config. */
@@ -192,6 +201,14 @@ static void strv_free(char **l, size_t n) {
         free(l);
 }
 
+static void device_budgets_clear(Config *c) {
+        for (size_t i = 0; i < c->n_device_budgets; i++)
+                free(c->device_budgets[i].spec);
+        free(c->device_budgets);
+        c->device_budgets = NULL;
+        c->n_device_budgets = 0;
+}
+
 Config *config_free(Config *c) {
         if (!c)
                 return NULL;
@@ -201,6 +218,9 @@ Config *config_free(Config *c) {
         free(c->allow_uids);
         free(c->allow_gids);
         free(c->host_budget_spec);
+        free(c->gpu_budget_spec);
+        device_budgets_clear(c);
+        free(c->gpu_devices);
         free(c);
         return NULL;
 }
@@ -245,6 +265,11 @@ int config_new_default(Config **ret, WdError *err) {
         if (r < 0)
                 return wd_error_set(err, r, "configuration: cannot read the memory size: %s", strerror(-r));
         c->host_budget = budget_percent(total, 50);
+        c->gpu_budget_spec = strdup(CONFIG_GPU_BUDGET_DEFAULT);
+        if (!c->gpu_budget_spec)
+                return wd_error_set(err, -ENOMEM, "configuration: out of memory");
+        c->gpu_budget = (ConfigBudget){ .percent = true, .value = 90 };
+        c->keep_host = true;
         *ret = TAKE_PTR(c);
         return 0;
 }
@@ -566,6 +591,138 @@ static int parse_budget(Parser *p, const char *value, const char *shown, char *r
         return 0;
 }
 
+/* "90%" of the device's memory or a size such as "40G". */
+static int parse_device_budget(const char *value, const char *shown, ConfigBudget *ret, char *reason) {
+        size_t n = strlen(value);
+        uint64_t v;
+        int r;
+
+        if (n > 0 && value[n - 1] == '%') {
+                _cleanup_free_ char *digits = strndup(value, n - 1);
+
+                if (!digits)
+                        return -ENOMEM;
+                r = parse_u64(digits, 1, 100, &v);
+                if (r == -ERANGE) {
+                        snprintf(reason, REASON_MAX, "\"%s\" is not in 1%%..100%%", shown);
+                        return WD_E_INVALID;
+                }
+                if (r < 0) {
+                        snprintf(reason, REASON_MAX, "\"%s\" is not a size or a percentage of device memory", shown);
+                        return WD_E_INVALID;
+                }
+                *ret = (ConfigBudget){ .percent = true, .value = v };
+                return 0;
+        }
+        r = parse_size(value, &v);
+        if (r == -ERANGE) {
+                snprintf(reason, REASON_MAX, "\"%s\" is too large", shown);
+                return WD_E_INVALID;
+        }
+        if (r < 0) {
+                snprintf(reason, REASON_MAX, "\"%s\" is not a size or a percentage of device memory", shown);
+                return WD_E_INVALID;
+        }
+        if (v == 0) {
+                snprintf(reason, REASON_MAX, "\"%s\" is not a positive size", shown);
+                return WD_E_INVALID;
+        }
+        *ret = (ConfigBudget){ .percent = false, .value = v };
+        return 0;
+}
+
+/* A device ordinal: decimal, below CONFIG_GPU_MAX_DEVICES. */
+static int parse_ordinal(const char *s, const char *shown, unsigned *ret, char *reason) {
+        uint64_t v;
+        int r;
+
+        r = parse_u64(s, 0, CONFIG_GPU_MAX_DEVICES - 1, &v);
+        if (r == -ERANGE) {
+                snprintf(reason, REASON_MAX, "device \"%s\" is not in 0..%u", shown, CONFIG_GPU_MAX_DEVICES - 1);
+                return WD_E_INVALID;
+        }
+        if (r < 0 || strspn(s, "0123456789") != strlen(s)) {
+                snprintf(reason, REASON_MAX, "\"%s\" is not a device number", shown);
+                return WD_E_INVALID;
+        }
+        *ret = (unsigned) v;
+        return 0;
+}
+
+/* One "N:SPEC" of device_budgets. */
+static int device_budget_add(Parser *p, const KeyDef *k, const char *item, char *reason) {
+        Config *c = p->config;
+        char shown[VALUE_SHOWN_MAX + 32];
+        _cleanup_free_ char *dev = NULL, *spec = NULL;
+        const char *colon = strchr(item, ':');
+        ConfigDeviceBudget *l;
+        ConfigBudget b;
+        unsigned n;
+        int r;
+
+        wd_escape(shown, sizeof(shown), item, VALUE_SHOWN_MAX);
+        if (!colon) {
+                snprintf(reason, REASON_MAX, "\"%s\" is not DEVICE:BUDGET (e.g. 0:40G or 1:80%%)", shown);
+                return WD_E_INVALID;
+        }
+        dev = strndup(item, (size_t) (colon - item));
+        spec = strdup(colon + 1);
+        if (!dev || !spec)
+                return -ENOMEM;
+        wd_escape(shown, sizeof(shown), dev, VALUE_SHOWN_MAX);
+        r = parse_ordinal(dev, shown, &n, reason);
+        if (r != 0)
+                return r;
+        wd_escape(shown, sizeof(shown), spec, VALUE_SHOWN_MAX);
+        r = parse_device_budget(spec, shown, &b, reason);
+        if (r != 0)
+                return r;
+        for (size_t i = 0; i < c->n_device_budgets; i++)
+                if (c->device_budgets[i].device == n) {
+                        snprintf(reason, REASON_MAX, "device %u is listed twice", n);
+                        return WD_E_INVALID;
+                }
+        l = reallocarray(c->device_budgets, c->n_device_budgets + 1, sizeof(ConfigDeviceBudget));
+        if (!l)
+                return -ENOMEM;
+        c->device_budgets = l;
+        c->device_budgets[c->n_device_budgets++] = (ConfigDeviceBudget){ .device = n, .budget = b,
+                                                                           .spec = TAKE_PTR(spec) };
+        return 0;
+}
+
+static int device_add(Parser *p, const KeyDef *k, const char *item, char *reason) {
+        Config *c = p->config;
+        char shown[VALUE_SHOWN_MAX + 32];
+        unsigned n, *l;
+        int r;
+
+        wd_escape(shown, sizeof(shown), item, VALUE_SHOWN_MAX);
+        r = parse_ordinal(item, shown, &n, reason);
+        if (r != 0)
+                return r;
+        for (size_t i = 0; i < c->n_gpu_devices; i++)
+                if (c->gpu_devices[i] == n) {
+                        snprintf(reason, REASON_MAX, "device %u is listed twice", n);
+                        return WD_E_INVALID;
+                }
+        l = reallocarray(c->gpu_devices, c->n_gpu_devices + 1, sizeof(unsigned));
+        if (!l)
+                return -ENOMEM;
+        c->gpu_devices = l;
+        c->gpu_devices[c->n_gpu_devices++] = n;
+        return 0;
+}
+
+uint64_t config_gpu_budget(const Config *c, unsigned ordinal, uint64_t total) {
+        ConfigBudget b = c->gpu_budget;
+
+        for (size_t i = 0; i < c->n_device_budgets; i++)
+                if (c->device_budgets[i].device == ordinal)
+                        b = c->device_budgets[i].budget;
+        return b.percent ? budget_percent(total, b.value) : b.value;
+}
+
 /* Apply one value (or, with append, one continuation line of a list).
  * Returns 0, or WD_E_INVALID / -errno with the reason written. */
 static int parser_apply(Parser *p, const KeyDef *k, const char *value, bool append, char *reason) {
@@ -686,6 +843,50 @@ static int parser_apply(Parser *p, const KeyDef *k, const char *value, bool appe
                         return parse_enum(r, shown, "auto, on, off", reason);
                 c->direct_io = (DirectMode) r;
                 return 0;
+
+        case KEY_GPU_BUDGET: {
+                ConfigBudget budget;
+                char *spec;
+
+                r = parse_device_budget(value, shown, &budget, reason);
+                if (r != 0)
+                        return r;
+                spec = strdup(value);
+                if (!spec)
+                        return -ENOMEM;
+                free(c->gpu_budget_spec);
+                c->gpu_budget_spec = spec;
+                c->gpu_budget = budget;
+                return 0;
+        }
+
+        case KEY_DEVICE_BUDGETS:
+                if (!append) {
+                        device_budgets_clear(c);
+                        if (!*value)
+                                return 0;
+                }
+                return for_each_item(p, k, value, ',', device_budget_add, reason);
+
+        case KEY_BOOL:
+                if (strcmp(value, "yes") == 0 || strcmp(value, "true") == 0 || strcmp(value, "1") == 0)
+                        *(bool *) ((uint8_t *) c + k->offset) = true;
+                else if (strcmp(value, "no") == 0 || strcmp(value, "false") == 0 || strcmp(value, "0") == 0)
+                        *(bool *) ((uint8_t *) c + k->offset) = false;
+                else
+                        return parse_enum(-EINVAL, shown, "yes, no", reason);
+                return 0;
+
+        case KEY_DEVICES:
+                if (!append) {
+                        free(c->gpu_devices);
+                        c->gpu_devices = NULL;
+                        c->n_gpu_devices = 0;
+                        /* "all" (or nothing) serves every device. */
+                        if (!*value || strcmp(value, "all") == 0)
+                                return 0;
+                }
+                return for_each_item(p, k, value, ',', device_add, reason);
         }
         return -EINVAL;
 }
@@ -962,8 +1163,20 @@ bool config_equal(const Config *a, const Config *b) {
             a->hello_timeout != b->hello_timeout ||
             a->log_level != b->log_level || a->host_budget != b->host_budget ||
             strcmp(a->host_budget_spec, b->host_budget_spec) != 0 || a->host_pages != b->host_pages ||
-            a->queue_depth != b->queue_depth || a->chunk_size != b->chunk_size || a->direct_io != b->direct_io)
+            a->queue_depth != b->queue_depth || a->chunk_size != b->chunk_size || a->direct_io != b->direct_io ||
+            strcmp(a->gpu_budget_spec, b->gpu_budget_spec) != 0 || a->gpu_budget.percent != b->gpu_budget.percent ||
+            a->gpu_budget.value != b->gpu_budget.value || a->keep_host != b->keep_host ||
+            a->n_device_budgets != b->n_device_budgets || a->n_gpu_devices != b->n_gpu_devices)
                 return false;
+        for (size_t i = 0; i < a->n_device_budgets; i++)
+                if (a->device_budgets[i].device != b->device_budgets[i].device ||
+                    a->device_budgets[i].budget.percent != b->device_budgets[i].budget.percent ||
+                    a->device_budgets[i].budget.value != b->device_budgets[i].budget.value ||
+                    strcmp(a->device_budgets[i].spec, b->device_budgets[i].spec) != 0)
+                        return false;
+        for (size_t i = 0; i < a->n_gpu_devices; i++)
+                if (a->gpu_devices[i] != b->gpu_devices[i])
+                        return false;
         for (size_t i = 0; i < a->n_model_roots; i++)
                 if (strcmp(a->model_roots[i], b->model_roots[i]) != 0)
                         return false;
@@ -1051,6 +1264,27 @@ int config_dump(const Config *c, FILE *f) {
         fprintf(f, "\n[io]\nqueue_depth = %u\n", c->queue_depth);
         fprintf(f, "chunk_size = %s\n", format_size(c->chunk_size, a));
         fprintf(f, "direct_io = %s\n", name_or(direct_mode_to_string(c->direct_io), "auto"));
+
+        fprintf(f, "\n[gpu]\nbudget = %s\n", c->gpu_budget_spec);
+        list_begin(&w, f, "device_budgets", ", ");
+        for (size_t i = 0; i < c->n_device_budgets; i++) {
+                char item[256];
+
+                snprintf(item, sizeof(item), "%u:%s", c->device_budgets[i].device, c->device_budgets[i].spec);
+                list_item(&w, item);
+        }
+        list_end(&w);
+        fprintf(f, "keep_host = %s\n", c->keep_host ? "yes" : "no");
+        if (c->n_gpu_devices == 0)
+                fprintf(f, "devices = all\n");
+        else {
+                list_begin(&w, f, "devices", ", ");
+                for (size_t i = 0; i < c->n_gpu_devices; i++) {
+                        snprintf(a, sizeof(a), "%u", c->gpu_devices[i]);
+                        list_item(&w, a);
+                }
+                list_end(&w);
+        }
 
         if (fflush(f) != 0 || ferror(f))
                 return -EIO;

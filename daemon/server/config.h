@@ -5,9 +5,9 @@
  * one, a list set later replaces the whole list.  A missing PATH.d is fine.
  *
  * Sections and keys are fixed: an unknown section or key is an error with
- * its file and line, and so is a value that fails its rule.  [gpu] and
- * [cluster] are reserved for later versions and refused like unknown
- * sections until then.  Keys that take a list (model_roots, allow_uids,
+ * its file and line, and so is a value that fails its rule.  [cluster] is
+ * reserved for a later version and refused like an unknown section until
+ * then.  Keys that take a list (model_roots, allow_uids,
  * allow_gids) may continue on indented lines; other keys may not.  A line
  * longer than libinih's line buffer (198 bytes in Debian's build) is an
  * error, never split.
@@ -37,6 +37,20 @@
 #define CONFIG_HOST_BUDGET_DEFAULT "50%"
 #define CONFIG_MODEL_ROOT_DEFAULT "/srv/models"
 #define CONFIG_FILE_MAX (1u << 20) /* bytes in one file */
+#define CONFIG_GPU_BUDGET_DEFAULT "90%"
+#define CONFIG_GPU_MAX_DEVICES 64u
+
+/* A device budget as written: a percentage of the device's memory or bytes. */
+typedef struct ConfigBudget {
+        bool percent;
+        uint64_t value; /* 1..100 when percent, else bytes > 0 */
+} ConfigBudget;
+
+typedef struct ConfigDeviceBudget {
+        unsigned device; /* the daemon's CUDA ordinal */
+        ConfigBudget budget;
+        char *spec;      /* as written */
+} ConfigDeviceBudget;
 
 typedef struct Config {
         char *path; /* main file, NULL for built-in defaults (and for config_load_string()) */
@@ -66,6 +80,15 @@ typedef struct Config {
         unsigned queue_depth; /* default 32, 1..4096 */
         uint64_t chunk_size;  /* default 16M, multiple of 4096, 64K..1G */
         DirectMode direct_io; /* default DIRECT_AUTO */
+
+        /* [gpu] */
+        ConfigBudget gpu_budget;           /* every device's, default 90% of its memory */
+        char *gpu_budget_spec;             /* as written */
+        ConfigDeviceBudget *device_budgets; /* "N:SPEC, ..." overrides per device; later ones win */
+        size_t n_device_budgets;
+        bool keep_host;                    /* keep the host copy after a device load, default yes */
+        unsigned *gpu_devices;             /* the ordinals to serve; none: all */
+        size_t n_gpu_devices;
 } Config;
 
 /* Built-in defaults.  socket: /run/weightd/weightd.sock when geteuid() is 0,
@@ -99,6 +122,10 @@ bool config_equal(const Config *a, const Config *b);
  * --check-config` and logs.  The output loads back to an equal Config.
  * Returns 0 or -errno (-EIO when the stream reports an error). */
 int config_dump(const Config *c, FILE *f);
+
+/* The byte budget of device ordinal (total bytes of memory): its
+ * device_budgets entry if any, else budget. */
+uint64_t config_gpu_budget(const Config *c, unsigned ordinal, uint64_t total);
 
 /* "err", "warning", "notice", "info", "debug" for LOG_ERR..LOG_DEBUG; NULL
  * for other levels. */

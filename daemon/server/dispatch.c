@@ -53,6 +53,7 @@ void request_free(Request *r) {
         request_detach_conn(r);
         request_detach_job(r);
         shard_request_forget(r);
+        device_request_detach(r);
         shard_plan_free(r->plan);
         shard_spec_free(r->shard);
         free(r->variant);
@@ -82,7 +83,7 @@ static Request *request_new(Conn *c, uint64_t id, RequestKind kind, bool progres
 
         if (!r)
                 return NULL;
-        *r = (Request){ .server = c->server, .conn = c, .id = id, .kind = kind, .progress = progress };
+        *r = (Request){ .server = c->server, .conn = c, .id = id, .kind = kind, .progress = progress, .device = -1 };
         LIST_PREPEND(conn, c->pending, r);
         c->n_pending++;
         return r;
@@ -392,6 +393,10 @@ static void load_resolved(Request *r) {
         Job *j;
         int k;
 
+        if (r->device >= 0) {
+                device_load_resolved(r, TAKE_PTR(comp));
+                return;
+        }
         if (r->shard) {
                 r->comp = TAKE_PTR(comp);
                 shard_load_resolved(r);
@@ -436,6 +441,7 @@ static void load_resolved(Request *r) {
                 }
                 comp = NULL; /* the job's now */
         }
+        j->keep_host = true;
         request_attach_job(r, j);
 }
 
@@ -479,14 +485,18 @@ static void resolve_done(uv_work_t *w, int status) {
 }
 
 static int handle_load(Conn *c, uint64_t id, const Weightd__V1__LoadRequest *req, RequestKind kind) {
+        int device = -1, k;
+
         if (!string_ok(req->target, 64))
                 return conn_send_error(c, id, WEIGHTD__V1__CODE__INVALID_ARGUMENT, "target: too long");
         if (*req->target && strcmp(req->target, "host") != 0) {
-                char t[80];
-                wd_escape(t, sizeof(t), req->target, 64);
-                return conn_send_error(c, id, WEIGHTD__V1__CODE__UNSUPPORTED,
-                                       "target \"%s\": this daemon serves the host tier only", t);
+                device = device_target(c, id, req->target);
+                if (device < 0)
+                        return 0;
         }
+        if (req->keep_host > WEIGHTD__V1__KEEP_HOST__KEEP_HOST_NO)
+                return conn_send_error(c, id, WEIGHTD__V1__CODE__INVALID_ARGUMENT, "keep_host: unknown value %d",
+                                       (int) req->keep_host);
         ShardSpec *spec = NULL;
         if (req->shard) {
                 WdError err = WD_ERROR_NULL;
@@ -494,7 +504,16 @@ static int handle_load(Conn *c, uint64_t id, const Weightd__V1__LoadRequest *req
                 if (r != 0)
                         return conn_send_wd_error(c, id, r, &err);
         }
-        return request_resolve(c, id, kind, req->progress, req->model, req->component, spec);
+        k = request_resolve(c, id, kind, req->progress, req->model, req->component, spec);
+        if (k == 0 && device >= 0) {
+                Request *r = request_find(c, id);
+
+                if (r) {
+                        r->device = device;
+                        r->keep_host = req->keep_host;
+                }
+        }
+        return k;
 }
 
 static int handle_release(Conn *c, uint64_t id, const Weightd__V1__ReleaseRequest *req) {
@@ -598,7 +617,7 @@ static void entry_fill(Weightd__V1__Entry *x, CacheEntry *e, uint64_t now) {
         weightd__v1__entry__init(x);
         x->model = e->model;
         x->component = e->component;
-        x->tier = (char *) "host";
+        x->tier = (char *) cache_name(e->cache);
         x->state = (char *) entry_state_name(e->state);
         x->bytes = e->bytes;
         x->leases = e->leases;
@@ -619,17 +638,24 @@ static int handle_list(Conn *c, uint64_t id) {
         CacheStats st;
 
         cache_get_stats(cache, &st);
-        total = st.n_entries + st.n_detached;
+        total = st.n_entries + st.n_detached + device_n_entries(c->server);
         entries = calloc(MAX(total, 1), sizeof(*entries));
         ptrs = calloc(MAX(total, 1), sizeof(*ptrs));
         if (!entries || !ptrs)
                 return conn_send_error(c, id, WEIGHTD__V1__CODE__RESOURCE_EXHAUSTED, "out of memory");
         /* Resident and loading entries, most recently used first, then the
-         * ones kept only for their leases. */
-        for (CacheEntry *e = cache_first(cache); e && n < total; e = cache_next(e), n++)
-                entry_fill(ptrs[n] = &entries[n], e, now);
-        for (CacheEntry *e = cache_first_detached(cache); e && n < total; e = cache_next(e), n++)
-                entry_fill(ptrs[n] = &entries[n], e, now);
+         * ones kept only for their leases; the host tier, then each device. */
+        for (size_t d = 0; d <= gpu_n_devices(c->server->gpu); d++) {
+                if (d > 0) {
+                        if (!c->server->dev_caches)
+                                break;
+                        cache = c->server->dev_caches[d - 1];
+                }
+                for (CacheEntry *e = cache_first(cache); e && n < total; e = cache_next(e), n++)
+                        entry_fill(ptrs[n] = &entries[n], e, now);
+                for (CacheEntry *e = cache_first_detached(cache); e && n < total; e = cache_next(e), n++)
+                        entry_fill(ptrs[n] = &entries[n], e, now);
+        }
         list.n_entries = n;
         list.entries = ptrs;
         reply.result_case = WEIGHTD__V1__REPLY__RESULT_LIST;
@@ -703,9 +729,11 @@ static int handle_status(Conn *c, uint64_t id) {
         Weightd__V1__StatusReply st = WEIGHTD__V1__STATUS_REPLY__INIT;
         Server *s = c->server;
         _cleanup_free_ char **roots = calloc(MAX(s->roots->n, 1), sizeof(char *));
+        _cleanup_free_ Weightd__V1__Device *devs = calloc(MAX(gpu_n_devices(s->gpu), 1), sizeof(*devs));
+        _cleanup_free_ Weightd__V1__Device **dev_ptrs = calloc(MAX(gpu_n_devices(s->gpu), 1), sizeof(*dev_ptrs));
         CacheStats cs;
 
-        if (!roots)
+        if (!roots || !devs || !dev_ptrs)
                 return conn_send_error(c, id, WEIGHTD__V1__CODE__RESOURCE_EXHAUSTED, "out of memory");
         cache_get_stats(s->cache, &cs);
         st.version = (char *) WEIGHTD_VERSION;
@@ -726,6 +754,7 @@ static int handle_status(Conn *c, uint64_t id) {
         st.model_roots = roots;
         st.socket = s->socket_path;
         st.hugetlb = s->load_opts.pages != SLAB_PAGES_SMALL && s->hugetlb_free_pages > 0;
+        device_status(s, &st, devs, dev_ptrs);
         reply.result_case = WEIGHTD__V1__REPLY__RESULT_STATUS;
         reply.status = &st;
         return conn_send(c, &env, NULL, 0);
@@ -750,7 +779,7 @@ static int handle_cancel(Conn *c, uint64_t id, const Weightd__V1__CancelRequest 
 static int handle_hello(Conn *c, uint64_t id, const Weightd__V1__HelloRequest *req) {
         REPLY_ENVELOPE(env, reply, id);
         Weightd__V1__HelloReply hello = WEIGHTD__V1__HELLO_REPLY__INIT;
-        char *features[] = { (char *) "host" };
+        char *features[] = { (char *) "host", (char *) "cuda" };
 
         if (c->hello)
                 return conn_send_error(c, id, WEIGHTD__V1__CODE__INVALID_ARGUMENT, "hello: already done");
@@ -764,7 +793,7 @@ static int handle_hello(Conn *c, uint64_t id, const Weightd__V1__HelloRequest *r
         c->hello = true;
         hello.version = WIRE_VERSION;
         hello.daemon_version = (char *) WEIGHTD_VERSION;
-        hello.n_features = ELEMENTSOF(features);
+        hello.n_features = c->server->gpu_state == GPU_UP ? 2 : 1;
         hello.features = features;
         hello.max_frame_size = c->server->config->max_frame_size;
         hello.max_pending_requests = c->server->config->max_pending_requests;

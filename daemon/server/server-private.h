@@ -12,6 +12,7 @@
 #include <sys/socket.h>
 #include <uv.h>
 
+#include "gpu/gpu.h"
 #include "server/config.h"
 #include "util/list.h"
 #include "server/roots.h"
@@ -28,6 +29,7 @@ typedef struct Lease Lease;
 typedef struct OutFrame OutFrame;
 typedef struct UidSlot UidSlot;
 typedef struct ShardBuild ShardBuild;
+typedef struct DevJob DevJob;
 
 #define SERVER_MAX_LEASES_PER_CONN 4096u
 #define SERVER_MAX_LEASES_PER_UID 65536u
@@ -66,12 +68,15 @@ struct Request {
         Server *server;
         Conn *conn; /* NULL once the peer left or cancelled: dropped when the resolve ends */
         Job *job;   /* the load it waits for, once resolved */
+        DevJob *dev_job; /* or the device load */
+        int device;      /* -1: the host tier; else the index of the target in the GPU tier's devices */
+        int keep_host;   /* KEEP_HOST_*, device targets only */
         uint64_t id;
         RequestKind kind;
         bool progress;
         uint64_t progress_sent;
         LIST_FIELDS(Request, conn); /* in conn->pending */
-        LIST_FIELDS(Request, job);  /* in job->waiters */
+        LIST_FIELDS(Request, job);  /* in job->waiters or dev_job->waiters */
 
         /* A sharded Load or Prefetch (shard-job.c): the spec, its cache
          * variant, the plan (made on the thread pool with the resolve), and
@@ -109,6 +114,36 @@ struct Job {
         bool sealing, sealed; /* load_job_seal() on the thread pool */
         uv_work_t seal_work;
         uint64_t progress_usec; /* when waiters last heard */
+        uint64_t started_usec;
+        /* Device loads fed by this read (device.c); the list is read by the
+         * reader thread's progress callback, under feeds_lock. */
+        pthread_mutex_t feeds_lock;
+        DevJob *feeds;
+        Gpu *seal_gpu;  /* to unregister the writable slabs before sealing */
+        bool keep_host; /* a host request or a keep_host device load wants the entry */
+        bool drop_host; /* a device load asked to drop the host copy once copied */
+};
+
+/* A load of a component to one device: a copy from the host slabs (those of
+ * a resident host entry, or of the host load that reads them now) into a new
+ * device slab.  device.c. */
+struct DevJob {
+        Server *server;
+        LIST_FIELDS(DevJob, dev_jobs); /* in server->dev_jobs */
+        LIST_FIELDS(DevJob, feeds);    /* in host_job->feeds */
+        size_t dev;
+        Component *comp; /* owned */
+        ShardPlan *plan; /* owned; points into comp's headers */
+        CacheEntry *entry;      /* loading, in the device's cache */
+        CacheEntry *host_entry; /* the resident host entry copied from, leased meanwhile */
+        Job *host_job;          /* or the host load feeding the copy */
+        GpuCopy *copy;
+        Request *waiters;
+        unsigned n_waiters;
+        bool keep_host;
+        bool cancelled;
+        atomic_bool woke;
+        uint64_t progress_usec;
         uint64_t started_usec;
 };
 
@@ -153,6 +188,18 @@ struct Server {
         unsigned n_resolving;
         Cache *cache;
         Reader *reader;
+
+        /* The GPU tier (device.c): found on the thread pool at start. */
+        Gpu *gpu;
+        int gpu_state;          /* GPU_STARTING, GPU_UP, GPU_OFF */
+        char gpu_reason[WD_ERROR_MESSAGE_MAX]; /* "ok" or why there is none */
+        uv_work_t gpu_work;
+        Gpu *gpu_found;
+        int gpu_r;
+        WdError gpu_err;
+        Cache **dev_caches;     /* one per device, gpu_n_devices() */
+        DevJob *dev_jobs;
+        unsigned n_dev_jobs;
         bool reader_stale; /* io settings changed: replace when idle */
         uint64_t storage_read_retired;
         LoadOptions load_opts;
@@ -181,6 +228,12 @@ struct Server {
         bool stopping;
         bool handles_closed;
         int exit_code;
+};
+
+enum {
+        GPU_STARTING,
+        GPU_UP,
+        GPU_OFF,
 };
 
 uint64_t now_usec(void);
@@ -230,6 +283,34 @@ void shard_load_resolved(Request *r);
 void shard_whole_loaded(Request *r, int k, CacheEntry *whole, const WdError *err);
 /* r goes away: take it off the build it waits for. */
 void shard_request_forget(Request *r);
+
+/* device.c */
+/* Find the devices on the thread pool; until then device loads get
+ * UNAVAILABLE. */
+void device_tier_start(Server *s);
+void device_tier_free(Server *s);
+/* A device target of a Load: the device's index, or replies (UNSUPPORTED
+ * without a GPU tier, INVALID_ARGUMENT for a device it does not serve) and
+ * returns -1. */
+int device_target(Conn *c, uint64_t id, const char *target);
+/* A resolved Load or Prefetch to r->device.  Takes r and comp. */
+void device_load_resolved(Request *r, Component *comp);
+/* On the loop after a wake: finish the device loads whose copy ended, send
+ * progress. */
+void device_jobs_poll(Server *s);
+/* Reader thread: the host load j made progress (lj is its LoadJob). */
+void device_feed_progress(Job *j, LoadJob *lj);
+/* Whether host load j must wait for device copies before it seals;
+ * cancels them when the read failed. */
+bool device_feeds_busy(Job *j, int read_error);
+/* Host load j ended (entry resident or NULL): drop it if only device loads
+ * wanted it and one asked to drop the host copy. */
+void device_host_done(Job *j, CacheEntry *entry);
+/* The Status and List parts. */
+void device_status(Server *s, Weightd__V1__StatusReply *st, Weightd__V1__Device *devs, Weightd__V1__Device **ptrs);
+size_t device_n_entries(Server *s);
+const char *device_tier_name(Server *s, const CacheEntry *e, char *buf, size_t size);
+void device_request_detach(Request *r);
 
 /* server.c */
 /* Start loading comp (taken on success) from files beneath root_fd. */

@@ -106,20 +106,25 @@ static void on_watchdog_timer(uv_timer_t *t) {
  * pages to the kernel must not stall the loop. */
 typedef struct Reap {
         uv_work_t work;
+        Gpu *gpu;
         Slab **slabs;
         size_t n;
 } Reap;
 
-static void reap_free_slabs(Slab **slabs, size_t n) {
-        for (size_t i = 0; i < n; i++)
+/* Page-locked slabs are unlocked before their mapping goes. */
+static void reap_free_slabs(Gpu *gpu, Slab **slabs, size_t n) {
+        for (size_t i = 0; i < n; i++) {
+                if (slabs[i])
+                        gpu_host_unregister(gpu, slabs[i]->data);
                 slab_free(slabs[i]);
+        }
         free(slabs);
 }
 
 static void reap_work(uv_work_t *w) {
         Reap *r = w->data;
 
-        reap_free_slabs(r->slabs, r->n);
+        reap_free_slabs(r->gpu, r->slabs, r->n);
 }
 
 static void reap_done(uv_work_t *w, int status) {
@@ -131,13 +136,13 @@ static void server_reap(Slab **slabs, size_t n, void *userdata) {
         Reap *r = calloc(1, sizeof(Reap));
 
         if (r) {
-                *r = (Reap){ .slabs = slabs, .n = n };
+                *r = (Reap){ .gpu = s->gpu, .slabs = slabs, .n = n };
                 r->work.data = r;
                 if (uv_queue_work(&s->loop, &r->work, reap_work, reap_done) == 0)
                         return;
         }
         free(r);
-        reap_free_slabs(slabs, n); /* here, then */
+        reap_free_slabs(s->gpu, slabs, n); /* here, then */
 }
 
 /* ---- load jobs ---------------------------------------------------------- */
@@ -146,6 +151,7 @@ static void job_on_progress(LoadJob *lj, uint64_t done, uint64_t total, void *us
         Job *j = userdata;
 
         atomic_store(&j->done, done);
+        device_feed_progress(j, lj);
         (void) uv_async_send(&j->server->wake);
 }
 
@@ -167,6 +173,7 @@ static void job_unlink(Job *j) {
 }
 
 static void job_free(Job *j) {
+        pthread_mutex_destroy(&j->feeds_lock);
         component_free(j->comp);
         safe_close(j->root_fd);
         free(j);
@@ -206,6 +213,12 @@ int server_job_start(Server *s, int root_fd, Component *comp, Job **ret, WdError
                 free(j);
                 return wd_error_set(err, r, "cannot duplicate the model root's descriptor: %s", strerror(-r));
         }
+        r = pthread_mutex_init(&j->feeds_lock, NULL);
+        if (r != 0) {
+                safe_close(j->root_fd);
+                free(j);
+                return wd_error_set(err, -r, "cannot create a lock");
+        }
         j->server = s;
         j->comp = comp;
         j->total = comp->total_bytes;
@@ -234,7 +247,7 @@ Job *server_job_find(Server *s, CacheEntry *e) {
 }
 
 void server_job_waiter_gone(Job *j) {
-        if (j->n_waiters > 0 || j->cancelled || !j->load)
+        if (j->n_waiters > 0 || j->feeds || j->cancelled || !j->load)
                 return;
         j->cancelled = true;
         log_debug("nobody waits for %s %s any more, cancelling its load", j->comp->model, j->comp->name);
@@ -292,6 +305,7 @@ static void job_complete(Job *j) {
                 return;
         }
         dispatch_job_finished(j, r, e, &err);
+        device_host_done(j, r == 0 ? e : NULL);
         job_free(j);
         server_replace_reader(s);
         server_update_status(s);
@@ -300,7 +314,12 @@ static void job_complete(Job *j) {
 
 static void seal_work(uv_work_t *w) {
         Job *j = w->data;
+        Slab *const *slabs = load_job_slabs(j->load);
 
+        /* Copies to devices read the writable mappings, page-locked; they
+         * ended (device_feeds_busy()), and the mappings go now. */
+        for (size_t i = 0; slabs && i < j->comp->n_files; i++)
+                gpu_host_unregister(j->seal_gpu, slabs[i]->data);
         load_job_seal(j->load);
 }
 
@@ -316,6 +335,7 @@ static void seal_done(uv_work_t *w, int status) {
  * page tables of GiB, so on the thread pool.  The job stays joinable. */
 static void job_seal(Job *j) {
         j->sealing = true;
+        j->seal_gpu = j->server->gpu;
         j->seal_work.data = j;
         if (uv_queue_work(&j->server->loop, &j->seal_work, seal_work, seal_done) < 0) {
                 load_job_seal(j->load);
@@ -331,7 +351,7 @@ static void on_wake(uv_async_t *a) {
         for (Job *j = s->jobs; j; j = next) {
                 next = j->jobs_next;
                 if (atomic_load(&j->finished)) {
-                        if (!j->sealing && !j->sealed)
+                        if (!j->sealing && !j->sealed && !device_feeds_busy(j, load_job_error(j->load)))
                                 job_seal(j);
                         continue;
                 }
@@ -340,6 +360,7 @@ static void on_wake(uv_async_t *a) {
                         dispatch_job_progress(j);
                 }
         }
+        device_jobs_poll(s);
 }
 
 /* ---- peers -------------------------------------------------------------- */
@@ -725,7 +746,8 @@ static void server_close_handles(Server *s) {
 }
 
 void server_maybe_exit(Server *s) {
-        if (!s->stopping || s->n_conns > 0 || s->n_jobs > 0 || s->n_resolving > 0 || s->handles_closed)
+        if (!s->stopping || s->n_conns > 0 || s->n_jobs > 0 || s->n_dev_jobs > 0 || s->n_resolving > 0 ||
+            s->handles_closed)
                 return;
         s->handles_closed = true;
         server_close_handles(s);
@@ -796,7 +818,9 @@ Server *server_free(Server *s) {
                 job_unlink(j);
                 job_free(j);
         }
+        /* Device loads ended before the loop did (server_maybe_exit()). */
         reader_free(s->reader);
+        device_tier_free(s);
         cache_free(s->cache);
         roots_unref(s->roots);
         if (s->listen_fd >= 0) {
@@ -875,6 +899,7 @@ int server_new(Server **ret, Config *config, const char *config_path) {
             (r = uv_timer_init(&s->loop, &s->accept_timer)) < 0 ||
             (r = uv_timer_init(&s->loop, &s->tick_timer)) < 0)
                 return log_error_errno(r, "Cannot set up the event loop: %s", uv_strerror(r));
+        device_tier_start(s);
         s->listening = true;
         s->listen_poll.data = s->sig_term.data = s->sig_int.data = s->sig_hup.data = s;
         s->wake.data = s->status_timer.data = s->watchdog_timer.data = s->drain_timer.data = s->accept_timer.data = s->tick_timer.data = s;

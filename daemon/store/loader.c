@@ -172,6 +172,18 @@ CacheEntry *load_job_entry(LoadJob *job) {
         return job->entry;
 }
 
+uint64_t load_job_filled(LoadJob *job, size_t file) {
+        return reader_job_filled(job->reader_job, file);
+}
+
+Slab *const *load_job_slabs(LoadJob *job) {
+        return job->slabs;
+}
+
+int load_job_error(LoadJob *job) {
+        return job->error;
+}
+
 bool load_job_direct(LoadJob *job) {
         return job->direct_used;
 }

@@ -57,6 +57,14 @@ int load_job_finish(LoadJob *job, CacheEntry **ret_entry, WdError *err);
 
 void load_job_cancel(LoadJob *job);
 CacheEntry *load_job_entry(LoadJob *job);
+/* Bytes of file i (in comp's order) in its slab, contiguous from the start:
+ * see reader_job_filled().  Any thread, until the job is freed. */
+uint64_t load_job_filled(LoadJob *job, size_t file);
+/* The slabs being filled (comp->n_files), writable until sealed; NULL once
+ * load_job_finish() took them. */
+Slab *const *load_job_slabs(LoadJob *job);
+/* After done fired: the read's error (0, -ECANCELED, -errno). */
+int load_job_error(LoadJob *job);
 /* Whether at least one file was read with O_DIRECT. */
 bool load_job_direct(LoadJob *job);
 

@@ -37,6 +37,7 @@ SECTIONS = {
     "max_frame_size": "daemon", "log_level": "daemon",
     "host_budget": "memory", "host_pages": "memory",
     "queue_depth": "io", "chunk_size": "io", "direct_io": "io",
+    "budget": "gpu", "device_budgets": "gpu", "keep_host": "gpu", "devices": "gpu",
 }
 
 # Direct reads of 64 KiB, one at a time: a 256 MiB load lasts most of a
@@ -118,7 +119,7 @@ class Daemon:
     def config_text(self, settings=None):
         settings = self.settings if settings is None else settings
         out = []
-        for section in ("daemon", "memory", "io"):
+        for section in ("daemon", "memory", "io", "gpu"):
             keys = [k for k in settings if SECTIONS[k] == section and settings[k] is not None]
             if keys:
                 out.append(f"[{section}]")

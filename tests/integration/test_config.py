@@ -16,13 +16,18 @@ GOOD = {
                       "[io]\nqueue_depth = 7\nchunk_size = 1M\ndirect_io = off\n"),
     "comments-and-blank-lines": "# weightd\n\n; also a comment\n[memory]\nhost_budget = 64M\n",
     "list-continued": "[daemon]\nmodel_roots = /a\n  /b\n",
+    "gpu": "[gpu]\nbudget = 80%\ndevice_budgets = 0:40G\n  1:50%\nkeep_host = no\ndevices = 0, 1\n",
 }
 
 # (text, line of the error, text in the message)
 BAD = {
     "unknown-key": ("[daemon]\nmodel_roots = /m\nbogus = 1\n", 3, "bogus"),
     "unknown-section": ("[daemon]\nmodel_roots = /m\n[nonsense]\n", 3, "nonsense"),
-    "reserved-section": ("[gpu]\n", 1, "gpu"),
+    "reserved-section": ("[cluster]\n", 1, "cluster"),
+    "bad-gpu-budget": ("[gpu]\nbudget = 120%\n", 2, "budget"),
+    "bad-device-budget": ("[gpu]\ndevice_budgets = 0:40G, x:1G\n", 2, "device_budgets"),
+    "bad-keep-host": ("[gpu]\nkeep_host = sometimes\n", 2, "keep_host"),
+    "bad-devices": ("[gpu]\ndevices = 0, 99\n", 2, "devices"),
     "queue-depth-zero": ("[io]\nqueue_depth = 0\n", 2, "queue_depth"),
     "chunk-not-page-multiple": ("[io]\n\nchunk_size = 70000\n", 3, "chunk_size"),
     "relative-root": ("[daemon]\nmodel_roots = models\n", 2, "model_roots"),

@@ -67,7 +67,7 @@ def shard_body(rank, world, rules=(), uneven=False):
     return b
 
 
-def load_body(model, component="", target="", progress=False, shard=None):
+def load_body(model, component="", target="", progress=False, shard=None, keep_host=0):
     b = f_bytes(1, model) + f_bytes(2, component)
     if target:
         b += f_bytes(3, target)
@@ -75,6 +75,8 @@ def load_body(model, component="", target="", progress=False, shard=None):
         b += f_varint(4, 1)
     if shard is not None:
         b += f_bytes(5, shard)
+    if keep_host:
+        b += f_varint(6, keep_host)
     return b
 
 
@@ -183,14 +185,16 @@ class Envelope(Msg):
 
 STATUS_FIELDS = {1: "version", 2: "pid", 3: "uptime_ms", 4: "host_budget_bytes", 5: "host_used_bytes",
                  6: "host_evictable_bytes", 7: "storage_read_bytes", 8: "leases", 9: "connections",
-                 10: "entries", 11: "loading", 12: "evictions", 14: "socket"}
+                 10: "entries", 11: "loading", 12: "evictions", 14: "socket", 17: "gpu"}
 
 
 def status_dict(reply):
     st = reply.msg(14)
     out = {}
     for num, name in STATUS_FIELDS.items():
-        out[name] = st.str(num) if name in ("version", "socket") else st.int(num)
+        out[name] = st.str(num) if name in ("version", "socket", "gpu") else st.int(num)
+    out["devices"] = [{"index": d.int(1), "uuid": d.str(2), "name": d.str(3), "total_bytes": d.int(5),
+                       "budget_bytes": d.int(6), "used_bytes": d.int(7)} for d in st.msgs(16)]
     return out
 
 

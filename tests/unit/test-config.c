@@ -334,12 +334,69 @@ static void test_io_keys(void **state) {
         assert_int_equal(c->direct_io, DIRECT_AUTO);
 }
 
+static void test_gpu_keys(void **state) {
+        _cleanup_(config_freep) Config *c = NULL;
+
+        /* Defaults: 90% of every device, keep the host copy, all devices. */
+        c = load_ok("");
+        assert_true(c->gpu_budget.percent);
+        assert_int_equal(c->gpu_budget.value, 90);
+        assert_string_equal(c->gpu_budget_spec, "90%");
+        assert_true(c->keep_host);
+        assert_int_equal(c->n_gpu_devices, 0);
+        assert_int_equal(c->n_device_budgets, 0);
+        assert_int_equal(config_gpu_budget(c, 0, 1000), 900);
+        assert_int_equal(config_gpu_budget(c, 3, 143771287552ull), 129394158796ull);
+        c = config_free(c);
+
+        c = load_ok("[gpu]\nbudget = 40G\ndevice_budgets = 1:50%, 3:10G\n\t5:100%\nkeep_host = no\n"
+                    "devices = 0, 1,3\n\t5\n");
+        assert_false(c->gpu_budget.percent);
+        assert_int_equal(c->gpu_budget.value, 40ull << 30);
+        assert_int_equal(config_gpu_budget(c, 0, 80ull << 30), 40ull << 30);
+        assert_int_equal(config_gpu_budget(c, 1, 80ull << 30), 40ull << 30);
+        assert_int_equal(config_gpu_budget(c, 1, 1000), 500);
+        assert_int_equal(config_gpu_budget(c, 3, 80ull << 30), 10ull << 30);
+        assert_int_equal(config_gpu_budget(c, 5, 1000), 1000);
+        assert_false(c->keep_host);
+        assert_int_equal(c->n_gpu_devices, 4);
+        assert_int_equal(c->gpu_devices[2], 3);
+        assert_int_equal(c->gpu_devices[3], 5);
+        assert_int_equal(c->n_device_budgets, 3);
+        assert_string_equal(c->device_budgets[1].spec, "10G");
+        c = config_free(c);
+
+        /* A later value replaces the list; "all" and "" clear it. */
+        c = load_ok("[gpu]\ndevices = 2\ndevices = all\nkeep_host = yes\ndevice_budgets = 0:1G\ndevice_budgets =\n");
+        assert_int_equal(c->n_gpu_devices, 0);
+        assert_int_equal(c->n_device_budgets, 0);
+        assert_true(c->keep_host);
+}
+
 /* Every rule, with the message a user sees. */
 static void test_bad_values(void **state) {
         static const struct {
                 const char *text;
                 const char *message;
         } cases[] = {
+                /* [gpu] */
+                { "[gpu]\nbudget = 0%\n", "test.conf:2: [gpu] budget: \"0%\" is not in 1%..100%" },
+                { "[gpu]\nbudget = 101%\n", "test.conf:2: [gpu] budget: \"101%\" is not in 1%..100%" },
+                { "[gpu]\nbudget = lots\n",
+                  "test.conf:2: [gpu] budget: \"lots\" is not a size or a percentage of device memory" },
+                { "[gpu]\nbudget = 0\n", "test.conf:2: [gpu] budget: \"0\" is not a positive size" },
+                { "[gpu]\ndevice_budgets = 40G\n",
+                  "test.conf:2: [gpu] device_budgets: \"40G\" is not DEVICE:BUDGET (e.g. 0:40G or 1:80%)" },
+                { "[gpu]\ndevice_budgets = x:40G\n", "test.conf:2: [gpu] device_budgets: \"x\" is not a device number" },
+                { "[gpu]\ndevice_budgets = 64:40G\n", "test.conf:2: [gpu] device_budgets: device \"64\" is not in 0..63" },
+                { "[gpu]\ndevice_budgets = 0:40G, 0:50%\n", "test.conf:2: [gpu] device_budgets: device 0 is listed twice" },
+                { "[gpu]\ndevice_budgets = 0:200%\n", "test.conf:2: [gpu] device_budgets: \"200%\" is not in 1%..100%" },
+                { "[gpu]\nkeep_host = maybe\n", "test.conf:2: [gpu] keep_host: \"maybe\" is not one of yes, no" },
+                { "[gpu]\ndevices = 0, 0\n", "test.conf:2: [gpu] devices: device 0 is listed twice" },
+                { "[gpu]\ndevices = -1\n", "test.conf:2: [gpu] devices: \"-1\" is not a device number" },
+                { "[gpu]\ndevices = 0,,1\n", "test.conf:2: [gpu] devices: empty item in \"0,,1\"" },
+                { "[gpu]\nbudget = 1G\n\t2G\n",
+                  "test.conf:3: [gpu] budget: indented line continues a key that takes a single value" },
                 /* [daemon] socket */
                 { "[daemon]\nsocket = run/x.sock\n", "test.conf:2: [daemon] socket: \"run/x.sock\" is not an absolute path" },
                 { "[daemon]\nsocket =\n", "test.conf:2: [daemon] socket: \"\" is not an absolute path" },
@@ -438,7 +495,7 @@ static void test_sections_and_keys(void **state) {
         load_bad("[daemon]\nsocket = /x\n\n[foo]\n", "test.conf:4: [foo]: unknown section");
         load_bad("[IO]\nqueue_depth = 1\n", "test.conf:1: [IO]: unknown section");
         load_bad("[ io ]\n", "test.conf:1: [ io ]: unknown section");
-        load_bad("[io]\n[gpu]\n", "test.conf:2: [gpu]: section reserved for a later version, not supported yet");
+        load_bad("[io]\n[gpu]\nqueue_depth = 1\n", "test.conf:3: [gpu] queue_depth: unknown key");
         load_bad("[cluster]\nnodes = 2\n",
                  "test.conf:1: [cluster]: section reserved for a later version, not supported yet");
         load_bad("queue_depth = 1\n", "test.conf:1: queue_depth: key outside of any section");
@@ -756,7 +813,8 @@ static void test_dump(void **state) {
         fputs("\nallow_gids = 0, 1\nmax_connections = 10\nmax_connections_per_uid = 3\nmax_pending_requests = 5\n"
               "max_frame_size = 12288\nlog_level = notice\n"
               "[memory]\nhost_budget = 3%\nhost_pages = small\n"
-              "[io]\nqueue_depth = 100\nchunk_size = 1G\ndirect_io = off\n",
+              "[io]\nqueue_depth = 100\nchunk_size = 1G\ndirect_io = off\n"
+              "[gpu]\nbudget = 80G\ndevice_budgets = 0:50%, 1:10G\nkeep_host = no\ndevices = 0, 1\n",
               f);
         assert_int_equal(fclose(f), 0);
         c = load_ok(text);
@@ -804,6 +862,7 @@ int main(int argc, char **argv) {
                 cmocka_unit_test(test_daemon_keys),
                 cmocka_unit_test(test_memory_keys),
                 cmocka_unit_test(test_io_keys),
+                cmocka_unit_test(test_gpu_keys),
                 cmocka_unit_test(test_bad_values),
                 cmocka_unit_test(test_sections_and_keys),
                 cmocka_unit_test(test_syntax),

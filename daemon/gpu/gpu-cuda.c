@@ -1,0 +1,924 @@
+/* The GPU tier with CUDA: the runtime (linked statically) for devices,
+ * streams, events, copies and page-locking; the driver's VMM calls through
+ * entry points that cudaGetDriverEntryPointByVersion hands out at run time,
+ * so nothing links libcuda and a machine without a driver only turns the
+ * tier off.
+ *
+ * Threads: one per device.  It owns the device's copy streams; copies reach
+ * it through a locked list and a condition variable, and it issues each
+ * planned tensor's cudaMemcpyAsync / cudaMemcpy2DAsync once the owner said
+ * its source bytes are in the host slab, records an event after each batch
+ * and polls the events (cudaEventQuery), blocking in cudaEventSynchronize
+ * only when it has nothing else to do.  Large single-row tensors are copied
+ * in pieces as their bytes arrive, so reading and copying overlap even for
+ * a component made of a few huge tensors.
+ *
+ * Every CUDA and driver result passes through gpu_check() or cu_check(),
+ * which turn it into -errno with the error's name in the message. */
+#include <cuda.h>
+#include <cuda_runtime_api.h>
+#include <cudaTypedefs.h>
+#include <fcntl.h>
+#include <pthread.h>
+#include <stdatomic.h>
+#include <stdio.h>
+#include <string.h>
+#include <unistd.h>
+
+#include "gpu/gpu.h"
+
+#define GPU_STREAMS 2u
+#define GPU_PIECE_MIN (8ull << 20) /* a partial copy of one large tensor */
+/* The driver API version whose signatures the PFN_ types below describe. */
+#define GPU_DRIVER_ABI 12000
+
+typedef struct Driver {
+        PFN_cuGetErrorName_v6000 GetErrorName;
+        PFN_cuDeviceGetAttribute_v2000 DeviceGetAttribute;
+        PFN_cuMemCreate_v10020 MemCreate;
+        PFN_cuMemRelease_v10020 MemRelease;
+        PFN_cuMemAddressReserve_v10020 MemAddressReserve;
+        PFN_cuMemAddressFree_v10020 MemAddressFree;
+        PFN_cuMemMap_v10020 MemMap;
+        PFN_cuMemUnmap_v10020 MemUnmap;
+        PFN_cuMemSetAccess_v10020 MemSetAccess;
+        PFN_cuMemExportToShareableHandle_v10020 MemExportToShareableHandle;
+        PFN_cuMemGetAllocationGranularity_v10020 MemGetAllocationGranularity;
+} Driver;
+
+typedef struct HostReg {
+        void *p;
+        uint64_t size;
+        struct HostReg *next;
+} HostReg;
+
+typedef struct Pending {
+        cudaEvent_t event;
+        uint64_t bytes;
+        struct Pending *next;
+} Pending;
+
+typedef struct GpuDev GpuDev;
+
+struct Gpu {
+        Driver cu;
+        GpuDev *devs;
+        size_t n_devs;
+        pthread_mutex_t reg_lock; /* host registrations */
+        HostReg *regs;
+};
+
+struct GpuDev {
+        Gpu *gpu;
+        GpuDeviceInfo info;
+        cudaStream_t streams[GPU_STREAMS];
+        unsigned next_stream;
+        pthread_t thread;
+        bool thread_started;
+        pthread_mutex_t lock;
+        pthread_cond_t cond;
+        bool stopping;     /* under lock */
+        bool kick;         /* under lock: a copy has news */
+        GpuCopy *incoming; /* under lock */
+        GpuCopy *active;   /* device thread only */
+};
+
+struct GpuSlab {
+        Gpu *gpu;
+        size_t dev;
+        CUmemGenericAllocationHandle handle;
+        bool have_handle;
+        CUdeviceptr base;
+        bool reserved, mapped;
+        uint64_t size, map_size;
+        int fd;
+};
+
+struct GpuCopy {
+        Gpu *gpu;
+        GpuDev *dev;
+        const ShardPlan *plan;
+        Slab **files;
+        size_t n_files;
+        bool read_only;
+        gpu_copy_fn wake;
+        void *userdata;
+        GpuCopy *next; /* in the device's lists */
+
+        _Atomic uint64_t *filled; /* per file */
+        atomic_bool cancelled;
+        atomic_bool finished;
+        _Atomic uint64_t copied;
+        uint64_t total;
+
+        /* Device thread only, until finished. */
+        size_t *first;     /* per file: its first tensor in the plan; n_files + 1 entries */
+        size_t *cursor;    /* per file: the next tensor to issue */
+        uint64_t *partial; /* per file: bytes of that tensor issued (single-row copies) */
+        bool started;
+        Pending *pending, *pending_tail;
+        GpuSlab *slab;
+        int error;
+        WdError err;
+};
+
+/* ---- the one boundary for CUDA's and the driver's results --------------- */
+
+static int gpu_errno(cudaError_t e) {
+        switch (e) {
+        case cudaErrorMemoryAllocation:
+                return -ENOMEM;
+        case cudaErrorInsufficientDriver:
+        case cudaErrorNoDevice:
+        case cudaErrorInvalidDevice:
+        case cudaErrorDevicesUnavailable:
+        case cudaErrorSystemDriverMismatch:
+        case cudaErrorCompatNotSupportedOnDevice:
+        case cudaErrorInitializationError:
+        case cudaErrorStubLibrary:
+                return -ENODEV;
+        case cudaErrorNotSupported:
+                return -EOPNOTSUPP;
+        default:
+                return -EIO;
+        }
+}
+
+/* 0 for cudaSuccess; else -errno, and err says what failed and CUDA's reason. */
+_printf_(3, 4) static int gpu_check(cudaError_t e, WdError *err, const char *fmt, ...) {
+        char what[512];
+        va_list ap;
+
+        if (e == cudaSuccess)
+                return 0;
+        va_start(ap, fmt);
+        vsnprintf(what, sizeof(what), fmt, ap);
+        va_end(ap);
+        return wd_error_set(err, gpu_errno(e), "%s: %s (%s)", what, cudaGetErrorName(e), cudaGetErrorString(e));
+}
+
+/* The same for a driver result. */
+_printf_(4, 5) static int cu_check(const Gpu *g, CUresult e, WdError *err, const char *fmt, ...) {
+        const char *name = NULL;
+        char what[512];
+        va_list ap;
+        int r;
+
+        if (e == CUDA_SUCCESS)
+                return 0;
+        switch (e) {
+        case CUDA_ERROR_OUT_OF_MEMORY:
+                r = -ENOMEM;
+                break;
+        case CUDA_ERROR_NO_DEVICE:
+        case CUDA_ERROR_INVALID_DEVICE:
+        case CUDA_ERROR_NOT_INITIALIZED:
+                r = -ENODEV;
+                break;
+        case CUDA_ERROR_NOT_SUPPORTED:
+                r = -EOPNOTSUPP;
+                break;
+        default:
+                r = -EIO;
+        }
+        if (!g->cu.GetErrorName || g->cu.GetErrorName(e, &name) != CUDA_SUCCESS || !name)
+                name = "CUDA_ERROR_UNKNOWN";
+        va_start(ap, fmt);
+        vsnprintf(what, sizeof(what), fmt, ap);
+        va_end(ap);
+        return wd_error_set(err, r, "%s: %s (driver error %d)", what, name, (int) e);
+}
+
+/* ---- discovery ---------------------------------------------------------- */
+
+bool gpu_built(void) {
+        return true;
+}
+
+static int driver_load(Driver *d, WdError *err) {
+        static const struct {
+                const char *name;
+                size_t offset;
+        } table[] = {
+                { "cuGetErrorName", offsetof(Driver, GetErrorName) },
+                { "cuDeviceGetAttribute", offsetof(Driver, DeviceGetAttribute) },
+                { "cuMemCreate", offsetof(Driver, MemCreate) },
+                { "cuMemRelease", offsetof(Driver, MemRelease) },
+                { "cuMemAddressReserve", offsetof(Driver, MemAddressReserve) },
+                { "cuMemAddressFree", offsetof(Driver, MemAddressFree) },
+                { "cuMemMap", offsetof(Driver, MemMap) },
+                { "cuMemUnmap", offsetof(Driver, MemUnmap) },
+                { "cuMemSetAccess", offsetof(Driver, MemSetAccess) },
+                { "cuMemExportToShareableHandle", offsetof(Driver, MemExportToShareableHandle) },
+                { "cuMemGetAllocationGranularity", offsetof(Driver, MemGetAllocationGranularity) },
+        };
+
+        for (size_t i = 0; i < ELEMENTSOF(table); i++) {
+                enum cudaDriverEntryPointQueryResult q = cudaDriverEntryPointSymbolNotFound;
+                void *fn = NULL;
+                int r;
+
+                r = gpu_check(cudaGetDriverEntryPointByVersion(table[i].name, &fn, GPU_DRIVER_ABI, cudaEnableDefault,
+                                                               &q),
+                              err, "no CUDA driver entry point %s", table[i].name);
+                if (r < 0)
+                        return r;
+                if (q != cudaDriverEntryPointSuccess || !fn)
+                        return wd_error_set(err, -ENODEV, "the CUDA driver lacks %s (%s)", table[i].name,
+                                            q == cudaDriverEntryPointVersionNotSufficent ? "driver too old"
+                                                                                         : "symbol not found");
+                memcpy((uint8_t *) d + table[i].offset, &fn, sizeof(fn));
+        }
+        return 0;
+}
+
+static void uuid_format(char *buf, const unsigned char b[16]) {
+        snprintf(buf, GPU_UUID_MAX, "GPU-%02x%02x%02x%02x-%02x%02x-%02x%02x-%02x%02x-%02x%02x%02x%02x%02x%02x", b[0],
+                 b[1], b[2], b[3], b[4], b[5], b[6], b[7], b[8], b[9], b[10], b[11], b[12], b[13], b[14], b[15]);
+}
+
+static CUmemAllocationProp slab_prop(int ordinal) {
+        CUmemAllocationProp prop;
+
+        memset(&prop, 0, sizeof(prop));
+        prop.type = CU_MEM_ALLOCATION_TYPE_PINNED;
+        prop.requestedHandleTypes = CU_MEM_HANDLE_TYPE_POSIX_FILE_DESCRIPTOR;
+        prop.location.type = CU_MEM_LOCATION_TYPE_DEVICE;
+        prop.location.id = ordinal;
+        return prop;
+}
+
+static int device_probe(Gpu *g, int ordinal, GpuDeviceInfo *info, WdError *err) {
+        struct cudaDeviceProp prop;
+        CUmemAllocationProp ap = slab_prop(ordinal);
+        int vmm = 0, posix = 0, r;
+        size_t gran = 0;
+
+        memset(&prop, 0, sizeof(prop));
+        r = gpu_check(cudaGetDeviceProperties(&prop, ordinal), err, "cuda:%d: cannot read its properties", ordinal);
+        if (r < 0)
+                return r;
+        *info = (GpuDeviceInfo){ .index = (unsigned) ordinal, .total_bytes = prop.totalGlobalMem };
+        snprintf(info->name, sizeof(info->name), "%s", prop.name);
+        uuid_format(info->uuid, (const unsigned char *) prop.uuid.bytes);
+        r = gpu_check(cudaDeviceGetPCIBusId(info->pci_bus_id, (int) sizeof(info->pci_bus_id), ordinal), err,
+                      "cuda:%d: cannot read its PCI bus id", ordinal);
+        if (r < 0)
+                return r;
+        r = cu_check(g, g->cu.DeviceGetAttribute(&vmm, CU_DEVICE_ATTRIBUTE_VIRTUAL_MEMORY_MANAGEMENT_SUPPORTED, ordinal),
+                     err, "cuda:%d: cannot ask for virtual memory management", ordinal);
+        if (r < 0)
+                return r;
+        r = cu_check(g,
+                     g->cu.DeviceGetAttribute(&posix, CU_DEVICE_ATTRIBUTE_HANDLE_TYPE_POSIX_FILE_DESCRIPTOR_SUPPORTED,
+                                              ordinal),
+                     err, "cuda:%d: cannot ask for POSIX file descriptor handles", ordinal);
+        if (r < 0)
+                return r;
+        if (!vmm || !posix)
+                return wd_error_set(err, -EOPNOTSUPP, "cuda:%d (%s): no %s", ordinal, info->name,
+                                    !vmm ? "virtual memory management" : "POSIX file descriptor handles");
+        r = cu_check(g, g->cu.MemGetAllocationGranularity(&gran, &ap, CU_MEM_ALLOC_GRANULARITY_RECOMMENDED), err,
+                     "cuda:%d: cannot read the allocation granularity", ordinal);
+        if (r < 0)
+                return r;
+        info->granularity = gran > 0 ? gran : 2u << 20;
+        return 0;
+}
+
+static void *device_thread(void *arg);
+
+static int device_start(GpuDev *d, WdError *err) {
+        int ordinal = (int) d->info.index, r;
+
+        /* The primary context: created here, off the loop (it takes a while). */
+        r = gpu_check(cudaSetDevice(ordinal), err, "cuda:%d: cannot select it", ordinal);
+        if (r < 0)
+                return r;
+        r = gpu_check(cudaFree(NULL), err, "cuda:%d: cannot create its context", ordinal);
+        if (r < 0)
+                return r;
+        for (unsigned i = 0; i < GPU_STREAMS; i++) {
+                r = gpu_check(cudaStreamCreateWithFlags(&d->streams[i], cudaStreamNonBlocking), err,
+                              "cuda:%d: cannot create a copy stream", ordinal);
+                if (r < 0)
+                        return r;
+        }
+        r = pthread_mutex_init(&d->lock, NULL);
+        if (r != 0)
+                return wd_error_set(err, -r, "cannot create a lock");
+        r = pthread_cond_init(&d->cond, NULL);
+        if (r != 0) {
+                pthread_mutex_destroy(&d->lock);
+                return wd_error_set(err, -r, "cannot create a condition variable");
+        }
+        r = pthread_create(&d->thread, NULL, device_thread, d);
+        if (r != 0) {
+                pthread_cond_destroy(&d->cond);
+                pthread_mutex_destroy(&d->lock);
+                return wd_error_set(err, -r, "cuda:%d: cannot start its thread: %s", ordinal, strerror(r));
+        }
+        d->thread_started = true;
+        return 0;
+}
+
+static void device_stop(GpuDev *d) {
+        if (d->thread_started) {
+                pthread_mutex_lock(&d->lock);
+                d->stopping = true;
+                pthread_cond_signal(&d->cond);
+                pthread_mutex_unlock(&d->lock);
+                pthread_join(d->thread, NULL);
+                pthread_cond_destroy(&d->cond);
+                pthread_mutex_destroy(&d->lock);
+                d->thread_started = false;
+        }
+        for (unsigned i = 0; i < GPU_STREAMS; i++)
+                if (d->streams[i]) {
+                        (void) cudaSetDevice((int) d->info.index);
+                        (void) cudaStreamDestroy(d->streams[i]);
+                        d->streams[i] = NULL;
+                }
+}
+
+static bool in_list(const unsigned *only, size_t n_only, int ordinal) {
+        if (n_only == 0)
+                return true;
+        for (size_t i = 0; i < n_only; i++)
+                if (only[i] == (unsigned) ordinal)
+                        return true;
+        return false;
+}
+
+int gpu_new(Gpu **ret, const unsigned *only, size_t n_only, WdError *err) {
+        _cleanup_(gpu_freep) Gpu *g = NULL;
+        int count = 0, driver = 0, r;
+
+        g = calloc(1, sizeof(Gpu));
+        if (!g)
+                return wd_error_set(err, -ENOMEM, "out of memory");
+        r = pthread_mutex_init(&g->reg_lock, NULL);
+        if (r != 0) {
+                free(TAKE_PTR(g));
+                return wd_error_set(err, -r, "cannot create a lock");
+        }
+
+        r = gpu_check(cudaDriverGetVersion(&driver), err, "cannot ask for the CUDA driver's version");
+        if (r < 0)
+                return r;
+        if (driver == 0)
+                return wd_error_set(err, -ENODEV, "no CUDA driver (libcuda.so.1 is not installed or not loadable)");
+        r = gpu_check(cudaGetDeviceCount(&count), err, "no usable CUDA driver (driver %d.%d, runtime %d.%d)",
+                      driver / 1000, driver % 1000 / 10, CUDART_VERSION / 1000, CUDART_VERSION % 1000 / 10);
+        if (r < 0)
+                return r;
+        if (count <= 0)
+                return wd_error_set(err, -ENODEV, "no CUDA device");
+        r = driver_load(&g->cu, err);
+        if (r < 0)
+                return r;
+
+        g->devs = calloc((size_t) count, sizeof(GpuDev));
+        if (!g->devs)
+                return wd_error_set(err, -ENOMEM, "out of memory");
+        for (int i = 0; i < count && i < (int) GPU_MAX_DEVICES; i++) {
+                GpuDev *d = &g->devs[g->n_devs];
+
+                if (!in_list(only, n_only, i))
+                        continue;
+                d->gpu = g;
+                r = device_probe(g, i, &d->info, err);
+                if (r < 0)
+                        return r;
+                r = device_start(d, err);
+                if (r < 0) {
+                        device_stop(d);
+                        return r;
+                }
+                g->n_devs++;
+        }
+        if (g->n_devs == 0)
+                return wd_error_set(err, -ENODEV, "none of the configured devices exists (%d found)", count);
+        *ret = TAKE_PTR(g);
+        return 0;
+}
+
+Gpu *gpu_free(Gpu *g) {
+        if (!g)
+                return NULL;
+        for (size_t i = 0; i < g->n_devs; i++)
+                device_stop(&g->devs[i]);
+        while (g->regs) {
+                HostReg *h = g->regs;
+
+                g->regs = h->next;
+                for (uint64_t off = 0; off < h->size; off += GPU_REGISTER_PIECE)
+                        (void) cudaHostUnregister((uint8_t *) h->p + off);
+                free(h);
+        }
+        pthread_mutex_destroy(&g->reg_lock);
+        free(g->devs);
+        free(g);
+        return NULL;
+}
+
+size_t gpu_n_devices(const Gpu *g) {
+        return g ? g->n_devs : 0;
+}
+
+const GpuDeviceInfo *gpu_device(const Gpu *g, size_t i) {
+        return g && i < g->n_devs ? &g->devs[i].info : NULL;
+}
+
+uint64_t gpu_device_free_bytes(Gpu *g, size_t i) {
+        size_t free_b = 0, total = 0;
+
+        if (!g || i >= g->n_devs || cudaSetDevice((int) g->devs[i].info.index) != cudaSuccess ||
+            cudaMemGetInfo(&free_b, &total) != cudaSuccess)
+                return 0;
+        return free_b;
+}
+
+/* ---- device slabs ------------------------------------------------------- */
+
+int gpu_slab_new(Gpu *g, size_t i, uint64_t bytes, GpuSlab **ret, WdError *err) {
+        _cleanup_(gpu_slab_freep) GpuSlab *s = NULL;
+        const GpuDeviceInfo *info;
+        CUmemAllocationProp prop;
+        CUmemAccessDesc access;
+        int ordinal, fd = -1, r;
+
+        if (!g || i >= g->n_devs)
+                return wd_error_set(err, -ENODEV, "no such device");
+        info = &g->devs[i].info;
+        ordinal = (int) info->index;
+        s = calloc(1, sizeof(GpuSlab));
+        if (!s)
+                return wd_error_set(err, -ENOMEM, "out of memory");
+        s->gpu = g;
+        s->dev = i;
+        s->fd = -1;
+        s->size = bytes;
+        s->map_size = ALIGN_UP(MAX(bytes, 1u), info->granularity);
+
+        prop = slab_prop(ordinal);
+        r = cu_check(g, g->cu.MemCreate(&s->handle, s->map_size, &prop, 0), err,
+                     "cuda:%d: cannot allocate %llu bytes of device memory", ordinal, (unsigned long long) s->map_size);
+        if (r < 0)
+                return r;
+        s->have_handle = true;
+        r = cu_check(g, g->cu.MemAddressReserve(&s->base, s->map_size, 0, 0, 0), err,
+                     "cuda:%d: cannot reserve %llu bytes of address space", ordinal, (unsigned long long) s->map_size);
+        if (r < 0)
+                return r;
+        s->reserved = true;
+        r = cu_check(g, g->cu.MemMap(s->base, s->map_size, 0, s->handle, 0), err, "cuda:%d: cannot map a device slab",
+                     ordinal);
+        if (r < 0)
+                return r;
+        s->mapped = true;
+        memset(&access, 0, sizeof(access));
+        access.location.type = CU_MEM_LOCATION_TYPE_DEVICE;
+        access.location.id = ordinal;
+        access.flags = CU_MEM_ACCESS_FLAGS_PROT_READWRITE;
+        r = cu_check(g, g->cu.MemSetAccess(s->base, s->map_size, &access, 1), err,
+                     "cuda:%d: cannot make a device slab accessible", ordinal);
+        if (r < 0)
+                return r;
+        r = cu_check(g, g->cu.MemExportToShareableHandle(&fd, s->handle, CU_MEM_HANDLE_TYPE_POSIX_FILE_DESCRIPTOR, 0),
+                     err, "cuda:%d: cannot export a device slab", ordinal);
+        if (r < 0)
+                return r;
+        s->fd = fd;
+        if (fcntl(fd, F_SETFD, FD_CLOEXEC) < 0)
+                return wd_error_set(err, -errno, "cannot make the device slab's descriptor close-on-exec: %s",
+                                    strerror(errno));
+        *ret = TAKE_PTR(s);
+        return 0;
+}
+
+GpuSlab *gpu_slab_free(GpuSlab *s) {
+        if (!s)
+                return NULL;
+        if (s->mapped)
+                (void) s->gpu->cu.MemUnmap(s->base, s->map_size);
+        if (s->reserved)
+                (void) s->gpu->cu.MemAddressFree(s->base, s->map_size);
+        if (s->have_handle)
+                (void) s->gpu->cu.MemRelease(s->handle);
+        safe_close(s->fd);
+        free(s);
+        return NULL;
+}
+
+int gpu_slab_fd(const GpuSlab *s) {
+        return s->fd;
+}
+
+uint64_t gpu_slab_size(const GpuSlab *s) {
+        return s->size;
+}
+
+uint64_t gpu_slab_map_size(const GpuSlab *s) {
+        return s->map_size;
+}
+
+size_t gpu_slab_device(const GpuSlab *s) {
+        return s->dev;
+}
+
+/* ---- page-locked host slabs --------------------------------------------- */
+
+int gpu_host_register(Gpu *g, void *p, uint64_t size, bool read_only, WdError *err) {
+        unsigned flags = cudaHostRegisterPortable | (read_only ? cudaHostRegisterReadOnly : 0);
+        HostReg *h;
+        uint64_t off;
+        int r = 0;
+
+        if (!g || size == 0)
+                return 0;
+        /* Held while registering: a second device asking for the same slab
+         * waits for the first instead of registering it twice. */
+        pthread_mutex_lock(&g->reg_lock);
+        for (h = g->regs; h; h = h->next)
+                if (h->p == p)
+                        goto out;
+        h = calloc(1, sizeof(HostReg));
+        if (!h) {
+                r = wd_error_set(err, -ENOMEM, "out of memory");
+                goto out;
+        }
+        for (off = 0; off < size; off += GPU_REGISTER_PIECE) {
+                r = gpu_check(cudaHostRegister((uint8_t *) p + off, MIN(GPU_REGISTER_PIECE, size - off), flags), err,
+                              "cannot page-lock %llu bytes of a host slab", (unsigned long long) size);
+                if (r < 0)
+                        break;
+        }
+        if (r < 0) {
+                for (uint64_t k = 0; k < off; k += GPU_REGISTER_PIECE)
+                        (void) cudaHostUnregister((uint8_t *) p + k);
+                free(h);
+                goto out;
+        }
+        *h = (HostReg){ .p = p, .size = size, .next = g->regs };
+        g->regs = h;
+out:
+        pthread_mutex_unlock(&g->reg_lock);
+        return r;
+}
+
+void gpu_host_unregister(Gpu *g, void *p) {
+        HostReg *h = NULL;
+
+        if (!g || !p)
+                return;
+        pthread_mutex_lock(&g->reg_lock);
+        for (HostReg **pp = &g->regs; *pp; pp = &(*pp)->next)
+                if ((*pp)->p == p) {
+                        h = *pp;
+                        *pp = h->next;
+                        break;
+                }
+        pthread_mutex_unlock(&g->reg_lock);
+        if (!h)
+                return;
+        for (uint64_t off = 0; off < h->size; off += GPU_REGISTER_PIECE)
+                (void) cudaHostUnregister((uint8_t *) h->p + off);
+        free(h);
+}
+
+/* ---- copies ------------------------------------------------------------- */
+
+static void device_kick(GpuDev *d) {
+        pthread_mutex_lock(&d->lock);
+        d->kick = true;
+        pthread_cond_signal(&d->cond);
+        pthread_mutex_unlock(&d->lock);
+}
+
+int gpu_copy_new(Gpu *g, size_t dev, const ShardPlan *plan, Slab *const *files, size_t n_files, bool read_only,
+                 gpu_copy_fn wake, void *userdata, GpuCopy **ret) {
+        _cleanup_(gpu_copy_freep) GpuCopy *c = NULL;
+        GpuDev *d;
+
+        if (!g || dev >= g->n_devs)
+                return -ENODEV;
+        d = &g->devs[dev];
+        c = calloc(1, sizeof(GpuCopy));
+        if (!c)
+                return -ENOMEM;
+        *c = (GpuCopy){ .gpu = g, .dev = d, .plan = plan, .n_files = n_files, .read_only = read_only, .wake = wake,
+                        .userdata = userdata };
+        c->files = calloc(MAX(n_files, 1), sizeof(Slab *));
+        c->filled = calloc(MAX(n_files, 1), sizeof(*c->filled));
+        c->first = calloc(n_files + 1, sizeof(size_t));
+        c->cursor = calloc(MAX(n_files, 1), sizeof(size_t));
+        c->partial = calloc(MAX(n_files, 1), sizeof(uint64_t));
+        if (!c->files || !c->filled || !c->first || !c->cursor || !c->partial)
+                return -ENOMEM;
+        memcpy(c->files, files, n_files * sizeof(Slab *));
+        /* The plan lists tensors file by file: find where each file starts. */
+        for (size_t t = 0, f = 0; f <= n_files; f++) {
+                while (t < plan->n_tensors && plan->tensors[t].file < f)
+                        t++;
+                c->first[f] = t;
+        }
+        for (size_t f = 0; f < n_files; f++)
+                c->cursor[f] = c->first[f];
+        for (size_t t = 0; t < plan->n_tensors; t++)
+                c->total += plan->tensors[t].copy.width * plan->tensors[t].copy.height;
+
+        pthread_mutex_lock(&d->lock);
+        c->next = d->incoming;
+        d->incoming = c;
+        d->kick = true;
+        pthread_cond_signal(&d->cond);
+        pthread_mutex_unlock(&d->lock);
+        *ret = TAKE_PTR(c);
+        return 0;
+}
+
+void gpu_copy_advance(GpuCopy *c, size_t file, uint64_t filled) {
+        uint64_t old;
+
+        if (file >= c->n_files)
+                return;
+        old = atomic_load(&c->filled[file]);
+        while (filled > old)
+                if (atomic_compare_exchange_weak(&c->filled[file], &old, filled)) {
+                        device_kick(c->dev);
+                        break;
+                }
+}
+
+void gpu_copy_advance_all(GpuCopy *c) {
+        for (size_t f = 0; f < c->n_files; f++)
+                atomic_store(&c->filled[f], UINT64_MAX);
+        device_kick(c->dev);
+}
+
+void gpu_copy_cancel(GpuCopy *c) {
+        atomic_store(&c->cancelled, true);
+        device_kick(c->dev);
+}
+
+uint64_t gpu_copy_copied(const GpuCopy *c) {
+        return atomic_load(&((GpuCopy *) c)->copied);
+}
+
+uint64_t gpu_copy_total(const GpuCopy *c) {
+        return c->total;
+}
+
+bool gpu_copy_finished(GpuCopy *c, int *ret_error, WdError *err) {
+        if (!atomic_load(&c->finished))
+                return false;
+        *ret_error = c->error;
+        if (c->error != 0 && err)
+                *err = c->err;
+        return true;
+}
+
+GpuSlab *gpu_copy_take_slab(GpuCopy *c) {
+        if (!atomic_load(&c->finished) || c->error != 0)
+                return NULL;
+        return TAKE_PTR(c->slab);
+}
+
+GpuCopy *gpu_copy_free(GpuCopy *c) {
+        if (!c)
+                return NULL;
+        while (c->pending) {
+                Pending *p = c->pending;
+
+                c->pending = p->next;
+                (void) cudaEventDestroy(p->event);
+                free(p);
+        }
+        gpu_slab_free(c->slab);
+        free(c->files);
+        free((void *) c->filled);
+        free(c->first);
+        free(c->cursor);
+        free(c->partial);
+        free(c);
+        return NULL;
+}
+
+static void copy_fail(GpuCopy *c, int r) {
+        if (c->error == 0)
+                c->error = r;
+}
+
+/* Where the bytes of its file that a copy reads end. */
+static uint64_t copy_src_end(const ShardCopy *k) {
+        return k->src + (k->height - 1) * k->src_pitch + k->width;
+}
+
+/* Record an event after a batch of bytes on stream. */
+static void copy_track(GpuCopy *c, cudaStream_t stream, uint64_t bytes) {
+        Pending *p = calloc(1, sizeof(Pending));
+        int r;
+
+        if (!p) {
+                copy_fail(c, wd_error_set(&c->err, -ENOMEM, "out of memory"));
+                (void) cudaStreamSynchronize(stream);
+                return;
+        }
+        p->bytes = bytes;
+        r = gpu_check(cudaEventCreateWithFlags(&p->event, cudaEventDisableTiming), &c->err,
+                      "cuda:%u: cannot create an event", c->dev->info.index);
+        if (r == 0)
+                r = gpu_check(cudaEventRecord(p->event, stream), &c->err, "cuda:%u: cannot record an event",
+                              c->dev->info.index);
+        if (r < 0) {
+                if (p->event)
+                        (void) cudaEventDestroy(p->event);
+                free(p);
+                copy_fail(c, r);
+                (void) cudaStreamSynchronize(stream);
+                return;
+        }
+        if (c->pending_tail)
+                c->pending_tail->next = p;
+        else
+                c->pending = p;
+        c->pending_tail = p;
+}
+
+/* Issue what the filled bytes allow, on one stream, and record an event
+ * after it.  Returns whether anything was issued. */
+static bool copy_issue(GpuCopy *c) {
+        GpuDev *d = c->dev;
+        cudaStream_t stream = d->streams[d->next_stream % GPU_STREAMS];
+        uint8_t *base = (uint8_t *) (uintptr_t) c->slab->base;
+        uint64_t batch = 0;
+        int r;
+
+        for (size_t f = 0; f < c->n_files && c->error == 0; f++) {
+                uint64_t filled = atomic_load(&c->filled[f]);
+                const uint8_t *src = c->files[f]->data;
+
+                while (c->cursor[f] < c->first[f + 1]) {
+                        const ShardTensor *t = &c->plan->tensors[c->cursor[f]];
+                        const ShardCopy *k = &t->copy;
+
+                        if (k->height == 0 || k->width == 0) {
+                                c->cursor[f]++;
+                                continue;
+                        }
+                        if (k->height == 1) {
+                                /* One row: copy what has arrived, in pieces. */
+                                uint64_t from = k->src + c->partial[f], end = k->src + k->width;
+                                uint64_t to = MIN(filled, end);
+
+                                if (to <= from || (to < end && to - from < GPU_PIECE_MIN))
+                                        break;
+                                r = gpu_check(cudaMemcpyAsync(base + k->dst + c->partial[f], src + from, to - from,
+                                                              cudaMemcpyHostToDevice, stream),
+                                              &c->err, "cuda:%u: copying tensor \"%s\"", d->info.index,
+                                              t->source->name);
+                                if (r < 0) {
+                                        copy_fail(c, r);
+                                        break;
+                                }
+                                batch += to - from;
+                                c->partial[f] += to - from;
+                                if (to < end)
+                                        break;
+                                c->partial[f] = 0;
+                                c->cursor[f]++;
+                                continue;
+                        }
+                        if (copy_src_end(k) > filled)
+                                break;
+                        r = gpu_check(cudaMemcpy2DAsync(base + k->dst, k->dst_pitch, src + k->src, k->src_pitch,
+                                                        k->width, k->height, cudaMemcpyHostToDevice, stream),
+                                      &c->err, "cuda:%u: copying tensor \"%s\"", d->info.index, t->source->name);
+                        if (r < 0) {
+                                copy_fail(c, r);
+                                break;
+                        }
+                        batch += k->width * k->height;
+                        c->cursor[f]++;
+                }
+        }
+        if (batch == 0)
+                return false;
+        d->next_stream++;
+        copy_track(c, stream, batch);
+        return true;
+}
+
+/* Retire the events that completed; with wait, block on the oldest first.
+ * Returns whether any did. */
+static bool copy_poll(GpuCopy *c, bool wait) {
+        bool any = false;
+
+        while (c->pending) {
+                Pending *p = c->pending;
+                cudaError_t e = wait && !any ? cudaEventSynchronize(p->event) : cudaEventQuery(p->event);
+
+                if (e == cudaErrorNotReady)
+                        break;
+                if (e != cudaSuccess)
+                        copy_fail(c, gpu_check(e, &c->err, "cuda:%u: a copy to the device failed", c->dev->info.index));
+                else
+                        atomic_fetch_add(&c->copied, p->bytes);
+                (void) cudaEventDestroy(p->event);
+                c->pending = p->next;
+                if (!c->pending)
+                        c->pending_tail = NULL;
+                free(p);
+                any = true;
+        }
+        return any;
+}
+
+static bool copy_done_issuing(const GpuCopy *c) {
+        for (size_t f = 0; f < c->n_files; f++)
+                if (c->cursor[f] < c->first[f + 1])
+                        return false;
+        return true;
+}
+
+/* One round of a copy on its device thread.  Returns whether it moved;
+ * *ret_finished says whether it ended (c->error tells how). */
+static bool copy_step(GpuCopy *c, bool wait, bool *ret_finished) {
+        bool moved = false;
+        int r;
+
+        if (!c->started) {
+                c->started = true;
+                moved = true;
+                r = gpu_slab_new(c->gpu, (size_t) (c->dev - c->gpu->devs), c->plan->bytes, &c->slab, &c->err);
+                if (r < 0)
+                        copy_fail(c, r);
+                for (size_t f = 0; f < c->n_files && c->error == 0; f++) {
+                        r = gpu_host_register(c->gpu, c->files[f]->data, c->files[f]->capacity, c->read_only,
+                                              &c->err);
+                        if (r < 0)
+                                copy_fail(c, r);
+                }
+        }
+        if (c->error == 0 && !atomic_load(&c->cancelled))
+                moved |= copy_issue(c);
+        if (copy_poll(c, wait && !moved))
+                moved = true;
+        if (!c->pending && (c->error != 0 || atomic_load(&c->cancelled) || copy_done_issuing(c))) {
+                if (c->error == 0 && !copy_done_issuing(c))
+                        c->error = wd_error_set(&c->err, -ECANCELED, "copy to cuda:%u cancelled", c->dev->info.index);
+                *ret_finished = true;
+        }
+        return moved;
+}
+
+static void *device_thread(void *arg) {
+        GpuDev *d = arg;
+
+        (void) cudaSetDevice((int) d->info.index);
+        for (;;) {
+                bool moved = false, pending = false;
+
+                pthread_mutex_lock(&d->lock);
+                for (GpuCopy *c = d->active; c; c = c->next)
+                        pending = pending || c->pending;
+                while (!d->stopping && !d->kick && !d->incoming && !pending)
+                        pthread_cond_wait(&d->cond, &d->lock);
+                if (d->stopping) {
+                        pthread_mutex_unlock(&d->lock);
+                        break;
+                }
+                d->kick = false;
+                while (d->incoming) {
+                        GpuCopy *c = d->incoming;
+
+                        d->incoming = c->next;
+                        c->next = d->active;
+                        d->active = c;
+                }
+                pthread_mutex_unlock(&d->lock);
+
+                /* The owner may free a copy as soon as it is marked
+                 * finished: unlink it first, and touch nothing of it after
+                 * but the callback, whose pointers were read before. */
+                for (GpuCopy **pp = &d->active; *pp;) {
+                        GpuCopy *c = *pp;
+                        gpu_copy_fn wake = c->wake;
+                        void *userdata = c->userdata;
+                        bool finished = false, m;
+
+                        /* Block on an event only when nothing else moved this round. */
+                        m = copy_step(c, !c->next && !moved, &finished);
+                        moved = moved || m;
+                        if (finished) {
+                                *pp = c->next;
+                                atomic_store(&c->finished, true);
+                        } else
+                                pp = &c->next;
+                        if (m || finished)
+                                wake(c, userdata);
+                }
+        }
+        return NULL;
+}
