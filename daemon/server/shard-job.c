@@ -85,8 +85,9 @@ int shard_spec_from_wire(const Weightd__V1__Shard *w, ShardSpec **ret, WdError *
                         return wd_error_set(err, WD_E_INVALID,
                                             "shard: rule %zu: dim %u, only dimensions 0 and 1 can be split", i, x->dim);
         }
-        /* World 1 without rules shards nothing: an ordinary load. */
-        if (w->world == 1 && w->n_rules == 0) {
+        /* World 1, or no rules, splits nothing: an ordinary load, served from
+         * the whole entry rather than a copy of it. */
+        if (w->world == 1 || w->n_rules == 0) {
                 *ret = NULL;
                 return 0;
         }

@@ -293,7 +293,7 @@ char *shard_spec_key(const ShardSpec *spec) {
         size_t size = 0;
         FILE *f;
 
-        if (!spec || (spec->world <= 1 && spec->n_rules == 0))
+        if (!spec || spec->world <= 1 || spec->n_rules == 0)
                 return strdup("");
         f = open_memstream(&buf, &size);
         if (!f)

@@ -82,7 +82,7 @@ DEFINE_TRIVIAL_CLEANUP_FUNC(ShardPlan *, shard_plan_free);
 void shard_copy_host(const ShardPlan *p, const uint8_t *const *files, uint8_t *dst, size_t first, size_t n);
 
 /* The canonical text of a spec, used as the cache variant and in listings:
- * "" for NULL or world 1 without rules, else e.g.
+ * "" for NULL, world 1 or no rules (nothing is split), else e.g.
  * "rank 1/4 uneven *.q_proj.weight:0 *.o_proj.weight:1".  Returns NULL on
  * out of memory. */
 char *shard_spec_key(const ShardSpec *spec);

@@ -127,7 +127,9 @@ def check_rank(got, dump, files, rank, world, rules):
             t = got["tensors"][name]
             seen.add(name)
             assert t["dtype"] == dtype and t["file"] == fi, name
-            assert t["slab_offset"] % 256 == 0, name
+            # World 1 splits nothing: an ordinary load, at the files' offsets.
+            if world > 1:
+                assert t["slab_offset"] % 256 == 0, name
             data = dump[t["dump_offset"]:t["dump_offset"] + t["nbytes"]]
             dim = rule_for(name, rules) if world > 1 else None
             if dim is None:

@@ -444,9 +444,14 @@ static void test_spec_key(void **state) {
         k = shard_spec_key(&s);
         assert_string_equal(k, "rank 3/8 *.q_proj.weight:0 *.o_proj.weight:1 a\\x20b\\x5cc:0");
         free(k);
+        /* Nothing is split without rules, or in a world of one. */
         s = spec_of(0, 2, false, NULL, 0);
         k = shard_spec_key(&s);
-        assert_string_equal(k, "rank 0/2");
+        assert_string_equal(k, "");
+        free(k);
+        s = spec_of(0, 1, false, rules, 2);
+        k = shard_spec_key(&s);
+        assert_string_equal(k, "");
         free(k);
 
         /* A deep copy has the same key and owns its strings. */
