@@ -8,7 +8,9 @@
  * entries hold a GpuSlab.
  *
  * A device load (DevJob) plans the component's layout (store/shard.h, 256-
- * byte aligned tensors), reserves the bytes in the device's cache and
+ * byte aligned tensors; a sharded load's plan holds only its rank's slices,
+ * and its entry is keyed by the shard's variant), reserves the bytes in the
+ * device's cache and
  * copies from the host slabs: at once from a resident host entry (leased
  * meanwhile), or from a host load while it reads, fed by the reader's
  * watermarks (device_feed_progress() on the reader thread).  Several devices
@@ -333,8 +335,8 @@ static int dev_job_feed(DevJob *dj, Job *j, WdError *err) {
         return 0;
 }
 
-static int dev_job_start(Server *s, int root_fd, Component *comp, size_t dev, bool keep_host, DevJob **ret,
-                         WdError *err) {
+static int dev_job_start(Server *s, int root_fd, Component *comp, size_t dev, bool keep_host,
+                         const ShardSpec *spec, const char *variant, DevJob **ret, WdError *err) {
         const GpuDeviceInfo *info = gpu_device(s->gpu, dev);
         _cleanup_free_ FileId *ids = NULL;
         CacheEntry *he;
@@ -353,12 +355,12 @@ static int dev_job_start(Server *s, int root_fd, Component *comp, size_t dev, bo
         LIST_PREPEND(dev_jobs, s->dev_jobs, dj);
         s->n_dev_jobs++;
 
-        r = shard_plan(comp, NULL, GPU_ALIGN, &dj->plan, err);
+        r = shard_plan(comp, spec, GPU_ALIGN, &dj->plan, err);
         if (r != 0)
                 goto fail;
         for (size_t i = 0; i < comp->n_files; i++)
                 ids[i] = comp->files[i].id;
-        r = cache_reserve(s->dev_caches[dev], comp->model, comp->name, "", ids, comp->n_files,
+        r = cache_reserve(s->dev_caches[dev], comp->model, comp->name, variant, ids, comp->n_files,
                           ALIGN_UP(MAX(dj->plan->bytes, 1u), info->granularity), &dj->entry, err);
         if (r != 0)
                 goto fail;
@@ -431,6 +433,7 @@ void device_load_resolved(Request *r, Component *comp_in) {
         size_t dev = (size_t) r->device;
         bool keep_host = r->keep_host == WEIGHTD__V1__KEEP_HOST__KEEP_HOST_YES ||
                          (r->keep_host != WEIGHTD__V1__KEEP_HOST__KEEP_HOST_NO && s->config->keep_host);
+        const char *variant = r->variant ? r->variant : ""; /* a sharding: a device entry of its own */
         CacheEntry *e;
         DevJob *dj;
         int k;
@@ -448,12 +451,12 @@ void device_load_resolved(Request *r, Component *comp_in) {
         }
         for (size_t i = 0; i < comp->n_files; i++)
                 ids[i] = comp->files[i].id;
-        e = cache_lookup(s->dev_caches[dev], comp->model, comp->name, "", ids, comp->n_files);
+        e = cache_lookup(s->dev_caches[dev], comp->model, comp->name, variant, ids, comp->n_files);
         if (!e)
-                e = cache_lookup_files(s->dev_caches[dev], "", ids, comp->n_files);
+                e = cache_lookup_files(s->dev_caches[dev], variant, ids, comp->n_files);
         if (e && e->state == CACHE_ENTRY_RESIDENT) {
+                k = shard_plan(comp, r->shard, GPU_ALIGN, &plan, &err);
                 request_free(r);
-                k = shard_plan(comp, NULL, GPU_ALIGN, &plan, &err);
                 if (k != 0)
                         conn_send_wd_error(c, id, k, &err);
                 else
@@ -468,7 +471,7 @@ void device_load_resolved(Request *r, Component *comp_in) {
                 return;
         }
         if (!dj) {
-                k = dev_job_start(s, r->root->fd, comp, dev, keep_host, &dj, &err);
+                k = dev_job_start(s, r->root->fd, comp, dev, keep_host, r->shard, variant, &dj, &err);
                 if (k != 0) {
                         request_free(r);
                         conn_send_wd_error(c, id, k, &err);
