@@ -14,6 +14,7 @@
 #include "macro.h"
 #include "weightd/client.h"
 #include "wire.h"
+#include "cuda-internal.h"
 
 #define _public_ __attribute__((visibility("default")))
 #define _fallthrough_ __attribute__((fallthrough))
@@ -45,11 +46,13 @@ struct wd_client {
         char broken_reason[WD_ERROR_MESSAGE_MAX];
 };
 
-/* One file of a manifest, and its mapping when a lease owns the manifest. */
+/* One slab of a manifest, and its mapping when a lease owns the manifest:
+ * host memory (map), or a device slab imported into this process (cuda). */
 typedef struct ManifestFile {
         const PbSlab *slab; /* points into the manifest's envelope */
         void *map;
         size_t map_size;
+        CudaMapping cuda; /* cuda.size 0: none */
 } ManifestFile;
 
 struct wd_manifest {

@@ -718,16 +718,28 @@ static int client_load(wd_client *c, WireEnvelope *req, wd_progress_fn progress,
         return WD_OK;
 }
 
+#define CLIENT_TARGET_MAX 80
+
 /* A LoadRequest from options; the shard's rules live in rules (n_rules
- * entries, allocated here).  Returns WD_OK or WD_INVALID_ARGUMENT. */
+ * entries, allocated here), the device target in target.  Returns WD_OK,
+ * WD_INVALID_ARGUMENT, or WD_UNSUPPORTED for a device target where this
+ * process has no CUDA driver. */
 static int load_request_ex(const char *func, const char *model, const char *component, const wd_load_options *o,
-                           Weightd__V1__LoadRequest *load, Weightd__V1__Shard *shard, Weightd__V1__ShardRule **rules,
+                           Weightd__V1__LoadRequest *load, char target[static CLIENT_TARGET_MAX],
+                           Weightd__V1__Shard *shard, Weightd__V1__ShardRule **rules,
                            Weightd__V1__ShardRule ***rule_ptrs, wd_error *err) {
+        int r;
+
         *load = load_request(model, component, o && o->progress);
         if (!o)
                 return WD_OK;
-        if (o->device && o->device[0] != '\0' && strcmp(o->device, "host") != 0)
-                load->target = (char *) o->device;
+        /* Our "cuda:N" is not the daemon's: the target names the device by
+         * its UUID. */
+        r = cuda_target(o->device, target, CLIENT_TARGET_MAX, err);
+        if (r != WD_OK)
+                return r;
+        if (target[0] != '\0')
+                load->target = target;
         if (o->keep_host < WD_KEEP_HOST_DEFAULT || o->keep_host > WD_KEEP_HOST_NO)
                 return error_set(err, WD_INVALID_ARGUMENT, "%s: keep_host %d is not a WD_KEEP_HOST_* value", func,
                                  o->keep_host);
@@ -770,6 +782,7 @@ static int load_request_ex(const char *func, const char *model, const char *comp
 _public_ int wd_load_ex(wd_client *c, const char *model, const char *component, const wd_load_options *opts,
                         wd_lease **ret, wd_error *err) {
         Weightd__V1__LoadRequest load;
+        char target[CLIENT_TARGET_MAX];
         Weightd__V1__Shard shard;
         _cleanup_free_ Weightd__V1__ShardRule *rules = NULL;
         _cleanup_free_ Weightd__V1__ShardRule **rule_ptrs = NULL;
@@ -779,7 +792,7 @@ _public_ int wd_load_ex(wd_client *c, const char *model, const char *component, 
 
         r = check_args("wd_load", c && model && ret, &e);
         if (r == WD_OK)
-                r = load_request_ex("wd_load", model, component, opts, &load, &shard, &rules, &rule_ptrs, &e);
+                r = load_request_ex("wd_load", model, component, opts, &load, target, &shard, &rules, &rule_ptrs, &e);
         if (r != WD_OK)
                 return finish(r, &e, err);
 
@@ -825,6 +838,7 @@ _public_ int wd_release(wd_lease *l, wd_error *err) {
 _public_ int wd_prefetch_ex(wd_client *c, const char *model, const char *component, const wd_load_options *opts,
                             wd_prefetch_result *ret, wd_error *err) {
         Weightd__V1__LoadRequest load;
+        char target[CLIENT_TARGET_MAX];
         Weightd__V1__Shard shard;
         _cleanup_free_ Weightd__V1__ShardRule *rules = NULL;
         _cleanup_free_ Weightd__V1__ShardRule **rule_ptrs = NULL;
@@ -835,7 +849,7 @@ _public_ int wd_prefetch_ex(wd_client *c, const char *model, const char *compone
 
         r = check_args("wd_prefetch", c && model, &e);
         if (r == WD_OK)
-                r = load_request_ex("wd_prefetch", model, component, opts, &load, &shard, &rules, &rule_ptrs, &e);
+                r = load_request_ex("wd_prefetch", model, component, opts, &load, target, &shard, &rules, &rule_ptrs, &e);
         if (r != WD_OK)
                 return finish(r, &e, err);
 

@@ -53,9 +53,11 @@ static void shape_format(char *buf, size_t size, const uint64_t *shape, size_t n
 wd_manifest *manifest_free(wd_manifest *m) {
         if (!m)
                 return NULL;
-        for (size_t i = 0; m->slabs && i < m->n_slabs; i++)
+        for (size_t i = 0; m->slabs && i < m->n_slabs; i++) {
                 if (m->slabs[i].map)
                         munmap(m->slabs[i].map, m->slabs[i].map_size);
+                cuda_unmap(&m->slabs[i].cuda);
+        }
         free(m->slabs);
         free(m->files);
         free(m->tensors);
@@ -77,7 +79,8 @@ static void file_label(char *buf, size_t size, const PbSlab *s, size_t i) {
                 snprintf(buf, size, "slab %zu", i);
 }
 
-/* Check one slab's descriptor and map it read-only. */
+/* Check one slab's descriptor and map it: host memory read-only, a device
+ * slab (device_uuid set) through the CUDA driver. */
 static int file_map(ManifestFile *f, size_t i, int fd, wd_error *err) {
         const PbSlab *s = f->slab;
         char label[256];
@@ -90,6 +93,12 @@ static int file_map(ManifestFile *f, size_t i, int fd, wd_error *err) {
                                  label, (unsigned long long) s->size, (unsigned long long) s->map_size);
         if (s->map_size == 0)
                 return error_set(err, WD_PROTOCOL_ERROR, "daemon's manifest: %s: map_size is 0", label);
+        if (s->device_uuid[0] != '\0') {
+                if (strlen(s->device_uuid) > 64)
+                        return error_set(err, WD_PROTOCOL_ERROR, "daemon's manifest: %s: device_uuid is too long",
+                                         label);
+                return cuda_import(fd, s->device_uuid, s->map_size, &f->cuda, err);
+        }
         if (fstat(fd, &st) < 0)
                 return error_set(err, WD_INTERNAL, "%s: cannot stat the slab's descriptor: %s", label, strerror(errno));
         if (!S_ISREG(st.st_mode))
@@ -310,7 +319,8 @@ int manifest_new(WireEnvelope **env, const char *model, const char *component, P
                         .full_shape = t->n_full_shape > 0 ? t->full_shape : NULL,
                         .shard_dim = t->shard_dim,
                         .shard_start = t->shard_start,
-                        .device = -1,
+                        .device = f->cuda.size > 0 ? f->cuda.device : -1,
+                        .device_ptr = f->cuda.size > 0 ? f->cuda.ptr + t->offset : 0,
                 };
         }
 
