@@ -81,6 +81,7 @@ enum {
         CMD_JSON = 1u << 3,       /* takes --json */
         CMD_TENSOR = 1u << 4,     /* takes --tensor (required) and --force */
         CMD_SHARD = 1u << 5,      /* takes --shard, --rule and --uneven */
+        CMD_DEVICE = 1u << 6,     /* takes --device and --keep-host */
 };
 
 typedef struct Options {
@@ -98,6 +99,9 @@ typedef struct Options {
         wd_shard_rule *rules;
         size_t n_rules;
         bool uneven;
+        /* --device cuda:N|cuda:GPU-... (NULL: host memory), --keep-host yes|no */
+        const char *device;
+        int keep_host;
 } Options;
 
 static void options_done(Options *o) {
@@ -106,9 +110,11 @@ static void options_done(Options *o) {
         free(o->rules);
 }
 
-/* The load options of --shard, --rule and --uneven. */
+/* The load options of --shard, --rule, --uneven, --device and --keep-host. */
 static wd_load_options load_options(const Options *o) {
         return (wd_load_options){
+                .device = o->device,
+                .keep_host = o->keep_host,
                 .rank = o->rank,
                 .world = o->world,
                 .rules = o->rules,
@@ -1034,7 +1040,7 @@ static int run_unpin(wd_client *c, const Options *o) {
 /* ---- main -------------------------------------------------------------- */
 
 static const Command commands[] = {
-        { "prefetch", CMD_MODEL | CMD_COMPONENT | CMD_COMPONENTS | CMD_JSON | CMD_SHARD, run_prefetch },
+        { "prefetch", CMD_MODEL | CMD_COMPONENT | CMD_COMPONENTS | CMD_JSON | CMD_SHARD | CMD_DEVICE, run_prefetch },
         { "ls", CMD_JSON, run_ls },
         { "status", CMD_JSON, run_status },
         { "tensors", CMD_MODEL | CMD_COMPONENT | CMD_JSON | CMD_SHARD, run_tensors },
@@ -1056,6 +1062,7 @@ static void help(void) {
                "\n"
                "Commands:\n"
                "  prefetch MODEL [--component NAME]...   make components resident in host memory\n"
+               "           [--device cuda:N [--keep-host yes|no]]  or on a GPU (N as this process sees it)\n"
                "  ls                                     list the daemon's entries\n"
                "  status                                 show the daemon's counters\n"
                "  tensors MODEL [--component NAME]       list a component's tensors\n"
@@ -1078,6 +1085,9 @@ static void help(void) {
                "      --shard R/W       deliver rank R of a world of W (0 <= R < W)\n"
                "      --rule PAT:DIM    split tensors whose name matches the glob PAT along DIM (0 or 1)\n"
                "      --uneven          allow sizes W does not divide (the first ranks take one more)\n"
+               "      --device DEV      cuda:N or cuda:GPU-<uuid>: load into that GPU's memory\n"
+               "      --keep-host Y|N   after a device load, keep the host copy (yes) or drop it (no);\n"
+               "                        default: the daemon's [gpu] keep_host\n"
                "      --json            one JSON document on stdout instead of text\n"
                "  -h, --help            show this help\n"
                "  -V, --version         show the version\n"
@@ -1129,7 +1139,7 @@ static int parse_rule(char *arg, Options *o) {
 }
 
 static int parse_argv(int argc, char *argv[], Options *o, const Command **ret) {
-        enum { ARG_JSON = 0x100, ARG_SHARD, ARG_RULE, ARG_UNEVEN };
+        enum { ARG_JSON = 0x100, ARG_SHARD, ARG_RULE, ARG_UNEVEN, ARG_DEVICE, ARG_KEEP_HOST };
         static const struct option options[] = {
                 { "socket", required_argument, NULL, 's' },
                 { "component", required_argument, NULL, 'c' },
@@ -1139,6 +1149,8 @@ static int parse_argv(int argc, char *argv[], Options *o, const Command **ret) {
                 { "shard", required_argument, NULL, ARG_SHARD },
                 { "rule", required_argument, NULL, ARG_RULE },
                 { "uneven", no_argument, NULL, ARG_UNEVEN },
+                { "device", required_argument, NULL, ARG_DEVICE },
+                { "keep-host", required_argument, NULL, ARG_KEEP_HOST },
                 { "help", no_argument, NULL, 'h' },
                 { "version", no_argument, NULL, 'V' },
                 {},
@@ -1191,6 +1203,19 @@ static int parse_argv(int argc, char *argv[], Options *o, const Command **ret) {
                 case ARG_UNEVEN:
                         o->uneven = true;
                         break;
+                case ARG_DEVICE:
+                        if (strcmp(optarg, "host") != 0 && strncmp(optarg, "cuda:", 5) != 0)
+                                return usage_error("--device takes cuda:N, cuda:GPU-<uuid> or host, not '%s'", optarg);
+                        o->device = optarg;
+                        break;
+                case ARG_KEEP_HOST:
+                        if (strcmp(optarg, "yes") == 0)
+                                o->keep_host = WD_KEEP_HOST_YES;
+                        else if (strcmp(optarg, "no") == 0)
+                                o->keep_host = WD_KEEP_HOST_NO;
+                        else
+                                return usage_error("--keep-host takes yes or no, not '%s'", optarg);
+                        break;
                 case 'h':
                         help();
                         return -1;
@@ -1241,6 +1266,10 @@ static int parse_argv(int argc, char *argv[], Options *o, const Command **ret) {
                 return usage_error("%s takes no --shard, --rule or --uneven", cmd->name);
         if ((o->n_rules > 0 || o->uneven) && o->world == 0)
                 return usage_error("--rule and --uneven need --shard RANK/WORLD");
+        if ((o->device || o->keep_host) && !(cmd->flags & CMD_DEVICE))
+                return usage_error("%s takes no --device or --keep-host", cmd->name);
+        if (o->keep_host && !o->device)
+                return usage_error("--keep-host needs --device");
         *ret = cmd;
         return 0;
 }
