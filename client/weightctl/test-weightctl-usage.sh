@@ -45,8 +45,6 @@ expect() {
         fi
 }
 
-echo "1..43"
-
 expect 2 "^Usage: weightctl" "no command" --
 expect 2 "unknown command 'frobnicate'" "unknown command" -- frobnicate
 expect 2 "unknown option '--bogus'" "unknown long option" -- --bogus ls
@@ -78,6 +76,10 @@ expect 2 "PATTERN:DIM with DIM 0 or 1" "--rule without a dim" -- prefetch /m --s
 expect 2 "PATTERN:DIM with DIM 0 or 1" "--rule with an empty pattern" -- prefetch /m --shard 0/2 --rule :0
 expect 2 "need --shard" "--rule without --shard" -- prefetch /m --rule 'x:0'
 expect 2 "need --shard" "--uneven without --shard" -- cat /m -t x --uneven
+expect 2 "takes cuda:N" "--device that names no device" -- prefetch /m --device gpu0
+expect 2 "takes no --device" "--device on a command that loads nothing" -- ls --device cuda:0
+expect 2 "takes yes or no" "--keep-host maybe" -- prefetch /m --device cuda:0 --keep-host maybe
+expect 2 "needs --device" "--keep-host without --device" -- prefetch /m --keep-host no
 expect 2 "takes no --shard" "ls --shard" -- ls --shard 0/2
 expect 2 "takes no --shard" "evict --shard" -- evict /m --shard 0/2
 export POSIXLY_CORRECT=1
@@ -102,4 +104,6 @@ else
         echo "ok $n # SKIP no python3 to bind a stale socket"
 fi
 
+# The plan comes last: no count to keep in step by hand.
+echo "1..$n"
 exit $failed
