@@ -164,6 +164,18 @@ void conn_close_when_sent(Conn *c) {
                 conn_update_poll(c);
 }
 
+bool conn_lease_limit(Conn *c, uint64_t id) {
+        if (c->n_leases >= SERVER_MAX_LEASES_PER_CONN)
+                (void) conn_send_error(c, id, WEIGHTD__V1__CODE__RESOURCE_EXHAUSTED,
+                                       "this connection holds %u leases, the limit", SERVER_MAX_LEASES_PER_CONN);
+        else if (c->uid_slot->leases >= SERVER_MAX_LEASES_PER_UID)
+                (void) conn_send_error(c, id, WEIGHTD__V1__CODE__RESOURCE_EXHAUSTED, "uid %u holds %u leases, the limit",
+                                       (unsigned) c->cred.uid, SERVER_MAX_LEASES_PER_UID);
+        else
+                return false;
+        return true;
+}
+
 uint64_t conn_lease_add(Conn *c, CacheEntry *e) {
         Lease *l = calloc(1, sizeof(Lease));
 

@@ -165,16 +165,10 @@ static int reply_device_loaded(Conn *c, uint64_t id, RequestKind kind, const Com
         Weightd__V1__Reply reply = WEIGHTD__V1__REPLY__INIT;
         Weightd__V1__LoadReply load = WEIGHTD__V1__LOAD_REPLY__INIT;
         Weightd__V1__Slab slab = WEIGHTD__V1__SLAB__INIT, *slab_ptr = &slab;
-        _cleanup_free_ Weightd__V1__Slab *files = NULL;
-        _cleanup_free_ Weightd__V1__Slab **file_ptrs = NULL;
-        _cleanup_free_ Weightd__V1__MetadataEntry *meta = NULL;
-        _cleanup_free_ Weightd__V1__MetadataEntry **meta_ptrs = NULL;
-        _cleanup_free_ Weightd__V1__Tensor *tensors = NULL;
-        _cleanup_free_ Weightd__V1__Tensor **tensor_ptrs = NULL;
+        _cleanup_(plan_reply_done) PlanReply pr = {};
         GpuSlab *g = e->memory;
         int fd = gpu_slab_fd(g);
         char target[32];
-        size_t n_meta = 0, k = 0;
 
         snprintf(target, sizeof(target), "cuda:%u", info->index);
         env.id = id;
@@ -190,57 +184,10 @@ static int reply_device_loaded(Conn *c, uint64_t id, RequestKind kind, const Com
         if (kind == REQUEST_PREFETCH)
                 return conn_send(c, &env, NULL, 0);
 
-        if (c->n_leases >= SERVER_MAX_LEASES_PER_CONN || c->uid_slot->leases >= SERVER_MAX_LEASES_PER_UID)
-                return conn_send_error(c, id, WEIGHTD__V1__CODE__RESOURCE_EXHAUSTED,
-                                       "this connection or uid holds the most leases allowed");
-
-        for (size_t i = 0; i < comp->n_files; i++)
-                n_meta += comp->files[i].header->n_metadata;
-        files = calloc(MAX(comp->n_files, 1), sizeof(*files));
-        file_ptrs = calloc(MAX(comp->n_files, 1), sizeof(*file_ptrs));
-        meta = calloc(MAX(n_meta, 1), sizeof(*meta));
-        meta_ptrs = calloc(MAX(n_meta, 1), sizeof(*meta_ptrs));
-        tensors = calloc(MAX(plan->n_tensors, 1), sizeof(*tensors));
-        tensor_ptrs = calloc(MAX(plan->n_tensors, 1), sizeof(*tensor_ptrs));
-        if (!files || !file_ptrs || !meta || !meta_ptrs || !tensors || !tensor_ptrs)
+        if (conn_lease_limit(c, id))
+                return 0;
+        if (plan_reply_fill(&pr, comp, plan, &load) < 0)
                 return conn_send_error(c, id, WEIGHTD__V1__CODE__RESOURCE_EXHAUSTED, "out of memory");
-
-        for (size_t i = 0; i < comp->n_files; i++) {
-                const StHeader *h = comp->files[i].header;
-
-                weightd__v1__slab__init(&files[i]);
-                files[i].file = comp->files[i].display;
-                files[i].metadata = &meta_ptrs[k];
-                files[i].n_metadata = h->n_metadata;
-                for (size_t j = 0; j < h->n_metadata; j++, k++) {
-                        weightd__v1__metadata_entry__init(&meta[k]);
-                        meta[k].key = h->metadata[j].key;
-                        meta[k].value = h->metadata[j].value;
-                        meta_ptrs[k] = &meta[k];
-                }
-                file_ptrs[i] = &files[i];
-        }
-        for (size_t i = 0; i < plan->n_tensors; i++) {
-                const ShardTensor *t = &plan->tensors[i];
-                Weightd__V1__Tensor *x = &tensors[i];
-
-                weightd__v1__tensor__init(x);
-                x->name = t->source->name;
-                x->dtype = (char *) dtype_to_string(t->source->dtype);
-                x->n_shape = t->ndim;
-                x->shape = t->shape;
-                x->slab = 0;
-                x->offset = t->offset;
-                x->nbytes = t->nbytes;
-                x->file = t->file;
-                if (t->split) {
-                        x->n_full_shape = t->source->ndim;
-                        x->full_shape = t->source->shape;
-                        x->shard_dim = t->dim;
-                        x->shard_start = t->start;
-                }
-                tensor_ptrs[i] = x;
-        }
         slab.fd_index = 0;
         slab.size = plan->bytes;
         slab.map_size = gpu_slab_map_size(g);
@@ -249,10 +196,6 @@ static int reply_device_loaded(Conn *c, uint64_t id, RequestKind kind, const Com
         slab.device = target;
         load.n_slabs = 1;
         load.slabs = &slab_ptr;
-        load.n_tensors = plan->n_tensors;
-        load.tensors = tensor_ptrs;
-        load.n_files = comp->n_files;
-        load.files = file_ptrs;
 
         load.lease = conn_lease_add(c, e);
         if (load.lease == 0)

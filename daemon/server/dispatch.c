@@ -199,13 +199,8 @@ static int reply_loaded(Conn *c, uint64_t id, RequestKind kind, const Component 
         if (kind == REQUEST_PREFETCH)
                 return conn_send(c, &env, NULL, 0);
 
-        if (c->n_leases >= SERVER_MAX_LEASES_PER_CONN)
-                return conn_send_error(c, id, WEIGHTD__V1__CODE__RESOURCE_EXHAUSTED,
-                                       "this connection holds %u leases, the limit", SERVER_MAX_LEASES_PER_CONN);
-        if (c->uid_slot->leases >= SERVER_MAX_LEASES_PER_UID)
-                return conn_send_error(c, id, WEIGHTD__V1__CODE__RESOURCE_EXHAUSTED,
-                                       "uid %u holds %u leases, the limit", (unsigned) c->cred.uid,
-                                       SERVER_MAX_LEASES_PER_UID);
+        if (conn_lease_limit(c, id))
+                return 0;
 
         r = manifest_build(&m, comp, entry);
         fds = calloc(MAX(comp->n_files, 1), sizeof(int));

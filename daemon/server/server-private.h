@@ -252,6 +252,9 @@ int conn_send_wd_error(Conn *c, uint64_t id, int r, const WdError *err);
 /* A request in flight completed: read again if the limit held reading. */
 void conn_request_done(Conn *c);
 void conn_update_poll(Conn *c);
+/* Whether c or its uid holds the most leases allowed; if so the request id
+ * got RESOURCE_EXHAUSTED saying which. */
+bool conn_lease_limit(Conn *c, uint64_t id);
 uint64_t conn_lease_add(Conn *c, CacheEntry *e);
 void conn_lease_drop(Conn *c, Lease *l);
 Lease *conn_lease_find(Conn *c, uint64_t id);
@@ -271,6 +274,20 @@ void request_free(Request *r);
 void request_drop(Request *r);
 
 /* shard-job.c */
+/* The parts of a LoadReply whose one slab a plan lays out: the component's
+ * files (names and __metadata__, no descriptors) and the plan's tensors.
+ * They point into the component, the plan and the PlanReply. */
+typedef struct PlanReply {
+        Weightd__V1__Slab *files;
+        Weightd__V1__Slab **file_ptrs;
+        Weightd__V1__MetadataEntry *meta;
+        Weightd__V1__MetadataEntry **meta_ptrs;
+        Weightd__V1__Tensor *tensors;
+        Weightd__V1__Tensor **tensor_ptrs;
+} PlanReply;
+/* Set load's files and tensors.  Returns 0 or -ENOMEM. */
+int plan_reply_fill(PlanReply *pr, const Component *comp, const ShardPlan *plan, Weightd__V1__LoadReply *load);
+void plan_reply_done(PlanReply *pr);
 /* Check a Shard from the wire and turn it into a spec; *ret is NULL when it
  * shards nothing (world 1 without rules).  Returns 0 or WD_E_INVALID. */
 int shard_spec_from_wire(const Weightd__V1__Shard *w, ShardSpec **ret, WdError *err);

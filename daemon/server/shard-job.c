@@ -120,6 +120,79 @@ static uint64_t derived_size(const ShardPlan *p) {
         return MAX(p->bytes, 1u);
 }
 
+void plan_reply_done(PlanReply *pr) {
+        free(pr->files);
+        free(pr->file_ptrs);
+        free(pr->meta);
+        free(pr->meta_ptrs);
+        free(pr->tensors);
+        free(pr->tensor_ptrs);
+        *pr = (PlanReply){};
+}
+
+int plan_reply_fill(PlanReply *pr, const Component *comp, const ShardPlan *plan, Weightd__V1__LoadReply *load) {
+        size_t n_meta = 0, k = 0;
+
+        for (size_t i = 0; i < comp->n_files; i++)
+                n_meta += comp->files[i].header->n_metadata;
+        pr->files = calloc(MAX(comp->n_files, 1u), sizeof(*pr->files));
+        pr->file_ptrs = calloc(MAX(comp->n_files, 1u), sizeof(*pr->file_ptrs));
+        pr->meta = calloc(MAX(n_meta, 1u), sizeof(*pr->meta));
+        pr->meta_ptrs = calloc(MAX(n_meta, 1u), sizeof(*pr->meta_ptrs));
+        pr->tensors = calloc(MAX(plan->n_tensors, 1u), sizeof(*pr->tensors));
+        pr->tensor_ptrs = calloc(MAX(plan->n_tensors, 1u), sizeof(*pr->tensor_ptrs));
+        if (!pr->files || !pr->file_ptrs || !pr->meta || !pr->meta_ptrs || !pr->tensors || !pr->tensor_ptrs) {
+                plan_reply_done(pr);
+                return -ENOMEM;
+        }
+
+        /* The component's files: names and __metadata__, no descriptors. */
+        for (size_t i = 0; i < comp->n_files; i++) {
+                const StHeader *h = comp->files[i].header;
+                Weightd__V1__Slab *f = &pr->files[i];
+
+                weightd__v1__slab__init(f);
+                f->file = comp->files[i].display;
+                f->metadata = &pr->meta_ptrs[k];
+                f->n_metadata = h->n_metadata;
+                for (size_t j = 0; j < h->n_metadata; j++, k++) {
+                        weightd__v1__metadata_entry__init(&pr->meta[k]);
+                        pr->meta[k].key = h->metadata[j].key;
+                        pr->meta[k].value = h->metadata[j].value;
+                        pr->meta_ptrs[k] = &pr->meta[k];
+                }
+                pr->file_ptrs[i] = f;
+        }
+
+        /* Every tensor in slab 0, where the plan put it. */
+        for (size_t i = 0; i < plan->n_tensors; i++) {
+                const ShardTensor *t = &plan->tensors[i];
+                Weightd__V1__Tensor *x = &pr->tensors[i];
+
+                weightd__v1__tensor__init(x);
+                x->name = t->source->name;
+                x->dtype = (char *) dtype_to_string(t->source->dtype);
+                x->n_shape = t->ndim;
+                x->shape = t->shape;
+                x->slab = 0;
+                x->offset = t->offset;
+                x->nbytes = t->nbytes;
+                x->file = t->file;
+                if (t->split) {
+                        x->n_full_shape = t->source->ndim;
+                        x->full_shape = t->source->shape;
+                        x->shard_dim = t->dim;
+                        x->shard_start = t->start;
+                }
+                pr->tensor_ptrs[i] = x;
+        }
+        load->n_files = comp->n_files;
+        load->files = pr->file_ptrs;
+        load->n_tensors = plan->n_tensors;
+        load->tensors = pr->tensor_ptrs;
+        return 0;
+}
+
 /* Reply to a sharded Load or Prefetch with the resident derived entry.  A
  * Load takes a lease on it and sends its one descriptor. */
 static int reply_sharded(Conn *c, uint64_t id, RequestKind kind, const Component *comp, const ShardPlan *plan,
@@ -128,13 +201,7 @@ static int reply_sharded(Conn *c, uint64_t id, RequestKind kind, const Component
         Weightd__V1__Reply reply = WEIGHTD__V1__REPLY__INIT;
         Weightd__V1__LoadReply load = WEIGHTD__V1__LOAD_REPLY__INIT;
         Weightd__V1__Slab slab = WEIGHTD__V1__SLAB__INIT, *slab_ptr = &slab;
-        _cleanup_free_ Weightd__V1__Slab *files = NULL;
-        _cleanup_free_ Weightd__V1__Slab **file_ptrs = NULL;
-        _cleanup_free_ Weightd__V1__MetadataEntry *meta = NULL;
-        _cleanup_free_ Weightd__V1__MetadataEntry **meta_ptrs = NULL;
-        _cleanup_free_ Weightd__V1__Tensor *tensors = NULL;
-        _cleanup_free_ Weightd__V1__Tensor **tensor_ptrs = NULL;
-        size_t n_meta = 0, k = 0;
+        _cleanup_(plan_reply_done) PlanReply pr = {};
         const Slab *s;
         int fd;
 
@@ -155,64 +222,10 @@ static int reply_sharded(Conn *c, uint64_t id, RequestKind kind, const Component
         if (entry->n_slabs != 1 || entry->slabs[0]->size != derived_size(plan))
                 return conn_send_error(c, id, WEIGHTD__V1__CODE__INTERNAL,
                                        "%s: the cached shard does not match its plan", comp->model);
-        if (c->n_leases >= SERVER_MAX_LEASES_PER_CONN)
-                return conn_send_error(c, id, WEIGHTD__V1__CODE__RESOURCE_EXHAUSTED,
-                                       "this connection holds %u leases, the limit", SERVER_MAX_LEASES_PER_CONN);
-        if (c->uid_slot->leases >= SERVER_MAX_LEASES_PER_UID)
-                return conn_send_error(c, id, WEIGHTD__V1__CODE__RESOURCE_EXHAUSTED,
-                                       "uid %u holds %u leases, the limit", (unsigned) c->cred.uid,
-                                       SERVER_MAX_LEASES_PER_UID);
-
-        for (size_t i = 0; i < comp->n_files; i++)
-                n_meta += comp->files[i].header->n_metadata;
-        files = calloc(MAX(comp->n_files, 1u), sizeof(*files));
-        file_ptrs = calloc(MAX(comp->n_files, 1u), sizeof(*file_ptrs));
-        meta = calloc(MAX(n_meta, 1u), sizeof(*meta));
-        meta_ptrs = calloc(MAX(n_meta, 1u), sizeof(*meta_ptrs));
-        tensors = calloc(MAX(plan->n_tensors, 1u), sizeof(*tensors));
-        tensor_ptrs = calloc(MAX(plan->n_tensors, 1u), sizeof(*tensor_ptrs));
-        if (!files || !file_ptrs || !meta || !meta_ptrs || !tensors || !tensor_ptrs)
+        if (conn_lease_limit(c, id))
+                return 0;
+        if (plan_reply_fill(&pr, comp, plan, &load) < 0)
                 return conn_send_error(c, id, WEIGHTD__V1__CODE__RESOURCE_EXHAUSTED, "out of memory");
-
-        /* The component's files: names and __metadata__, no descriptors. */
-        for (size_t i = 0; i < comp->n_files; i++) {
-                const StHeader *h = comp->files[i].header;
-                Weightd__V1__Slab *f = &files[i];
-
-                weightd__v1__slab__init(f);
-                f->file = comp->files[i].display;
-                f->metadata = &meta_ptrs[k];
-                f->n_metadata = h->n_metadata;
-                for (size_t j = 0; j < h->n_metadata; j++, k++) {
-                        weightd__v1__metadata_entry__init(&meta[k]);
-                        meta[k].key = h->metadata[j].key;
-                        meta[k].value = h->metadata[j].value;
-                        meta_ptrs[k] = &meta[k];
-                }
-                file_ptrs[i] = f;
-        }
-
-        for (size_t i = 0; i < plan->n_tensors; i++) {
-                const ShardTensor *t = &plan->tensors[i];
-                Weightd__V1__Tensor *x = &tensors[i];
-
-                weightd__v1__tensor__init(x);
-                x->name = t->source->name;
-                x->dtype = (char *) dtype_to_string(t->source->dtype);
-                x->n_shape = t->ndim;
-                x->shape = t->shape;
-                x->slab = 0;
-                x->offset = t->offset;
-                x->nbytes = t->nbytes;
-                x->file = t->file;
-                if (t->split) {
-                        x->n_full_shape = t->source->ndim;
-                        x->full_shape = t->source->shape;
-                        x->shard_dim = t->dim;
-                        x->shard_start = t->start;
-                }
-                tensor_ptrs[i] = x;
-        }
 
         s = entry->slabs[0];
         slab.fd_index = 0;
@@ -221,10 +234,6 @@ static int reply_sharded(Conn *c, uint64_t id, RequestKind kind, const Component
         slab.file = (char *) "";
         load.n_slabs = 1;
         load.slabs = &slab_ptr;
-        load.n_files = comp->n_files;
-        load.files = file_ptrs;
-        load.n_tensors = plan->n_tensors;
-        load.tensors = tensor_ptrs;
         load.lease = conn_lease_add(c, entry);
         if (load.lease == 0)
                 return conn_send_error(c, id, WEIGHTD__V1__CODE__RESOURCE_EXHAUSTED, "out of memory");
