@@ -538,61 +538,10 @@ static int parse_enum(int v, const char *shown, const char *choices, char *reaso
         return 0;
 }
 
-static int parse_budget(Parser *p, const char *value, const char *shown, char *reason) {
-        Config *c = p->config;
-        size_t n = strlen(value);
-        uint64_t v;
-        char *spec;
-        int r;
-
-        if (n > 0 && value[n - 1] == '%') {
-                _cleanup_free_ char *digits = strndup(value, n - 1);
-
-                if (!digits)
-                        return -ENOMEM;
-                r = parse_u64(digits, 1, 100, &v);
-                if (r == -ERANGE) {
-                        snprintf(reason, REASON_MAX, "\"%s\" is not in 1%%..100%%", shown);
-                        return WD_E_INVALID;
-                }
-                if (r < 0) {
-                        snprintf(reason, REASON_MAX, "\"%s\" is not a size or a percentage of RAM", shown);
-                        return WD_E_INVALID;
-                }
-                if (p->mem_total == 0) {
-                        r = mem_total(&p->mem_total);
-                        if (r < 0) {
-                                snprintf(reason, REASON_MAX, "cannot read the memory size: %s", strerror(-r));
-                                return r;
-                        }
-                }
-                v = budget_percent(p->mem_total, v);
-        } else {
-                r = parse_size(value, &v);
-                if (r == -ERANGE) {
-                        snprintf(reason, REASON_MAX, "\"%s\" is too large", shown);
-                        return WD_E_INVALID;
-                }
-                if (r < 0) {
-                        snprintf(reason, REASON_MAX, "\"%s\" is not a size or a percentage of RAM", shown);
-                        return WD_E_INVALID;
-                }
-                if (v == 0) {
-                        snprintf(reason, REASON_MAX, "\"%s\" is not a positive size", shown);
-                        return WD_E_INVALID;
-                }
-        }
-        spec = strdup(value);
-        if (!spec)
-                return -ENOMEM;
-        free(c->host_budget_spec);
-        c->host_budget_spec = spec;
-        c->host_budget = v;
-        return 0;
-}
-
-/* "90%" of the device's memory or a size such as "40G". */
-static int parse_device_budget(const char *value, const char *shown, ConfigBudget *ret, char *reason) {
+/* A budget: "N%" of some memory (of_what names it in messages: "RAM",
+ * "device memory") or a positive size such as "40G". */
+static int parse_budget_value(const char *value, const char *shown, const char *of_what, ConfigBudget *ret,
+                              char *reason) {
         size_t n = strlen(value);
         uint64_t v;
         int r;
@@ -608,7 +557,7 @@ static int parse_device_budget(const char *value, const char *shown, ConfigBudge
                         return WD_E_INVALID;
                 }
                 if (r < 0) {
-                        snprintf(reason, REASON_MAX, "\"%s\" is not a size or a percentage of device memory", shown);
+                        snprintf(reason, REASON_MAX, "\"%s\" is not a size or a percentage of %s", shown, of_what);
                         return WD_E_INVALID;
                 }
                 *ret = (ConfigBudget){ .percent = true, .value = v };
@@ -620,7 +569,7 @@ static int parse_device_budget(const char *value, const char *shown, ConfigBudge
                 return WD_E_INVALID;
         }
         if (r < 0) {
-                snprintf(reason, REASON_MAX, "\"%s\" is not a size or a percentage of device memory", shown);
+                snprintf(reason, REASON_MAX, "\"%s\" is not a size or a percentage of %s", shown, of_what);
                 return WD_E_INVALID;
         }
         if (v == 0) {
@@ -628,6 +577,35 @@ static int parse_device_budget(const char *value, const char *shown, ConfigBudge
                 return WD_E_INVALID;
         }
         *ret = (ConfigBudget){ .percent = false, .value = v };
+        return 0;
+}
+
+/* The host budget: a percentage of RAM is worked out now. */
+static int parse_budget(Parser *p, const char *value, const char *shown, char *reason) {
+        Config *c = p->config;
+        ConfigBudget b;
+        char *spec;
+        int r;
+
+        r = parse_budget_value(value, shown, "RAM", &b, reason);
+        if (r != 0)
+                return r;
+        if (b.percent) {
+                if (p->mem_total == 0) {
+                        r = mem_total(&p->mem_total);
+                        if (r < 0) {
+                                snprintf(reason, REASON_MAX, "cannot read the memory size: %s", strerror(-r));
+                                return r;
+                        }
+                }
+                b.value = budget_percent(p->mem_total, b.value);
+        }
+        spec = strdup(value);
+        if (!spec)
+                return -ENOMEM;
+        free(c->host_budget_spec);
+        c->host_budget_spec = spec;
+        c->host_budget = b.value;
         return 0;
 }
 
@@ -674,7 +652,7 @@ static int device_budget_add(Parser *p, const KeyDef *k, const char *item, char 
         if (r != 0)
                 return r;
         wd_escape(shown, sizeof(shown), spec, VALUE_SHOWN_MAX);
-        r = parse_device_budget(spec, shown, &b, reason);
+        r = parse_budget_value(spec, shown, "device memory", &b, reason);
         if (r != 0)
                 return r;
         for (size_t i = 0; i < c->n_device_budgets; i++)
@@ -848,7 +826,7 @@ static int parser_apply(Parser *p, const KeyDef *k, const char *value, bool appe
                 ConfigBudget budget;
                 char *spec;
 
-                r = parse_device_budget(value, shown, &budget, reason);
+                r = parse_budget_value(value, shown, "device memory", &budget, reason);
                 if (r != 0)
                         return r;
                 spec = strdup(value);

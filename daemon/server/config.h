@@ -40,7 +40,7 @@
 #define CONFIG_GPU_BUDGET_DEFAULT "90%"
 #define CONFIG_GPU_MAX_DEVICES 64u
 
-/* A device budget as written: a percentage of the device's memory or bytes. */
+/* A budget as written: a percentage (of RAM, of a device's memory) or bytes. */
 typedef struct ConfigBudget {
         bool percent;
         uint64_t value; /* 1..100 when percent, else bytes > 0 */
