@@ -70,9 +70,10 @@ def test_no_daemon_is_unavailable(wd, tmp_root):
         wd.connect()  # $WEIGHTD_SOCKET
 
 
-def test_device_other_than_cpu_is_unsupported(daemon, testdata, wd):
+def test_device_with_numpy_and_unknown_framework_are_invalid(daemon, testdata, wd):
+    # Device loads themselves: test_device.py.
     with wd.connect(daemon.socket) as c:
-        with pytest.raises(wd.Unsupported, match="cuda:0"):
+        with pytest.raises(wd.InvalidArgument, match=r"cuda:0.*framework=\"pt\""):
             c.load(testdata / "models" / "plain", device="cuda:0")
         with pytest.raises(wd.InvalidArgument, match="framework"):
             c.load(testdata / "models" / "plain", framework="jax")

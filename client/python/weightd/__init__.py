@@ -10,7 +10,7 @@ Also safe_open() (the safetensors API loaders use) and weights_iterator()
 goes through libweightd-client (ctypes): the protocol exists once, in C.
 """
 from ._lib import lib as _lib
-from .client import Client, Lease, TensorInfo, connect, default_socket
+from .client import Client, Lease, Shard, TensorInfo, connect, default_socket
 from .errors import (Busy, Cancelled, Error, FormatError, Internal, InvalidArgument, IoError, NotFound,
                      PermissionDenied, ProtocolError, ResourceExhausted, Unavailable, Unsupported)
 from .safetensors_compat import safe_open, safetensors_weights_iterator, weights_iterator
@@ -24,7 +24,7 @@ def library_version():
 
 
 __all__ = [
-    "Client", "Lease", "TensorInfo", "connect", "default_socket", "safe_open", "weights_iterator",
+    "Client", "Lease", "Shard", "TensorInfo", "connect", "default_socket", "safe_open", "weights_iterator",
     "safetensors_weights_iterator", "library_version",
     "Error", "InvalidArgument", "NotFound", "PermissionDenied", "FormatError", "IoError",
     "ResourceExhausted", "Unavailable", "Cancelled", "Internal", "Unsupported", "Busy", "ProtocolError",

@@ -42,6 +42,30 @@ class WdPrefetchResult(ctypes.Structure):
     _fields_ = [("bytes", ctypes.c_uint64), ("was_resident", ctypes.c_int)]
 
 
+PROGRESS_FN = ctypes.CFUNCTYPE(ctypes.c_int, ctypes.c_uint64, ctypes.c_uint64, ctypes.c_void_p)
+
+
+class WdShardRule(ctypes.Structure):
+    _fields_ = [("pattern", ctypes.c_char_p), ("dim", ctypes.c_uint)]
+
+
+KEEP_HOST_DEFAULT, KEEP_HOST_YES, KEEP_HOST_NO = 0, 1, 2
+
+
+class WdLoadOptions(ctypes.Structure):
+    _fields_ = [
+        ("device", ctypes.c_char_p),
+        ("rank", ctypes.c_uint),
+        ("world", ctypes.c_uint),
+        ("rules", ctypes.POINTER(WdShardRule)),
+        ("n_rules", ctypes.c_size_t),
+        ("uneven", ctypes.c_int),
+        ("keep_host", ctypes.c_int),
+        ("progress", PROGRESS_FN),
+        ("userdata", ctypes.c_void_p),
+    ]
+
+
 class WdEntry(ctypes.Structure):
     _fields_ = [
         ("model", ctypes.c_char_p),
@@ -94,8 +118,6 @@ class WdStatus(ctypes.Structure):
     ]
 
 
-PROGRESS_FN = ctypes.CFUNCTYPE(ctypes.c_int, ctypes.c_uint64, ctypes.c_uint64, ctypes.c_void_p)
-
 _P = ctypes.c_void_p
 _S = ctypes.c_char_p
 _ERR = ctypes.POINTER(WdError)
@@ -122,6 +144,9 @@ _SIGNATURES = {
     "wd_manifest_component": (_S, [_P]),
     "wd_manifest_bytes": (ctypes.c_uint64, [_P]),
     "wd_prefetch": (ctypes.c_int, [_P, _S, _S, PROGRESS_FN, _P, ctypes.POINTER(WdPrefetchResult), _ERR]),
+    "wd_load_ex": (ctypes.c_int, [_P, _S, _S, ctypes.POINTER(WdLoadOptions), ctypes.POINTER(_P), _ERR]),
+    "wd_prefetch_ex": (ctypes.c_int, [_P, _S, _S, ctypes.POINTER(WdLoadOptions),
+                                      ctypes.POINTER(WdPrefetchResult), _ERR]),
     "wd_evict": (ctypes.c_int, [_P, _S, _S, _ERR]),
     "wd_pin": (ctypes.c_int, [_P, _S, _S, _ERR]),
     "wd_unpin": (ctypes.c_int, [_P, _S, _S, _ERR]),

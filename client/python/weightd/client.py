@@ -16,12 +16,13 @@ leases, so a Client closed or collected before its leases is safe.
 """
 import collections.abc
 import ctypes
+import dataclasses
 import os
 import threading
 import weakref
 
 from . import _dlpack, _dtypes, errors
-from ._lib import PROGRESS_FN, WdError, WdPrefetchResult, check, lib, text
+from ._lib import PROGRESS_FN, WdError, WdLoadOptions, WdPrefetchResult, WdShardRule, check, lib, text
 
 _FRAMEWORKS = {"np": "np", "numpy": "np", "pt": "pt", "torch": "pt"}
 
@@ -33,13 +34,135 @@ def _framework(framework):
     return fw
 
 
+_HOST = ("cpu", "host", "")
+
+
 def _device(device):
-    """The device a load targets.  Only host memory is served for now; a
-    device load comes with wd_load_ex() in libweightd-client."""
-    d = "cpu" if device is None else str(device)
-    if d != "cpu":
-        raise errors.Unsupported(f'device {d!r}: this weightd package serves "cpu" only so far')
+    """The device a load targets, as libweightd-client names it: None for
+    host memory ("cpu", "host", None), else "cuda:N" or "cuda:GPU-<uuid>".
+    Takes strings, torch.device objects and CUDA ordinals (ints, as
+    safetensors does); "cuda" alone is torch's current device.  Anything
+    else goes to the library, which refuses it with INVALID_ARGUMENT."""
+    if device is None:
+        return None
+    if isinstance(device, bool):
+        raise errors.InvalidArgument(f"device {device!r}: expected \"cpu\", \"cuda:N\" or \"cuda:GPU-<uuid>\"")
+    if isinstance(device, int):
+        if device < 0:
+            raise errors.InvalidArgument(f"device {device}: a CUDA ordinal is not negative")
+        return f"cuda:{device}"
+    d = str(device)
+    if d in _HOST or d.startswith("cpu:"):
+        return None
+    if d == "cuda":
+        return f"cuda:{_torch_current_device()}"
     return d
+
+
+def _torch_current_device():
+    """torch's current CUDA ordinal, 0 where torch cannot tell (no torch, no
+    CUDA): the library then says why the device cannot be served."""
+    try:
+        import torch
+        if torch.cuda.is_available():
+            return torch.cuda.current_device()
+    except Exception:  # noqa: BLE001 (any failure of torch's CUDA means "ask the library")
+        pass
+    return 0
+
+
+def _torch_cuda_init():
+    """Initialise torch's CUDA before a device load, so that the slab is
+    mapped where torch's context sees it; failures are left to the load
+    (whose error names the real reason) and to _torch_cuda_check()."""
+    try:
+        import torch
+        if torch.cuda.is_available():
+            torch.cuda.init()
+            torch.cuda.current_device()
+    except Exception:  # noqa: BLE001
+        pass
+
+
+def _torch_cuda_check(device):
+    import torch
+    if not torch.cuda.is_available():
+        raise errors.Unsupported(f"device {device!r}: this torch ({torch.__version__}) cannot use CUDA, "
+                                 "so it cannot hold the lease's device memory")
+    torch.cuda.init()
+
+
+@dataclasses.dataclass
+class Shard:
+    """This rank's part of a sharded load: tensors whose name matches a
+    rule's pattern (a glob as fnmatch(3) without flags: "*" also matches
+    ".") are split along the rule's dim (0 or 1) into world parts, and this
+    rank gets part rank; the first matching rule wins, other tensors come
+    whole.  A dimension world does not divide is an error unless uneven is
+    set (then the first size % world ranks get one more index)."""
+
+    rank: int
+    world: int
+    rules: list = dataclasses.field(default_factory=list)
+    uneven: bool = False
+
+    def __post_init__(self):
+        for what in ("rank", "world"):
+            v = getattr(self, what)
+            if isinstance(v, bool) or not isinstance(v, int) or v < 0:
+                raise errors.InvalidArgument(f"shard {what} {v!r}: expected an integer >= 0")
+        rules = self.rules
+        if isinstance(rules, collections.abc.Mapping):
+            rules = list(rules.items())
+        elif isinstance(rules, (str, bytes)) or not isinstance(rules, collections.abc.Iterable):
+            raise errors.InvalidArgument(f"shard rules {rules!r}: expected [(pattern, dim), ...]")
+        out = []
+        for rule in rules:
+            try:
+                pattern, dim = rule
+            except (TypeError, ValueError):
+                raise errors.InvalidArgument(f"shard rule {rule!r}: expected (pattern, dim)") from None
+            if not isinstance(pattern, str):
+                raise errors.InvalidArgument(f"shard rule {rule!r}: the pattern must be a str")
+            if isinstance(dim, bool) or not isinstance(dim, int) or dim < 0:
+                raise errors.InvalidArgument(f"shard rule {rule!r}: dim must be an integer >= 0")
+            out.append((pattern, dim))
+        self.rules = out
+        self.uneven = bool(self.uneven)
+
+
+def _shard(shard):
+    if shard is None or isinstance(shard, Shard):
+        return shard
+    if isinstance(shard, collections.abc.Mapping):
+        unknown = set(shard) - {f.name for f in dataclasses.fields(Shard)}
+        if unknown:
+            raise errors.InvalidArgument(f"shard: unknown keys {sorted(unknown)} (rank, world, rules, uneven)")
+        try:
+            return Shard(**shard)
+        except TypeError as e:
+            raise errors.InvalidArgument(f"shard {dict(shard)!r}: {e}") from None
+    raise errors.InvalidArgument(f"shard {shard!r}: expected a weightd.Shard, a dict or None")
+
+
+def _options(device, shard, progress=None):
+    """wd_load_options for a device (None: host) and a Shard; the ctypes
+    objects it points at stay referenced by the struct (ctypes keeps them
+    in its _objects) for as long as it lives."""
+    o = WdLoadOptions()
+    if device is not None:
+        o.device = device.encode()
+    if shard is not None:
+        o.rank, o.world, o.uneven = shard.rank, shard.world, int(shard.uneven)
+        if shard.rules:
+            rules = (WdShardRule * len(shard.rules))()
+            for i, (pattern, dim) in enumerate(shard.rules):
+                rules[i].pattern = pattern.encode("utf-8", "surrogateescape")
+                rules[i].dim = dim
+            o.rules = rules
+            o.n_rules = len(shard.rules)
+    o.progress = progress if progress is not None else PROGRESS_FN()
+    return o
 
 
 def _model(model):
@@ -152,6 +275,7 @@ class Lease(collections.abc.Mapping):
     def __init__(self, conn, lease_ptr, framework, device):
         self._framework = framework
         self._device = device
+        self._cuda = None  # the CUDA ordinal of a device lease
         self._mapping = _Mapping(conn, lease_ptr)
         self._id = lib.wd_lease_id(lease_ptr)
         m = lib.wd_lease_manifest(lease_ptr)
@@ -167,8 +291,16 @@ class Lease(collections.abc.Mapping):
                 if lib.wd_manifest_metadata(m, f, i, ctypes.byref(k), ctypes.byref(v)) == 0:
                     md[text(k.value)] = text(v.value)
             self._metadata.append(md)
-        self._tensors = {}  # name -> (TensorInfo, data address)
-        spans = {}  # file -> [base address, end offset]
+        # name -> (TensorInfo, address or 0, region key or None).  A region
+        # is one mapped slab, keyed by (CUDA ordinal or -1 for host memory,
+        # the slab's base address): a file's own mapping for an ordinary
+        # load, or the one derived slab of a sharded or device load, where
+        # the tensors of every file lie at offsets in the same slab while
+        # TensorInfo.file still names each one's real file.  Arrays are
+        # views of one byte array per region, so they share its storage.
+        self._tensors = {}
+        self._shards = {}  # name -> (dim, start, full_shape) for split tensors
+        regions = {}  # region key -> [base address, end offset]
         get = lib.wd_manifest_tensor
         for i in range(lib.wd_manifest_n_tensors(m)):
             t = get(m, i).contents
@@ -176,17 +308,24 @@ class Lease(collections.abc.Mapping):
             shape = tuple(t.shape[:ndim]) if ndim else ()
             name = t.name.decode("utf-8", "surrogateescape")
             info = TensorInfo((name, t.dtype.decode(), shape, t.file, t.offset, t.nbytes))
-            data = t.data or 0
-            self._tensors[name] = (info, data)
-            if data:
-                span = spans.get(t.file)
+            if t.full_shape:
+                self._shards[name] = (t.shard_dim, t.shard_start, tuple(t.full_shape[:ndim]))
+            dev = t.device if t.device >= 0 and t.device_ptr else -1
+            addr = t.device_ptr if dev >= 0 else (t.data or 0)
+            if dev >= 0:
+                self._cuda = dev
+            region = None
+            if addr:
+                region = (dev, addr - t.offset)
+                span = regions.get(region)
                 end = t.offset + t.nbytes
                 if span is None:
-                    spans[t.file] = [data - t.offset, end]
+                    regions[region] = [region[1], end]
                 elif end > span[1]:
                     span[1] = end
-        self._spans = spans
-        self._bases = {}  # file -> numpy or torch byte array over its mapping
+            self._tensors[name] = (info, addr, region)
+        self._regions = regions
+        self._bases = {}  # region key -> numpy or torch byte array over it
 
     # ---- the mapping ----
 
@@ -224,6 +363,14 @@ class Lease(collections.abc.Mapping):
     def shape(self, name):
         return list(self.info(name).shape)
 
+    def shard_info(self, name):
+        """None for a tensor delivered whole; for one a sharded load split,
+        (dim, start, full_shape): this part starts at index start along dim
+        of the file's tensor, whose shape is full_shape (shape() is the
+        part's)."""
+        self.info(name)
+        return self._shards.get(name)
+
     def metadata(self, file=0):
         """The file's __metadata__ (the first file's by default; shards of
         one checkpoint carry the same), or None when it has none."""
@@ -250,15 +397,20 @@ class Lease(collections.abc.Mapping):
     def framework(self):
         return self._framework
 
+    @property
+    def device(self):
+        """"cpu", or "cuda:N" (this process's ordinal) for a device lease."""
+        return "cpu" if self._cuda is None else f"cuda:{self._cuda}"
+
     def get_tensor(self, name):
         """The tensor as a zero-copy view: a read-only numpy array, or a
         torch tensor (framework "pt")."""
         self._live()
         try:
-            info, data = self._tensors[name]
+            info, addr, region = self._tensors[name]
         except KeyError:
             raise KeyError(f"{self._model}: no tensor {name!r}") from None
-        return _ARRAY[self._framework](self, info, data)
+        return _ARRAY[self._framework](self, info, addr, region)
 
     # ---- ending it ----
 
@@ -282,34 +434,40 @@ class Lease(collections.abc.Mapping):
 
     # ---- arrays ----
 
-    def _base(self, info):
-        base = self._bases.get(info.file)
+    def _base(self, region):
+        base = self._bases.get(region)
         if base is None:
-            addr, end = self._spans[info.file]
+            addr, end = self._regions[region]
             if self._framework == "pt":
-                base = _dlpack.byte_tensor(addr, end, self._mapping)
+                base = _dlpack.byte_tensor(addr, end, self._mapping, *_dl_device(region[0]))
             else:
                 import numpy as np
                 base = np.asarray(_Bytes(addr, end, self._mapping))
-            self._bases[info.file] = base
+            self._bases[region] = base
         return base
 
 
-def _numpy_array(lease, info, data):
+def _dl_device(ordinal):
+    """(DLPack device type, id) of a region's memory."""
+    return (_dlpack.KDL_CPU, 0) if ordinal < 0 else (_dlpack.KDL_CUDA, ordinal)
+
+
+def _numpy_array(lease, info, addr, region):
     import numpy as np
 
     dt, _real = _dtypes.numpy_type(info.dtype)
     shape = info.shape
     if dt is None:
         dt, shape = np.dtype(np.uint8), _dtypes.packed_shape(info.dtype, shape, info.nbytes)
-    if info.nbytes == 0 or not data:
+    if info.nbytes == 0 or not addr:
         a = np.empty(shape, dt)  # nothing to share: no bytes
         a.flags.writeable = False
         return a
-    return np.ndarray(shape, dt, buffer=lease._base(info), offset=info.offset)
+    # Host memory only: Client.load() refuses a device with numpy.
+    return np.ndarray(shape, dt, buffer=lease._base(region), offset=info.offset)
 
 
-def _torch_tensor(lease, info, data):
+def _torch_tensor(lease, info, addr, region):
     import torch
 
     dt = _dtypes.torch_type(info.dtype)
@@ -321,15 +479,16 @@ def _torch_tensor(lease, info, data):
         shape = _dtypes.packed_shape(info.dtype, shape, info.nbytes)
         if dt is None or not info.shape or shape[-1] * 2 != info.shape[-1]:
             dt = torch.uint8
-    if info.nbytes == 0 or not data:
-        return torch.empty(shape, dtype=dt)
+    if info.nbytes == 0 or not addr:
+        device = "cpu" if lease._cuda is None else f"cuda:{lease._cuda}"
+        return torch.empty(shape, dtype=dt, device=device)
     size = dt.itemsize
     if info.offset % size == 0:
-        b = lease._base(info)[info.offset:info.offset + info.nbytes]
+        b = lease._base(region)[info.offset:info.offset + info.nbytes]
     else:
         # torch views a byte tensor as a wider type only at a storage offset
         # that the width divides: give this tensor a storage of its own.
-        b = _dlpack.byte_tensor(data, info.nbytes, lease._mapping)
+        b = _dlpack.byte_tensor(addr, info.nbytes, lease._mapping, *_dl_device(region[0]))
     if size != 1 or dt != torch.uint8:
         b = b.view(dt)
     return b.view(shape)
@@ -360,23 +519,49 @@ class Client:
     def __exit__(self, *exc):
         self.close()
 
-    def load(self, model, component=None, device="cpu", framework="np"):
+    def load(self, model, component=None, device="cpu", framework="np", shard=None):
         """Lease a component (reading it if it is not resident): a Lease,
-        a read-only mapping from tensor name to array."""
+        a read-only mapping from tensor name to array.
+
+        device: "cpu" (host memory, the default), or "cuda:N" (this
+        process's ordinal: CUDA_VISIBLE_DEVICES applies), "cuda:GPU-<uuid>",
+        "cuda" (torch's current device), an int N or a torch.device: the
+        component in the daemon's GPU tier, mapped into this process;
+        only framework="pt" can hold device memory.  shard: None, or a
+        weightd.Shard (or a dict of its fields): this rank's parts of the
+        tensors its rules match."""
         fw = _framework(framework)
         dev = _device(device)
+        if dev is not None and fw != "pt":
+            raise errors.InvalidArgument(f'device {dev!r}: numpy arrays live in host memory; '
+                                         'framework="pt" holds device memory')
+        opts = _options(dev, _shard(shard))
+        if dev is not None:
+            _torch_cuda_init()
         lease = ctypes.c_void_p()
-        self._conn.call(lib.wd_load, _model(model), _component(component), ctypes.byref(lease))
-        return Lease(self._conn, lease, fw, dev)
+        self._conn.call(lib.wd_load_ex, _model(model), _component(component), ctypes.byref(opts),
+                        ctypes.byref(lease))
+        out = Lease(self._conn, lease, fw, dev or "cpu")
+        if out._cuda is not None:
+            try:
+                _torch_cuda_check(dev)
+            except BaseException:
+                out.release()
+                raise
+        return out
 
-    def prefetch(self, model, components=None, progress=None):
+    def prefetch(self, model, components=None, progress=None, shard=None, device="cpu"):
         """Make components resident without leasing them.  components: None
         (the model's only component, or "" ), a name, or a list of names.
         progress(component, done, total) is called as bytes arrive; a true
-        return value cancels (weightd.Cancelled).  Returns {component:
-        {"bytes": n, "was_resident": bool}}."""
+        return value cancels (weightd.Cancelled).  shard and device as for
+        load(): the sharded entry, or the device tier, is made resident
+        (a later load() with the same ones finds it).  Returns
+        {component: {"bytes": n, "was_resident": bool}}."""
         if components is None or isinstance(components, str):
             components = [components or ""]
+        dev = _device(device)
+        sh = _shard(shard)
         out = {}
         for comp in components:
             cb = PROGRESS_FN()
@@ -389,9 +574,11 @@ class Client:
                         failure.append(e)
                         return 1
                 cb = PROGRESS_FN(fn)
+            opts = _options(dev, sh, cb)
             res = WdPrefetchResult()
             try:
-                self._conn.call(lib.wd_prefetch, _model(model), _component(comp), cb, None, ctypes.byref(res))
+                self._conn.call(lib.wd_prefetch_ex, _model(model), _component(comp), ctypes.byref(opts),
+                                ctypes.byref(res))
             except errors.Cancelled:
                 if failure:
                     raise failure[0] from None

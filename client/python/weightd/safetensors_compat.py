@@ -7,8 +7,10 @@ file beneath one of its model roots); tensors are zero-copy views of the
 daemon's memory instead of copies out of a page-cache mapping.
 
 weights_iterator(files) yields (name, tensor) as FastVideo's
-safetensors_weights_iterator(files, to_cpu=True) does: files in the given
-order, names in safe_open(file).keys() order, torch tensors.
+safetensors_weights_iterator(files, to_cpu) does: files in the given
+order, names in safe_open(file).keys() order, torch tensors; on the host
+with to_cpu=True, else on the device (torch's current CUDA device unless
+device names one), served from the daemon's GPU tier.
 
 Fallback.  fallback=True reads the file with the safetensors library when
 no daemon answers (connect() raises Unavailable).  fallback="always" also
@@ -57,8 +59,11 @@ class _Slice:
 class safe_open:
     """safe_open(path, framework="np"|"pt", device="cpu") served by weightd.
 
-    Use as a context manager, as with safetensors; closing it releases the
-    lease (tensors already returned stay valid)."""
+    device: "cpu", or a CUDA device ("cuda:N", "cuda:GPU-<uuid>", "cuda",
+    an int, a torch.device) with framework="pt": tensors in the daemon's
+    GPU tier, mapped into this process.  Use as a context manager, as with
+    safetensors; closing it releases the lease (tensors already returned
+    stay valid)."""
 
     def __init__(self, filename, framework="np", device="cpu", *, socket=None, fallback=False):
         if fallback not in _FALLBACK_MODES:
@@ -135,11 +140,12 @@ def _safetensors_open(path, framework, device):
 
 def weights_iterator(files, to_cpu=True, device=None, *, socket=None, fallback=False):
     """Yield (name, torch tensor) for every tensor of files, in the order
-    FastVideo's safetensors_weights_iterator(files, to_cpu=True) does.
+    FastVideo's safetensors_weights_iterator(files, to_cpu) does.
 
-    device: "cpu" (the default; to_cpu=False without a device is refused
-    until weightd serves GPUs).  One connection serves all files; each
-    file's lease ends once its tensors are gone."""
+    device: None for "cpu" with to_cpu=True, else torch's current CUDA
+    device (as FastVideo's local device); or any device load() takes.
+    One connection serves all files; each file's lease ends once its
+    tensors are gone."""
     if device is None:
         device = "cpu" if to_cpu else "cuda"
     if fallback not in _FALLBACK_MODES:
