@@ -25,6 +25,7 @@
 #include <string.h>
 #include <unistd.h>
 
+#include "gpu/copy-sched.h"
 #include "gpu/gpu.h"
 
 #define GPU_STREAMS 2u
@@ -112,9 +113,8 @@ struct GpuCopy {
         uint64_t total;
 
         /* Device thread only, until finished. */
-        size_t *first;     /* per file: its first tensor in the plan; n_files + 1 entries */
-        size_t *cursor;    /* per file: the next tensor to issue */
-        uint64_t *partial; /* per file: bytes of that tensor issued (single-row copies) */
+        CopySched sched;
+        uint64_t *snapshot; /* per file: filled, as read for one round */
         bool started;
         Pending *pending, *pending_tail;
         GpuSlab *slab;
@@ -611,22 +611,11 @@ int gpu_copy_new(Gpu *g, size_t dev, const ShardPlan *plan, Slab *const *files, 
                         .userdata = userdata };
         c->files = calloc(MAX(n_files, 1), sizeof(Slab *));
         c->filled = calloc(MAX(n_files, 1), sizeof(*c->filled));
-        c->first = calloc(n_files + 1, sizeof(size_t));
-        c->cursor = calloc(MAX(n_files, 1), sizeof(size_t));
-        c->partial = calloc(MAX(n_files, 1), sizeof(uint64_t));
-        if (!c->files || !c->filled || !c->first || !c->cursor || !c->partial)
+        c->snapshot = calloc(MAX(n_files, 1), sizeof(uint64_t));
+        if (!c->files || !c->filled || !c->snapshot || copy_sched_init(&c->sched, plan, n_files, GPU_PIECE_MIN) < 0)
                 return -ENOMEM;
         memcpy(c->files, files, n_files * sizeof(Slab *));
-        /* The plan lists tensors file by file: find where each file starts. */
-        for (size_t t = 0, f = 0; f <= n_files; f++) {
-                while (t < plan->n_tensors && plan->tensors[t].file < f)
-                        t++;
-                c->first[f] = t;
-        }
-        for (size_t f = 0; f < n_files; f++)
-                c->cursor[f] = c->first[f];
-        for (size_t t = 0; t < plan->n_tensors; t++)
-                c->total += plan->tensors[t].copy.width * plan->tensors[t].copy.height;
+        c->total = copy_sched_total(&c->sched);
 
         pthread_mutex_lock(&d->lock);
         c->next = d->incoming;
@@ -698,9 +687,8 @@ GpuCopy *gpu_copy_free(GpuCopy *c) {
         gpu_slab_free(c->slab);
         free(c->files);
         free((void *) c->filled);
-        free(c->first);
-        free(c->cursor);
-        free(c->partial);
+        copy_sched_deinit(&c->sched);
+        free(c->snapshot);
         free(c);
         return NULL;
 }
@@ -708,11 +696,6 @@ GpuCopy *gpu_copy_free(GpuCopy *c) {
 static void copy_fail(GpuCopy *c, int r) {
         if (c->error == 0)
                 c->error = r;
-}
-
-/* Where the bytes of its file that a copy reads end. */
-static uint64_t copy_src_end(const ShardCopy *k) {
-        return k->src + (k->height - 1) * k->src_pitch + k->width;
 }
 
 /* Record an event after a batch of bytes on stream. */
@@ -753,55 +736,29 @@ static bool copy_issue(GpuCopy *c) {
         cudaStream_t stream = d->streams[d->next_stream % GPU_STREAMS];
         uint8_t *base = (uint8_t *) (uintptr_t) c->slab->base;
         uint64_t batch = 0;
+        CopyStep step;
         int r;
 
-        for (size_t f = 0; f < c->n_files && c->error == 0; f++) {
-                uint64_t filled = atomic_load(&c->filled[f]);
-                const uint8_t *src = c->files[f]->data;
+        for (size_t f = 0; f < c->n_files; f++)
+                c->snapshot[f] = atomic_load(&c->filled[f]);
+        while (c->error == 0 && copy_sched_next(&c->sched, c->snapshot, &step)) {
+                const ShardCopy *k = &step.copy;
+                const uint8_t *src = c->files[step.file]->data;
 
-                while (c->cursor[f] < c->first[f + 1]) {
-                        const ShardTensor *t = &c->plan->tensors[c->cursor[f]];
-                        const ShardCopy *k = &t->copy;
-
-                        if (k->height == 0 || k->width == 0) {
-                                c->cursor[f]++;
-                                continue;
-                        }
-                        if (k->height == 1) {
-                                /* One row: copy what has arrived, in pieces. */
-                                uint64_t from = k->src + c->partial[f], end = k->src + k->width;
-                                uint64_t to = MIN(filled, end);
-
-                                if (to <= from || (to < end && to - from < GPU_PIECE_MIN))
-                                        break;
-                                r = gpu_check(cudaMemcpyAsync(base + k->dst + c->partial[f], src + from, to - from,
-                                                              cudaMemcpyHostToDevice, stream),
-                                              &c->err, "cuda:%u: copying tensor \"%s\"", d->info.index,
-                                              t->source->name);
-                                if (r < 0) {
-                                        copy_fail(c, r);
-                                        break;
-                                }
-                                batch += to - from;
-                                c->partial[f] += to - from;
-                                if (to < end)
-                                        break;
-                                c->partial[f] = 0;
-                                c->cursor[f]++;
-                                continue;
-                        }
-                        if (copy_src_end(k) > filled)
-                                break;
+                if (k->height == 1)
+                        r = gpu_check(cudaMemcpyAsync(base + k->dst, src + k->src, k->width, cudaMemcpyHostToDevice,
+                                                      stream),
+                                      &c->err, "cuda:%u: copying tensor \"%s\"", d->info.index,
+                                      c->plan->tensors[step.tensor].source->name);
+                else
                         r = gpu_check(cudaMemcpy2DAsync(base + k->dst, k->dst_pitch, src + k->src, k->src_pitch,
                                                         k->width, k->height, cudaMemcpyHostToDevice, stream),
-                                      &c->err, "cuda:%u: copying tensor \"%s\"", d->info.index, t->source->name);
-                        if (r < 0) {
-                                copy_fail(c, r);
-                                break;
-                        }
+                                      &c->err, "cuda:%u: copying tensor \"%s\"", d->info.index,
+                                      c->plan->tensors[step.tensor].source->name);
+                if (r < 0)
+                        copy_fail(c, r);
+                else
                         batch += k->width * k->height;
-                        c->cursor[f]++;
-                }
         }
         if (batch == 0)
                 return false;
@@ -836,10 +793,7 @@ static bool copy_poll(GpuCopy *c, bool wait) {
 }
 
 static bool copy_done_issuing(const GpuCopy *c) {
-        for (size_t f = 0; f < c->n_files; f++)
-                if (c->cursor[f] < c->first[f + 1])
-                        return false;
-        return true;
+        return copy_sched_done(&c->sched);
 }
 
 /* One round of a copy on its device thread.  Returns whether it moved;
