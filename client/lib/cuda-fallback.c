@@ -21,7 +21,15 @@ int cuda_target(const char *device, char *buf, size_t size, wd_error *err) {
                 snprintf(buf, size, "%s", "");
                 return WD_OK;
         }
-        return error_set(err, WD_UNSUPPORTED, NO_CUDA);
+        /* A UUID needs no driver to be named (a Prefetch to a device maps
+         * nothing here); an ordinal of ours does. */
+        if (strncmp(device, "cuda:GPU-", 9) == 0) {
+                if (strlen(device) >= size)
+                        return error_set(err, WD_INVALID_ARGUMENT, "device \"%.64s...\": too long", device);
+                snprintf(buf, size, "%s", device);
+                return WD_OK;
+        }
+        return error_set(err, WD_UNSUPPORTED, NO_CUDA ": name the device as cuda:GPU-<uuid>");
 }
 
 int cuda_import(int fd, const char *uuid, uint64_t map_size, CudaMapping *ret, wd_error *err) {
