@@ -630,6 +630,10 @@ class Client:
             out["hugetlb"] = bool(v.hugetlb)
             out["model_roots"] = [text(v.model_roots[i]) for i in range(v.n_model_roots)]
             out["gpu"] = text(v.gpu)
+            out["devices"] = [{k: (text(x) if isinstance(x, bytes) else x)
+                               for k in ("index", "uuid", "name", "pci_bus_id", "total_bytes", "budget_bytes",
+                                         "used_bytes", "evictable_bytes") for x in [getattr(v.devices[i], k)]}
+                              for i in range(v.n_devices)]
             return out
         finally:
             lib.wd_status_free(s)
