@@ -11,7 +11,8 @@ device or the daemon found none.  Otherwise, on a generated model:
     and reads the same bytes;
   - SIGKILL of a worker holding a device lease ends that lease;
   - a worker keeps valid memory after the daemon is killed and restarted;
-  - a device budget smaller than the component refuses with RESOURCE_EXHAUSTED.
+  - a device budget smaller than the component refuses with RESOURCE_EXHAUSTED;
+  - the Python package's device loads, whole and sharded (gpu-python.py).
 Usage: gpu-suite.py BUILD_DIR
 """
 import ctypes
@@ -207,6 +208,10 @@ def main():
     check("a device budget too small refuses with RESOURCE_EXHAUSTED", env.code == "RESOURCE_EXHAUSTED", env.message)
     p.terminate()
     p.wait()
+
+    # The Python package's device loads (gpu-python.py, with a daemon of its own).
+    r = subprocess.run([sys.executable, str(HERE / "gpu-python.py"), str(build)], timeout=240)
+    check("the Python package's device loads (gpu-python.py)", r.returncode in (0, SKIP), f"exit {r.returncode}")
 
     print(f"{len(failures)} failed")
     sys.exit(1 if failures else 0)
