@@ -8,7 +8,9 @@ alive) referenced until torch calls the deleter, when the last tensor that
 shares the storage is gone.  Typed tensors are views of that byte tensor
 (`.view(dtype)`), which shares its storage: no copy, and the same bytes.
 
-A device path (kDLCUDA) slots in by passing another device_type and id.
+Device leases pass device_type kDLCUDA and the CUDA ordinal: the same
+byte tensor, over device memory, and the same views (torch's CUDA must be
+initialised first: Client.load() does that).
 """
 import ctypes
 import threading

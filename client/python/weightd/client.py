@@ -270,7 +270,9 @@ class Lease(collections.abc.Mapping):
 
     Arrays are views of the daemon's sealed memory: numpy arrays are
     read-only; torch tensors cannot be marked so, and writing into one
-    faults (SIGSEGV), because the pages are mapped read-only."""
+    faults (SIGSEGV), because the pages are mapped read-only.  A device
+    lease's tensors are torch CUDA tensors over the daemon's device memory,
+    which is not mapped read-only: it is shared, so never write into it."""
 
     def __init__(self, conn, lease_ptr, framework, device):
         self._framework = framework
@@ -400,7 +402,7 @@ class Lease(collections.abc.Mapping):
     @property
     def device(self):
         """"cpu", or "cuda:N" (this process's ordinal) for a device lease."""
-        return "cpu" if self._cuda is None else f"cuda:{self._cuda}"
+        return self._device if self._cuda is None else f"cuda:{self._cuda}"
 
     def get_tensor(self, name):
         """The tensor as a zero-copy view: a read-only numpy array, or a
