@@ -5,6 +5,7 @@
  * not see, WD_RESOURCE_EXHAUSTED, WD_INTERNAL with the driver's error name. */
 #pragma once
 
+#include <stdbool.h>
 #include <stddef.h>
 #include <stdint.h>
 
@@ -14,6 +15,7 @@ typedef struct CudaMapping {
         int device;      /* this process's ordinal */
         uint64_t ptr;    /* CUdeviceptr of offset 0 */
         size_t size;     /* mapped bytes; 0 when not mapped */
+        bool read_only;  /* the driver gave read-only access (else read-write) */
 } CudaMapping;
 
 /* "GPU-<uuid>" of this process's ordinal. */

@@ -229,11 +229,20 @@ int cuda_import(int fd, const char *uuid, uint64_t map_size, CudaMapping *ret, w
                 (void) driver.MemRelease(handle);
                 return r;
         }
+        /* Read-only, so that no worker can change what the others see (a
+         * write faults, as it does on a host slab); read-write only where
+         * the driver refuses read-only access to device memory. */
         memset(&access, 0, sizeof(access));
         access.location.type = CU_MEM_LOCATION_TYPE_DEVICE;
         access.location.id = dev;
-        access.flags = CU_MEM_ACCESS_FLAGS_PROT_READWRITE;
-        r = cu_check(driver.MemSetAccess(ptr, map_size, &access, 1), err, "cannot set access to the device slab");
+        access.flags = CU_MEM_ACCESS_FLAGS_PROT_READ;
+        if (driver.MemSetAccess(ptr, map_size, &access, 1) == CUDA_SUCCESS)
+                m.read_only = true;
+        else {
+                access.flags = CU_MEM_ACCESS_FLAGS_PROT_READWRITE;
+                r = cu_check(driver.MemSetAccess(ptr, map_size, &access, 1), err,
+                             "cannot set access to the device slab");
+        }
         if (r != WD_OK) {
                 (void) driver.MemUnmap(ptr, map_size);
                 (void) driver.MemAddressFree(ptr, map_size);

@@ -107,7 +107,8 @@ typedef struct wd_tensor {
         const uint64_t *shape; /* ndim entries (NULL for a scalar) */
         uint64_t nbytes;
         unsigned file;         /* index of its file in the manifest */
-        uint64_t offset;       /* byte offset in that file */
+        uint64_t offset;       /* byte offset in its slab: in the file for a whole host load, in the one
+                                * derived slab for a sharded or device load */
         const void *data;      /* read-only, in the mapped slab; NULL outside a lease or for a device lease */
         /* Added in 0.2.  Sharded loads: for a tensor a rule split, shape is
          * this rank's part, full_shape (ndim entries) the tensor's in the
@@ -118,7 +119,10 @@ typedef struct wd_tensor {
         uint64_t shard_start;
         /* Device leases: the CUDA device ordinal in this process (after
          * CUDA_VISIBLE_DEVICES) and the tensor's device address; -1 and 0
-         * for host memory. */
+         * for host memory.  The device memory is mapped read-only where the
+         * driver allows it (a write faults, and a fault ends the process's
+         * CUDA context); never write into it in any case: every worker on
+         * the node shares it. */
         int device;
         uint64_t device_ptr;
 } wd_tensor;
