@@ -433,9 +433,12 @@ void device_load_resolved(Request *r, Component *comp_in) {
 static void drop_host_entry(Server *s, CacheEntry *he) {
         WdError err = WD_ERROR_NULL;
 
-        if (he->state == CACHE_ENTRY_RESIDENT && he->leases == 0 && !he->pinned &&
-            cache_entry_evict(he, &err) == 0)
-                log_debug("dropped the host copy of %s %s after its device load", he->model, he->component);
+        if (he->state != CACHE_ENTRY_RESIDENT || he->leases > 0 || he->pinned)
+                return;
+        /* Eviction frees he: say so first. */
+        log_debug("dropping the host copy of %s %s after its device load", he->model, he->component);
+        if (cache_entry_evict(he, &err) != 0)
+                log_debug("cannot drop it: %s", err.message);
 }
 
 static void dev_job_finish(DevJob *dj) {
