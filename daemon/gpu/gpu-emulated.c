@@ -182,8 +182,8 @@ uint64_t gpu_device_free_bytes(Gpu *g, size_t i) {
 
 int gpu_slab_new(Gpu *g, size_t i, uint64_t bytes, GpuSlab **ret, WdError *err) {
         _cleanup_(gpu_slab_freep) GpuSlab *s = NULL;
+        uint64_t used, map_size = ALIGN_UP(MAX(bytes, 1u), EMU_GRANULARITY);
         EmuDev *d;
-        uint64_t used;
         void *p;
 
         if (!g || i >= g->n_devs)
@@ -193,18 +193,20 @@ int gpu_slab_new(Gpu *g, size_t i, uint64_t bytes, GpuSlab **ret, WdError *err) 
         if (!s)
                 return wd_error_set(err, -ENOMEM, "out of memory");
         *s = (GpuSlab){ .dev = d, .index = i, .size = bytes, .fd = -1 };
-        s->map_size = ALIGN_UP(MAX(bytes, 1u), EMU_GRANULARITY);
 
-        /* Device memory is finite: take it like an allocator would. */
+        /* Device memory is finite: take it like an allocator would.  Only
+         * what was taken goes into s->map_size, which gpu_slab_free() gives
+         * back. */
         used = atomic_load(&d->used);
         do
-                if (used + s->map_size > d->info.total_bytes)
+                if (map_size > d->info.total_bytes - used)
                         return wd_error_set(err, -ENOMEM,
                                             "cuda:%u: cannot allocate %llu bytes of device memory: "
                                             "CUDA_ERROR_OUT_OF_MEMORY (emulated, %llu of %llu in use)",
-                                            d->info.index, (unsigned long long) s->map_size,
+                                            d->info.index, (unsigned long long) map_size,
                                             (unsigned long long) used, (unsigned long long) d->info.total_bytes);
-        while (!atomic_compare_exchange_weak(&d->used, &used, used + s->map_size));
+        while (!atomic_compare_exchange_weak(&d->used, &used, used + map_size));
+        s->map_size = map_size;
 
         s->fd = memfd_create("weightd-emulated-device-slab", MFD_CLOEXEC);
         if (s->fd < 0 || ftruncate(s->fd, (off_t) s->map_size) < 0) {
