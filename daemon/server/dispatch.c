@@ -523,13 +523,34 @@ static int handle_release(Conn *c, uint64_t id, const Weightd__V1__ReleaseReques
         return conn_send(c, &env, NULL, 0);
 }
 
-/* The next entry for a model and component after e (NULL: the first),
- * whatever its files and variant: NULL when none is left. */
+/* The cache after c: the host cache, then each device's. */
+static Cache *next_cache(Server *s, Cache *c) {
+        size_t n = s->dev_caches ? gpu_n_devices(s->gpu) : 0;
+
+        if (c == s->cache)
+                return n > 0 ? s->dev_caches[0] : NULL;
+        for (size_t i = 0; i + 1 < n; i++)
+                if (s->dev_caches[i] == c)
+                        return s->dev_caches[i + 1];
+        return NULL;
+}
+
+/* The next entry for a model and component after e (NULL: the first), in
+ * the host tier or on a device, whatever its files and variant: NULL when
+ * none is left. */
 static CacheEntry *find_entry(Server *s, CacheEntry *e, const char *key, const char *component) {
-        for (e = e ? cache_next(e) : cache_first(s->cache); e; e = cache_next(e))
+        Cache *c = e ? e->cache : s->cache;
+
+        for (e = e ? cache_next(e) : cache_first(c);; e = cache_next(e)) {
+                while (!e) {
+                        c = next_cache(s, c);
+                        if (!c)
+                                return NULL;
+                        e = cache_first(c);
+                }
                 if (strcmp(e->model, key) == 0 && strcmp(e->component, component) == 0)
                         return e;
-        return NULL;
+        }
 }
 
 typedef enum EntryOp {
@@ -539,7 +560,7 @@ typedef enum EntryOp {
 } EntryOp;
 
 /* Evict, Pin and Unpin act on every entry of the component: the whole one
- * and each sharded one.  Evict takes all or none: one that is loading,
+ * and each sharded one, in the host tier and on every device.  Evict takes all or none: one that is loading,
  * leased or pinned makes it BUSY and nothing is evicted. */
 static int handle_entry_op(Conn *c, uint64_t id, const Weightd__V1__ComponentRef *ref, EntryOp op) {
         REPLY_ENVELOPE(env, reply, id);
@@ -566,6 +587,8 @@ static int handle_entry_op(Conn *c, uint64_t id, const Weightd__V1__ComponentRef
                                 if (r != 0) {
                                         if (*x->variant)
                                                 wd_error_prefix(&err, "shard \"%s\"", x->variant);
+                                        if (x->cache != s->cache)
+                                                wd_error_prefix(&err, "%s", cache_name(x->cache));
                                         return conn_send_wd_error(c, id, r, &err);
                                 }
                         }
