@@ -107,7 +107,7 @@ int gpu_new(Gpu **ret, const unsigned *only, size_t n_only, WdError *err) {
         uint64_t count, size;
 
         if (!spec || !*spec)
-                return wd_error_set(err, -ENODEV, "no emulated GPU ($WEIGHTD_EMULATED_GPUS is not set)");
+                return wd_error_set(err, -ENODEV, "no emulated CUDA device ($WEIGHTD_EMULATED_GPUS is not set)");
         colon = strchr(spec, ':');
         count_s = colon ? strndup(spec, (size_t) (colon - spec)) : NULL;
         if (!colon || !count_s || parse_u64(count_s, 1, GPU_MAX_DEVICES, &count) < 0 || parse_size(colon + 1, &size) < 0 ||
