@@ -71,14 +71,15 @@ def tmp_root(workdir):
 
 @pytest.fixture
 def start_daemon(bins, workdir, testdata):
-    """start_daemon(roots=None, **config) -> a running Daemon.  Default roots:
-    the test data's models/ and good/."""
+    """start_daemon(roots=None, env=None, **config) -> a running Daemon.
+    Default roots: the test data's models/ and good/; env: variables added to
+    weightd's environment."""
     started = []
 
-    def start(roots=None, **config):
+    def start(roots=None, env=None, **config):
         if roots is None:
             roots = [testdata / "models", testdata / "good"]
-        d = Daemon(bins, workdir, roots, config)
+        d = Daemon(bins, workdir, roots, config, env)
         started.append(d)
         return d.start()
 

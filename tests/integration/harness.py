@@ -99,8 +99,9 @@ def wait_until(cond, timeout=10.0, interval=0.02, what="condition"):
 
 
 class Daemon:
-    def __init__(self, bins, base, roots, config):
+    def __init__(self, bins, base, roots, config, env=None):
         self.bins = bins
+        self.env = env  # extra environment variables for weightd
         self.dir = make_dir(base, "daemon-")
         self.socket = str(self.dir / "weightd.sock")
         self.config_path = self.dir / "weightd.conf"
@@ -132,8 +133,9 @@ class Daemon:
 
     def start(self):
         log = open(self.log_path, "ab")
+        env = {**os.environ, **self.env} if self.env else None
         self.proc = subprocess.Popen([str(self.bins.weightd), "--config", str(self.config_path)],
-                                     stdin=subprocess.DEVNULL, stdout=log, stderr=log)
+                                     stdin=subprocess.DEVNULL, stdout=log, stderr=log, env=env)
         log.close()
         deadline = time.monotonic() + 10
         while True:
