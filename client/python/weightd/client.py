@@ -272,7 +272,8 @@ class Lease(collections.abc.Mapping):
     read-only; torch tensors cannot be marked so, and writing into one
     faults (SIGSEGV), because the pages are mapped read-only.  A device
     lease's tensors are torch CUDA tensors over the daemon's device memory,
-    which is not mapped read-only: it is shared, so never write into it."""
+    shared by every worker and mapped read-only where the driver allows it:
+    never write into it."""
 
     def __init__(self, conn, lease_ptr, framework, device):
         self._framework = framework
