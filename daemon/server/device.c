@@ -59,6 +59,7 @@ static void gpu_done(uv_work_t *w, int status) {
                 snprintf(s->gpu_reason, sizeof(s->gpu_reason), "out of memory");
                 s->gpu_state = GPU_OFF;
                 gpu_free(g);
+                server_maybe_exit(s);
                 return;
         }
         for (size_t i = 0; i < n; i++) {
@@ -75,6 +76,7 @@ static void gpu_done(uv_work_t *w, int status) {
                         s->dev_caches = NULL;
                         s->gpu_state = GPU_OFF;
                         gpu_free(g);
+                        server_maybe_exit(s);
                         return;
                 }
                 cache_set_memory_free(s->dev_caches[i], gpu_free_slab, s);
@@ -113,8 +115,24 @@ void device_tier_free(Server *s) {
         for (size_t i = 0; s->dev_caches && i < gpu_n_devices(s->gpu); i++)
                 cache_free(s->dev_caches[i]);
         free(s->dev_caches);
-                        s->dev_caches = NULL;
+        s->dev_caches = NULL;
         s->gpu = gpu_free(s->gpu);
+}
+
+void device_tier_reload(Server *s, const Config *c) {
+        bool same = c->n_gpu_devices == s->config->n_gpu_devices &&
+                    (c->n_gpu_devices == 0 ||
+                     memcmp(c->gpu_devices, s->config->gpu_devices, c->n_gpu_devices * sizeof(c->gpu_devices[0])) == 0);
+
+        if (!same)
+                log_warning("SIGHUP: [gpu] devices changed: that needs a restart, ignoring.");
+        if (s->gpu_state != GPU_UP)
+                return;
+        for (size_t i = 0; i < gpu_n_devices(s->gpu); i++) {
+                const GpuDeviceInfo *d = gpu_device(s->gpu, i);
+
+                cache_set_budget(s->dev_caches[i], config_gpu_budget(c, d->index, d->total_bytes));
+        }
 }
 
 int device_target(Conn *c, uint64_t id, const char *target) {

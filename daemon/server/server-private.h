@@ -306,6 +306,8 @@ void shard_request_forget(Request *r);
  * UNAVAILABLE. */
 void device_tier_start(Server *s);
 void device_tier_free(Server *s);
+/* SIGHUP: the devices' budgets from c (before c replaces s->config). */
+void device_tier_reload(Server *s, const Config *c);
 /* A device target of a Load: the device's index, or replies (UNSUPPORTED
  * without a GPU tier, INVALID_ARGUMENT for a device it does not serve) and
  * returns -1. */

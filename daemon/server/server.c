@@ -710,6 +710,7 @@ static void server_reload(Server *s) {
                                                   roots->items[i].path);
         }
         cache_set_budget(s->cache, c->host_budget);
+        device_tier_reload(s, c);
         s->load_opts = (LoadOptions){ .direct = c->direct_io, .pages = c->host_pages };
         if (c->queue_depth != s->config->queue_depth || c->chunk_size != s->config->chunk_size)
                 s->reader_stale = true;

@@ -254,6 +254,22 @@ def test_status_and_hello_list_the_devices(emu):
     assert re.search(rf"cuda:1: +{uuid_of(1)} Emulated GPU, 0 B of 100\.0 MiB budget", text), text
 
 
+def test_sighup_applies_new_device_budgets(emu):
+    d = emu("2:256M", budget="50%")
+    d.write_config(budget="25%", device_budgets="1:10M")
+    start = len(d.log())
+    d.hup()
+    d.wait_log("Reloaded the configuration", start=start)
+    assert [(x["index"], x["budget_bytes"]) for x in d.status()["devices"]] == [(0, 64 * MiB), (1, 10 * MiB)]
+    # The device list itself needs a restart.
+    d.write_config(budget="25%", devices="0")
+    start = len(d.log())
+    d.hup()
+    d.wait_log("Reloaded the configuration", start=start)
+    assert "[gpu] devices changed: that needs a restart" in d.log()[start:]
+    assert [x["index"] for x in d.status()["devices"]] == [0, 1]
+
+
 def test_devices_option_serves_only_those(emu, testdata):
     d = emu("3:64M", devices="1")
     assert [(x["index"], x["uuid"]) for x in d.status()["devices"]] == [(1, uuid_of(1))]
