@@ -27,6 +27,7 @@
 
 #include "gpu/copy-sched.h"
 #include "gpu/gpu.h"
+#include "util/thread-util.h"
 
 #define GPU_STREAMS 2u
 #define GPU_PIECE_MIN (8ull << 20) /* a partial copy of one large tensor */
@@ -312,7 +313,7 @@ static int device_start(GpuDev *d, WdError *err) {
                 pthread_mutex_destroy(&d->lock);
                 return wd_error_set(err, -r, "cannot create a condition variable");
         }
-        r = pthread_create(&d->thread, NULL, device_thread, d);
+        r = thread_create_nosignals(&d->thread, device_thread, d);
         if (r != 0) {
                 pthread_cond_destroy(&d->cond);
                 pthread_mutex_destroy(&d->lock);

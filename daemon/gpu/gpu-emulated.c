@@ -24,6 +24,7 @@
 #include "gpu/copy-sched.h"
 #include "gpu/gpu.h"
 #include "util/parse-util.h"
+#include "util/thread-util.h"
 
 #define EMU_GRANULARITY (2u << 20)
 #define EMU_PIECE_MIN (1u << 20)
@@ -138,7 +139,7 @@ int gpu_new(Gpu **ret, const unsigned *only, size_t n_only, WdError *err) {
                                 pthread_mutex_destroy(&d->lock);
                 }
                 if (r == 0) {
-                        r = pthread_create(&d->thread, NULL, device_thread, d);
+                        r = thread_create_nosignals(&d->thread, device_thread, d);
                         if (r != 0) {
                                 pthread_cond_destroy(&d->cond);
                                 pthread_mutex_destroy(&d->lock);

@@ -12,6 +12,7 @@
 #include <sys/eventfd.h>
 
 #include "io/reader.h"
+#include "util/thread-util.h"
 
 #define WAKE_TAG 0
 /* EINTR and EAGAIN are retried, but a file that answers EAGAIN forever (a
@@ -424,7 +425,7 @@ int reader_new(Reader **ret, const ReaderParams *params) {
                 return k;
         r->ring_ready = true;
 
-        k = pthread_create(&r->thread, NULL, reader_thread, r);
+        k = thread_create_nosignals(&r->thread, reader_thread, r);
         if (k != 0)
                 return -k;
         r->thread_started = true;
