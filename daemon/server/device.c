@@ -31,7 +31,7 @@
 static void gpu_work(uv_work_t *w) {
         Server *s = w->data;
 
-        s->gpu_r = gpu_new(&s->gpu_found, s->config->gpu_devices, s->config->n_gpu_devices, &s->gpu_err);
+        s->gpu_r = gpu_new(&s->gpu_found, s->gpu_only, s->n_gpu_only, &s->gpu_err);
 }
 
 static void gpu_free_slab(void *memory, void *userdata) {
@@ -45,6 +45,7 @@ static void gpu_done(uv_work_t *w, int status) {
         int r;
 
         s->n_resolving--;
+        free(TAKE_PTR(s->gpu_only));
         if (s->gpu_r != 0 || status < 0) {
                 snprintf(s->gpu_reason, sizeof(s->gpu_reason), "%s",
                          s->gpu_r != 0 ? s->gpu_err.message : "the device search was cancelled");
@@ -103,9 +104,20 @@ void device_tier_start(Server *s) {
                 log_info("No GPU tier: %s", s->gpu_reason);
                 return;
         }
+        if (s->config->n_gpu_devices > 0) {
+                s->gpu_only = calloc(s->config->n_gpu_devices, sizeof(unsigned));
+                if (!s->gpu_only) {
+                        snprintf(s->gpu_reason, sizeof(s->gpu_reason), "out of memory");
+                        s->gpu_state = GPU_OFF;
+                        return;
+                }
+                memcpy(s->gpu_only, s->config->gpu_devices, s->config->n_gpu_devices * sizeof(unsigned));
+                s->n_gpu_only = s->config->n_gpu_devices;
+        }
         s->n_resolving++; /* the daemon waits for it before it exits */
         if (uv_queue_work(&s->loop, &s->gpu_work, gpu_work, gpu_done) < 0) {
                 s->n_resolving--;
+                free(TAKE_PTR(s->gpu_only));
                 snprintf(s->gpu_reason, sizeof(s->gpu_reason), "cannot queue the device search");
                 s->gpu_state = GPU_OFF;
         }

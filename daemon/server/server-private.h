@@ -194,6 +194,8 @@ struct Server {
         int gpu_state;          /* GPU_STARTING, GPU_UP, GPU_OFF */
         char gpu_reason[WD_ERROR_MESSAGE_MAX]; /* "ok" or why there is none */
         uv_work_t gpu_work;
+        unsigned *gpu_only; /* the search's own copy of [gpu] devices: a reload may free the config meanwhile */
+        size_t n_gpu_only;
         Gpu *gpu_found;
         int gpu_r;
         WdError gpu_err;
