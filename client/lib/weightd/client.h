@@ -15,7 +15,8 @@
  * serialized by a mutex inside it, so one thread's wd_prefetch() of a large
  * model delays another thread's call on the same client (use one client per
  * thread for parallel requests).  A progress callback runs on the calling
- * thread while that mutex is held: it must not call into the same client.
+ * thread while that mutex is held: it must not call into the same client,
+ * and that includes wd_release() of a lease from it (which would deadlock).
  * wd_lease and wd_manifest accessors are read-only and safe from any thread
  * while the object lives; wd_release() and the *_free() functions must not
  * race with other uses of the object they end.  wd_entries_free(),
