@@ -25,9 +25,7 @@
 #include <string.h>
 #include <unistd.h>
 
-#include "gpu/copy-sched.h"
-#include "gpu/gpu.h"
-#include "util/thread-util.h"
+#include "gpu/copy-engine.h"
 
 #define GPU_STREAMS 2u
 #define GPU_PIECE_MIN (8ull << 20) /* a partial copy of one large tensor */
@@ -54,11 +52,12 @@ typedef struct HostReg {
         struct HostReg *next;
 } HostReg;
 
-typedef struct Pending {
+/* A batch of copies in flight, and the event recorded after it. */
+struct GpuPending {
         cudaEvent_t event;
         uint64_t bytes;
-        struct Pending *next;
-} Pending;
+        GpuPending *next;
+};
 
 typedef struct GpuDev GpuDev;
 
@@ -71,18 +70,10 @@ struct Gpu {
 };
 
 struct GpuDev {
-        Gpu *gpu;
+        GpuWorker worker; /* first: a copy's worker is its device */
         GpuDeviceInfo info;
         cudaStream_t streams[GPU_STREAMS];
-        unsigned next_stream;
-        pthread_t thread;
-        bool thread_started;
-        pthread_mutex_t lock;
-        pthread_cond_t cond;
-        bool stopping;     /* under lock */
-        bool kick;         /* under lock: a copy has news */
-        GpuCopy *incoming; /* under lock */
-        GpuCopy *active;   /* device thread only */
+        unsigned next_stream; /* worker thread only */
 };
 
 struct GpuSlab {
@@ -94,33 +85,6 @@ struct GpuSlab {
         bool reserved, mapped;
         uint64_t size, map_size;
         int fd;
-};
-
-struct GpuCopy {
-        Gpu *gpu;
-        GpuDev *dev;
-        const ShardPlan *plan;
-        Slab **files;
-        size_t n_files;
-        bool read_only;
-        gpu_copy_fn wake;
-        void *userdata;
-        GpuCopy *next; /* in the device's lists */
-
-        _Atomic uint64_t *filled; /* per file */
-        atomic_bool cancelled;
-        atomic_bool finished;
-        _Atomic uint64_t copied;
-        uint64_t total;
-
-        /* Device thread only, until finished. */
-        CopySched sched;
-        uint64_t *snapshot; /* per file: filled, as read for one round */
-        bool started;
-        Pending *pending, *pending_tail;
-        GpuSlab *slab;
-        int error;
-        WdError err;
 };
 
 /* ---- the one boundary for CUDA's and the driver's results --------------- */
@@ -287,9 +251,7 @@ static int device_probe(Gpu *g, int ordinal, GpuDeviceInfo *info, WdError *err) 
         return 0;
 }
 
-static void *device_thread(void *arg);
-
-static int device_start(GpuDev *d, WdError *err) {
+static int device_start(Gpu *g, GpuDev *d, size_t index, WdError *err) {
         int ordinal = (int) d->info.index, r;
 
         /* The primary context: created here, off the loop (it takes a while). */
@@ -305,35 +267,12 @@ static int device_start(GpuDev *d, WdError *err) {
                 if (r < 0)
                         return r;
         }
-        r = pthread_mutex_init(&d->lock, NULL);
-        if (r != 0)
-                return wd_error_set(err, -r, "cannot create a lock");
-        r = pthread_cond_init(&d->cond, NULL);
-        if (r != 0) {
-                pthread_mutex_destroy(&d->lock);
-                return wd_error_set(err, -r, "cannot create a condition variable");
-        }
-        r = thread_create_nosignals(&d->thread, device_thread, d);
-        if (r != 0) {
-                pthread_cond_destroy(&d->cond);
-                pthread_mutex_destroy(&d->lock);
-                return wd_error_set(err, -r, "cuda:%d: cannot start its thread: %s", ordinal, strerror(r));
-        }
-        d->thread_started = true;
-        return 0;
+        d->worker = (GpuWorker){ .gpu = g, .dev = index, .ordinal = d->info.index, .piece_min = GPU_PIECE_MIN };
+        return gpu_worker_start(&d->worker, err);
 }
 
 static void device_stop(GpuDev *d) {
-        if (d->thread_started) {
-                pthread_mutex_lock(&d->lock);
-                d->stopping = true;
-                pthread_cond_signal(&d->cond);
-                pthread_mutex_unlock(&d->lock);
-                pthread_join(d->thread, NULL);
-                pthread_cond_destroy(&d->cond);
-                pthread_mutex_destroy(&d->lock);
-                d->thread_started = false;
-        }
+        gpu_worker_stop(&d->worker);
         for (unsigned i = 0; i < GPU_STREAMS; i++)
                 if (d->streams[i]) {
                         (void) cudaSetDevice((int) d->info.index);
@@ -387,11 +326,10 @@ int gpu_new(Gpu **ret, const unsigned *only, size_t n_only, WdError *err) {
 
                 if (!in_list(only, n_only, i))
                         continue;
-                d->gpu = g;
                 r = device_probe(g, i, &d->info, err);
                 if (r < 0)
                         return r;
-                r = device_start(d, err);
+                r = device_start(g, d, g->n_devs, err);
                 if (r < 0) {
                         device_stop(d);
                         return r;
@@ -590,108 +528,33 @@ void gpu_host_unregister(Gpu *g, void *p) {
 
 /* ---- copies ------------------------------------------------------------- */
 
-static void device_kick(GpuDev *d) {
-        pthread_mutex_lock(&d->lock);
-        d->kick = true;
-        pthread_cond_signal(&d->cond);
-        pthread_mutex_unlock(&d->lock);
+GpuWorker *gpu_backend_worker(Gpu *g, size_t dev) {
+        return dev < g->n_devs ? &g->devs[dev].worker : NULL;
 }
 
-int gpu_copy_new(Gpu *g, size_t dev, const ShardPlan *plan, Slab *const *files, size_t n_files, bool read_only,
-                 gpu_copy_fn wake, void *userdata, GpuCopy **ret) {
-        _cleanup_(gpu_copy_freep) GpuCopy *c = NULL;
-        GpuDev *d;
-
-        if (!g || dev >= g->n_devs)
-                return -ENODEV;
-        d = &g->devs[dev];
-        c = calloc(1, sizeof(GpuCopy));
-        if (!c)
-                return -ENOMEM;
-        *c = (GpuCopy){ .gpu = g, .dev = d, .plan = plan, .n_files = n_files, .read_only = read_only, .wake = wake,
-                        .userdata = userdata };
-        c->files = calloc(MAX(n_files, 1), sizeof(Slab *));
-        c->filled = calloc(MAX(n_files, 1), sizeof(*c->filled));
-        c->snapshot = calloc(MAX(n_files, 1), sizeof(uint64_t));
-        if (!c->files || !c->filled || !c->snapshot || copy_sched_init(&c->sched, plan, n_files, GPU_PIECE_MIN) < 0)
-                return -ENOMEM;
-        memcpy(c->files, files, n_files * sizeof(Slab *));
-        c->total = copy_sched_total(&c->sched);
-
-        pthread_mutex_lock(&d->lock);
-        c->next = d->incoming;
-        d->incoming = c;
-        d->kick = true;
-        pthread_cond_signal(&d->cond);
-        pthread_mutex_unlock(&d->lock);
-        *ret = TAKE_PTR(c);
-        return 0;
+static GpuDev *copy_dev(const GpuCopy *c) {
+        return (GpuDev *) c->worker;
 }
 
-void gpu_copy_advance(GpuCopy *c, size_t file, uint64_t filled) {
-        uint64_t old;
-
-        if (file >= c->n_files)
-                return;
-        old = atomic_load(&c->filled[file]);
-        while (filled > old)
-                if (atomic_compare_exchange_weak(&c->filled[file], &old, filled)) {
-                        device_kick(c->dev);
-                        break;
-                }
+void gpu_backend_thread_init(GpuWorker *w) {
+        (void) cudaSetDevice((int) w->ordinal);
 }
 
-void gpu_copy_advance_all(GpuCopy *c) {
-        for (size_t f = 0; f < c->n_files; f++)
-                atomic_store(&c->filled[f], UINT64_MAX);
-        device_kick(c->dev);
-}
+/* Every step of a batch goes on the same stream; the next batch on the next. */
+int gpu_backend_issue(GpuCopy *c, const CopyStep *step) {
+        GpuDev *d = copy_dev(c);
+        cudaStream_t stream = d->streams[d->next_stream % GPU_STREAMS];
+        uint8_t *base = (uint8_t *) (uintptr_t) c->slab->base;
+        const uint8_t *src = c->files[step->file]->data;
+        const ShardCopy *k = &step->copy;
+        const char *name = c->plan->tensors[step->tensor].source->name;
 
-void gpu_copy_cancel(GpuCopy *c) {
-        atomic_store(&c->cancelled, true);
-        device_kick(c->dev);
-}
-
-uint64_t gpu_copy_copied(const GpuCopy *c) {
-        return atomic_load(&((GpuCopy *) c)->copied);
-}
-
-uint64_t gpu_copy_total(const GpuCopy *c) {
-        return c->total;
-}
-
-bool gpu_copy_finished(GpuCopy *c, int *ret_error, WdError *err) {
-        if (!atomic_load(&c->finished))
-                return false;
-        *ret_error = c->error;
-        if (c->error != 0 && err)
-                *err = c->err;
-        return true;
-}
-
-GpuSlab *gpu_copy_take_slab(GpuCopy *c) {
-        if (!atomic_load(&c->finished) || c->error != 0)
-                return NULL;
-        return TAKE_PTR(c->slab);
-}
-
-GpuCopy *gpu_copy_free(GpuCopy *c) {
-        if (!c)
-                return NULL;
-        while (c->pending) {
-                Pending *p = c->pending;
-
-                c->pending = p->next;
-                (void) cudaEventDestroy(p->event);
-                free(p);
-        }
-        gpu_slab_free(c->slab);
-        free(c->files);
-        free((void *) c->filled);
-        copy_sched_deinit(&c->sched);
-        free(c->snapshot);
-        free(c);
-        return NULL;
+        if (k->height == 1)
+                return gpu_check(cudaMemcpyAsync(base + k->dst, src + k->src, k->width, cudaMemcpyHostToDevice, stream),
+                                 &c->err, "cuda:%u: copying tensor \"%s\"", d->info.index, name);
+        return gpu_check(cudaMemcpy2DAsync(base + k->dst, k->dst_pitch, src + k->src, k->src_pitch, k->width,
+                                           k->height, cudaMemcpyHostToDevice, stream),
+                         &c->err, "cuda:%u: copying tensor \"%s\"", d->info.index, name);
 }
 
 static void copy_fail(GpuCopy *c, int r) {
@@ -699,9 +562,11 @@ static void copy_fail(GpuCopy *c, int r) {
                 c->error = r;
 }
 
-/* Record an event after a batch of bytes on stream. */
-static void copy_track(GpuCopy *c, cudaStream_t stream, uint64_t bytes) {
-        Pending *p = calloc(1, sizeof(Pending));
+/* Record an event after the batch on its stream. */
+void gpu_backend_batch_end(GpuCopy *c, uint64_t bytes) {
+        GpuDev *d = copy_dev(c);
+        cudaStream_t stream = d->streams[d->next_stream++ % GPU_STREAMS];
+        GpuPending *p = calloc(1, sizeof(GpuPending));
         int r;
 
         if (!p) {
@@ -711,10 +576,10 @@ static void copy_track(GpuCopy *c, cudaStream_t stream, uint64_t bytes) {
         }
         p->bytes = bytes;
         r = gpu_check(cudaEventCreateWithFlags(&p->event, cudaEventDisableTiming), &c->err,
-                      "cuda:%u: cannot create an event", c->dev->info.index);
+                      "cuda:%u: cannot create an event", d->info.index);
         if (r == 0)
                 r = gpu_check(cudaEventRecord(p->event, stream), &c->err, "cuda:%u: cannot record an event",
-                              c->dev->info.index);
+                              d->info.index);
         if (r < 0) {
                 if (p->event)
                         (void) cudaEventDestroy(p->event);
@@ -730,57 +595,18 @@ static void copy_track(GpuCopy *c, cudaStream_t stream, uint64_t bytes) {
         c->pending_tail = p;
 }
 
-/* Issue what the filled bytes allow, on one stream, and record an event
- * after it.  Returns whether anything was issued. */
-static bool copy_issue(GpuCopy *c) {
-        GpuDev *d = c->dev;
-        cudaStream_t stream = d->streams[d->next_stream % GPU_STREAMS];
-        uint8_t *base = (uint8_t *) (uintptr_t) c->slab->base;
-        uint64_t batch = 0;
-        CopyStep step;
-        int r;
-
-        for (size_t f = 0; f < c->n_files; f++)
-                c->snapshot[f] = atomic_load(&c->filled[f]);
-        while (c->error == 0 && copy_sched_next(&c->sched, c->snapshot, &step)) {
-                const ShardCopy *k = &step.copy;
-                const uint8_t *src = c->files[step.file]->data;
-
-                if (k->height == 1)
-                        r = gpu_check(cudaMemcpyAsync(base + k->dst, src + k->src, k->width, cudaMemcpyHostToDevice,
-                                                      stream),
-                                      &c->err, "cuda:%u: copying tensor \"%s\"", d->info.index,
-                                      c->plan->tensors[step.tensor].source->name);
-                else
-                        r = gpu_check(cudaMemcpy2DAsync(base + k->dst, k->dst_pitch, src + k->src, k->src_pitch,
-                                                        k->width, k->height, cudaMemcpyHostToDevice, stream),
-                                      &c->err, "cuda:%u: copying tensor \"%s\"", d->info.index,
-                                      c->plan->tensors[step.tensor].source->name);
-                if (r < 0)
-                        copy_fail(c, r);
-                else
-                        batch += k->width * k->height;
-        }
-        if (batch == 0)
-                return false;
-        d->next_stream++;
-        copy_track(c, stream, batch);
-        return true;
-}
-
-/* Retire the events that completed; with wait, block on the oldest first.
- * Returns whether any did. */
-static bool copy_poll(GpuCopy *c, bool wait) {
+bool gpu_backend_poll(GpuCopy *c, bool wait) {
         bool any = false;
 
         while (c->pending) {
-                Pending *p = c->pending;
+                GpuPending *p = c->pending;
                 cudaError_t e = wait && !any ? cudaEventSynchronize(p->event) : cudaEventQuery(p->event);
 
                 if (e == cudaErrorNotReady)
                         break;
                 if (e != cudaSuccess)
-                        copy_fail(c, gpu_check(e, &c->err, "cuda:%u: a copy to the device failed", c->dev->info.index));
+                        copy_fail(c, gpu_check(e, &c->err, "cuda:%u: a copy to the device failed",
+                                               copy_dev(c)->info.index));
                 else
                         atomic_fetch_add(&c->copied, p->bytes);
                 (void) cudaEventDestroy(p->event);
@@ -793,87 +619,13 @@ static bool copy_poll(GpuCopy *c, bool wait) {
         return any;
 }
 
-static bool copy_done_issuing(const GpuCopy *c) {
-        return copy_sched_done(&c->sched);
-}
+void gpu_backend_pending_free(GpuCopy *c) {
+        while (c->pending) {
+                GpuPending *p = c->pending;
 
-/* One round of a copy on its device thread.  Returns whether it moved;
- * *ret_finished says whether it ended (c->error tells how). */
-static bool copy_step(GpuCopy *c, bool wait, bool *ret_finished) {
-        bool moved = false;
-        int r;
-
-        if (!c->started) {
-                c->started = true;
-                moved = true;
-                r = gpu_slab_new(c->gpu, (size_t) (c->dev - c->gpu->devs), c->plan->bytes, &c->slab, &c->err);
-                if (r < 0)
-                        copy_fail(c, r);
-                for (size_t f = 0; f < c->n_files && c->error == 0; f++) {
-                        r = gpu_host_register(c->gpu, c->files[f]->data, c->files[f]->capacity, c->read_only,
-                                              &c->err);
-                        if (r < 0)
-                                copy_fail(c, r);
-                }
+                c->pending = p->next;
+                (void) cudaEventDestroy(p->event);
+                free(p);
         }
-        if (c->error == 0 && !atomic_load(&c->cancelled))
-                moved |= copy_issue(c);
-        if (copy_poll(c, wait && !moved))
-                moved = true;
-        if (!c->pending && (c->error != 0 || atomic_load(&c->cancelled) || copy_done_issuing(c))) {
-                if (c->error == 0 && !copy_done_issuing(c))
-                        c->error = wd_error_set(&c->err, -ECANCELED, "copy to cuda:%u cancelled", c->dev->info.index);
-                *ret_finished = true;
-        }
-        return moved;
-}
-
-static void *device_thread(void *arg) {
-        GpuDev *d = arg;
-
-        (void) cudaSetDevice((int) d->info.index);
-        for (;;) {
-                bool moved = false, pending = false;
-
-                pthread_mutex_lock(&d->lock);
-                for (GpuCopy *c = d->active; c; c = c->next)
-                        pending = pending || c->pending;
-                while (!d->stopping && !d->kick && !d->incoming && !pending)
-                        pthread_cond_wait(&d->cond, &d->lock);
-                if (d->stopping) {
-                        pthread_mutex_unlock(&d->lock);
-                        break;
-                }
-                d->kick = false;
-                while (d->incoming) {
-                        GpuCopy *c = d->incoming;
-
-                        d->incoming = c->next;
-                        c->next = d->active;
-                        d->active = c;
-                }
-                pthread_mutex_unlock(&d->lock);
-
-                /* The owner may free a copy as soon as it is marked
-                 * finished: unlink it first, and touch nothing of it after
-                 * but the callback, whose pointers were read before. */
-                for (GpuCopy **pp = &d->active; *pp;) {
-                        GpuCopy *c = *pp;
-                        gpu_copy_fn wake = c->wake;
-                        void *userdata = c->userdata;
-                        bool finished = false, m;
-
-                        /* Block on an event only when nothing else moved this round. */
-                        m = copy_step(c, !c->next && !moved, &finished);
-                        moved = moved || m;
-                        if (finished) {
-                                *pp = c->next;
-                                atomic_store(&c->finished, true);
-                        } else
-                                pp = &c->next;
-                        if (m || finished)
-                                wake(c, userdata);
-                }
-        }
-        return NULL;
+        c->pending_tail = NULL;
 }

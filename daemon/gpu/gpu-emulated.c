@@ -6,9 +6,9 @@
  * $WEIGHTD_EMULATED_GPUS = "N:SIZE" makes N devices of SIZE bytes ("2:256M")
  * named "Emulated GPU" with fixed UUIDs.  A device slab is a memfd of its
  * map size, filled through the daemon's own mapping and exported as that
- * memfd, so a test maps the descriptor a Load sends and compares bytes.  A
- * copy runs on the device's thread exactly as the CUDA one does, in the
- * order copy-sched.c gives, with memcpy instead of cudaMemcpy2DAsync; the
+ * memfd, so a test maps the descriptor a Load sends and compares bytes.
+ * Copies run on the same worker threads as the CUDA ones (copy-engine.c),
+ * with memcpy instead of cudaMemcpy2DAsync, each step done when issued; the
  * device's memory is accounted, so allocations beyond SIZE fail as
  * cuMemCreate would with -ENOMEM. */
 #include <errno.h>
@@ -21,10 +21,8 @@
 #include <sys/mman.h>
 #include <unistd.h>
 
-#include "gpu/copy-sched.h"
-#include "gpu/gpu.h"
+#include "gpu/copy-engine.h"
 #include "util/parse-util.h"
-#include "util/thread-util.h"
 
 #define EMU_GRANULARITY (2u << 20)
 #define EMU_PIECE_MIN (1u << 20)
@@ -37,16 +35,8 @@ struct Gpu {
 };
 
 struct EmuDev {
-        Gpu *gpu;
+        GpuWorker worker; /* first: a copy's worker is its device */
         GpuDeviceInfo info;
-        pthread_t thread;
-        bool thread_started;
-        pthread_mutex_t lock;
-        pthread_cond_t cond;
-        bool stopping;     /* under lock */
-        bool kick;         /* under lock */
-        GpuCopy *incoming; /* under lock */
-        GpuCopy *active;   /* device thread only */
         _Atomic uint64_t used; /* bytes of live slabs */
 };
 
@@ -58,47 +48,8 @@ struct GpuSlab {
         int fd;
 };
 
-struct GpuCopy {
-        EmuDev *dev;
-        size_t dev_index;
-        const ShardPlan *plan;
-        Slab **files;
-        size_t n_files;
-        gpu_copy_fn wake;
-        void *userdata;
-        GpuCopy *next;
-
-        _Atomic uint64_t *filled;
-        atomic_bool cancelled;
-        atomic_bool finished;
-        _Atomic uint64_t copied;
-        uint64_t total;
-
-        CopySched sched; /* device thread only */
-        uint64_t *snapshot;
-        bool started;
-        GpuSlab *slab;
-        int error;
-        WdError err;
-};
-
 bool gpu_built(void) {
         return true;
-}
-
-static void *device_thread(void *arg);
-
-static void device_stop(EmuDev *d) {
-        if (!d->thread_started)
-                return;
-        pthread_mutex_lock(&d->lock);
-        d->stopping = true;
-        pthread_cond_signal(&d->cond);
-        pthread_mutex_unlock(&d->lock);
-        pthread_join(d->thread, NULL);
-        pthread_cond_destroy(&d->cond);
-        pthread_mutex_destroy(&d->lock);
-        d->thread_started = false;
 }
 
 int gpu_new(Gpu **ret, const unsigned *only, size_t n_only, WdError *err) {
@@ -127,27 +78,14 @@ int gpu_new(Gpu **ret, const unsigned *only, size_t n_only, WdError *err) {
                         wanted = wanted || only[k] == i;
                 if (!wanted)
                         continue;
-                d->gpu = g;
                 d->info = (GpuDeviceInfo){ .index = i, .total_bytes = size, .granularity = EMU_GRANULARITY };
                 snprintf(d->info.name, sizeof(d->info.name), "Emulated GPU");
                 snprintf(d->info.uuid, sizeof(d->info.uuid), "GPU-00000000-0000-4000-8000-%012x", i);
                 snprintf(d->info.pci_bus_id, sizeof(d->info.pci_bus_id), "0000:%02x:00.0", i);
-                r = pthread_mutex_init(&d->lock, NULL);
-                if (r == 0) {
-                        r = pthread_cond_init(&d->cond, NULL);
-                        if (r != 0)
-                                pthread_mutex_destroy(&d->lock);
-                }
-                if (r == 0) {
-                        r = thread_create_nosignals(&d->thread, device_thread, d);
-                        if (r != 0) {
-                                pthread_cond_destroy(&d->cond);
-                                pthread_mutex_destroy(&d->lock);
-                        }
-                }
-                if (r != 0)
-                        return wd_error_set(err, -r, "cannot start an emulated device's thread: %s", strerror(r));
-                d->thread_started = true;
+                d->worker = (GpuWorker){ .gpu = g, .dev = g->n_devs, .ordinal = i, .piece_min = EMU_PIECE_MIN };
+                r = gpu_worker_start(&d->worker, err);
+                if (r < 0)
+                        return r;
                 g->n_devs++;
         }
         if (g->n_devs == 0)
@@ -161,7 +99,7 @@ Gpu *gpu_free(Gpu *g) {
         if (!g)
                 return NULL;
         for (size_t i = 0; i < g->n_devs; i++)
-                device_stop(&g->devs[i]);
+                gpu_worker_stop(&g->devs[i].worker);
         free(g->devs);
         free(g);
         return NULL;
@@ -266,172 +204,31 @@ int gpu_host_register(Gpu *g, void *p, uint64_t size, bool read_only, WdError *e
 void gpu_host_unregister(Gpu *g, void *p) {
 }
 
-static void device_kick(EmuDev *d) {
-        pthread_mutex_lock(&d->lock);
-        d->kick = true;
-        pthread_cond_signal(&d->cond);
-        pthread_mutex_unlock(&d->lock);
+GpuWorker *gpu_backend_worker(Gpu *g, size_t dev) {
+        return dev < g->n_devs ? &g->devs[dev].worker : NULL;
 }
 
-int gpu_copy_new(Gpu *g, size_t dev, const ShardPlan *plan, Slab *const *files, size_t n_files, bool read_only,
-                 gpu_copy_fn wake, void *userdata, GpuCopy **ret) {
-        _cleanup_(gpu_copy_freep) GpuCopy *c = NULL;
-        EmuDev *d;
+void gpu_backend_thread_init(GpuWorker *w) {
+}
 
-        if (!g || dev >= g->n_devs)
-                return -ENODEV;
-        d = &g->devs[dev];
-        c = calloc(1, sizeof(GpuCopy));
-        if (!c)
-                return -ENOMEM;
-        *c = (GpuCopy){ .dev = d, .dev_index = dev, .plan = plan, .n_files = n_files, .wake = wake,
-                        .userdata = userdata };
-        c->files = calloc(MAX(n_files, 1u), sizeof(Slab *));
-        c->filled = calloc(MAX(n_files, 1u), sizeof(*c->filled));
-        c->snapshot = calloc(MAX(n_files, 1u), sizeof(uint64_t));
-        if (!c->files || !c->filled || !c->snapshot || copy_sched_init(&c->sched, plan, n_files, EMU_PIECE_MIN) < 0)
-                return -ENOMEM;
-        memcpy(c->files, files, n_files * sizeof(Slab *));
-        c->total = copy_sched_total(&c->sched);
+/* A step is done when issued: memcpy, row by row. */
+int gpu_backend_issue(GpuCopy *c, const CopyStep *step) {
+        const ShardCopy *k = &step->copy;
+        const uint8_t *src = c->files[step->file]->data + k->src;
+        uint8_t *dst = c->slab->base + k->dst;
 
-        pthread_mutex_lock(&d->lock);
-        c->next = d->incoming;
-        d->incoming = c;
-        d->kick = true;
-        pthread_cond_signal(&d->cond);
-        pthread_mutex_unlock(&d->lock);
-        *ret = TAKE_PTR(c);
+        for (uint64_t row = 0; row < k->height; row++)
+                memcpy(dst + row * k->dst_pitch, src + row * k->src_pitch, k->width);
         return 0;
 }
 
-void gpu_copy_advance(GpuCopy *c, size_t file, uint64_t filled) {
-        uint64_t old;
-
-        if (file >= c->n_files)
-                return;
-        old = atomic_load(&c->filled[file]);
-        while (filled > old)
-                if (atomic_compare_exchange_weak(&c->filled[file], &old, filled)) {
-                        device_kick(c->dev);
-                        break;
-                }
+void gpu_backend_batch_end(GpuCopy *c, uint64_t bytes) {
+        atomic_fetch_add(&c->copied, bytes);
 }
 
-void gpu_copy_advance_all(GpuCopy *c) {
-        for (size_t f = 0; f < c->n_files; f++)
-                atomic_store(&c->filled[f], UINT64_MAX);
-        device_kick(c->dev);
+bool gpu_backend_poll(GpuCopy *c, bool wait) {
+        return false;
 }
 
-void gpu_copy_cancel(GpuCopy *c) {
-        atomic_store(&c->cancelled, true);
-        device_kick(c->dev);
-}
-
-uint64_t gpu_copy_copied(const GpuCopy *c) {
-        return atomic_load(&((GpuCopy *) c)->copied);
-}
-
-uint64_t gpu_copy_total(const GpuCopy *c) {
-        return c->total;
-}
-
-bool gpu_copy_finished(GpuCopy *c, int *ret_error, WdError *err) {
-        if (!atomic_load(&c->finished))
-                return false;
-        *ret_error = c->error;
-        if (c->error != 0 && err)
-                *err = c->err;
-        return true;
-}
-
-GpuSlab *gpu_copy_take_slab(GpuCopy *c) {
-        if (!atomic_load(&c->finished) || c->error != 0)
-                return NULL;
-        return TAKE_PTR(c->slab);
-}
-
-GpuCopy *gpu_copy_free(GpuCopy *c) {
-        if (!c)
-                return NULL;
-        gpu_slab_free(c->slab);
-        copy_sched_deinit(&c->sched);
-        free(c->snapshot);
-        free(c->files);
-        free((void *) c->filled);
-        free(c);
-        return NULL;
-}
-
-/* One round: create the slab first, then copy what the watermarks allow.
- * Returns whether it moved; *ret_finished when it ended. */
-static bool copy_step(GpuCopy *c, bool *ret_finished) {
-        bool moved = false;
-        CopyStep step;
-
-        if (!c->started) {
-                c->started = true;
-                moved = true;
-                c->error = gpu_slab_new(c->dev->gpu, c->dev_index, c->plan->bytes, &c->slab, &c->err);
-        }
-        for (size_t f = 0; f < c->n_files; f++)
-                c->snapshot[f] = atomic_load(&c->filled[f]);
-        while (c->error == 0 && !atomic_load(&c->cancelled) && copy_sched_next(&c->sched, c->snapshot, &step)) {
-                const ShardCopy *k = &step.copy;
-                const uint8_t *src = c->files[step.file]->data + k->src;
-                uint8_t *dst = c->slab->base + k->dst;
-
-                for (uint64_t row = 0; row < k->height; row++)
-                        memcpy(dst + row * k->dst_pitch, src + row * k->src_pitch, k->width);
-                atomic_fetch_add(&c->copied, k->width * k->height);
-                moved = true;
-        }
-        if (c->error != 0 || atomic_load(&c->cancelled) || copy_sched_done(&c->sched)) {
-                if (c->error == 0 && !copy_sched_done(&c->sched))
-                        c->error = wd_error_set(&c->err, -ECANCELED, "copy to cuda:%u cancelled", c->dev->info.index);
-                *ret_finished = true;
-        }
-        return moved;
-}
-
-static void *device_thread(void *arg) {
-        EmuDev *d = arg;
-
-        for (;;) {
-                pthread_mutex_lock(&d->lock);
-                while (!d->stopping && !d->kick && !d->incoming)
-                        pthread_cond_wait(&d->cond, &d->lock);
-                if (d->stopping) {
-                        pthread_mutex_unlock(&d->lock);
-                        break;
-                }
-                d->kick = false;
-                while (d->incoming) {
-                        GpuCopy *c = d->incoming;
-
-                        d->incoming = c->next;
-                        c->next = d->active;
-                        d->active = c;
-                }
-                pthread_mutex_unlock(&d->lock);
-
-                /* The owner may free a copy once it is marked finished: unlink
-                 * it first and use nothing of it after but the callback. */
-                for (GpuCopy **pp = &d->active; *pp;) {
-                        GpuCopy *c = *pp;
-                        gpu_copy_fn wake = c->wake;
-                        void *userdata = c->userdata;
-                        bool finished = false, moved;
-
-                        moved = copy_step(c, &finished);
-                        if (finished) {
-                                *pp = c->next;
-                                atomic_store(&c->finished, true);
-                        } else
-                                pp = &c->next;
-                        if (moved || finished)
-                                wake(c, userdata);
-                }
-        }
-        return NULL;
+void gpu_backend_pending_free(GpuCopy *c) {
 }
