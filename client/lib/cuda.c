@@ -125,15 +125,21 @@ static void uuid_format(char *buf, size_t size, const unsigned char b[16]) {
                  b[2], b[3], b[4], b[5], b[6], b[7], b[8], b[9], b[10], b[11], b[12], b[13], b[14], b[15]);
 }
 
+/* How many CUDA devices this process sees, loading the driver first. */
+static int device_count(int *ret, wd_error *err) {
+        int r = driver_get(err);
+
+        if (r != WD_OK)
+                return r;
+        return cu_check(driver.DeviceGetCount(ret), err, "cannot count the CUDA devices");
+}
+
 int cuda_device_uuid(int ordinal, char *buf, size_t size, wd_error *err) {
         CUdevice dev;
         CUuuid uuid;
         int count = 0, r;
 
-        r = driver_get(err);
-        if (r != WD_OK)
-                return r;
-        r = cu_check(driver.DeviceGetCount(&count), err, "cannot count the CUDA devices");
+        r = device_count(&count, err);
         if (r != WD_OK)
                 return r;
         if (ordinal < 0 || ordinal >= count)
@@ -151,10 +157,7 @@ int cuda_device_uuid(int ordinal, char *buf, size_t size, wd_error *err) {
 int cuda_device_by_uuid(const char *uuid, int *ret_ordinal, wd_error *err) {
         int count = 0, r;
 
-        r = driver_get(err);
-        if (r != WD_OK)
-                return r;
-        r = cu_check(driver.DeviceGetCount(&count), err, "cannot count the CUDA devices");
+        r = device_count(&count, err);
         if (r != WD_OK)
                 return r;
         for (int i = 0; i < count; i++) {
