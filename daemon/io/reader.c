@@ -13,6 +13,7 @@
 
 #include "io/reader.h"
 #include "util/thread-util.h"
+#include "util/time-util.h"
 
 #define WAKE_TAG 0
 /* EINTR and EAGAIN are retried, but a file that answers EAGAIN forever (a
@@ -39,6 +40,8 @@ struct ReaderJob {
         atomic_bool cancelled;
         uint8_t **chunk_done; /* per extent: one flag per chunk, allocated when first needed */
         uint64_t *next_chunk; /* per extent: the first chunk not yet read */
+        uint64_t first_read_usec; /* the first read issued; 0 before */
+        uint64_t ended_usec;      /* the last read completed: the job ended */
 };
 
 typedef struct ReadSlot {
@@ -128,6 +131,12 @@ uint64_t reader_job_filled(const ReaderJob *job, size_t extent) {
         return extent < job->n_extents ? atomic_load(&job->filled[extent]) : 0;
 }
 
+void reader_job_times(const ReaderJob *job, uint64_t *ret_first_usec, uint64_t *ret_last_usec) {
+        /* Written by the reader thread before it called done. */
+        *ret_first_usec = job->first_read_usec;
+        *ret_last_usec = job->ended_usec;
+}
+
 void reader_cancel(ReaderJob *job) {
         atomic_store(&job->cancelled, true);
 }
@@ -173,6 +182,8 @@ static void issue_chunk(Reader *r, ReaderJob *job) {
         ReadSlot *s = &r->slots[idx];
         uint64_t need = MIN(r->params.chunk_size, e->length - job->next_offset);
 
+        if (job->first_read_usec == 0)
+                job->first_read_usec = now_usec();
         *s = (ReadSlot){
                 .job = job,
                 .extent = job->next_extent,
@@ -241,6 +252,9 @@ static void reap_jobs(Reader *r) {
                         if (!error)
                                 for (size_t i = 0; i < j->n_extents; i++)
                                         atomic_store(&j->filled[i], j->extents[i].length);
+                        j->ended_usec = now_usec();
+                        if (j->first_read_usec == 0)
+                                j->first_read_usec = j->ended_usec; /* nothing to read */
                         job_remove(r, j);
                         j->done(j, error, j->failed_extent, j->userdata);
                 }

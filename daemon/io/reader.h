@@ -64,6 +64,11 @@ uint64_t reader_job_total(const ReaderJob *job);
  * destination holds them.  Any thread; monotone; the whole extent by the time
  * done reports success.  The progress callback runs after it moved. */
 uint64_t reader_job_filled(const ReaderJob *job, size_t extent);
+/* When the reader issued the job's first read and when its last read
+ * completed, by now_usec() (both when the job ended, if it had nothing to
+ * read).  Once done was called: in the done callback, or on a thread that
+ * learnt of it from there (through a lock or an atomic). */
+void reader_job_times(const ReaderJob *job, uint64_t *ret_first_usec, uint64_t *ret_last_usec);
 
 /* Queue a job.  Returns 0 or -errno (nothing was queued then). */
 int reader_submit(Reader *r, ReaderJob *job);

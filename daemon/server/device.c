@@ -309,7 +309,8 @@ static int dev_job_feed(DevJob *dj, Job *j, WdError *err) {
 }
 
 static int dev_job_start(Server *s, int root_fd, Component *comp, size_t dev, bool keep_host,
-                         const ShardSpec *spec, const char *variant, DevJob **ret, WdError *err) {
+                         const ShardSpec *spec, const char *variant, uint64_t requested_usec, DevJob **ret,
+                         WdError *err) {
         const GpuDeviceInfo *info = gpu_device(s->gpu, dev);
         _cleanup_free_ FileId *ids = NULL;
         CacheEntry *he;
@@ -359,7 +360,7 @@ static int dev_job_start(Server *s, int root_fd, Component *comp, size_t dev, bo
                                 wd_error_set(err, r, "cannot duplicate the component: %s", strerror(-r));
                                 goto fail;
                         }
-                        r = server_job_start(s, root_fd, copy, &j, err);
+                        r = server_job_start(s, root_fd, copy, requested_usec, &j, err);
                         if (r != 0) {
                                 component_free(copy);
                                 goto fail;
@@ -444,7 +445,8 @@ void device_load_resolved(Request *r, Component *comp_in) {
                 return;
         }
         if (!dj) {
-                k = dev_job_start(s, r->root->fd, comp, dev, keep_host, r->shard, variant, &dj, &err);
+                k = dev_job_start(s, r->root->fd, comp, dev, keep_host, r->shard, variant, r->received_usec, &dj,
+                                  &err);
                 if (k != 0) {
                         request_free(r);
                         conn_send_wd_error(c, id, k, &err);

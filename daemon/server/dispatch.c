@@ -83,7 +83,8 @@ static Request *request_new(Conn *c, uint64_t id, RequestKind kind, bool progres
 
         if (!r)
                 return NULL;
-        *r = (Request){ .server = c->server, .conn = c, .id = id, .kind = kind, .progress = progress, .device = -1 };
+        *r = (Request){ .server = c->server, .conn = c, .id = id, .kind = kind, .progress = progress, .device = -1,
+                        .received_usec = now_usec() };
         LIST_PREPEND(conn, c->pending, r);
         c->n_pending++;
         return r;
@@ -428,7 +429,7 @@ static void load_resolved(Request *r) {
         }
         j = e ? server_job_find(s, e) : NULL;
         if (!j) {
-                k = server_job_start(s, r->root->fd, comp, &j, &err);
+                k = server_job_start(s, r->root->fd, comp, r->received_usec, &j, &err);
                 if (k != 0) {
                         request_free(r);
                         conn_send_wd_error(c, id, k, &err);

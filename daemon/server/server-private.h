@@ -20,6 +20,7 @@
 #include "store/cache.h"
 #include "store/loader.h"
 #include "store/shard.h"
+#include "util/time-util.h"
 #include "wire.h"
 
 typedef struct Conn Conn;
@@ -90,6 +91,7 @@ struct Request {
         /* The resolve, on a worker thread (resolving is true meanwhile). */
         uv_work_t work;
         bool resolving;
+        uint64_t received_usec; /* when the daemon took the request: the resolve's start */
         Roots *roots; /* a reference: a reload may replace the server's */
         Root *root;
         char *rel, *key, *component;
@@ -115,6 +117,7 @@ struct Job {
         uv_work_t seal_work;
         uint64_t progress_usec; /* when waiters last heard */
         uint64_t started_usec;
+        uint64_t requested_usec; /* received_usec of the request whose resolve led here; 0: none */
         /* Device loads fed by this read (device.c); the list is read by the
          * reader thread's progress callback, under feeds_lock. */
         pthread_mutex_t feeds_lock;
@@ -238,8 +241,6 @@ enum {
         GPU_OFF,
 };
 
-uint64_t now_usec(void);
-
 /* conn.c */
 int conn_new(Server *s, int fd, const struct ucred *cred, UidSlot *slot, Conn **ret);
 void conn_close(Conn *c);
@@ -334,8 +335,10 @@ const char *device_tier_name(Server *s, const CacheEntry *e, char *buf, size_t s
 void device_request_detach(Request *r);
 
 /* server.c */
-/* Start loading comp (taken on success) from files beneath root_fd. */
-int server_job_start(Server *s, int root_fd, Component *comp, Job **ret, WdError *err);
+/* Start loading comp (taken on success) from files beneath root_fd.
+ * requested_usec: when the request that resolved comp came (its
+ * received_usec), for the log; 0 when the load follows no resolve. */
+int server_job_start(Server *s, int root_fd, Component *comp, uint64_t requested_usec, Job **ret, WdError *err);
 Job *server_job_find(Server *s, CacheEntry *e);
 /* A waiter went away; the job stops when nobody waits for it.  Requests
  * that join a job after it was cancelled get a fresh load when it ends. */

@@ -17,19 +17,11 @@
 #include <sys/stat.h>
 #include <sys/un.h>
 #include <syslog.h>
-#include <time.h>
 #include <unistd.h>
 
 #include "server/notify.h"
 #include "server/server-private.h"
 #include "util/log.h"
-
-uint64_t now_usec(void) {
-        struct timespec ts;
-
-        clock_gettime(CLOCK_MONOTONIC, &ts);
-        return (uint64_t) ts.tv_sec * 1000000u + (uint64_t) ts.tv_nsec / 1000u;
-}
 
 static LogLevel log_level_from_syslog(int prio) {
         if (prio <= LOG_ERR)
@@ -199,7 +191,7 @@ static void server_replace_reader(Server *s) {
         s->reader_stale = false;
 }
 
-int server_job_start(Server *s, int root_fd, Component *comp, Job **ret, WdError *err) {
+int server_job_start(Server *s, int root_fd, Component *comp, uint64_t requested_usec, Job **ret, WdError *err) {
         Job *j;
         int r;
 
@@ -222,6 +214,7 @@ int server_job_start(Server *s, int root_fd, Component *comp, Job **ret, WdError
         j->server = s;
         j->comp = comp;
         j->total = comp->total_bytes;
+        j->requested_usec = requested_usec;
         j->started_usec = now_usec();
         r = load_job_start(&j->load, s->reader, s->cache, j->root_fd, comp, &s->load_opts, job_on_progress,
                            job_on_done, j, err);
@@ -262,7 +255,9 @@ static bool job_restart(Job *j, int *r, WdError *err) {
         int k;
 
         *err = WD_ERROR_NULL;
-        k = server_job_start(j->server, j->root_fd, j->comp, &n, err);
+        /* The component was resolved for the cancelled load: this one has
+         * no resolve of its own to report. */
+        k = server_job_start(j->server, j->root_fd, j->comp, 0, &n, err);
         if (k != 0) {
                 *r = k;
                 return false;
@@ -282,21 +277,42 @@ static bool job_restart(Job *j, int *r, WdError *err) {
         return true;
 }
 
+/* Where the time of a load went, for its log line: "resolve 3.1 ms, queue
+ * 0.0 ms, read 1.21 s, seal 41.2 ms".  The resolve ran before the job
+ * started (0 when there was none); the stages after it follow one another
+ * from load_job_start() to now.  Seal includes waiting for the device copies
+ * this read fed, which end before it. */
+static void job_format_stages(const Job *j, const LoadStages *st, char *buf, size_t size) {
+        char resolve[FORMAT_TIMESPAN_MAX], queue[FORMAT_TIMESPAN_MAX], reading[FORMAT_TIMESPAN_MAX],
+                seal[FORMAT_TIMESPAN_MAX];
+
+        format_timespan(resolve, sizeof(resolve), j->requested_usec > 0 ? j->started_usec - j->requested_usec : 0);
+        snprintf(buf, size, "resolve %s, queue %s, read %s, seal %s", resolve,
+                 format_timespan(queue, sizeof(queue), st->queue_usec),
+                 format_timespan(reading, sizeof(reading), st->read_usec),
+                 format_timespan(seal, sizeof(seal), st->seal_usec));
+}
+
 static void job_complete(Job *j) {
         Server *s = j->server;
         WdError err = WD_ERROR_NULL;
         CacheEntry *e = NULL;
-        double secs = (double) (now_usec() - j->started_usec) / 1e6;
+        uint64_t now = now_usec();
+        double secs = (double) (now - j->started_usec) / 1e6;
+        char stages[4 * FORMAT_TIMESPAN_MAX + 64];
+        LoadStages st;
         int r;
 
         /* Replies can make peers send requests that must not find this job. */
         job_unlink(j);
+        load_job_stages(j->load, now, &st); /* load_job_finish() frees the job */
         r = load_job_finish(TAKE_PTR(j->load), &e, &err);
-        if (r == 0)
-                log_info("loaded %s%s%s: %.1f MiB in %.2f s (%.2f GB/s)", j->comp->model, *j->comp->name ? " " : "",
-                         j->comp->name, (double) j->total / (1u << 20), secs,
-                         secs > 0 ? (double) j->total / secs / 1e9 : 0.0);
-        else if (r != -ECANCELED)
+        if (r == 0) {
+                job_format_stages(j, &st, stages, sizeof(stages));
+                log_info("loaded %s%s%s: %.1f MiB in %.2f s (%.2f GB/s); %s", j->comp->model,
+                         *j->comp->name ? " " : "", j->comp->name, (double) j->total / (1u << 20), secs,
+                         secs > 0 ? (double) j->total / secs / 1e9 : 0.0, stages);
+        } else if (r != -ECANCELED)
                 log_warning("load of %s%s%s failed: %s", j->comp->model, *j->comp->name ? " " : "", j->comp->name,
                             err.message);
         if (r == -ECANCELED && j->waiters && !s->stopping && job_restart(j, &r, &err)) {

@@ -536,7 +536,7 @@ void shard_load_resolved(Request *r) {
                         request_fail(r, k, &err);
                         return;
                 }
-                k = server_job_start(s, r->root->fd, job_comp, &j, &err);
+                k = server_job_start(s, r->root->fd, job_comp, r->received_usec, &j, &err);
                 if (k != 0) {
                         request_fail(r, k, &err);
                         return;

@@ -5,6 +5,7 @@
 #include <string.h>
 
 #include "store/loader.h"
+#include "util/time-util.h"
 
 struct LoadJob {
         Cache *cache;
@@ -21,6 +22,7 @@ struct LoadJob {
         int error;
         size_t failed_extent;
         bool direct_used;
+        uint64_t started_usec;
 
         bool sealed;   /* load_job_seal() ran */
         int seal_r;    /* and its outcome */
@@ -110,6 +112,7 @@ int load_job_start(LoadJob **ret, Reader *reader, Cache *cache, int root_fd, con
         _cleanup_(load_job_abortp) LoadJob *j = NULL;
         _cleanup_free_ ReaderExtent *extents = NULL;
         _cleanup_free_ FileId *ids = NULL;
+        uint64_t started = now_usec();
         size_t n = comp->n_files;
         int r;
 
@@ -119,7 +122,7 @@ int load_job_start(LoadJob **ret, Reader *reader, Cache *cache, int root_fd, con
         if (!j || !ids || !extents)
                 return wd_error_set(err, -ENOMEM, "out of memory");
         *j = (LoadJob){ .cache = cache, .root_fd = root_fd, .comp = comp, .progress = progress, .done = done,
-                        .userdata = userdata };
+                        .userdata = userdata, .started_usec = started };
         j->slabs = calloc(n ? n : 1, sizeof(Slab *));
         j->direct_fds = calloc(n ? n : 1, sizeof(int));
         if (!j->slabs || !j->direct_fds)
@@ -186,6 +189,17 @@ int load_job_error(LoadJob *job) {
 
 bool load_job_direct(LoadJob *job) {
         return job->direct_used;
+}
+
+void load_job_stages(LoadJob *job, uint64_t end_usec, LoadStages *ret) {
+        uint64_t first, last;
+
+        reader_job_times(job->reader_job, &first, &last);
+        *ret = (LoadStages){
+                .queue_usec = first - job->started_usec,
+                .read_usec = last - first,
+                .seal_usec = end_usec - last,
+        };
 }
 
 static int read_error(const LoadJob *j, WdError *err) {
@@ -287,13 +301,15 @@ static void sync_progress_done(LoadJob *job, void *userdata) {
 }
 
 int load_component(Reader *reader, Cache *cache, int root_fd, const Component *comp, const LoadOptions *opts,
-                   load_progress_fn progress, void *userdata, CacheEntry **ret_entry, WdError *err) {
+                   load_progress_fn progress, void *userdata, CacheEntry **ret_entry, LoadStages *ret_stages,
+                   WdError *err) {
         SyncProgress p = {
                 .fn = progress,
                 .userdata = userdata,
                 .wait = { .lock = PTHREAD_MUTEX_INITIALIZER, .cond = PTHREAD_COND_INITIALIZER },
         };
         _cleanup_free_ FileId *ids = calloc(comp->n_files ? comp->n_files : 1, sizeof(FileId));
+        LoadStages stages;
         CacheEntry *e;
         LoadJob *job;
         int r;
@@ -305,6 +321,8 @@ int load_component(Reader *reader, Cache *cache, int root_fd, const Component *c
         e = cache_lookup(cache, comp->model, comp->name, "", ids, comp->n_files);
         if (e && e->state == CACHE_ENTRY_RESIDENT) {
                 *ret_entry = e;
+                if (ret_stages)
+                        *ret_stages = (LoadStages){};
                 return 0;
         }
 
@@ -315,5 +333,10 @@ int load_component(Reader *reader, Cache *cache, int root_fd, const Component *c
         while (!p.wait.finished)
                 pthread_cond_wait(&p.wait.cond, &p.wait.lock);
         pthread_mutex_unlock(&p.wait.lock);
-        return load_job_finish(job, ret_entry, err);
+        load_job_seal(job);
+        load_job_stages(job, now_usec(), &stages);
+        r = load_job_finish(job, ret_entry, err);
+        if (r == 0 && ret_stages)
+                *ret_stages = stages;
+        return r;
 }

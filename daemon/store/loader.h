@@ -32,6 +32,14 @@ typedef struct LoadOptions {
 
 typedef struct LoadJob LoadJob;
 
+/* Where the time of a load went, in µs, stage after stage. */
+typedef struct LoadStages {
+        uint64_t queue_usec; /* load_job_start() to the first read issued: slabs created, files opened
+                              * for direct I/O, and other loads' reads ahead of this one */
+        uint64_t read_usec;  /* the first read issued to the last one completed */
+        uint64_t seal_usec;  /* the last read completed to the end given: files checked, slabs sealed */
+} LoadStages;
+
 typedef void (*load_progress_fn)(LoadJob *job, uint64_t done, uint64_t total, void *userdata);
 typedef void (*load_done_fn)(LoadJob *job, void *userdata);
 
@@ -67,8 +75,13 @@ Slab *const *load_job_slabs(LoadJob *job);
 int load_job_error(LoadJob *job);
 /* Whether at least one file was read with O_DIRECT. */
 bool load_job_direct(LoadJob *job);
+/* After done fired, on the owner's thread: split the time from
+ * load_job_start() to end_usec (now_usec(), after done) into stages. */
+void load_job_stages(LoadJob *job, uint64_t end_usec, LoadStages *ret);
 
-/* Resolve-free convenience for tools and tests: start, wait, finish.  A
- * component that is already resident is returned as it is. */
+/* Resolve-free convenience for tools and tests: start, wait, seal, finish.
+ * A component that is already resident is returned as it is (its stages all
+ * 0).  ret_stages may be NULL; its seal stage ends after the seal. */
 int load_component(Reader *reader, Cache *cache, int root_fd, const Component *comp, const LoadOptions *opts,
-                   load_progress_fn progress, void *userdata, CacheEntry **ret_entry, WdError *err);
+                   load_progress_fn progress, void *userdata, CacheEntry **ret_entry, LoadStages *ret_stages,
+                   WdError *err);

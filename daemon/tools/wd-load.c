@@ -1,5 +1,7 @@
 /* wd-load: load a model's components into sealed host slabs with the storage
- * core, and report throughput and page-cache growth.
+ * core, and report throughput and page-cache growth (and, with --json, where
+ * the time went: resolve, queue, read and seal, summed over the components,
+ * as the daemon logs them per load).
  *
  *   wd-load [--chunk-size SIZE] [--queue-depth N] [--direct auto|on|off]
  *           [--pages auto|hugetlb|small] [--component NAME]... [--verify]
@@ -18,6 +20,7 @@
 #include "store/loader.h"
 #include "tools/tool-util.h"
 #include "util/parse-util.h"
+#include "util/time-util.h"
 
 typedef struct Options {
         ReaderParams reader;
@@ -155,7 +158,8 @@ int main(int argc, char **argv) {
         Component **comps = NULL;
         CacheEntry **entries = NULL;
         size_t n_comps = 0;
-        uint64_t bytes = 0;
+        uint64_t bytes = 0, resolve_usec = 0;
+        LoadStages stages = {};
         size_t n_slabs = 0, n_huge = 0;
         const char *pages;
         double t0, t1;
@@ -205,12 +209,15 @@ int main(int argc, char **argv) {
         t0 = now_s();
         for (size_t i = 0; i < o.n_components; i++) {
                 WdError err = WD_ERROR_NULL;
+                LoadStages st = {};
+                uint64_t t = now_usec();
 
                 r = catalog_resolve(catalog, model, o.components[i], &comps[n_comps], &err);
+                resolve_usec += now_usec() - t;
                 if (r == 0) {
                         n_comps++;
                         r = load_component(reader, cache, root, comps[n_comps - 1], &o.load, on_progress,
-                                           o.components[i], &entries[n_comps - 1], &err);
+                                           o.components[i], &entries[n_comps - 1], &st, &err);
                 }
                 if (progress_tty)
                         fputc('\n', stderr);
@@ -219,6 +226,9 @@ int main(int argc, char **argv) {
                         return 1;
                 }
                 bytes += entries[n_comps - 1]->bytes;
+                stages.queue_usec += st.queue_usec;
+                stages.read_usec += st.read_usec;
+                stages.seal_usec += st.seal_usec;
         }
         t1 = now_s();
         pc1 = page_cache_bytes();
@@ -246,10 +256,13 @@ int main(int argc, char **argv) {
                 int64_t growth = pc1 - pc0;
 
                 if (o.json)
-                        printf("{\"bytes\": %llu, \"seconds\": %.6f, \"gbps\": %.4f, \"components\": %zu, "
-                               "\"pagecache_growth_bytes\": %lld, \"chunk_size\": %llu, \"queue_depth\": %u, "
-                               "\"direct\": \"%s\", \"pages\": \"%s\", \"verified\": %s}\n",
-                               (unsigned long long) bytes, secs, gbps, n_comps, (long long) growth,
+                        printf("{\"bytes\": %llu, \"seconds\": %.6f, \"gbps\": %.4f, \"resolve_seconds\": %.6f, "
+                               "\"queue_seconds\": %.6f, \"read_seconds\": %.6f, \"seal_seconds\": %.6f, "
+                               "\"components\": %zu, \"pagecache_growth_bytes\": %lld, \"chunk_size\": %llu, "
+                               "\"queue_depth\": %u, \"direct\": \"%s\", \"pages\": \"%s\", \"verified\": %s}\n",
+                               (unsigned long long) bytes, secs, gbps, (double) resolve_usec / 1e6,
+                               (double) stages.queue_usec / 1e6, (double) stages.read_usec / 1e6,
+                               (double) stages.seal_usec / 1e6, n_comps, (long long) growth,
                                (unsigned long long) o.reader.chunk_size, o.reader.queue_depth,
                                direct_mode_to_string(o.load.direct), pages, o.verify && ret == 0 ? "true" : "false");
                 else {

@@ -8,6 +8,7 @@
 
 #include "io/reader.h"
 #include "test-util.h"
+#include "util/time-util.h"
 
 static char *scratch;
 
@@ -190,6 +191,7 @@ static void test_more_chunks_than_queue(void **state) {
         _cleanup_free_ uint8_t *ref = NULL;
         Tracker t = TRACKER_INIT;
         size_t n = 0;
+        uint64_t before, first, last;
         int fd = open(path, O_RDONLY | O_CLOEXEC), dfd = open(path, O_RDONLY | O_CLOEXEC | O_DIRECT);
         uint8_t *dest = alloc_dest(8 << 20);
         ReaderExtent e = { .fd = dfd, .buffered_fd = fd, .direct = true, .length = 8 << 20, .dest = dest };
@@ -197,9 +199,15 @@ static void test_more_chunks_than_queue(void **state) {
         ref = read_file(path, &n);
         assert_int_equal(reader_new(&r, &p), 0);
         assert_int_equal(reader_job_new(&job, &e, 1, tracker_progress, tracker_done, &t), 0);
+        before = now_usec();
         assert_int_equal(reader_submit(r, job), 0);
         tracker_wait(&t);
         assert_int_equal(t.error, 0);
+        /* 2048 reads take time; the done callback came after the last. */
+        reader_job_times(job, &first, &last);
+        assert_true(before <= first);
+        assert_true(first < last);
+        assert_true(last <= now_usec());
         assert_true(t.monotonic);
         assert_int_equal(t.calls, 2048);
         assert_int_equal(t.last_progress, 8 << 20);

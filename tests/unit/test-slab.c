@@ -8,6 +8,7 @@
 #include "format/catalog.h"
 #include "store/loader.h"
 #include "test-util.h"
+#include "util/time-util.h"
 
 /* SLAB_PAGES_SMALL, or SLAB_PAGES_HUGETLB when run as "test-slab hugetlb". */
 static SlabPages slab_pages = SLAB_PAGES_SMALL;
@@ -97,11 +98,16 @@ static void load_and_compare(Fixture *f, const char *model, const char *componen
         _cleanup_(component_freep) Component *c = NULL;
         WdError err = WD_ERROR_NULL;
         CacheEntry *e = NULL;
+        LoadStages stages;
+        uint64_t t0;
 
         if (catalog_resolve(f->catalog, model, component, &c, &err) != 0)
                 fail_msg("%s: %s", model, err.message);
-        if (load_component(f->reader, f->cache, f->root_fd, c, opts, NULL, NULL, &e, &err) != 0)
+        t0 = now_usec();
+        if (load_component(f->reader, f->cache, f->root_fd, c, opts, NULL, NULL, &e, &stages, &err) != 0)
                 fail_msg("%s: %s", model, err.message);
+        /* The stages follow one another within the call. */
+        assert_true(stages.queue_usec + stages.read_usec + stages.seal_usec <= now_usec() - t0);
         assert_int_equal(e->state, CACHE_ENTRY_RESIDENT);
         assert_int_equal(e->n_files, c->n_files);
         for (size_t i = 0; i < c->n_files; i++) {
@@ -153,7 +159,9 @@ static void test_load_good_files(void **state) {
                 assert_true(asprintf(&name, "%s.safetensors", files[i]) > 0);
                 assert_true(asprintf(&path, "%s/%s", testdata("good"), name) > 0);
                 assert_int_equal(catalog_resolve(catalog, name, NULL, &c, &err), 0);
-                assert_int_equal(load_component(f->reader, f->cache, root, c, &LOAD_OPTIONS_DEFAULT, NULL, NULL, &e, &err), 0);
+                assert_int_equal(load_component(f->reader, f->cache, root, c, &LOAD_OPTIONS_DEFAULT, NULL, NULL, &e,
+                                                NULL, &err),
+                                 0);
                 assert_hash_equal(XXH3_128bits(e->slabs[0]->data, e->slabs[0]->size), hash_file(path));
         }
 }
@@ -180,7 +188,7 @@ static void test_changed_file(void **state) {
 
         for (DirectMode m = 0; m < _DIRECT_MODE_MAX; m++) {
                 LoadOptions o = { .direct = m, .pages = SLAB_PAGES_AUTO };
-                int r = load_component(f->reader, f->cache, root, c, &o, NULL, NULL, &e, &err);
+                int r = load_component(f->reader, f->cache, root, c, &o, NULL, NULL, &e, NULL, &err);
 
                 assert_int_equal(r, WD_E_CHANGED);
                 assert_non_null(strstr(err.message, "m.safetensors"));

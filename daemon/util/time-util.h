@@ -1,0 +1,15 @@
+/* The monotonic clock, and durations written for people. */
+#pragma once
+
+#include <stddef.h>
+#include <stdint.h>
+
+/* Room for any format_timespan() result, with its NUL. */
+#define FORMAT_TIMESPAN_MAX 32u
+
+/* CLOCK_MONOTONIC in µs: the same clock in every thread. */
+uint64_t now_usec(void);
+
+/* usec as "41.2 ms" below one second and as "1.21 s" from there on, in buf.
+ * Returns buf. */
+char *format_timespan(char *buf, size_t size, uint64_t usec);
