@@ -159,6 +159,18 @@ def run_fio(fio, jobfile, expected):
             "pagecache_growth_bytes": pc1 - pc0}
 
 
+def proc_read_bytes(pid="self"):
+    """What process PID has read from storage (read_bytes of /proc/PID/io); 0 once it is gone."""
+    try:
+        with open(f"/proc/{pid}/io") as f:
+            for line in f:
+                if line.startswith("read_bytes:"):
+                    return int(line.split()[1])
+    except OSError:
+        pass
+    return 0
+
+
 def meminfo():
     vals = {}
     with open("/proc/meminfo") as f:
