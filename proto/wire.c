@@ -1,11 +1,13 @@
 /* Framing of the control API: length-prefixed protobuf Envelopes on a Unix
  * stream socket, with descriptors passed by SCM_RIGHTS.  Used by both the
  * daemon (non-blocking sockets under libuv) and the client library (blocking
- * sockets); see wire.h and PROTOCOL.md. */
+ * sockets); see wire.h and PROTOCOL.md.  Envelopes are unpacked through
+ * our own protobuf-c allocator, which can hold an unpack to a heap budget. */
 
 #include "wire.h"
 
 #include <errno.h>
+#include <stddef.h>
 #include <stdlib.h>
 #include <string.h>
 #include <sys/socket.h>
@@ -35,13 +37,91 @@ int wire_pack(const WireEnvelope *env, size_t max_frame, uint8_t **ret_buf, size
         return 0;
 }
 
+/* The allocator behind every unpacked envelope.  Each block carries a
+ * header with its size, so that frees during a bounded unpack give their
+ * charge back; the budget lives in a HeapBudget on the unpacker's stack and
+ * only while protobuf-c unpacks.  Envelopes are freed later through
+ * heap_allocator, which has no budget (allocator_data NULL) and only
+ * frees: the layout of a block is the same either way. */
+typedef struct HeapBudget {
+        size_t budget;
+        size_t used;
+        size_t peak;
+} HeapBudget;
+
+typedef union HeapHeader {
+        size_t size;
+        max_align_t align;
+} HeapHeader;
+
+/* What malloc(sizeof(HeapHeader) + size) costs: glibc's chunks are the
+ * request plus 8 bytes, rounded up to 16, and at least 32. */
+static size_t heap_charge(size_t size) {
+        size_t c = (sizeof(HeapHeader) + size + 8 + 15) & ~(size_t) 15;
+
+        return c < 32 ? 32 : c;
+}
+
+static void *heap_alloc(void *data, size_t size) {
+        HeapBudget *b = data;
+        HeapHeader *h;
+
+        if (size > SIZE_MAX / 2)
+                return NULL;
+        if (b) {
+                size_t c = heap_charge(size);
+
+                if (c > b->budget - b->used)
+                        return NULL;
+                b->used += c;
+                if (b->used > b->peak)
+                        b->peak = b->used;
+        }
+        h = malloc(sizeof(HeapHeader) + size);
+        if (!h) {
+                if (b)
+                        b->used -= heap_charge(size);
+                return NULL;
+        }
+        h->size = size;
+        return h + 1;
+}
+
+static void heap_free(void *data, void *p) {
+        HeapBudget *b = data;
+        HeapHeader *h;
+
+        if (!p)
+                return;
+        h = (HeapHeader *) p - 1;
+        if (b)
+                b->used -= heap_charge(h->size);
+        free(h);
+}
+
+static ProtobufCAllocator heap_allocator = { .alloc = heap_alloc, .free = heap_free };
+
+WireEnvelope *wire_unpack_bounded_peak(const uint8_t *payload, size_t len, size_t heap_budget, size_t *peak) {
+        HeapBudget b = { .budget = heap_budget };
+        ProtobufCAllocator a = { .alloc = heap_alloc, .free = heap_free, .allocator_data = &b };
+        WireEnvelope *env = weightd__v1__envelope__unpack(&a, len, payload);
+
+        if (peak)
+                *peak = b.peak;
+        return env;
+}
+
+WireEnvelope *wire_unpack_bounded(const uint8_t *payload, size_t len, size_t heap_budget) {
+        return wire_unpack_bounded_peak(payload, len, heap_budget, NULL);
+}
+
 WireEnvelope *wire_unpack(const uint8_t *payload, size_t len) {
-        return weightd__v1__envelope__unpack(NULL, len, payload);
+        return weightd__v1__envelope__unpack(&heap_allocator, len, payload);
 }
 
 void wire_envelope_free(WireEnvelope *env) {
         if (env)
-                weightd__v1__envelope__free_unpacked(env, NULL);
+                weightd__v1__envelope__free_unpacked(env, &heap_allocator);
 }
 
 int wire_send(int fd, const uint8_t *buf, size_t len, const int *fds, size_t n_fds, size_t *offset) {

@@ -6,7 +6,8 @@
  * arrival order and a frame that refers to k descriptors takes the first k.
  *
  * Nothing here allocates more than the announced frame length, and the
- * length is checked against the receiver's limit before the buffer grows. */
+ * length is checked against the receiver's limit before the buffer grows;
+ * wire_unpack_bounded() holds decoding to a budget proportional to it. */
 #pragma once
 
 #include <stdbool.h>
@@ -27,8 +28,49 @@ typedef Weightd__V1__Envelope WireEnvelope;
  * -EMSGSIZE when it would exceed max_frame, or -ENOMEM. */
 int wire_pack(const WireEnvelope *env, size_t max_frame, uint8_t **ret_buf, size_t *ret_len);
 
-/* Unpack one frame's payload (without the prefix); NULL when malformed. */
+/* Unpack one frame's payload (without the prefix); NULL when malformed or
+ * out of memory.  The heap it takes is not bounded: for frames from a peer
+ * that is trusted to send sane ones (the client reading the daemon's
+ * replies). */
 WireEnvelope *wire_unpack(const uint8_t *payload, size_t len);
+
+/* The same with a heap budget, for frames from untrusted peers (the daemon
+ * reading requests).  protobuf-c materialises every element of a repeated
+ * field before anything can be checked: an empty ShardRule is 2 bytes on the
+ * wire and over 100 on the heap (its struct, a pointer to it and protobuf-c's
+ * scan slot), and a 16 MiB frame of them took the daemon to 723 MiB.  Here
+ * every allocation protobuf-c makes (the messages, their strings and arrays,
+ * its own scratch space) is charged what it costs on the heap -- its size, a
+ * 16-byte header and malloc's chunk overhead, at least 32 bytes -- and
+ * freeing gives the charge back; an allocation that would take the charge
+ * over heap_budget fails, protobuf-c frees what it built and NULL is
+ * returned, as for a malformed frame.
+ *
+ * WIRE_UNPACK_BUDGET(len) is the budget to pass for a frame of len bytes:
+ * twice the frame (each string is copied with a terminator and a chunk
+ * header) plus 64 KiB for the message structs and scratch space of the
+ * largest request that passes the daemon's checks, a Load with 64 shard rules
+ * (PROTOCOL.md, "Limits").  The largest such request, a PATH_MAX model path,
+ * a 255-byte component and 64 rules with 256-byte patterns, is a frame of
+ * 21 KiB that takes 33 KiB of heap, under a third of its budget of 106 KiB;
+ * 64 one-byte rules take 17 KiB.  A frame of many small fields gets at most
+ * 2 bytes of heap per byte: a 60 KiB frame of 30,000 empty rules (3.5 MiB
+ * unbounded) is refused within 181 KiB, and a 16 MiB one of 8,388,508 within
+ * 32 MiB + 64 KiB, where the daemon's request limit (PROTOCOL.md) has not
+ * refused it already. */
+#define WIRE_UNPACK_BUDGET_PER_BYTE 2u
+#define WIRE_UNPACK_BUDGET_BASE ((size_t) 64 << 10)
+#define WIRE_UNPACK_BUDGET(len) ((size_t) WIRE_UNPACK_BUDGET_PER_BYTE * (size_t) (len) + WIRE_UNPACK_BUDGET_BASE)
+
+WireEnvelope *wire_unpack_bounded(const uint8_t *payload, size_t len, size_t heap_budget);
+
+/* wire_unpack_bounded() that also reports, in *peak (when not NULL; written
+ * on success and failure alike), the most heap it held at once, charged as
+ * above.  For tests and benchmarks. */
+WireEnvelope *wire_unpack_bounded_peak(const uint8_t *payload, size_t len, size_t heap_budget, size_t *peak);
+
+/* Frees an envelope from any of the three (NULL is fine).  Envelopes built
+ * by hand are not freed with it. */
 void wire_envelope_free(WireEnvelope *env);
 
 /* Send buf[*offset..len) on a non-blocking or blocking stream socket, with
