@@ -85,7 +85,9 @@ static const KeyDef key_defs[] = {
         { "daemon", "max_connections_per_uid", KEY_UNSIGNED, offsetof(Config, max_connections_per_uid), 1, 65536 },
         { "daemon", "max_pending_requests", KEY_UNSIGNED, offsetof(Config, max_pending_requests), 1, 4096 },
         { "daemon", "max_frame_size", KEY_SIZE, offsetof(Config, max_frame_size), 4ull << 10, 256ull << 20, 1 },
+        { "daemon", "max_request_size", KEY_SIZE, offsetof(Config, max_request_size), 1ull << 10, 16ull << 20, 1 },
         { "daemon", "hello_timeout", KEY_UNSIGNED, offsetof(Config, hello_timeout), 1, 3600 },
+        { "daemon", "frame_timeout", KEY_UNSIGNED, offsetof(Config, frame_timeout), 1, 3600 },
         { "daemon", "log_level", KEY_LOG_LEVEL },
         { "memory", "host_budget", KEY_BUDGET },
         { "memory", "host_pages", KEY_PAGES },
@@ -242,7 +244,9 @@ int config_new_default(Config **ret, WdError *err) {
                 .max_connections_per_uid = CONFIG_MAX_CONNECTIONS_PER_UID_DEFAULT,
                 .max_pending_requests = CONFIG_MAX_PENDING_REQUESTS_DEFAULT,
                 .max_frame_size = CONFIG_MAX_FRAME_SIZE_DEFAULT,
+                .max_request_size = CONFIG_MAX_REQUEST_SIZE_DEFAULT,
                 .hello_timeout = CONFIG_HELLO_TIMEOUT_DEFAULT,
+                .frame_timeout = CONFIG_FRAME_TIMEOUT_DEFAULT,
                 .log_level = LOG_INFO,
                 .host_pages = SLAB_PAGES_AUTO,
                 .queue_depth = CONFIG_QUEUE_DEPTH_DEFAULT,
@@ -1138,7 +1142,8 @@ bool config_equal(const Config *a, const Config *b) {
             a->n_allow_uids != b->n_allow_uids || a->n_allow_gids != b->n_allow_gids ||
             a->max_connections != b->max_connections || a->max_connections_per_uid != b->max_connections_per_uid ||
             a->max_pending_requests != b->max_pending_requests || a->max_frame_size != b->max_frame_size ||
-            a->hello_timeout != b->hello_timeout ||
+            a->max_request_size != b->max_request_size || a->hello_timeout != b->hello_timeout ||
+            a->frame_timeout != b->frame_timeout ||
             a->log_level != b->log_level || a->host_budget != b->host_budget ||
             strcmp(a->host_budget_spec, b->host_budget_spec) != 0 || a->host_pages != b->host_pages ||
             a->queue_depth != b->queue_depth || a->chunk_size != b->chunk_size || a->direct_io != b->direct_io ||
@@ -1232,7 +1237,9 @@ int config_dump(const Config *c, FILE *f) {
         fprintf(f, "max_connections_per_uid = %u\n", c->max_connections_per_uid);
         fprintf(f, "max_pending_requests = %u\n", c->max_pending_requests);
         fprintf(f, "max_frame_size = %s\n", format_size(c->max_frame_size, a));
+        fprintf(f, "max_request_size = %s\n", format_size(c->max_request_size, a));
         fprintf(f, "hello_timeout = %u\n", c->hello_timeout);
+        fprintf(f, "frame_timeout = %u\n", c->frame_timeout);
         fprintf(f, "log_level = %s\n", name_or(config_log_level_to_string(c->log_level), "info"));
 
         fprintf(f, "\n[memory]\n# %llu bytes\nhost_budget = %s\n", (unsigned long long) c->host_budget,

@@ -31,7 +31,9 @@
 #define CONFIG_MAX_CONNECTIONS_PER_UID_DEFAULT 64u
 #define CONFIG_MAX_PENDING_REQUESTS_DEFAULT 64u
 #define CONFIG_MAX_FRAME_SIZE_DEFAULT (16ull << 20)
+#define CONFIG_MAX_REQUEST_SIZE_DEFAULT (64ull << 10)
 #define CONFIG_HELLO_TIMEOUT_DEFAULT 10u
+#define CONFIG_FRAME_TIMEOUT_DEFAULT 10u
 #define CONFIG_QUEUE_DEPTH_DEFAULT 32u
 #define CONFIG_CHUNK_SIZE_DEFAULT (16ull << 20)
 #define CONFIG_HOST_BUDGET_DEFAULT "50%"
@@ -67,8 +69,12 @@ typedef struct Config {
         unsigned max_connections;         /* default 1024, 1..65536 */
         unsigned max_connections_per_uid; /* default 64, 1..65536 */
         unsigned max_pending_requests;    /* per connection, default 64, 1..4096 */
-        uint64_t max_frame_size;          /* default 16M, 4K..256M */
+        uint64_t max_frame_size;          /* default 16M, 4K..256M: HelloReply.max_frame_size, the bound
+                                           * on replies the client library reads */
+        uint64_t max_request_size;        /* default 64K, 1K..16M: the largest frame a peer may send */
         unsigned hello_timeout;           /* seconds a new connection has to say Hello, default 10, 1..3600 */
+        unsigned frame_timeout;           /* seconds a frame has to complete once its first byte came,
+                                           * default 10, 1..3600 */
         int log_level;                    /* LOG_ERR..LOG_DEBUG of <syslog.h>; default LOG_INFO */
 
         /* [memory] */

@@ -96,7 +96,9 @@ static void assert_defaults(const Config *c) {
         assert_int_equal(c->max_connections_per_uid, 64);
         assert_int_equal(c->max_pending_requests, 64);
         assert_int_equal(c->hello_timeout, 10);
+        assert_int_equal(c->frame_timeout, 10);
         assert_int_equal(c->max_frame_size, 16u << 20);
+        assert_int_equal(c->max_request_size, 64u << 10);
         assert_int_equal(c->log_level, LOG_INFO);
         assert_string_equal(c->host_budget_spec, "50%");
         assert_int_equal(c->host_budget, meminfo_total() * 50 / 100);
@@ -216,7 +218,9 @@ static void test_daemon_keys(void **state) {
                     "max_connections_per_uid = 65536\n"
                     "max_pending_requests = 4096\n"
                     "max_frame_size = 4K\n"
+                    "max_request_size = 1K\n"
                     "hello_timeout = 3600\n"
+                    "frame_timeout = 1\n"
                     "log_level = debug\n");
         assert_string_equal(c->socket, "/tmp/wd-test/weightd.sock");
         assert_int_equal(c->n_model_roots, 2);
@@ -234,16 +238,20 @@ static void test_daemon_keys(void **state) {
         assert_int_equal(c->max_connections_per_uid, 65536);
         assert_int_equal(c->max_pending_requests, 4096);
         assert_int_equal(c->max_frame_size, 4096);
+        assert_int_equal(c->max_request_size, 1024);
         assert_int_equal(c->hello_timeout, 3600);
+        assert_int_equal(c->frame_timeout, 1);
         assert_int_equal(c->log_level, LOG_DEBUG);
         c = config_free(c);
 
         c = load_ok("[daemon]\nmax_connections = 65536\nmax_connections_per_uid = 1\nmax_pending_requests = 1\n"
-                    "max_frame_size = 256M\nallow_uids =\nallow_gids =\n");
+                    "max_frame_size = 256M\nmax_request_size = 16M\nframe_timeout = 3600\nallow_uids =\nallow_gids =\n");
         assert_int_equal(c->max_connections, 65536);
         assert_int_equal(c->max_connections_per_uid, 1);
         assert_int_equal(c->max_pending_requests, 1);
         assert_int_equal(c->max_frame_size, 256u << 20);
+        assert_int_equal(c->max_request_size, 16u << 20);
+        assert_int_equal(c->frame_timeout, 3600);
         assert_int_equal(c->n_allow_uids, 0);
         assert_int_equal(c->n_allow_gids, 0);
         c = config_free(c);
@@ -253,6 +261,12 @@ static void test_daemon_keys(void **state) {
         c = config_free(c);
         c = load_ok("[daemon]\nmax_frame_size = 65536\n");
         assert_int_equal(c->max_frame_size, 65536);
+        c = config_free(c);
+        /* The two limits are independent: a request limit over the reply
+         * limit is allowed. */
+        c = load_ok("[daemon]\nmax_request_size = 1048577\nmax_frame_size = 4k\n");
+        assert_int_equal(c->max_request_size, (1u << 20) + 1);
+        assert_int_equal(c->max_frame_size, 4096);
         c = config_free(c);
 
         static const struct {
@@ -454,6 +468,17 @@ static void test_bad_values(void **state) {
                   "test.conf:2: [daemon] max_frame_size: \"1X\" is not a size (a number with an optional K, M, G or T suffix)" },
                 { "[daemon]\nmax_frame_size = 16777216T\n",
                   "test.conf:2: [daemon] max_frame_size: \"16777216T\" is not in 4K..256M" },
+                { "[daemon]\nmax_request_size = 1023\n",
+                  "test.conf:2: [daemon] max_request_size: \"1023\" is not in 1K..16M" },
+                { "[daemon]\nmax_request_size = 16777217\n",
+                  "test.conf:2: [daemon] max_request_size: \"16777217\" is not in 1K..16M" },
+                { "[daemon]\nmax_request_size = 0\n", "test.conf:2: [daemon] max_request_size: \"0\" is not in 1K..16M" },
+                { "[daemon]\nmax_request_size = 64 K\n",
+                  "test.conf:2: [daemon] max_request_size: \"64 K\" is not a size (a number with an optional K, M, G or T suffix)" },
+                { "[daemon]\nmax_request_size = 1G\n", "test.conf:2: [daemon] max_request_size: \"1G\" is not in 1K..16M" },
+                { "[daemon]\nframe_timeout = 0\n", "test.conf:2: [daemon] frame_timeout: \"0\" is not in 1..3600" },
+                { "[daemon]\nframe_timeout = 3601\n", "test.conf:2: [daemon] frame_timeout: \"3601\" is not in 1..3600" },
+                { "[daemon]\nframe_timeout = 10s\n", "test.conf:2: [daemon] frame_timeout: \"10s\" is not a number" },
                 { "[daemon]\nlog_level = verbose\n",
                   "test.conf:2: [daemon] log_level: \"verbose\" is not one of err, warning, notice, info, debug" },
                 { "[daemon]\nlog_level = INFO\n",
@@ -811,7 +836,7 @@ static void test_dump(void **state) {
         for (int i = 0; i < 60; i++)
                 fprintf(f, "%s%u", i % 10 == 9 ? "\n  " : ", ", 4000000000u + (unsigned) i);
         fputs("\nallow_gids = 0, 1\nmax_connections = 10\nmax_connections_per_uid = 3\nmax_pending_requests = 5\n"
-              "max_frame_size = 12288\nlog_level = notice\n"
+              "max_frame_size = 12288\nmax_request_size = 3K\nhello_timeout = 7\nframe_timeout = 5\nlog_level = notice\n"
               "[memory]\nhost_budget = 3%\nhost_pages = small\n"
               "[io]\nqueue_depth = 100\nchunk_size = 1G\ndirect_io = off\n"
               "[gpu]\nbudget = 80G\ndevice_budgets = 0:50%, 1:10G\nkeep_host = no\ndevices = 0, 1\n",
@@ -822,19 +847,23 @@ static void test_dump(void **state) {
         assert_int_equal(strlen(c->model_roots[26]), 197);
         assert_int_equal(c->n_allow_uids, 61);
         assert_int_equal(c->max_frame_size, 12288);
+        assert_int_equal(c->max_request_size, 3072);
+        assert_int_equal(c->frame_timeout, 5);
         d = dump_and_reload(c);
         assert_true(config_equal(c, d));
         c = config_free(c);
         d = config_free(d);
 
         /* A size dumps with the largest exact suffix. */
-        c = load_ok("[daemon]\nmax_frame_size = 1048576\n[io]\nchunk_size = 69632\n[memory]\nhost_budget = 2048\n");
+        c = load_ok("[daemon]\nmax_frame_size = 1048576\nmax_request_size = 65536\nframe_timeout = 42\n[io]\nchunk_size = 69632\n[memory]\nhost_budget = 2048\n");
         free(text);
         text = NULL;
         f = open_memstream(&text, &size);
         assert_int_equal(config_dump(c, f), 0);
         assert_int_equal(fclose(f), 0);
         assert_non_null(strstr(text, "\nmax_frame_size = 1M\n"));
+        assert_non_null(strstr(text, "\nmax_request_size = 64K\n"));
+        assert_non_null(strstr(text, "\nframe_timeout = 42\n"));
         assert_non_null(strstr(text, "\nchunk_size = 68K\n"));
         assert_non_null(strstr(text, "\nhost_budget = 2048\n"));
         p = strstr(text, "\n[memory]\n# 2048 bytes\n");
@@ -851,6 +880,14 @@ static void test_dump(void **state) {
         d = dump_and_reload(c);
         free(d->host_budget_spec);
         d->host_budget_spec = strdup("2K");
+        assert_false(config_equal(c, d));
+        d = config_free(d);
+        d = dump_and_reload(c);
+        d->max_request_size++;
+        assert_false(config_equal(c, d));
+        d = config_free(d);
+        d = dump_and_reload(c);
+        d->frame_timeout++;
         assert_false(config_equal(c, d));
 }
 
