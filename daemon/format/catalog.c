@@ -4,10 +4,20 @@
  * diffusion_pytorch_model.safetensors; a *.safetensors.index.json (the
  * canonical name, or the only one); all *.safetensors in sorted order.  A
  * folder with only pickle checkpoints is refused with WD_E_UNSUPPORTED.
- * Headers are parsed once per file identity and kept in a small LRU cache. */
+ * Headers are parsed once per file identity and kept in a small LRU cache.
+ *
+ * Concurrency: one mutex guards the header cache, the memos and their clock,
+ * and it is held only to look an entry up (taking a reference or a copy) or
+ * to insert one, never across open(), fstat(), read() or a header parse.  A
+ * file whose header is not cached is parsed into a private header outside
+ * the lock and inserted afterwards; where another thread inserted the same
+ * identity meanwhile, the first insert stays and the later copy is dropped.
+ * What an insert evicts is released after the lock is dropped, since the
+ * last reference to a large header takes long to free. */
 #include <dirent.h>
 #include <fcntl.h>
 #include <jansson.h>
+#include <pthread.h>
 #include <stdio.h>
 #include <string.h>
 
@@ -50,8 +60,13 @@ typedef struct UniqueMemo {
 #define MEMO_MAX 64
 
 struct Catalog {
-        int root_fd;
-        char *root_display;
+        int root_fd;        /* read-only after catalog_new() */
+        char *root_display; /* read-only after catalog_new() */
+        CatalogParseHook parse_hook;
+        void *parse_hook_userdata;
+
+        /* Guards everything below; never held across I/O or a parse. */
+        pthread_mutex_t lock;
         HeaderCacheEntry *cache;
         size_t n_cache;
         uint64_t clock;
@@ -88,10 +103,16 @@ const char *component_kind_to_string(ComponentKind k) {
 
 int catalog_new(Catalog **ret, int root_fd, const char *root_display) {
         Catalog *c;
+        int r;
 
         c = calloc(1, sizeof(Catalog));
         if (!c)
                 return -ENOMEM;
+        r = pthread_mutex_init(&c->lock, NULL);
+        if (r != 0) {
+                free(c);
+                return -r;
+        }
         c->root_fd = root_fd;
         c->root_display = strdup(root_display ? root_display : "");
         c->cache = calloc(HEADER_CACHE_MAX, sizeof(HeaderCacheEntry));
@@ -112,35 +133,78 @@ Catalog *catalog_free(Catalog *c) {
                 unique_memo_done(&c->unique_memo[i]);
         free(c->cache);
         free(c->root_display);
+        pthread_mutex_destroy(&c->lock);
         free(c);
         return NULL;
 }
 
-size_t catalog_cached_headers(Catalog *c) {
-        return c->n_cache;
+void catalog_set_parse_hook(Catalog *c, CatalogParseHook hook, void *userdata) {
+        c->parse_hook = hook;
+        c->parse_hook_userdata = userdata;
 }
 
+static void catalog_lock(Catalog *c) {
+        pthread_mutex_lock(&c->lock);
+}
+
+static void catalog_unlock(Catalog *c) {
+        pthread_mutex_unlock(&c->lock);
+}
+
+size_t catalog_cached_headers(Catalog *c) {
+        size_t n;
+
+        catalog_lock(c);
+        n = c->n_cache;
+        catalog_unlock(c);
+        return n;
+}
+
+/* A reference to the cached header of a file identity, or NULL. */
 static StHeader *cache_get(Catalog *c, const FileId *id) {
+        StHeader *h = NULL;
+
+        catalog_lock(c);
         for (size_t i = 0; i < c->n_cache; i++)
                 if (file_id_equal(&c->cache[i].id, id)) {
                         c->cache[i].last_use = ++c->clock;
-                        return st_header_ref(c->cache[i].header);
+                        h = st_header_ref(c->cache[i].header);
+                        break;
                 }
-        return NULL;
+        catalog_unlock(c);
+        return h;
 }
 
-static void cache_put(Catalog *c, const FileId *id, StHeader *h) {
-        size_t slot = c->n_cache;
+/* Insert a freshly parsed header, taking over the reference h.  Returns the
+ * reference to use: h, or the header another thread inserted for the same
+ * identity meanwhile (h is then dropped: the first insert wins, so that every
+ * user of one identity shares one header). */
+static StHeader *cache_put(Catalog *c, const FileId *id, StHeader *h) {
+        _cleanup_(st_header_unrefp) StHeader *drop = NULL;
+        StHeader *use = h;
+        size_t slot;
 
+        catalog_lock(c);
+        for (size_t i = 0; i < c->n_cache; i++)
+                if (file_id_equal(&c->cache[i].id, id)) {
+                        c->cache[i].last_use = ++c->clock;
+                        use = st_header_ref(c->cache[i].header);
+                        drop = h;
+                        goto unlock;
+                }
+        slot = c->n_cache;
         if (c->n_cache == HEADER_CACHE_MAX) {
                 slot = 0;
                 for (size_t i = 1; i < c->n_cache; i++)
                         if (c->cache[i].last_use < c->cache[slot].last_use)
                                 slot = i;
-                st_header_unref(c->cache[slot].header);
+                drop = c->cache[slot].header;
         } else
                 c->n_cache++;
         c->cache[slot] = (HeaderCacheEntry){ .id = *id, .header = st_header_ref(h), .last_use = ++c->clock };
+unlock:
+        catalog_unlock(c);
+        return use; /* drop, if any, is released here, outside the lock */
 }
 
 /* "root_display/path" for messages. */
@@ -408,10 +472,13 @@ static int file_open(Catalog *c, const char *dir, const char *name, CatalogFile 
 
         h = cache_get(c, &f->id);
         if (!h) {
+                /* Parsed outside the lock: other models resolve meanwhile. */
+                if (c->parse_hook)
+                        c->parse_hook(c->parse_hook_userdata, f->path);
                 r = st_header_parse_fd(f->fd, f->display, &h, err);
                 if (r != 0)
                         return r;
-                cache_put(c, &f->id, h);
+                h = cache_put(c, &f->id, h);
         }
         f->header = h;
         return 0;
@@ -508,19 +575,48 @@ static int index_check_shard(const char *index_display, json_t *map, const char 
         return wd_error_set(err, WD_E_FORMAT, "%s: shard %s does not match the weight_map", index_display, shard);
 }
 
-static IndexMemo *index_memo_find(Catalog *c, const char *path, const FileId *id) {
-        for (size_t i = 0; i < c->n_index_memo; i++)
-                if (file_id_equal(&c->index_memo[i].id, id) && strcmp(c->index_memo[i].path, path) == 0) {
-                        c->index_memo[i].last_use = ++c->clock;
-                        return &c->index_memo[i];
+/* A private copy of the memo of an index (path and identity), so that it can
+ * be used outside the lock while another thread evicts the original.  False
+ * when there is none (or no memory for the copy: that only costs speed). */
+static bool index_memo_find(Catalog *c, const char *path, const FileId *id, IndexMemo *ret) {
+        IndexMemo m = {};
+        bool found = false;
+
+        catalog_lock(c);
+        for (size_t i = 0; i < c->n_index_memo; i++) {
+                const IndexMemo *o = &c->index_memo[i];
+
+                if (!file_id_equal(&o->id, id) || strcmp(o->path, path) != 0)
+                        continue;
+                c->index_memo[i].last_use = ++c->clock;
+                m = (IndexMemo){ .id = o->id, .n_shards = o->n_shards };
+                m.path = strdup(o->path);
+                m.shards = calloc(MAX(o->n_shards, 1), sizeof(char *));
+                m.shard_ids = calloc(MAX(o->n_shards, 1), sizeof(FileId));
+                found = m.path && m.shards && m.shard_ids;
+                for (size_t k = 0; found && k < o->n_shards; k++) {
+                        m.shards[k] = strdup(o->shards[k]);
+                        m.shard_ids[k] = o->shard_ids[k];
+                        found = m.shards[k];
                 }
-        return NULL;
+                break;
+        }
+        catalog_unlock(c);
+        if (!found) {
+                index_memo_done(&m);
+                return false;
+        }
+        *ret = m;
+        return true;
 }
 
-/* Remember a checked index; failing to (out of memory) only costs speed. */
+/* Remember a checked index; failing to (out of memory) only costs speed.
+ * Where another thread remembered the same index (path and identity)
+ * meanwhile, its memo stays. */
 static void index_memo_put(Catalog *c, const char *path, const FileId *id, const Component *comp, size_t first) {
-        IndexMemo m = { .id = *id, .n_shards = comp->n_files - first, .last_use = ++c->clock };
-        size_t slot = c->n_index_memo;
+        _cleanup_(index_memo_done) IndexMemo drop = {};
+        IndexMemo m = { .id = *id, .n_shards = comp->n_files - first };
+        size_t slot;
 
         m.path = strdup(path);
         m.shards = calloc(m.n_shards, sizeof(char *));
@@ -534,15 +630,26 @@ static void index_memo_put(Catalog *c, const char *path, const FileId *id, const
                         return index_memo_done(&m);
                 m.shard_ids[i] = comp->files[first + i].id;
         }
+
+        catalog_lock(c);
+        for (size_t i = 0; i < c->n_index_memo; i++)
+                if (file_id_equal(&c->index_memo[i].id, id) && strcmp(c->index_memo[i].path, path) == 0) {
+                        drop = m;
+                        goto unlock;
+                }
+        slot = c->n_index_memo;
         if (c->n_index_memo == MEMO_MAX) {
                 slot = 0;
                 for (size_t i = 1; i < MEMO_MAX; i++)
                         if (c->index_memo[i].last_use < c->index_memo[slot].last_use)
                                 slot = i;
-                index_memo_done(&c->index_memo[slot]);
+                drop = c->index_memo[slot];
         } else
                 c->n_index_memo++;
+        m.last_use = ++c->clock;
         c->index_memo[slot] = m;
+unlock:
+        catalog_unlock(c);
 }
 
 /* Drop the files added since first (a memo that no longer holds). */
@@ -574,9 +681,9 @@ static int resolve_index(Catalog *c, Component *comp, const char *dir, const cha
         _cleanup_free_ char *ipath = path_join(dir, index), *idisplay = NULL;
         _cleanup_(json_decrefp) json_t *root = NULL;
         _cleanup_(strlist_done) StrList shards = {};
+        _cleanup_(index_memo_done) IndexMemo memo = {};
         _cleanup_close_ int fd = -1;
         size_t first = comp->n_files;
-        const IndexMemo *memo;
         struct stat st;
         FileId id;
         json_t *map;
@@ -588,8 +695,7 @@ static int resolve_index(Catalog *c, Component *comp, const char *dir, const cha
         if (r != 0)
                 return r;
         file_id_from_stat(&id, &st);
-        memo = index_memo_find(c, ipath, &id);
-        if (memo && resolve_index_memo(c, comp, dir, memo))
+        if (index_memo_find(c, ipath, &id, &memo) && resolve_index_memo(c, comp, dir, &memo))
                 return 0;
 
         r = load_json_fd(c, ipath, fd, &st, &root, err);
@@ -672,7 +778,8 @@ static int tensor_name_compare(const void *a, const void *b) {
         return strcmp((*(const StTensor *const *) a)->name, (*(const StTensor *const *) b)->name);
 }
 
-static bool unique_memo_find(Catalog *c, const Component *comp) {
+/* Called with the lock held. */
+static UniqueMemo *unique_memo_find_locked(Catalog *c, const Component *comp) {
         for (size_t i = 0; i < c->n_unique_memo; i++) {
                 UniqueMemo *m = &c->unique_memo[i];
                 size_t k = 0;
@@ -681,32 +788,53 @@ static bool unique_memo_find(Catalog *c, const Component *comp) {
                         continue;
                 while (k < m->n && m->headers[k] == comp->files[k].header)
                         k++;
-                if (k == m->n) {
-                        m->last_use = ++c->clock;
-                        return true;
-                }
+                if (k == m->n)
+                        return m;
         }
-        return false;
+        return NULL;
 }
 
+static bool unique_memo_find(Catalog *c, const Component *comp) {
+        UniqueMemo *m;
+
+        catalog_lock(c);
+        m = unique_memo_find_locked(c, comp);
+        if (m)
+                m->last_use = ++c->clock;
+        catalog_unlock(c);
+        return m;
+}
+
+/* Where another thread remembered the same set meanwhile, its memo stays. */
 static void unique_memo_put(Catalog *c, const Component *comp) {
-        UniqueMemo m = { .n = comp->n_files, .last_use = ++c->clock };
-        size_t slot = c->n_unique_memo;
+        _cleanup_(unique_memo_done) UniqueMemo drop = {};
+        UniqueMemo m = { .n = comp->n_files };
+        size_t slot;
 
         m.headers = calloc(m.n, sizeof(StHeader *));
         if (!m.headers)
                 return;
         for (size_t i = 0; i < m.n; i++)
                 m.headers[i] = st_header_ref(comp->files[i].header);
+
+        catalog_lock(c);
+        if (unique_memo_find_locked(c, comp)) {
+                drop = m;
+                goto unlock;
+        }
+        slot = c->n_unique_memo;
         if (c->n_unique_memo == MEMO_MAX) {
                 slot = 0;
                 for (size_t i = 1; i < MEMO_MAX; i++)
                         if (c->unique_memo[i].last_use < c->unique_memo[slot].last_use)
                                 slot = i;
-                unique_memo_done(&c->unique_memo[slot]);
+                drop = c->unique_memo[slot];
         } else
                 c->n_unique_memo++;
+        m.last_use = ++c->clock;
         c->unique_memo[slot] = m;
+unlock:
+        catalog_unlock(c);
 }
 
 /* Tensor names must be unique across the files of a component (checked once

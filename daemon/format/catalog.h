@@ -6,7 +6,25 @@
  * *.safetensors.index.json whose weight_map names the shards; a directory of
  * *.safetensors files taken in sorted order; a diffusers directory whose
  * model_index.json names components in sub-folders, each resolved by the
- * same rules.  Every path is opened beneath a root directory fd. */
+ * same rules.  Every path is opened beneath a root directory fd.
+ *
+ * Thread safety: catalog_resolve(), catalog_list() and
+ * catalog_cached_headers() may be called concurrently, from any threads, on
+ * one Catalog.  An internal mutex guards its header cache and memos; it is
+ * held only to look an entry up or insert one, never across open(), fstat(),
+ * a read or a header parse, so a resolve whose index memo and headers are
+ * cached parses no header and no index (it opens, lists folders, fstat()s;
+ * a diffusers model still reads its small model_index.json) and never waits
+ * behind another model's parse or I/O.  Two threads that find the same file
+ * uncached both parse it; the first to insert its header wins and the
+ * other's copy is dropped, so that the cache holds one header per file
+ * identity and both Components reference it.
+ * catalog_new(), catalog_free() and catalog_set_parse_hook() are not
+ * concurrent with anything else on that catalog.  A Component, ComponentList
+ * or CatalogFile is owned by its caller and not shared: it may be handed to
+ * another thread, and freed there; the StHeaders it references are immutable
+ * and their reference count is atomic.  Errors go to the caller's WdError
+ * only. */
 #pragma once
 
 #include <stddef.h>
@@ -87,3 +105,9 @@ int catalog_resolve(Catalog *c, const char *model, const char *component, Compon
 
 /* Number of headers held in the identity cache. */
 size_t catalog_cached_headers(Catalog *c);
+
+/* For tests: called (outside the catalog's lock) just before a header that
+ * is not cached is parsed, with the file's path beneath the root.  NULL, the
+ * default, for none.  Set it before the catalog is used concurrently. */
+typedef void (*CatalogParseHook)(void *userdata, const char *path);
+void catalog_set_parse_hook(Catalog *c, CatalogParseHook hook, void *userdata);

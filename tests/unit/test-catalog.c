@@ -1,13 +1,17 @@
 /* Catalog tests: every layout the generator writes, broken indexes, absent
- * and pickle-only components, escapes from the model root, and the identity
- * cache noticing a changed file.  Expected file lists come from the layout
- * the generator wrote, read back with readdir() and the index JSON. */
+ * and pickle-only components, escapes from the model root, the identity
+ * cache noticing a changed file, and concurrent use of one catalog from
+ * several threads.  Expected file lists come from the layout the generator
+ * wrote, read back with readdir() and the index JSON; headers are compared
+ * with the files' bytes, parsed here with jansson. */
 #include <dirent.h>
 #include <jansson.h>
+#include <pthread.h>
 #include <sys/time.h>
 
 #include "format/catalog.h"
 #include "test-util.h"
+#include "util/time-util.h"
 
 typedef struct Fixture {
         int root_fd;
@@ -409,6 +413,393 @@ static void test_memo_sees_changes(void **state) {
         remove_tree(dir);
 }
 
+/* ---- concurrency ---- */
+
+typedef struct Case {
+        const char *model, *component;
+        int code; /* what catalog_resolve() must return */
+} Case;
+
+/* The same and different models, sharded ones (index memo), several files
+ * of one component (unique-names memo), and failures. */
+static const Case concurrent_cases[] = {
+        { "plain", NULL, 0 },
+        { "sharded", NULL, 0 },
+        { "single.safetensors", NULL, 0 },
+        { "diffusers", "transformer", 0 },
+        { "diffusers", "vae", 0 },
+        { "diffusers", "text_encoder", 0 },
+        { "diffusers", "controlnet", 0 },
+        { "diffusers-pickle", "vae", 0 },
+        { "sharded", NULL, 0 },
+        { "index-wrong-shard", NULL, WD_E_FORMAT },
+        { "does-not-exist", NULL, WD_E_NOT_FOUND },
+        { "diffusers", "transformer", 0 },
+};
+
+#define N_THREADS 8
+
+typedef struct Shared {
+        int root_fd;
+        Catalog *catalog;
+        pthread_barrier_t start;
+        pthread_mutex_t lock;
+        char failure[512]; /* the first one; cmocka asserts only in the main thread */
+        unsigned n_resolved;
+} Shared;
+
+static void shared_fail(Shared *s, const char *fmt, ...) _printf_(2, 3);
+static void shared_fail(Shared *s, const char *fmt, ...) {
+        va_list ap;
+
+        pthread_mutex_lock(&s->lock);
+        if (!s->failure[0]) {
+                va_start(ap, fmt);
+                vsnprintf(s->failure, sizeof(s->failure), fmt, ap);
+                va_end(ap);
+        }
+        pthread_mutex_unlock(&s->lock);
+}
+
+/* The first bytes of a file beneath root_fd, read with read(). */
+static uint8_t *read_prefix(int root_fd, const char *path, size_t n, struct stat *ret_st) {
+        int fd = openat(root_fd, path, O_RDONLY | O_CLOEXEC);
+        uint8_t *buf = NULL;
+        size_t done = 0;
+
+        if (fd < 0)
+                return NULL;
+        if (fstat(fd, ret_st) == 0 && (buf = malloc(n + 1)))
+                while (done < n) {
+                        ssize_t k = read(fd, buf + done, n - done);
+                        if (k <= 0) {
+                                free(buf);
+                                buf = NULL;
+                                break;
+                        }
+                        done += (size_t) k;
+                }
+        close(fd);
+        return buf;
+}
+
+/* A file of a resolved component against the file itself: its identity and
+ * size, the header bytes, and the tensors of the header JSON parsed here.
+ * Returns NULL or what differs (static text). */
+static const char *check_file_against_disk(int root_fd, const CatalogFile *cf) {
+        _cleanup_(json_decrefp) json_t *j = NULL;
+        _cleanup_free_ uint8_t *buf = NULL;
+        const StHeader *h = cf->header;
+        uint64_t len = 0, data_offset;
+        struct stat st;
+        FileId id;
+        size_t n = 0;
+        const char *key;
+        json_t *value;
+
+        buf = read_prefix(root_fd, cf->path, 8, &st);
+        if (!buf)
+                return "cannot read the file's length prefix";
+        for (unsigned i = 0; i < 8; i++)
+                len |= (uint64_t) buf[i] << (8 * i);
+        data_offset = 8 + len;
+        free(buf);
+        buf = read_prefix(root_fd, cf->path, data_offset, &st);
+        if (!buf)
+                return "cannot read the file's header";
+        file_id_from_stat(&id, &st);
+        if (!file_id_equal(&id, &cf->id))
+                return "identity differs from the file's";
+        if (h->file_size != (uint64_t) st.st_size || h->data_offset != data_offset)
+                return "size or data offset differs from the file's";
+        if (memcmp(h->raw, buf, data_offset) != 0)
+                return "header bytes differ from the file's";
+        j = json_loadb((const char *) buf + 8, len, 0, NULL);
+        if (!json_is_object(j))
+                return "the file's header is not a JSON object";
+        json_object_foreach(j, key, value) {
+                const StTensor *t;
+                json_t *o;
+
+                if (strcmp(key, "__metadata__") == 0)
+                        continue;
+                n++;
+                t = st_header_find(h, key);
+                o = json_object_get(value, "data_offsets");
+                if (!t || json_integer_value(json_array_get(o, 0)) != (json_int_t) t->begin ||
+                    json_integer_value(json_array_get(o, 1)) != (json_int_t) t->end)
+                        return "a tensor differs from the file's";
+        }
+        if (n != h->n_tensors)
+                return "tensor count differs from the file's";
+        return NULL;
+}
+
+/* A component against the files and against the reference resolve. */
+static void check_component(Shared *s, const Case *k, const Component *c, const Component *ref) {
+        uint64_t bytes = 0;
+        size_t tensors = 0;
+
+        if (c->n_files != ref->n_files) {
+                shared_fail(s, "%s/%s: %zu files, expected %zu", k->model, k->component ? k->component : "",
+                            c->n_files, ref->n_files);
+                return;
+        }
+        for (size_t i = 0; i < c->n_files; i++) {
+                const char *why;
+
+                if (strcmp(c->files[i].path, ref->files[i].path) != 0) {
+                        shared_fail(s, "%s: file %zu is %s, expected %s", k->model, i, c->files[i].path,
+                                    ref->files[i].path);
+                        return;
+                }
+                why = check_file_against_disk(s->root_fd, &c->files[i]);
+                if (why) {
+                        shared_fail(s, "%s: %s", c->files[i].path, why);
+                        return;
+                }
+                bytes += c->files[i].header->file_size;
+                tensors += c->files[i].header->n_tensors;
+        }
+        if (c->total_bytes != bytes || c->n_tensors != tensors)
+                shared_fail(s, "%s: totals differ from the files'", k->model);
+}
+
+typedef struct Worker {
+        Shared *shared;
+        unsigned index;
+        Component *const *refs; /* one per case, from a single-threaded resolve */
+} Worker;
+
+static void *resolve_worker(void *userdata) {
+        Worker *w = userdata;
+        Shared *s = w->shared;
+        size_t n = ELEMENTSOF(concurrent_cases);
+
+        pthread_barrier_wait(&s->start);
+        for (size_t pass = 0; pass < 2; pass++)
+                for (size_t i = 0; i < n; i++) {
+                        size_t ci = (i + w->index) % n; /* each thread in another order */
+                        const Case *k = &concurrent_cases[ci];
+                        _cleanup_(component_list_freep) ComponentList *l = NULL;
+                        _cleanup_(component_freep) Component *c = NULL;
+                        WdError err = WD_ERROR_NULL;
+                        int r;
+
+                        r = catalog_resolve(s->catalog, k->model, k->component, &c, &err);
+                        if (r != k->code) {
+                                shared_fail(s, "%s/%s: %s: %s", k->model, k->component ? k->component : "",
+                                            wd_error_code_name(r), err.message);
+                                continue;
+                        }
+                        if (r == 0)
+                                check_component(s, k, c, w->refs[ci]);
+                        if (k->component && catalog_list(s->catalog, k->model, &l, &err) != 0)
+                                shared_fail(s, "list %s: %s", k->model, err.message);
+                        pthread_mutex_lock(&s->lock);
+                        s->n_resolved++;
+                        pthread_mutex_unlock(&s->lock);
+                }
+        return NULL;
+}
+
+/* N threads resolve the same and different models of one fresh catalog at
+ * once, so that they race on first parses, cache inserts and memos: every
+ * component matches the files, and the cache holds each file once, as many
+ * headers as a single-threaded run over the same models caches. */
+static void test_concurrent_resolve(void **state) {
+        _cleanup_close_ int root_fd = open(testdata("models"), O_RDONLY | O_DIRECTORY | O_CLOEXEC);
+        Component *refs[ELEMENTSOF(concurrent_cases)] = {};
+        size_t ref_cached;
+
+        assert_true(root_fd >= 0);
+        {
+                _cleanup_(catalog_freep) Catalog *c = NULL;
+
+                assert_int_equal(catalog_new(&c, root_fd, "models"), 0);
+                for (size_t i = 0; i < ELEMENTSOF(concurrent_cases); i++) {
+                        const Case *k = &concurrent_cases[i];
+                        WdError err = WD_ERROR_NULL;
+
+                        assert_int_equal(catalog_resolve(c, k->model, k->component, &refs[i], &err), k->code);
+                }
+                ref_cached = catalog_cached_headers(c);
+        }
+
+        for (unsigned round = 0; round < 8; round++) {
+                Shared s = { .root_fd = root_fd };
+                Worker w[N_THREADS];
+                pthread_t t[N_THREADS];
+
+                assert_int_equal(catalog_new(&s.catalog, root_fd, "models"), 0);
+                assert_int_equal(pthread_barrier_init(&s.start, NULL, N_THREADS), 0);
+                assert_int_equal(pthread_mutex_init(&s.lock, NULL), 0);
+                for (unsigned i = 0; i < N_THREADS; i++) {
+                        w[i] = (Worker){ .shared = &s, .index = i + round, .refs = refs };
+                        assert_int_equal(pthread_create(&t[i], NULL, resolve_worker, &w[i]), 0);
+                }
+                for (unsigned i = 0; i < N_THREADS; i++)
+                        assert_int_equal(pthread_join(t[i], NULL), 0);
+                if (s.failure[0])
+                        fail_msg("round %u: %s", round, s.failure);
+                assert_int_equal(s.n_resolved, N_THREADS * 2 * ELEMENTSOF(concurrent_cases));
+                assert_int_equal(catalog_cached_headers(s.catalog), ref_cached);
+                catalog_free(s.catalog);
+                pthread_barrier_destroy(&s.start);
+                pthread_mutex_destroy(&s.lock);
+        }
+        for (size_t i = 0; i < ELEMENTSOF(concurrent_cases); i++)
+                component_free(refs[i]);
+}
+
+/* Holds the parse of one file until released (or 10 s pass, so that a
+ * catalog that does block fails the test instead of hanging it). */
+typedef struct Hold {
+        const char *path; /* beneath the root: the parse to hold */
+        pthread_mutex_t lock;
+        pthread_cond_t cond;
+        bool entered, released, timed_out, parsed;
+        int resolve_result;
+        Catalog *catalog;
+        Component *component;
+} Hold;
+
+static void hold_parse(void *userdata, const char *path) {
+        Hold *h = userdata;
+        struct timespec deadline;
+        int r = 0;
+
+        if (strcmp(path, h->path) != 0)
+                return;
+        clock_gettime(CLOCK_REALTIME, &deadline);
+        deadline.tv_sec += 10;
+        pthread_mutex_lock(&h->lock);
+        h->entered = true;
+        pthread_cond_broadcast(&h->cond);
+        while (!h->released && r != ETIMEDOUT)
+                r = pthread_cond_timedwait(&h->cond, &h->lock, &deadline);
+        h->timed_out = !h->released;
+        pthread_mutex_unlock(&h->lock);
+}
+
+/* The held parse has neither finished nor timed out. */
+static bool hold_in_progress(Hold *h) {
+        bool b;
+
+        pthread_mutex_lock(&h->lock);
+        b = h->entered && !h->parsed && !h->timed_out;
+        pthread_mutex_unlock(&h->lock);
+        return b;
+}
+
+static void *held_resolve(void *userdata) {
+        Hold *h = userdata;
+        WdError err = WD_ERROR_NULL;
+        int r;
+
+        r = catalog_resolve(h->catalog, h->path, NULL, &h->component, &err);
+        pthread_mutex_lock(&h->lock);
+        h->resolve_result = r;
+        h->parsed = true;
+        pthread_mutex_unlock(&h->lock);
+        return NULL;
+}
+
+/* Review finding 12: while one thread parses a header that is not cached
+ * (held here in the parse for as long as the test needs), resolves of other,
+ * cached models on the same catalog (index memo and headers hit), a listing,
+ * and even another model's first parse complete, each quickly. */
+static void test_parse_does_not_block_others(void **state) {
+        _cleanup_close_ int root_fd = open(testdata("models"), O_RDONLY | O_DIRECTORY | O_CLOEXEC);
+        _cleanup_(catalog_freep) Catalog *c = NULL;
+        Hold h = { .path = "single.safetensors" };
+        static const Case cached[] = {
+                { "sharded", NULL, 0 },
+                { "plain", NULL, 0 },
+                { "diffusers", "transformer", 0 },
+                { "diffusers", "controlnet", 0 },
+        };
+        char failure[1200] = "";
+        uint64_t slowest = 0;
+        const char *why;
+        pthread_t t;
+
+        assert_true(root_fd >= 0);
+        assert_int_equal(pthread_mutex_init(&h.lock, NULL), 0);
+        assert_int_equal(pthread_cond_init(&h.cond, NULL), 0);
+        assert_int_equal(catalog_new(&c, root_fd, "models"), 0);
+        h.catalog = c;
+        for (size_t i = 0; i < ELEMENTSOF(cached); i++)
+                component_free(resolve_ok(&(Fixture){ .catalog = c }, cached[i].model, cached[i].component));
+        catalog_set_parse_hook(c, hold_parse, &h);
+
+        assert_int_equal(pthread_create(&t, NULL, held_resolve, &h), 0);
+        pthread_mutex_lock(&h.lock);
+        while (!h.entered && !h.parsed)
+                pthread_cond_wait(&h.cond, &h.lock);
+        pthread_mutex_unlock(&h.lock);
+        assert_true(h.entered);
+
+        /* The parse is held: everything else goes on, each resolve while the
+         * parse is still held.  The fastest of three tries of each bounds the
+         * time, so that a busy machine does not fail the test. */
+        for (size_t i = 0; i < ELEMENTSOF(cached) && !failure[0]; i++) {
+                uint64_t best = UINT64_MAX;
+
+                for (unsigned k = 0; k < 3 && !failure[0]; k++) {
+                        uint64_t t0 = now_usec(), dt;
+
+                        component_free(resolve_ok(&(Fixture){ .catalog = c }, cached[i].model, cached[i].component));
+                        dt = now_usec() - t0;
+                        best = MIN(best, dt);
+                        if (!hold_in_progress(&h))
+                                snprintf(failure, sizeof(failure),
+                                         "%s: a cached resolve finished only after another model's parse (%llu ms)",
+                                         cached[i].model, (unsigned long long) (dt / 1000));
+                }
+                if (!failure[0] && best >= 50 * 1000)
+                        snprintf(failure, sizeof(failure),
+                                 "%s: a cached resolve took %llu ms while another model's parse was in progress",
+                                 cached[i].model, (unsigned long long) (best / 1000));
+                slowest = MAX(slowest, best);
+        }
+        if (!failure[0]) {
+                _cleanup_(component_list_freep) ComponentList *l = NULL;
+                WdError err = WD_ERROR_NULL;
+
+                if (catalog_list(c, "diffusers", &l, &err) != 0 || !hold_in_progress(&h))
+                        snprintf(failure, sizeof(failure), "listing diffusers during another's parse: %s",
+                                 err.message[0] ? err.message : "finished only after it");
+        }
+        if (!failure[0]) {
+                /* Another model's first parse does not wait for the held one either. */
+                component_free(resolve_ok(&(Fixture){ .catalog = c }, "diffusers", "vae"));
+                (void) catalog_cached_headers(c);
+                if (!hold_in_progress(&h))
+                        snprintf(failure, sizeof(failure), "diffusers/vae: its parse waited for another's");
+        }
+
+        pthread_mutex_lock(&h.lock);
+        h.released = true;
+        pthread_cond_broadcast(&h.cond);
+        pthread_mutex_unlock(&h.lock);
+        assert_int_equal(pthread_join(t, NULL), 0);
+        if (failure[0])
+                fail_msg("%s", failure);
+        assert_false(h.timed_out);
+        print_message("cached resolves during another's parse: slowest %llu us\n", (unsigned long long) slowest);
+
+        /* And the held resolve itself is right. */
+        assert_int_equal(h.resolve_result, 0);
+        assert_int_equal(h.component->n_files, 1);
+        why = check_file_against_disk(root_fd, &h.component->files[0]);
+        if (why)
+                fail_msg("%s: %s", h.path, why);
+        component_free(h.component);
+        pthread_cond_destroy(&h.cond);
+        pthread_mutex_destroy(&h.lock);
+}
+
 int main(void) {
         const struct CMUnitTest tests[] = {
                 cmocka_unit_test_setup_teardown(test_single_and_plain, setup, teardown),
@@ -421,6 +812,8 @@ int main(void) {
                 cmocka_unit_test(test_duplicate_across_files),
                 cmocka_unit_test(test_memo_sees_changes),
                 cmocka_unit_test(test_corpus_as_models),
+                cmocka_unit_test(test_concurrent_resolve),
+                cmocka_unit_test(test_parse_does_not_block_others),
         };
         return cmocka_run_group_tests(tests, NULL, NULL);
 }
