@@ -1,13 +1,16 @@
-/* weightd: parses the command line, loads the configuration and runs the
- * server.  Everything else lives in the core library. */
+/* weightd: parses the command line, loads the configuration, raises the
+ * descriptor limit and runs the server.  Everything else lives in the core
+ * library. */
 
 #include <getopt.h>
+#include <inttypes.h>
 #include <signal.h>
 #include <stdio.h>
 #include <string.h>
 
 #include "server/config.h"
 #include "server/server.h"
+#include "util/fs-util.h"
 #include "util/log.h"
 
 static void help(void) {
@@ -77,9 +80,21 @@ int main(int argc, char **argv) {
          * too. */
         signal(SIGPIPE, SIG_IGN);
 
+        /* Before the server opens anything; logged once server_new() has set
+         * the configured log level. */
+        uint64_t nofile_old = 0, nofile_new = 0;
+        int nofile = rlimit_nofile_bump(&nofile_old, &nofile_new);
+
         r = server_new(&server, config, config_path);
         if (r < 0)
                 return 1;
+        if (nofile < 0)
+                log_warning_errno(nofile, "Cannot raise the soft limit on open files (RLIMIT_NOFILE): %m, ignoring.");
+        else if (nofile_new != nofile_old)
+                log_debug("Raised the soft limit on open files (RLIMIT_NOFILE) from %" PRIu64 " to %" PRIu64,
+                          nofile_old, nofile_new);
+        else
+                log_debug("The soft limit on open files (RLIMIT_NOFILE) is %" PRIu64 ", the hard limit", nofile_new);
         r = server_run(server);
         return r < 0 ? 1 : 0;
 }

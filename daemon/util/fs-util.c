@@ -1,8 +1,10 @@
-/* File identity and root-confined opening (openat2 RESOLVE_BENEATH). */
+/* File identity, root-confined opening (openat2 RESOLVE_BENEATH) and the
+ * descriptor limit. */
 #include <fcntl.h>
 #include <linux/openat2.h>
 #include <stdio.h>
 #include <string.h>
+#include <sys/resource.h>
 #include <sys/syscall.h>
 
 #include "util/fs-util.h"
@@ -71,4 +73,21 @@ bool str_endswith(const char *s, const char *suffix) {
 
 bool filename_is_plain(const char *s) {
         return *s && strcmp(s, ".") != 0 && strcmp(s, "..") != 0 && !strchr(s, '/');
+}
+
+int rlimit_nofile_bump(uint64_t *ret_old, uint64_t *ret_new) {
+        struct rlimit rl;
+        uint64_t old;
+
+        if (getrlimit(RLIMIT_NOFILE, &rl) < 0)
+                return negative_errno();
+        old = (uint64_t) rl.rlim_cur;
+        if (rl.rlim_cur < rl.rlim_max) {
+                rl.rlim_cur = rl.rlim_max;
+                if (setrlimit(RLIMIT_NOFILE, &rl) < 0)
+                        return negative_errno();
+        }
+        *ret_old = old;
+        *ret_new = (uint64_t) rl.rlim_cur;
+        return 0;
 }

@@ -1,5 +1,6 @@
-/* File helpers: identity of a file, and opening paths beneath a root
- * directory so that no "..", absolute symlink or magic link escapes it. */
+/* File helpers: identity of a file, opening paths beneath a root directory
+ * so that no "..", absolute symlink or magic link escapes it, and the
+ * process's descriptor limit. */
 #pragma once
 
 #include <stdbool.h>
@@ -37,3 +38,12 @@ bool str_endswith(const char *s, const char *suffix);
 /* A name safe to use as one path component: not empty, not "." or "..",
  * no '/'. */
 bool filename_is_plain(const char *s);
+
+/* Raise the soft RLIMIT_NOFILE to the hard limit, as systemd's
+ * rlimit_nofile_bump() does for its daemons: the daemon holds one memfd per
+ * file of every resident entry, two descriptors per file of every load and
+ * the duplicates in queued replies, and 1024 is the kernel's default soft
+ * limit.  Safe because nothing in the daemon uses select() or execs a
+ * program that might.  Returns 0 and the soft limits before and after (equal
+ * when it was already at the hard limit), or -errno. */
+int rlimit_nofile_bump(uint64_t *ret_old, uint64_t *ret_new);

@@ -3,14 +3,20 @@ with NOTIFY_SOCKET pointing at a datagram socket of the test reports
 READY=1 once it listens, STATUS= lines, RELOADING=1 and READY=1 around a
 SIGHUP, and STOPPING=1 on SIGTERM; started with a listening socket passed
 as fd 3 (LISTEN_FDS=1, LISTEN_PID), it serves on that socket and does not
-remove it on exit (the socket unit owns it)."""
+remove it on exit (the socket unit owns it).  Started with a low soft limit on
+open files it raises it to the hard limit, and the unit sets LimitNOFILE=."""
 import json
 import os
+import re
+import resource
+import shutil
 import socket
 import subprocess
 import time
 
-from harness import AS_NOBODY, make_dir  # noqa: F401  (harness sets up sys.path users)
+import pytest
+
+from harness import AS_NOBODY, BUILD, REPO, make_dir  # noqa: F401  (harness sets up sys.path users)
 
 
 def notify_messages(sock, timeout):
@@ -125,3 +131,98 @@ def test_socket_activation(bins, workdir, testdata):
         if p.poll() is None:
             p.kill()
             p.wait()
+
+
+def nofile_limits(pid):
+    """(soft, hard) of "Max open files" in /proc/PID/limits, as the kernel
+    reports them."""
+    with open(f"/proc/{pid}/limits") as f:
+        for line in f:
+            if line.startswith("Max open files"):
+                soft, hard = line.split()[3:5]
+                return int(soft), int(hard)
+    raise AssertionError(f"no \"Max open files\" in /proc/{pid}/limits")
+
+
+def wait_serving(bins, p, sock_path, log_path):
+    """Until weightd answers a Status: its socket listens before its event
+    loop (and its SIGTERM handler) runs."""
+    deadline = time.monotonic() + 10
+    while True:
+        if p.poll() is not None:
+            raise AssertionError(f"weightd exited with {p.returncode}:\n{log_path.read_text()}")
+        r = subprocess.run([str(bins.weightctl), "--socket", sock_path, "status", "--json"], capture_output=True)
+        if r.returncode == 0:
+            return
+        if time.monotonic() > deadline:
+            raise AssertionError(f"weightd does not answer on {sock_path}:\n{log_path.read_text()}")
+        time.sleep(0.05)
+
+
+@pytest.mark.parametrize("soft,hard", [(1024, 8192), (1024, 1024)])
+def test_raises_the_soft_limit_on_open_files(bins, workdir, testdata, soft, hard):
+    """Under prlimit --nofile=SOFT:HARD the daemon runs with the soft limit
+    raised to HARD (review finding 10), and says so in its debug log."""
+    if not shutil.which("prlimit"):
+        pytest.skip("prlimit (util-linux) is not installed")
+    if resource.getrlimit(resource.RLIMIT_NOFILE)[1] < hard and os.geteuid() != 0:
+        pytest.skip(f"the hard limit on open files here is below {hard} and cannot be raised without root")
+    d = make_dir(workdir, "nofile-")
+    sock_path = str(d / "weightd.sock")
+    conf = d / "weightd.conf"
+    conf.write_text(f"[daemon]\nsocket = {sock_path}\nmodel_roots = {testdata / 'models'}\nlog_level = debug\n")
+    log_path = d / "weightd.log"
+    with open(log_path, "wb") as log:
+        # prlimit sets the limits on itself and execs: the pid is weightd's.
+        p = subprocess.Popen(["prlimit", f"--nofile={soft}:{hard}", str(bins.weightd), "--config", str(conf)],
+                             stdin=subprocess.DEVNULL, stdout=log, stderr=log)
+    try:
+        wait_serving(bins, p, sock_path, log_path)
+        assert os.readlink(f"/proc/{p.pid}/exe") == str(bins.weightd.resolve())
+        assert nofile_limits(p.pid) == (hard, hard)
+        if soft != hard:
+            assert f"from {soft} to {hard}" in log_path.read_text()
+        p.terminate()
+        assert p.wait(15) == 0, log_path.read_text()
+    finally:
+        if p.poll() is None:
+            p.kill()
+            p.wait()
+
+
+def unit_settings(path):
+    """{(section, key): [values]} of a unit file, comments and blank lines
+    skipped (no continuation lines are used in ours)."""
+    out, section = {}, None
+    for line in path.read_text().splitlines():
+        line = line.strip()
+        if not line or line[0] in "#;":
+            continue
+        m = re.fullmatch(r"\[(\w+)\]", line)
+        if m:
+            section = m.group(1)
+            continue
+        key, _, value = line.partition("=")
+        out.setdefault((section, key.strip()), []).append(value.strip())
+    return out
+
+
+def test_unit_sets_the_limit_on_open_files():
+    """weightd.service sets LimitNOFILE= once, in [Service]: a soft limit of
+    at least the 65536 leases one uid may hold (PROTOCOL.md; every lease is
+    descriptors in the daemon), and a hard one the kernel allows
+    (fs.nr_open), or the service would fail to start."""
+    units = [REPO / "systemd" / "weightd.service.in"]
+    if (BUILD / "systemd" / "weightd.service").exists():
+        units.append(BUILD / "systemd" / "weightd.service")
+    with open("/proc/sys/fs/nr_open") as f:
+        nr_open = int(f.read())
+    for unit in units:
+        settings = unit_settings(unit)
+        assert [k for k in settings if k[1] == "LimitNOFILE"] == [("Service", "LimitNOFILE")], unit
+        values = settings[("Service", "LimitNOFILE")]
+        assert len(values) == 1, (unit, values)
+        m = re.fullmatch(r"(\d+)(?::(\d+))?", values[0])
+        assert m, (unit, values[0])
+        soft, hard = int(m.group(1)), int(m.group(2) or m.group(1))
+        assert 65536 <= soft <= hard <= nr_open, (unit, values[0], nr_open)
