@@ -20,6 +20,8 @@
 #define _unlikely_(x) __builtin_expect(!!(x), 0)
 
 #define ELEMENTSOF(x) (sizeof(x) / sizeof((x)[0]))
+/* The struct of type that embeds member at ptr. */
+#define container_of(ptr, type, member) ((type *) ((char *) (ptr) - offsetof(type, member)))
 
 /* Take ownership of a pointer: return it and set the variable to NULL. */
 #define TAKE_PTR(p)                          \

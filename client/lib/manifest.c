@@ -108,11 +108,15 @@ static int file_map(ManifestFile *f, size_t i, int fd, wd_error *err) {
                 return error_set(err, WD_PROTOCOL_ERROR,
                                  "daemon's manifest: %s: map_size %llu is over the descriptor's size %lld", label,
                                  (unsigned long long) s->map_size, (long long) st.st_size);
-        /* A memory file that could shrink under the mapping would kill us with
-         * SIGBUS; the daemon seals every slab. */
+        /* The daemon seals every slab against writes and growth, and sends a
+         * read-only descriptor of a 0444 file: no other client can change or
+         * shrink what we map.  (The daemon itself truncates a slab once
+         * nobody leases it: touching a mapping after its lease ended may
+         * raise SIGBUS.) */
         seals = fcntl(fd, F_GET_SEALS);
-        if (seals < 0 || !(seals & F_SEAL_SHRINK))
-                return error_set(err, WD_PROTOCOL_ERROR, "daemon's manifest: %s: the descriptor is not sealed against shrinking",
+        if (seals < 0 || !(seals & (F_SEAL_WRITE | F_SEAL_FUTURE_WRITE)) || !(seals & F_SEAL_GROW))
+                return error_set(err, WD_PROTOCOL_ERROR,
+                                 "daemon's manifest: %s: the descriptor is not sealed against writes and growth",
                                  label);
 
         void *p = mmap(NULL, (size_t) s->map_size, PROT_READ, MAP_SHARED, fd, 0);

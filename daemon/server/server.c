@@ -1,13 +1,14 @@
 /* The daemon's lifecycle: the listening socket (from the service manager or
- * bound at the configured path), accepting peers against the allow list and
- * the connection limits, load jobs shared by every request for the same
- * component, configuration reloads on SIGHUP, readiness, status and watchdog
- * notifications, and a clean drain on SIGTERM.
+ * bound at the configured path), accepting peers against the allow list,
+ * the GPU tier's discovery, configuration reloads on SIGHUP, readiness,
+ * status and watchdog notifications, and a clean drain on SIGTERM.
  *
- * Threads: models are resolved (opened, headers parsed) on libuv's thread
- * pool, one at a time under catalog_lock, so slow storage never stalls the
- * loop; load jobs run on the reader thread, whose callbacks store progress in
- * atomics and wake the loop with a uv_async_t; the loop does the rest. */
+ * Everything else has its own place: peers (peer.c), requests and replies
+ * (request.c), the handlers (driver.c), and below the server the jobs
+ * (store/job.h and its kinds).  Threads: models are resolved on libuv's
+ * thread pool; reads run on the reader thread, copies on the devices'
+ * threads, seals, shard builds and slab reaping on the background worker;
+ * all of them hand results to the loop through one completion queue. */
 
 #include <fcntl.h>
 #include <grp.h>
@@ -19,9 +20,64 @@
 #include <syslog.h>
 #include <unistd.h>
 
+#include "gpu/device-load.h"
+#include "server/driver.h"
 #include "server/notify.h"
-#include "server/server-private.h"
+#include "server/peer.h"
+#include "server/request.h"
+#include "server/roots.h"
+#include "server/server.h"
+#include "store/store.h"
+#include "util/completion.h"
 #include "util/log.h"
+#include "util/time-util.h"
+#include "util/worker.h"
+
+#define SERVER_DRAIN_TIMEOUT_MS 2000u
+
+struct Server {
+        uv_loop_t loop;
+        Config *config;
+        char *config_path;
+        Roots *roots;
+        CompletionQueue queue;
+        Worker worker;
+        Store store;
+        DeviceTier tier;
+        Driver driver;
+        PeerContext peers;
+        bool peers_init;
+
+        /* The GPU tier: found on the thread pool at start. */
+        int gpu_state; /* GPU_STARTING, GPU_UP, GPU_OFF */
+        char gpu_reason[WD_ERROR_MESSAGE_MAX]; /* "ok" or why there is none */
+        bool gpu_searching;
+        uv_work_t gpu_work;
+        unsigned *gpu_only; /* the search's own copy of [gpu] devices: a reload may free the config meanwhile */
+        size_t n_gpu_only;
+        Gpu *gpu_found;
+        int gpu_r;
+        WdError gpu_err;
+
+        bool reader_stale; /* io settings changed: replace when idle */
+        uint64_t storage_read_retired;
+
+        int listen_fd;
+        bool listen_bound; /* we bound it: unlink at exit */
+        char *socket_path;
+        uv_poll_t listen_poll;
+        bool listening;
+        uv_signal_t sig_term, sig_int, sig_hup;
+        uv_timer_t status_timer, watchdog_timer, drain_timer, accept_timer, tick_timer;
+        bool handles_init;
+        uint64_t watchdog_usec;
+        uint64_t started_usec;
+        uint64_t hugetlb_free_pages; /* of the default pool, refreshed every second */
+        char status_line[256];       /* the last STATUS= sent */
+        bool stopping;
+        bool handles_closed;
+        int exit_code;
+};
 
 static LogLevel log_level_from_syslog(int prio) {
         if (prio <= LOG_ERR)
@@ -37,19 +93,32 @@ static ReaderParams reader_params(const Config *c) {
         return (ReaderParams){ .queue_depth = c->queue_depth, .chunk_size = c->chunk_size };
 }
 
+static PeerLimits peer_limits(const Config *c) {
+        return (PeerLimits){
+                .max_connections = c->max_connections,
+                .max_connections_per_uid = c->max_connections_per_uid,
+                .max_pending = c->max_pending_requests,
+                .max_request_size = (uint32_t) MIN(c->max_request_size, UINT32_MAX),
+                .hello_timeout_usec = (uint64_t) c->hello_timeout * 1000000u,
+                .frame_timeout_usec = (uint64_t) c->frame_timeout * 1000000u,
+        };
+}
+
+static void server_maybe_exit(Server *s);
 
 /* ---- status ------------------------------------------------------------- */
 
-void server_update_status(Server *s) {
+static void server_update_status(Server *s) {
         char buf[sizeof(s->status_line)];
         CacheStats st;
 
         if (s->stopping)
                 return;
-        cache_get_stats(s->cache, &st);
+        cache_get_stats(s->store.cache, &st);
         snprintf(buf, sizeof(buf),
                  "STATUS=%zu components, %.1f of %.1f GiB used, %u leases, %u connections, %u loading", st.n_entries,
-                 (double) st.used / (1u << 30), (double) st.budget / (1u << 30), s->n_leases, s->n_conns, s->n_jobs);
+                 (double) st.used / (1u << 30), (double) st.budget / (1u << 30), s->peers.n_leases, s->peers.n_peers,
+                 s->store.jobs.n);
         if (strcmp(buf, s->status_line) == 0)
                 return;
         memcpy(s->status_line, buf, sizeof(buf));
@@ -58,6 +127,45 @@ void server_update_status(Server *s) {
 
 static void on_status_timer(uv_timer_t *t) {
         server_update_status(t->data);
+}
+
+/* The Status reply's daemon-wide part. */
+static void server_status(Weightd__V1__StatusReply *st, void *userdata) {
+        Server *s = userdata;
+
+        st->uptime_ms = (now_usec() - s->started_usec) / 1000;
+        st->storage_read_bytes = s->storage_read_retired + reader_bytes_read(s->store.reader);
+        st->socket = s->socket_path;
+        st->hugetlb = s->store.load_opts.pages != SLAB_PAGES_SMALL && s->hugetlb_free_pages > 0;
+}
+
+/* Swap in a reader with the reloaded io settings once no load uses the old. */
+static void server_replace_reader(Server *s) {
+        Reader *r;
+        int k;
+
+        if (!s->reader_stale || s->store.n_reading > 0)
+                return;
+        ReaderParams p = reader_params(s->config);
+        k = reader_new(&r, &p);
+        if (k < 0) {
+                log_warning_errno(k, "Cannot start a reader with the reloaded io settings, keeping the old one: %m");
+                s->reader_stale = false;
+                return;
+        }
+        s->storage_read_retired += reader_bytes_read(s->store.reader);
+        reader_free(s->store.reader);
+        s->store.reader = r;
+        s->reader_stale = false;
+}
+
+/* A job, a peer or an entry changed. */
+static void server_changed(void *userdata) {
+        Server *s = userdata;
+
+        server_replace_reader(s);
+        server_update_status(s);
+        server_maybe_exit(s);
 }
 
 /* Free pages in the default hugetlb pool (0 when there is none). */
@@ -70,22 +178,14 @@ static uint64_t hugetlb_pool_free(void) {
         return n;
 }
 
-/* Every second: close connections that did not say Hello in time, so that
- * silent ones cannot hold a uid's connection slots, and note whether the
- * hugetlb pool has room (for Status, which must not read sysfs each time). */
+/* Every second: close peers past their Hello or frame deadline, and note
+ * whether the hugetlb pool has room (for Status, which must not read sysfs
+ * each time). */
 static void on_tick(uv_timer_t *t) {
         Server *s = t->data;
-        uint64_t now = now_usec(), limit = (uint64_t) s->config->hello_timeout * 1000000u;
 
         s->hugetlb_free_pages = hugetlb_pool_free();
-
-        for (Conn *c = s->conns, *next; c; c = next) {
-                next = c->conns_next;
-                if (!c->hello && now - c->accepted_usec >= limit) {
-                        log_info("%s: no Hello within %u s, disconnecting", c->name, s->config->hello_timeout);
-                        conn_close(c);
-                }
-        }
+        peer_context_tick(&s->peers, now_usec());
 }
 
 static void on_watchdog_timer(uv_timer_t *t) {
@@ -94,10 +194,10 @@ static void on_watchdog_timer(uv_timer_t *t) {
 
 /* ---- slab memory -------------------------------------------------------- */
 
-/* Slabs the cache let go of, freed on the thread pool: returning GiB of
- * pages to the kernel must not stall the loop. */
+/* Slabs the cache let go of, freed on the background worker: returning GiB
+ * of pages to the kernel must not stall the loop. */
 typedef struct Reap {
-        uv_work_t work;
+        WorkerTask task;
         Gpu *gpu;
         Slab **slabs;
         size_t n;
@@ -113,270 +213,159 @@ static void reap_free_slabs(Gpu *gpu, Slab **slabs, size_t n) {
         free(slabs);
 }
 
-static void reap_work(uv_work_t *w) {
-        Reap *r = w->data;
+static void reap_work(WorkerTask *t) {
+        Reap *r = container_of(t, Reap, task);
 
         reap_free_slabs(r->gpu, r->slabs, r->n);
 }
 
-static void reap_done(uv_work_t *w, int status) {
-        free(w->data);
+static void reap_done(Completion *c) {
+        free(container_of(c, Reap, task.done));
 }
 
 static void server_reap(Slab **slabs, size_t n, void *userdata) {
         Server *s = userdata;
         Reap *r = calloc(1, sizeof(Reap));
 
-        if (r) {
-                *r = (Reap){ .gpu = s->gpu, .slabs = slabs, .n = n };
-                r->work.data = r;
-                if (uv_queue_work(&s->loop, &r->work, reap_work, reap_done) == 0)
-                        return;
+        if (r && s->worker.started) {
+                *r = (Reap){ .gpu = s->tier.gpu, .slabs = slabs, .n = n };
+                worker_push(&s->worker, &r->task, reap_work, reap_done);
+                return;
         }
         free(r);
-        reap_free_slabs(s->gpu, slabs, n); /* here, then */
+        reap_free_slabs(s->tier.gpu, slabs, n); /* here, then */
 }
 
-/* ---- load jobs ---------------------------------------------------------- */
+/* On the worker, before a host load seals: its copies to devices read the
+ * writable mappings, page-locked, and those mappings go now. */
+static void server_before_seal(Slab *const *slabs, size_t n, void *userdata) {
+        Server *s = userdata;
 
-static void job_on_progress(LoadJob *lj, uint64_t done, uint64_t total, void *userdata) {
-        Job *j = userdata;
-
-        atomic_store(&j->done, done);
-        device_feed_progress(j, lj);
-        (void) uv_async_send(&j->server->wake);
+        for (size_t i = 0; slabs && i < n; i++)
+                gpu_host_unregister(s->tier.gpu, slabs[i]->data);
 }
 
-static void job_on_done(LoadJob *lj, void *userdata) {
-        Job *j = userdata;
-        Server *s = j->server;
+/* ---- the GPU tier ------------------------------------------------------- */
 
-        /* The loop may free j as soon as this is set. */
-        atomic_store(&j->finished, true);
-        (void) uv_async_send(&s->wake);
+static void gpu_work(uv_work_t *w) {
+        Server *s = w->data;
+
+        s->gpu_r = gpu_new(&s->gpu_found, s->gpu_only, s->n_gpu_only, &s->gpu_err);
 }
 
-/* Take a job out of the list: nothing can find or join it any more. */
-static void job_unlink(Job *j) {
-        Server *s = j->server;
-
-        LIST_REMOVE(jobs, s->jobs, j);
-        s->n_jobs--;
+static void gpu_free_slab(void *memory, void *userdata) {
+        gpu_slab_free(memory);
 }
 
-static void job_free(Job *j) {
-        pthread_mutex_destroy(&j->feeds_lock);
-        component_free(j->comp);
-        safe_close(j->root_fd);
-        free(j);
+static int gpu_memory_fd(const void *memory, uint64_t *ret_map_size) {
+        *ret_map_size = gpu_slab_map_size(memory);
+        return gpu_slab_fd(memory);
 }
 
-/* Swap in a reader with the reloaded io settings once no job uses the old. */
-static void server_replace_reader(Server *s) {
-        Reader *r;
-        int k;
-
-        if (!s->reader_stale || s->n_jobs > 0)
-                return;
-        ReaderParams p = reader_params(s->config);
-        k = reader_new(&r, &p);
-        if (k < 0) {
-                log_warning_errno(k, "Cannot start a reader with the reloaded io settings, keeping the old one: %m");
-                s->reader_stale = false;
-                return;
-        }
-        s->storage_read_retired += reader_bytes_read(s->reader);
-        reader_free(s->reader);
-        s->reader = r;
-        s->reader_stale = false;
+static void gpu_tier_off(Server *s, const char *reason, Gpu *g) {
+        snprintf(s->gpu_reason, sizeof(s->gpu_reason), "%s", reason);
+        s->gpu_state = GPU_OFF;
+        s->driver.gpu_state = GPU_OFF;
+        gpu_free(g);
+        log_info("No GPU tier: %s", s->gpu_reason);
 }
 
-int server_job_start(Server *s, int root_fd, Component *comp, uint64_t requested_usec, Job **ret, WdError *err) {
-        Job *j;
+static void gpu_done(uv_work_t *w, int status) {
+        Server *s = w->data;
+        Gpu *g = TAKE_PTR(s->gpu_found);
+        size_t n = gpu_n_devices(g);
         int r;
 
-        j = calloc(1, sizeof(Job));
-        if (!j)
-                return wd_error_set(err, -ENOMEM, "out of memory");
-        /* A reload may close the root; a restarted load needs it. */
-        j->root_fd = fcntl(root_fd, F_DUPFD_CLOEXEC, 3);
-        if (j->root_fd < 0) {
-                r = negative_errno();
-                free(j);
-                return wd_error_set(err, r, "cannot duplicate the model root's descriptor: %s", strerror(-r));
-        }
-        r = pthread_mutex_init(&j->feeds_lock, NULL);
-        if (r != 0) {
-                safe_close(j->root_fd);
-                free(j);
-                return wd_error_set(err, -r, "cannot create a lock");
-        }
-        j->server = s;
-        j->comp = comp;
-        j->total = comp->total_bytes;
-        j->requested_usec = requested_usec;
-        j->started_usec = now_usec();
-        r = load_job_start(&j->load, s->reader, s->cache, j->root_fd, comp, &s->load_opts, job_on_progress,
-                           job_on_done, j, err);
-        if (r != 0) {
-                j->comp = NULL; /* still the caller's */
-                job_free(j);
-                return r;
-        }
-        LIST_PREPEND(jobs, s->jobs, j);
-        s->n_jobs++;
-        log_debug("loading %s %s: %zu files, %" PRIu64 " bytes", comp->model, comp->name, comp->n_files,
-                  comp->total_bytes);
-        server_update_status(s);
-        *ret = j;
-        return 0;
-}
-
-Job *server_job_find(Server *s, CacheEntry *e) {
-        LIST_FOREACH(jobs, j, s->jobs)
-                if (j->load && load_job_entry(j->load) == e)
-                        return j;
-        return NULL;
-}
-
-void server_job_waiter_gone(Job *j) {
-        if (j->n_waiters > 0 || j->feeds || j->cancelled || !j->load)
-                return;
-        j->cancelled = true;
-        log_debug("nobody waits for %s %s any more, cancelling its load", j->comp->model, j->comp->name);
-        load_job_cancel(j->load);
-}
-
-/* Requests joined after the job was cancelled: hand them to a new load of
- * the same component.  Returns true when it started; else *r and err say
- * why, for the waiters. */
-static bool job_restart(Job *j, int *r, WdError *err) {
-        Job *n;
-        int k;
-
-        *err = WD_ERROR_NULL;
-        /* The component was resolved for the cancelled load: this one has
-         * no resolve of its own to report. */
-        k = server_job_start(j->server, j->root_fd, j->comp, 0, &n, err);
-        if (k != 0) {
-                *r = k;
-                return false;
-        }
-        log_debug("restarting the load of %s %s for %u requests that came after it was cancelled", j->comp->model,
-                  j->comp->name, j->n_waiters);
-        j->comp = NULL; /* the new job's */
-        while (j->waiters) {
-                Request *w = j->waiters;
-
-                LIST_REMOVE(job, j->waiters, w);
-                j->n_waiters--;
-                w->job = n;
-                LIST_PREPEND(job, n->waiters, w);
-                n->n_waiters++;
-        }
-        return true;
-}
-
-/* Where the time of a load went, for its log line: "resolve 3.1 ms, queue
- * 0.0 ms, read 1.21 s, seal 41.2 ms".  The resolve ran before the job
- * started (0 when there was none); the stages after it follow one another
- * from load_job_start() to now.  Seal includes waiting for the device copies
- * this read fed, which end before it. */
-static void job_format_stages(const Job *j, const LoadStages *st, char *buf, size_t size) {
-        char resolve[FORMAT_TIMESPAN_MAX], queue[FORMAT_TIMESPAN_MAX], reading[FORMAT_TIMESPAN_MAX],
-                seal[FORMAT_TIMESPAN_MAX];
-
-        format_timespan(resolve, sizeof(resolve), j->requested_usec > 0 ? j->started_usec - j->requested_usec : 0);
-        snprintf(buf, size, "resolve %s, queue %s, read %s, seal %s", resolve,
-                 format_timespan(queue, sizeof(queue), st->queue_usec),
-                 format_timespan(reading, sizeof(reading), st->read_usec),
-                 format_timespan(seal, sizeof(seal), st->seal_usec));
-}
-
-static void job_complete(Job *j) {
-        Server *s = j->server;
-        WdError err = WD_ERROR_NULL;
-        CacheEntry *e = NULL;
-        uint64_t now = now_usec();
-        double secs = (double) (now - j->started_usec) / 1e6;
-        char stages[4 * FORMAT_TIMESPAN_MAX + 64];
-        LoadStages st;
-        int r;
-
-        /* Replies can make peers send requests that must not find this job. */
-        job_unlink(j);
-        load_job_stages(j->load, now, &st); /* load_job_finish() frees the job */
-        r = load_job_finish(TAKE_PTR(j->load), &e, &err);
-        if (r == 0) {
-                job_format_stages(j, &st, stages, sizeof(stages));
-                log_info("loaded %s%s%s: %.1f MiB in %.2f s (%.2f GB/s); %s", j->comp->model,
-                         *j->comp->name ? " " : "", j->comp->name, (double) j->total / (1u << 20), secs,
-                         secs > 0 ? (double) j->total / secs / 1e9 : 0.0, stages);
-        } else if (r != -ECANCELED)
-                log_warning("load of %s%s%s failed: %s", j->comp->model, *j->comp->name ? " " : "", j->comp->name,
-                            err.message);
-        if (r == -ECANCELED && j->waiters && !s->stopping && job_restart(j, &r, &err)) {
-                job_free(j);
-                server_update_status(s);
+        s->gpu_searching = false;
+        free(TAKE_PTR(s->gpu_only));
+        if (s->gpu_r != 0 || status < 0) {
+                gpu_tier_off(s, s->gpu_r != 0 ? s->gpu_err.message : "the device search was cancelled", g);
+                server_maybe_exit(s);
                 return;
         }
-        dispatch_job_finished(j, r, e, &err);
-        device_host_done(j, r == 0 ? e : NULL);
-        job_free(j);
-        server_replace_reader(s);
-        server_update_status(s);
+        s->tier.caches = calloc(n, sizeof(Cache *));
+        if (!s->tier.caches) {
+                gpu_tier_off(s, "out of memory", g);
+                server_maybe_exit(s);
+                return;
+        }
+        for (size_t i = 0; i < n; i++) {
+                const GpuDeviceInfo *d = gpu_device(g, i);
+                char name[32];
+
+                snprintf(name, sizeof(name), "cuda:%u", d->index);
+                r = cache_new(&s->tier.caches[i], name, config_gpu_budget(s->config, d->index, d->total_bytes));
+                if (r < 0) {
+                        for (size_t k = 0; k < i; k++)
+                                cache_free(s->tier.caches[k]);
+                        free(TAKE_PTR(s->tier.caches));
+                        gpu_tier_off(s, "out of memory", g);
+                        server_maybe_exit(s);
+                        return;
+                }
+                cache_set_memory_free(s->tier.caches[i], gpu_free_slab, s);
+                cache_set_memory_fd(s->tier.caches[i], gpu_memory_fd);
+                log_info("GPU tier: cuda:%u %s %s (%s), %.1f GiB, budget %.1f GiB", d->index, d->uuid, d->name,
+                         d->pci_bus_id, (double) d->total_bytes / (1u << 30),
+                         (double) config_gpu_budget(s->config, d->index, d->total_bytes) / (1u << 30));
+        }
+        s->tier.gpu = g;
+        snprintf(s->gpu_reason, sizeof(s->gpu_reason), "ok");
+        s->gpu_state = GPU_UP;
+        s->driver.gpu_state = GPU_UP;
         server_maybe_exit(s);
 }
 
-static void seal_work(uv_work_t *w) {
-        Job *j = w->data;
-        Slab *const *slabs = load_job_slabs(j->load);
+static void gpu_tier_start(Server *s) {
+        s->gpu_state = s->driver.gpu_state = GPU_STARTING;
+        snprintf(s->gpu_reason, sizeof(s->gpu_reason), "starting: looking for CUDA devices");
+        s->gpu_work.data = s;
+        if (!gpu_built()) {
+                WdError err = WD_ERROR_NULL;
 
-        /* Copies to devices read the writable mappings, page-locked; they
-         * ended (device_feeds_busy()), and the mappings go now. */
-        for (size_t i = 0; slabs && i < j->comp->n_files; i++)
-                gpu_host_unregister(j->seal_gpu, slabs[i]->data);
-        load_job_seal(j->load);
-}
-
-static void seal_done(uv_work_t *w, int status) {
-        Job *j = w->data;
-
-        j->sealing = false;
-        j->sealed = true;
-        job_complete(j);
-}
-
-/* Checking the files and sealing the slabs drops their writable mappings:
- * page tables of GiB, so on the thread pool.  The job stays joinable. */
-static void job_seal(Job *j) {
-        j->sealing = true;
-        j->seal_gpu = j->server->gpu;
-        j->seal_work.data = j;
-        if (uv_queue_work(&j->server->loop, &j->seal_work, seal_work, seal_done) < 0) {
-                load_job_seal(j->load);
-                seal_done(&j->seal_work, 0);
+                (void) gpu_new(&s->gpu_found, NULL, 0, &err);
+                gpu_tier_off(s, err.message, TAKE_PTR(s->gpu_found));
+                return;
         }
+        if (s->config->n_gpu_devices > 0) {
+                s->gpu_only = calloc(s->config->n_gpu_devices, sizeof(unsigned));
+                if (!s->gpu_only) {
+                        gpu_tier_off(s, "out of memory", NULL);
+                        return;
+                }
+                memcpy(s->gpu_only, s->config->gpu_devices, s->config->n_gpu_devices * sizeof(unsigned));
+                s->n_gpu_only = s->config->n_gpu_devices;
+        }
+        if (uv_queue_work(&s->loop, &s->gpu_work, gpu_work, gpu_done) < 0) {
+                free(TAKE_PTR(s->gpu_only));
+                gpu_tier_off(s, "cannot queue the device search", NULL);
+                return;
+        }
+        s->gpu_searching = true; /* the daemon waits for it before it exits */
 }
 
-static void on_wake(uv_async_t *a) {
-        Server *s = a->data;
-        uint64_t now = now_usec();
-        Job *next;
+static void gpu_tier_free(Server *s) {
+        for (size_t i = 0; s->tier.caches && i < gpu_n_devices(s->tier.gpu); i++)
+                cache_free(s->tier.caches[i]);
+        free(TAKE_PTR(s->tier.caches));
+        s->tier.gpu = gpu_free(s->tier.gpu);
+}
 
-        for (Job *j = s->jobs; j; j = next) {
-                next = j->jobs_next;
-                if (atomic_load(&j->finished)) {
-                        if (!j->sealing && !j->sealed && !device_feeds_busy(j, load_job_error(j->load)))
-                                job_seal(j);
-                        continue;
-                }
-                if (now - j->progress_usec >= SERVER_PROGRESS_INTERVAL_USEC) {
-                        j->progress_usec = now;
-                        dispatch_job_progress(j);
-                }
+/* SIGHUP: the devices' budgets from c (before c replaces s->config). */
+static void gpu_tier_reload(Server *s, const Config *c) {
+        bool same = c->n_gpu_devices == s->config->n_gpu_devices &&
+                    (c->n_gpu_devices == 0 ||
+                     memcmp(c->gpu_devices, s->config->gpu_devices, c->n_gpu_devices * sizeof(c->gpu_devices[0])) == 0);
+
+        if (!same)
+                log_warning("SIGHUP: [gpu] devices changed: that needs a restart, ignoring.");
+        if (s->gpu_state != GPU_UP)
+                return;
+        for (size_t i = 0; i < gpu_n_devices(s->tier.gpu); i++) {
+                const GpuDeviceInfo *d = gpu_device(s->tier.gpu, i);
+
+                cache_set_budget(s->tier.caches[i], config_gpu_budget(c, d->index, d->total_bytes));
         }
-        device_jobs_poll(s);
 }
 
 /* ---- peers -------------------------------------------------------------- */
@@ -388,10 +377,31 @@ static bool gid_allowed(const Config *c, gid_t gid) {
         return false;
 }
 
-static bool peer_allowed(const Config *c, int fd, const struct ucred *cred) {
-        gid_t groups[256];
-        socklen_t len = sizeof(groups);
+/* Whether the peer's supplementary groups include an allowed one; however
+ * many groups it has (SO_PEERGROUPS says how many with ERANGE). */
+static bool peer_groups_allowed(const Config *c, int fd) {
+        _cleanup_free_ gid_t *groups = NULL;
+        socklen_t len = 256 * sizeof(gid_t);
 
+        for (unsigned tries = 0; tries < 4; tries++) {
+                gid_t *g = realloc(groups, len);
+
+                if (!g)
+                        return false;
+                groups = g;
+                if (getsockopt(fd, SOL_SOCKET, SO_PEERGROUPS, groups, &len) == 0) {
+                        for (size_t i = 0; i < len / sizeof(gid_t); i++)
+                                if (gid_allowed(c, groups[i]))
+                                        return true;
+                        return false;
+                }
+                if (errno != ERANGE)
+                        return false;
+        }
+        return false;
+}
+
+static bool peer_allowed(const Config *c, int fd, const struct ucred *cred) {
         /* Root could take the daemon over anyway; refusing it helps nobody. */
         if (cred->uid == geteuid() || cred->uid == 0)
                 return true;
@@ -400,26 +410,7 @@ static bool peer_allowed(const Config *c, int fd, const struct ucred *cred) {
                         return true;
         if (gid_allowed(c, cred->gid))
                 return true;
-        if (c->n_allow_gids > 0 && getsockopt(fd, SOL_SOCKET, SO_PEERGROUPS, groups, &len) == 0)
-                for (size_t i = 0; i < len / sizeof(gid_t); i++)
-                        if (gid_allowed(c, groups[i]))
-                                return true;
-        return false;
-}
-
-static UidSlot *uid_slot(Server *s, uid_t uid) {
-        UidSlot *u;
-
-        for (u = s->uids; u; u = u->next)
-                if (u->uid == uid)
-                        return u;
-        u = calloc(1, sizeof(UidSlot));
-        if (!u)
-                return NULL;
-        u->uid = uid;
-        u->next = s->uids;
-        s->uids = u;
-        return u;
+        return c->n_allow_gids > 0 && peer_groups_allowed(c, fd);
 }
 
 /* Tell a peer why it is refused (best effort, never blocking), then close. */
@@ -440,16 +431,44 @@ static void refuse(int fd, int code, const char *msg) {
 
 static void on_accept_resume(uv_timer_t *t);
 
-static void on_listen(uv_poll_t *p, int status, int events) {
-        Server *s = p->data;
+/* Take an accepted socket as a peer, or refuse it saying why. */
+static void server_take_peer(Server *s, int fd, const struct ucred *cred) {
+        UserCharge *u;
+        char msg[160];
+        Peer *p;
+        int r;
+
+        r = peer_new(&s->peers, fd, cred, &p);
+        if (r == 0) {
+                log_debug("%s: connected", p->name);
+                return;
+        }
+        if (r == -EUSERS) {
+                log_warning("pid %d uid %u: %u connections, the limit; refused", (int) cred->pid,
+                            (unsigned) cred->uid, s->peers.n_peers);
+                snprintf(msg, sizeof(msg), "the daemon has %u connections, its limit (max_connections)",
+                         s->peers.n_peers);
+        } else if (r == -EDQUOT) {
+                u = peer_context_user(&s->peers, cred->uid);
+                log_warning("pid %d uid %u: %u connections from this uid, the limit; refused", (int) cred->pid,
+                            (unsigned) cred->uid, u ? u->conns : 0);
+                snprintf(msg, sizeof(msg), "uid %u has %u connections, the limit (max_connections_per_uid)",
+                         (unsigned) cred->uid, u ? u->conns : 0);
+        } else {
+                log_warning_errno(r, "Cannot set up a connection: %m");
+                snprintf(msg, sizeof(msg), "out of resources");
+        }
+        refuse(fd, WEIGHTD__V1__CODE__RESOURCE_EXHAUSTED, msg);
+}
+
+static void on_listen(uv_poll_t *h, int status, int events) {
+        Server *s = h->data;
 
         for (unsigned i = 0; i < 64 && !s->stopping; i++) {
                 struct ucred cred;
                 socklen_t len = sizeof(cred);
                 char msg[160];
-                UidSlot *slot;
-                Conn *c;
-                int fd, r;
+                int fd;
 
                 fd = accept4(s->listen_fd, NULL, NULL, SOCK_CLOEXEC | SOCK_NONBLOCK);
                 if (fd < 0) {
@@ -475,48 +494,15 @@ static void on_listen(uv_poll_t *p, int status, int events) {
                         refuse(fd, WEIGHTD__V1__CODE__PERMISSION_DENIED, msg);
                         continue;
                 }
-                if (s->n_conns >= s->config->max_connections) {
-                        log_warning("pid %d uid %u: %u connections, the limit; refused", (int) cred.pid,
-                                    (unsigned) cred.uid, s->n_conns);
-                        snprintf(msg, sizeof(msg), "the daemon has %u connections, its limit (max_connections)",
-                                 s->n_conns);
-                        refuse(fd, WEIGHTD__V1__CODE__RESOURCE_EXHAUSTED, msg);
-                        continue;
-                }
-                slot = uid_slot(s, cred.uid);
-                if (!slot) {
-                        refuse(fd, WEIGHTD__V1__CODE__RESOURCE_EXHAUSTED, "out of memory");
-                        continue;
-                }
-                if (slot->n >= s->config->max_connections_per_uid) {
-                        log_warning("pid %d uid %u: %u connections from this uid, the limit; refused", (int) cred.pid,
-                                    (unsigned) cred.uid, slot->n);
-                        snprintf(msg, sizeof(msg), "uid %u has %u connections, the limit (max_connections_per_uid)",
-                                 (unsigned) cred.uid, slot->n);
-                        refuse(fd, WEIGHTD__V1__CODE__RESOURCE_EXHAUSTED, msg);
-                        continue;
-                }
-                r = conn_new(s, fd, &cred, slot, &c);
-                if (r < 0) {
-                        log_warning_errno(r, "Cannot set up a connection: %m");
-                        refuse(fd, WEIGHTD__V1__CODE__RESOURCE_EXHAUSTED, "out of resources");
-                        continue;
-                }
-                log_debug("%s: connected", c->name);
+                server_take_peer(s, fd, &cred);
         }
         server_update_status(s);
 }
 
 int server_add_peer(Server *s, int fd, const struct ucred *cred) {
-        UidSlot *slot = uid_slot(s, cred->uid);
-        Conn *c;
-        int r;
+        Peer *p;
+        int r = peer_new(&s->peers, fd, cred, &p);
 
-        if (!slot) {
-                safe_close(fd);
-                return -ENOMEM;
-        }
-        r = conn_new(s, fd, cred, slot, &c);
         if (r < 0)
                 safe_close(fd);
         return r;
@@ -672,6 +658,7 @@ static void listen_close(Server *s) {
         uv_close((uv_handle_t *) &s->listen_poll, NULL);
 }
 
+
 /* ---- reload ------------------------------------------------------------- */
 
 static bool roots_changed(const Roots *old, const Config *c) {
@@ -719,20 +706,23 @@ static void server_reload(Server *s) {
                         return;
                 }
                 roots_unref(s->roots);
-                s->roots = roots;
+                s->roots = s->driver.roots = roots;
                 for (size_t i = 0; i < roots->n; i++)
                         if (roots->items[i].fd < 0)
                                 log_warning_errno(roots->items[i].open_error, "Model root %s: %m, ignoring.",
                                                   roots->items[i].path);
         }
-        cache_set_budget(s->cache, c->host_budget);
-        device_tier_reload(s, c);
-        s->load_opts = (LoadOptions){ .direct = c->direct_io, .pages = c->host_pages };
+        cache_set_budget(s->store.cache, c->host_budget);
+        gpu_tier_reload(s, c);
+        s->store.load_opts = (LoadOptions){ .direct = c->direct_io, .pages = c->host_pages };
         if (c->queue_depth != s->config->queue_depth || c->chunk_size != s->config->chunk_size)
                 s->reader_stale = true;
         server_apply_log_level(c);
+        PeerLimits limits = peer_limits(c);
+        peer_context_set_limits(&s->peers, &limits);
         config_free(s->config);
         s->config = TAKE_PTR(c);
+        s->driver.config = s->config;
         server_replace_reader(s);
         log_info("Reloaded the configuration from %s", s->config_path);
         server_update_status(s);
@@ -745,8 +735,8 @@ static void on_drain_timeout(uv_timer_t *t) {
         Server *s = t->data;
 
         log_warning("Peers did not read their last replies within %u ms; closing them", SERVER_DRAIN_TIMEOUT_MS);
-        while (s->conns)
-                conn_close(s->conns);
+        while (s->peers.peers)
+                peer_close(s->peers.peers);
         server_maybe_exit(s);
 }
 
@@ -754,17 +744,22 @@ static void server_close_handles(Server *s) {
         uv_close((uv_handle_t *) &s->sig_term, NULL);
         uv_close((uv_handle_t *) &s->sig_int, NULL);
         uv_close((uv_handle_t *) &s->sig_hup, NULL);
-        uv_close((uv_handle_t *) &s->wake, NULL);
         uv_close((uv_handle_t *) &s->status_timer, NULL);
         uv_close((uv_handle_t *) &s->watchdog_timer, NULL);
         uv_close((uv_handle_t *) &s->drain_timer, NULL);
         uv_close((uv_handle_t *) &s->accept_timer, NULL);
         uv_close((uv_handle_t *) &s->tick_timer, NULL);
+        listen_close(s);
+        peer_context_close(&s->peers);
+        s->peers_init = false;
+        worker_stop(&s->worker);
+        completion_queue_drain(&s->queue); /* what the worker finished last */
+        completion_queue_close(&s->queue);
 }
 
-void server_maybe_exit(Server *s) {
-        if (!s->stopping || s->n_conns > 0 || s->n_jobs > 0 || s->n_dev_jobs > 0 || s->n_resolving > 0 ||
-            s->handles_closed)
+static void server_maybe_exit(Server *s) {
+        if (!s->stopping || s->peers.n_peers > 0 || s->store.jobs.n > 0 || s->tier.jobs.n > 0 ||
+            s->driver.n_resolving > 0 || s->gpu_searching || s->handles_closed)
                 return;
         s->handles_closed = true;
         server_close_handles(s);
@@ -774,27 +769,15 @@ static void server_stop(Server *s) {
         if (s->stopping)
                 return;
         (void) notify_send("STOPPING=1");
-        log_info("Stopping: %u connections, %u loads running", s->n_conns, s->n_jobs);
+        log_info("Stopping: %u connections, %u loads running", s->peers.n_peers, s->store.jobs.n + s->tier.jobs.n);
         s->stopping = true;
         listen_close(s);
 
         /* Every request waiting for a resolve or a load hears why it ends;
-         * a load nobody waits for any more is cancelled. */
-        for (Conn *c = s->conns, *next; c; c = next) {
-                next = c->conns_next;
-                while (c->pending) {
-                        uint64_t id = c->pending->id;
-
-                        request_drop(c->pending);
-                        (void) conn_send_error(c, id, WEIGHTD__V1__CODE__UNAVAILABLE, "weightd is stopping");
-                }
-        }
-
-        /* Let peers read what is queued for them, for a while. */
-        for (Conn *c = s->conns, *next; c; c = next) {
-                next = c->conns_next;
-                conn_close_when_sent(c);
-        }
+         * a load nobody waits for any more is cancelled.  Then peers may
+         * read what is queued for them, for a while. */
+        driver_stop(&s->driver);
+        peer_context_stop(&s->peers);
         uv_timer_stop(&s->drain_timer);
         uv_timer_start(&s->drain_timer, on_drain_timeout, SERVER_DRAIN_TIMEOUT_MS, 0);
         uv_timer_stop(&s->status_timer);
@@ -818,41 +801,33 @@ static void on_signal(uv_signal_t *h, int signum) {
 Server *server_free(Server *s) {
         if (!s)
                 return NULL;
-        /* Only after server_run() returned: no handle is active any more,
-         * and nothing may be queued on the loop: free slabs here. */
-        if (s->cache)
-                cache_set_reaper(s->cache, NULL, NULL);
-        while (s->jobs) {
-                Job *j = s->jobs;
-                if (j->load) {
-                        load_job_cancel(j->load);
-                        while (!atomic_load(&j->finished))
-                                usleep(1000);
-                        WdError err;
-                        CacheEntry *e;
-                        (void) load_job_finish(TAKE_PTR(j->load), &e, &err);
-                }
-                job_unlink(j);
-                job_free(j);
+        /* Only after server_run() returned (or before it ran): every job
+         * ended then, nothing is queued on the loop any more; free slabs
+         * here. */
+        if (s->store.cache)
+                cache_set_reaper(s->store.cache, NULL, NULL);
+        if (!s->handles_closed && s->handles_init) {
+                /* server_run() never ran to its end: close what is open. */
+                s->handles_closed = true;
+                server_close_handles(s);
+                (void) uv_run(&s->loop, UV_RUN_NOWAIT);
+        } else if (!s->handles_closed) {
+                if (s->peers_init)
+                        peer_context_close(&s->peers);
+                worker_stop(&s->worker);
+                completion_queue_close(&s->queue);
+                (void) uv_run(&s->loop, UV_RUN_NOWAIT);
         }
-        /* Device loads ended before the loop did (server_maybe_exit()). */
-        reader_free(s->reader);
-        device_tier_free(s);
-        cache_free(s->cache);
+        reader_free(s->store.reader);
+        gpu_tier_free(s);
+        cache_free(s->store.cache);
         roots_unref(s->roots);
         if (s->listen_fd >= 0) {
                 if (s->listen_bound && s->socket_path)
                         (void) unlink(s->socket_path);
                 safe_close(s->listen_fd);
         }
-        while (s->uids) {
-                UidSlot *u = s->uids;
-                s->uids = u->next;
-                free(u);
-        }
         (void) uv_loop_close(&s->loop);
-        if (s->catalog_lock_init)
-                pthread_mutex_destroy(&s->catalog_lock);
         config_free(s->config);
         free(s->config_path);
         free(s->socket_path);
@@ -878,13 +853,15 @@ int server_new(Server **ret, Config *config, const char *config_path) {
                 if (!s->config_path)
                         return log_error_errno(-ENOMEM, "Out of memory");
         }
-        r = pthread_mutex_init(&s->catalog_lock, NULL);
-        if (r != 0)
-                return log_error_errno(-r, "Cannot create a lock: %m");
-        s->catalog_lock_init = true;
         r = uv_loop_init(&s->loop);
         if (r < 0)
                 return log_error_errno(r, "Cannot create the event loop: %s", uv_strerror(r));
+        r = completion_queue_init(&s->queue, &s->loop);
+        if (r < 0)
+                return log_error_errno(r, "Cannot set up the event loop: %s", uv_strerror(r));
+        r = worker_start(&s->worker, &s->queue);
+        if (r < 0)
+                return log_error_errno(r, "Cannot start the background worker: %m");
 
         r = roots_new(&s->roots, config->model_roots, config->n_model_roots);
         if (r < 0)
@@ -893,15 +870,41 @@ int server_new(Server **ret, Config *config, const char *config_path) {
                 if (s->roots->items[i].fd < 0)
                         log_warning_errno(s->roots->items[i].open_error, "Model root %s: %m, ignoring.",
                                           s->roots->items[i].path);
-        r = cache_new(&s->cache, "host", config->host_budget);
+        r = cache_new(&s->store.cache, "host", config->host_budget);
         if (r < 0)
                 return log_error_errno(r, "Cannot create the cache: %m");
-        cache_set_reaper(s->cache, server_reap, s);
+        cache_set_reaper(s->store.cache, server_reap, s);
         ReaderParams p = reader_params(config);
-        r = reader_new(&s->reader, &p);
+        r = reader_new(&s->store.reader, &p);
         if (r < 0)
                 return log_error_errno(r, "Cannot start the io_uring reader: %m");
-        s->load_opts = (LoadOptions){ .direct = config->direct_io, .pages = config->host_pages };
+        s->store.load_opts = (LoadOptions){ .direct = config->direct_io, .pages = config->host_pages };
+        s->store.queue = &s->queue;
+        s->store.worker = &s->worker;
+        s->store.before_seal = server_before_seal;
+        s->store.changed = server_changed;
+        s->store.userdata = s;
+        s->tier.store = &s->store;
+        (void) completion_queue_add_hook(&s->queue, (completion_hook_fn) job_list_poll, &s->store.jobs);
+        (void) completion_queue_add_hook(&s->queue, device_tier_poll, &s->tier);
+
+        PeerLimits limits = peer_limits(config);
+        r = peer_context_init(&s->peers, &s->loop, &limits, &driver_peer_ops, &s->driver);
+        if (r < 0)
+                return log_error_errno(r, "Cannot set up the event loop: %s", uv_strerror(r));
+        s->peers_init = true;
+        s->driver = (Driver){
+                .loop = &s->loop,
+                .store = &s->store,
+                .tier = &s->tier,
+                .gpu_reason = s->gpu_reason,
+                .roots = s->roots,
+                .config = s->config,
+                .peers = &s->peers,
+                .status = server_status,
+                .changed = server_changed,
+                .userdata = s,
+        };
 
         r = listen_open(s);
         if (r < 0)
@@ -909,17 +912,18 @@ int server_new(Server **ret, Config *config, const char *config_path) {
 
         if ((r = uv_poll_init(&s->loop, &s->listen_poll, s->listen_fd)) < 0 ||
             (r = uv_signal_init(&s->loop, &s->sig_term)) < 0 || (r = uv_signal_init(&s->loop, &s->sig_int)) < 0 ||
-            (r = uv_signal_init(&s->loop, &s->sig_hup)) < 0 || (r = uv_async_init(&s->loop, &s->wake, on_wake)) < 0 ||
-            (r = uv_timer_init(&s->loop, &s->status_timer)) < 0 ||
+            (r = uv_signal_init(&s->loop, &s->sig_hup)) < 0 || (r = uv_timer_init(&s->loop, &s->status_timer)) < 0 ||
             (r = uv_timer_init(&s->loop, &s->watchdog_timer)) < 0 ||
             (r = uv_timer_init(&s->loop, &s->drain_timer)) < 0 ||
             (r = uv_timer_init(&s->loop, &s->accept_timer)) < 0 ||
             (r = uv_timer_init(&s->loop, &s->tick_timer)) < 0)
                 return log_error_errno(r, "Cannot set up the event loop: %s", uv_strerror(r));
-        device_tier_start(s);
+        s->handles_init = true;
         s->listening = true;
+        gpu_tier_start(s);
         s->listen_poll.data = s->sig_term.data = s->sig_int.data = s->sig_hup.data = s;
-        s->wake.data = s->status_timer.data = s->watchdog_timer.data = s->drain_timer.data = s->accept_timer.data = s->tick_timer.data = s;
+        s->status_timer.data = s->watchdog_timer.data = s->drain_timer.data = s->accept_timer.data =
+                s->tick_timer.data = s;
 
         log_info("weightd %s: budget %.1f GiB (%s), %zu model roots, io queue depth %u, chunk %" PRIu64
                  " KiB, direct I/O %s",
@@ -931,8 +935,6 @@ int server_new(Server **ret, Config *config, const char *config_path) {
 }
 
 int server_run(Server *s) {
-        int r;
-
         uv_poll_start(&s->listen_poll, UV_READABLE, on_listen);
         uv_signal_start(&s->sig_term, on_signal, SIGTERM);
         uv_signal_start(&s->sig_int, on_signal, SIGINT);
@@ -948,8 +950,7 @@ int server_run(Server *s) {
         (void) notify_send("READY=1");
         server_update_status(s);
 
-        r = uv_run(&s->loop, UV_RUN_DEFAULT);
-        (void) r;
+        (void) uv_run(&s->loop, UV_RUN_DEFAULT);
         log_info("Stopped");
         return s->exit_code;
 }

@@ -20,6 +20,7 @@ struct Cache {
         void *reap_userdata;
         cache_free_memory_fn free_memory;
         void *free_memory_userdata;
+        cache_memory_fd_fn memory_fd;
 };
 
 int cache_new(Cache **ret, const char *name, uint64_t budget) {
@@ -40,6 +41,16 @@ int cache_new(Cache **ret, const char *name, uint64_t budget) {
 void cache_set_memory_free(Cache *c, cache_free_memory_fn free_memory, void *userdata) {
         c->free_memory = free_memory;
         c->free_memory_userdata = userdata;
+}
+
+void cache_set_memory_fd(Cache *c, cache_memory_fd_fn memory_fd) {
+        c->memory_fd = memory_fd;
+}
+
+int cache_entry_memory_fd(const CacheEntry *e, uint64_t *ret_map_size) {
+        if (!e->memory || !e->cache->memory_fd)
+                return -1;
+        return e->cache->memory_fd(e->memory, ret_map_size);
 }
 
 void cache_set_reaper(Cache *c, cache_reap_fn reap, void *userdata) {
@@ -131,12 +142,12 @@ static void touch(CacheEntry *e) {
         }
 }
 
-/* Take an entry out of service: freed now, or detached while leased. */
+/* Take an entry out of service: freed now, or detached while referenced. */
 static void entry_retire(CacheEntry *e) {
         Cache *c = e->cache;
 
         list_unlink(c, e);
-        if (e->leases > 0) {
+        if (e->refs > 0) {
                 e->state = CACHE_ENTRY_DETACHED;
                 e->next = c->detached;
                 c->detached = e;
@@ -219,7 +230,7 @@ CacheEntry *cache_lookup_files(Cache *c, const char *variant, const FileId *ids,
 }
 
 static bool evictable(const CacheEntry *e) {
-        return e->state == CACHE_ENTRY_RESIDENT && e->leases == 0 && !e->pinned;
+        return e->state == CACHE_ENTRY_RESIDENT && e->refs == 0 && !e->pinned;
 }
 
 static uint64_t evictable_bytes(Cache *c) {
@@ -308,14 +319,26 @@ const char *cache_name(const Cache *c) {
 }
 
 void cache_entry_abort(CacheEntry *e) {
-        Cache *c = e->cache;
+        if (e->state == CACHE_ENTRY_DETACHED)
+                return;
+        entry_retire(e);
+}
 
-        list_unlink(c, e);
-        c->used -= e->bytes;
-        entry_free(e);
+CacheEntry *cache_entry_ref(CacheEntry *e) {
+        e->refs++;
+        return e;
+}
+
+void cache_entry_unref(CacheEntry *e) {
+        if (!e || e->refs == 0)
+                return;
+        e->refs--;
+        if (e->refs == 0 && e->state == CACHE_ENTRY_DETACHED)
+                detached_remove(e->cache, e);
 }
 
 void cache_entry_lease(CacheEntry *e) {
+        cache_entry_ref(e);
         e->leases++;
         if (e->state != CACHE_ENTRY_DETACHED)
                 touch(e);
@@ -325,8 +348,7 @@ void cache_entry_unlease(CacheEntry *e) {
         if (e->leases == 0)
                 return;
         e->leases--;
-        if (e->leases == 0 && e->state == CACHE_ENTRY_DETACHED)
-                detached_remove(e->cache, e);
+        cache_entry_unref(e);
 }
 
 void cache_entry_pin(CacheEntry *e) {

@@ -8,8 +8,14 @@
  * evicts least-recently-used resident entries that have no lease and no pin;
  * if even evicting all of them would not make room it evicts nothing and
  * fails with WD_E_BUDGET naming the shortfall.  An entry whose files changed
- * is never served again: it is dropped, or, while leases still map it,
- * detached (still charged) until the last lease ends.
+ * is never served again.
+ *
+ * Every user of an entry holds a reference (cache_entry_ref()): a lease, a
+ * reply being built, a copy or a shard build reading from it, a load filling
+ * it.  Evicting or retiring an entry only unlinks it (DETACHED: nothing finds
+ * it any more); its memory goes, and its bytes are credited to the budget,
+ * when the last reference does.  Eviction by the budget takes only entries
+ * nobody references; an explicit evict refuses leased and pinned ones.
  *
  * Not thread-safe: one thread (the daemon's loop) owns a cache. */
 #pragma once
@@ -43,8 +49,10 @@ struct CacheEntry {
         void *memory; /* other memory (a device slab), freed by the cache's cache_free_memory_fn */
         uint64_t bytes;
         CacheEntryState state;
-        unsigned leases;
+        unsigned refs;   /* every user, leases included */
+        unsigned leases; /* of those, clients' leases (listings, evict's BUSY) */
         bool pinned;
+        bool wanted; /* a request wanted this entry itself, not only as the source of a device copy */
         uint64_t last_use;      /* the cache's use counter: orders the LRU list */
         uint64_t last_use_usec; /* CLOCK_MONOTONIC of the last use, for listings */
         CacheEntry *prev, *next;
@@ -66,6 +74,11 @@ const char *cache_name(const Cache *c);
 /* Who frees an entry's memory (CacheEntry.memory) when the cache lets go. */
 typedef void (*cache_free_memory_fn)(void *memory, void *userdata);
 void cache_set_memory_free(Cache *c, cache_free_memory_fn free_memory, void *userdata);
+/* How a client gets at such memory: its descriptor (and the bytes to map),
+ * or -1. */
+typedef int (*cache_memory_fd_fn)(const void *memory, uint64_t *ret_map_size);
+void cache_set_memory_fd(Cache *c, cache_memory_fd_fn memory_fd);
+int cache_entry_memory_fd(const CacheEntry *e, uint64_t *ret_map_size);
 
 /* Who frees the slabs the cache lets go of (evicted, stale, released, or of
  * a failed load).  By default the cache frees them at once; the daemon hands
@@ -99,22 +112,33 @@ CacheEntry *cache_lookup_files(Cache *c, const char *variant, const FileId *ids,
 int cache_reserve(Cache *c, const char *model, const char *component, const char *variant, const FileId *ids,
                   size_t n_ids, uint64_t bytes, CacheEntry **ret, WdError *err);
 
+/* Take and drop a reference.  cache_entry_unref() frees a detached entry
+ * with its last reference (its memory through the reaper); it accepts NULL. */
+CacheEntry *cache_entry_ref(CacheEntry *e);
+void cache_entry_unref(CacheEntry *e);
+static inline void cache_entry_unrefp(CacheEntry **e) {
+        cache_entry_unref(*e);
+}
+
 /* A loading entry becomes resident; takes ownership of n_slabs slabs (the
  * array too), or of memory. */
 void cache_entry_set_resident(CacheEntry *e, Slab **slabs, size_t n_slabs);
 void cache_entry_set_resident_memory(CacheEntry *e, void *memory);
-/* A load failed: remove the loading entry and give its bytes back. */
+/* A load failed: unlink the loading entry; its bytes go back with its last
+ * reference (at once when there is none). */
 void cache_entry_abort(CacheEntry *e);
 
+/* A client's lease: a reference that listings count and that makes an
+ * explicit evict BUSY. */
 void cache_entry_lease(CacheEntry *e);
-/* Ends one lease; a detached entry goes away with its last lease.  The
- * entry may be freed by this call. */
+/* Ends one lease (and its reference): the entry may be freed by this call. */
 void cache_entry_unlease(CacheEntry *e);
 void cache_entry_pin(CacheEntry *e);
 void cache_entry_unpin(CacheEntry *e);
 
-/* Evict a resident entry now.  Returns 0, or WD_E_BUSY (err says why) when
- * it is loading, leased or pinned. */
+/* Evict a resident entry now: unlink it; its memory goes with its last
+ * reference.  Returns 0, or WD_E_BUSY (err says why) when it is loading,
+ * leased or pinned. */
 int cache_entry_evict(CacheEntry *e, WdError *err);
 
 /* Change the budget; entries over it stay until they can be evicted. */

@@ -1,18 +1,33 @@
 /* Host slabs on sealed memfds.  The slab's capacity is rounded up to its
  * page size, which also lets the last direct read of a file land whole;
  * sealing trims a shmem slab back to the file size before the seals go on.
+ *
+ * What clients receive is not the daemon's descriptor but an O_RDONLY
+ * reopen of it (client_fd), made when the slab is sealed, after the memfd's
+ * mode became 0444: a client can map it read-only and nothing else; it can
+ * neither grow it (the seal), nor shrink it (not open for writing), nor
+ * reopen it for writing under another uid (the mode).  When the daemon lets
+ * go of a slab it truncates it to zero through its own descriptor, so the
+ * memory goes back at once and the host budget bounds what clients can keep
+ * mapped: a client that touches a mapping after its lease ended gets
+ * SIGBUS.
+ *
  * A hugetlb memfd reserves its pages when it is mapped shared, so a short
  * pool shows up as ENOMEM at slab_new() and never as SIGBUS later. */
 #include <fcntl.h>
 #include <stdio.h>
 #include <string.h>
 #include <sys/mman.h>
+#include <sys/stat.h>
 
 #include "io/reader.h"
 #include "store/slab.h"
 
 #define MEMFD_NAME_MAX 200 /* the kernel allows 249 bytes */
-#define SLAB_SEALS (F_SEAL_SHRINK | F_SEAL_GROW | F_SEAL_FUTURE_WRITE | F_SEAL_SEAL)
+/* Not F_SEAL_SHRINK: the daemon truncates a slab to nothing when it lets
+ * go of it, so its pages go back at once even where a client still holds
+ * a descriptor (clients hold an O_RDONLY one: they cannot truncate). */
+#define SLAB_SEALS (F_SEAL_GROW | F_SEAL_FUTURE_WRITE | F_SEAL_SEAL)
 
 #ifndef MFD_HUGE_2MB
 #define MFD_HUGE_2MB (21U << 26)
@@ -68,7 +83,7 @@ int slab_new(Slab **ret, const char *name, uint64_t size, SlabPages pages) {
         s = calloc(1, sizeof(Slab));
         if (!s)
                 return -ENOMEM;
-        s->fd = -1;
+        s->fd = s->client_fd = -1;
         s->size = size;
 
         /* memfd names are limited; the file name is what helps in /proc. */
@@ -95,6 +110,10 @@ Slab *slab_free(Slab *s) {
                 return NULL;
         if (s->data)
                 munmap(s->data, s->capacity);
+        /* Clients may still hold client_fd: take the pages back anyway. */
+        if (s->fd >= 0 && s->sealed)
+                (void) ftruncate(s->fd, 0);
+        safe_close(s->client_fd);
         safe_close(s->fd);
         free(s);
         return NULL;
@@ -111,6 +130,16 @@ int slab_seal(Slab *s) {
                 if (ftruncate(s->fd, (off_t) s->size) < 0)
                         return negative_errno();
                 capacity = MAX(s->size, 1u);
+        }
+        if (fchmod(s->fd, 0444) < 0)
+                return negative_errno();
+        if (s->client_fd < 0) {
+                char path[64];
+
+                snprintf(path, sizeof(path), "/proc/self/fd/%d", s->fd);
+                s->client_fd = open(path, O_RDONLY | O_CLOEXEC);
+                if (s->client_fd < 0)
+                        return negative_errno();
         }
         if (fcntl(s->fd, F_ADD_SEALS, SLAB_SEALS) < 0)
                 return negative_errno();

@@ -2,8 +2,10 @@
  * so a file offset is a slab offset.
  *
  * A slab is created writable, filled in place by the reader, then sealed
- * (F_SEAL_SHRINK | F_SEAL_GROW | F_SEAL_FUTURE_WRITE | F_SEAL_SEAL) and
- * mapped read-only; clients get the fd and can only map it read-only.
+ * (F_SEAL_GROW | F_SEAL_FUTURE_WRITE | F_SEAL_SEAL, mode 0444) and mapped
+ * read-only; clients get client_fd, an O_RDONLY reopen, and can only map it
+ * read-only.  slab_free() truncates a sealed slab to zero first, so its
+ * memory is gone even where a client kept a descriptor.
  *
  * Slabs are backed by hugetlb pages where the system has a pool reserved for
  * them (vm.nr_hugepages): 512 times fewer page faults to fill a slab, which
@@ -30,7 +32,8 @@ const char *slab_pages_to_string(SlabPages p);
 int slab_pages_from_string(const char *s); /* -EINVAL when unknown */
 
 typedef struct Slab {
-        int fd;
+        int fd;            /* the daemon's, read-write */
+        int client_fd;     /* once sealed: the O_RDONLY reopen clients get */
         uint64_t size;     /* bytes of content (the file's size) */
         uint64_t capacity; /* bytes of the memfd and its mapping: size rounded
                             * up to the page size (hugetlb memfds cannot be

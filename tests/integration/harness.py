@@ -34,7 +34,7 @@ AS_NOBODY = ["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups", "--"
 SECTIONS = {
     "socket": "daemon", "model_roots": "daemon", "allow_uids": "daemon", "allow_gids": "daemon",
     "max_connections": "daemon", "max_connections_per_uid": "daemon", "max_pending_requests": "daemon", "hello_timeout": "daemon",
-    "max_frame_size": "daemon", "log_level": "daemon",
+    "max_frame_size": "daemon", "max_request_size": "daemon", "frame_timeout": "daemon", "log_level": "daemon",
     "host_budget": "memory", "host_pages": "memory",
     "queue_depth": "io", "chunk_size": "io", "direct_io": "io",
     "budget": "gpu", "device_budgets": "gpu", "keep_host": "gpu", "devices": "gpu",

@@ -85,13 +85,16 @@ def open_fds(pid):
     return len(os.listdir(f"/proc/{pid}/fd"))
 
 
-@pytest.mark.parametrize("length", [0xFFFFFFFF, (16 << 20) + 1], ids=["u32-max", "limit-plus-one"])
+# Requests have their own limit, max_request_size (64 KiB by default), far
+# below max_frame_size, which bounds the replies clients read.
+@pytest.mark.parametrize("length", [0xFFFFFFFF, (16 << 20) + 1, (64 << 10) + 1],
+                         ids=["u32-max", "frame-limit-plus-one", "request-limit-plus-one"])
 def test_oversized_length_prefix(h, length):
     start = h.mark()
     c = raw_conn(h.d)
     c.send_raw(struct.pack("<I", length) + b"\0" * 64)
     assert outcome(c) == []
-    h.d.wait_log(f"{ME}: frame longer than the limit of {16 << 20} bytes, disconnecting", start=start)
+    h.d.wait_log(f"{ME}: frame longer than the limit of {64 << 10} bytes, disconnecting", start=start)
     h.served()
 
 

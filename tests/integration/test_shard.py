@@ -320,7 +320,9 @@ def test_budget_shortfall_for_the_derived_entry(start_daemon, tmp_root):
         m = re.search(r"short by (\d+) bytes", env.message)
         assert m and int(m.group(1)) == (1 << 20) - (256 << 10), env.message
         assert "rank 0/2" not in env.message or True
-    # The whole entry stays, resident and unleased; no shard entry is left.
+    # The whole entry stays, resident (once its read, which the derived entry's
+    # reservation does not wait for, ended) and unleased; no shard entry is left.
+    wait_until(lambda: all(e["state"] == "resident" for e in d.ls()), what="the whole entry resident")
     ls = d.ls()
     assert [(e["shard"], e["state"], e["leases"]) for e in ls] == [("", "resident", 0)]
 

@@ -818,7 +818,7 @@ static void test_hostile_manifest(void **state) {
                 { spoil_size, 2, "model-00002.safetensors: size 4097 is over map_size 4096" },
                 { spoil_fd_index_range, 2, "fd_index 2 is out of range" },
                 { spoil_fd_index_twice, 2, "fd_index 0 is used twice" },
-                { spoil_unsealed, 1, "not sealed against shrinking" },
+                { spoil_unsealed, 1, "not sealed against writes and growth" },
         };
 
         for (size_t i = 0; i < ELEMENTSOF(cases); i++)

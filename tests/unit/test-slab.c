@@ -4,6 +4,8 @@
  * a file changed after its header was read is refused.  Both shmem and
  * hugetlb slabs (the latter where a pool is reserved). */
 #include <sys/mman.h>
+#include <sys/stat.h>
+#include <sys/wait.h>
 
 #include "format/catalog.h"
 #include "store/loader.h"
@@ -12,6 +14,65 @@
 
 /* SLAB_PAGES_SMALL, or SLAB_PAGES_HUGETLB when run as "test-slab hugetlb". */
 static SlabPages slab_pages = SLAB_PAGES_SMALL;
+
+/* What clients get: an O_RDONLY descriptor of a 0444 memfd.  They can map
+ * it read-only and nothing else: no write, no shrinking, no growing, and no
+ * read-write reopen under another uid (review finding 6). */
+static void check_client_fd(Slab *s) {
+        struct stat st;
+        pid_t pid;
+        int status;
+        void *p;
+
+        assert_true(s->client_fd >= 0);
+        assert_int_equal(fcntl(s->client_fd, F_GETFL) & O_ACCMODE, O_RDONLY);
+        assert_int_equal(fstat(s->client_fd, &st), 0);
+        assert_int_equal(st.st_mode & 07777, 0444);
+        assert_int_equal(ftruncate(s->client_fd, 0), -1);
+        assert_int_equal(ftruncate(s->client_fd, 64 << 20), -1);
+        p = mmap(NULL, s->capacity, PROT_READ | PROT_WRITE, MAP_SHARED, s->client_fd, 0);
+        assert_true(p == MAP_FAILED);
+        p = mmap(NULL, s->capacity, PROT_READ, MAP_SHARED, s->client_fd, 0);
+        assert_true(p != MAP_FAILED);
+        assert_int_equal(((uint8_t *) p)[9999], 0xab);
+        munmap(p, s->capacity);
+
+        if (geteuid() != 0)
+                return; /* the other uid needs root to become */
+        pid = fork();
+        assert_true(pid >= 0);
+        if (pid == 0) {
+                char path[64];
+
+                if (setgid(65534) < 0 || setuid(65534) < 0)
+                        _exit(2);
+                snprintf(path, sizeof(path), "/proc/self/fd/%d", s->client_fd);
+                _exit(open(path, O_RDWR | O_CLOEXEC) < 0 && errno == EACCES ? 0 : 1);
+        }
+        assert_int_equal(waitpid(pid, &status, 0), pid);
+        assert_true(WIFEXITED(status));
+        assert_int_equal(WEXITSTATUS(status), 0);
+}
+
+/* A slab let go of gives its pages back even where a client still holds a
+ * descriptor: the host budget bounds host memory (review finding 6). */
+static void test_free_truncates(void **state) {
+        Slab *s = NULL;
+        _cleanup_close_ int kept = -1;
+        struct stat st;
+
+        assert_int_equal(slab_new(&s, "test", 1 << 20, SLAB_PAGES_SMALL), 0);
+        memset(s->data, 0xcd, 1 << 20);
+        assert_int_equal(slab_seal(s), 0);
+        kept = fcntl(s->client_fd, F_DUPFD_CLOEXEC, 3);
+        assert_true(kept >= 0);
+        assert_int_equal(fstat(kept, &st), 0);
+        assert_int_equal(st.st_size, 1 << 20);
+        slab_free(s);
+        assert_int_equal(fstat(kept, &st), 0);
+        assert_int_equal(st.st_size, 0);
+        assert_int_equal(st.st_blocks, 0);
+}
 
 static void check_seal(SlabPages pages) {
         _cleanup_(slab_freep) Slab *s = NULL;
@@ -30,8 +91,8 @@ static void check_seal(SlabPages pages) {
         assert_true(s->sealed);
         assert_int_equal(s->data[9999], 0xab);
 
-        assert_int_equal(fcntl(s->fd, F_GET_SEALS),
-                         F_SEAL_SHRINK | F_SEAL_GROW | F_SEAL_FUTURE_WRITE | F_SEAL_SEAL);
+        /* Not F_SEAL_SHRINK: the daemon truncates a slab it lets go of. */
+        assert_int_equal(fcntl(s->fd, F_GET_SEALS), F_SEAL_GROW | F_SEAL_FUTURE_WRITE | F_SEAL_SEAL);
         /* A shmem slab is the content size again; hugetlb keeps whole pages. */
         assert_int_equal(fstat(s->fd, &st), 0);
         assert_int_equal(st.st_size, s->hugetlb ? SLAB_HUGE_PAGE_SIZE : 10000);
@@ -51,11 +112,11 @@ static void check_seal(SlabPages pages) {
         rw = open(path, O_RDWR | O_CLOEXEC);
         assert_true(rw >= 0);
         assert_int_equal(pwrite(rw, "x", 1, 0), -1);
-        /* No resizing, no unsealing. */
-        assert_int_equal(ftruncate(s->fd, 0), -1);
+        /* No growing, no unsealing. */
         assert_int_equal(ftruncate(s->fd, 64 << 20), -1);
         assert_int_equal(fcntl(s->fd, F_ADD_SEALS, F_SEAL_WRITE), -1);
         assert_int_equal(s->data[0], 0xab);
+        check_client_fd(s);
 }
 
 static void test_seal(void **state) {
@@ -202,6 +263,7 @@ static void test_changed_file(void **state) {
 int main(int argc, char **argv) {
         const struct CMUnitTest tests[] = {
                 cmocka_unit_test(test_seal),
+                cmocka_unit_test(test_free_truncates),
                 cmocka_unit_test_setup_teardown(test_load_layouts, setup, teardown),
                 cmocka_unit_test_setup_teardown(test_load_good_files, setup, teardown),
                 cmocka_unit_test_setup_teardown(test_changed_file, setup, teardown),
