@@ -69,9 +69,10 @@ typedef struct Config {
         unsigned max_connections;         /* default 1024, 1..65536 */
         unsigned max_connections_per_uid; /* default 64, 1..65536 */
         unsigned max_pending_requests;    /* per connection, default 64, 1..4096 */
-        uint64_t max_frame_size;          /* default 16M, 4K..256M: HelloReply.max_frame_size, the bound
-                                           * on replies the client library reads */
-        uint64_t max_request_size;        /* default 64K, 1K..16M: the largest frame a peer may send */
+        uint64_t max_frame_size;          /* default 16M, 4K..256M: the bound on replies, which the
+                                           * client library reads */
+        uint64_t max_request_size;        /* default 64K, 1K..16M: the largest frame a peer may send,
+                                           * which HelloReply.max_frame_size reports */
         unsigned hello_timeout;           /* seconds a new connection has to say Hello, default 10, 1..3600 */
         unsigned frame_timeout;           /* seconds a frame has to complete once its first byte came,
                                            * default 10, 1..3600 */
