@@ -24,6 +24,7 @@ typedef struct DeviceLoad {
         JobWaiter host_wait;    /* on the host load, until it ends */
         HostLoadFeed feed;      /* copying while it reads */
         bool host_known;        /* the host side's outcome is in (or there is none to wait for) */
+        bool host_loaded;       /* the host copy came from a load this one waited for */
         int host_r;
         WdError host_err;
 
@@ -57,11 +58,13 @@ static int dl_copy(DeviceLoad *dl, Slab *const *slabs, bool read_only, WdError *
 }
 
 /* Drop the host copy a device load was made from, when the request asked so
- * and nothing else holds or wants it. */
-static void drop_host_entry(CacheEntry *he) {
+ * and no client holds it: no lease, no pin, and, where the host load was
+ * shared, no request that wanted the host copy itself.  Evicting only
+ * unlinks it: another copy still reading it keeps its memory until done. */
+static void drop_host_entry(CacheEntry *he, bool shared_load) {
         WdError err = WD_ERROR_NULL;
 
-        if (he->state != CACHE_ENTRY_RESIDENT || he->wanted || he->refs > 1 || he->pinned)
+        if (he->state != CACHE_ENTRY_RESIDENT || he->leases > 0 || he->pinned || (shared_load && he->wanted))
                 return;
         log_debug("dropping the host copy of %s %s after its device load", he->model, he->component);
         if (cache_entry_evict(he, &err) != 0)
@@ -96,7 +99,7 @@ static void dl_complete(DeviceLoad *dl) {
         job_finish(&dl->job, &(JobOutcome){ .r = r, .err = err, .entry = r == 0 ? e : NULL, .plan = dl->plan });
         if (dl->host_entry) {
                 if (r == 0 && !dl->keep_host)
-                        drop_host_entry(dl->host_entry);
+                        drop_host_entry(dl->host_entry, dl->host_loaded);
                 cache_entry_unref(TAKE_PTR(dl->host_entry));
         }
         store_changed(dl->tier->store);
@@ -146,6 +149,10 @@ static void host_done(JobWaiter *w, const JobOutcome *o) {
 
         dl->host_known = true;
         dl->host_r = o->r;
+        if (o->r == 0 && !dl->host_entry) {
+                dl->host_loaded = true;
+                dl->host_entry = cache_entry_ref(o->entry); /* to drop it afterwards, if asked */
+        }
         if (o->r != 0) {
                 if (o->err)
                         dl->host_err = *o->err;
@@ -155,7 +162,6 @@ static void host_done(JobWaiter *w, const JobOutcome *o) {
                         gpu_copy_cancel(dl->copy);
         } else if (!dl->copy) {
                 /* It was sealing when we came: copy from what it made. */
-                dl->host_entry = cache_entry_ref(o->entry);
                 if (dl_copy(dl, o->entry->slabs, true, &err) != 0) {
                         dl->copy_r = err.message[0] ? -EIO : -ENOMEM;
                         dl->copy_err = err;

@@ -749,7 +749,7 @@ static int handle_hello(Driver *d, Peer *p, uint64_t id, const Weightd__V1__Hell
         hello.daemon_version = (char *) WEIGHTD_VERSION;
         hello.n_features = d->gpu_state == GPU_UP ? 2 : 1;
         hello.features = features;
-        hello.max_frame_size = d->config->max_frame_size;
+        hello.max_frame_size = d->config->max_request_size; /* the largest frame it accepts */
         hello.max_pending_requests = d->config->max_pending_requests;
         reply.result_case = WEIGHTD__V1__REPLY__RESULT_HELLO;
         reply.hello = &hello;

@@ -52,7 +52,8 @@ struct CacheEntry {
         unsigned refs;   /* every user, leases included */
         unsigned leases; /* of those, clients' leases (listings, evict's BUSY) */
         bool pinned;
-        bool wanted; /* a request wanted this entry itself, not only as the source of a device copy */
+        bool wanted; /* a request wanted this entry itself, not only as the source of a device copy
+                      * (device loads with keep_host no that shared its load leave it) */
         uint64_t last_use;      /* the cache's use counter: orders the LRU list */
         uint64_t last_use_usec; /* CLOCK_MONOTONIC of the last use, for listings */
         CacheEntry *prev, *next;
