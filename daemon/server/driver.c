@@ -630,7 +630,7 @@ static void entry_fill(Weightd__V1__Entry *x, CacheEntry *e, uint64_t now) {
 static size_t cache_n_listed(Cache *c) {
         CacheStats st;
 
-        cache_get_stats(c, &st);
+        cache_get_counts(c, &st);
         return st.n_entries + st.n_detached;
 }
 

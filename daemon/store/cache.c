@@ -378,6 +378,16 @@ void cache_set_budget(Cache *c, uint64_t budget) {
         c->budget = budget;
 }
 
+void cache_get_counts(Cache *c, CacheStats *ret) {
+        *ret = (CacheStats){
+                .budget = c->budget,
+                .used = c->used,
+                .n_entries = c->n_entries,
+                .n_detached = c->n_detached,
+                .evictions = c->evictions,
+        };
+}
+
 void cache_get_stats(Cache *c, CacheStats *ret) {
         *ret = (CacheStats){
                 .budget = c->budget,

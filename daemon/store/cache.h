@@ -145,6 +145,9 @@ int cache_entry_evict(CacheEntry *e, WdError *err);
 /* Change the budget; entries over it stay until they can be evicted. */
 void cache_set_budget(Cache *c, uint64_t budget);
 void cache_get_stats(Cache *c, CacheStats *ret);
+/* The same without evictable (0), in O(1): cache_get_stats() walks every
+ * entry for it, which status lines sent on every change must not. */
+void cache_get_counts(Cache *c, CacheStats *ret);
 
 /* Iterate entries that are not detached, most recently used first. */
 CacheEntry *cache_first(Cache *c);
