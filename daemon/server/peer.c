@@ -506,6 +506,20 @@ static bool peer_charge_input(Peer *p) {
         return false;
 }
 
+/* Whether the buffer ends in the middle of a frame (its header or body). */
+static bool frame_incomplete(const WireReader *r) {
+        size_t avail = r->used - r->done;
+        const uint8_t *h = r->buf + r->done;
+        uint32_t n;
+
+        if (avail == 0)
+                return false;
+        if (avail < WIRE_HEADER_SIZE)
+                return true;
+        n = (uint32_t) h[0] | (uint32_t) h[1] << 8 | (uint32_t) h[2] << 16 | (uint32_t) h[3] << 24;
+        return avail < WIRE_HEADER_SIZE + (size_t) n;
+}
+
 /* Decode and hand over every complete frame in the buffer, as long as the
  * peer may have more requests in flight.  Returns 0, or < 0 when the peer
  * was closed. */
@@ -542,9 +556,10 @@ static int peer_process(Peer *p) {
                 if (p->closing)
                         return -ECONNRESET;
         }
-        /* A frame has started when bytes are buffered beyond what was handed
-         * over: it has frame_timeout to complete. */
-        if (!wire_reader_partial(&p->in))
+        /* A frame that started has frame_timeout to complete, while the
+         * daemon reads: a peer paused at max_pending is not timed, nor are
+         * whole frames that wait for it to resume. */
+        if (!peer_wants_input(p) || !frame_incomplete(&p->in))
                 p->frame_started_usec = 0;
         else if (p->frame_started_usec == 0)
                 p->frame_started_usec = now_usec();

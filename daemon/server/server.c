@@ -804,12 +804,26 @@ Server *server_free(Server *s) {
         /* Only after server_run() returned (or before it ran): every job
          * ended then, nothing is queued on the loop any more; free slabs
          * here. */
-        if (s->store.cache)
-                cache_set_reaper(s->store.cache, NULL, NULL);
         if (!s->handles_closed && s->handles_init) {
-                /* server_run() never ran to its end: close what is open. */
-                s->handles_closed = true;
-                server_close_handles(s);
+                /* server_run() never ran to its end (fuzzers, tests): stop as
+                 * on SIGTERM, without waiting for peers to read, and run the
+                 * loop until the jobs ended and the handles closed. */
+                uint64_t deadline = now_usec() + 60 * 1000000ull;
+
+                server_stop(s);
+                while (s->peers.peers)
+                        peer_close(s->peers.peers);
+                server_maybe_exit(s);
+                while (!s->handles_closed && now_usec() < deadline) {
+                        (void) uv_run(&s->loop, UV_RUN_NOWAIT);
+                        server_maybe_exit(s);
+                        if (!s->handles_closed)
+                                usleep(200);
+                }
+                if (!s->handles_closed) {
+                        log_error("Jobs did not end within 60 s of the stop; leaking the loop");
+                        return NULL;
+                }
                 (void) uv_run(&s->loop, UV_RUN_NOWAIT);
         } else if (!s->handles_closed) {
                 if (s->peers_init)
@@ -818,6 +832,8 @@ Server *server_free(Server *s) {
                 completion_queue_close(&s->queue);
                 (void) uv_run(&s->loop, UV_RUN_NOWAIT);
         }
+        if (s->store.cache)
+                cache_set_reaper(s->store.cache, NULL, NULL);
         reader_free(s->store.reader);
         gpu_tier_free(s);
         cache_free(s->store.cache);
