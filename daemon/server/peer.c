@@ -48,20 +48,27 @@ static void out_frame_free(OutFrame *f) {
 
 static void peer_read(Peer *p);
 
+static void on_ready_idle(uv_idle_t *h);
+
 static void on_ready_check(uv_check_t *h) {
         PeerContext *ctx = h->data;
+        unsigned n = 0;
 
-        /* One pass: a peer that becomes ready again waits for the next. */
-        Peer *list = TAKE_PTR(ctx->ready);
-
+        /* As many as were ready when the pass began, each popped off the
+         * list before it reads, so a peer closed meanwhile is never on a
+         * list of ours; one that becomes ready again waits for the next. */
+        LIST_FOREACH(ready, p, ctx->ready)
+                n++;
         uv_idle_stop(&ctx->ready_idle);
-        while (list) {
-                Peer *p = list;
+        while (n-- > 0 && ctx->ready) {
+                Peer *p = ctx->ready;
 
-                LIST_REMOVE(ready, list, p);
+                LIST_REMOVE(ready, ctx->ready, p);
                 p->on_ready = false;
                 peer_read(p);
         }
+        if (ctx->ready)
+                uv_idle_start(&ctx->ready_idle, on_ready_idle);
 }
 
 static void on_ready_idle(uv_idle_t *h) {
