@@ -70,7 +70,9 @@ struct wd_manifest {
         bool leased;               /* owned by a lease: wd_manifest_free() leaves it */
 };
 
-/* Fill err (not NULL) with code and a formatted message; returns code. */
+/* error.c, the bottom of the library: client.c, manifest.c and cuda.c call
+ * it and it calls none of them.  Fill err (not NULL) with code and a
+ * formatted message; returns code. */
 int error_set(wd_error *err, int code, const char *fmt, ...) _printf_(3, 4);
 /* Write src into dst for a message: control bytes, quotes and backslashes
  * escaped, at most max_bytes of the source (then "..."). */
