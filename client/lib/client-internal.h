@@ -5,10 +5,12 @@
 
 #include <pthread.h>
 #include <stdarg.h>
+#include <stdatomic.h>
 #include <stdbool.h>
 #include <stddef.h>
 #include <stdint.h>
 #include <stdlib.h>
+#include <sys/types.h>
 #include <unistd.h>
 
 #include "macro.h"
@@ -35,7 +37,8 @@ typedef Weightd__V1__Tensor PbTensor;
 
 struct wd_client {
         pthread_mutex_t mutex;
-        unsigned n_ref; /* the caller's plus one per lease; under mutex */
+        atomic_uint n_ref; /* the caller's plus one per lease */
+        pid_t pid;         /* the process that connected: the only one that may send or take mutex */
         int fd;
         char *path; /* for messages */
         WireReader reader;

@@ -8,7 +8,12 @@
  * that do not decode) breaks the connection: it is shut down, so the daemon
  * ends its leases, and every later call fails with WD_UNAVAILABLE.  Leases
  * hold a reference on their client, so the socket stays open while any
- * lease lives.  See proto/PROTOCOL.md for the wire format. */
+ * lease lives.  A client belongs to the process that connected it (its pid
+ * is recorded): in a forked child, which shares the socket and whose
+ * copies of the leases are the parent's in the daemon, every request fails
+ * with WD_UNAVAILABLE before the mutex is taken (a parent's thread may have
+ * held it at fork()), and wd_release() only unmaps.  See proto/PROTOCOL.md
+ * for the wire format. */
 
 #include <errno.h>
 #include <fcntl.h>
@@ -133,25 +138,38 @@ static const char *result_name(ResultCase r) {
         }
 }
 
+/* The caller is not the process that connected c: a child forked from it
+ * (or from one of its children).  The socket is shared with the parent, and
+ * the daemon's leases on it are the parent's. */
+static bool client_foreign(const wd_client *c) {
+        return getpid() != c->pid;
+}
+
+static int client_foreign_error(const wd_client *c, const char *func, wd_error *err) {
+        return error_set(err, WD_UNAVAILABLE,
+                         "%s: this client of %s was connected by process %d, not by this one (%d): a process "
+                         "forked from it must connect again",
+                         func, c->path, (int) c->pid, (int) getpid());
+}
+
+/* In a forked child this closes the child's descriptor only: the parent's
+ * socket, and the leases on it, stay as they are. */
 static wd_client *client_free(wd_client *c) {
         if (!c)
                 return NULL;
         if (c->fd >= 0)
                 close(c->fd);
         wire_reader_deinit(&c->reader);
-        pthread_mutex_destroy(&c->mutex);
+        /* (A child's copy of the mutex may be locked for good.) */
+        if (!client_foreign(c))
+                pthread_mutex_destroy(&c->mutex);
         free(c->path);
         free(c);
         return NULL;
 }
 
 static void client_unref(wd_client *c) {
-        unsigned n;
-
-        pthread_mutex_lock(&c->mutex);
-        n = --c->n_ref;
-        pthread_mutex_unlock(&c->mutex);
-        if (n == 0)
+        if (atomic_fetch_sub(&c->n_ref, 1) == 1)
                 client_free(c);
 }
 
@@ -334,6 +352,8 @@ static int client_call(wd_client *c, WireEnvelope *req, ResultCase expect, wd_pr
         bool cancel_done = false;
         int r;
 
+        if (client_foreign(c))
+                return client_foreign_error(c, body_name(req->body_case), err);
         if (c->broken)
                 return error_set(err, WD_UNAVAILABLE, "connection is broken: %s", c->broken_reason);
 
@@ -459,7 +479,8 @@ int client_new_from_fd(int fd, const char *name, wd_client **ret, wd_error *err)
                 return error_set(err, WD_INTERNAL, "out of memory");
         }
         c->fd = fd;
-        c->n_ref = 1;
+        atomic_init(&c->n_ref, 1);
+        c->pid = getpid();
         c->next_id = 1;
         c->max_frame_out = WIRE_DEFAULT_MAX_FRAME;
         wire_reader_init(&c->reader, CLIENT_MAX_FRAME, WIRE_MAX_FDS);
@@ -550,11 +571,13 @@ static Weightd__V1__LoadRequest load_request(const char *model, const char *comp
         return load;
 }
 
-/* client_call() under the client's mutex. */
+/* client_call() under the client's mutex, which a forked child never takes. */
 static int client_request(wd_client *c, WireEnvelope *req, ResultCase expect, wd_progress_fn progress, void *userdata,
                           WireEnvelope **ret, wd_error *err) {
         int r;
 
+        if (client_foreign(c))
+                return client_foreign_error(c, body_name(req->body_case), err);
         pthread_mutex_lock(&c->mutex);
         r = client_call(c, req, expect, progress, userdata, false, ret, err);
         pthread_mutex_unlock(&c->mutex);
@@ -656,7 +679,7 @@ static int client_load(wd_client *c, WireEnvelope *req, wd_progress_fn progress,
 
         l->manifest->leased = true;
         l->client = c;
-        c->n_ref++;
+        atomic_fetch_add(&c->n_ref, 1);
         *ret = l;
         return WD_OK;
 }
@@ -734,6 +757,8 @@ _public_ int wd_load_ex(wd_client *c, const char *model, const char *component, 
         int r;
 
         r = check_args("wd_load", c && model && ret, &e);
+        if (r == WD_OK && client_foreign(c)) /* before the mutex, and before a device target asks CUDA */
+                r = client_foreign_error(c, "Load", &e);
         if (r == WD_OK)
                 r = load_request_ex("wd_load", model, component, opts, &load, target, &shard, &rules, &rule_ptrs, &e);
         if (r != WD_OK)
@@ -768,9 +793,15 @@ _public_ int wd_release(wd_lease *l, wd_error *err) {
                 return WD_OK;
         c = l->client;
 
-        pthread_mutex_lock(&c->mutex);
-        r = client_release(c, l->id, &e);
-        pthread_mutex_unlock(&c->mutex);
+        /* A forked child's copy of the lease is the parent's lease in the
+         * daemon: drop only this process's mapping, send nothing. */
+        if (client_foreign(c))
+                r = WD_OK;
+        else {
+                pthread_mutex_lock(&c->mutex);
+                r = client_release(c, l->id, &e);
+                pthread_mutex_unlock(&c->mutex);
+        }
 
         manifest_free(l->manifest);
         free(l);
@@ -791,6 +822,8 @@ _public_ int wd_prefetch_ex(wd_client *c, const char *model, const char *compone
         int r;
 
         r = check_args("wd_prefetch", c && model, &e);
+        if (r == WD_OK && client_foreign(c))
+                r = client_foreign_error(c, "Prefetch", &e);
         if (r == WD_OK)
                 r = load_request_ex("wd_prefetch", model, component, opts, &load, target, &shard, &rules, &rule_ptrs, &e);
         if (r != WD_OK)

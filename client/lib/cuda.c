@@ -8,7 +8,10 @@
  * read/write access set for the local device whose UUID the daemon named;
  * local ordinals are this process's (CUDA_VISIBLE_DEVICES applies), found by
  * comparing cuDeviceGetUuid over the visible devices.  The mapping keeps
- * the memory alive even if the daemon goes away; cuda_unmap() undoes it. */
+ * the memory alive even if the daemon goes away; cuda_unmap() undoes it.
+ * CUDA does not survive fork(): a child of the process that loaded the
+ * driver gets WD_UNSUPPORTED, and its cuda_unmap() leaves the parent's
+ * mappings, which it never had, alone. */
 #include <cuda.h>
 #include <cudaTypedefs.h>
 #include <dlfcn.h>
@@ -17,6 +20,7 @@
 #include <stdio.h>
 #include <string.h>
 #include <strings.h>
+#include <unistd.h>
 
 #include "client-internal.h"
 #include "cuda-internal.h"
@@ -25,6 +29,7 @@
 
 typedef struct Driver {
         bool loaded;
+        pid_t pid;            /* the process that loaded it */
         int error;            /* WD_OK or WD_UNSUPPORTED */
         char reason[256];
         PFN_cuInit_v2000 Init;
@@ -67,6 +72,7 @@ static void driver_load(void) {
         CUresult e;
 
         driver.error = WD_UNSUPPORTED;
+        driver.pid = getpid();
         lib = dlopen("libcuda.so.1", RTLD_NOW | RTLD_LOCAL);
         if (!lib) {
                 snprintf(driver.reason, sizeof(driver.reason), "no CUDA driver in this process: %s", dlerror());
@@ -103,6 +109,11 @@ static void driver_load(void) {
 
 static int driver_get(wd_error *err) {
         pthread_once(&driver_once, driver_load);
+        if (driver.loaded && driver.pid != getpid())
+                return error_set(err, WD_UNSUPPORTED,
+                                 "the CUDA driver was initialised by process %d, which forked this one: CUDA cannot be "
+                                 "used after fork()",
+                                 (int) driver.pid);
         if (driver.error != WD_OK)
                 return error_set(err, driver.error, "%s", driver.reason);
         return WD_OK;
@@ -263,6 +274,11 @@ int cuda_import(int fd, const char *uuid, uint64_t map_size, CudaMapping *ret, w
 void cuda_unmap(CudaMapping *m) {
         if (!m || m->size == 0 || !driver.loaded)
                 return;
+        if (driver.pid != getpid()) { /* a forked child: the mapping is the parent's */
+                m->size = 0;
+                m->ptr = 0;
+                return;
+        }
         (void) driver.MemUnmap(m->ptr, m->size);
         (void) driver.MemAddressFree(m->ptr, m->size);
         m->size = 0;

@@ -20,6 +20,7 @@
 #include <sys/socket.h>
 #include <sys/time.h>
 #include <sys/un.h>
+#include <sys/wait.h>
 #include <unistd.h>
 
 #include <cmocka.h>
@@ -464,6 +465,86 @@ static void test_load_release(void **state) {
         fake_reply(&f, 3, WD_OK, "");
         assert_int_equal(wd_release(l, &err), WD_OK);
         fake_expect_release(&f, 3, 77);
+        assert_null(fake_recv(&f));
+        fake_close(&f);
+}
+
+/* What a forked child does with its parent's client and lease; returns the
+ * child's exit status: 0, or the number of the check that failed.  A call
+ * that takes the client's mutex (which the parent held at fork()) never
+ * returns: the alarm ends the child then. */
+static int fork_child(wd_client *c, wd_lease *l, const Component *k) {
+        const wd_tensor *t = wd_manifest_find(wd_lease_manifest(l), "g.weight");
+        wd_manifest *m = NULL;
+        wd_status *st = NULL;
+        wd_lease *l2 = NULL;
+        wd_entry *e = NULL;
+        wd_hello h;
+        size_t n = 0;
+        wd_error err;
+
+        alarm(10);
+        if (wd_status_get(c, &st, &err) != WD_UNAVAILABLE || err.code != WD_UNAVAILABLE || st)
+                return 1;
+        if (!strstr(err.message, "was connected by process") || !strstr(err.message, "must connect again"))
+                return 2;
+        if (wd_load(c, "/models/m", "unet", &l2, &err) != WD_UNAVAILABLE || l2)
+                return 3;
+        if (wd_prefetch(c, "/models/m", "unet", NULL, NULL, NULL, &err) != WD_UNAVAILABLE)
+                return 4;
+        if (wd_evict(c, "/models/m", "unet", &err) != WD_UNAVAILABLE)
+                return 5;
+        if (wd_list(c, &e, &n, &err) != WD_UNAVAILABLE || wd_tensors(c, "/models/m", NULL, &m, &err) != WD_UNAVAILABLE)
+                return 6;
+        if (wd_hello_info(c, &h) != WD_OK || h.protocol_version != 1)
+                return 7;
+        /* The child's copy of the mapping is readable until it drops it. */
+        if (!t || memcmp(t->data, k->content[1] + 8, 192) != 0)
+                return 8;
+        if (wd_release(l, &err) != WD_OK)
+                return 9;
+        wd_disconnect(c);
+        return 0;
+}
+
+/* fork(): the child's calls on the parent's client fail with
+ * WD_UNAVAILABLE without sending or taking the client's mutex, and its
+ * wd_release() of the inherited lease only unmaps; the parent's lease and
+ * connection carry on, and the next frame the daemon reads is the parent's
+ * own Release. */
+static void test_fork(void **state) {
+        wd_lease *l = NULL;
+        Component k;
+        wd_error err;
+        int fds[2], status;
+        Fake f;
+        wd_client *c = fake_connect(&f);
+        pid_t pid;
+
+        component_init(&k, 2);
+        component_fds(&k, fds);
+        component_load_reply(&f, &k, 2, 77, fds, 2);
+        component_close(&k);
+        assert_int_equal(wd_load(c, "/models/m", "unet", &l, &err), WD_OK);
+        wire_envelope_free(fake_expect(&f, WEIGHTD__V1__ENVELOPE__BODY_LOAD, 2));
+
+        /* As if another thread of the parent were inside a call at fork(). */
+        assert_int_equal(pthread_mutex_lock(&c->mutex), 0);
+        pid = fork();
+        assert_true(pid >= 0);
+        if (pid == 0)
+                _exit(fork_child(c, l, &k));
+        assert_int_equal(pthread_mutex_unlock(&c->mutex), 0);
+        assert_int_equal(waitpid(pid, &status, 0), pid);
+        assert_true(WIFEXITED(status));
+        assert_int_equal(WEXITSTATUS(status), 0);
+
+        /* The parent's lease is whole, and its client works. */
+        component_check_manifest(&k, wd_lease_manifest(l), true);
+        fake_reply(&f, 3, WD_OK, "");
+        assert_int_equal(wd_release(l, &err), WD_OK);
+        fake_expect_release(&f, 3, 77);
+        wd_disconnect(c);
         assert_null(fake_recv(&f));
         fake_close(&f);
 }
@@ -1602,6 +1683,7 @@ int main(void) {
                 cmocka_unit_test(test_hello_fails),
                 cmocka_unit_test(test_load_release),
                 cmocka_unit_test(test_release_not_found),
+                cmocka_unit_test(test_fork),
                 cmocka_unit_test(test_load_empty),
                 cmocka_unit_test(test_hostile_manifest),
                 cmocka_unit_test(test_sharded_load),

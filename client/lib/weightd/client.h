@@ -24,7 +24,20 @@
  *
  * Lifetime: a lease keeps its client's connection open, because the daemon
  * ends every lease of a connection when it closes.  wd_disconnect() drops the
- * caller's reference; the socket closes when the last lease is released. */
+ * caller's reference; the socket closes when the last lease is released.
+ *
+ * fork(): a client belongs to the process that connected it.  A forked child
+ * (and its own children) shares the parent's socket, and the leases on it
+ * are the parent's, so in a child every call that would send a request on
+ * the parent's client returns WD_UNAVAILABLE ("... was connected by process
+ * P ...: a process forked from it must connect again") without sending or
+ * taking the client's lock; wd_hello_info() still answers.  wd_release() of
+ * an inherited lease in a child unmaps the child's copy, frees it and
+ * returns WD_OK without telling the daemon: the parent's lease stays.  (The
+ * child's copy of the mapping stays readable only while the parent holds
+ * its lease.)  wd_disconnect() in a child closes the child's descriptor
+ * only.  A child that needs the daemon calls wd_connect() itself.  Device
+ * leases cannot be used in a child at all: CUDA does not survive fork(). */
 #pragma once
 
 #include <stddef.h>
@@ -44,7 +57,8 @@ typedef enum wd_code {
         WD_FORMAT_ERROR = 4,       /* a safetensors file or index breaks a rule */
         WD_IO_ERROR = 5,           /* reading storage failed */
         WD_RESOURCE_EXHAUSTED = 6, /* a budget or limit cannot hold the request */
-        WD_UNAVAILABLE = 7,        /* no daemon answers, the connection broke, or try again */
+        WD_UNAVAILABLE = 7,        /* no daemon answers, the connection broke, the client is the parent
+                                    * process's (after fork()), or try again */
         WD_CANCELLED = 8,          /* the request was cancelled */
         WD_INTERNAL = 9,           /* a bug or system failure (in the daemon or here) */
         WD_UNSUPPORTED = 10,       /* e.g. pickle-only component, unknown target */
@@ -203,7 +217,8 @@ typedef struct wd_load_options {
  * Returns WD_OK, WD_NOT_FOUND, WD_PERMISSION_DENIED, WD_FORMAT_ERROR,
  * WD_IO_ERROR, WD_RESOURCE_EXHAUSTED (the budget cannot hold it: the message
  * names the shortfall), WD_UNSUPPORTED, WD_UNAVAILABLE (a file changed while
- * it was read: try again; or the connection broke), WD_INVALID_ARGUMENT,
+ * it was read: try again; or the connection broke; or c was connected by the
+ * process this one was forked from), WD_INVALID_ARGUMENT,
  * WD_PROTOCOL_ERROR, WD_INTERNAL. */
 int wd_load(wd_client *c, const char *model, const char *component, wd_lease **ret, wd_error *err);
 
@@ -214,6 +229,8 @@ uint64_t wd_lease_id(const wd_lease *l);
 
 /* End the lease in the daemon, unmap its memory and free l (always, whatever
  * the result: pointers from the lease are invalid afterwards).  Accepts NULL.
+ * In a process forked from the one that loaded it, only unmap and free: the
+ * lease is the parent's, nothing is sent, and the result is WD_OK.
  * Returns WD_OK, WD_NOT_FOUND (the daemon did not know it), WD_UNAVAILABLE
  * (the connection is gone, which ended the lease anyway), WD_PROTOCOL_ERROR. */
 int wd_release(wd_lease *l, wd_error *err);

@@ -13,6 +13,13 @@ Finalizers never block: a release that finds the client busy (another
 thread's call, or a progress callback on this thread) is queued and done
 when that call returns.  The C client refcounts its connection under
 leases, so a Client closed or collected before its leases is safe.
+
+fork().  A connection belongs to the process that opened it.  In a forked
+child (multiprocessing's "fork", DataLoader workers) every inherited
+connection is marked foreign (os.register_at_fork): its calls raise
+weightd.Unavailable, and a finalizer of an inherited Lease only unmaps the
+child's copy, so the parent's lease in the daemon stays.  A child that
+needs the daemon connects again.
 """
 import collections.abc
 import ctypes
@@ -189,10 +196,22 @@ class _Conn:
         self.lock = threading.Lock()
         self.owner = None  # the thread inside a call
         self.deferred = []
+        self.pid = os.getpid()  # the process that connected
+        _conns.add(self)
+
+    @property
+    def foreign(self):
+        """This process was forked from the one that connected."""
+        return self.pid != os.getpid()
 
     def call(self, fn, *args):
         """fn(ptr, *args, &err); raises the error's exception."""
         err = WdError()
+        if self.foreign:
+            # libweightd-client refuses it too, without its lock; this says
+            # so before ours, which a parent's thread may have held.
+            raise errors.Unavailable(f"this weightd client was connected by process {self.pid}, not by this "
+                                     f"one ({os.getpid()}): a process forked from it must connect again")
         if self.owner == threading.get_ident():
             raise errors.InvalidArgument("a progress callback must not call its own client")
         with self.lock:
@@ -207,6 +226,11 @@ class _Conn:
         check(r, err)
 
     def release_later(self, lease_ptr):
+        if self.foreign:
+            # An inherited lease: wd_release() in a child only unmaps this
+            # process's copy and never sends on the parent's socket.
+            lib.wd_release(lease_ptr, None)
+            return
         self.deferred.append(lease_ptr)
         self.drain()
 
@@ -220,11 +244,33 @@ class _Conn:
             finally:
                 self.lock.release()
 
+    def _after_fork_in_child(self):
+        # The parent's lock may have been held by a thread the child does
+        # not have.  Releases the parent had queued become the child's
+        # unmapping of its copies (wd_release() sends nothing in a child).
+        self.lock = threading.Lock()
+        self.owner = None
+        deferred, self.deferred = self.deferred, []
+        for lease_ptr in deferred:
+            lib.wd_release(lease_ptr, None)
+
     def disconnect(self):
         with self.lock:
             ptr, self.ptr = self.ptr, None
         if ptr is not None:
             lib.wd_disconnect(ptr)
+
+
+# Every live connection, to mark it foreign in a forked child.
+_conns = weakref.WeakSet()
+
+
+def _after_fork_in_child():
+    for conn in list(_conns):
+        conn._after_fork_in_child()
+
+
+os.register_at_fork(after_in_child=_after_fork_in_child)
 
 
 class _Mapping:
