@@ -185,3 +185,29 @@ def test_child_gc_of_an_inherited_lease_keeps_the_parents(daemon, testdata, wd, 
     gc.collect()
     wait_until(lambda: daemon.status()["leases"] == 0, timeout=10, what="the parent's lease to end")
     client.close()
+
+
+def test_safe_open_in_a_child_connects_anew(daemon, testdata, wd):
+    """safe_open()'s process-wide client is not inherited: a child's
+    safe_open() gets a connection of its own, and its lease ends with it."""
+    path = testdata / "good" / MODEL
+    held = {"h": wd.safe_open(path, socket=daemon.socket)}
+    name = held["h"].keys()[0]
+    want = file_bytes(path)[name]
+
+    def child():
+        held.clear()
+        gc.collect()
+        with wd.safe_open(path, socket=daemon.socket) as h:
+            assert_np_equal(h.get_tensor(name), path, name, want[0])
+            with wd.connect(daemon.socket) as own:
+                leases = own.status()["leases"]
+        assert leases == 2, f"the daemon counts {leases} leases: the parent's and the child's expected"
+
+    result = in_child(child)
+    assert_child_ok(*result)
+    wait_until(lambda: daemon.status()["leases"] == 1, timeout=10, what="the child's lease to end")
+    assert_np_equal(held["h"].get_tensor(name), path, name, want[0])
+    held.clear()
+    gc.collect()
+    wait_until(lambda: daemon.status()["leases"] == 0, timeout=10, what="the parent's lease to end")

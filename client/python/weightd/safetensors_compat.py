@@ -17,19 +17,64 @@ no daemon answers (connect() raises Unavailable).  fallback="always" also
 does when the daemon answers but refuses the file (for example a file
 outside every model root: PermissionDenied).  By default every failure is
 raised, naming the socket and the daemon's message.
+
+Connections.  Every safe_open() of a process shares one Client per socket
+(weights_iterator() uses one of its own), so holding the handles or the
+tensors of a checkpoint of many files takes one connection, not one per
+file: the daemon limits connections per uid.  The shared client stays open
+for the process's life; a forked child gets its own.
 """
 import os
+import threading
 
 from . import errors
-from .client import Client
+from .client import Client, default_socket
 
 _FALLBACK_MODES = (False, True, "always")
 
+# socket path -> the Client every safe_open() of this process uses there
+_shared = {}
+_shared_lock = threading.Lock()
 
-def _connect_or_fallback(socket, fallback):
+
+def _shared_key(socket):
+    return default_socket() if socket is None else os.path.abspath(os.fspath(socket))
+
+
+def _shared_client(socket):
+    """The process's Client for socket, connecting the first time (raises as
+    connect() does)."""
+    key = _shared_key(socket)
+    with _shared_lock:
+        client = _shared.get(key)
+        if client is None:
+            client = _shared[key] = Client(key)
+        return client
+
+
+def _forget_shared(client):
+    """Stop handing out client (its connection broke): the next safe_open()
+    connects again.  Its leases keep it open while they live."""
+    with _shared_lock:
+        if _shared.get(client.socket) is client:
+            del _shared[client.socket]
+
+
+def _after_fork_in_child():
+    # The inherited clients are the parent's connections; the lock may have
+    # been held by a parent's thread.
+    global _shared_lock
+    _shared_lock = threading.Lock()
+    _shared.clear()
+
+
+os.register_at_fork(after_in_child=_after_fork_in_child)
+
+
+def _connect_or_fallback(socket, fallback, connect=Client):
     """A Client, or None when the caller should fall back."""
     try:
-        return Client(socket)
+        return connect(socket)
     except errors.Unavailable as e:
         if fallback:
             return None
@@ -71,20 +116,28 @@ class safe_open:
         self._lease = None
         self._fallback = None
         path = os.path.abspath(os.fspath(filename))
-        client = _connect_or_fallback(socket, fallback)
-        if client is None:
+        # The process's shared client; one whose connection broke (a daemon
+        # restart) is replaced once.
+        for attempt in (1, 2):
+            client = _connect_or_fallback(socket, fallback, _shared_client)
+            if client is None:
+                break
+            try:
+                self._lease = client.load(path, None, device=device, framework=framework)
+            except errors.Unavailable:
+                _forget_shared(client)
+                if attempt == 1:
+                    continue
+                if fallback != "always":
+                    raise
+            except errors.Error:
+                if fallback != "always":
+                    raise
+            break
+        if self._lease is None:
             self._fallback = _safetensors_open(path, framework, device)
             return
-        try:
-            self._lease = client.load(path, None, device=device, framework=framework)
-        except errors.Error:
-            if fallback != "always":
-                raise
-            self._fallback = _safetensors_open(path, framework, device)
-        finally:
-            client.close()  # the lease keeps the connection open
-        if self._lease is not None:
-            self._keys = sorted(self._lease.keys())
+        self._keys = sorted(self._lease.keys())
 
     @property
     def served_by_weightd(self):
