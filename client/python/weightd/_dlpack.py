@@ -13,7 +13,6 @@ byte tensor, over device memory, and the same views (torch's CUDA must be
 initialised first: Client.load() does that).
 """
 import ctypes
-import threading
 
 KDL_CPU = 1
 KDL_CUDA = 2
@@ -60,14 +59,17 @@ _PyCapsule_GetPointer = ctypes.pythonapi.PyCapsule_GetPointer
 _PyCapsule_GetPointer.restype = ctypes.c_void_p
 _PyCapsule_GetPointer.argtypes = [ctypes.c_void_p, ctypes.c_char_p]
 
-# address of a DLManagedTensor -> (the struct, its shape array, owner)
+# address of a DLManagedTensor -> (the struct, its shape array, owner).
+# No lock: the deleter runs wherever torch frees a storage, which includes a
+# cyclic GC started by an allocation on a thread inside this module (a
+# non-reentrant lock held there deadlocked it).  A dict's single setitem and
+# pop need none: each is atomic under the GIL, and thread-safe on its own
+# in free-threaded builds.
 _live = {}
-_live_lock = threading.Lock()
 
 
 def _drop(addr):
-    with _live_lock:
-        _live.pop(addr, None)
+    _live.pop(addr, None)
 
 
 @_DELETER
@@ -98,13 +100,11 @@ def byte_tensor(addr, nbytes, owner, device_type=KDL_CPU, device_id=0):
     m.dl_tensor.byte_offset = 0
     m.deleter = _deleter
     key = ctypes.addressof(m)
-    with _live_lock:
-        _live[key] = (m, shape, owner)
+    _live[key] = (m, shape, owner)
     capsule = _PyCapsule_New(key, _NAME, _capsule_destructor)
     return torch.from_dlpack(capsule)
 
 
 def n_live():
     """How many exported byte tensors torch still holds (for tests)."""
-    with _live_lock:
-        return len(_live)
+    return len(_live)
