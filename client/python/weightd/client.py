@@ -14,9 +14,10 @@ thread's call, or a progress callback on this thread) is queued and done
 when that call returns.  The C client refcounts its connection under
 leases, so a Client closed or collected before its leases is safe.
 
-fork().  A connection belongs to the process that opened it.  In a forked
-child (multiprocessing's "fork", DataLoader workers) every inherited
-connection is marked foreign (os.register_at_fork): its calls raise
+fork().  A connection belongs to the process that opened it (it records
+the pid).  In a forked child (multiprocessing's "fork", DataLoader workers)
+every inherited connection is foreign: os.register_at_fork gives it a fresh
+lock (a parent's thread may have held it), its calls raise
 weightd.Unavailable, and a finalizer of an inherited Lease only unmaps the
 child's copy, so the parent's lease in the daemon stays.  A child that
 needs the daemon connects again.
