@@ -6,7 +6,13 @@
  * watermarks allow as one batch and retires the batches that ended.  It
  * sleeps on its condition variable when no copy has news and nothing is in
  * flight, and blocks on a batch only when nothing else moved in that round.
- * Owners hear of progress and of the end through the copy's callback. */
+ * Owners hear of progress and of the end through the copy's callback.
+ *
+ * The end is published with one release store of c->finished, the worker's
+ * last touch of the copy: the callback's pointers are read and the copy is
+ * unlinked from the worker's lists before it, and the last callback runs
+ * from those copies, so that the owner may free the copy the moment it sees
+ * the store.  The backend is reached only through its GpuBackendOps. */
 #include <errno.h>
 #include <stdlib.h>
 #include <string.h>
@@ -18,6 +24,9 @@ static void *worker_thread(void *arg);
 
 int gpu_worker_start(GpuWorker *w, WdError *err) {
         int r;
+
+        if (!w->gpu || !gpu_ops(w->gpu))
+                return wd_error_set(err, -EINVAL, "cuda:%u: no backend for its copy thread", w->ordinal);
 
         r = pthread_mutex_init(&w->lock, NULL);
         if (r != 0)
@@ -60,7 +69,7 @@ static void worker_kick(GpuWorker *w) {
 int gpu_copy_new(Gpu *g, size_t dev, const ShardPlan *plan, Slab *const *files, size_t n_files, bool read_only,
                  gpu_copy_fn wake, void *userdata, GpuCopy **ret) {
         _cleanup_(gpu_copy_freep) GpuCopy *c = NULL;
-        GpuWorker *w = g ? gpu_backend_worker(g, dev) : NULL;
+        GpuWorker *w = g ? gpu_ops(g)->worker(g, dev) : NULL;
 
         if (!w)
                 return -ENODEV;
@@ -120,7 +129,8 @@ uint64_t gpu_copy_total(const GpuCopy *c) {
 }
 
 bool gpu_copy_finished(GpuCopy *c, int *ret_error, WdError *err) {
-        if (!atomic_load(&c->finished))
+        /* Pairs with the worker's release store: error and err are in. */
+        if (!atomic_load_explicit(&c->finished, memory_order_acquire))
                 return false;
         *ret_error = c->error;
         if (c->error != 0 && err)
@@ -129,16 +139,19 @@ bool gpu_copy_finished(GpuCopy *c, int *ret_error, WdError *err) {
 }
 
 GpuSlab *gpu_copy_take_slab(GpuCopy *c) {
-        if (!atomic_load(&c->finished) || c->error != 0)
+        if (!atomic_load_explicit(&c->finished, memory_order_acquire) || c->error != 0)
                 return NULL;
         return TAKE_PTR(c->slab);
 }
 
 GpuCopy *gpu_copy_free(GpuCopy *c) {
+        const GpuBackendOps *ops;
+
         if (!c)
                 return NULL;
-        gpu_backend_pending_free(c);
-        gpu_slab_free(c->slab);
+        ops = gpu_ops(c->worker->gpu);
+        ops->pending_free(c);
+        ops->slab_free(c->slab);
         copy_sched_deinit(&c->sched);
         free(c->snapshot);
         free(c->files);
@@ -155,6 +168,7 @@ static void copy_fail(GpuCopy *c, int r) {
 /* Issue what the watermarks allow as one batch.  Returns whether anything
  * was issued. */
 static bool copy_issue(GpuCopy *c) {
+        const GpuBackendOps *ops = gpu_ops(c->worker->gpu);
         uint64_t batch = 0;
         CopyStep step;
         int r;
@@ -162,7 +176,7 @@ static bool copy_issue(GpuCopy *c) {
         for (size_t f = 0; f < c->n_files; f++)
                 c->snapshot[f] = atomic_load(&c->filled[f]);
         while (c->error == 0 && copy_sched_next(&c->sched, c->snapshot, &step)) {
-                r = gpu_backend_issue(c, &step);
+                r = ops->issue(c, &step);
                 if (r < 0)
                         copy_fail(c, r);
                 else
@@ -170,7 +184,7 @@ static bool copy_issue(GpuCopy *c) {
         }
         if (batch == 0)
                 return false;
-        gpu_backend_batch_end(c, batch);
+        ops->batch_end(c, batch);
         return true;
 }
 
@@ -178,25 +192,26 @@ static bool copy_issue(GpuCopy *c) {
  * whether it ended (c->error tells how). */
 static bool copy_step(GpuCopy *c, bool wait, bool *ret_finished) {
         GpuWorker *w = c->worker;
+        const GpuBackendOps *ops = gpu_ops(w->gpu);
         bool moved = false;
         int r;
 
         if (!c->started) {
                 c->started = true;
                 moved = true;
-                r = gpu_slab_new(w->gpu, w->dev, c->plan->bytes, &c->slab, &c->err);
+                r = ops->slab_new(w->gpu, w->dev, c->plan->bytes, &c->slab, &c->err);
                 if (r < 0)
                         copy_fail(c, r);
                 for (size_t f = 0; f < c->n_files && c->error == 0; f++) {
-                        r = gpu_host_register(w->gpu, c->files[f]->data, c->files[f]->capacity, c->read_only,
-                                              &c->err);
+                        r = ops->host_register(w->gpu, c->files[f]->data, c->files[f]->capacity, c->read_only,
+                                               &c->err);
                         if (r < 0)
                                 copy_fail(c, r);
                 }
         }
         if (c->error == 0 && !atomic_load(&c->cancelled))
                 moved |= copy_issue(c);
-        if (gpu_backend_poll(c, wait && !moved))
+        if (ops->poll(c, wait && !moved))
                 moved = true;
         if (!c->pending && (c->error != 0 || atomic_load(&c->cancelled) || copy_sched_done(&c->sched))) {
                 if (c->error == 0 && !copy_sched_done(&c->sched))
@@ -208,8 +223,10 @@ static bool copy_step(GpuCopy *c, bool wait, bool *ret_finished) {
 
 static void *worker_thread(void *arg) {
         GpuWorker *w = arg;
+        const GpuBackendOps *ops = gpu_ops(w->gpu);
 
-        gpu_backend_thread_init(w);
+        if (ops->thread_init)
+                ops->thread_init(w);
         for (;;) {
                 bool moved = false, pending = false;
 
@@ -232,9 +249,6 @@ static void *worker_thread(void *arg) {
                 }
                 pthread_mutex_unlock(&w->lock);
 
-                /* The owner may free a copy as soon as it is marked
-                 * finished: unlink it first, and touch nothing of it after
-                 * but the callback, whose pointers were read before. */
                 for (GpuCopy **pp = &w->active; *pp;) {
                         GpuCopy *c = *pp;
                         gpu_copy_fn wake = c->wake;
@@ -244,13 +258,22 @@ static void *worker_thread(void *arg) {
                         /* Block on a batch only when nothing else moved this round. */
                         m = copy_step(c, !c->next && !moved, &finished);
                         moved = moved || m;
-                        if (finished) {
-                                *pp = c->next;
-                                atomic_store(&c->finished, true);
-                        } else
+                        if (!finished) {
                                 pp = &c->next;
-                        if (m || finished)
-                                wake(c, userdata);
+                                if (m)
+                                        wake(c, userdata);
+                                continue;
+                        }
+                        /* The owner may free c (and it alone) as soon as
+                         * the store below is visible: unlink it first, and
+                         * make the store the last touch.  wake and userdata
+                         * were read before; userdata outlives the copy, and
+                         * the callback must not dereference c. */
+                        *pp = c->next;
+                        atomic_store_explicit(&c->finished, true, memory_order_release);
+                        if (gpu_copy_test_after_finish)
+                                gpu_copy_test_after_finish();
+                        wake(c, userdata);
                 }
         }
         return NULL;

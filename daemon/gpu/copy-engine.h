@@ -3,8 +3,12 @@
  * watermarks, cancellation and end, in the order copy-sched.c gives.
  * copy-engine.c implements the gpu_copy_*() functions of gpu.h with it; a
  * backend (gpu-cuda.c, or gpu-emulated.c for tests) supplies the device
- * slabs, the page-locking and the gpu_backend_*() calls below, so the
- * emulated devices exercise this very code.
+ * slabs, the page-locking and the steps through a GpuBackendOps table, so
+ * the emulated devices exercise this very code.
+ *
+ * Calls run one way: a backend calls the engine by name (gpu_worker_*()),
+ * the engine reaches the backend only through the table that the backend's
+ * struct Gpu starts with (GpuBase).
  *
  * Private to daemon/gpu/. */
 #pragma once
@@ -17,10 +21,48 @@
 
 /* The backend's batches in flight (gpu-cuda.c: one CUDA event each). */
 typedef struct GpuPending GpuPending;
+typedef struct GpuWorker GpuWorker;
+
+/* What a backend provides, as a table of its own functions. */
+typedef struct GpuBackendOps {
+        /* The worker of device dev, NULL when there is none. */
+        GpuWorker *(*worker)(Gpu *g, size_t dev);
+        /* gpu.h's gpu_slab_new(), gpu_slab_free() and gpu_host_register() of
+         * this backend. */
+        int (*slab_new)(Gpu *g, size_t dev, uint64_t bytes, GpuSlab **ret, WdError *err);
+        GpuSlab *(*slab_free)(GpuSlab *s);
+        int (*host_register)(Gpu *g, void *p, uint64_t size, bool read_only, WdError *err);
+        /* On the worker's thread, before anything else (CUDA: select the
+         * device).  May be NULL. */
+        void (*thread_init)(GpuWorker *w);
+        /* Issue one step of c into c->slab.  Returns 0, or -errno with c->err
+         * set. */
+        int (*issue)(GpuCopy *c, const CopyStep *step);
+        /* The steps issued since the last call, bytes in all, form a batch:
+         * track its end (or count it copied, where issuing copied it). */
+        void (*batch_end)(GpuCopy *c, uint64_t bytes);
+        /* Retire the batches that ended, adding their bytes to c->copied;
+         * with wait, block for the oldest first.  Returns whether any
+         * ended. */
+        bool (*poll)(GpuCopy *c, bool wait);
+        /* Drop what is still tracked (c is being freed). */
+        void (*pending_free)(GpuCopy *c);
+} GpuBackendOps;
+
+/* The first member of a backend's struct Gpu: how the engine finds the
+ * backend's functions behind an opaque Gpu. */
+typedef struct GpuBase {
+        const GpuBackendOps *ops;
+} GpuBase;
+
+static inline const GpuBackendOps *gpu_ops(const Gpu *g) {
+        return ((const GpuBase *) (const void *) g)->ops;
+}
 
 /* One device's copy thread.  A backend embeds it in its device and sets
- * gpu, dev, ordinal and piece_min before gpu_worker_start(). */
-typedef struct GpuWorker {
+ * gpu (whose GpuBase carries the backend's table), dev, ordinal and
+ * piece_min before gpu_worker_start(). */
+struct GpuWorker {
         Gpu *gpu;
         size_t dev;          /* the device's index in gpu */
         unsigned ordinal;    /* cuda:N, for messages */
@@ -33,7 +75,7 @@ typedef struct GpuWorker {
         bool kick;           /* under lock: a copy has news */
         GpuCopy *incoming;   /* under lock */
         GpuCopy *active;     /* worker thread only */
-} GpuWorker;
+};
 
 struct GpuCopy {
         GpuWorker *worker;
@@ -66,19 +108,8 @@ struct GpuCopy {
 int gpu_worker_start(GpuWorker *w, WdError *err);
 void gpu_worker_stop(GpuWorker *w);
 
-/* ---- what a backend provides -------------------------------------------- */
-
-/* The worker of device dev, NULL when there is none. */
-GpuWorker *gpu_backend_worker(Gpu *g, size_t dev);
-/* On the worker's thread, before anything else (CUDA: select the device). */
-void gpu_backend_thread_init(GpuWorker *w);
-/* Issue one step of c into c->slab.  Returns 0, or -errno with c->err set. */
-int gpu_backend_issue(GpuCopy *c, const CopyStep *step);
-/* The steps issued since the last call, bytes in all, form a batch: track
- * its end (or count it copied, where issuing copied it). */
-void gpu_backend_batch_end(GpuCopy *c, uint64_t bytes);
-/* Retire the batches that ended, adding their bytes to c->copied; with
- * wait, block for the oldest first.  Returns whether any ended. */
-bool gpu_backend_poll(GpuCopy *c, bool wait);
-/* Drop what is still tracked (c is being freed). */
-void gpu_backend_pending_free(GpuCopy *c);
+/* Tests only: when a test program defines this function, the worker calls
+ * it right after it published a copy's end (gpu_copy_finished() turns
+ * true), to widen the window in which the owner frees the copy.  Not
+ * defined in the daemon (a weak reference, NULL there). */
+void gpu_copy_test_after_finish(void) __attribute__((weak));

@@ -13,6 +13,17 @@
  * in pieces as their bytes arrive, so reading and copying overlap even for
  * a component made of a few huge tensors.
  *
+ * Page-locking: a sealed slab is mapped read-only, which cudaHostRegister
+ * takes only with cudaHostRegisterReadOnly, and only on devices that say
+ * cudaDevAttrHostRegisterReadOnlySupported (probed at start, in
+ * GpuDeviceInfo); elsewhere a sealed slab is registered without the flag.
+ * Registrations are kept by (address, size, read-only); one that overlaps a
+ * new range without matching it belongs to a mapping that is gone and is
+ * dropped.
+ *
+ * The copy engine (copy-engine.c) reaches this file only through cuda_ops;
+ * this file calls the engine's gpu_worker_*() by name.
+ *
  * Every CUDA and driver result passes through gpu_check() or cu_check(),
  * which turn it into -errno with the error's name in the message. */
 #include <cuda.h>
@@ -49,6 +60,7 @@ typedef struct Driver {
 typedef struct HostReg {
         void *p;
         uint64_t size;
+        bool read_only; /* asked for as read-only (a sealed slab's mapping) */
         struct HostReg *next;
 } HostReg;
 
@@ -62,6 +74,7 @@ struct GpuPending {
 typedef struct GpuDev GpuDev;
 
 struct Gpu {
+        GpuBase base; /* first: the engine's way to cuda_ops */
         Driver cu;
         GpuDev *devs;
         size_t n_devs;
@@ -156,6 +169,8 @@ _printf_(4, 5) static int cu_check(const Gpu *g, CUresult e, WdError *err, const
 
 /* ---- discovery ---------------------------------------------------------- */
 
+static const GpuBackendOps cuda_ops;
+
 bool gpu_built(void) {
         return true;
 }
@@ -216,7 +231,7 @@ static CUmemAllocationProp slab_prop(int ordinal) {
 static int device_probe(Gpu *g, int ordinal, GpuDeviceInfo *info, WdError *err) {
         struct cudaDeviceProp prop;
         CUmemAllocationProp ap = slab_prop(ordinal);
-        int vmm = 0, posix = 0, r;
+        int vmm = 0, posix = 0, ro = 0, r;
         size_t gran = 0;
 
         memset(&prop, 0, sizeof(prop));
@@ -248,6 +263,11 @@ static int device_probe(Gpu *g, int ordinal, GpuDeviceInfo *info, WdError *err) 
         if (r < 0)
                 return r;
         info->granularity = gran > 0 ? gran : 2u << 20;
+        r = gpu_check(cudaDeviceGetAttribute(&ro, cudaDevAttrHostRegisterReadOnlySupported, ordinal), err,
+                      "cuda:%d: cannot ask for read-only host registration", ordinal);
+        if (r < 0)
+                return r;
+        info->host_register_read_only = ro != 0;
         return 0;
 }
 
@@ -281,6 +301,13 @@ static void device_stop(GpuDev *d) {
                 }
 }
 
+/* Undo a registration, piece by piece, and free it. */
+static void host_reg_drop(HostReg *h) {
+        for (uint64_t off = 0; off < h->size; off += GPU_REGISTER_PIECE)
+                (void) cudaHostUnregister((uint8_t *) h->p + off);
+        free(h);
+}
+
 static bool in_list(const unsigned *only, size_t n_only, int ordinal) {
         if (n_only == 0)
                 return true;
@@ -297,6 +324,7 @@ int gpu_new(Gpu **ret, const unsigned *only, size_t n_only, WdError *err) {
         g = calloc(1, sizeof(Gpu));
         if (!g)
                 return wd_error_set(err, -ENOMEM, "out of memory");
+        g->base.ops = &cuda_ops;
         r = pthread_mutex_init(&g->reg_lock, NULL);
         if (r != 0) {
                 free(TAKE_PTR(g));
@@ -351,9 +379,7 @@ Gpu *gpu_free(Gpu *g) {
                 HostReg *h = g->regs;
 
                 g->regs = h->next;
-                for (uint64_t off = 0; off < h->size; off += GPU_REGISTER_PIECE)
-                        (void) cudaHostUnregister((uint8_t *) h->p + off);
-                free(h);
+                host_reg_drop(h);
         }
         pthread_mutex_destroy(&g->reg_lock);
         free(g->devs);
@@ -468,20 +494,63 @@ size_t gpu_slab_device(const GpuSlab *s) {
 
 /* ---- page-locked host slabs --------------------------------------------- */
 
+/* Whether the calling thread's current device takes cudaHostRegisterReadOnly
+ * (the flag is checked against the current context).  A device that is not
+ * ours (a thread that never selected one) takes it only if all of ours do. */
+static bool host_read_only_supported(const Gpu *g) {
+        bool all = true;
+        int cur = -1;
+
+        if (cudaGetDevice(&cur) != cudaSuccess)
+                cur = -1;
+        for (size_t i = 0; i < g->n_devs; i++) {
+                if ((int) g->devs[i].info.index == cur)
+                        return g->devs[i].info.host_register_read_only;
+                all = all && g->devs[i].info.host_register_read_only;
+        }
+        return all;
+}
+
+static bool ranges_overlap(const void *a, uint64_t a_size, const void *b, uint64_t b_size) {
+        uintptr_t x = (uintptr_t) a, y = (uintptr_t) b;
+
+        return x < y + b_size && y < x + a_size;
+}
+
 int gpu_host_register(Gpu *g, void *p, uint64_t size, bool read_only, WdError *err) {
-        unsigned flags = cudaHostRegisterPortable | (read_only ? cudaHostRegisterReadOnly : 0);
-        HostReg *h;
+        bool ro_flag;
+        unsigned flags;
+        HostReg *h, *stale = NULL;
         uint64_t off;
         int r = 0;
 
         if (!g || size == 0)
                 return 0;
+        ro_flag = read_only && host_read_only_supported(g);
+        flags = cudaHostRegisterPortable | (ro_flag ? cudaHostRegisterReadOnly : 0);
         /* Held while registering: a second device asking for the same slab
          * waits for the first instead of registering it twice. */
         pthread_mutex_lock(&g->reg_lock);
-        for (h = g->regs; h; h = h->next)
-                if (h->p == p)
-                        goto out;
+        for (HostReg **pp = &g->regs; *pp;) {
+                h = *pp;
+                if (h->p == p && h->size == size && h->read_only == read_only)
+                        goto out; /* registered already */
+                if (ranges_overlap(h->p, h->size, p, size)) {
+                        /* [p, p + size) is mapped now, so what overlaps it
+                         * otherwise (another start, size, or protection)
+                         * was registered for a mapping that is gone. */
+                        *pp = h->next;
+                        h->next = stale;
+                        stale = h;
+                        continue;
+                }
+                pp = &h->next;
+        }
+        while (stale) {
+                h = stale;
+                stale = h->next;
+                host_reg_drop(h);
+        }
         h = calloc(1, sizeof(HostReg));
         if (!h) {
                 r = wd_error_set(err, -ENOMEM, "out of memory");
@@ -489,7 +558,10 @@ int gpu_host_register(Gpu *g, void *p, uint64_t size, bool read_only, WdError *e
         }
         for (off = 0; off < size; off += GPU_REGISTER_PIECE) {
                 r = gpu_check(cudaHostRegister((uint8_t *) p + off, MIN(GPU_REGISTER_PIECE, size - off), flags), err,
-                              "cannot page-lock %llu bytes of a host slab", (unsigned long long) size);
+                              "cannot page-lock %llu bytes of a %shost slab%s", (unsigned long long) size,
+                              read_only ? "read-only " : "",
+                              read_only && !ro_flag ? " (the device does not support read-only registration)"
+                                                    : "");
                 if (r < 0)
                         break;
         }
@@ -499,36 +571,43 @@ int gpu_host_register(Gpu *g, void *p, uint64_t size, bool read_only, WdError *e
                 free(h);
                 goto out;
         }
-        *h = (HostReg){ .p = p, .size = size, .next = g->regs };
+        *h = (HostReg){ .p = p, .size = size, .read_only = read_only, .next = g->regs };
         g->regs = h;
 out:
         pthread_mutex_unlock(&g->reg_lock);
         return r;
 }
 
+/* Every registration at p (there is at most one). */
 void gpu_host_unregister(Gpu *g, void *p) {
-        HostReg *h = NULL;
+        HostReg *gone = NULL;
 
         if (!g || !p)
                 return;
         pthread_mutex_lock(&g->reg_lock);
-        for (HostReg **pp = &g->regs; *pp; pp = &(*pp)->next)
-                if ((*pp)->p == p) {
-                        h = *pp;
-                        *pp = h->next;
-                        break;
+        for (HostReg **pp = &g->regs; *pp;) {
+                HostReg *h = *pp;
+
+                if (h->p != p) {
+                        pp = &h->next;
+                        continue;
                 }
+                *pp = h->next;
+                h->next = gone;
+                gone = h;
+        }
         pthread_mutex_unlock(&g->reg_lock);
-        if (!h)
-                return;
-        for (uint64_t off = 0; off < h->size; off += GPU_REGISTER_PIECE)
-                (void) cudaHostUnregister((uint8_t *) h->p + off);
-        free(h);
+        while (gone) {
+                HostReg *h = gone;
+
+                gone = h->next;
+                host_reg_drop(h);
+        }
 }
 
 /* ---- copies ------------------------------------------------------------- */
 
-GpuWorker *gpu_backend_worker(Gpu *g, size_t dev) {
+static GpuWorker *cuda_worker(Gpu *g, size_t dev) {
         return dev < g->n_devs ? &g->devs[dev].worker : NULL;
 }
 
@@ -536,12 +615,12 @@ static GpuDev *copy_dev(const GpuCopy *c) {
         return (GpuDev *) c->worker;
 }
 
-void gpu_backend_thread_init(GpuWorker *w) {
+static void cuda_thread_init(GpuWorker *w) {
         (void) cudaSetDevice((int) w->ordinal);
 }
 
 /* Every step of a batch goes on the same stream; the next batch on the next. */
-int gpu_backend_issue(GpuCopy *c, const CopyStep *step) {
+static int cuda_issue(GpuCopy *c, const CopyStep *step) {
         GpuDev *d = copy_dev(c);
         cudaStream_t stream = d->streams[d->next_stream % GPU_STREAMS];
         uint8_t *base = (uint8_t *) (uintptr_t) c->slab->base;
@@ -563,7 +642,7 @@ static void copy_fail(GpuCopy *c, int r) {
 }
 
 /* Record an event after the batch on its stream. */
-void gpu_backend_batch_end(GpuCopy *c, uint64_t bytes) {
+static void cuda_batch_end(GpuCopy *c, uint64_t bytes) {
         GpuDev *d = copy_dev(c);
         cudaStream_t stream = d->streams[d->next_stream++ % GPU_STREAMS];
         GpuPending *p = calloc(1, sizeof(GpuPending));
@@ -595,7 +674,7 @@ void gpu_backend_batch_end(GpuCopy *c, uint64_t bytes) {
         c->pending_tail = p;
 }
 
-bool gpu_backend_poll(GpuCopy *c, bool wait) {
+static bool cuda_poll(GpuCopy *c, bool wait) {
         bool any = false;
 
         while (c->pending) {
@@ -619,7 +698,7 @@ bool gpu_backend_poll(GpuCopy *c, bool wait) {
         return any;
 }
 
-void gpu_backend_pending_free(GpuCopy *c) {
+static void cuda_pending_free(GpuCopy *c) {
         while (c->pending) {
                 GpuPending *p = c->pending;
 
@@ -629,3 +708,15 @@ void gpu_backend_pending_free(GpuCopy *c) {
         }
         c->pending_tail = NULL;
 }
+
+static const GpuBackendOps cuda_ops = {
+        .worker = cuda_worker,
+        .slab_new = gpu_slab_new,
+        .slab_free = gpu_slab_free,
+        .host_register = gpu_host_register,
+        .thread_init = cuda_thread_init,
+        .issue = cuda_issue,
+        .batch_end = cuda_batch_end,
+        .poll = cuda_poll,
+        .pending_free = cuda_pending_free,
+};

@@ -30,6 +30,7 @@
 typedef struct EmuDev EmuDev;
 
 struct Gpu {
+        GpuBase base; /* first: the engine's way to emu_ops */
         EmuDev *devs;
         size_t n_devs;
 };
@@ -47,6 +48,8 @@ struct GpuSlab {
         uint64_t size, map_size;
         int fd;
 };
+
+static const GpuBackendOps emu_ops;
 
 bool gpu_built(void) {
         return true;
@@ -67,7 +70,11 @@ int gpu_new(Gpu **ret, const unsigned *only, size_t n_only, WdError *err) {
                 return wd_error_set(err, -EINVAL, "$WEIGHTD_EMULATED_GPUS=\"%s\": expected N:SIZE such as 2:256M", spec);
 
         g = calloc(1, sizeof(Gpu));
-        if (!g || !(g->devs = calloc(count, sizeof(EmuDev))))
+        if (!g)
+                return wd_error_set(err, -ENOMEM, "out of memory");
+        g->base.ops = &emu_ops;
+        g->devs = calloc(count, sizeof(EmuDev));
+        if (!g->devs)
                 return wd_error_set(err, -ENOMEM, "out of memory");
         for (unsigned i = 0; i < count; i++) {
                 EmuDev *d = &g->devs[g->n_devs];
@@ -78,7 +85,9 @@ int gpu_new(Gpu **ret, const unsigned *only, size_t n_only, WdError *err) {
                         wanted = wanted || only[k] == i;
                 if (!wanted)
                         continue;
-                d->info = (GpuDeviceInfo){ .index = i, .total_bytes = size, .granularity = EMU_GRANULARITY };
+                /* Nothing is page-locked here, read-only or not. */
+                d->info = (GpuDeviceInfo){ .index = i, .total_bytes = size, .granularity = EMU_GRANULARITY,
+                                           .host_register_read_only = true };
                 snprintf(d->info.name, sizeof(d->info.name), "Emulated GPU");
                 snprintf(d->info.uuid, sizeof(d->info.uuid), "GPU-00000000-0000-4000-8000-%012x", i);
                 snprintf(d->info.pci_bus_id, sizeof(d->info.pci_bus_id), "0000:%02x:00.0", i);
@@ -204,15 +213,14 @@ int gpu_host_register(Gpu *g, void *p, uint64_t size, bool read_only, WdError *e
 void gpu_host_unregister(Gpu *g, void *p) {
 }
 
-GpuWorker *gpu_backend_worker(Gpu *g, size_t dev) {
+/* ---- what the copy engine calls (through emu_ops) ---------------------- */
+
+static GpuWorker *emu_worker(Gpu *g, size_t dev) {
         return dev < g->n_devs ? &g->devs[dev].worker : NULL;
 }
 
-void gpu_backend_thread_init(GpuWorker *w) {
-}
-
 /* A step is done when issued: memcpy, row by row. */
-int gpu_backend_issue(GpuCopy *c, const CopyStep *step) {
+static int emu_issue(GpuCopy *c, const CopyStep *step) {
         const ShardCopy *k = &step->copy;
         const uint8_t *src = c->files[step->file]->data + k->src;
         uint8_t *dst = c->slab->base + k->dst;
@@ -222,13 +230,24 @@ int gpu_backend_issue(GpuCopy *c, const CopyStep *step) {
         return 0;
 }
 
-void gpu_backend_batch_end(GpuCopy *c, uint64_t bytes) {
+static void emu_batch_end(GpuCopy *c, uint64_t bytes) {
         atomic_fetch_add(&c->copied, bytes);
 }
 
-bool gpu_backend_poll(GpuCopy *c, bool wait) {
+static bool emu_poll(GpuCopy *c, bool wait) {
         return false;
 }
 
-void gpu_backend_pending_free(GpuCopy *c) {
+static void emu_pending_free(GpuCopy *c) {
 }
+
+static const GpuBackendOps emu_ops = {
+        .worker = emu_worker,
+        .slab_new = gpu_slab_new,
+        .slab_free = gpu_slab_free,
+        .host_register = gpu_host_register,
+        .issue = emu_issue,
+        .batch_end = emu_batch_end,
+        .poll = emu_poll,
+        .pending_free = emu_pending_free,
+};

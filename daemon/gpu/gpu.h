@@ -53,6 +53,9 @@ typedef struct GpuDeviceInfo {
         char pci_bus_id[32];     /* "0000:19:00.0" */
         uint64_t total_bytes;
         uint64_t granularity;    /* of VMM allocations with POSIX fd handles */
+        bool host_register_read_only; /* cudaDevAttrHostRegisterReadOnlySupported: sealed (read-only)
+                                       * host slabs are page-locked with cudaHostRegisterReadOnly; without
+                                       * it they are registered without the flag */
 } GpuDeviceInfo;
 
 typedef struct Gpu Gpu;
@@ -102,14 +105,20 @@ uint64_t gpu_slab_size(const GpuSlab *s);     /* bytes asked for */
 uint64_t gpu_slab_map_size(const GpuSlab *s); /* bytes allocated (granularity) */
 size_t gpu_slab_device(const GpuSlab *s);
 
-/* Page-lock [p, p + size) for copies (idempotent per p).  read_only: the
- * mapping is read-only (a sealed slab).  Any thread.  Returns 0, -ENOMEM,
- * -EIO with err filled.  gpu_host_unregister() undoes it (nothing when p
- * was never registered); both accept g NULL. */
+/* Page-lock [p, p + size) for copies (idempotent per p, size and
+ * read_only; a registration overlapping the range otherwise is taken for a
+ * mapping that is gone and is dropped first).  read_only: the mapping is
+ * read-only (a sealed slab); registered with cudaHostRegisterReadOnly where
+ * the device supports it (GpuDeviceInfo.host_register_read_only).  Any
+ * thread.  Returns 0, -ENOMEM, -EOPNOTSUPP, -EIO with err filled.
+ * gpu_host_unregister() undoes the registration at p (nothing when p was
+ * never registered); both accept g NULL. */
 int gpu_host_register(Gpu *g, void *p, uint64_t size, bool read_only, WdError *err);
 void gpu_host_unregister(Gpu *g, void *p);
 
-/* Called on the device thread when a copy made progress or ended. */
+/* Called on the device thread when a copy made progress or ended.  After
+ * the end the copy may be gone already: c is the copy's address, for
+ * comparison only, never to dereference. */
 typedef void (*gpu_copy_fn)(GpuCopy *c, void *userdata);
 
 /* Create a device slab of plan->bytes on device dev and fill it along plan
@@ -118,9 +127,13 @@ typedef void (*gpu_copy_fn)(GpuCopy *c, void *userdata);
  * The slab is created and the host slabs page-locked on the device's
  * thread; nothing is copied until gpu_copy_advance() says the bytes are
  * there.  read_only: the host slabs are sealed.  wake runs on the device
- * thread after progress and once at the end; once the end is visible
- * (gpu_copy_finished()) the copy may be freed, so wake must not use c.
- * Returns 0, -ENODEV, -ENOMEM. */
+ * thread after progress and once after the end was published: once
+ * gpu_copy_finished() says so, the owner may free the copy at once, from any
+ * thread, even while that last wake still runs.  So userdata must outlive
+ * the copy (a long-lived queue or loop handle, not the job that owns the
+ * copy), and wake must touch neither c nor the copy's owner: it only tells
+ * userdata to look (e.g. kicks the queue), and the owner then asks
+ * gpu_copy_finished() on its own thread.  Returns 0, -ENODEV, -ENOMEM. */
 int gpu_copy_new(Gpu *g, size_t dev, const ShardPlan *plan, Slab *const *files, size_t n_files, bool read_only,
                  gpu_copy_fn wake, void *userdata, GpuCopy **ret);
 /* The first filled bytes of file are in its slab (monotone; smaller values
