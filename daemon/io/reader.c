@@ -4,7 +4,14 @@
  * queue and an eventfd whose read is always armed in the ring, so the thread
  * sleeps in io_uring_wait_cqe() and nowhere else.  Each in-flight read has a
  * slot (user_data = slot index + 1; 0 is the eventfd), so a completion finds
- * its job, extent and range without any lookup. */
+ * its job, extent and range without any lookup.
+ *
+ * If the ring itself fails (io_uring_enter() returns an error other than
+ * EINTR, EAGAIN or EBUSY), reads in flight may never complete: the thread
+ * fails every job with that error, releases every slot, tears the ring
+ * down (the kernel cancels what it still holds) and from then on fails each
+ * job it is given, sleeping on the queue's condition variable instead of
+ * the ring. */
 #include <liburing.h>
 #include <pthread.h>
 #include <stdatomic.h>
@@ -65,6 +72,7 @@ struct Reader {
         bool thread_started;
 
         pthread_mutex_t lock;
+        pthread_cond_t cond; /* signalled with a job queued or stopping: for a thread without a ring */
         ReaderJob *queue_head, *queue_tail; /* submitted, not yet seen by the thread */
         bool stopping;
 
@@ -74,6 +82,7 @@ struct Reader {
         ReadSlot *slots;
         unsigned *free_slots;
         unsigned n_free;
+        int ring_error; /* the ring failed with it and is gone: every job fails with it */
 
         atomic_uint_fast64_t bytes_read;
 };
@@ -363,6 +372,44 @@ static bool take_queue(Reader *r) {
         return !stopping;
 }
 
+static int ring_submit_and_wait(Reader *r) {
+        if (reader_test_submit_and_wait)
+                return reader_test_submit_and_wait(&r->ring, 1);
+        return io_uring_submit_and_wait(&r->ring, 1);
+}
+
+static size_t job_current_extent(const ReaderJob *j) {
+        return j->next_extent < j->n_extents ? j->next_extent : 0;
+}
+
+/* The ring failed hard: its reads in flight may never complete, so fail
+ * their jobs and release their slots here, and tear the ring down (the
+ * kernel cancels what it still holds).  reap_jobs() then ends every job. */
+static void ring_fail(Reader *r, int error) {
+        for (unsigned idx = 0; idx < r->params.queue_depth; idx++) {
+                ReaderJob *job = r->slots[idx].job;
+
+                if (!job)
+                        continue;
+                job_fail(job, r->slots[idx].extent, error);
+                job->in_flight--;
+                slot_release(r, idx);
+        }
+        for (ReaderJob *j = r->active; j; j = j->next)
+                job_fail(j, job_current_extent(j), error);
+        io_uring_queue_exit(&r->ring);
+        r->ring_ready = false;
+        r->ring_error = error;
+}
+
+/* Without a ring: sleep until a job is queued or the reader stops. */
+static void wait_queue(Reader *r) {
+        pthread_mutex_lock(&r->lock);
+        while (!r->queue_head && !r->stopping)
+                pthread_cond_wait(&r->cond, &r->lock);
+        pthread_mutex_unlock(&r->lock);
+}
+
 static void *reader_thread(void *arg) {
         Reader *r = arg;
         bool running = true;
@@ -375,16 +422,24 @@ static void *reader_thread(void *arg) {
 
                 if (running)
                         running = take_queue(r);
+                if (r->ring_error != 0) {
+                        for (ReaderJob *j = r->active; j; j = j->next)
+                                job_fail(j, job_current_extent(j), r->ring_error);
+                        reap_jobs(r);
+                        if (!running)
+                                break;
+                        wait_queue(r);
+                        continue;
+                }
                 fill_slots(r);
                 reap_jobs(r);
                 if (!running && !r->active)
                         break;
 
-                k = io_uring_submit_and_wait(&r->ring, 1);
+                k = ring_submit_and_wait(r);
                 if (k < 0 && k != -EINTR && k != -EAGAIN && k != -EBUSY) {
-                        /* The ring itself failed: fail everything and stop. */
-                        for (ReaderJob *j = r->active; j; j = j->next)
-                                job_fail(j, j->next_extent < j->n_extents ? j->next_extent : 0, k);
+                        ring_fail(r, k);
+                        continue;
                 }
                 io_uring_for_each_cqe(&r->ring, head, cqe) {
                         uint64_t tag = io_uring_cqe_get_data64(cqe);
@@ -415,6 +470,7 @@ int reader_new(Reader **ret, const ReaderParams *params) {
         r->params = *params;
         r->wake_fd = -1;
         pthread_mutex_init(&r->lock, NULL);
+        pthread_cond_init(&r->cond, NULL);
         atomic_init(&r->bytes_read, 0);
 
         r->slots = calloc(params->queue_depth, sizeof(ReadSlot));
@@ -455,6 +511,7 @@ Reader *reader_free(Reader *r) {
         if (r->thread_started) {
                 pthread_mutex_lock(&r->lock);
                 r->stopping = true;
+                pthread_cond_signal(&r->cond);
                 pthread_mutex_unlock(&r->lock);
                 (void) !write(r->wake_fd, &one, sizeof(one));
                 pthread_join(r->thread, NULL);
@@ -462,6 +519,7 @@ Reader *reader_free(Reader *r) {
         if (r->ring_ready)
                 io_uring_queue_exit(&r->ring);
         safe_close(r->wake_fd);
+        pthread_cond_destroy(&r->cond);
         pthread_mutex_destroy(&r->lock);
         free(r->slots);
         free(r->free_slots);
@@ -488,6 +546,7 @@ int reader_submit(Reader *r, ReaderJob *job) {
                 else
                         r->queue_head = job;
                 r->queue_tail = job;
+                pthread_cond_signal(&r->cond);
         }
         pthread_mutex_unlock(&r->lock);
         if (stopping)

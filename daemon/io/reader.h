@@ -8,9 +8,12 @@
  * rounded up: the destination must have room up to the next multiple of
  * READER_ALIGN); short reads are resubmitted, through the buffered fd when
  * the remainder is no longer aligned; EINTR and EAGAIN are retried; any other
- * error fails that job only.  Progress and completion are reported through
- * callbacks that run on the reader thread: keep them short and hand over to
- * your own loop. */
+ * error fails that job only.  If the ring itself fails, every job (running,
+ * queued, or submitted later) ends with the ring's error, and so do reads
+ * in flight; the kernel may still be finishing those when their job's done
+ * callback runs.  Progress and completion are reported through callbacks
+ * that run on the reader thread: keep them short and hand over to your own
+ * loop. */
 #pragma once
 
 #include <stdbool.h>
@@ -82,3 +85,10 @@ uint64_t reader_bytes_read(Reader *r);
 
 /* Convenience for tools and tests: submit and wait for completion. */
 int reader_run(Reader *r, const ReaderExtent *extents, size_t n_extents, size_t *ret_failed_extent);
+
+struct io_uring;
+/* Tests only: when a test program defines this function, the reader thread
+ * calls it instead of io_uring_submit_and_wait(ring, wait_nr), so that a
+ * test can make the ring fail.  Not defined in the daemon (a weak
+ * reference, NULL there). */
+int reader_test_submit_and_wait(struct io_uring *ring, unsigned wait_nr) __attribute__((weak));

@@ -1,7 +1,9 @@
 /* Reader tests against real files on disk (O_DIRECT) and on tmpfs: odd
  * sizes, empty and partial extents, more chunks than the queue holds, a
- * failing job beside a healthy one, a file shorter than its extent, and
- * cancellation.  Bytes are compared with a plain read() of the file. */
+ * failing job beside a healthy one, a file shorter than its extent,
+ * cancellation, and a ring that fails with reads in flight.  Bytes are
+ * compared with a plain read() of the file. */
+#include <liburing.h>
 #include <pthread.h>
 #include <stdatomic.h>
 #include <sys/mman.h>
@@ -182,6 +184,50 @@ static void tracker_wait(Tracker *t) {
         pthread_mutex_unlock(&t->lock);
 }
 
+/* Whether t finished within timeout_usec. */
+static bool tracker_wait_for(Tracker *t, uint64_t timeout_usec) {
+        struct timespec deadline;
+        bool finished;
+
+        clock_gettime(CLOCK_REALTIME, &deadline);
+        deadline.tv_sec += (time_t) (timeout_usec / 1000000);
+        deadline.tv_nsec += (long) (timeout_usec % 1000000) * 1000;
+        if (deadline.tv_nsec >= 1000000000) {
+                deadline.tv_sec++;
+                deadline.tv_nsec -= 1000000000;
+        }
+        pthread_mutex_lock(&t->lock);
+        while (!t->finished)
+                if (pthread_cond_timedwait(&t->cond, &t->lock, &deadline) != 0)
+                        break;
+        finished = t->finished;
+        pthread_mutex_unlock(&t->lock);
+        return finished;
+}
+
+/* The reader's test hook (io/reader.h).  Armed with an error, it waits for
+ * a read of a job to be queued, submits it, so that it is really in flight,
+ * and from then on fails as a broken ring would, every time it is called. */
+static atomic_int ring_error;
+static atomic_bool ring_broken;
+static atomic_uint ring_failures;
+
+int reader_test_submit_and_wait(struct io_uring *ring, unsigned wait_nr) {
+        int e = atomic_load(&ring_error);
+
+        if (e == 0)
+                return io_uring_submit_and_wait(ring, wait_nr);
+        if (!atomic_load(&ring_broken)) {
+                /* The thread's first call has only its eventfd read queued. */
+                if (io_uring_sq_ready(ring) < 2)
+                        return io_uring_submit_and_wait(ring, wait_nr);
+                (void) io_uring_submit(ring);
+                atomic_store(&ring_broken, true);
+        }
+        atomic_fetch_add(&ring_failures, 1);
+        return e;
+}
+
 /* 8 MiB in 4 KiB chunks through a queue of 2: 2048 reads. */
 static void test_more_chunks_than_queue(void **state) {
         ReaderParams p = { .queue_depth = 2, .chunk_size = 4096 };
@@ -317,6 +363,60 @@ static void test_free_while_running(void **state) {
         close(fd);
 }
 
+/* Finding 17 of the 2026-12 review: the ring fails hard with a read in
+ * flight (from a pipe nobody writes to: it never completes).  The job ends
+ * with the ring's error, the thread does not keep calling the failing ring,
+ * a job submitted afterwards fails too, and the reader stops. */
+static void test_ring_failure(void **state) {
+        ReaderParams p = { .queue_depth = 2, .chunk_size = 4096 };
+        _cleanup_(reader_job_freep) ReaderJob *stuck = NULL, *later = NULL;
+        _cleanup_free_ char *path = scratch_file(NULL, "ring-fail", 8192, 9);
+        Tracker ts = TRACKER_INIT, tl = TRACKER_INIT;
+        Reader *r = NULL;
+        int pipe_fds[2], fd = open(path, O_RDONLY | O_CLOEXEC);
+        uint8_t *d1 = alloc_dest(65536), *d2 = alloc_dest(8192);
+        ReaderExtent es, el = { .fd = fd, .buffered_fd = fd, .length = 8192, .dest = d2 };
+        unsigned failures;
+
+        assert_true(fd >= 0);
+        assert_int_equal(pipe2(pipe_fds, O_CLOEXEC), 0);
+        es = (ReaderExtent){ .fd = pipe_fds[0], .buffered_fd = pipe_fds[0], .length = 65536, .dest = d1 };
+        atomic_store(&ring_failures, 0);
+        atomic_store(&ring_broken, false);
+        assert_int_equal(reader_new(&r, &p), 0);
+        atomic_store(&ring_error, -ENOMEM);
+        assert_int_equal(reader_job_new(&stuck, &es, 1, NULL, tracker_done, &ts), 0);
+        assert_int_equal(reader_submit(r, stuck), 0);
+        if (!tracker_wait_for(&ts, 10 * 1000000))
+                fail_msg("the job with a read in flight on a failed ring did not end in 10 s (%u calls to the "
+                         "failing ring)",
+                         atomic_load(&ring_failures));
+        assert_int_equal(ts.error, -ENOMEM);
+        assert_int_equal(ts.failed, 0);
+
+        /* No spinning on the dead ring. */
+        usleep(200 * 1000);
+        failures = atomic_load(&ring_failures);
+        if (failures != 1)
+                fail_msg("the thread called the failing ring %u times", failures);
+
+        /* A job after the failure ends too, with the same error. */
+        assert_int_equal(reader_job_new(&later, &el, 1, NULL, tracker_done, &tl), 0);
+        assert_int_equal(reader_submit(r, later), 0);
+        if (!tracker_wait_for(&tl, 10 * 1000000))
+                fail_msg("a job submitted after the ring failed did not end in 10 s");
+        assert_int_equal(tl.error, -ENOMEM);
+        assert_int_equal(atomic_load(&ring_failures), 1);
+
+        reader_free(r);
+        atomic_store(&ring_error, 0);
+        close(pipe_fds[1]);
+        close(pipe_fds[0]);
+        close(fd);
+        free_dest(d1, 65536);
+        free_dest(d2, 8192);
+}
+
 static void test_invalid(void **state) {
         _cleanup_(reader_freep) Reader *r = NULL;
         _cleanup_(reader_job_freep) ReaderJob *job = NULL;
@@ -337,7 +437,7 @@ int main(void) {
                 cmocka_unit_test(test_tmpfs),       cmocka_unit_test(test_more_chunks_than_queue),
                 cmocka_unit_test(test_error_isolated), cmocka_unit_test(test_short_file),
                 cmocka_unit_test(test_cancel),      cmocka_unit_test(test_free_while_running),
-                cmocka_unit_test(test_invalid),
+                cmocka_unit_test(test_invalid),     cmocka_unit_test(test_ring_failure),
         };
         return cmocka_run_group_tests(tests, group_setup, group_teardown);
 }
