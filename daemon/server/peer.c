@@ -135,8 +135,11 @@ static void user_forget(PeerContext *ctx, UserCharge *u) {
 
 void peer_context_stop(PeerContext *ctx) {
         ctx->stopping = true;
-        LIST_FOREACH(peers, p, ctx->peers)
+        /* peer_close() unlinks p (and clears its next): step first. */
+        for (Peer *p = ctx->peers, *next; p; p = next) {
+                next = p->peers_next;
                 peer_close_when_sent(p);
+        }
 }
 
 void peer_context_tick(PeerContext *ctx, uint64_t now) {
