@@ -52,17 +52,32 @@ void job_unref(Job *j) {
         j->kind->free(j);
 }
 
+/* A poll may end its job (a device load whose copy finished), which unlinks
+ * it and clears its jobs_next, or end others.  So the next job is held
+ * across the poll; if it was unlinked meanwhile, the walk starts over from
+ * the head (polls that have nothing to do return at once), so that no job
+ * misses the wake: a finished copy may never kick the queue again. */
 void job_list_poll(JobList *l) {
-        Job *next;
+        Job *j = l->jobs;
 
-        for (Job *j = l->jobs; j; j = next) {
-                next = j->jobs_next;
+        while (j) {
+                Job *next = j->jobs_next;
+
                 if (j->kind->poll) {
                         job_ref(j);
+                        if (next)
+                                job_ref(next);
                         j->kind->poll(j);
-                        next = j->jobs_next; /* j is still referenced */
                         job_unref(j);
+                        if (next) {
+                                /* Still linked and held by others: go on from it. */
+                                bool go_on = next->list && next->refs > 1;
+
+                                job_unref(next);
+                                next = go_on ? next : l->jobs;
+                        }
                 }
+                j = next;
         }
 }
 
