@@ -589,8 +589,13 @@ static void peer_on_readable(Peer *p) {
         for (unsigned i = 0; i < 16 && peer_wants_input(p); i++) {
                 int r = wire_reader_recv(&p->in, p->fd);
 
-                if (r == -EAGAIN)
+                if (r == -EAGAIN) {
+                        /* The buffer may have grown to a frame's announced
+                         * length before the read found nothing: charge it. */
+                        if (!peer_charge_input(p))
+                                return;
                         break;
+                }
                 if (r == 0) {
                         if (wire_reader_partial(&p->in))
                                 log_warning("%s: connection closed in the middle of a frame", p->name);

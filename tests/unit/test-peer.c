@@ -603,15 +603,17 @@ static void test_input_charge_per_uid(void **state) {
         co = connect_peer(f, 8, &o);
 
         /* The reader makes room for the frame a header announces; the
-         * uid is charged for that buffer with the next bytes that come. */
+         * uid is charged for that buffer at once, before any byte of the
+         * body came (the review's finding 8: buffers are the uid's). */
         client_write(f, ca, h40, 4);
-        pump(f, 4);
-        client_write(f, ca, "x", 1);
         pump(f, 4);
         u = a->user;
         assert_int_equal(u->uid, 7);
         assert_int_equal(a->in_charged, a->in.size);
         assert_true(u->in_bytes >= 40 * MiB && u->in_bytes <= PEER_MAX_IN_BYTES_PER_UID);
+        client_write(f, ca, "x", 1);
+        pump(f, 4);
+        assert_int_equal(a->in_charged, a->in.size);
         assert_true(a->frame_started_usec > 0);
 
         /* Another uid has its own quota. */
@@ -625,8 +627,6 @@ static void test_input_charge_per_uid(void **state) {
         /* 30 MiB more for uid 7 is over its 64 MiB: that connection goes,
          * not the one that was there first. */
         client_write(f, cb, h30, 4);
-        pump(f, 4);
-        client_write(f, cb, "x", 1);
         pump(f, 4);
         assert_int_equal(f->closing_calls, 1);
         assert_true(client_sees_eof(f, cb));
