@@ -238,6 +238,12 @@ static void peer_update_poll(Peer *p) {
                 return;
         if (peer_wants_input(p))
                 events |= UV_READABLE;
+        else
+                /* Not reading (max_pending requests in flight): still hear
+                 * the client hang up, so that its requests, and the reads
+                 * nobody else waits for, are cancelled now rather than when
+                 * one of them ends. */
+                events |= UV_DISCONNECT;
         if (p->out_head)
                 events |= UV_WRITABLE;
         if (events == p->events)
@@ -640,6 +646,15 @@ static void on_poll(uv_poll_t *h, int status, int events) {
         if (events & UV_WRITABLE) {
                 if (peer_flush(p) < 0)
                         return;
+        }
+        if ((events & UV_DISCONNECT) && !peer_wants_input(p)) {
+                /* The client shut down its end while the peer does not
+                 * read: as at an end of stream it reads, the peer goes,
+                 * and its requests with it; what it sent and the daemon
+                 * had not read is dropped. */
+                log_debug("%s: hung up with %u requests in flight, disconnecting", p->name, p->n_requests);
+                peer_close(p);
+                return;
         }
         if (events & (UV_READABLE | UV_DISCONNECT))
                 peer_on_readable(p);

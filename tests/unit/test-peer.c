@@ -574,13 +574,10 @@ static void test_deadlines(void **state) {
         close(cs);
         close(cp);
         close(ci);
+        /* A paused peer (max_pending reached) does not read, but still
+         * hears its client hang up: it is closed at once, its request
+         * cancelled (the closing callback), not when the request ends. */
         close(cpa);
-        pump(f, 4);
-        /* A paused peer does not poll its socket, so it sees the hangup
-         * only once its request completed and it reads again. */
-        assert_int_equal(f->ctx.n_peers, 1);
-        assert_ptr_equal(f->ctx.peers, paused);
-        complete_one(f, paused);
         pump(f, 4);
         assert_int_equal(f->ctx.n_peers, 0);
 }
