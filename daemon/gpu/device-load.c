@@ -283,7 +283,13 @@ int device_load_start(DeviceTier *t, const Component *comp, const DeviceLoadPara
                 device_load_free(&dl->job);
                 return wd_error_set(err, -ENOMEM, "out of memory");
         }
+        /* A reload may close the root; the host load it starts needs it. */
         dl->root_fd = fcntl(p->root_fd, F_DUPFD_CLOEXEC, 3);
+        if (dl->root_fd < 0) {
+                r = negative_errno();
+                device_load_free(&dl->job);
+                return wd_error_set(err, r, "cannot duplicate the model root's descriptor: %s", strerror(-r));
+        }
         r = shard_plan(dl->comp, dl->spec, GPU_ALIGN, &dl->plan, err);
         if (r != 0) {
                 device_load_free(&dl->job);
