@@ -2,6 +2,7 @@
  * one uv_async_t (see completion.h).  uv_async_send() coalesces wakes, so
  * the drain takes the whole list at once and runs it in posting order. */
 #include <errno.h>
+#include <stdatomic.h>
 
 #include "util/completion.h"
 
@@ -64,6 +65,13 @@ void completion_post(CompletionQueue *q, Completion *c, completion_fn fn) {
 }
 
 void completion_kick(CompletionQueue *q) {
+        /* uv_async_send() returns at once when it reads a send as still
+         * pending, with a relaxed load that may pass the caller's earlier
+         * stores (a copy's finished flag, a watermark): the loop could then
+         * clear that send, run the drain and its hooks without seeing them,
+         * and no wake would follow.  The fence orders them first, pairing
+         * with the loop's atomic exchange of the pending flag. */
+        atomic_thread_fence(memory_order_seq_cst);
         (void) uv_async_send(&q->async);
 }
 
