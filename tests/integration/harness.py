@@ -114,6 +114,9 @@ class Daemon:
         self.returncode = None
         self.killed = False
         self.children = []
+        # Arguments put before weightd's own, for a program that execs it
+        # (["prlimit", "--nofile=1024:1024"]): the pid stays weightd's.
+        self.wrap = []
 
     # ---- configuration and lifecycle ----
 
@@ -134,7 +137,7 @@ class Daemon:
     def start(self):
         log = open(self.log_path, "ab")
         env = {**os.environ, **self.env} if self.env else None
-        self.proc = subprocess.Popen([str(self.bins.weightd), "--config", str(self.config_path)],
+        self.proc = subprocess.Popen([*map(str, self.wrap), str(self.bins.weightd), "--config", str(self.config_path)],
                                      stdin=subprocess.DEVNULL, stdout=log, stderr=log, env=env)
         log.close()
         deadline = time.monotonic() + 10

@@ -237,20 +237,31 @@ class Conn:
         else:
             self.sock.sendall(data)
 
-    def _fill(self):
+    def _chunk(self):
         data, fds, _flags, _addr = socket.recv_fds(self.sock, 1 << 20, 253)
         self.fds.extend(fds)
         if not data:
             raise Closed()
-        self.buf += data
+        return data
+
+    def _fill(self):
+        self.buf += self._chunk()
 
     def recv(self):
         """The next Envelope; raises Closed at end of stream."""
         while len(self.buf) < 4:
             self._fill()
         (n,) = struct.unpack_from("<I", self.buf)
-        while len(self.buf) < 4 + n:
-            self._fill()
+        if len(self.buf) < 4 + n:
+            # Joined once: appending each read to a large frame is quadratic.
+            # Kept whatever happens (a timeout may be retried).
+            parts, have = [self.buf], len(self.buf)
+            try:
+                while have < 4 + n:
+                    parts.append(self._chunk())
+                    have += len(parts[-1])
+            finally:
+                self.buf = b"".join(parts)
         payload, self.buf = self.buf[4:4 + n], self.buf[4 + n:]
         return Envelope(payload)
 
