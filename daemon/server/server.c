@@ -512,6 +512,10 @@ int server_run_nowait(Server *s) {
         return uv_run(&s->loop, UV_RUN_NOWAIT);
 }
 
+bool server_searching_devices(const Server *s) {
+        return s->gpu_searching;
+}
+
 static void on_accept_resume(uv_timer_t *t) {
         Server *s = t->data;
 

@@ -3,6 +3,8 @@
  * server_run(). */
 #pragma once
 
+#include <stdbool.h>
+
 #include "server/config.h"
 
 typedef struct Server Server;
@@ -22,6 +24,11 @@ struct ucred;
 int server_add_peer(Server *s, int fd, const struct ucred *cred);
 /* Run the loop once without blocking; returns whether handles are active. */
 int server_run_nowait(Server *s);
+/* Whether the daemon still looks for its GPUs (on the thread pool, inside
+ * the CUDA runtime).  A program that embeds a server and may exit without
+ * server_free() (a fuzzer) runs the loop until this is false first: a
+ * process exit tears the runtime down under the search. */
+bool server_searching_devices(const Server *s);
 
 /* Serve until SIGTERM or SIGINT, then drain.  Returns 0 or -errno. */
 int server_run(Server *s);

@@ -79,6 +79,13 @@ static void setup(void) {
         }
         if (server_new(&server, c, NULL) < 0)
                 abort();
+        /* The device search runs in the CUDA runtime on the thread pool; the
+         * fuzzer exits without freeing the server, which would tear the
+         * runtime down under a search still running. */
+        while (server_searching_devices(server)) {
+                server_run_nowait(server);
+                usleep(1000);
+        }
 }
 
 int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size) {

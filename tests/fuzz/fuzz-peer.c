@@ -827,6 +827,13 @@ static void setup(void) {
                 fail("%s", err.message);
         if (server_new(&server, c, NULL) < 0)
                 abort();
+        /* The device search runs in the CUDA runtime on the thread pool; the
+         * fuzzer exits without freeing the server, which would tear the
+         * runtime down under a search still running. */
+        while (server_searching_devices(server)) {
+                server_run_nowait(server);
+                usleep(1000);
+        }
         checker.fd = -1;
         if (!client_connect(&checker, getuid()))
                 fail("cannot connect the checker");
