@@ -265,6 +265,10 @@ static void remove_run_dir(void) {
         (void) rmdir(run_dir);
 }
 
+/* The open descriptors but pipes: the daemon makes its pipes (libuv's)
+ * when it starts, while libFuzzer and the sanitizers open a pair of pipes
+ * to a symbolizer the first time they print a new function, at any input,
+ * and keep them. */
 static long count_fds(void) {
         DIR *d = opendir("/proc/self/fd");
         struct dirent *de;
@@ -272,10 +276,40 @@ static long count_fds(void) {
 
         if (!d)
                 fail("/proc/self/fd: %m");
-        while ((de = readdir(d)))
-                n += de->d_name[0] != '.';
+        while ((de = readdir(d))) {
+                char path[300], target[64];
+                ssize_t k;
+
+                if (de->d_name[0] == '.')
+                        continue;
+                snprintf(path, sizeof(path), "/proc/self/fd/%s", de->d_name);
+                k = readlink(path, target, sizeof(target) - 1);
+                target[k > 0 ? k : 0] = 0;
+                n += strncmp(target, "pipe:", 5) != 0;
+        }
         closedir(d);
         return n - 1; /* the directory's own */
+}
+
+/* Every open descriptor and what it is, for a report. */
+static void list_fds(void) {
+        DIR *d = opendir("/proc/self/fd");
+        struct dirent *de;
+
+        if (!d)
+                return;
+        while ((de = readdir(d))) {
+                char path[300], target[256];
+                ssize_t n;
+
+                if (de->d_name[0] == '.')
+                        continue;
+                snprintf(path, sizeof(path), "/proc/self/fd/%s", de->d_name);
+                n = readlink(path, target, sizeof(target) - 1);
+                target[n > 0 ? n : 0] = 0;
+                fprintf(stderr, "  fd %s: %s\n", de->d_name, target);
+        }
+        closedir(d);
 }
 
 static void client_init(Client *c, int fd) {
@@ -315,7 +349,8 @@ static bool client_connect(Client *c, uid_t uid) {
 static void client_append(Client *c, const uint8_t *p, size_t n) {
         uint8_t *b;
 
-        if (c->fd < 0 || c->dead || c->out_len + n > CLIENT_OUT_MAX)
+        /* n == 0 too: realloc() of a buffer to 0 bytes frees it. */
+        if (n == 0 || c->fd < 0 || c->dead || c->out_len + n > CLIENT_OUT_MAX)
                 return;
         b = realloc(c->out, c->out_len + n);
         if (!b)
@@ -795,8 +830,11 @@ static void finish(void) {
         /* Slabs go on the daemon's worker: give it a moment. */
         start = now_usec_();
         while ((fds = count_fds()) > fd_baseline && fd_baseline >= 0) {
-                if (now_usec_() - start > SETTLE_USEC)
-                        fail("%ld descriptors open at rest, %ld after the first input", fds, fd_baseline);
+                if (now_usec_() - start > SETTLE_USEC) {
+                        list_fds();
+                        fail("%ld descriptors (not counting pipes) open at rest, %ld after the first input", fds,
+                             fd_baseline);
+                }
                 server_run_nowait(server);
                 usleep(200);
         }
