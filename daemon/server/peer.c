@@ -228,13 +228,13 @@ int peer_new(PeerContext *ctx, int fd, const struct ucred *cred, Peer **ret) {
 }
 
 static bool peer_wants_input(const Peer *p) {
-        return !p->closing && !p->close_when_sent && !p->ctx->stopping && p->n_requests < p->ctx->limits.max_pending;
+        return !p->closing && !p->close_pending && !p->close_when_sent && !p->ctx->stopping && p->n_requests < p->ctx->limits.max_pending;
 }
 
 static void peer_update_poll(Peer *p) {
         int events = 0;
 
-        if (p->closing)
+        if (p->closing || p->close_pending)
                 return;
         if (peer_wants_input(p))
                 events |= UV_READABLE;
@@ -279,7 +279,8 @@ void peer_close(Peer *p) {
         LIST_REMOVE(peers, ctx->peers, p);
         ctx->n_peers--;
         p->user->conns--;
-        p->user->out_bytes -= p->out_bytes;
+        if (!p->close_pending) /* uncharged then */
+                p->user->out_bytes -= p->out_bytes;
         p->out_bytes = 0;
         peer_uncharge_input(p);
         user_forget(ctx, p->user);
@@ -295,6 +296,31 @@ void peer_close(Peer *p) {
         uv_close((uv_handle_t *) &p->poll, on_closed);
         if (ctx->ops->changed)
                 ctx->ops->changed(ctx->userdata);
+}
+
+/* Close p from the loop's ready list, not under the caller.  Output is
+ * queued from inside job completions (a reply, a progress event) that walk
+ * a job's waiters, and closing a peer drops its requests, which are such
+ * waiters: a send that fails or a limit that trips there must not free
+ * them underneath.  Until it goes, p neither reads nor sends, and its
+ * output no longer counts against its uid (so the uid's cap closes no
+ * other connection for it). */
+static void peer_close_deferred(Peer *p) {
+        PeerContext *ctx = p->ctx;
+
+        if (p->closing || p->close_pending)
+                return;
+        p->close_pending = true;
+        p->user->out_bytes -= p->out_bytes;
+        if (p->events) {
+                (void) uv_poll_stop(&p->poll);
+                p->events = 0;
+        }
+        if (!p->on_ready) {
+                LIST_PREPEND(ready, ctx->ready, p);
+                p->on_ready = true;
+        }
+        uv_idle_start(&ctx->ready_idle, on_ready_idle);
 }
 
 void peer_close_when_sent(Peer *p) {
@@ -385,8 +411,9 @@ static size_t peer_backlog(const Peer *p) {
         return h ? p->out_bytes - (h->len - h->off) : 0;
 }
 
-/* Write what the socket takes.  Returns 0 or -errno (peer closed). */
-static int peer_flush(Peer *p) {
+/* Write what the socket takes.  Returns 0 or -errno: the peer is closed,
+ * or with deferred (under peer_queue()) will be, from the ready list. */
+static int peer_flush(Peer *p, bool deferred) {
         while (p->out_head) {
                 OutFrame *f = p->out_head;
                 size_t before = f->off;
@@ -399,7 +426,7 @@ static int peer_flush(Peer *p) {
                         break;
                 if (r < 0) {
                         log_debug_errno(r, "%s: send failed, disconnecting: %m", p->name);
-                        peer_close(p);
+                        deferred ? peer_close_deferred(p) : peer_close(p);
                         return r;
                 }
                 p->out_head = f->next;
@@ -408,7 +435,7 @@ static int peer_flush(Peer *p) {
                 out_frame_free(f);
         }
         if (!p->out_head && p->close_when_sent) {
-                peer_close(p);
+                deferred ? peer_close_deferred(p) : peer_close(p);
                 return -ECONNRESET;
         }
         peer_update_poll(p);
@@ -425,14 +452,14 @@ static void user_enforce_out(Peer *p) {
 
                 worst = NULL;
                 LIST_FOREACH(peers, q, p->ctx->peers)
-                        if (q->user == u && !q->closing && (!worst || peer_backlog(q) > peer_backlog(worst)))
+                        if (q->user == u && !q->closing && !q->close_pending && (!worst || peer_backlog(q) > peer_backlog(worst)))
                                 worst = q;
                 if (!worst || peer_backlog(worst) == 0)
                         return;
                 log_warning("%s: more than %zu bytes of replies not read over the connections of uid %u, "
                             "disconnecting the one that reads least",
                             worst->name, PEER_MAX_OUT_BYTES_PER_UID, (unsigned) u->uid);
-                peer_close(worst);
+                peer_close_deferred(worst);
                 if (worst == p)
                         return;
         }
@@ -442,7 +469,7 @@ int peer_queue(Peer *p, uint8_t *buf, size_t len, const int *fds, size_t n_fds, 
         OutFrame *f;
         int r;
 
-        if (p->closing) {
+        if (p->closing || p->close_pending) {
                 refs_release(keep, n_keep);
                 free(buf);
                 return -ECONNRESET;
@@ -457,7 +484,7 @@ int peer_queue(Peer *p, uint8_t *buf, size_t len, const int *fds, size_t n_fds, 
                 free(f);
                 refs_release(keep, n_keep);
                 free(buf);
-                peer_close(p);
+                peer_close_deferred(p);
                 return -ENOMEM;
         }
         f->buf = buf;
@@ -473,17 +500,17 @@ int peer_queue(Peer *p, uint8_t *buf, size_t len, const int *fds, size_t n_fds, 
         p->out_bytes += len;
         p->user->out_bytes += len;
 
-        r = peer_flush(p);
+        r = peer_flush(p, true);
         if (r < 0)
                 return r;
         if (peer_backlog(p) > PEER_MAX_OUT_BYTES) {
                 log_warning("%s: more than %zu bytes of replies not read, disconnecting", p->name,
                             PEER_MAX_OUT_BYTES);
-                peer_close(p);
+                peer_close_deferred(p);
                 return -ENOBUFS;
         }
         user_enforce_out(p);
-        return p->closing ? -ENOBUFS : 0;
+        return p->close_pending ? -ENOBUFS : 0;
 }
 
 int peer_send(Peer *p, const WireEnvelope *env, const int *fds, size_t n_fds, PeerRef *keep, size_t n_keep) {
@@ -491,7 +518,7 @@ int peer_send(Peer *p, const WireEnvelope *env, const int *fds, size_t n_fds, Pe
         size_t len;
         int r;
 
-        if (p->closing) {
+        if (p->closing || p->close_pending) {
                 refs_release(keep, n_keep);
                 return -ECONNRESET;
         }
@@ -499,7 +526,7 @@ int peer_send(Peer *p, const WireEnvelope *env, const int *fds, size_t n_fds, Pe
         if (r < 0) {
                 refs_release(keep, n_keep);
                 log_warning_errno(r, "%s: cannot pack a reply: %m", p->name);
-                peer_close(p);
+                peer_close_deferred(p);
                 return r;
         }
         return peer_queue(p, buf, len, fds, n_fds, keep, n_keep);
@@ -585,6 +612,10 @@ static int peer_process(Peer *p) {
 static void peer_read(Peer *p) {
         if (p->closing)
                 return;
+        if (p->close_pending) {
+                peer_close(p);
+                return;
+        }
         if (peer_process(p) < 0)
                 return;
         peer_update_poll(p);
@@ -644,7 +675,7 @@ static void on_poll(uv_poll_t *h, int status, int events) {
                 return;
         }
         if (events & UV_WRITABLE) {
-                if (peer_flush(p) < 0)
+                if (peer_flush(p, false) < 0)
                         return;
         }
         if ((events & UV_DISCONNECT) && !peer_wants_input(p)) {

@@ -116,6 +116,7 @@ struct Peer {
         bool hello;
         uint64_t accepted_usec;
         bool closing;
+        bool close_pending; /* closed from the ready list (see peer_queue()) */
         bool close_when_sent;
         PeerLink *requests; /* the layer above's, see PeerLink */
         unsigned n_requests;
@@ -145,9 +146,12 @@ void peer_close_when_sent(Peer *p);
 
 /* Queue a packed frame (buf taken) with descriptors (borrowed: they stay
  * valid while the keep references do) and the references that keep them
- * (taken; released once the frame was sent or dropped).  Never reads.
- * Returns 0, or < 0 when the peer was closed (by the output limits: the
- * peer that does not read is closed, not its siblings). */
+ * (taken; released once the frame was sent or dropped).  Never reads, and
+ * never closes a peer under the caller, who may be walking a job's waiters:
+ * a peer whose send failed, or that the output limits close (the peer that
+ * does not read, not its siblings), goes later from the ready list.
+ * Returns 0, or < 0 when p is closed or about to be (it sends nothing
+ * more). */
 int peer_queue(Peer *p, uint8_t *buf, size_t len, const int *fds, size_t n_fds, PeerRef *keep, size_t n_keep);
 /* Pack and queue env. */
 int peer_send(Peer *p, const WireEnvelope *env, const int *fds, size_t n_fds, PeerRef *keep, size_t n_keep);

@@ -145,9 +145,10 @@ void job_progress(Job *j, uint64_t done, uint64_t total, uint64_t copied, bool f
         if (!force && now - j->progress_usec < JOB_PROGRESS_INTERVAL_USEC)
                 return;
         j->progress_usec = now;
-        /* A progress callback never frees a waiter (replies are queued, not
-         * sent, and input is not read from here), but be safe: walk by next
-         * taken first. */
+        /* A progress callback never frees a waiter: it queues an event, and
+         * the server closes a peer whose send fails from its ready list,
+         * not under this walk (fuzz-peer found the walk reading a waiter
+         * freed that way).  Walk by next taken first all the same. */
         for (JobWaiter *w = j->waiters, *next; w; w = next) {
                 next = w->waiters_next;
                 if (w->ops->progress)

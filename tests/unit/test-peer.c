@@ -900,15 +900,21 @@ static void test_output_limit_per_connection(void **state) {
         queue_raw(p, PEER_MAX_OUT_BYTES - 4 * MiB, &h, 0);
         assert_false(p->closing);
         assert_int_equal(h.refs, 2);
-        /* Behind it, more than the limit: this peer goes, not its sibling. */
+        /* Behind it, more than the limit: this peer goes, not its sibling;
+         * from the ready list, not under the caller, who may be walking a
+         * job's waiters.  Its output stops counting at once. */
         queue_raw(p, 8 * MiB, &h, -ENOBUFS);
-        assert_true(p->closing);
-        assert_int_equal(h.refs, 0);
+        assert_true(p->close_pending);
+        assert_false(p->closing);
+        assert_int_equal(f->closing_calls, 0);
+        queue_raw(p, 10, &h, -ECONNRESET); /* it sends nothing more */
         assert_false(q->closing);
         assert_int_equal(q->user->out_bytes, 0);
         queue_reply(q, 1, 10, NULL, 0, NULL, 0, 0);
         check_reply(f, d, 1, 10, NULL, 0);
         pump(f, 4);
+        assert_int_equal(f->closing_calls, 1);
+        assert_int_equal(h.refs, 0);
         assert_true(client_sees_eof(f, c));
         close(c);
         close(d);
@@ -946,15 +952,15 @@ static void test_output_limit_per_uid(void **state) {
          * the sibling whose reply it was. */
         msg = PEER_MAX_OUT_BYTES_PER_UID - healthy->user->out_bytes + 4 * MiB;
         queue_reply(healthy, 77, msg, NULL, 0, NULL, 0, 0);
-        assert_false(healthy->closing);
-        assert_true(stalled[1]->closing);
-        assert_false(stalled[0]->closing);
-        assert_false(stalled[2]->closing);
-        assert_false(stalled[3]->closing);
-        assert_false(other->closing);
-        assert_int_equal(h.refs, 6);
+        assert_false(healthy->close_pending);
+        assert_true(stalled[1]->close_pending);
+        assert_false(stalled[0]->close_pending);
+        assert_false(stalled[2]->close_pending);
+        assert_false(stalled[3]->close_pending);
+        assert_false(other->close_pending);
         assert_true(healthy->user->out_bytes <= PEER_MAX_OUT_BYTES_PER_UID);
         check_reply(f, ch, 77, msg, NULL, 0);
+        assert_int_equal(h.refs, 6);
         assert_true(client_sees_eof(f, cs[1]));
 
         /* A big reply that stays 2 MiB under the cap, then a stalled
@@ -965,12 +971,12 @@ static void test_output_limit_per_uid(void **state) {
         assert_false(healthy->closing);
         assert_int_equal(h.refs, 6);
         queue_raw(stalled[0], 4 * MiB, &h, -ENOBUFS);
-        assert_true(stalled[0]->closing);
-        assert_false(stalled[2]->closing);
-        assert_false(stalled[3]->closing);
-        assert_false(healthy->closing);
-        assert_int_equal(h.refs, 4);
+        assert_true(stalled[0]->close_pending);
+        assert_false(stalled[2]->close_pending);
+        assert_false(stalled[3]->close_pending);
+        assert_false(healthy->close_pending);
         check_reply(f, ch, 78, msg, NULL, 0);
+        assert_int_equal(h.refs, 4);
 
         for (size_t i = 0; i < 4; i++)
                 close(cs[i]);

@@ -1135,6 +1135,58 @@ static void test_progress(void **state) {
         assert_int_equal(f->entry->e.leases, 0);
 }
 
+/* A client hangs up while its requests wait on a job, and the loop has not
+ * seen it yet: the next progress event's send fails.  Its peer must not be
+ * closed right there, inside the job's walk over its waiters (that frees
+ * this peer's other requests, the next waiters: found by fuzz-peer as a
+ * heap-use-after-free in job_progress()), but from the ready list after. */
+static void test_progress_to_a_client_that_hung_up(void **state) {
+        Fixture *f = *state;
+        Peer *p, *q;
+        int c = connect_peer(f, &p);
+        int d = connect_peer(f, &q);
+        Request *a = request_new(p, 31, REQUEST_LOAD, true);
+        Request *b = request_new(p, 32, REQUEST_PREFETCH, true);
+        Request *other = request_new(q, 33, REQUEST_LOAD, true);
+        WireEnvelope *env;
+
+        a->comp = component_new_test();
+        b->comp = component_new_test();
+        other->comp = component_new_test();
+        request_wait(a, &f->job);
+        request_wait(b, &f->job);
+        request_wait(other, &f->job);
+        close(c); /* the loop does not know yet */
+        fake_job_progress(&f->job, 10, 100, 0);
+        assert_int_equal(f->closing_calls, 0);
+        assert_true(p->close_pending);
+        assert_int_equal(f->job.n_waiters, 3);
+        /* The other peer heard it. */
+        env = client_read(f, d, NULL, NULL, 0);
+        assert_int_equal(env->id, 33);
+        assert_int_equal(env->body_case, WEIGHTD__V1__ENVELOPE__BODY_PROGRESS);
+        wire_envelope_free(env);
+        /* From the ready list: the peer goes with its requests. */
+        pump(f, 4);
+        assert_int_equal(f->closing_calls, 1);
+        assert_int_equal(f->job.n_waiters, 1);
+        f->in_job_finish = true;
+        fake_job_finish(&f->job, &(JobOutcome){ .entry = &f->entry->e });
+        f->in_job_finish = false;
+        {
+                int fds[4];
+                size_t n_fds;
+
+                env = expect_reply(f, d, 33, WEIGHTD__V1__CODE__OK, fds, &n_fds, ELEMENTSOF(fds));
+                for (size_t i = 0; i < n_fds; i++)
+                        close(fds[i]);
+                wire_envelope_free(env);
+        }
+        close(d);
+        pump(f, 4);
+        assert_int_equal(f->entry->e.leases, 0);
+}
+
 /* ---- never re-entrant: the review's finding 1 ---------------------------- */
 
 typedef struct FinishTimer {
@@ -1440,6 +1492,7 @@ int main(void) {
                 cmocka_unit_test_setup_teardown(test_tensors_and_components, setup, teardown),
                 cmocka_unit_test_setup_teardown(test_lease_limit, setup, teardown),
                 cmocka_unit_test_setup_teardown(test_progress, setup, teardown),
+                cmocka_unit_test_setup_teardown(test_progress_to_a_client_that_hung_up, setup, teardown),
                 cmocka_unit_test_setup_teardown(test_no_input_under_completion, setup, teardown),
                 cmocka_unit_test_setup_teardown(test_no_input_under_completion_loads, setup, teardown),
                 cmocka_unit_test_setup_teardown(test_complete_inside_frame_callback, setup, teardown),
