@@ -40,9 +40,10 @@ WireEnvelope *wire_unpack(const uint8_t *payload, size_t len);
  * wire and over 100 on the heap (its struct, a pointer to it and protobuf-c's
  * scan slot), and a 16 MiB frame of them took the daemon to 723 MiB.  Here
  * every allocation protobuf-c makes (the messages, their strings and arrays,
- * its own scratch space) is charged what it costs on the heap -- its size, a
- * 16-byte header and malloc's chunk overhead, at least 32 bytes -- and
- * freeing gives the charge back; an allocation that would take the charge
+ * its own scratch space) is charged what it costs on the heap -- its size
+ * and malloc's chunk overhead, at least 32 bytes -- and freeing gives
+ * nothing back (what protobuf-c frees before it returns is its small scratch
+ * space); an allocation that would take the charge
  * over heap_budget fails, protobuf-c frees what it built and NULL is
  * returned, as for a malformed frame.
  *
@@ -52,12 +53,12 @@ WireEnvelope *wire_unpack(const uint8_t *payload, size_t len);
  * largest request that passes the daemon's checks, a Load with 64 shard rules
  * (PROTOCOL.md, "Limits").  The largest such request, a PATH_MAX model path,
  * a 255-byte component and 64 rules with 256-byte patterns, is a frame of
- * 21 KiB that takes 33 KiB of heap, under a third of its budget of 106 KiB;
- * 64 one-byte rules take 17 KiB.  A frame of many small fields gets at most
- * 2 bytes of heap per byte: a 60 KiB frame of 30,000 empty rules (3.5 MiB
- * unbounded) is refused within 181 KiB, and a 16 MiB one of 8,388,508 within
- * 32 MiB + 64 KiB, where the daemon's request limit (PROTOCOL.md) has not
- * refused it already. */
+ * 21 KiB that takes 28 KiB of heap, about a quarter of its budget of
+ * 106 KiB; 64 one-byte rules take 13 KiB.  A frame of many small fields
+ * gets at most 2 bytes of heap per byte: a 60 KiB frame of 30,000 empty
+ * rules (2.6 MiB unbounded) is refused within 181 KiB, and a 16 MiB one of
+ * 8,388,508 within 32 MiB + 64 KiB, where the daemon's request limit
+ * (PROTOCOL.md) has not refused it already. */
 #define WIRE_UNPACK_BUDGET_PER_BYTE 2u
 #define WIRE_UNPACK_BUDGET_BASE ((size_t) 64 << 10)
 #define WIRE_UNPACK_BUDGET(len) ((size_t) WIRE_UNPACK_BUDGET_PER_BYTE * (size_t) (len) + WIRE_UNPACK_BUDGET_BASE)
@@ -65,8 +66,8 @@ WireEnvelope *wire_unpack(const uint8_t *payload, size_t len);
 WireEnvelope *wire_unpack_bounded(const uint8_t *payload, size_t len, size_t heap_budget);
 
 /* wire_unpack_bounded() that also reports, in *peak (when not NULL; written
- * on success and failure alike), the most heap it held at once, charged as
- * above.  For tests and benchmarks. */
+ * on success and failure alike), the charge it reached: all it allocated,
+ * charged as above.  For tests and benchmarks. */
 WireEnvelope *wire_unpack_bounded_peak(const uint8_t *payload, size_t len, size_t heap_budget, size_t *peak);
 
 /* Frees an envelope from any of the three (NULL is fine).  Envelopes built
