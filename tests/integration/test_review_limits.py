@@ -483,10 +483,18 @@ def test_the_uid_output_limit_closes_the_peer_that_does_not_read(start_daemon, t
             c = d.raw(timeout=60)
             c.send_raw(b"".join(frame(envelope(100 + i, TENSORS, ref_body(m1))) for i in range(k)))
             stalled.append(c)
-        # Wait until the replies are queued: the daemon's RSS holds them.
+        # Wait until the replies are queued: the daemon's RSS holds them, and
+        # stops growing (under ThreadSanitizer its shadow memory makes the
+        # RSS pass the mark long before the last reply is queued).
         wait_until(lambda: proc_kib(d.pid, "VmRSS") - rss_before > total * 0.9, timeout=60, interval=0.1,
                    what="the stalled connections' replies to be queued")
-        time.sleep(1)
+        settled = [proc_kib(d.pid, "VmRSS")]
+
+        def rss_settled():
+            settled.append(proc_kib(d.pid, "VmRSS"))
+            return abs(settled[-1] - settled[-2]) < MIB
+
+        wait_until(rss_settled, timeout=120, interval=1.0, what="the daemon's RSS to settle")
         assert "replies not read" not in d.log()
         mark = len(d.log())
         with d.raw(timeout=60) as healthy:
