@@ -596,8 +596,8 @@ static int peer_process(Peer *p) {
                         peer_close(p);
                         return r;
                 }
-                if (p->closing)
-                        return -ECONNRESET;
+                if (p->closing || p->close_pending)
+                        return -ECONNRESET; /* a reply's send failed: the ready list closes it */
         }
         /* A frame that started has frame_timeout to complete, while the
          * daemon reads: a peer paused at max_pending is not timed, nor are
@@ -667,7 +667,9 @@ static void peer_on_readable(Peer *p) {
 static void on_poll(uv_poll_t *h, int status, int events) {
         Peer *p = h->data;
 
-        if (p->closing)
+        /* A peer to close from the ready list sends nothing more: its
+         * output is no longer charged to its uid. */
+        if (p->closing || p->close_pending)
                 return;
         if (status < 0) {
                 log_debug("%s: poll failed: %s, disconnecting", p->name, uv_strerror(status));
