@@ -36,7 +36,8 @@ import wdwire
 from harness import SLOW, wait_until
 from reference import read_header
 from test_device_emulated import KEEP_HOST_NO, _emulated_build, check_slab, device_load, wait_gpu
-from wdwire import CANCEL, EVICT, LIST, LOAD, PREFETCH, PROGRESS, TENSORS, f_varint, load_body, ref_body
+from test_review_lifetimes import died, expected_hashes
+from wdwire import CANCEL, EVICT, LOAD, PREFETCH, PROGRESS, TENSORS, f_varint, load_body, ref_body
 
 pytestmark = pytest.mark.skipif(not _emulated_build(), reason="not built with -Dgpu_emulation=true (no emulated GPUs)")
 
@@ -55,19 +56,6 @@ def files_of(model):
     return sorted(model.glob("*.safetensors"))
 
 
-def file_hashes(files):
-    """{name: xxh3_128} of every tensor's bytes in the files, as they are now."""
-    out = {}
-    for path in files:
-        start, header, _ = read_header(path)
-        with open(path, "rb") as f:
-            for name, e in header.items():
-                b, end = e["data_offsets"]
-                f.seek(start + b)
-                out[name] = xxhash.xxh3_128_hexdigest(f.read(end - b))
-    return out
-
-
 def slab_hashes(load, fd):
     """{name: xxh3_128} of a device LoadReply's tensors in its slab (fd closed)."""
     (s,) = load.msgs(4)
@@ -77,14 +65,6 @@ def slab_hashes(load, fd):
     finally:
         m.close()
         os.close(fd)
-
-
-def died(d):
-    try:
-        d.proc.wait(2)
-    except Exception:
-        pass
-    return "runs" if d.running() else f"exited with {d.proc.returncode}"
 
 
 def wait_reply(d, c, rid, what):
@@ -215,7 +195,7 @@ def test_file_rewritten_during_a_cold_device_load(emu, make_model, tmp_root):
     model.mkdir()
     path = model / src.name
     path.write_bytes(src.read_bytes())
-    old = file_hashes([path])
+    old = expected_hashes([path])
     data_start, _, _ = read_header(path)
     d = emu("1:1G", [tmp_root], **SLOW)
     with d.raw(timeout=120) as c:
@@ -229,7 +209,7 @@ def test_file_rewritten_during_a_cold_device_load(emu, make_model, tmp_root):
             f.write(b"\xab" * MiB)
             f.flush()
             os.fsync(f.fileno())
-        new = file_hashes([path])
+        new = expected_hashes([path])
         env = wait_reply(d, c, rid, "the device Load")
         assert d.running(), f"weightd {died(d)}"
         if env.code == "OK":

@@ -12,14 +12,12 @@ The daemon must stay up, every request must be answered, and B's bytes,
 read through the descriptors the reply sent, must be the file's.  On a
 sanitizer build the harness fails the test on any report in the log.
 """
-import mmap
-import os
 
 import pytest
 import xxhash
 
 import wdwire
-from harness import SLOW, wait_until
+from harness import SLOW, mapped_hashes, wait_until
 from reference import read_header
 from test_shard import numpy_part, split
 from wdwire import EVICT, LOAD, PREFETCH, PROGRESS, envelope, frame, load_body, ref_body, shard_body
@@ -47,25 +45,6 @@ def expected_hashes(files, shard=None):
                     raw = numpy_part(raw, e["shape"], 0, first, part)
                 out[name] = xxhash.xxh3_128_hexdigest(raw)
     return out
-
-
-def served_hashes(conn, load):
-    """{name: xxh3_128} of a host LoadReply's tensors, read through
-    read-only mappings of the descriptors that came with it."""
-    slabs = load.msgs(4)
-    fds = conn.take_fds(len(slabs))
-    assert len(fds) == len(slabs), f"{len(slabs)} slabs but {len(fds)} descriptors"
-    maps = []
-    try:
-        for s in slabs:
-            maps.append(mmap.mmap(fds[s.int(1)], s.int(3), mmap.MAP_SHARED, mmap.PROT_READ))
-        return {name: xxhash.xxh3_128_hexdigest(maps[slab][off:off + n])
-                for name, _dt, _shape, slab, off, n in wdwire.tensors_of(load)}
-    finally:
-        for m in maps:
-            m.close()
-        for fd in fds:
-            os.close(fd)
 
 
 def died(d):
@@ -130,7 +109,7 @@ def test_pipelined_evict_while_a_load_completes(start_daemon, make_model):
         got_a = collect(d, a, ids, "A's Prefetches and Evict")
         alive(d, "after the job completed")
         assert got_b.code == "OK", f"B's Load: {got_b.code}: {got_b.message}"
-        assert served_hashes(b, got_b.reply.msg(11)) == want, "B's Load serves other bytes than the file's"
+        assert mapped_hashes(b, got_b.reply.msg(11)) == want, "B's Load serves other bytes than the file's"
         for i in ids:
             assert got_a[i].code == "OK", f"A's Prefetch {i}: {got_a[i].code}: {got_a[i].message}"
         # B holds a lease on the entry, so the Evict is refused while it lives.
@@ -142,7 +121,7 @@ def test_pipelined_evict_while_a_load_completes(start_daemon, make_model):
     with d.raw(timeout=120) as c:
         env = c.request(LOAD, load_body(str(model)))
         assert env.code == "OK", f"{env.code}: {env.message}"
-        assert served_hashes(c, env.reply.msg(11)) == want
+        assert mapped_hashes(c, env.reply.msg(11)) == want
 
 
 SHARD = {"rank": 0, "world": 2}
@@ -171,7 +150,7 @@ def test_pipelined_evict_while_a_shard_build_completes(start_daemon, make_model,
             got_a = collect(d, a, ids, f"attempt {attempt}: A's sharded Prefetches and Evict")
             alive(d, f"attempt {attempt}, after the shard build completed")
             assert got_b.code == "OK", f"B's sharded Load: {got_b.code}: {got_b.message}"
-            assert served_hashes(b, got_b.reply.msg(11)) == want, "B's shard holds other bytes than the file's"
+            assert mapped_hashes(b, got_b.reply.msg(11)) == want, "B's shard holds other bytes than the file's"
             for i in ids:
                 assert got_a[i].code == "OK", f"A's Prefetch {i}: {got_a[i].code}: {got_a[i].message}"
             assert got_a[999].code in ("OK", "BUSY"), f"Evict: {got_a[999].code}: {got_a[999].message}"

@@ -26,27 +26,17 @@
 #include <cmocka.h>
 
 #include "client-internal.h"
+#include "test-util.h"
 
 #define SLAB_SIZE 200u
 #define SLAB_MAP 4096u
-
-static size_t count_fds(void) {
-        DIR *d = opendir("/proc/self/fd");
-        size_t n = 0;
-
-        assert_non_null(d);
-        while (readdir(d))
-                n++;
-        closedir(d);
-        return n;
-}
 
 /* ---- the daemon's side ---- */
 
 typedef struct Fake {
         int fd;
         WireReader reader; /* what the client sent */
-        size_t fds_before;
+        int fds_before;
 } Fake;
 
 static void fake_send_raw(Fake *f, const void *buf, size_t len, const int *fds, size_t n_fds) {
@@ -1617,7 +1607,7 @@ static void *listener_run(void *userdata) {
 static void test_connect_path(void **state) {
         struct sockaddr_un sa = { .sun_family = AF_UNIX };
         char long_path[200];
-        size_t before = count_fds();
+        int before = count_fds();
         Listener ls = { 0 };
         wd_client *c = NULL;
         wd_error err;

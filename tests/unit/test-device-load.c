@@ -21,7 +21,6 @@
 #include "gpu/device-load.h"
 #include "test-job-util.h"
 
-static const ReaderParams slow_params = { .queue_depth = 1, .chunk_size = 4096 };
 static Gpu *gpu;
 static bool emulated; /* device slabs are memfds: the test maps them */
 
@@ -70,7 +69,7 @@ static int setup(void **state) {
 }
 
 static int setup_slow(void **state) {
-        *state = state_new(&slow_params);
+        *state = state_new(&fx_slow_params);
         return 0;
 }
 

@@ -16,23 +16,6 @@
  *   seal and the outcome (finding 2 made unrepresentable). */
 #include "test-job-util.h"
 
-static const ReaderParams slow_params = { .queue_depth = 1, .chunk_size = 4096 };
-
-static int setup(void **state) {
-        *state = fx_new(NULL, 256u << 20);
-        return 0;
-}
-
-static int setup_slow(void **state) {
-        *state = fx_new(&slow_params, 256u << 20);
-        return 0;
-}
-
-static int teardown(void **state) {
-        fx_free(*state);
-        return 0;
-}
-
 static const TSpec two_tensors[] = {
         { "embed.weight", DTYPE_BF16, 2, { 300, 512 } },
         { "norm.bias", DTYPE_F32, 1, { 777 } },
@@ -295,11 +278,11 @@ static void test_feed_only_while_running(void **state) {
 
 int main(void) {
         const struct CMUnitTest tests[] = {
-                cmocka_unit_test_setup_teardown(test_cold_load, setup, teardown),
-                cmocka_unit_test_setup_teardown(test_rewritten_during_read, setup_slow, teardown),
-                cmocka_unit_test_setup_teardown(test_cancel_stops_read, setup_slow, teardown),
-                cmocka_unit_test_setup_teardown(test_restart_after_cancel, setup_slow, teardown),
-                cmocka_unit_test_setup_teardown(test_feed_only_while_running, setup, teardown),
+                cmocka_unit_test_setup_teardown(test_cold_load, fx_setup, fx_teardown),
+                cmocka_unit_test_setup_teardown(test_rewritten_during_read, fx_setup_slow, fx_teardown),
+                cmocka_unit_test_setup_teardown(test_cancel_stops_read, fx_setup_slow, fx_teardown),
+                cmocka_unit_test_setup_teardown(test_restart_after_cancel, fx_setup_slow, fx_teardown),
+                cmocka_unit_test_setup_teardown(test_feed_only_while_running, fx_setup, fx_teardown),
         };
 
         return cmocka_run_group_tests(tests, NULL, NULL);

@@ -172,6 +172,27 @@ static inline void fx_free(Fx *f) {
         free(f);
 }
 
+/* A slow reader (one 4 KiB read in flight), for tests that act while a file
+ * is being read. */
+static const ReaderParams fx_slow_params = { .queue_depth = 1, .chunk_size = 4096 };
+
+/* cmocka fixtures: an Fx with a 256 MiB host budget, the default reader or
+ * the slow one. */
+static inline int fx_setup(void **state) {
+        *state = fx_new(NULL, 256u << 20);
+        return 0;
+}
+
+static inline int fx_setup_slow(void **state) {
+        *state = fx_new(&fx_slow_params, 256u << 20);
+        return 0;
+}
+
+static inline int fx_teardown(void **state) {
+        fx_free(*state);
+        return 0;
+}
+
 /* Turn the loop until cond holds (a minute at most). */
 #define RUN_UNTIL(f, cond)                                                                      \
         do {                                                                                    \

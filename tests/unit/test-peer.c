@@ -39,6 +39,7 @@
 #include "server/peer.h"
 #include "util/log.h"
 #include "util/time-util.h"
+#include "test-util.h"
 #include "wire.h"
 
 #define MiB ((size_t) 1 << 20)
@@ -152,19 +153,6 @@ static void on_check(uv_check_t *h) {
         Fixture *f = h->data;
 
         f->phase = PHASE_CHECK;
-}
-
-static int count_fds(void) {
-        DIR *d = opendir("/proc/self/fd");
-        struct dirent *de;
-        int n = 0;
-
-        assert_non_null(d);
-        while ((de = readdir(d)))
-                if (de->d_name[0] != '.')
-                        n++;
-        closedir(d);
-        return n - 1; /* the DIR's own */
 }
 
 static const PeerLimits default_limits = {

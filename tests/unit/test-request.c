@@ -1,8 +1,9 @@
 /* Requests (daemon/server/request.c) over real peers (server/peer.c), a real
- * libuv loop and real socketpairs, linked without store/ and format/: the
- * review's decomposition asks that peer.c and request.c unit-test without
- * the store, so this file carries doubles for exactly the functions
- * request.c calls below server/:
+ * libuv loop and real socketpairs, linked without store/ (format/ is the
+ * real one: components are freed and dtypes named by catalog.c and
+ * safetensors.c): the review's decomposition asks that peer.c and request.c
+ * unit-test without the store, so this file carries doubles for exactly the
+ * functions request.c calls from store/, and for roots_unref():
  *
  *   - cache_entry_ref/unref/lease/unlease/memory_fd: a test entry (the real
  *     CacheEntry struct) whose slabs are real sealed memfds with their
@@ -14,9 +15,8 @@
  *   - job_add_waiter/job_remove_waiter: a waiter list on the real Job struct;
  *     the test finishes a "job" the way job_finish() does (each waiter taken
  *     off before its done callback) and sends progress.
- *   - component_free, component_list_free, shard_plan_free, shard_spec_free,
- *     roots_unref: free what the test built (or count the call);
- *     dtype_to_string, component_kind_to_string: the few names used here.
+ *   - shard_plan_free, shard_spec_free: free what the test built;
+ *     roots_unref: counts the calls (the test's requests resolve nothing).
  *
  * The test plays the driver (a frame callback that makes requests) and the
  * client (replies read frame by frame with their descriptors, decoded with
@@ -51,13 +51,14 @@
 #include "macro.h"
 #include "server/request.h"
 #include "util/log.h"
+#include "test-util.h"
 #include "wire.h"
 
 #define MiB ((size_t) 1 << 20)
 #define PAGE 4096u
 #define MAX_FILES 2
 
-/* ---- doubles for store/ and format/ -------------------------------------- */
+/* ---- doubles for store/ --------------------------------------------------- */
 
 typedef struct DeviceMem {
         int fd;
@@ -172,47 +173,6 @@ static void fake_job_progress(Job *j, uint64_t done, uint64_t total, uint64_t co
         }
 }
 
-/* A component the test built (see component_new_test()). */
-Component *component_free(Component *c) {
-        if (!c)
-                return NULL;
-        for (size_t i = 0; i < c->n_files; i++) {
-                StHeader *h = c->files[i].header;
-
-                for (size_t j = 0; j < h->n_tensors; j++) {
-                        free(h->tensors[j].name);
-                        free(h->tensors[j].shape);
-                }
-                for (size_t j = 0; j < h->n_metadata; j++) {
-                        free(h->metadata[j].key);
-                        free(h->metadata[j].value);
-                }
-                free(h->tensors);
-                free(h->metadata);
-                free(h);
-                free(c->files[i].path);
-                free(c->files[i].display);
-        }
-        free(c->files);
-        free(c->model);
-        free(c->name);
-        free(c);
-        return NULL;
-}
-
-ComponentList *component_list_free(ComponentList *l) {
-        if (!l)
-                return NULL;
-        for (size_t i = 0; i < l->n; i++) {
-                free(l->items[i].name);
-                free(l->items[i].library);
-                free(l->items[i].class_name);
-        }
-        free(l->items);
-        free(l);
-        return NULL;
-}
-
 ShardPlan *shard_plan_free(ShardPlan *p) {
         if (p) {
                 free(p->tensors);
@@ -233,28 +193,6 @@ Roots *roots_unref(Roots *r) {
         roots_unrefs++;
         assert_null(r); /* the test's requests resolve nothing */
         return NULL;
-}
-
-const char *dtype_to_string(Dtype d) {
-        switch (d) {
-        case DTYPE_F32:
-                return "F32";
-        case DTYPE_BF16:
-                return "BF16";
-        default:
-                fail_msg("dtype %d is not one the test uses", (int) d);
-                return NULL;
-        }
-}
-
-const char *component_kind_to_string(ComponentKind k) {
-        static const char *const names[_COMPONENT_KIND_MAX] = {
-                [COMPONENT_WEIGHTS] = "weights",     [COMPONENT_ABSENT] = "absent",
-                [COMPONENT_MISSING] = "missing",     [COMPONENT_NO_WEIGHTS] = "no-weights",
-                [COMPONENT_PICKLE_ONLY] = "pickle-only",
-        };
-
-        return k < _COMPONENT_KIND_MAX ? names[k] : NULL;
 }
 
 /* ---- the model the test serves ------------------------------------------ */
@@ -507,19 +445,6 @@ static void on_check(uv_check_t *h) {
         Fixture *f = h->data;
 
         f->phase = PHASE_CHECK;
-}
-
-static int count_fds(void) {
-        DIR *d = opendir("/proc/self/fd");
-        struct dirent *de;
-        int n = 0;
-
-        assert_non_null(d);
-        while ((de = readdir(d)))
-                if (de->d_name[0] != '.')
-                        n++;
-        closedir(d);
-        return n - 1;
 }
 
 static const PeerLimits limits = {

@@ -13,23 +13,6 @@
 #include "test-job-util.h"
 #include "store/shard-build.h"
 
-static const ReaderParams slow_params = { .queue_depth = 1, .chunk_size = 4096 };
-
-static int setup(void **state) {
-        *state = fx_new(NULL, 256u << 20);
-        return 0;
-}
-
-static int setup_slow(void **state) {
-        *state = fx_new(&slow_params, 256u << 20);
-        return 0;
-}
-
-static int teardown(void **state) {
-        fx_free(*state);
-        return 0;
-}
-
 /* a: 8 rows of 48 bytes; b: 6 rows of 20 bytes; c: 5 bytes. */
 static const TSpec tensors[] = {
         { "a", DTYPE_F32, 2, { 8, 12 } },
@@ -201,8 +184,8 @@ static void test_cancel(void **state) {
 
 int main(void) {
         const struct CMUnitTest tests[] = {
-                cmocka_unit_test_setup_teardown(test_build, setup, teardown),
-                cmocka_unit_test_setup_teardown(test_cancel, setup_slow, teardown),
+                cmocka_unit_test_setup_teardown(test_build, fx_setup, fx_teardown),
+                cmocka_unit_test_setup_teardown(test_cancel, fx_setup_slow, fx_teardown),
         };
 
         return cmocka_run_group_tests(tests, NULL, NULL);

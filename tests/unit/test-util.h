@@ -2,6 +2,7 @@
  * file reads with plain read(), hashes, temporary directories. */
 #pragma once
 
+#include <dirent.h>
 #include <fcntl.h>
 #include <limits.h>
 #include <setjmp.h>
@@ -18,6 +19,20 @@
 #include <cmocka.h>
 
 #include "macro.h"
+
+/* How many descriptors the process has open (for leak checks). */
+static inline int count_fds(void) {
+        DIR *d = opendir("/proc/self/fd");
+        struct dirent *de;
+        int n = 0;
+
+        assert_non_null(d);
+        while ((de = readdir(d)))
+                if (de->d_name[0] != '.')
+                        n++;
+        closedir(d);
+        return n - 1; /* the DIR's own */
+}
 
 /* $WD_TESTDATA/rel, as a static buffer (tests are single threaded). */
 static inline const char *testdata(const char *rel) {
