@@ -110,6 +110,8 @@ static const char *body_name(BodyCase b) {
                 return "Cancel";
         case WEIGHTD__V1__ENVELOPE__BODY_COMPONENTS:
                 return "Components";
+        case WEIGHTD__V1__ENVELOPE__BODY_CLUSTER:
+                return "Cluster";
         case WEIGHTD__V1__ENVELOPE__BODY_REPLY:
                 return "Reply";
         case WEIGHTD__V1__ENVELOPE__BODY_PROGRESS:
@@ -133,6 +135,8 @@ static const char *result_name(ResultCase r) {
                 return "a StatusReply";
         case WEIGHTD__V1__REPLY__RESULT_COMPONENTS:
                 return "a ComponentsReply";
+        case WEIGHTD__V1__REPLY__RESULT_CLUSTER:
+                return "a ClusterReply";
         default:
                 return "no result";
         }
@@ -848,6 +852,114 @@ _public_ int wd_prefetch(wd_client *c, const char *model, const char *component,
         return wd_prefetch_ex(c, model, component, &o, ret, err);
 }
 
+/* Copy s to *p and advance it past the copy's NUL. */
+static const char *pack_string(char **p, const char *s) {
+        size_t n = strlen(s) + 1;
+        char *d = *p;
+
+        memcpy(d, s, n);
+        *p += n;
+        return d;
+}
+
+/* The LoadReply of a cluster prefetch names every node it speaks of and
+ * its state.  A daemon older than the cluster tier does not know
+ * LoadRequest.cluster and answers as for a plain prefetch, without nodes
+ * (a cluster has one node at least: the daemon's own).  Returns WD_OK,
+ * WD_UNSUPPORTED, or WD_PROTOCOL_ERROR naming the node that breaks a
+ * rule. */
+static int cluster_loads_check(const Weightd__V1__LoadReply *lr, const char *model, wd_error *err) {
+        char name[256];
+
+        if (lr->n_cluster_nodes == 0) {
+                escape_string(name, sizeof(name), model, 200);
+                return error_set(err, WD_UNSUPPORTED,
+                                 "%s: the daemon answered the cluster prefetch as a plain one (it is older than the "
+                                 "cluster tier): the component is resident on its node only",
+                                 name);
+        }
+        for (size_t i = 0; i < lr->n_cluster_nodes; i++) {
+                const Weightd__V1__ClusterNodeLoad *x = lr->cluster_nodes[i];
+
+                escape_string(name, sizeof(name), x->node, 200);
+                if (x->node[0] == '\0')
+                        return error_set(err, WD_PROTOCOL_ERROR, "daemon's cluster prefetch: node %zu has no name", i);
+                if (x->state[0] == '\0')
+                        return error_set(err, WD_PROTOCOL_ERROR, "daemon's cluster prefetch: node \"%s\": no state",
+                                         name);
+        }
+        return WD_OK;
+}
+
+_public_ int wd_prefetch_cluster(wd_client *c, const char *model, const char *component, const char *const *nodes,
+                                 size_t n_nodes, wd_progress_fn progress, void *userdata,
+                                 wd_cluster_prefetch_result **ret, wd_error *err) {
+        Weightd__V1__LoadRequest load = load_request(model, component, progress != NULL);
+        WireEnvelope env = WEIGHTD__V1__ENVELOPE__INIT;
+        _cleanup_envelope_ WireEnvelope *reply = NULL;
+        wd_error e;
+        int r;
+
+        r = check_args("wd_prefetch_cluster", c && model && (nodes || n_nodes == 0), &e);
+        for (size_t i = 0; r == WD_OK && i < n_nodes; i++)
+                if (!nodes[i])
+                        r = error_set(&e, WD_INVALID_ARGUMENT, "wd_prefetch_cluster(): node %zu is NULL", i);
+        if (r != WD_OK)
+                return finish(r, &e, err);
+
+        /* The names go as they are: which node the daemon knows is its
+         * business. */
+        load.cluster = true;
+        load.nodes = (char **) nodes;
+        load.n_nodes = n_nodes;
+        env.body_case = WEIGHTD__V1__ENVELOPE__BODY_PREFETCH;
+        env.prefetch = &load;
+        r = client_request(c, &env, WEIGHTD__V1__REPLY__RESULT_LOAD, progress, userdata, &reply, &e);
+        if (r == WD_OK)
+                r = cluster_loads_check(reply->reply->load, model, &e);
+        if (r != WD_OK || !ret)
+                return finish(r, &e, err);
+
+        const Weightd__V1__LoadReply *lr = reply->reply->load;
+        size_t n = lr->n_cluster_nodes, strings = 0;
+
+        for (size_t i = 0; i < n; i++)
+                strings += strlen(lr->cluster_nodes[i]->node) + strlen(lr->cluster_nodes[i]->state) +
+                           strlen(lr->cluster_nodes[i]->message) + 3;
+
+        /* One allocation: the result, its nodes, then their strings. */
+        wd_cluster_prefetch_result *res = malloc(sizeof(*res) + n * sizeof(wd_cluster_node_load) + strings);
+        if (!res)
+                return finish(error_set(&e, WD_INTERNAL, "out of memory"), &e, err);
+        wd_cluster_node_load *v = (wd_cluster_node_load *) (res + 1);
+        char *p = (char *) (v + n);
+
+        for (size_t i = 0; i < n; i++) {
+                const Weightd__V1__ClusterNodeLoad *x = lr->cluster_nodes[i];
+
+                v[i] = (wd_cluster_node_load){
+                        .node = pack_string(&p, x->node),
+                        .state = pack_string(&p, x->state),
+                        .storage_read_bytes = x->storage_read_bytes,
+                        .peer_received_bytes = x->peer_received_bytes,
+                        .peer_sent_bytes = x->peer_sent_bytes,
+                        .message = pack_string(&p, x->message),
+                };
+        }
+        *res = (wd_cluster_prefetch_result){
+                .bytes = lr->bytes,
+                .was_resident = lr->was_resident,
+                .n_nodes = n,
+                .nodes = v,
+        };
+        *ret = res;
+        return WD_OK;
+}
+
+_public_ void wd_cluster_prefetch_result_free(wd_cluster_prefetch_result *r) {
+        free(r);
+}
+
 /* Evict, Pin and Unpin: a ComponentRef and a reply without a result. */
 static int component_request(wd_client *c, const char *func, BodyCase body, const char *model, const char *component,
                              wd_error *err) {
@@ -883,28 +995,22 @@ _public_ int wd_unpin(wd_client *c, const char *model, const char *component, wd
         return component_request(c, "wd_unpin", WEIGHTD__V1__ENVELOPE__BODY_UNPIN, model, component, err);
 }
 
-/* List and Status: a request without fields and a reply with one result. */
+/* List, Status and Cluster: a request without fields and a reply with one
+ * result. */
 static int query_request(wd_client *c, BodyCase body, ResultCase expect, WireEnvelope **ret, wd_error *err) {
         Weightd__V1__ListRequest list = WEIGHTD__V1__LIST_REQUEST__INIT;
         Weightd__V1__StatusRequest status = WEIGHTD__V1__STATUS_REQUEST__INIT;
+        Weightd__V1__ClusterRequest cluster = WEIGHTD__V1__CLUSTER_REQUEST__INIT;
         WireEnvelope env = WEIGHTD__V1__ENVELOPE__INIT;
 
         env.body_case = body;
         if (body == WEIGHTD__V1__ENVELOPE__BODY_LIST)
                 env.list = &list;
+        else if (body == WEIGHTD__V1__ENVELOPE__BODY_CLUSTER)
+                env.cluster = &cluster;
         else
                 env.status = &status;
         return client_request(c, &env, expect, NULL, NULL, ret, err);
-}
-
-/* Copy s to *p and advance it past the copy's NUL. */
-static const char *pack_string(char **p, const char *s) {
-        size_t n = strlen(s) + 1;
-        char *d = *p;
-
-        memcpy(d, s, n);
-        *p += n;
-        return d;
 }
 
 _public_ int wd_list(wd_client *c, wd_entry **ret_entries, size_t *ret_n, wd_error *err) {
@@ -1066,6 +1172,116 @@ _public_ void wd_components_free(wd_component *components, size_t n) {
         free(components);
 }
 
+/* A ClusterReply as the daemon builds it: an enabled cluster names this
+ * node, and every node has a name and a state.  Returns WD_OK or
+ * WD_PROTOCOL_ERROR naming the node that breaks a rule. */
+static int cluster_check(const Weightd__V1__ClusterReply *cr, wd_error *err) {
+        char name[256];
+
+        if (!cr->enabled)
+                return WD_OK;
+        if (cr->node[0] == '\0')
+                return error_set(err, WD_PROTOCOL_ERROR, "daemon's cluster: no name for this node");
+        for (size_t i = 0; i < cr->n_nodes; i++) {
+                const Weightd__V1__ClusterNode *x = cr->nodes[i];
+
+                escape_string(name, sizeof(name), x->name, 200);
+                if (x->name[0] == '\0')
+                        return error_set(err, WD_PROTOCOL_ERROR, "daemon's cluster: node %zu has no name", i);
+                if (x->state[0] == '\0')
+                        return error_set(err, WD_PROTOCOL_ERROR, "daemon's cluster: node \"%s\": no state", name);
+        }
+        return WD_OK;
+}
+
+/* The nodes and the bytes of strings that cluster_copy() takes for cr (none
+ * when it is disabled). */
+static size_t cluster_n_nodes(const Weightd__V1__ClusterReply *cr) {
+        return cr->enabled ? cr->n_nodes : 0;
+}
+
+static size_t cluster_strings(const Weightd__V1__ClusterReply *cr) {
+        size_t n = 0;
+
+        if (!cr->enabled)
+                return 0;
+        n = strlen(cr->node) + 1;
+        for (size_t i = 0; i < cr->n_nodes; i++) {
+                const Weightd__V1__ClusterNode *x = cr->nodes[i];
+
+                n += strlen(x->name) + strlen(x->address) + strlen(x->state) + strlen(x->last_error) + 4;
+        }
+        return n;
+}
+
+/* Fill ci from cr: its nodes go to nodes (cluster_n_nodes() entries), its
+ * strings to *p.  A disabled cluster is all zero but enabled's 0. */
+static void cluster_copy(const Weightd__V1__ClusterReply *cr, wd_cluster_info *ci, wd_cluster_node *nodes, char **p) {
+        size_t n = cluster_n_nodes(cr);
+
+        *ci = (wd_cluster_info){};
+        if (!cr->enabled)
+                return;
+        for (size_t i = 0; i < n; i++) {
+                const Weightd__V1__ClusterNode *x = cr->nodes[i];
+
+                nodes[i] = (wd_cluster_node){
+                        .name = pack_string(p, x->name),
+                        .address = pack_string(p, x->address),
+                        .state = pack_string(p, x->state),
+                        .generation = x->generation,
+                        .rtt_us = x->rtt_us,
+                        .sent_bytes = x->sent_bytes,
+                        .received_bytes = x->received_bytes,
+                        .last_error = pack_string(p, x->last_error),
+                        .since_ms = x->since_ms,
+                };
+        }
+        *ci = (wd_cluster_info){
+                .enabled = 1,
+                .node = pack_string(p, cr->node),
+                .generation = cr->generation,
+                .n_nodes = n,
+                .nodes = nodes,
+                .peer_sent_bytes = cr->peer_sent_bytes,
+                .peer_received_bytes = cr->peer_received_bytes,
+                .storage_saved_bytes = cr->storage_saved_bytes,
+        };
+}
+
+_public_ int wd_cluster(wd_client *c, wd_cluster_info **ret, wd_error *err) {
+        _cleanup_envelope_ WireEnvelope *reply = NULL;
+        wd_error e;
+        int r;
+
+        r = check_args("wd_cluster", c && ret, &e);
+        if (r == WD_OK)
+                r = query_request(c, WEIGHTD__V1__ENVELOPE__BODY_CLUSTER, WEIGHTD__V1__REPLY__RESULT_CLUSTER, &reply,
+                                  &e);
+        if (r == WD_OK)
+                r = cluster_check(reply->reply->cluster, &e);
+        if (r != WD_OK)
+                return finish(r, &e, err);
+
+        const Weightd__V1__ClusterReply *cr = reply->reply->cluster;
+        size_t n = cluster_n_nodes(cr);
+
+        /* One allocation: the cluster, its nodes, then their strings. */
+        wd_cluster_info *ci = malloc(sizeof(*ci) + n * sizeof(wd_cluster_node) + cluster_strings(cr));
+        if (!ci)
+                return finish(error_set(&e, WD_INTERNAL, "out of memory"), &e, err);
+        wd_cluster_node *nodes = (wd_cluster_node *) (ci + 1);
+        char *p = (char *) (nodes + n);
+
+        cluster_copy(cr, ci, nodes, &p);
+        *ret = ci;
+        return WD_OK;
+}
+
+_public_ void wd_cluster_free(wd_cluster_info *ci) {
+        free(ci);
+}
+
 _public_ int wd_status_get(wd_client *c, wd_status **ret, wd_error *err) {
         _cleanup_envelope_ WireEnvelope *reply = NULL;
         wd_error e;
@@ -1078,8 +1294,17 @@ _public_ int wd_status_get(wd_client *c, wd_status **ret, wd_error *err) {
                 return finish(r, &e, err);
 
         const Weightd__V1__StatusReply *sr = reply->reply->status;
-        size_t n = sr->n_model_roots, nd = sr->n_devices,
+        /* The cluster part only where the daemon has one. */
+        const Weightd__V1__ClusterReply *cr = sr->cluster && sr->cluster->enabled ? sr->cluster : NULL;
+        size_t n = sr->n_model_roots, nd = sr->n_devices, ncl = cr ? cluster_n_nodes(cr) : 0,
                strings = strlen(sr->version) + strlen(sr->socket) + strlen(sr->gpu) + 3;
+
+        if (cr) {
+                r = cluster_check(cr, &e);
+                if (r != WD_OK)
+                        return finish(r, &e, err);
+                strings += cluster_strings(cr);
+        }
 
         for (size_t i = 0; i < n; i++)
                 strings += strlen(sr->model_roots[i]) + 1;
@@ -1087,13 +1312,16 @@ _public_ int wd_status_get(wd_client *c, wd_status **ret, wd_error *err) {
                 strings += strlen(sr->devices[i]->uuid) + strlen(sr->devices[i]->name) +
                            strlen(sr->devices[i]->pci_bus_id) + 3;
 
-        /* One allocation: the status, the devices, the roots' pointers, then
-         * the strings. */
-        wd_status *s = malloc(sizeof(wd_status) + nd * sizeof(wd_device) + n * sizeof(char *) + strings);
+        /* One allocation: the status, the devices, the cluster and its
+         * nodes, the roots' pointers, then the strings. */
+        wd_status *s = malloc(sizeof(wd_status) + nd * sizeof(wd_device) + (cr ? sizeof(wd_cluster_info) : 0) +
+                              ncl * sizeof(wd_cluster_node) + n * sizeof(char *) + strings);
         if (!s)
                 return finish(error_set(&e, WD_INTERNAL, "out of memory"), &e, err);
         wd_device *devs = (wd_device *) (s + 1);
-        const char **roots = (const char **) (devs + nd);
+        wd_cluster_info *ci = (wd_cluster_info *) (devs + nd);
+        wd_cluster_node *cnodes = (wd_cluster_node *) (ci + (cr ? 1 : 0));
+        const char **roots = (const char **) (cnodes + ncl);
         char *p = (char *) (roots + n);
 
         *s = (wd_status){
@@ -1116,7 +1344,10 @@ _public_ int wd_status_get(wd_client *c, wd_status **ret, wd_error *err) {
                 .gpu = pack_string(&p, sr->gpu),
                 .n_devices = nd,
                 .devices = devs,
+                .cluster = cr ? ci : NULL,
         };
+        if (cr)
+                cluster_copy(cr, ci, cnodes, &p);
         for (size_t i = 0; i < n; i++)
                 roots[i] = pack_string(&p, sr->model_roots[i]);
         for (size_t i = 0; i < nd; i++) {

@@ -1280,6 +1280,406 @@ static void test_list_status(void **state) {
         fake_close(&f);
 }
 
+/* ---- the cluster tier ---- */
+
+/* The next frame the client sent, decoded by protobuf-c's own unpack
+ * (not the library's wire_unpack()): what the client packed, read back by
+ * the generated code alone.  Free with weightd__v1__envelope__free_unpacked(). */
+static Weightd__V1__Envelope *fake_expect_pb(Fake *f, Weightd__V1__Envelope__BodyCase body, uint64_t id) {
+        for (;;) {
+                const uint8_t *p;
+                size_t len;
+                int r = wire_reader_next(&f->reader, &p, &len);
+
+                if (r > 0) {
+                        Weightd__V1__Envelope *env = weightd__v1__envelope__unpack(NULL, len, p);
+
+                        assert_non_null(env);
+                        assert_int_equal(env->body_case, body);
+                        assert_int_equal(env->id, id);
+                        return env;
+                }
+                assert_int_equal(r, 0);
+                assert_true(wire_reader_recv(&f->reader, f->fd) > 0);
+        }
+}
+
+typedef struct NodeLoad {
+        const char *node, *state, *message;
+        uint64_t read, received, sent;
+} NodeLoad;
+
+static void fake_cluster_prefetch_reply(Fake *f, uint64_t id, uint64_t bytes, const NodeLoad *nodes, size_t n) {
+        Weightd__V1__ClusterNodeLoad v[8];
+        Weightd__V1__ClusterNodeLoad *vp[8];
+        Weightd__V1__LoadReply load = WEIGHTD__V1__LOAD_REPLY__INIT;
+        PbReply reply = WEIGHTD__V1__REPLY__INIT;
+
+        assert_true(n <= ELEMENTSOF(v));
+        for (size_t i = 0; i < n; i++) {
+                weightd__v1__cluster_node_load__init(&v[i]);
+                v[i].node = (char *) nodes[i].node;
+                v[i].state = (char *) nodes[i].state;
+                v[i].message = (char *) nodes[i].message;
+                v[i].storage_read_bytes = nodes[i].read;
+                v[i].peer_received_bytes = nodes[i].received;
+                v[i].peer_sent_bytes = nodes[i].sent;
+                vp[i] = &v[i];
+        }
+        load.model = (char *) "/models/m";
+        load.bytes = bytes;
+        load.target = (char *) "host";
+        load.cluster_nodes = vp;
+        load.n_cluster_nodes = n;
+        reply.result_case = WEIGHTD__V1__REPLY__RESULT_LOAD;
+        reply.load = &load;
+        fake_send_reply(f, id, &reply, NULL, 0);
+}
+
+static const NodeLoad three_nodes[] = {
+        { "a", "ok", "", 1000, 2000, 0 },
+        { "b", "resident", "", 0, 0, 1500 },
+        { "c", "failed", "c: reading from b: connection reset", 0, 500, 0 },
+};
+
+static void test_prefetch_cluster(void **state) {
+        const char *const names[] = { "a", "b", "c" };
+        wd_cluster_prefetch_result *res = NULL;
+        ProgressLog p = { 0 };
+        wd_error err;
+        Fake f;
+        wd_client *c = fake_connect(&f);
+
+        /* Progress is the cluster's bytes, passed on as the daemon says. */
+        fake_progress(&f, 2, 1000, 3000);
+        fake_progress(&f, 2, 3000, 3000);
+        fake_cluster_prefetch_reply(&f, 2, 3000, three_nodes, 3);
+        assert_int_equal(wd_prefetch_cluster(c, "/models/m", "unet", names, 3, on_progress, &p, &res, &err), WD_OK);
+        assert_int_equal(p.n, 2);
+        assert_int_equal(p.done[0], 1000);
+        assert_int_equal(p.total[0], 3000);
+        assert_int_equal(p.done[1], 3000);
+        assert_non_null(res);
+        assert_int_equal(res->bytes, 3000);
+        assert_false(res->was_resident);
+        assert_int_equal(res->n_nodes, 3);
+        for (size_t i = 0; i < 3; i++) {
+                const wd_cluster_node_load *x = &res->nodes[i];
+
+                assert_string_equal(x->node, three_nodes[i].node);
+                assert_string_equal(x->state, three_nodes[i].state);
+                assert_string_equal(x->message, three_nodes[i].message);
+                assert_int_equal(x->storage_read_bytes, three_nodes[i].read);
+                assert_int_equal(x->peer_received_bytes, three_nodes[i].received);
+                assert_int_equal(x->peer_sent_bytes, three_nodes[i].sent);
+        }
+        wd_cluster_prefetch_result_free(res);
+
+        /* The request: a Prefetch for the host tier, no shard, the cluster
+         * flag and the names in the caller's order. */
+        Weightd__V1__Envelope *env = fake_expect_pb(&f, WEIGHTD__V1__ENVELOPE__BODY_PREFETCH, 2);
+        const Weightd__V1__LoadRequest *lr = env->prefetch;
+        assert_string_equal(lr->model, "/models/m");
+        assert_string_equal(lr->component, "unet");
+        assert_string_equal(lr->target, "");
+        assert_null(lr->shard);
+        assert_int_equal(lr->keep_host, WEIGHTD__V1__KEEP_HOST__KEEP_HOST_DEFAULT);
+        assert_true(lr->progress);
+        assert_true(lr->cluster);
+        assert_int_equal(lr->n_nodes, 3);
+        for (size_t i = 0; i < 3; i++)
+                assert_string_equal(lr->nodes[i], names[i]);
+        weightd__v1__envelope__free_unpacked(env, NULL);
+
+        /* No names: every node.  No callback: no progress asked; ret may
+         * be NULL. */
+        fake_cluster_prefetch_reply(&f, 3, 3000, three_nodes, 1);
+        assert_int_equal(wd_prefetch_cluster(c, "/models/m", NULL, NULL, 0, NULL, NULL, NULL, &err), WD_OK);
+        env = fake_expect_pb(&f, WEIGHTD__V1__ENVELOPE__BODY_PREFETCH, 3);
+        assert_string_equal(env->prefetch->component, "");
+        assert_true(env->prefetch->cluster);
+        assert_false(env->prefetch->progress);
+        assert_int_equal(env->prefetch->n_nodes, 0);
+        weightd__v1__envelope__free_unpacked(env, NULL);
+
+        /* A plain prefetch still sends no cluster fields. */
+        fake_prefetch_reply(&f, 4, 3000, true);
+        assert_int_equal(wd_prefetch(c, "/models/m", "unet", NULL, NULL, NULL, &err), WD_OK);
+        env = fake_expect_pb(&f, WEIGHTD__V1__ENVELOPE__BODY_PREFETCH, 4);
+        assert_false(env->prefetch->cluster);
+        assert_int_equal(env->prefetch->n_nodes, 0);
+        weightd__v1__envelope__free_unpacked(env, NULL);
+
+        wd_disconnect(c);
+        fake_close(&f);
+}
+
+/* What the library refuses itself, the daemon's refusals, and replies that
+ * break the rules: none of them breaks the connection. */
+static void test_prefetch_cluster_refused(void **state) {
+        const char *const with_null[] = { "a", NULL };
+        const NodeLoad nameless[] = { { "", "ok", "", 0, 0, 0 } };
+        const NodeLoad stateless[] = { { "a", "", "", 0, 0, 0 } };
+        wd_cluster_prefetch_result *res = (wd_cluster_prefetch_result *) &res; /* not written on failure */
+        wd_cluster_prefetch_result *const untouched = res;
+        wd_error err;
+        Fake f;
+        wd_client *c = fake_connect(&f);
+
+        /* Nothing is sent for these: the next request still has id 2. */
+        assert_int_equal(wd_prefetch_cluster(c, "/models/m", NULL, with_null, 2, NULL, NULL, &res, &err),
+                         WD_INVALID_ARGUMENT);
+        assert_non_null(strstr(err.message, "node 1 is NULL"));
+        assert_int_equal(wd_prefetch_cluster(c, "/models/m", NULL, NULL, 2, NULL, NULL, &res, &err),
+                         WD_INVALID_ARGUMENT);
+        assert_int_equal(wd_prefetch_cluster(c, NULL, NULL, NULL, 0, NULL, NULL, &res, &err), WD_INVALID_ARGUMENT);
+        assert_ptr_equal(res, untouched);
+
+        /* The daemon's code and message come through. */
+        fake_reply(&f, 2, WD_UNSUPPORTED, "cluster prefetch: this daemon has no [cluster]");
+        assert_int_equal(wd_prefetch_cluster(c, "/models/m", NULL, NULL, 0, NULL, NULL, &res, &err), WD_UNSUPPORTED);
+        assert_string_equal(err.message, "cluster prefetch: this daemon has no [cluster]");
+        wire_envelope_free(fake_expect(&f, WEIGHTD__V1__ENVELOPE__BODY_PREFETCH, 2));
+
+        /* A daemon older than the tier answers as for a plain prefetch. */
+        fake_prefetch_reply(&f, 3, 3000, false);
+        assert_int_equal(wd_prefetch_cluster(c, "/models/m", NULL, NULL, 0, NULL, NULL, &res, &err), WD_UNSUPPORTED);
+        assert_non_null(strstr(err.message, "older than the cluster tier"));
+        wire_envelope_free(fake_expect(&f, WEIGHTD__V1__ENVELOPE__BODY_PREFETCH, 3));
+
+        fake_cluster_prefetch_reply(&f, 4, 3000, nameless, 1);
+        assert_int_equal(wd_prefetch_cluster(c, "/models/m", NULL, NULL, 0, NULL, NULL, &res, &err),
+                         WD_PROTOCOL_ERROR);
+        assert_string_equal(err.message, "daemon's cluster prefetch: node 0 has no name");
+        wire_envelope_free(fake_expect(&f, WEIGHTD__V1__ENVELOPE__BODY_PREFETCH, 4));
+
+        fake_cluster_prefetch_reply(&f, 5, 3000, stateless, 1);
+        assert_int_equal(wd_prefetch_cluster(c, "/models/m", NULL, NULL, 0, NULL, NULL, &res, &err),
+                         WD_PROTOCOL_ERROR);
+        assert_string_equal(err.message, "daemon's cluster prefetch: node \"a\": no state");
+        wire_envelope_free(fake_expect(&f, WEIGHTD__V1__ENVELOPE__BODY_PREFETCH, 5));
+        assert_ptr_equal(res, untouched);
+
+        fake_reply(&f, 6, WD_OK, "");
+        assert_int_equal(wd_evict(c, "/models/m", NULL, &err), WD_OK);
+        wire_envelope_free(fake_expect(&f, WEIGHTD__V1__ENVELOPE__BODY_EVICT, 6));
+        wd_disconnect(c);
+        fake_close(&f);
+}
+
+/* The callback cancels a cluster prefetch as any other. */
+static void test_prefetch_cluster_cancel(void **state) {
+        ProgressLog p = { .stop_at = 1 };
+        wd_cluster_prefetch_result *res = NULL;
+        wd_error err;
+        Fake f;
+        wd_client *c = fake_connect(&f);
+
+        fake_progress(&f, 2, 10, 100);
+        fake_reply(&f, 2, WD_CANCELLED, "cancelled");
+        fake_reply(&f, 3, WD_OK, "");
+        assert_int_equal(wd_prefetch_cluster(c, "/models/m", NULL, NULL, 0, on_progress, &p, &res, &err),
+                         WD_CANCELLED);
+        assert_null(res);
+        wire_envelope_free(fake_expect(&f, WEIGHTD__V1__ENVELOPE__BODY_PREFETCH, 2));
+        WireEnvelope *env = fake_expect(&f, WEIGHTD__V1__ENVELOPE__BODY_CANCEL, 3);
+        assert_int_equal(env->cancel->target, 2);
+        wire_envelope_free(env);
+        wd_disconnect(c);
+        fake_close(&f);
+}
+
+/* A ClusterReply of two nodes: this one and a peer. */
+typedef struct FakeCluster {
+        Weightd__V1__ClusterNode nodes[2];
+        Weightd__V1__ClusterNode *ptrs[2];
+        Weightd__V1__ClusterReply reply;
+} FakeCluster;
+
+static void fake_cluster_init(FakeCluster *k) {
+        weightd__v1__cluster_reply__init(&k->reply);
+        for (size_t i = 0; i < 2; i++) {
+                weightd__v1__cluster_node__init(&k->nodes[i]);
+                k->ptrs[i] = &k->nodes[i];
+        }
+        k->nodes[0].name = (char *) "a";
+        k->nodes[0].address = (char *) "10.0.0.1:7411";
+        k->nodes[0].state = (char *) "self";
+        k->nodes[0].generation = UINT64_C(0xfedcba9876543210);
+        k->nodes[0].since_ms = 60000;
+        k->nodes[1].name = (char *) "b";
+        k->nodes[1].address = (char *) "10.0.0.2:7411";
+        k->nodes[1].state = (char *) "down";
+        k->nodes[1].generation = 7;
+        k->nodes[1].rtt_us = 250;
+        k->nodes[1].sent_bytes = 1ull << 33;
+        k->nodes[1].received_bytes = 12345;
+        k->nodes[1].last_error = (char *) "connect: connection refused";
+        k->nodes[1].since_ms = 5000;
+        k->reply.enabled = true;
+        k->reply.node = (char *) "a";
+        k->reply.generation = UINT64_C(0xfedcba9876543210);
+        k->reply.nodes = k->ptrs;
+        k->reply.n_nodes = 2;
+        k->reply.peer_sent_bytes = 1ull << 33;
+        k->reply.peer_received_bytes = 12345;
+        k->reply.storage_saved_bytes = 12000;
+}
+
+static void fake_cluster_reply(Fake *f, uint64_t id, Weightd__V1__ClusterReply *cr) {
+        PbReply reply = WEIGHTD__V1__REPLY__INIT;
+
+        reply.result_case = WEIGHTD__V1__REPLY__RESULT_CLUSTER;
+        reply.cluster = cr;
+        fake_send_reply(f, id, &reply, NULL, 0);
+}
+
+static void check_cluster_info(const wd_cluster_info *ci) {
+        assert_non_null(ci);
+        assert_true(ci->enabled);
+        assert_string_equal(ci->node, "a");
+        assert_true(ci->generation == UINT64_C(0xfedcba9876543210));
+        assert_int_equal(ci->peer_sent_bytes, 1ull << 33);
+        assert_int_equal(ci->peer_received_bytes, 12345);
+        assert_int_equal(ci->storage_saved_bytes, 12000);
+        assert_int_equal(ci->n_nodes, 2);
+        assert_string_equal(ci->nodes[0].name, "a");
+        assert_string_equal(ci->nodes[0].address, "10.0.0.1:7411");
+        assert_string_equal(ci->nodes[0].state, "self");
+        assert_string_equal(ci->nodes[0].last_error, "");
+        assert_true(ci->nodes[0].generation == UINT64_C(0xfedcba9876543210));
+        assert_int_equal(ci->nodes[0].since_ms, 60000);
+        assert_string_equal(ci->nodes[1].name, "b");
+        assert_string_equal(ci->nodes[1].state, "down");
+        assert_int_equal(ci->nodes[1].generation, 7);
+        assert_int_equal(ci->nodes[1].rtt_us, 250);
+        assert_int_equal(ci->nodes[1].sent_bytes, 1ull << 33);
+        assert_int_equal(ci->nodes[1].received_bytes, 12345);
+        assert_string_equal(ci->nodes[1].last_error, "connect: connection refused");
+        assert_int_equal(ci->nodes[1].since_ms, 5000);
+}
+
+static void test_cluster(void **state) {
+        Weightd__V1__ClusterReply off = WEIGHTD__V1__CLUSTER_REPLY__INIT;
+        wd_cluster_info *ci = NULL;
+        FakeCluster k;
+        wd_error err;
+        Fake f;
+        wd_client *c = fake_connect(&f);
+
+        fake_cluster_init(&k);
+        fake_cluster_reply(&f, 2, &k.reply);
+        assert_int_equal(wd_cluster(c, &ci, &err), WD_OK);
+        check_cluster_info(ci);
+        wd_cluster_free(ci);
+        Weightd__V1__Envelope *env = fake_expect_pb(&f, WEIGHTD__V1__ENVELOPE__BODY_CLUSTER, 2);
+        assert_non_null(env->cluster);
+        weightd__v1__envelope__free_unpacked(env, NULL);
+
+        /* No [cluster]: enabled 0 and nothing else, whatever came along. */
+        off.node = (char *) "stray";
+        fake_cluster_reply(&f, 3, &off);
+        assert_int_equal(wd_cluster(c, &ci, &err), WD_OK);
+        assert_false(ci->enabled);
+        assert_null(ci->node);
+        assert_int_equal(ci->n_nodes, 0);
+        wd_cluster_free(ci);
+        wire_envelope_free(fake_expect(&f, WEIGHTD__V1__ENVELOPE__BODY_CLUSTER, 3));
+
+        /* A daemon older than the tier does not know the request. */
+        fake_reply(&f, 4, WD_INVALID_ARGUMENT, "unknown request");
+        assert_int_equal(wd_cluster(c, &ci, &err), WD_INVALID_ARGUMENT);
+        wire_envelope_free(fake_expect(&f, WEIGHTD__V1__ENVELOPE__BODY_CLUSTER, 4));
+
+        /* Replies that break the rules. */
+        k.nodes[1].state = (char *) "";
+        fake_cluster_reply(&f, 5, &k.reply);
+        assert_int_equal(wd_cluster(c, &ci, &err), WD_PROTOCOL_ERROR);
+        assert_string_equal(err.message, "daemon's cluster: node \"b\": no state");
+        wire_envelope_free(fake_expect(&f, WEIGHTD__V1__ENVELOPE__BODY_CLUSTER, 5));
+        k.nodes[1].state = (char *) "up";
+        k.nodes[0].name = (char *) "";
+        fake_cluster_reply(&f, 6, &k.reply);
+        assert_int_equal(wd_cluster(c, &ci, &err), WD_PROTOCOL_ERROR);
+        assert_string_equal(err.message, "daemon's cluster: node 0 has no name");
+        wire_envelope_free(fake_expect(&f, WEIGHTD__V1__ENVELOPE__BODY_CLUSTER, 6));
+        k.nodes[0].name = (char *) "a";
+        k.reply.node = (char *) "";
+        fake_cluster_reply(&f, 7, &k.reply);
+        assert_int_equal(wd_cluster(c, &ci, &err), WD_PROTOCOL_ERROR);
+        assert_string_equal(err.message, "daemon's cluster: no name for this node");
+        wire_envelope_free(fake_expect(&f, WEIGHTD__V1__ENVELOPE__BODY_CLUSTER, 7));
+
+        assert_int_equal(wd_cluster(NULL, &ci, &err), WD_INVALID_ARGUMENT);
+        assert_int_equal(wd_cluster(c, NULL, &err), WD_INVALID_ARGUMENT);
+
+        /* Another result breaks the connection, as for every request. */
+        fake_prefetch_reply(&f, 8, 1, false);
+        assert_int_equal(wd_cluster(c, &ci, &err), WD_PROTOCOL_ERROR);
+        assert_string_equal(err.message, "the daemon answered Cluster with a LoadReply instead of a ClusterReply");
+        wire_envelope_free(fake_expect(&f, WEIGHTD__V1__ENVELOPE__BODY_CLUSTER, 8));
+        wd_disconnect(c);
+        fake_close(&f);
+}
+
+static void fake_status_reply(Fake *f, uint64_t id, Weightd__V1__ClusterReply *cr) {
+        Weightd__V1__StatusReply status = WEIGHTD__V1__STATUS_REPLY__INIT;
+        char *roots[] = { (char *) "/models" };
+        PbReply reply = WEIGHTD__V1__REPLY__INIT;
+
+        status.version = (char *) "0.2.0";
+        status.model_roots = roots;
+        status.n_model_roots = 1;
+        status.socket = (char *) "/run/weightd/weightd.sock";
+        status.gpu = (char *) "ok";
+        status.cluster = cr;
+        reply.result_case = WEIGHTD__V1__REPLY__RESULT_STATUS;
+        reply.status = &status;
+        fake_send_reply(f, id, &reply, NULL, 0);
+}
+
+/* The status carries the cluster where the daemon has one, and NULL
+ * otherwise; the rest of the status is intact either way. */
+static void test_status_cluster(void **state) {
+        Weightd__V1__ClusterReply off = WEIGHTD__V1__CLUSTER_REPLY__INIT;
+        wd_status *s = NULL;
+        FakeCluster k;
+        wd_error err;
+        Fake f;
+        wd_client *c = fake_connect(&f);
+
+        fake_cluster_init(&k);
+        fake_status_reply(&f, 2, &k.reply);
+        assert_int_equal(wd_status_get(c, &s, &err), WD_OK);
+        check_cluster_info(s->cluster);
+        assert_string_equal(s->version, "0.2.0");
+        assert_string_equal(s->model_roots[0], "/models");
+        assert_string_equal(s->socket, "/run/weightd/weightd.sock");
+        assert_string_equal(s->gpu, "ok");
+        wd_status_free(s);
+
+        fake_status_reply(&f, 3, &off);
+        assert_int_equal(wd_status_get(c, &s, &err), WD_OK);
+        assert_null(s->cluster);
+        assert_string_equal(s->model_roots[0], "/models");
+        wd_status_free(s);
+
+        fake_status_reply(&f, 4, NULL);
+        assert_int_equal(wd_status_get(c, &s, &err), WD_OK);
+        assert_null(s->cluster);
+        wd_status_free(s);
+
+        k.nodes[1].name = (char *) "";
+        fake_status_reply(&f, 5, &k.reply);
+        assert_int_equal(wd_status_get(c, &s, &err), WD_PROTOCOL_ERROR);
+        assert_string_equal(err.message, "daemon's cluster: node 1 has no name");
+
+        for (uint64_t id = 2; id <= 5; id++)
+                wire_envelope_free(fake_expect(&f, WEIGHTD__V1__ENVELOPE__BODY_STATUS, id));
+        wd_disconnect(c);
+        fake_close(&f);
+}
+
 static void fake_tensors_reply(Fake *f, Component *k, uint64_t id) {
         Weightd__V1__TensorsReply tr = WEIGHTD__V1__TENSORS_REPLY__INIT;
         PbReply reply = WEIGHTD__V1__REPLY__INIT;
@@ -1465,6 +1865,8 @@ static void test_free_null(void **state) {
         wd_entries_free(NULL, 0);
         wd_components_free(NULL, 0);
         wd_status_free(NULL);
+        wd_cluster_free(NULL);
+        wd_cluster_prefetch_result_free(NULL);
         wd_manifest_free(NULL);
         wd_disconnect(NULL);
         assert_int_equal(wd_release(NULL, NULL), WD_OK);
@@ -1686,6 +2088,11 @@ int main(void) {
                 cmocka_unit_test(test_prefetch_progress),
                 cmocka_unit_test(test_prefetch_cancel),
                 cmocka_unit_test(test_list_status),
+                cmocka_unit_test(test_prefetch_cluster),
+                cmocka_unit_test(test_prefetch_cluster_refused),
+                cmocka_unit_test(test_prefetch_cluster_cancel),
+                cmocka_unit_test(test_cluster),
+                cmocka_unit_test(test_status_cluster),
                 cmocka_unit_test(test_tensors),
                 cmocka_unit_test(test_components),
                 cmocka_unit_test(test_free_null),

@@ -20,7 +20,8 @@
  * wd_lease and wd_manifest accessors are read-only and safe from any thread
  * while the object lives; wd_release() and the *_free() functions must not
  * race with other uses of the object they end.  wd_entries_free(),
- * wd_status_free(), wd_components_free() and wd_manifest_free() accept NULL.
+ * wd_status_free(), wd_components_free(), wd_manifest_free(), wd_cluster_free()
+ * and wd_cluster_prefetch_result_free() accept NULL.
  *
  * Lifetime: a lease keeps its client's connection open, because the daemon
  * ends every lease of a connection when it closes.  wd_disconnect() drops the
@@ -258,6 +259,82 @@ int wd_load_ex(wd_client *c, const char *model, const char *component, const wd_
 int wd_prefetch_ex(wd_client *c, const char *model, const char *component, const wd_load_options *opts,
                    wd_prefetch_result *ret, wd_error *err);
 
+/* ---- the cluster tier (added after 0.2.0) ----
+ *
+ * A daemon with a [cluster] section is one node of a cluster: the nodes
+ * share what they read from storage, so a component that every node needs
+ * is read once across them. */
+
+/* One node's part of a cluster prefetch. */
+typedef struct wd_cluster_node_load {
+        const char *node;
+        /* "ok", "resident" (it held the component already), "mismatch" (its
+         * files differ from the others': it read them alone), "failed" or
+         * "down"; a newer daemon may send others, kept as sent. */
+        const char *state;
+        uint64_t storage_read_bytes;  /* read from storage for this load */
+        uint64_t peer_received_bytes; /* received from other nodes for this load */
+        uint64_t peer_sent_bytes;     /* sent to other nodes for this load */
+        const char *message;          /* why, where state is not "ok"; else "" */
+} wd_cluster_node_load;
+
+typedef struct wd_cluster_prefetch_result {
+        uint64_t bytes;   /* the component's bytes */
+        int was_resident; /* the node c is connected to held it already */
+        size_t n_nodes;
+        const wd_cluster_node_load *nodes; /* one per node named, in the cluster's configured order */
+} wd_cluster_prefetch_result;
+
+/* Make a component resident in the host memory of every live node named in
+ * nodes (n_nodes names; none: every node of the cluster), through the
+ * daemon c is connected to, which reads each byte from storage once across
+ * them.  progress (may be NULL) gets the cluster's bytes as that daemon
+ * reports them.  Free *ret (may be NULL) with
+ * wd_cluster_prefetch_result_free().  A node that could not take part is not
+ * an error: see its state.
+ * Returns the codes of wd_prefetch(), and WD_CANCELLED when progress asked;
+ * WD_UNSUPPORTED where the daemon has no [cluster] (or is older than the
+ * cluster tier: it answered as a plain prefetch, so the component is
+ * resident on that node only); WD_INVALID_ARGUMENT for a node name that is
+ * NULL, or one the daemon does not know. */
+int wd_prefetch_cluster(wd_client *c, const char *model, const char *component, const char *const *nodes,
+                        size_t n_nodes, wd_progress_fn progress, void *userdata, wd_cluster_prefetch_result **ret,
+                        wd_error *err);
+/* Accepts NULL. */
+void wd_cluster_prefetch_result_free(wd_cluster_prefetch_result *r);
+
+/* One node of the cluster as the daemon sees it. */
+typedef struct wd_cluster_node {
+        const char *name;
+        const char *address;     /* host:port as configured */
+        const char *state;       /* "self", "up", "down", "unauthenticated", "mismatch"; others kept as sent */
+        uint64_t generation;     /* the process behind the link (0: never seen) */
+        uint64_t rtt_us;         /* the last heartbeat's round trip */
+        uint64_t sent_bytes;     /* data plane bytes sent to it */
+        uint64_t received_bytes; /* data plane bytes received from it */
+        const char *last_error;  /* "" when none */
+        uint64_t since_ms;       /* in this state for */
+} wd_cluster_node;
+
+typedef struct wd_cluster_info {
+        int enabled;        /* 0: no [cluster] configured (then nothing else is set) */
+        const char *node;   /* this daemon's node name */
+        uint64_t generation;
+        size_t n_nodes;
+        const wd_cluster_node *nodes; /* the configured order, this node included */
+        uint64_t peer_sent_bytes;
+        uint64_t peer_received_bytes;
+        uint64_t storage_saved_bytes; /* bytes this node got from peers instead of storage */
+} wd_cluster_info;
+
+/* The cluster as the daemon sees it.  A daemon without [cluster] answers
+ * with enabled 0.  Free with wd_cluster_free().
+ * Returns WD_OK, WD_INVALID_ARGUMENT (a daemon older than the cluster tier:
+ * "unknown request"), WD_UNAVAILABLE, WD_PROTOCOL_ERROR, WD_INTERNAL. */
+int wd_cluster(wd_client *c, wd_cluster_info **ret, wd_error *err);
+/* Accepts NULL. */
+void wd_cluster_free(wd_cluster_info *ci);
+
 /* Drop a resident component from memory now.
  * Returns WD_OK, WD_NOT_FOUND (not resident), WD_BUSY (loading, leased or
  * pinned: the message says which), WD_PERMISSION_DENIED, WD_INVALID_ARGUMENT,
@@ -336,6 +413,9 @@ typedef struct wd_status {
         const char *gpu;
         size_t n_devices;
         const struct wd_device *devices;
+        /* Added after 0.2.0: the cluster (see wd_cluster()), NULL when the
+         * daemon reports none (no [cluster], or older than the tier). */
+        const struct wd_cluster_info *cluster;
 } wd_status;
 
 typedef struct wd_device {
