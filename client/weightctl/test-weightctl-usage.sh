@@ -82,6 +82,19 @@ expect 2 "takes yes or no" "--keep-host maybe" -- prefetch /m --device cuda:0 --
 expect 2 "needs --device" "--keep-host without --device" -- prefetch /m --keep-host no
 expect 2 "takes no --shard" "ls --shard" -- ls --shard 0/2
 expect 2 "takes no --shard" "evict --shard" -- evict /m --shard 0/2
+expect 2 "needs --cluster" "--nodes without --cluster" -- prefetch /m --nodes a,b
+expect 2 "takes no --cluster" "--cluster on a command that prefetches nothing" -- status --cluster
+expect 2 "takes no --cluster" "--nodes on a command that prefetches nothing" -- ls --nodes a
+expect 2 "takes no --device cuda:0" "--cluster with a device target" -- prefetch /m --cluster --device cuda:0
+expect 2 "--cluster takes no --shard" "--cluster with --shard" -- prefetch /m --cluster --shard 0/2
+expect 2 "--cluster takes no --shard" "--cluster with --shard and --rule" -- prefetch /m --shard 1/2 --rule 'x:0' --cluster
+expect 2 "comma-separated list of node names" "--nodes with an empty name" -- prefetch /m --cluster --nodes a,,b
+expect 2 "comma-separated list of node names" "--nodes with a trailing comma" -- prefetch /m --cluster --nodes a,
+expect 2 "comma-separated list of node names" "--nodes with a leading comma" -- prefetch /m --cluster --nodes ,a
+expect 2 "comma-separated list of node names" "empty --nodes" -- prefetch /m --cluster --nodes ""
+expect 2 "needs an argument" "--nodes without its argument" -- prefetch /m --cluster --nodes
+expect 2 "takes no MODEL" "cluster with an argument" -- cluster /m
+expect 2 "takes no --component" "cluster --component" -- cluster -c vae
 export POSIXLY_CORRECT=1
 expect 2 "unknown option '--bogus'" "options after the command under POSIXLY_CORRECT" -- ls --bogus
 unset POSIXLY_CORRECT
@@ -93,6 +106,8 @@ grep -q "^weightctl [0-9]" "$scratch/out" && ok "--version names the version" ||
 
 expect 1 "^weightctl: UNAVAILABLE: " "no daemon at \$WEIGHTD_SOCKET" -- status
 expect 1 "^weightctl: UNAVAILABLE: " "components with no daemon" -- components /m --json
+expect 1 "^weightctl: UNAVAILABLE: " "cluster with no daemon" -- cluster --json
+expect 1 "^weightctl: UNAVAILABLE: " "a cluster prefetch with no daemon" -- prefetch /m --cluster --nodes a,b
 expect 1 "^weightctl: UNAVAILABLE: " "no daemon at --socket" -- --socket "$scratch/other.sock" ls --json
 if [ -s "$scratch/out" ]; then not_ok "nothing on stdout when it fails"; else ok "nothing on stdout when it fails"; fi
 

@@ -61,6 +61,8 @@ static void component_list_done(ComponentList *l) {
 DEFINE_TRIVIAL_CLEANUP_FUNC(wd_client *, wd_disconnect);
 DEFINE_TRIVIAL_CLEANUP_FUNC(wd_manifest *, wd_manifest_free);
 DEFINE_TRIVIAL_CLEANUP_FUNC(wd_status *, wd_status_free);
+DEFINE_TRIVIAL_CLEANUP_FUNC(wd_cluster_info *, wd_cluster_free);
+DEFINE_TRIVIAL_CLEANUP_FUNC(wd_cluster_prefetch_result *, wd_cluster_prefetch_result_free);
 
 /* A failed release needs no report: closing the connection ends the lease. */
 static inline void wd_releasep(wd_lease **l) {
@@ -82,6 +84,7 @@ enum {
         CMD_TENSOR = 1u << 4,     /* takes --tensor (required) and --force */
         CMD_SHARD = 1u << 5,      /* takes --shard, --rule and --uneven */
         CMD_DEVICE = 1u << 6,     /* takes --device and --keep-host */
+        CMD_CLUSTER = 1u << 7,    /* takes --cluster and --nodes */
 };
 
 typedef struct Options {
@@ -102,12 +105,16 @@ typedef struct Options {
         /* --device cuda:N|cuda:GPU-... (NULL: host memory), --keep-host yes|no */
         const char *device;
         int keep_host;
+        /* --cluster, --nodes A,B,... (none: every node of the cluster) */
+        bool cluster;
+        Strv nodes;
 } Options;
 
 static void options_done(Options *o) {
         free(o->model);
         free(o->components);
         free(o->rules);
+        strv_done(&o->nodes);
 }
 
 /* The load options of --shard, --rule, --uneven, --device and --keep-host. */
@@ -503,11 +510,104 @@ static int prefetch_components(wd_client *c, const Options *o, Strv *ret) {
         return 0;
 }
 
+/* ---- the cluster ------------------------------------------------------ */
+
+/* A node's state after a cluster prefetch that leaves the component
+ * resident there: "ok", "resident", and "mismatch" (it read its own
+ * files). */
+static bool node_load_resident(const char *state) {
+        return strcmp(state, "ok") == 0 || strcmp(state, "resident") == 0 || strcmp(state, "mismatch") == 0;
+}
+
+static json_t *node_loads_json(const wd_cluster_prefetch_result *res) {
+        json_t *a = json_array();
+
+        for (size_t i = 0; a && i < res->n_nodes; i++) {
+                const wd_cluster_node_load *x = &res->nodes[i];
+
+                if (json_array_append_new(a, json_pack("{s:o, s:o, s:o, s:o, s:o, s:o}", "node", json_str(x->node),
+                                                       "state", json_str(x->state), "storage_read_bytes",
+                                                       json_u64(x->storage_read_bytes), "peer_received_bytes",
+                                                       json_u64(x->peer_received_bytes), "peer_sent_bytes",
+                                                       json_u64(x->peer_sent_bytes), "message",
+                                                       json_str(x->message))) < 0) {
+                        json_decref(a);
+                        a = NULL;
+                }
+        }
+        return a;
+}
+
+/* The text of a cluster prefetch: a line for the component, then a table
+ * of its nodes.  Returns 0 or -ENOMEM. */
+static int node_loads_print(const char *label, const wd_cluster_prefetch_result *res, double seconds) {
+        _cleanup_(table_done) Table t = { .n_columns = 6, .right = 1u << 2 | 1u << 3 | 1u << 4 };
+        _cleanup_free_ char *l = printable(label);
+        char size[2][SIZE_MAX_LEN];
+        uint64_t read = 0;
+        bool all_resident = res->n_nodes > 0;
+        int r;
+
+        for (size_t i = 0; i < res->n_nodes; i++) {
+                read += res->nodes[i].storage_read_bytes;
+                all_resident = all_resident && strcmp(res->nodes[i].state, "resident") == 0;
+        }
+        if (!l)
+                return -ENOMEM;
+        if (all_resident)
+                printf("%s: %s already resident on %zu nodes\n", l, format_bytes(size[0], res->bytes), res->n_nodes);
+        else
+                printf("%s: %s to %zu nodes in %.1f s, %s read from storage\n", l, format_bytes(size[0], res->bytes),
+                       res->n_nodes, seconds, format_bytes(size[1], read));
+
+        r = table_add_row(&t, (const char *const[]) { "NODE", "STATE", "READ", "RECEIVED", "SENT", "MESSAGE" });
+        for (size_t i = 0; r == 0 && i < res->n_nodes; i++) {
+                const wd_cluster_node_load *x = &res->nodes[i];
+                char b[3][SIZE_MAX_LEN];
+
+                r = table_add_row(&t, (const char *const[]) {
+                                              x->node,
+                                              x->state,
+                                              format_bytes(b[0], x->storage_read_bytes),
+                                              format_bytes(b[1], x->peer_received_bytes),
+                                              format_bytes(b[2], x->peer_sent_bytes),
+                                              x->message[0] ? x->message : "-",
+                                      });
+        }
+        if (r == 0)
+                r = table_print(&t);
+        fflush(stdout);
+        return r;
+}
+
+/* A line on stderr for each node that did not make the component
+ * resident; returns their number. */
+static size_t node_loads_report(const char *label, const wd_cluster_prefetch_result *res) {
+        size_t n = 0;
+
+        for (size_t i = 0; i < res->n_nodes; i++) {
+                const wd_cluster_node_load *x = &res->nodes[i];
+                _cleanup_free_ char *l = NULL, *node = NULL, *state = NULL, *msg = NULL;
+
+                if (node_load_resident(x->state))
+                        continue;
+                n++;
+                l = printable(label);
+                node = printable(x->node);
+                state = printable(x->state);
+                msg = printable(x->message);
+                fprintf(stderr, "weightctl: %s: node %s: %s%s%s\n", l ? l : "?", node ? node : "?",
+                        state ? state : "?", x->message[0] ? ": " : "", x->message[0] && msg ? msg : "");
+        }
+        return n;
+}
+
 static int run_prefetch(wd_client *c, const Options *o) {
         _cleanup_(json_decrefp) json_t *results = NULL;
         _cleanup_(strv_done) Strv names = {};
         struct sigaction sa = { .sa_handler = on_sigint, .sa_flags = SA_RESTART | SA_RESETHAND };
         bool tty = isatty(STDERR_FILENO);
+        size_t incomplete = 0; /* nodes of a cluster prefetch without the component */
         int r;
 
         /* The first Ctrl-C cancels at the next progress report; a second
@@ -535,19 +635,30 @@ static int run_prefetch(wd_client *c, const Options *o) {
         for (size_t i = 0; i < names.n; i++) {
                 const char *component = names.items[i], *label = component[0] ? component : o->model;
                 const char *slash = strrchr(o->model, '/');
+                _cleanup_(wd_cluster_prefetch_result_freep) wd_cluster_prefetch_result *cres = NULL;
                 wd_prefetch_result res = {};
                 wd_error e = {};
+                json_t *obj;
                 Progress p;
                 double seconds;
 
                 if (cancel_requested)
                         break;
-                /* The bar names a plain model by its last component. */
+                /* The bar names a plain model by its last component.  For a
+                 * cluster prefetch it counts the cluster's bytes, as the
+                 * daemon reports them. */
                 progress_init(&p, component[0] || !slash[1] ? label : slash + 1, tty);
-                wd_load_options lo = load_options(o);
-                lo.progress = progress_update;
-                lo.userdata = &p;
-                r = wd_prefetch_ex(c, o->model, component, &lo, &res, &e);
+                if (o->cluster) {
+                        r = wd_prefetch_cluster(c, o->model, component, (const char *const *) o->nodes.items,
+                                                o->nodes.n, progress_update, &p, &cres, &e);
+                        if (r == WD_OK)
+                                res = (wd_prefetch_result){ .bytes = cres->bytes, .was_resident = cres->was_resident };
+                } else {
+                        wd_load_options lo = load_options(o);
+                        lo.progress = progress_update;
+                        lo.userdata = &p;
+                        r = wd_prefetch_ex(c, o->model, component, &lo, &res, &e);
+                }
                 seconds = now_s() - p.start;
                 progress_clear(&p);
                 if (r == WD_CANCELLED && cancel_requested)
@@ -555,12 +666,20 @@ static int run_prefetch(wd_client *c, const Options *o) {
                 if (r != WD_OK)
                         return fail_wd(r, &e);
 
-                if (json_array_append_new(results, json_pack("{s:o, s:o, s:o, s:f, s:b}", "model",
-                                                             json_str(o->model), "component", json_str(component),
-                                                             "bytes", json_u64(res.bytes), "seconds", seconds,
-                                                             "was_resident", res.was_resident)) < 0)
+                obj = json_pack("{s:o, s:o, s:o, s:f, s:b}", "model", json_str(o->model), "component",
+                                json_str(component), "bytes", json_u64(res.bytes), "seconds", seconds, "was_resident",
+                                res.was_resident);
+                if (obj && cres && json_object_set_new(obj, "nodes", node_loads_json(cres)) < 0) {
+                        json_decref(obj);
+                        obj = NULL;
+                }
+                if (json_array_append_new(results, obj) < 0)
                         return fail_oom();
-                if (!o->json) {
+                if (cres) {
+                        if (!o->json && node_loads_print(label, cres, seconds) < 0)
+                                return fail_oom();
+                        incomplete += node_loads_report(label, cres);
+                } else if (!o->json) {
                         _cleanup_free_ char *l = printable(label);
                         char size[SIZE_MAX_LEN];
 
@@ -577,7 +696,13 @@ static int run_prefetch(wd_client *c, const Options *o) {
                 fputs("weightctl: cancelled\n", stderr);
                 return EXIT_FAILED;
         }
-        return o->json ? json_print(TAKE_PTR(results)) : EXIT_OK;
+        r = o->json ? json_print(TAKE_PTR(results)) : EXIT_OK;
+        /* The nodes' lines are out (and the JSON document), but the
+         * component is not resident everywhere it was asked for. */
+        if (r == EXIT_OK && incomplete > 0)
+                return fail(0, "%zu node%s did not make the component resident", incomplete,
+                            incomplete == 1 ? "" : "s");
+        return r;
 }
 
 /* ---- ls, status, tensors ----------------------------------------------- */
@@ -647,6 +772,113 @@ static int run_ls(wd_client *c, const Options *o) {
         return r == 0 ? EXIT_OK : fail_oom();
 }
 
+/* "250us", "1.2ms", "3.4s": a round trip. */
+static const char *format_rtt(char buf[static DURATION_MAX_LEN], uint64_t us) {
+        if (us < 1000)
+                snprintf(buf, DURATION_MAX_LEN, "%" PRIu64 "us", us);
+        else if (us < 1000000)
+                snprintf(buf, DURATION_MAX_LEN, "%" PRIu64 ".%" PRIu64 "ms", us / 1000, us % 1000 / 100);
+        else
+                return format_duration(buf, us / 1000);
+        return buf;
+}
+
+/* A generation (a 64-bit id of a daemon process) as 16 hex digits: JSON
+ * integers past 2^63 would lose their low bits. */
+#define GENERATION_MAX_LEN 17
+
+static const char *format_generation(char buf[static GENERATION_MAX_LEN], uint64_t g) {
+        snprintf(buf, GENERATION_MAX_LEN, "%016" PRIx64, g);
+        return buf;
+}
+
+/* The nodes of a cluster in JSON; with full, each with its address and
+ * since_ms too (weightctl cluster), else as status shows them. */
+static json_t *cluster_nodes_json(const wd_cluster_info *ci, bool full) {
+        json_t *a = json_array();
+
+        for (size_t i = 0; a && i < ci->n_nodes; i++) {
+                const wd_cluster_node *x = &ci->nodes[i];
+                char gen[GENERATION_MAX_LEN];
+                json_t *n = json_pack("{s:o, s:o, s:s, s:o, s:o, s:o, s:o}", "name", json_str(x->name), "state",
+                                      json_str(x->state), "generation", format_generation(gen, x->generation),
+                                      "rtt_us", json_u64(x->rtt_us), "sent_bytes", json_u64(x->sent_bytes),
+                                      "received_bytes", json_u64(x->received_bytes), "last_error",
+                                      json_str(x->last_error));
+
+                if (n && full &&
+                    (json_object_set_new(n, "address", json_str(x->address)) < 0 ||
+                     json_object_set_new(n, "since_ms", json_u64(x->since_ms)) < 0)) {
+                        json_decref(n);
+                        n = NULL;
+                }
+                if (json_array_append_new(a, n) < 0) {
+                        json_decref(a);
+                        a = NULL;
+                }
+        }
+        return a;
+}
+
+static int run_cluster(wd_client *c, const Options *o) {
+        _cleanup_(wd_cluster_freep) wd_cluster_info *ci = NULL;
+        _cleanup_(table_done) Table t = { .n_columns = 8, .right = 1u << 4 | 1u << 5 | 1u << 6 };
+        char gen[GENERATION_MAX_LEN], size[3][SIZE_MAX_LEN];
+        wd_error e = {};
+        int r;
+
+        r = wd_cluster(c, &ci, &e);
+        if (r != WD_OK)
+                return fail_wd(r, &e);
+
+        if (o->json) {
+                if (!ci->enabled)
+                        return json_print(json_pack("{s:b}", "enabled", false));
+                return json_print(json_pack("{s:b, s:o, s:s, s:o, s:o, s:o, s:o}", "enabled", true, "node",
+                                            json_str(ci->node), "generation", format_generation(gen, ci->generation),
+                                            "nodes", cluster_nodes_json(ci, true), "peer_sent_bytes",
+                                            json_u64(ci->peer_sent_bytes), "peer_received_bytes",
+                                            json_u64(ci->peer_received_bytes), "storage_saved_bytes",
+                                            json_u64(ci->storage_saved_bytes)));
+        }
+        if (!ci->enabled) {
+                puts("no cluster: the daemon has no [cluster] section");
+                return EXIT_OK;
+        }
+
+        r = table_add_row(&t, (const char *const[]) { "NAME", "ADDRESS", "STATE", "GENERATION", "RTT", "SENT",
+                                                       "RECEIVED", "LAST-ERROR" });
+        for (size_t i = 0; r == 0 && i < ci->n_nodes; i++) {
+                const wd_cluster_node *x = &ci->nodes[i];
+                bool self = strcmp(x->state, "self") == 0;
+                char rtt[DURATION_MAX_LEN], b[2][SIZE_MAX_LEN];
+
+                r = table_add_row(&t, (const char *const[]) {
+                                              x->name,
+                                              x->address[0] ? x->address : "-",
+                                              x->state,
+                                              x->generation ? format_generation(gen, x->generation) : "-",
+                                              self ? "-" : format_rtt(rtt, x->rtt_us),
+                                              self ? "-" : format_bytes(b[0], x->sent_bytes),
+                                              self ? "-" : format_bytes(b[1], x->received_bytes),
+                                              x->last_error[0] ? x->last_error : "-",
+                                      });
+        }
+        if (r == 0)
+                r = table_print(&t);
+        if (r != 0)
+                return fail_oom();
+        {
+                _cleanup_free_ char *node = printable(ci->node);
+
+                printf("node %s, generation %s: %s sent to peers, %s received, %s of storage reads saved\n",
+                       node ? node : "?", format_generation(gen, ci->generation),
+                       format_bytes(size[0], ci->peer_sent_bytes), format_bytes(size[1], ci->peer_received_bytes),
+                       format_bytes(size[2], ci->storage_saved_bytes));
+        }
+        return EXIT_OK;
+}
+
 static int status_json(const wd_status *s) {
         json_t *roots = json_array();
 
@@ -677,16 +909,27 @@ static int status_json(const wd_status *s) {
                 json_decref(roots);
                 return fail_oom();
         }
-        return json_print(json_pack("{s:o, s:I, s:o, s:o, s:o, s:o, s:o, s:I, s:I, s:I, s:I, s:o, s:o, s:o, s:b, s:o, s:o}",
-                                    "version", json_str(s->version), "pid", (json_int_t) s->pid, "uptime_ms",
-                                    json_u64(s->uptime_ms), "host_budget_bytes", json_u64(s->host_budget_bytes),
-                                    "host_used_bytes", json_u64(s->host_used_bytes), "host_evictable_bytes",
-                                    json_u64(s->host_evictable_bytes), "storage_read_bytes",
-                                    json_u64(s->storage_read_bytes), "leases", (json_int_t) s->leases, "connections",
-                                    (json_int_t) s->connections, "entries", (json_int_t) s->entries, "loading",
-                                    (json_int_t) s->loading, "evictions", json_u64(s->evictions), "model_roots",
-                                    roots, "socket", json_str(s->socket), "hugetlb", s->hugetlb, "gpu",
-                                    json_str(s->gpu ? s->gpu : ""), "devices", devs));
+        json_t *doc = json_pack("{s:o, s:I, s:o, s:o, s:o, s:o, s:o, s:I, s:I, s:I, s:I, s:o, s:o, s:o, s:b, s:o, s:o}",
+                                "version", json_str(s->version), "pid", (json_int_t) s->pid, "uptime_ms",
+                                json_u64(s->uptime_ms), "host_budget_bytes", json_u64(s->host_budget_bytes),
+                                "host_used_bytes", json_u64(s->host_used_bytes), "host_evictable_bytes",
+                                json_u64(s->host_evictable_bytes), "storage_read_bytes",
+                                json_u64(s->storage_read_bytes), "leases", (json_int_t) s->leases, "connections",
+                                (json_int_t) s->connections, "entries", (json_int_t) s->entries, "loading",
+                                (json_int_t) s->loading, "evictions", json_u64(s->evictions), "model_roots",
+                                roots, "socket", json_str(s->socket), "hugetlb", s->hugetlb, "gpu",
+                                json_str(s->gpu ? s->gpu : ""), "devices", devs);
+        /* Only where the daemon has a cluster. */
+        if (doc && s->cluster &&
+            json_object_set_new(doc, "cluster",
+                                json_pack("{s:o, s:o, s:o, s:o}", "node", json_str(s->cluster->node), "nodes",
+                                          cluster_nodes_json(s->cluster, false), "peer_sent_bytes",
+                                          json_u64(s->cluster->peer_sent_bytes), "peer_received_bytes",
+                                          json_u64(s->cluster->peer_received_bytes))) < 0) {
+                json_decref(doc);
+                doc = NULL;
+        }
+        return json_print(doc);
 }
 
 static int run_status(wd_client *c, const Options *o) {
@@ -755,6 +998,19 @@ static int run_status(wd_client *c, const Options *o) {
                        w - (int) strlen(dev), "", uuid ? uuid : "?", name ? name : "?",
                        format_bytes(size[0], d->used_bytes), format_bytes(size[1], d->budget_bytes),
                        format_bytes(size[2], d->evictable_bytes), format_bytes(size[3], d->total_bytes));
+        }
+        /* The cluster in one line; weightctl cluster tells more. */
+        if (s->cluster) {
+                const wd_cluster_info *ci = s->cluster;
+                _cleanup_free_ char *node = printable(ci->node);
+                size_t up = 0;
+
+                for (size_t i = 0; i < ci->n_nodes; i++)
+                        if (strcmp(ci->nodes[i].state, "up") == 0 || strcmp(ci->nodes[i].state, "self") == 0)
+                                up++;
+                printf("cluster:%*s node %s, %zu of %zu nodes up, %s sent to peers, %s received\n",
+                       w - (int) strlen("cluster"), "", node ? node : "?", up, ci->n_nodes,
+                       format_bytes(size[0], ci->peer_sent_bytes), format_bytes(size[1], ci->peer_received_bytes));
         }
         return EXIT_OK;
 }
@@ -1040,9 +1296,11 @@ static int run_unpin(wd_client *c, const Options *o) {
 /* ---- main -------------------------------------------------------------- */
 
 static const Command commands[] = {
-        { "prefetch", CMD_MODEL | CMD_COMPONENT | CMD_COMPONENTS | CMD_JSON | CMD_SHARD | CMD_DEVICE, run_prefetch },
+        { "prefetch", CMD_MODEL | CMD_COMPONENT | CMD_COMPONENTS | CMD_JSON | CMD_SHARD | CMD_DEVICE | CMD_CLUSTER,
+          run_prefetch },
         { "ls", CMD_JSON, run_ls },
         { "status", CMD_JSON, run_status },
+        { "cluster", CMD_JSON, run_cluster },
         { "tensors", CMD_MODEL | CMD_COMPONENT | CMD_JSON | CMD_SHARD, run_tensors },
         { "components", CMD_MODEL | CMD_JSON, run_components },
         { "cat", CMD_MODEL | CMD_COMPONENT | CMD_TENSOR | CMD_SHARD, run_cat },
@@ -1063,8 +1321,10 @@ static void help(void) {
                "Commands:\n"
                "  prefetch MODEL [--component NAME]...   make components resident in host memory\n"
                "           [--device cuda:N [--keep-host yes|no]]  or on a GPU (N as this process sees it)\n"
+               "           [--cluster [--nodes A,B,...]]   or on the cluster's nodes (default: every node)\n"
                "  ls                                     list the daemon's entries\n"
                "  status                                 show the daemon's counters\n"
+               "  cluster                                list the cluster's nodes as this daemon sees them\n"
                "  tensors MODEL [--component NAME]       list a component's tensors\n"
                "  components MODEL                       list a model's components\n"
                "  cat MODEL [--component NAME] --tensor NAME [--force]\n"
@@ -1088,6 +1348,9 @@ static void help(void) {
                "      --device DEV      cuda:N or cuda:GPU-<uuid>: load into that GPU's memory\n"
                "      --keep-host Y|N   after a device load, keep the host copy (yes) or drop it (no);\n"
                "                        default: the daemon's [gpu] keep_host\n"
+               "      --cluster         prefetch into the host memory of the cluster's nodes, reading\n"
+               "                        each byte from storage once across them\n"
+               "      --nodes A,B,...   only these nodes (with --cluster)\n"
                "      --json            one JSON document on stdout instead of text\n"
                "  -h, --help            show this help\n"
                "  -V, --version         show the version\n"
@@ -1126,6 +1389,33 @@ static int parse_shard(const char *arg, Options *o) {
         return 0;
 }
 
+/* --nodes A,B,...: a comma list of non-empty names, added to o->nodes
+ * (the daemon judges the names). */
+static int parse_nodes(const char *arg, Options *o) {
+        _cleanup_free_ char *copy = strdup(arg);
+        char *rest = copy, *name;
+
+        if (!copy)
+                return fail_oom();
+        if (arg[0] == '\0' || arg[strlen(arg) - 1] == ',')
+                return usage_error("--nodes takes a comma-separated list of node names, not '%s'", arg);
+        while ((name = strsep(&rest, ","))) {
+                char **items;
+
+                if (name[0] == '\0')
+                        return usage_error("--nodes takes a comma-separated list of node names, not '%s'", arg);
+                items = reallocarray(o->nodes.items, o->nodes.n + 1, sizeof(char *));
+                if (!items)
+                        return fail_oom();
+                o->nodes.items = items;
+                o->nodes.items[o->nodes.n] = strdup(name);
+                if (!o->nodes.items[o->nodes.n])
+                        return fail_oom();
+                o->nodes.n++;
+        }
+        return 0;
+}
+
 /* --rule PATTERN:DIM, split at the last ':'.  The pattern stays in argv. */
 static int parse_rule(char *arg, Options *o) {
         char *colon = strrchr(arg, ':');
@@ -1139,7 +1429,7 @@ static int parse_rule(char *arg, Options *o) {
 }
 
 static int parse_argv(int argc, char *argv[], Options *o, const Command **ret) {
-        enum { ARG_JSON = 0x100, ARG_SHARD, ARG_RULE, ARG_UNEVEN, ARG_DEVICE, ARG_KEEP_HOST };
+        enum { ARG_JSON = 0x100, ARG_SHARD, ARG_RULE, ARG_UNEVEN, ARG_DEVICE, ARG_KEEP_HOST, ARG_CLUSTER, ARG_NODES };
         static const struct option options[] = {
                 { "socket", required_argument, NULL, 's' },
                 { "component", required_argument, NULL, 'c' },
@@ -1151,6 +1441,8 @@ static int parse_argv(int argc, char *argv[], Options *o, const Command **ret) {
                 { "uneven", no_argument, NULL, ARG_UNEVEN },
                 { "device", required_argument, NULL, ARG_DEVICE },
                 { "keep-host", required_argument, NULL, ARG_KEEP_HOST },
+                { "cluster", no_argument, NULL, ARG_CLUSTER },
+                { "nodes", required_argument, NULL, ARG_NODES },
                 { "help", no_argument, NULL, 'h' },
                 { "version", no_argument, NULL, 'V' },
                 {},
@@ -1158,7 +1450,7 @@ static int parse_argv(int argc, char *argv[], Options *o, const Command **ret) {
         const Command *cmd = NULL;
         const char *pos[2];
         size_t n_pos = 0;
-        int opt;
+        int opt, r;
 
         o->components = calloc((size_t) argc, sizeof(char *));
         o->rules = calloc((size_t) argc, sizeof(wd_shard_rule));
@@ -1216,6 +1508,14 @@ static int parse_argv(int argc, char *argv[], Options *o, const Command **ret) {
                         else
                                 return usage_error("--keep-host takes yes or no, not '%s'", optarg);
                         break;
+                case ARG_CLUSTER:
+                        o->cluster = true;
+                        break;
+                case ARG_NODES:
+                        r = parse_nodes(optarg, o);
+                        if (r != 0)
+                                return r;
+                        break;
                 case 'h':
                         help();
                         return -1;
@@ -1270,6 +1570,15 @@ static int parse_argv(int argc, char *argv[], Options *o, const Command **ret) {
                 return usage_error("%s takes no --device or --keep-host", cmd->name);
         if (o->keep_host && !o->device)
                 return usage_error("--keep-host needs --device");
+        if ((o->cluster || o->nodes.n > 0) && !(cmd->flags & CMD_CLUSTER))
+                return usage_error("%s takes no --cluster or --nodes", cmd->name);
+        if (o->nodes.n > 0 && !o->cluster)
+                return usage_error("--nodes needs --cluster");
+        /* A cluster prefetch is for the host tier, whole. */
+        if (o->cluster && o->device && strcmp(o->device, "host") != 0)
+                return usage_error("--cluster prefetches into host memory: it takes no --device %s", o->device);
+        if (o->cluster && (o->world > 0 || o->n_rules > 0 || o->uneven))
+                return usage_error("--cluster takes no --shard, --rule or --uneven");
         *ret = cmd;
         return 0;
 }
