@@ -858,7 +858,7 @@ static int run_cluster(wd_client *c, const Options *o) {
                                               x->address[0] ? x->address : "-",
                                               x->state,
                                               x->generation ? format_generation(gen, x->generation) : "-",
-                                              self ? "-" : format_rtt(rtt, x->rtt_us),
+                                              self || x->rtt_us == 0 ? "-" : format_rtt(rtt, x->rtt_us),
                                               self ? "-" : format_bytes(b[0], x->sent_bytes),
                                               self ? "-" : format_bytes(b[1], x->received_bytes),
                                               x->last_error[0] ? x->last_error : "-",

@@ -94,6 +94,53 @@ class WdDevice(ctypes.Structure):
     ]
 
 
+class WdClusterNodeLoad(ctypes.Structure):
+    _fields_ = [
+        ("node", ctypes.c_char_p),
+        ("state", ctypes.c_char_p),
+        ("storage_read_bytes", ctypes.c_uint64),
+        ("peer_received_bytes", ctypes.c_uint64),
+        ("peer_sent_bytes", ctypes.c_uint64),
+        ("message", ctypes.c_char_p),
+    ]
+
+
+class WdClusterPrefetchResult(ctypes.Structure):
+    _fields_ = [
+        ("bytes", ctypes.c_uint64),
+        ("was_resident", ctypes.c_int),
+        ("n_nodes", ctypes.c_size_t),
+        ("nodes", ctypes.POINTER(WdClusterNodeLoad)),
+    ]
+
+
+class WdClusterNode(ctypes.Structure):
+    _fields_ = [
+        ("name", ctypes.c_char_p),
+        ("address", ctypes.c_char_p),
+        ("state", ctypes.c_char_p),
+        ("generation", ctypes.c_uint64),
+        ("rtt_us", ctypes.c_uint64),
+        ("sent_bytes", ctypes.c_uint64),
+        ("received_bytes", ctypes.c_uint64),
+        ("last_error", ctypes.c_char_p),
+        ("since_ms", ctypes.c_uint64),
+    ]
+
+
+class WdClusterInfo(ctypes.Structure):
+    _fields_ = [
+        ("enabled", ctypes.c_int),
+        ("node", ctypes.c_char_p),
+        ("generation", ctypes.c_uint64),
+        ("n_nodes", ctypes.c_size_t),
+        ("nodes", ctypes.POINTER(WdClusterNode)),
+        ("peer_sent_bytes", ctypes.c_uint64),
+        ("peer_received_bytes", ctypes.c_uint64),
+        ("storage_saved_bytes", ctypes.c_uint64),
+    ]
+
+
 class WdStatus(ctypes.Structure):
     _fields_ = [
         ("version", ctypes.c_char_p),
@@ -115,6 +162,7 @@ class WdStatus(ctypes.Structure):
         ("gpu", ctypes.c_char_p),
         ("n_devices", ctypes.c_size_t),
         ("devices", ctypes.POINTER(WdDevice)),
+        ("cluster", ctypes.POINTER(WdClusterInfo)),
     ]
 
 
@@ -154,6 +202,11 @@ _SIGNATURES = {
     "wd_entries_free": (None, [ctypes.POINTER(WdEntry), ctypes.c_size_t]),
     "wd_status_get": (ctypes.c_int, [_P, ctypes.POINTER(ctypes.POINTER(WdStatus)), _ERR]),
     "wd_status_free": (None, [ctypes.POINTER(WdStatus)]),
+    "wd_prefetch_cluster": (ctypes.c_int, [_P, _S, _S, ctypes.POINTER(_S), ctypes.c_size_t, PROGRESS_FN, _P,
+                                           ctypes.POINTER(ctypes.POINTER(WdClusterPrefetchResult)), _ERR]),
+    "wd_cluster_prefetch_result_free": (None, [ctypes.POINTER(WdClusterPrefetchResult)]),
+    "wd_cluster": (ctypes.c_int, [_P, ctypes.POINTER(ctypes.POINTER(WdClusterInfo)), _ERR]),
+    "wd_cluster_free": (None, [ctypes.POINTER(WdClusterInfo)]),
 }
 
 SONAME = "libweightd-client.so.0"

@@ -30,7 +30,8 @@ import threading
 import weakref
 
 from . import _dlpack, _dtypes, errors
-from ._lib import PROGRESS_FN, WdError, WdLoadOptions, WdPrefetchResult, WdShardRule, check, lib, text
+from ._lib import (PROGRESS_FN, WdClusterInfo, WdClusterPrefetchResult, WdError, WdLoadOptions, WdPrefetchResult,
+                   WdShardRule, check, lib, text)
 
 _FRAMEWORKS = {"np": "np", "numpy": "np", "pt": "pt", "torch": "pt"}
 
@@ -179,6 +180,41 @@ def _model(model):
 
 def _component(component):
     return (component or "").encode()
+
+
+def _nodes(nodes):
+    """The node names of a cluster prefetch: None (every node), a name, or
+    an iterable of names; their validity is the daemon's to judge."""
+    if nodes is None:
+        return []
+    if isinstance(nodes, (str, bytes)):
+        nodes = [nodes]
+    out = []
+    for n in nodes:
+        if isinstance(n, bytes):
+            out.append(n)
+        elif isinstance(n, str):
+            out.append(n.encode("utf-8", "surrogateescape"))
+        else:
+            raise errors.InvalidArgument(f"nodes: {n!r} is not a node name")
+    return out
+
+
+def _cluster_dict(ci):
+    """A wd_cluster_info as a dict; the same keys whether the daemon has a
+    cluster (enabled) or not."""
+    return {
+        "enabled": bool(ci.enabled),
+        "node": text(ci.node),
+        "generation": ci.generation,
+        "nodes": [{"name": text(x.name), "address": text(x.address), "state": text(x.state),
+                   "generation": x.generation, "rtt_us": x.rtt_us, "sent_bytes": x.sent_bytes,
+                   "received_bytes": x.received_bytes, "last_error": text(x.last_error), "since_ms": x.since_ms}
+                  for x in (ci.nodes[i] for i in range(ci.n_nodes))],
+        "peer_sent_bytes": ci.peer_sent_bytes,
+        "peer_received_bytes": ci.peer_received_bytes,
+        "storage_saved_bytes": ci.storage_saved_bytes,
+    }
 
 
 def default_socket():
@@ -600,18 +636,36 @@ class Client:
                 raise
         return out
 
-    def prefetch(self, model, components=None, progress=None, shard=None, device="cpu"):
+    def prefetch(self, model, components=None, progress=None, shard=None, device="cpu", cluster=False,
+                 nodes=None):
         """Make components resident without leasing them.  components: None
         (the model's only component, or "" ), a name, or a list of names.
         progress(component, done, total) is called as bytes arrive; a true
         return value cancels (weightd.Cancelled).  shard and device as for
         load(): the sharded entry, or the device tier, is made resident
         (a later load() with the same ones finds it).  Returns
-        {component: {"bytes": n, "was_resident": bool}}."""
+        {component: {"bytes": n, "was_resident": bool}}.
+
+        cluster=True: make each component resident in the host memory of
+        the cluster's nodes named in nodes (a name or a list of names; None:
+        every node), reading each byte from storage once across them;
+        progress then counts the cluster's bytes.  Host memory, whole
+        tensors only (no shard, no device).  Each result also has "nodes":
+        one {"node", "state", "storage_read_bytes", "peer_received_bytes",
+        "peer_sent_bytes", "message"} per node, in the cluster's order; a
+        node that could not take part says so in its state ("failed",
+        "down"), which raises nothing.  weightd.Unsupported where the
+        daemon has no [cluster]."""
         if components is None or isinstance(components, str):
             components = [components or ""]
         dev = _device(device)
         sh = _shard(shard)
+        if not cluster and nodes is not None:
+            raise errors.InvalidArgument("nodes: only a cluster prefetch (cluster=True) takes nodes")
+        if cluster and (dev is not None or sh is not None):
+            raise errors.InvalidArgument("cluster=True prefetches into host memory, whole: it takes no shard and "
+                                         f"no device (got shard={shard!r}, device={device!r})")
+        names = _nodes(nodes)
         out = {}
         for comp in components:
             cb = PROGRESS_FN()
@@ -624,9 +678,12 @@ class Client:
                         failure.append(e)
                         return 1
                 cb = PROGRESS_FN(fn)
-            opts = _options(dev, sh, cb)
-            res = WdPrefetchResult()
             try:
+                if cluster:
+                    out[comp] = self._prefetch_cluster(model, comp, names, cb)
+                    continue
+                opts = _options(dev, sh, cb)
+                res = WdPrefetchResult()
                 self._conn.call(lib.wd_prefetch_ex, _model(model), _component(comp), ctypes.byref(opts),
                                 ctypes.byref(res))
             except errors.Cancelled:
@@ -635,6 +692,36 @@ class Client:
                 raise
             out[comp] = {"bytes": res.bytes, "was_resident": bool(res.was_resident)}
         return out
+
+    def _prefetch_cluster(self, model, comp, names, cb):
+        arr = (ctypes.c_char_p * max(len(names), 1))(*names)
+        res = ctypes.POINTER(WdClusterPrefetchResult)()
+        self._conn.call(lib.wd_prefetch_cluster, _model(model), _component(comp), arr, len(names), cb, None,
+                        ctypes.byref(res))
+        try:
+            v = res.contents
+            return {"bytes": v.bytes, "was_resident": bool(v.was_resident),
+                    "nodes": [{"node": text(x.node), "state": text(x.state),
+                               "storage_read_bytes": x.storage_read_bytes,
+                               "peer_received_bytes": x.peer_received_bytes, "peer_sent_bytes": x.peer_sent_bytes,
+                               "message": text(x.message)}
+                              for x in (v.nodes[i] for i in range(v.n_nodes))]}
+        finally:
+            lib.wd_cluster_prefetch_result_free(res)
+
+    def cluster(self):
+        """The cluster as the daemon sees it: {"enabled", "node", "generation",
+        "nodes": [{"name", "address", "state", "generation", "rtt_us",
+        "sent_bytes", "received_bytes", "last_error", "since_ms"}],
+        "peer_sent_bytes", "peer_received_bytes", "storage_saved_bytes"}.
+        A daemon without [cluster] gives enabled False, node None and no
+        nodes."""
+        ci = ctypes.POINTER(WdClusterInfo)()
+        self._conn.call(lib.wd_cluster, ctypes.byref(ci))
+        try:
+            return _cluster_dict(ci.contents)
+        finally:
+            lib.wd_cluster_free(ci)
 
     def evict(self, model, component=None):
         self._conn.call(lib.wd_evict, _model(model), _component(component))
@@ -684,6 +771,7 @@ class Client:
                                for k in ("index", "uuid", "name", "pci_bus_id", "total_bytes", "budget_bytes",
                                          "used_bytes", "evictable_bytes") for x in [getattr(v.devices[i], k)]}
                               for i in range(v.n_devices)]
+            out["cluster"] = _cluster_dict(v.cluster.contents) if v.cluster else None
             return out
         finally:
             lib.wd_status_free(s)
