@@ -12,7 +12,12 @@
  *
  * Values are written into the Config as they are parsed; the caller loads
  * into a fresh Config and frees it on any error, so nothing partial leaks
- * out. */
+ * out.  What spans files is kept in a LoadState: whether any [cluster] key
+ * was set and where secret_file was set last.  Once every file is read,
+ * config_finish() checks the [cluster] rules that span keys and reads the
+ * secret file (O_NOFOLLOW, owner and mode checked on the open fd, the bytes
+ * wiped from every buffer they passed through). */
+#include <arpa/inet.h>
 #include <ctype.h>
 #include <dirent.h>
 #include <fcntl.h>
@@ -40,8 +45,7 @@
 #define VALUE_SHOWN_MAX 128     /* bytes of a value quoted in a message */
 #define DUMP_WIDTH 100          /* wrap lists in config_dump() after this many bytes */
 
-static const char *const known_sections[] = { "daemon", "memory", "io", "gpu" };
-static const char *const reserved_sections[] = { "cluster" };
+static const char *const known_sections[] = { "daemon", "memory", "io", "gpu", "cluster" };
 
 static const char *const log_level_names[] = {
         [LOG_ERR - LOG_ERR] = "err",
@@ -66,13 +70,17 @@ typedef enum KeyType {
         KEY_DEVICE_BUDGETS, /* list */
         KEY_BOOL,
         KEY_DEVICES,        /* list */
+        KEY_DURATION,       /* parse_timespan() in [min, max] µs */
+        KEY_NODE,
+        KEY_NODES,          /* list */
+        KEY_SECRET_FILE,
 } KeyType;
 
 typedef struct KeyDef {
         const char *section;
         const char *name;
         KeyType type;
-        size_t offset; /* of the field, for KEY_UNSIGNED and KEY_SIZE */
+        size_t offset; /* of the field, for KEY_UNSIGNED, KEY_SIZE, KEY_BOOL and KEY_DURATION */
         uint64_t min, max, align;
 } KeyDef;
 
@@ -98,16 +106,34 @@ static const KeyDef key_defs[] = {
         { "gpu", "device_budgets", KEY_DEVICE_BUDGETS },
         { "gpu", "keep_host", KEY_BOOL, offsetof(Config, keep_host) },
         { "gpu", "devices", KEY_DEVICES },
+        { "cluster", "node", KEY_NODE },
+        { "cluster", "nodes", KEY_NODES },
+        { "cluster", "secret_file", KEY_SECRET_FILE },
+        { "cluster", "deadline", KEY_DURATION, offsetof(Config, cluster_deadline_usec),
+          CONFIG_CLUSTER_DEADLINE_MIN_USEC, CONFIG_CLUSTER_DEADLINE_MAX_USEC },
+        { "cluster", "peer_fetch", KEY_BOOL, offsetof(Config, cluster_peer_fetch) },
 };
 
 static bool key_is_list(const KeyDef *k) {
         return k->type == KEY_ROOTS || k->type == KEY_UIDS || k->type == KEY_GIDS || k->type == KEY_DEVICE_BUDGETS ||
-               k->type == KEY_DEVICES;
+               k->type == KEY_DEVICES || k->type == KEY_NODES;
+}
+
+/* What a load carries from one file to the next. */
+typedef struct LoadState {
+        bool cluster_set;   /* some file set a [cluster] key */
+        char *secret_where; /* "FILE:LINE" of the secret_file that counts, for messages */
+} LoadState;
+
+static void load_state_deinit(LoadState *s) {
+        free(s->secret_where);
+        s->secret_where = NULL;
 }
 
 /* One file (or buffer) being parsed into a Config. */
 typedef struct Parser {
         Config *config;
+        LoadState *load;
         const char *display;
         const char *text;
         size_t len;
@@ -137,6 +163,23 @@ int config_log_level_from_string(const char *s) {
 
 static bool str_in(const char *s, const char *const *table, size_t n) {
         return string_table_lookup(table, n, s) >= 0;
+}
+
+/* "10s" for 10 s: the largest unit that divides usec exactly, which
+ * parse_timespan() reads back. */
+static const char *format_duration(uint64_t usec, char buf[static 32]) {
+        static const struct {
+                const char *unit;
+                uint64_t usec;
+        } units[] = { { "h", 3600000000ull }, { "m", 60000000 }, { "s", 1000000 }, { "ms", 1000 } };
+
+        for (size_t i = 0; i < ELEMENTSOF(units); i++)
+                if (usec && usec % units[i].usec == 0) {
+                        snprintf(buf, 32, "%llu%s", (unsigned long long) (usec / units[i].usec), units[i].unit);
+                        return buf;
+                }
+        snprintf(buf, 32, "%lluus", (unsigned long long) usec);
+        return buf;
 }
 
 /* "16M" for 16 MiB: the largest suffix that divides v exactly. */
@@ -211,6 +254,25 @@ static void device_budgets_clear(Config *c) {
         c->n_device_budgets = 0;
 }
 
+static void cluster_nodes_clear(Config *c) {
+        for (size_t i = 0; i < c->n_cluster_nodes; i++) {
+                free(c->cluster_nodes[i].name);
+                free(c->cluster_nodes[i].host);
+        }
+        free(c->cluster_nodes);
+        c->cluster_nodes = NULL;
+        c->n_cluster_nodes = 0;
+}
+
+static void cluster_secret_clear(Config *c) {
+        if (c->cluster_secret) {
+                explicit_bzero(c->cluster_secret, c->cluster_secret_len);
+                free(c->cluster_secret);
+        }
+        c->cluster_secret = NULL;
+        c->cluster_secret_len = 0;
+}
+
 Config *config_free(Config *c) {
         if (!c)
                 return NULL;
@@ -223,6 +285,10 @@ Config *config_free(Config *c) {
         free(c->gpu_budget_spec);
         device_budgets_clear(c);
         free(c->gpu_devices);
+        free(c->cluster_node);
+        cluster_nodes_clear(c);
+        free(c->cluster_secret_file);
+        cluster_secret_clear(c);
         free(c);
         return NULL;
 }
@@ -252,6 +318,8 @@ int config_new_default(Config **ret, WdError *err) {
                 .queue_depth = CONFIG_QUEUE_DEPTH_DEFAULT,
                 .chunk_size = CONFIG_CHUNK_SIZE_DEFAULT,
                 .direct_io = DIRECT_AUTO,
+                .cluster_deadline_usec = CONFIG_CLUSTER_DEADLINE_DEFAULT_USEC,
+                .cluster_peer_fetch = true,
         };
         r = default_socket(&c->socket);
         if (r < 0)
@@ -308,11 +376,7 @@ static void parser_section(Parser *p, const char *start) {
         snprintf(name, sizeof(name), "%.*s", (int) MIN((size_t) (end - start - 1), sizeof(name) - 1), start + 1);
         wd_escape(shown, sizeof(shown), name, VALUE_SHOWN_MAX);
         if ((size_t) (end - start - 1) >= sizeof(name) || !str_in(name, known_sections, ELEMENTSOF(known_sections))) {
-                if (str_in(name, reserved_sections, ELEMENTSOF(reserved_sections)))
-                        parser_fail(p, p->line, WD_E_INVALID,
-                                    "[%s]: section reserved for a later version, not supported yet", shown);
-                else
-                        parser_fail(p, p->line, WD_E_INVALID, "[%s]: unknown section", shown);
+                parser_fail(p, p->line, WD_E_INVALID, "[%s]: unknown section", shown);
                 return;
         }
         for (rest = end + 1; isspace((unsigned char) *rest); rest++)
@@ -705,6 +769,285 @@ uint64_t config_gpu_budget(const Config *c, unsigned ordinal, uint64_t total) {
         return b.percent ? budget_percent(total, b.value) : b.value;
 }
 
+#define NODE_NAME_RULE "a letter or digit, then up to 62 letters, digits, '.', '_' or '-'"
+
+/* [A-Za-z0-9][A-Za-z0-9._-]{0,62} */
+static bool node_name_valid(const char *s) {
+        size_t n = strlen(s);
+
+        if (n == 0 || n > CONFIG_CLUSTER_NODE_NAME_MAX || !isalnum((unsigned char) s[0]))
+                return false;
+        for (size_t i = 1; i < n; i++)
+                if (!isalnum((unsigned char) s[i]) && !strchr("._-", s[i]))
+                        return false;
+        return true;
+}
+
+/* A DNS name: dot-separated labels of 1..63 letters, digits and '-', not
+ * starting or ending with '-'; 253 bytes at most. */
+static bool hostname_valid(const char *s) {
+        size_t n = strlen(s), label = 0;
+
+        if (n == 0 || n > 253)
+                return false;
+        for (size_t i = 0; i <= n; i++) {
+                if (i == n || s[i] == '.') {
+                        if (label == 0 || label > 63 || s[i - 1] == '-')
+                                return false;
+                        label = 0;
+                        continue;
+                }
+                if (!isalnum((unsigned char) s[i]) && s[i] != '-')
+                        return false;
+                if (label == 0 && s[i] == '-')
+                        return false;
+                label++;
+        }
+        return true;
+}
+
+/* Whether two hosts name the same address as written: IPv6 addresses by
+ * value (fd00::1 and fd00:0::1), IPv4 addresses and names as strings, names
+ * without regard to case. */
+static bool host_equal(const char *a, const char *b) {
+        struct in6_addr x, y;
+
+        if (inet_pton(AF_INET6, a, &x) == 1 && inet_pton(AF_INET6, b, &y) == 1)
+                return memcmp(&x, &y, sizeof(x)) == 0;
+        return strcasecmp(a, b) == 0;
+}
+
+/* HOST:PORT, HOST being an IPv4 address, a host name or an IPv6 address in
+ * brackets (stored without them). */
+static int parse_host_port(const char *addr, char **ret_host, uint16_t *ret_port, char *reason) {
+        char shown[VALUE_SHOWN_MAX + 32];
+        _cleanup_free_ char *host = NULL;
+        const char *port;
+        uint64_t v;
+        int r;
+
+        wd_escape(shown, sizeof(shown), addr, VALUE_SHOWN_MAX);
+        if (addr[0] == '[') {
+                const char *close = strchr(addr, ']');
+                struct in6_addr a6;
+
+                if (!close) {
+                        snprintf(reason, REASON_MAX, "\"%s\": '[' without ']'", shown);
+                        return WD_E_INVALID;
+                }
+                host = strndup(addr + 1, (size_t) (close - addr - 1));
+                if (!host)
+                        return -ENOMEM;
+                if (inet_pton(AF_INET6, host, &a6) != 1) {
+                        wd_escape(shown, sizeof(shown), host, VALUE_SHOWN_MAX);
+                        snprintf(reason, REASON_MAX, "\"%s\" is not an IPv6 address", shown);
+                        return WD_E_INVALID;
+                }
+                if (close[1] != ':') {
+                        snprintf(reason, REASON_MAX, "\"%s\" has no port (HOST:PORT, e.g. [fd00::1]:7470)", shown);
+                        return WD_E_INVALID;
+                }
+                port = close + 2;
+        } else {
+                const char *colon = strrchr(addr, ':');
+                struct in_addr a4;
+
+                if (!colon) {
+                        snprintf(reason, REASON_MAX, "\"%s\" has no port (HOST:PORT, e.g. 10.0.0.1:7470)", shown);
+                        return WD_E_INVALID;
+                }
+                host = strndup(addr, (size_t) (colon - addr));
+                if (!host)
+                        return -ENOMEM;
+                if (strchr(host, ':')) {
+                        snprintf(reason, REASON_MAX,
+                                 "\"%s\": an IPv6 address is written in brackets, e.g. [fd00::1]:7470", shown);
+                        return WD_E_INVALID;
+                }
+                wd_escape(shown, sizeof(shown), host, VALUE_SHOWN_MAX);
+                if (host[0] && host[strspn(host, "0123456789.")] == '\0') {
+                        if (inet_pton(AF_INET, host, &a4) != 1) {
+                                snprintf(reason, REASON_MAX, "\"%s\" is not an IPv4 address", shown);
+                                return WD_E_INVALID;
+                        }
+                } else if (!hostname_valid(host)) {
+                        snprintf(reason, REASON_MAX,
+                                 "\"%s\" is not a host name, an IPv4 address or an IPv6 address in brackets", shown);
+                        return WD_E_INVALID;
+                }
+                port = colon + 1;
+        }
+        wd_escape(shown, sizeof(shown), port, VALUE_SHOWN_MAX);
+        r = parse_u64(port, 1, UINT16_MAX, &v);
+        if (r == -ERANGE) {
+                snprintf(reason, REASON_MAX, "port \"%s\" is not in 1..65535", shown);
+                return WD_E_INVALID;
+        }
+        if (r < 0) {
+                snprintf(reason, REASON_MAX, "port \"%s\" is not a number", shown);
+                return WD_E_INVALID;
+        }
+        *ret_host = TAKE_PTR(host);
+        *ret_port = (uint16_t) v;
+        return 0;
+}
+
+/* One NAME=HOST:PORT of nodes. */
+static int cluster_node_add(Parser *p, const KeyDef *k, const char *item, char *reason) {
+        Config *c = p->config;
+        char shown[VALUE_SHOWN_MAX + 32], other[VALUE_SHOWN_MAX + 32];
+        _cleanup_free_ char *name = NULL, *host = NULL;
+        const char *eq = strchr(item, '='), *addr;
+        ConfigClusterNode *l;
+        uint16_t port;
+        size_t n;
+        int r;
+
+        wd_escape(shown, sizeof(shown), item, VALUE_SHOWN_MAX);
+        if (!eq) {
+                snprintf(reason, REASON_MAX, "\"%s\" is not NAME=HOST:PORT (e.g. a=10.0.0.1:7470)", shown);
+                return WD_E_INVALID;
+        }
+        n = (size_t) (eq - item);
+        while (n > 0 && isspace((unsigned char) item[n - 1]))
+                n--;
+        name = strndup(item, n);
+        if (!name)
+                return -ENOMEM;
+        for (addr = eq + 1; isspace((unsigned char) *addr); addr++)
+                ;
+        wd_escape(shown, sizeof(shown), name, VALUE_SHOWN_MAX);
+        if (!node_name_valid(name)) {
+                snprintf(reason, REASON_MAX, "\"%s\" is not a node name (" NODE_NAME_RULE ")", shown);
+                return WD_E_INVALID;
+        }
+        r = parse_host_port(addr, &host, &port, reason);
+        if (r != 0)
+                return r;
+        for (size_t i = 0; i < c->n_cluster_nodes; i++) {
+                if (strcmp(c->cluster_nodes[i].name, name) == 0) {
+                        snprintf(reason, REASON_MAX, "node \"%s\" is listed twice", shown);
+                        return WD_E_INVALID;
+                }
+                if (c->cluster_nodes[i].port == port && host_equal(c->cluster_nodes[i].host, host)) {
+                        wd_escape(other, sizeof(other), c->cluster_nodes[i].name, VALUE_SHOWN_MAX);
+                        snprintf(reason, REASON_MAX, "nodes \"%s\" and \"%s\" have the same address", other, shown);
+                        return WD_E_INVALID;
+                }
+        }
+        if (c->n_cluster_nodes >= CONFIG_CLUSTER_NODES_MAX) {
+                snprintf(reason, REASON_MAX, "more than %u nodes", CONFIG_CLUSTER_NODES_MAX);
+                return WD_E_INVALID;
+        }
+        l = reallocarray(c->cluster_nodes, c->n_cluster_nodes + 1, sizeof(ConfigClusterNode));
+        if (!l)
+                return -ENOMEM;
+        c->cluster_nodes = l;
+        c->cluster_nodes[c->n_cluster_nodes++] = (ConfigClusterNode){ .name = TAKE_PTR(name), .host = TAKE_PTR(host),
+                                                                       .port = port };
+        return 0;
+}
+
+/* Read the secret file into buf (CONFIG_CLUSTER_SECRET_MAX + 1 bytes): the
+ * file itself, not a link; a regular file of the daemon's user or root that
+ * neither group nor others may use; at most CONFIG_CLUSTER_SECRET_MAX bytes,
+ * at least CONFIG_CLUSTER_SECRET_MIN once trailing blanks are trimmed.
+ * Returns 0 and the trimmed length, WD_E_INVALID for a rule or -errno, with
+ * the reason written.  The caller wipes buf either way. */
+static int read_secret_into(const char *path, uint8_t *buf, size_t *ret_len, char *reason) {
+        _cleanup_close_ int fd = -1;
+        char shown[VALUE_SHOWN_MAX + 32];
+        struct stat st;
+        mode_t mode;
+        size_t n = 0;
+        int r;
+
+        wd_escape(shown, sizeof(shown), path, VALUE_SHOWN_MAX);
+        /* O_NONBLOCK: a FIFO put there must not make us hang in open(). */
+        fd = open(path, O_RDONLY | O_NOFOLLOW | O_CLOEXEC | O_NOCTTY | O_NONBLOCK);
+        if (fd < 0) {
+                r = negative_errno();
+                if (r == -ELOOP) {
+                        snprintf(reason, REASON_MAX, "\"%s\" is a symbolic link; name the file itself", shown);
+                        return WD_E_INVALID;
+                }
+                snprintf(reason, REASON_MAX, "cannot open \"%s\": %s", shown, strerror(-r));
+                return r;
+        }
+        if (fstat(fd, &st) < 0) {
+                r = negative_errno();
+                snprintf(reason, REASON_MAX, "cannot stat \"%s\": %s", shown, strerror(-r));
+                return r;
+        }
+        if (!S_ISREG(st.st_mode)) {
+                snprintf(reason, REASON_MAX, "\"%s\" is not a regular file", shown);
+                return WD_E_INVALID;
+        }
+        if (st.st_uid != geteuid() && st.st_uid != 0) {
+                snprintf(reason, REASON_MAX, "\"%s\" is owned by uid %u, neither the daemon's user (uid %u) nor root",
+                         shown, (unsigned) st.st_uid, (unsigned) geteuid());
+                return WD_E_INVALID;
+        }
+        mode = st.st_mode & 07777;
+        if (mode & 077) {
+                snprintf(reason, REASON_MAX, "\"%s\": mode %04o lets others %s it; chmod 600", shown, (unsigned) mode,
+                         mode & 044 ? "read" : mode & 022 ? "write" : "execute");
+                return WD_E_INVALID;
+        }
+        if (st.st_size > (off_t) CONFIG_CLUSTER_SECRET_MAX) {
+                snprintf(reason, REASON_MAX, "\"%s\" is larger than %u bytes", shown, CONFIG_CLUSTER_SECRET_MAX);
+                return WD_E_INVALID;
+        }
+        /* One byte more than allowed, to notice a file that grew. */
+        while (n <= CONFIG_CLUSTER_SECRET_MAX) {
+                ssize_t k = read(fd, buf + n, CONFIG_CLUSTER_SECRET_MAX + 1 - n);
+
+                if (k < 0 && errno == EINTR)
+                        continue;
+                if (k < 0) {
+                        r = negative_errno();
+                        snprintf(reason, REASON_MAX, "cannot read \"%s\": %s", shown, strerror(-r));
+                        return r;
+                }
+                if (k == 0)
+                        break;
+                n += (size_t) k;
+        }
+        if (n > CONFIG_CLUSTER_SECRET_MAX) {
+                snprintf(reason, REASON_MAX, "\"%s\" is larger than %u bytes", shown, CONFIG_CLUSTER_SECRET_MAX);
+                return WD_E_INVALID;
+        }
+        while (n > 0 && isspace(buf[n - 1]))
+                n--;
+        if (n < CONFIG_CLUSTER_SECRET_MIN) {
+                snprintf(reason, REASON_MAX,
+                         "\"%s\" holds %zu bytes without its trailing blanks and newlines, fewer than %u", shown, n,
+                         CONFIG_CLUSTER_SECRET_MIN);
+                return WD_E_INVALID;
+        }
+        *ret_len = n;
+        return 0;
+}
+
+static int read_secret(Config *c, char *reason) {
+        uint8_t buf[CONFIG_CLUSTER_SECRET_MAX + 1];
+        size_t n = 0;
+        int r;
+
+        r = read_secret_into(c->cluster_secret_file, buf, &n, reason);
+        if (r == 0) {
+                cluster_secret_clear(c);
+                c->cluster_secret = malloc(n);
+                if (c->cluster_secret) {
+                        memcpy(c->cluster_secret, buf, n);
+                        c->cluster_secret_len = n;
+                } else
+                        r = -ENOMEM;
+        }
+        explicit_bzero(buf, sizeof(buf));
+        return r;
+}
+
 /* Apply one value (or, with append, one continuation line of a list).
  * Returns 0, or WD_E_INVALID / -errno with the reason written. */
 static int parser_apply(Parser *p, const KeyDef *k, const char *value, bool append, char *reason) {
@@ -869,6 +1212,65 @@ static int parser_apply(Parser *p, const KeyDef *k, const char *value, bool appe
                                 return 0;
                 }
                 return for_each_item(p, k, value, ',', device_add, reason);
+
+        case KEY_DURATION:
+                r = parse_timespan(value, &v);
+                if (r == -EINVAL) {
+                        snprintf(reason, REASON_MAX,
+                                 "\"%s\" is not a duration (a number and one of the units us, ms, s, m, h: e.g. 10s)",
+                                 shown);
+                        return WD_E_INVALID;
+                }
+                if (r < 0 || v < k->min || v > k->max) {
+                        snprintf(reason, REASON_MAX, "\"%s\" is not in %s..%s", shown, format_duration(k->min, a),
+                                 format_duration(k->max, b));
+                        return WD_E_INVALID;
+                }
+                *(uint64_t *) ((uint8_t *) c + k->offset) = v;
+                return 0;
+
+        case KEY_NODE: {
+                char *s;
+
+                if (!node_name_valid(value)) {
+                        snprintf(reason, REASON_MAX, "\"%s\" is not a node name (" NODE_NAME_RULE ")", shown);
+                        return WD_E_INVALID;
+                }
+                s = strdup(value);
+                if (!s)
+                        return -ENOMEM;
+                free(c->cluster_node);
+                c->cluster_node = s;
+                return 0;
+        }
+
+        case KEY_NODES:
+                if (!append) {
+                        cluster_nodes_clear(c);
+                        /* "nodes =" may be followed by indented lines. */
+                        if (!*value)
+                                return 0;
+                }
+                return for_each_item(p, k, value, ',', cluster_node_add, reason);
+
+        case KEY_SECRET_FILE: {
+                char *s, *where = NULL;
+
+                if (value[0] != '/') {
+                        snprintf(reason, REASON_MAX, "\"%s\" is not an absolute path", shown);
+                        return WD_E_INVALID;
+                }
+                s = strdup(value);
+                if (!s || asprintf(&where, "%s:%u", p->display, p->line) < 0) {
+                        free(s);
+                        return -ENOMEM;
+                }
+                free(c->cluster_secret_file);
+                c->cluster_secret_file = s;
+                free(p->load->secret_where);
+                p->load->secret_where = where;
+                return 0;
+        }
         }
         return -EINVAL;
 }
@@ -942,13 +1344,17 @@ static int parser_handle(void *userdata, const char *section, const char *name, 
                 parser_fail(p, p->line, r, "[%s] %s: %s", section, shown, reason);
                 return 0;
         }
+        if (strcmp(k->section, "cluster") == 0)
+                p->load->cluster_set = true;
         return 1;
 }
 
 /* Parse one file's text over c. */
-static int config_parse_text(Config *c, const char *text, size_t len, const char *display, WdError *err) {
+static int config_parse_text(Config *c, LoadState *load, const char *text, size_t len, const char *display,
+                             WdError *err) {
         Parser p = {
                 .config = c,
+                .load = load,
                 .display = display,
                 .text = text,
                 .len = len,
@@ -1020,7 +1426,8 @@ static int read_config_file(int dir_fd, const char *name, const char *display, c
         return 0;
 }
 
-static int config_parse_file(Config *c, int dir_fd, const char *name, const char *display, WdError *err) {
+static int config_parse_file(Config *c, LoadState *load, int dir_fd, const char *name, const char *display,
+                             WdError *err) {
         _cleanup_free_ char *text = NULL;
         size_t len = 0;
         int r;
@@ -1028,7 +1435,7 @@ static int config_parse_file(Config *c, int dir_fd, const char *name, const char
         r = read_config_file(dir_fd, name, display, &text, &len, err);
         if (r != 0)
                 return r;
-        return config_parse_text(c, text, len, display, err);
+        return config_parse_text(c, load, text, len, display, err);
 }
 
 static int cmp_names(const void *a, const void *b) {
@@ -1042,7 +1449,7 @@ static void closedirp(DIR **d) {
 
 /* Every NAME.conf in dir (not hidden), in strcmp() order.  A missing dir is
  * fine. */
-static int config_parse_dropins(Config *c, const char *dir, WdError *err) {
+static int config_parse_dropins(Config *c, LoadState *load, const char *dir, WdError *err) {
         _cleanup_(closedirp) DIR *d = NULL;
         char **names = NULL;
         size_t n = 0;
@@ -1091,7 +1498,7 @@ static int config_parse_dropins(Config *c, const char *dir, WdError *err) {
                         r = wd_error_set(err, -ENOMEM, "%s: out of memory", dir);
                         goto finish;
                 }
-                r = config_parse_file(c, dirfd(d), names[i], display, err);
+                r = config_parse_file(c, load, dirfd(d), names[i], display, err);
                 if (r != 0)
                         goto finish;
         }
@@ -1100,9 +1507,43 @@ finish:
         return r;
 }
 
+#define CLUSTER_REQUIRED "node, nodes and secret_file are required once any [cluster] key is set"
+
+/* After the last file: the [cluster] rules that span keys (and files), then
+ * the secret.  display names the configuration as a whole. */
+static int config_finish(Config *c, const LoadState *load, const char *display, WdError *err) {
+        char reason[REASON_MAX] = "", shown[VALUE_SHOWN_MAX + 32];
+        bool found = false;
+        int r;
+
+        if (!load->cluster_set)
+                return 0;
+        if (!c->cluster_node)
+                return wd_error_set(err, WD_E_INVALID, "%s: [cluster]: node is not set (" CLUSTER_REQUIRED ")", display);
+        if (c->n_cluster_nodes == 0)
+                return wd_error_set(err, WD_E_INVALID, "%s: [cluster]: nodes is not set or empty (" CLUSTER_REQUIRED ")",
+                                    display);
+        if (!c->cluster_secret_file)
+                return wd_error_set(err, WD_E_INVALID, "%s: [cluster]: secret_file is not set (" CLUSTER_REQUIRED ")",
+                                    display);
+        for (size_t i = 0; i < c->n_cluster_nodes; i++)
+                found = found || strcmp(c->cluster_nodes[i].name, c->cluster_node) == 0;
+        if (!found) {
+                wd_escape(shown, sizeof(shown), c->cluster_node, VALUE_SHOWN_MAX);
+                return wd_error_set(err, WD_E_INVALID, "%s: [cluster]: node \"%s\" is not one of nodes", display, shown);
+        }
+        r = read_secret(c, reason);
+        if (r == -ENOMEM && !*reason)
+                snprintf(reason, sizeof(reason), "out of memory");
+        if (r != 0)
+                return wd_error_set(err, r, "%s: [cluster] secret_file: %s", load->secret_where, reason);
+        return 0;
+}
+
 int config_load(const char *path, Config **ret, WdError *err) {
         _cleanup_(config_freep) Config *c = NULL;
         _cleanup_free_ char *dir = NULL;
+        _cleanup_(load_state_deinit) LoadState load = {};
         int r;
 
         r = config_new_default(&c, err);
@@ -1112,10 +1553,13 @@ int config_load(const char *path, Config **ret, WdError *err) {
                 c->path = strdup(path);
                 if (!c->path || asprintf(&dir, "%s.d", path) < 0)
                         return wd_error_set(err, -ENOMEM, "%s: out of memory", path);
-                r = config_parse_file(c, AT_FDCWD, path, path, err);
+                r = config_parse_file(c, &load, AT_FDCWD, path, path, err);
                 if (r != 0)
                         return r;
-                r = config_parse_dropins(c, dir, err);
+                r = config_parse_dropins(c, &load, dir, err);
+                if (r != 0)
+                        return r;
+                r = config_finish(c, &load, path, err);
                 if (r != 0)
                         return r;
         }
@@ -1125,16 +1569,41 @@ int config_load(const char *path, Config **ret, WdError *err) {
 
 int config_load_string(const char *text, size_t len, const char *display, Config **ret, WdError *err) {
         _cleanup_(config_freep) Config *c = NULL;
+        _cleanup_(load_state_deinit) LoadState load = {};
         int r;
 
+        if (!display)
+                display = "<string>";
         r = config_new_default(&c, err);
         if (r != 0)
                 return r;
-        r = config_parse_text(c, text, len, display ? display : "<string>", err);
+        r = config_parse_text(c, &load, text, len, display, err);
+        if (r != 0)
+                return r;
+        r = config_finish(c, &load, display, err);
         if (r != 0)
                 return r;
         *ret = TAKE_PTR(c);
         return 0;
+}
+
+static bool streq_null(const char *a, const char *b) {
+        return a == b || (a && b && strcmp(a, b) == 0);
+}
+
+static bool cluster_equal(const Config *a, const Config *b) {
+        if (!streq_null(a->cluster_node, b->cluster_node) || a->n_cluster_nodes != b->n_cluster_nodes ||
+            !streq_null(a->cluster_secret_file, b->cluster_secret_file) ||
+            a->cluster_secret_len != b->cluster_secret_len ||
+            (a->cluster_secret_len > 0 && memcmp(a->cluster_secret, b->cluster_secret, a->cluster_secret_len) != 0) ||
+            a->cluster_deadline_usec != b->cluster_deadline_usec || a->cluster_peer_fetch != b->cluster_peer_fetch)
+                return false;
+        for (size_t i = 0; i < a->n_cluster_nodes; i++)
+                if (strcmp(a->cluster_nodes[i].name, b->cluster_nodes[i].name) != 0 ||
+                    strcmp(a->cluster_nodes[i].host, b->cluster_nodes[i].host) != 0 ||
+                    a->cluster_nodes[i].port != b->cluster_nodes[i].port)
+                        return false;
+        return true;
 }
 
 bool config_equal(const Config *a, const Config *b) {
@@ -1169,7 +1638,7 @@ bool config_equal(const Config *a, const Config *b) {
         for (size_t i = 0; i < a->n_allow_gids; i++)
                 if (a->allow_gids[i] != b->allow_gids[i])
                         return false;
-        return true;
+        return cluster_equal(a, b);
 }
 
 /* A list as "key = a, b" that wraps onto indented continuation lines. */
@@ -1269,6 +1738,32 @@ int config_dump(const Config *c, FILE *f) {
                         list_item(&w, a);
                 }
                 list_end(&w);
+        }
+
+        fputs("\n[cluster]\n", f);
+        if (!c->cluster_node)
+                fputs("# not configured: this node serves alone\n", f);
+        else {
+                fprintf(f, "node = %s\n", c->cluster_node);
+                list_begin(&w, f, "nodes", ", ");
+                for (size_t i = 0; i < c->n_cluster_nodes; i++) {
+                        const ConfigClusterNode *n = &c->cluster_nodes[i];
+                        bool v6 = strchr(n->host, ':');
+                        char item[512];
+
+                        snprintf(item, sizeof(item), "%s=%s%s%s:%u", n->name, v6 ? "[" : "", n->host, v6 ? "]" : "",
+                                 (unsigned) n->port);
+                        list_item(&w, item);
+                }
+                list_end(&w);
+                /* "secret_file=PATH" fitted libinih's line (INI_MAX_LINE - 2
+                 * bytes) when it was read; with blanks around '=' it might
+                 * not. */
+                fprintf(f, "secret_file%s%s\n",
+                        strlen("secret_file = ") + strlen(c->cluster_secret_file) > INI_MAX_LINE - 2 ? "=" : " = ",
+                        c->cluster_secret_file);
+                fprintf(f, "deadline = %s\n", format_duration(c->cluster_deadline_usec, a));
+                fprintf(f, "peer_fetch = %s\n", c->cluster_peer_fetch ? "yes" : "no");
         }
 
         if (fflush(f) != 0 || ferror(f))

@@ -5,12 +5,19 @@
  * one, a list set later replaces the whole list.  A missing PATH.d is fine.
  *
  * Sections and keys are fixed: an unknown section or key is an error with
- * its file and line, and so is a value that fails its rule.  [cluster] is
- * reserved for a later version and refused like an unknown section until
- * then.  Keys that take a list (model_roots, allow_uids,
- * allow_gids) may continue on indented lines; other keys may not.  A line
- * longer than libinih's line buffer (198 bytes in Debian's build) is an
- * error, never split.
+ * its file and line, and so is a value that fails its rule.  Keys that take
+ * a list (model_roots, allow_uids, allow_gids, device_budgets, devices,
+ * nodes) may continue on indented lines; other keys may not.  A line longer
+ * than libinih's line buffer (198 bytes in Debian's build) is an error,
+ * never split.
+ *
+ * [cluster] is optional: without any of its keys the daemon serves alone
+ * (cluster_node NULL).  With any of them, node, nodes and secret_file are
+ * required and node must be one of nodes; these rules span keys and files,
+ * so they are checked once the main file and every drop-in have been read.
+ * The secret file is read then too, from the secret_file that was set last.
+ * Its bytes live in the Config only: config_dump() writes the path, never
+ * the secret, and config_free() wipes it.
  *
  * The daemon's own uid and root are always allowed to connect: that is for the server
  * to add, allow_uids lists the others. */
@@ -41,6 +48,13 @@
 #define CONFIG_FILE_MAX (1u << 20) /* bytes in one file */
 #define CONFIG_GPU_BUDGET_DEFAULT "90%"
 #define CONFIG_GPU_MAX_DEVICES 64u
+#define CONFIG_CLUSTER_DEADLINE_DEFAULT_USEC (10ull * 1000000u)
+#define CONFIG_CLUSTER_DEADLINE_MIN_USEC (100ull * 1000u)
+#define CONFIG_CLUSTER_DEADLINE_MAX_USEC (3600ull * 1000000u)
+#define CONFIG_CLUSTER_NODES_MAX 1024u
+#define CONFIG_CLUSTER_NODE_NAME_MAX 63u  /* bytes */
+#define CONFIG_CLUSTER_SECRET_MIN 16u     /* bytes, after trimming */
+#define CONFIG_CLUSTER_SECRET_MAX 4096u   /* bytes of the file */
 
 /* A budget as written: a percentage (of RAM, of a device's memory) or bytes. */
 typedef struct ConfigBudget {
@@ -53,6 +67,13 @@ typedef struct ConfigDeviceBudget {
         ConfigBudget budget;
         char *spec;      /* as written */
 } ConfigDeviceBudget;
+
+/* One entry of [cluster] nodes: NAME=HOST:PORT. */
+typedef struct ConfigClusterNode {
+        char *name;    /* [A-Za-z0-9][A-Za-z0-9._-]{0,62} */
+        char *host;    /* IPv4, IPv6 (written in brackets: [fd00::1]:7470; stored without) or host name */
+        uint16_t port; /* 1..65535 */
+} ConfigClusterNode;
 
 typedef struct Config {
         char *path; /* main file, NULL for built-in defaults (and for config_load_string()) */
@@ -96,6 +117,17 @@ typedef struct Config {
         bool keep_host;                    /* keep the host copy after a device load, default yes */
         unsigned *gpu_devices;             /* the ordinals to serve; none: all */
         size_t n_gpu_devices;
+
+        /* [cluster] */
+        char *cluster_node;               /* NULL: no cluster configured (the default) */
+        ConfigClusterNode *cluster_nodes; /* configured order; names unique, (host, port) unique */
+        size_t n_cluster_nodes;
+        char *cluster_secret_file;        /* absolute path */
+        uint8_t *cluster_secret;          /* its bytes, read when the file is loaded (trailing newline/whitespace
+                                           * trimmed); CONFIG_CLUSTER_SECRET_MIN..MAX; never dumped or logged */
+        size_t cluster_secret_len;
+        uint64_t cluster_deadline_usec;   /* heartbeats and every transfer step; default 10 s, 100ms..1h */
+        bool cluster_peer_fetch;          /* fetch from nodes that hold a component before storage; default yes */
 } Config;
 
 /* Built-in defaults.  socket: /run/weightd/weightd.sock when geteuid() is 0,
@@ -107,26 +139,33 @@ int config_new_default(Config **ret, WdError *err);
 /* Defaults, then path, then the drop-ins in path.d.  path NULL gives the defaults.
  * Returns 0; WD_E_INVALID with err->message "FILE:LINE: [section] key:
  * reason" (e.g. "/etc/weightd/weightd.conf:7: [io] queue_depth: \"0\" is
- * not in 1..4096"), "FILE:LINE: [section]: reason" or "FILE: reason" for a
+ * not in 1..4096"), "FILE:LINE: [section]: reason", "FILE: [cluster]:
+ * reason" for a rule across keys (FILE being path) or "FILE: reason" for a
  * file that is not a regular file; or -errno with err filled, e.g. "FILE:
  * cannot open: No such file or directory" (-ENOENT), a user name lookup that
- * failed in NSS, -EFBIG for a file over CONFIG_FILE_MAX.  On failure *ret is
- * not written and nothing is left behind. */
+ * failed in NSS, a secret file that cannot be opened or read ("FILE:LINE:
+ * [cluster] secret_file: cannot open ...", FILE:LINE where secret_file was
+ * set), -EFBIG for a file over CONFIG_FILE_MAX.  On failure *ret is not
+ * written and nothing is left behind. */
 int config_load(const char *path, Config **ret, WdError *err);
 
 /* The same for a buffer (len bytes, NUL bytes are refused), without
- * drop-ins; display names it in messages ("<string>" when NULL). */
+ * drop-ins; display names it in messages ("<string>" when NULL).  A
+ * secret_file in it is read like config_load() reads it. */
 int config_load_string(const char *text, size_t len, const char *display, Config **ret, WdError *err);
 
 Config *config_free(Config *c);
 DEFINE_TRIVIAL_CLEANUP_FUNC(Config *, config_free);
 
 /* Whether two configurations have the same effective values (path is not
- * compared; host_budget_spec is). */
+ * compared; host_budget_spec is, and so are the cluster secret's bytes: a
+ * rewritten key file is a change). */
 bool config_equal(const Config *a, const Config *b);
 
 /* Write the effective configuration as INI, every key, for `weightd
- * --check-config` and logs.  The output loads back to an equal Config.
+ * --check-config` and logs; [cluster] as a comment when no cluster is
+ * configured, and its secret_file but never the secret.  The output loads
+ * back to an equal Config (while the secret file holds the same bytes).
  * Returns 0 or -errno (-EIO when the stream reports an error). */
 int config_dump(const Config *c, FILE *f);
 

@@ -57,3 +57,28 @@ int parse_size(const char *s, uint64_t *ret) {
         *ret = v;
         return 0;
 }
+
+int parse_timespan(const char *s, uint64_t *ret_usec) {
+        static const struct {
+                const char *unit;
+                uint64_t usec;
+        } units[] = {
+                { "us", 1 },          { "ms", 1000 },           { "s", 1000000 },
+                { "m", 60000000 },    { "min", 60000000 },      { "h", 3600000000ull },
+        };
+        const char *end;
+        uint64_t v;
+        int r;
+
+        r = parse_digits(s, &end, &v);
+        if (r < 0)
+                return r;
+        for (size_t i = 0; i < ELEMENTSOF(units); i++)
+                if (strcmp(end, units[i].unit) == 0) {
+                        if (mul_overflow_u64(v, units[i].usec, &v))
+                                return -ERANGE;
+                        *ret_usec = v;
+                        return 0;
+                }
+        return -EINVAL;
+}

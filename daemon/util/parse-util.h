@@ -10,3 +10,9 @@ int parse_u64(const char *s, uint64_t min, uint64_t max, uint64_t *ret);
 /* A byte count: decimal digits with an optional K, M, G or T suffix (powers
  * of 1024, case-insensitive).  Returns 0, -EINVAL or -ERANGE. */
 int parse_size(const char *s, uint64_t *ret);
+
+/* A duration: decimal digits and one unit, "us", "ms", "s", "m" (or "min")
+ * or "h", without blanks ("10s", "500ms", "2m").  A bare number is refused
+ * rather than guessed at.  Returns 0 with *ret_usec in microseconds, -EINVAL
+ * or -ERANGE (overflow). */
+int parse_timespan(const char *s, uint64_t *ret_usec);

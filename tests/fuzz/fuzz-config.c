@@ -35,6 +35,34 @@ static void check_accepted(const Config *c) {
             c->queue_depth > 4096 || c->chunk_size < (64u << 10) || c->chunk_size > (1u << 30) || c->chunk_size % 4096 ||
             c->direct_io >= _DIRECT_MODE_MAX)
                 abort();
+        if (!c->cluster_node) {
+                if (c->n_cluster_nodes || c->cluster_secret_file || c->cluster_secret || c->cluster_secret_len)
+                        abort();
+        } else {
+                bool found = false;
+
+                if (c->n_cluster_nodes == 0 || c->n_cluster_nodes > CONFIG_CLUSTER_NODES_MAX ||
+                    !c->cluster_secret_file || c->cluster_secret_file[0] != '/' || !c->cluster_secret ||
+                    c->cluster_secret_len < CONFIG_CLUSTER_SECRET_MIN || c->cluster_secret_len > CONFIG_CLUSTER_SECRET_MAX)
+                        abort();
+                for (size_t i = 0; i < c->n_cluster_nodes; i++) {
+                        const ConfigClusterNode *n = &c->cluster_nodes[i];
+
+                        if (!n->name[0] || strlen(n->name) > CONFIG_CLUSTER_NODE_NAME_MAX || !n->host[0] || n->port == 0 ||
+                            strspn(n->name, "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789._-") !=
+                                    strlen(n->name))
+                                abort();
+                        found = found || strcmp(n->name, c->cluster_node) == 0;
+                        for (size_t j = 0; j < i; j++)
+                                if (strcmp(c->cluster_nodes[j].name, n->name) == 0)
+                                        abort();
+                }
+                if (!found)
+                        abort();
+        }
+        if (c->cluster_deadline_usec < CONFIG_CLUSTER_DEADLINE_MIN_USEC ||
+            c->cluster_deadline_usec > CONFIG_CLUSTER_DEADLINE_MAX_USEC)
+                abort();
 }
 
 static void check_round_trip(const Config *c) {

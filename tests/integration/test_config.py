@@ -23,7 +23,8 @@ GOOD = {
 BAD = {
     "unknown-key": ("[daemon]\nmodel_roots = /m\nbogus = 1\n", 3, "bogus"),
     "unknown-section": ("[daemon]\nmodel_roots = /m\n[nonsense]\n", 3, "nonsense"),
-    "reserved-section": ("[cluster]\n", 1, "cluster"),
+    "cluster-duplicate-node": ("[cluster]\nnode = a\nnodes = a=10.0.0.1:7470, a=10.0.0.2:7470\n", 3, "nodes"),
+    "cluster-bad-deadline": ("[cluster]\n\ndeadline = 10\n", 3, "deadline"),
     "bad-gpu-budget": ("[gpu]\nbudget = 120%\n", 2, "budget"),
     "bad-device-budget": ("[gpu]\ndevice_budgets = 0:40G, x:1G\n", 2, "device_budgets"),
     "bad-keep-host": ("[gpu]\nkeep_host = sometimes\n", 2, "keep_host"),
@@ -84,6 +85,40 @@ def test_check_config_refuses_with_file_and_line(bins, confdir, name):
     err = r.stderr.decode()
     assert f"{path}:{line}:" in err and what in err, err
     assert r.stdout == b""
+
+
+def test_check_config_cluster(bins, confdir):
+    """[cluster] is printed with its secret_file but not the secret, loads back,
+    and a secret file that others may read is refused."""
+    key = confdir / "cluster.key"
+    key.write_text("a shared secret of 32 bytes.....\n")
+    key.chmod(0o600)
+    path = confdir / "weightd.conf"
+    path.write_text(f"[cluster]\nnode = b\nnodes = a=10.0.0.1:7470\n  b=[fd00::2]:7470\nsecret_file = {key}\n"
+                    "deadline = 500ms\n")
+    r = check(bins, path)
+    assert r.returncode == 0, r.stderr.decode()
+    out = r.stdout.decode()
+    assert (f"\n[cluster]\nnode = b\nnodes = a=10.0.0.1:7470, b=[fd00::2]:7470\nsecret_file = {key}\n"
+            "deadline = 500ms\npeer_fetch = yes\n") in out, out
+    assert "shared secret" not in out + r.stderr.decode()
+    again = confdir / "dumped.conf"
+    again.write_bytes(r.stdout)
+    r2 = check(bins, again)
+    assert r2.returncode == 0, r2.stderr.decode()
+    assert r2.stdout.split(b"\n", 1)[1] == r.stdout.split(b"\n", 1)[1]
+
+    key.chmod(0o640)
+    r = check(bins, path)
+    assert r.returncode == 1 and r.stdout == b""
+    err = r.stderr.decode()
+    assert f"{path}:5: [cluster] secret_file:" in err and "mode 0640" in err and "chmod 600" in err, err
+    assert "shared secret" not in err
+
+    # Without any [cluster] key the section is a comment.
+    path.write_text("[cluster]\n")
+    r = check(bins, path)
+    assert r.returncode == 0 and "\n[cluster]\n# not configured" in r.stdout.decode()
 
 
 def test_check_config_names_the_drop_in(bins, confdir):

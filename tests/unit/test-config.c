@@ -1,11 +1,14 @@
 /* The configuration parser: every key with good and bad values (the exact
  * FILE:LINE message for each bad one), defaults, drop-in order, sections,
  * libinih's corners (continuation lines, long lines, comments), names
- * resolved through NSS, and config_dump() loading back to an equal Config.
+ * resolved through NSS, [cluster] with its secret file, and config_dump()
+ * loading back to an equal Config.
  *
  * argv[1] is the shipped conf/weightd.conf, which must mean "defaults". */
+#include <fcntl.h>
 #include <grp.h>
 #include <pwd.h>
+#include <sys/stat.h>
 #include <syslog.h>
 
 #include "server/config.h"
@@ -106,6 +109,14 @@ static void assert_defaults(const Config *c) {
         assert_int_equal(c->queue_depth, 32);
         assert_int_equal(c->chunk_size, 16u << 20);
         assert_int_equal(c->direct_io, DIRECT_AUTO);
+        assert_null(c->cluster_node);
+        assert_null(c->cluster_nodes);
+        assert_int_equal(c->n_cluster_nodes, 0);
+        assert_null(c->cluster_secret_file);
+        assert_null(c->cluster_secret);
+        assert_int_equal(c->cluster_secret_len, 0);
+        assert_int_equal(c->cluster_deadline_usec, 10000000);
+        assert_true(c->cluster_peer_fetch);
 }
 
 static void test_defaults(void **state) {
@@ -124,7 +135,7 @@ static void test_defaults(void **state) {
         e = load_ok("");
         assert_true(config_equal(c, e));
         e = config_free(e);
-        e = load_ok("; nothing\n\n[daemon]\n[memory]\n# nothing either\n[io]\n");
+        e = load_ok("; nothing\n\n[daemon]\n[memory]\n# nothing either\n[io]\n[gpu]\n[cluster]\n");
         assert_true(config_equal(c, e));
 }
 
@@ -522,7 +533,9 @@ static void test_sections_and_keys(void **state) {
         load_bad("[ io ]\n", "test.conf:1: [ io ]: unknown section");
         load_bad("[io]\n[gpu]\nqueue_depth = 1\n", "test.conf:3: [gpu] queue_depth: unknown key");
         load_bad("[cluster]\nnodes = 2\n",
-                 "test.conf:1: [cluster]: section reserved for a later version, not supported yet");
+                 "test.conf:2: [cluster] nodes: \"2\" is not NAME=HOST:PORT (e.g. a=10.0.0.1:7470)");
+        load_bad("[cluster]\nsecret = x\n", "test.conf:2: [cluster] secret: unknown key");
+        load_bad("[Cluster]\n", "test.conf:1: [Cluster]: unknown section");
         load_bad("queue_depth = 1\n", "test.conf:1: queue_depth: key outside of any section");
         load_bad("[io]\nqueue_depth\n",
                  "test.conf:2: syntax error: expected \"key = value\", \"[section]\" or a comment");
@@ -790,6 +803,449 @@ static void test_files(void **state) {
         remove_tree(dir);
 }
 
+/* A file of text with mode, created afresh (whatever the umask). */
+static char *write_mode(const char *dir, const char *name, const char *text, mode_t mode) {
+        char *p = path_join(dir, name);
+        int fd;
+
+        assert_non_null(p);
+        (void) unlink(p);
+        fd = open(p, O_WRONLY | O_CREAT | O_EXCL | O_CLOEXEC, 0600);
+        assert_true(fd >= 0);
+        assert_int_equal(write(fd, text, strlen(text)), (ssize_t) strlen(text));
+        assert_int_equal(fchmod(fd, mode), 0);
+        assert_int_equal(close(fd), 0);
+        return p;
+}
+
+#define SECRET "0123456789abcdef twenty-six b"
+
+static void test_cluster_keys(void **state) {
+        _cleanup_free_ char *dir = make_temp_dir(NULL);
+        _cleanup_free_ char *key = write_mode(dir, "cluster.key", SECRET "\n \t\r\n", 0600);
+        _cleanup_(config_freep) Config *c = NULL;
+        char text[1024];
+
+        snprintf(text, sizeof(text),
+                 "[cluster]\n"
+                 "node = b\n"
+                 "nodes = a=10.0.0.1:7470, b=10.0.0.2:7470,c=10.0.0.3:7470\n"
+                 "secret_file = %s\n"
+                 "deadline = 10s\n"
+                 "peer_fetch = yes\n",
+                 key);
+        c = load_ok(text);
+        assert_string_equal(c->cluster_node, "b");
+        assert_int_equal(c->n_cluster_nodes, 3);
+        assert_string_equal(c->cluster_nodes[0].name, "a");
+        assert_string_equal(c->cluster_nodes[0].host, "10.0.0.1");
+        assert_int_equal(c->cluster_nodes[0].port, 7470);
+        assert_string_equal(c->cluster_nodes[1].name, "b");
+        assert_string_equal(c->cluster_nodes[1].host, "10.0.0.2");
+        assert_int_equal(c->cluster_nodes[1].port, 7470);
+        assert_string_equal(c->cluster_nodes[2].name, "c");
+        assert_string_equal(c->cluster_nodes[2].host, "10.0.0.3");
+        assert_int_equal(c->cluster_nodes[2].port, 7470);
+        assert_string_equal(c->cluster_secret_file, key);
+        /* Trailing blanks and newlines are trimmed, inner ones kept. */
+        assert_int_equal(c->cluster_secret_len, strlen(SECRET));
+        assert_memory_equal(c->cluster_secret, SECRET, strlen(SECRET));
+        assert_int_equal(c->cluster_deadline_usec, 10000000);
+        assert_true(c->cluster_peer_fetch);
+        /* The other sections keep their defaults. */
+        assert_int_equal(c->queue_depth, 32);
+        c = config_free(c);
+
+        /* Only the three required keys: deadline and peer_fetch default.
+         * IPv6 in brackets (stored without), host names, ports at the
+         * bounds, names at their longest, continuation lines. */
+        snprintf(text, sizeof(text),
+                 "[cluster]\n"
+                 "secret_file = %s\n"
+                 "nodes =\n"
+                 "  gpu-01.rack_2=[fd00::1]:1, x=[::ffff:10.0.0.1]:65535\n"
+                 "\tN3=node-3.example.com:7470 ; a comment\n"
+                 "  abcdefghijklmnopqrstuvwxyz0123456789abcdefghijklmnopqrstuvwxyz0 = localhost:80\n"
+                 "  v4=127.0.0.1:7471, same-host=127.0.0.1:7472, dup6=[fd00::1]:2\n"
+                 "node = N3\n",
+                 key);
+        c = load_ok(text);
+        assert_string_equal(c->cluster_node, "N3");
+        assert_int_equal(c->n_cluster_nodes, 7);
+        assert_string_equal(c->cluster_nodes[0].name, "gpu-01.rack_2");
+        assert_string_equal(c->cluster_nodes[0].host, "fd00::1");
+        assert_int_equal(c->cluster_nodes[0].port, 1);
+        assert_string_equal(c->cluster_nodes[1].name, "x");
+        assert_string_equal(c->cluster_nodes[1].host, "::ffff:10.0.0.1");
+        assert_int_equal(c->cluster_nodes[1].port, 65535);
+        assert_string_equal(c->cluster_nodes[2].name, "N3");
+        assert_string_equal(c->cluster_nodes[2].host, "node-3.example.com");
+        assert_int_equal(c->cluster_nodes[2].port, 7470);
+        assert_int_equal(strlen(c->cluster_nodes[3].name), 63);
+        assert_string_equal(c->cluster_nodes[3].host, "localhost");
+        assert_int_equal(c->cluster_nodes[3].port, 80);
+        assert_string_equal(c->cluster_nodes[4].host, "127.0.0.1");
+        assert_int_equal(c->cluster_nodes[4].port, 7471);
+        assert_string_equal(c->cluster_nodes[5].host, "127.0.0.1");
+        assert_int_equal(c->cluster_nodes[5].port, 7472);
+        assert_string_equal(c->cluster_nodes[6].host, "fd00::1");
+        assert_int_equal(c->cluster_nodes[6].port, 2);
+        assert_int_equal(c->cluster_deadline_usec, 10000000);
+        assert_true(c->cluster_peer_fetch);
+        c = config_free(c);
+
+        static const struct {
+                const char *value;
+                uint64_t usec;
+        } deadlines[] = {
+                { "100ms", 100000 },     { "500ms", 500000 },           { "2m", 120000000 },
+                { "2min", 120000000 },   { "1h", 3600000000ull },       { "100000us", 100000 },
+                { "3599999999us", 3599999999ull }, { "60m", 3600000000ull },
+        };
+        for (size_t i = 0; i < ELEMENTSOF(deadlines); i++) {
+                snprintf(text, sizeof(text),
+                         "[cluster]\nnode = a\nnodes = a=h:1\nsecret_file = %s\ndeadline = %s\npeer_fetch = no\n", key,
+                         deadlines[i].value);
+                c = load_ok(text);
+                assert_int_equal(c->cluster_deadline_usec, deadlines[i].usec);
+                assert_false(c->cluster_peer_fetch);
+                c = config_free(c);
+        }
+
+        /* A key given twice: the last one wins; nodes replaces the list. */
+        snprintf(text, sizeof(text),
+                 "[cluster]\nnode = a\nnodes = a=h:1, b=h:2\nsecret_file = /nonexistent\n[io]\n[cluster]\n"
+                 "nodes = c=h:3\n  d=h:4\nnode = d\nsecret_file = %s\n",
+                 key);
+        c = load_ok(text);
+        assert_string_equal(c->cluster_node, "d");
+        assert_int_equal(c->n_cluster_nodes, 2);
+        assert_string_equal(c->cluster_nodes[0].name, "c");
+        assert_string_equal(c->cluster_nodes[1].name, "d");
+        assert_string_equal(c->cluster_secret_file, key);
+        c = config_free(c);
+
+        /* Exactly 16 bytes, and a file of exactly 4096, are enough and not
+         * too many. */
+        {
+                char big[4097];
+                _cleanup_free_ char *k16 = write_mode(dir, "k16", "0123456789abcdef", 0400);
+                _cleanup_free_ char *k4096 = NULL;
+
+                memset(big, 'k', 4095);
+                big[4095] = '\n';
+                big[4096] = '\0';
+                k4096 = write_mode(dir, "k4096", big, 0600);
+                snprintf(text, sizeof(text), "[cluster]\nnode = a\nnodes = a=h:1\nsecret_file = %s\n", k16);
+                c = load_ok(text);
+                assert_int_equal(c->cluster_secret_len, 16);
+                c = config_free(c);
+                snprintf(text, sizeof(text), "[cluster]\nnode = a\nnodes = a=h:1\nsecret_file = %s\n", k4096);
+                c = load_ok(text);
+                assert_int_equal(c->cluster_secret_len, 4095);
+                c = config_free(c);
+        }
+        remove_tree(dir);
+}
+
+#define NAME_RULE "(a letter or digit, then up to 62 letters, digits, '.', '_' or '-')"
+#define REQUIRED "(node, nodes and secret_file are required once any [cluster] key is set)"
+#define DURATION "is not a duration (a number and one of the units us, ms, s, m, h: e.g. 10s)"
+#define NOT_HOST "is not a host name, an IPv4 address or an IPv6 address in brackets"
+
+/* Every [cluster] rule, with the message a user sees. */
+static void test_cluster_bad(void **state) {
+        static const struct {
+                const char *text;
+                const char *message;
+        } cases[] = {
+                /* node */
+                { "[cluster]\nnode = a b\n", "test.conf:2: [cluster] node: \"a b\" is not a node name " NAME_RULE },
+                { "[cluster]\nnode =\n", "test.conf:2: [cluster] node: \"\" is not a node name " NAME_RULE },
+                { "[cluster]\nnode = -a\n", "test.conf:2: [cluster] node: \"-a\" is not a node name " NAME_RULE },
+                { "[cluster]\nnode = .a\n", "test.conf:2: [cluster] node: \".a\" is not a node name " NAME_RULE },
+                { "[cluster]\nnode = abcdefghijklmnopqrstuvwxyz0123456789abcdefghijklmnopqrstuvwxyz01\n",
+                  "test.conf:2: [cluster] node: \"abcdefghijklmnopqrstuvwxyz0123456789abcdefghijklmnopqrstuvwxyz01\" is "
+                  "not a node name " NAME_RULE },
+                { "[cluster]\nnode = a\n  b\n",
+                  "test.conf:3: [cluster] node: indented line continues a key that takes a single value" },
+                /* nodes */
+                { "[cluster]\nnodes = a=10.0.0.1:7470, a=10.0.0.2:7470\n",
+                  "test.conf:2: [cluster] nodes: node \"a\" is listed twice" },
+                { "[cluster]\nnodes = a=10.0.0.1:7470\n  b=10.0.0.1:7470\n",
+                  "test.conf:3: [cluster] nodes: nodes \"a\" and \"b\" have the same address" },
+                { "[cluster]\nnodes = a=[fd00::1]:7470, b=[fd00:0:0::1]:7470\n",
+                  "test.conf:2: [cluster] nodes: nodes \"a\" and \"b\" have the same address" },
+                { "[cluster]\nnodes = a=Node.example:7470, b=node.EXAMPLE:7470\n",
+                  "test.conf:2: [cluster] nodes: nodes \"a\" and \"b\" have the same address" },
+                { "[cluster]\nnodes = 10.0.0.1:7470\n",
+                  "test.conf:2: [cluster] nodes: \"10.0.0.1:7470\" is not NAME=HOST:PORT (e.g. a=10.0.0.1:7470)" },
+                { "[cluster]\nnodes = a/b=10.0.0.1:7470\n",
+                  "test.conf:2: [cluster] nodes: \"a/b\" is not a node name " NAME_RULE },
+                { "[cluster]\nnodes = =10.0.0.1:7470\n", "test.conf:2: [cluster] nodes: \"\" is not a node name " NAME_RULE },
+                { "[cluster]\nnodes = a=10.0.0.1\n",
+                  "test.conf:2: [cluster] nodes: \"10.0.0.1\" has no port (HOST:PORT, e.g. 10.0.0.1:7470)" },
+                { "[cluster]\nnodes = a=[fd00::1]\n",
+                  "test.conf:2: [cluster] nodes: \"[fd00::1]\" has no port (HOST:PORT, e.g. [fd00::1]:7470)" },
+                { "[cluster]\nnodes = a=[fd00::1]7470\n",
+                  "test.conf:2: [cluster] nodes: \"[fd00::1]7470\" has no port (HOST:PORT, e.g. [fd00::1]:7470)" },
+                { "[cluster]\nnodes = a=fd00::1:7470\n",
+                  "test.conf:2: [cluster] nodes: \"fd00::1:7470\": an IPv6 address is written in brackets, e.g. "
+                  "[fd00::1]:7470" },
+                { "[cluster]\nnodes = a=[fd00::1:7470\n",
+                  "test.conf:2: [cluster] nodes: \"[fd00::1:7470\": '[' without ']'" },
+                { "[cluster]\nnodes = a=[10.0.0.1]:7470\n",
+                  "test.conf:2: [cluster] nodes: \"10.0.0.1\" is not an IPv6 address" },
+                { "[cluster]\nnodes = a=[fe80::1%eth0]:7470\n",
+                  "test.conf:2: [cluster] nodes: \"fe80::1%eth0\" is not an IPv6 address" },
+                { "[cluster]\nnodes = a=10.0.0.256:7470\n",
+                  "test.conf:2: [cluster] nodes: \"10.0.0.256\" is not an IPv4 address" },
+                { "[cluster]\nnodes = a=10.0.0:7470\n", "test.conf:2: [cluster] nodes: \"10.0.0\" is not an IPv4 address" },
+                { "[cluster]\nnodes = a=010.0.0.1:7470\n",
+                  "test.conf:2: [cluster] nodes: \"010.0.0.1\" is not an IPv4 address" },
+                { "[cluster]\nnodes = a=bad_host:7470\n", "test.conf:2: [cluster] nodes: \"bad_host\" " NOT_HOST },
+                { "[cluster]\nnodes = a=-x.example:7470\n", "test.conf:2: [cluster] nodes: \"-x.example\" " NOT_HOST },
+                { "[cluster]\nnodes = a=x-.example:7470\n", "test.conf:2: [cluster] nodes: \"x-.example\" " NOT_HOST },
+                { "[cluster]\nnodes = a=x..example:7470\n", "test.conf:2: [cluster] nodes: \"x..example\" " NOT_HOST },
+                { "[cluster]\nnodes = a=example.:7470\n", "test.conf:2: [cluster] nodes: \"example.\" " NOT_HOST },
+                { "[cluster]\nnodes = a=:7470\n", "test.conf:2: [cluster] nodes: \"\" " NOT_HOST },
+                { "[cluster]\nnodes = a=10.0.0.1:0\n", "test.conf:2: [cluster] nodes: port \"0\" is not in 1..65535" },
+                { "[cluster]\nnodes = a=10.0.0.1:65536\n",
+                  "test.conf:2: [cluster] nodes: port \"65536\" is not in 1..65535" },
+                { "[cluster]\nnodes = a=10.0.0.1:\n", "test.conf:2: [cluster] nodes: port \"\" is not a number" },
+                { "[cluster]\nnodes = a=10.0.0.1:http\n", "test.conf:2: [cluster] nodes: port \"http\" is not a number" },
+                { "[cluster]\nnodes = a=10.0.0.1:-1\n", "test.conf:2: [cluster] nodes: port \"-1\" is not a number" },
+                { "[cluster]\nnodes = a=10.0.0.1:1,\n", "test.conf:2: [cluster] nodes: empty item in \"a=10.0.0.1:1,\"" },
+                /* secret_file, deadline, peer_fetch */
+                { "[cluster]\nsecret_file = etc/cluster.key\n",
+                  "test.conf:2: [cluster] secret_file: \"etc/cluster.key\" is not an absolute path" },
+                { "[cluster]\nsecret_file =\n", "test.conf:2: [cluster] secret_file: \"\" is not an absolute path" },
+                { "[cluster]\ndeadline = 10\n", "test.conf:2: [cluster] deadline: \"10\" " DURATION },
+                { "[cluster]\ndeadline = 1.5s\n", "test.conf:2: [cluster] deadline: \"1.5s\" " DURATION },
+                { "[cluster]\ndeadline = 10 s\n", "test.conf:2: [cluster] deadline: \"10 s\" " DURATION },
+                { "[cluster]\ndeadline = 1m30s\n", "test.conf:2: [cluster] deadline: \"1m30s\" " DURATION },
+                { "[cluster]\ndeadline =\n", "test.conf:2: [cluster] deadline: \"\" " DURATION },
+                { "[cluster]\ndeadline = 99ms\n", "test.conf:2: [cluster] deadline: \"99ms\" is not in 100ms..1h" },
+                { "[cluster]\ndeadline = 99999us\n", "test.conf:2: [cluster] deadline: \"99999us\" is not in 100ms..1h" },
+                { "[cluster]\ndeadline = 0s\n", "test.conf:2: [cluster] deadline: \"0s\" is not in 100ms..1h" },
+                { "[cluster]\ndeadline = 3601s\n", "test.conf:2: [cluster] deadline: \"3601s\" is not in 100ms..1h" },
+                { "[cluster]\ndeadline = 99999999999999999999h\n",
+                  "test.conf:2: [cluster] deadline: \"99999999999999999999h\" is not in 100ms..1h" },
+                { "[cluster]\npeer_fetch = sometimes\n",
+                  "test.conf:2: [cluster] peer_fetch: \"sometimes\" is not one of yes, no" },
+                /* Rules across keys: after the whole file. */
+                { "[cluster]\ndeadline = 5s\n", "test.conf: [cluster]: node is not set " REQUIRED },
+                { "[cluster]\npeer_fetch = no\nnode = a\n", "test.conf: [cluster]: nodes is not set or empty " REQUIRED },
+                { "[cluster]\nnode = a\nnodes = a=h:1\nnodes =\nsecret_file = /k\n",
+                  "test.conf: [cluster]: nodes is not set or empty " REQUIRED },
+                { "[cluster]\nnode = a\nnodes = a=h:1\n", "test.conf: [cluster]: secret_file is not set " REQUIRED },
+                { "[cluster]\nsecret_file = /k\n", "test.conf: [cluster]: node is not set " REQUIRED },
+                { "[cluster]\nnode = d\nnodes = a=h:1, b=h:2, c=h:3\nsecret_file = /k\n",
+                  "test.conf: [cluster]: node \"d\" is not one of nodes" },
+                { "[cluster]\nnode = A\nnodes = a=h:1\nsecret_file = /k\n",
+                  "test.conf: [cluster]: node \"A\" is not one of nodes" },
+                /* A per-key error comes first. */
+                { "[cluster]\nnode = d\nnodes = a=h:1\nsecret_file = k\n",
+                  "test.conf:4: [cluster] secret_file: \"k\" is not an absolute path" },
+        };
+
+        for (size_t i = 0; i < ELEMENTSOF(cases); i++)
+                load_bad(cases[i].text, cases[i].message);
+}
+
+/* The secret file: who may read it, what it is, how long. */
+static void test_cluster_secret(void **state) {
+        _cleanup_free_ char *dir = make_temp_dir(NULL);
+        _cleanup_free_ char *good = write_mode(dir, "good.key", SECRET "\n", 0600);
+        char text[1024], msg[1024], path[512];
+        static const struct {
+                mode_t mode;
+                const char *verb;
+        } modes[] = {
+                { 0640, "read" },  { 0604, "read" },    { 0644, "read" },    { 0620, "write" },
+                { 0602, "write" }, { 0610, "execute" }, { 0601, "execute" }, { 0660, "read" },
+        };
+
+#define LOAD_SECRET(p) snprintf(text, sizeof(text), "[cluster]\nnode = a\nnodes = a=h:1\n\nsecret_file = %s\n", (p))
+
+        /* Group and other bits: refused with the mode found. */
+        for (size_t i = 0; i < ELEMENTSOF(modes); i++) {
+                _cleanup_free_ char *k = write_mode(dir, "mode.key", SECRET, modes[i].mode);
+
+                LOAD_SECRET(k);
+                snprintf(msg, sizeof(msg),
+                         "test.conf:5: [cluster] secret_file: \"%s\": mode %04o lets others %s it; chmod 600", k,
+                         (unsigned) modes[i].mode, modes[i].verb);
+                load_bad(text, msg);
+        }
+        /* Owner-only modes are fine. */
+        {
+                static const mode_t ok[] = { 0600, 0400, 0700, 0200 };
+
+                for (size_t i = 0; i < ELEMENTSOF(ok); i++) {
+                        _cleanup_free_ char *k = write_mode(dir, "ok.key", SECRET, ok[i]);
+                        Config *c;
+
+                        LOAD_SECRET(k);
+                        c = load_ok(text);
+                        assert_int_equal(c->cluster_secret_len, strlen(SECRET));
+                        config_free(c);
+                }
+        }
+
+        /* A symbolic link, even to a good file. */
+        snprintf(path, sizeof(path), "%s/link.key", dir);
+        assert_int_equal(symlink(good, path), 0);
+        LOAD_SECRET(path);
+        snprintf(msg, sizeof(msg), "test.conf:5: [cluster] secret_file: \"%s\" is a symbolic link; name the file itself",
+                 path);
+        load_bad(text, msg);
+
+        /* Too short once trimmed; empty. */
+        {
+                _cleanup_free_ char *k = write_mode(dir, "short.key", "0123456789abcde\n\n  \n", 0600);
+                _cleanup_free_ char *e = write_mode(dir, "empty.key", "", 0600);
+
+                LOAD_SECRET(k);
+                snprintf(msg, sizeof(msg),
+                         "test.conf:5: [cluster] secret_file: \"%s\" holds 15 bytes without its trailing blanks and "
+                         "newlines, fewer than 16",
+                         k);
+                load_bad(text, msg);
+                LOAD_SECRET(e);
+                snprintf(msg, sizeof(msg),
+                         "test.conf:5: [cluster] secret_file: \"%s\" holds 0 bytes without its trailing blanks and "
+                         "newlines, fewer than 16",
+                         e);
+                load_bad(text, msg);
+        }
+
+        /* Too long: 4097 bytes, even when most of them would be trimmed. */
+        {
+                char big[4098];
+                _cleanup_free_ char *k = NULL;
+
+                memset(big, '\n', 4097);
+                memcpy(big, SECRET, strlen(SECRET));
+                big[4097] = '\0';
+                k = write_mode(dir, "big.key", big, 0600);
+                LOAD_SECRET(k);
+                snprintf(msg, sizeof(msg), "test.conf:5: [cluster] secret_file: \"%s\" is larger than 4096 bytes", k);
+                load_bad(text, msg);
+        }
+
+        /* Missing, a directory, a FIFO (refused without blocking). */
+        snprintf(path, sizeof(path), "%s/absent.key", dir);
+        LOAD_SECRET(path);
+        snprintf(msg, sizeof(msg), "test.conf:5: [cluster] secret_file: cannot open \"%s\": No such file or directory",
+                 path);
+        load_bad_len(text, strlen(text), -ENOENT, msg);
+        LOAD_SECRET(dir);
+        snprintf(msg, sizeof(msg), "test.conf:5: [cluster] secret_file: \"%s\" is not a regular file", dir);
+        load_bad(text, msg);
+        snprintf(path, sizeof(path), "%s/fifo.key", dir);
+        assert_int_equal(mkfifo(path, 0600), 0);
+        LOAD_SECRET(path);
+        snprintf(msg, sizeof(msg), "test.conf:5: [cluster] secret_file: \"%s\" is not a regular file", path);
+        load_bad(text, msg);
+
+        /* Owned by another user (needs root to arrange). */
+        if (geteuid() == 0) {
+                _cleanup_free_ char *k = write_mode(dir, "other.key", SECRET, 0600);
+
+                assert_int_equal(chown(k, 65534, 65534), 0);
+                LOAD_SECRET(k);
+                snprintf(msg, sizeof(msg),
+                         "test.conf:5: [cluster] secret_file: \"%s\" is owned by uid 65534, neither the daemon's user "
+                         "(uid 0) nor root",
+                         k);
+                load_bad(text, msg);
+        }
+
+        /* Without a complete [cluster] the secret is not read at all. */
+        load_bad("[cluster]\nsecret_file = /nonexistent/key\n", "test.conf: [cluster]: node is not set " REQUIRED);
+
+        /* A bare section header sets no key. */
+        {
+                Config *c = load_ok("[cluster]\n; nothing yet\n");
+
+                assert_null(c->cluster_node);
+                config_free(c);
+        }
+#undef LOAD_SECRET
+        remove_tree(dir);
+}
+
+/* Drop-ins replace [cluster] keys too; rules across keys are checked after
+ * the last drop-in and name the main file; the secret's errors name the file
+ * and line that set secret_file. */
+static void test_cluster_dropins(void **state) {
+        _cleanup_free_ char *dir = make_temp_dir(NULL);
+        _cleanup_free_ char *main_path = path_join(dir, "weightd.conf");
+        _cleanup_free_ char *dropins = path_join(dir, "weightd.conf.d");
+        _cleanup_free_ char *key1 = write_mode(dir, "one.key", "first secret, 22 bytes", 0600);
+        _cleanup_free_ char *key2 = write_mode(dir, "two.key", "second secret, 23 bytes\n", 0600);
+        _cleanup_free_ char *loose = write_mode(dir, "loose.key", "a secret that others may read", 0644);
+        _cleanup_(config_freep) Config *c = NULL;
+        Config *sentinel = (Config *) (uintptr_t) 0x5a5a, *bad = sentinel;
+        WdError err = WD_ERROR_NULL;
+        char text[1024], msg[1024];
+
+        snprintf(text, sizeof(text),
+                 "[cluster]\nnode = a\nnodes = a=10.0.0.1:7470, b=10.0.0.2:7470\nsecret_file = %s\ndeadline = 3s\n", key1);
+        write_text(dir, "weightd.conf", text);
+        assert_int_equal(config_load(main_path, &c, &err), 0);
+        assert_int_equal(c->n_cluster_nodes, 2);
+        assert_int_equal(c->cluster_secret_len, 22);
+        c = config_free(c);
+
+        /* A drop-in replaces the whole list and the secret file. */
+        assert_int_equal(mkdir(dropins, 0755), 0);
+        snprintf(text, sizeof(text), "[cluster]\nnodes = c=10.0.0.3:7470\n  a=10.0.0.1:7471\nsecret_file = %s\n", key2);
+        write_text(dropins, "10-nodes.conf", text);
+        assert_int_equal(config_load(main_path, &c, &err), 0);
+        assert_string_equal(c->cluster_node, "a");
+        assert_int_equal(c->n_cluster_nodes, 2);
+        assert_string_equal(c->cluster_nodes[0].name, "c");
+        assert_string_equal(c->cluster_nodes[1].name, "a");
+        assert_int_equal(c->cluster_nodes[1].port, 7471);
+        assert_string_equal(c->cluster_secret_file, key2);
+        assert_int_equal(c->cluster_secret_len, 23);
+        assert_memory_equal(c->cluster_secret, "second secret, 23 bytes", 23);
+        assert_int_equal(c->cluster_deadline_usec, 3000000);
+        c = config_free(c);
+
+        /* A drop-in that leaves node out of nodes: the main file is named. */
+        write_text(dropins, "20-drop-a.conf", "[cluster]\nnodes = c=10.0.0.3:7470\n");
+        assert_int_equal(config_load(main_path, &bad, &err), WD_E_INVALID);
+        snprintf(msg, sizeof(msg), "%s: [cluster]: node \"a\" is not one of nodes", main_path);
+        assert_string_equal(err.message, msg);
+        assert_ptr_equal(bad, sentinel);
+        write_text(dropins, "20-drop-a.conf", "[cluster]\nnode = c\n");
+        assert_int_equal(config_load(main_path, &c, &err), 0);
+        assert_string_equal(c->cluster_node, "c");
+        c = config_free(c);
+
+        /* A bad secret file set in a drop-in: that drop-in and its line. */
+        snprintf(text, sizeof(text), "[cluster]\n\nsecret_file = %s\n", loose);
+        write_text(dropins, "30-key.conf", text);
+        assert_int_equal(config_load(main_path, &bad, &err), WD_E_INVALID);
+        snprintf(msg, sizeof(msg),
+                 "%s/30-key.conf:3: [cluster] secret_file: \"%s\": mode 0644 lets others read it; chmod 600", dropins,
+                 loose);
+        assert_string_equal(err.message, msg);
+        assert_ptr_equal(bad, sentinel);
+
+        /* A drop-in alone can configure the cluster. */
+        write_text(dir, "weightd.conf", "[daemon]\n");
+        snprintf(text, sizeof(text), "[cluster]\nsecret_file = %s\nnode = z\nnodes = z=h:1\n", key1);
+        write_text(dropins, "30-key.conf", text);
+        assert_int_equal(config_load(main_path, &c, &err), 0);
+        assert_string_equal(c->cluster_node, "z");
+        assert_int_equal(c->cluster_secret_len, 22);
+        remove_tree(dir);
+}
+
 static Config *dump_and_reload(const Config *c) {
         char *buf = NULL, *line, *save = NULL;
         size_t size = 0;
@@ -889,6 +1345,159 @@ static void test_dump(void **state) {
         d = dump_and_reload(c);
         d->frame_timeout++;
         assert_false(config_equal(c, d));
+        d = config_free(d);
+
+        /* Without a cluster, [cluster] is a comment. */
+        free(text);
+        text = NULL;
+        f = open_memstream(&text, &size);
+        assert_int_equal(config_dump(c, f), 0);
+        assert_int_equal(fclose(f), 0);
+        assert_non_null(strstr(text, "\n[cluster]\n# not configured: this node serves alone\n"));
+        assert_null(strstr(text, "node ="));
+}
+
+static char *dump_text(const Config *c) {
+        char *text = NULL;
+        size_t size = 0;
+        FILE *f = open_memstream(&text, &size);
+
+        assert_non_null(f);
+        assert_int_equal(config_dump(c, f), 0);
+        assert_int_equal(fclose(f), 0);
+        return text;
+}
+
+/* [cluster] through config_dump() and back; config_equal() sees the
+ * secret's bytes. */
+static void test_cluster_dump(void **state) {
+        _cleanup_free_ char *dir = make_temp_dir(NULL);
+        _cleanup_free_ char *key = write_mode(dir, "cluster.key", SECRET "\n", 0600);
+        _cleanup_(config_freep) Config *c = NULL, *d = NULL;
+        _cleanup_free_ char *text = NULL;
+        char conf[4096];
+        size_t n;
+
+        n = (size_t) snprintf(conf, sizeof(conf),
+                              "[cluster]\nnode = n07\nsecret_file = %s\ndeadline = 90s\npeer_fetch = no\nnodes =\n", key);
+        /* Enough nodes to wrap the list, IPv6 and names among them. */
+        for (int i = 0; i < 40; i++)
+                n += (size_t) snprintf(conf + n, sizeof(conf) - n, "  n%02d=%s%d%s:%d\n", i,
+                                       i % 3 == 0   ? "[fd00::"
+                                       : i % 3 == 1 ? "10.1.0."
+                                                    : "node-",
+                                       i + 1,
+                                       i % 3 == 0   ? "]"
+                                       : i % 3 == 2 ? ".cluster.example"
+                                                    : "",
+                                       7000 + i);
+        c = load_ok(conf);
+        assert_int_equal(c->n_cluster_nodes, 40);
+        assert_string_equal(c->cluster_nodes[3].host, "fd00::4");
+        text = dump_text(c);
+        assert_non_null(strstr(text, "\n[cluster]\nnode = n07\nnodes = n00=[fd00::1]:7000, n01=10.1.0.2:7001, "));
+        assert_non_null(strstr(text, "n02=node-3.cluster.example:7002"));
+        assert_non_null(strstr(strstr(text, "[cluster]"), "\n\t"));
+        {
+                char line[600];
+
+                snprintf(line, sizeof(line), "\nsecret_file = %s\ndeadline = 90s\npeer_fetch = no\n", key);
+                assert_non_null(strstr(text, line));
+        }
+        /* Never the secret. */
+        assert_null(strstr(text, "0123456789abcdef"));
+        d = dump_and_reload(c);
+        assert_true(config_equal(c, d));
+        d = config_free(d);
+
+        /* Durations dump in the largest exact unit. */
+        {
+                static const struct {
+                        const char *in, *out;
+                } durations[] = { { "2min", "2m" },           { "3600s", "1h" }, { "1500ms", "1500ms" },
+                                  { "100001us", "100001us" }, { "120000ms", "2m" }, { "10s", "10s" } };
+
+                for (size_t i = 0; i < ELEMENTSOF(durations); i++) {
+                        char want[64];
+
+                        snprintf(conf, sizeof(conf),
+                                 "[cluster]\nnode = a\nnodes = a=h:1\nsecret_file = %s\ndeadline = %s\n", key,
+                                 durations[i].in);
+                        c = config_free(c);
+                        c = load_ok(conf);
+                        free(text);
+                        text = dump_text(c);
+                        snprintf(want, sizeof(want), "\ndeadline = %s\n", durations[i].out);
+                        assert_non_null(strstr(text, want));
+                        d = dump_and_reload(c);
+                        assert_true(config_equal(c, d));
+                        d = config_free(d);
+                }
+        }
+
+        /* A secret file path as long as a line allows loads back too. */
+        {
+                char name[256];
+                _cleanup_free_ char *longkey = NULL;
+                size_t room = 198 - strlen("secret_file=") - strlen(dir) - 1;
+
+                assert_true(room < sizeof(name) && room > 100);
+                memset(name, 'k', room);
+                name[room] = '\0';
+                longkey = write_mode(dir, name, SECRET, 0600);
+                assert_int_equal(strlen("secret_file=") + strlen(longkey), 198);
+                snprintf(conf, sizeof(conf), "[cluster]\nnode = a\nnodes = a=h:1\nsecret_file=%s\n", longkey);
+                c = config_free(c);
+                c = load_ok(conf);
+                d = dump_and_reload(c);
+                assert_true(config_equal(c, d));
+                d = config_free(d);
+        }
+
+        /* config_equal(): only the secret's bytes differ (same path, same
+         * length; then another length); a trailing newline more is the
+         * same secret. */
+        snprintf(conf, sizeof(conf), "[cluster]\nnode = a\nnodes = a=h:1\nsecret_file = %s\n", key);
+        c = config_free(c);
+        c = load_ok(conf);
+        d = load_ok(conf);
+        assert_true(config_equal(c, d));
+        d = config_free(d);
+        free(write_mode(dir, "cluster.key", "0123456789abcdef twenty-six c\n", 0600));
+        d = load_ok(conf);
+        assert_int_equal(d->cluster_secret_len, c->cluster_secret_len);
+        assert_false(config_equal(c, d));
+        d = config_free(d);
+        free(write_mode(dir, "cluster.key", SECRET "x", 0600));
+        d = load_ok(conf);
+        assert_false(config_equal(c, d));
+        d = config_free(d);
+        free(write_mode(dir, "cluster.key", SECRET "\n\n  \n", 0600));
+        d = load_ok(conf);
+        assert_true(config_equal(c, d));
+        d = config_free(d);
+
+        /* ... and every other [cluster] field. */
+        d = dump_and_reload(c);
+        d->cluster_deadline_usec++;
+        assert_false(config_equal(c, d));
+        d = config_free(d);
+        d = dump_and_reload(c);
+        d->cluster_peer_fetch = !d->cluster_peer_fetch;
+        assert_false(config_equal(c, d));
+        d = config_free(d);
+        d = dump_and_reload(c);
+        d->cluster_nodes[0].port++;
+        assert_false(config_equal(c, d));
+        d = config_free(d);
+        d = dump_and_reload(c);
+        d->cluster_node[0] = 'b';
+        assert_false(config_equal(c, d));
+        d = config_free(d);
+        d = load_ok("");
+        assert_false(config_equal(c, d));
+        assert_false(config_equal(d, c));
+        remove_tree(dir);
 }
 
 int main(int argc, char **argv) {
@@ -907,6 +1516,11 @@ int main(int argc, char **argv) {
                 cmocka_unit_test(test_names),
                 cmocka_unit_test(test_files),
                 cmocka_unit_test(test_dump),
+                cmocka_unit_test(test_cluster_keys),
+                cmocka_unit_test(test_cluster_bad),
+                cmocka_unit_test(test_cluster_secret),
+                cmocka_unit_test(test_cluster_dropins),
+                cmocka_unit_test(test_cluster_dump),
         };
 
         shipped_conf = argc > 1 ? argv[1] : NULL;

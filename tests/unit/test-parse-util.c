@@ -41,6 +41,37 @@ static void test_parse_u64(void **state) {
         assert_int_equal(parse_u64("+1", 0, 100, &v), -EINVAL);
 }
 
+static void test_parse_timespan(void **state) {
+        uint64_t v;
+
+        assert_int_equal(parse_timespan("10s", &v), 0);
+        assert_int_equal(v, 10000000);
+        assert_int_equal(parse_timespan("500ms", &v), 0);
+        assert_int_equal(v, 500000);
+        assert_int_equal(parse_timespan("2m", &v), 0);
+        assert_int_equal(v, 120000000);
+        assert_int_equal(parse_timespan("2min", &v), 0);
+        assert_int_equal(v, 120000000);
+        assert_int_equal(parse_timespan("1h", &v), 0);
+        assert_int_equal(v, 3600000000ull);
+        assert_int_equal(parse_timespan("7us", &v), 0);
+        assert_int_equal(v, 7);
+        assert_int_equal(parse_timespan("0s", &v), 0);
+        assert_int_equal(v, 0);
+        assert_int_equal(parse_timespan("10", &v), -EINVAL);
+        assert_int_equal(parse_timespan("", &v), -EINVAL);
+        assert_int_equal(parse_timespan("s", &v), -EINVAL);
+        assert_int_equal(parse_timespan("10 s", &v), -EINVAL);
+        assert_int_equal(parse_timespan("1.5s", &v), -EINVAL);
+        assert_int_equal(parse_timespan("10S", &v), -EINVAL);
+        assert_int_equal(parse_timespan("-1s", &v), -EINVAL);
+        assert_int_equal(parse_timespan("1m30s", &v), -EINVAL);
+        assert_int_equal(parse_timespan("18446744073709551615us", &v), 0);
+        assert_int_equal(v, UINT64_MAX);
+        assert_int_equal(parse_timespan("18446744073709551616us", &v), -ERANGE);
+        assert_int_equal(parse_timespan("5124095577h", &v), -ERANGE);
+}
+
 static void test_enum_names(void **state) {
         assert_int_equal(direct_mode_from_string("auto"), DIRECT_AUTO);
         assert_int_equal(direct_mode_from_string("on"), DIRECT_ON);
@@ -58,6 +89,7 @@ int main(void) {
         const struct CMUnitTest tests[] = {
                 cmocka_unit_test(test_parse_size),
                 cmocka_unit_test(test_parse_u64),
+                cmocka_unit_test(test_parse_timespan),
                 cmocka_unit_test(test_enum_names),
         };
         return cmocka_run_group_tests(tests, NULL, NULL);
