@@ -65,6 +65,10 @@ static LoadJob *load_job_abort(LoadJob *j) {
 }
 DEFINE_TRIVIAL_CLEANUP_FUNC(LoadJob *, load_job_abort);
 
+void load_job_discard(LoadJob *job) {
+        load_job_abort(job);
+}
+
 static void on_progress(ReaderJob *rj, uint64_t done, uint64_t total, void *userdata) {
         LoadJob *j = userdata;
 
@@ -107,10 +111,11 @@ static int open_direct(LoadJob *j, const CatalogFile *f, DirectMode mode, int *r
         return 0;
 }
 
-int load_job_start(LoadJob **ret, Reader *reader, Cache *cache, int root_fd, const Component *comp,
-                   const LoadOptions *opts, load_progress_fn progress, load_done_fn done, void *userdata, WdError *err) {
+/* Reserve comp's entry, create its slabs and open its files for direct
+ * I/O: everything but the read. */
+static int prepare(LoadJob **ret, Cache *cache, int root_fd, const Component *comp, const LoadOptions *opts,
+                   load_progress_fn progress, load_done_fn done, void *userdata, WdError *err) {
         _cleanup_(load_job_abortp) LoadJob *j = NULL;
-        _cleanup_free_ ReaderExtent *extents = NULL;
         _cleanup_free_ FileId *ids = NULL;
         uint64_t started = now_usec();
         size_t n = comp->n_files;
@@ -118,8 +123,7 @@ int load_job_start(LoadJob **ret, Reader *reader, Cache *cache, int root_fd, con
 
         j = calloc(1, sizeof(LoadJob));
         ids = calloc(n ? n : 1, sizeof(FileId));
-        extents = calloc(n ? n : 1, sizeof(ReaderExtent));
-        if (!j || !ids || !extents)
+        if (!j || !ids)
                 return wd_error_set(err, -ENOMEM, "out of memory");
         *j = (LoadJob){ .cache = cache, .root_fd = root_fd, .comp = comp, .progress = progress, .done = done,
                         .userdata = userdata, .started_usec = started };
@@ -147,15 +151,44 @@ int load_job_start(LoadJob **ret, Reader *reader, Cache *cache, int root_fd, con
                 if (r != 0)
                         return r;
                 j->direct_used = j->direct_used || j->direct_fds[i] >= 0;
-                extents[i] = (ReaderExtent){
-                        .fd = j->direct_fds[i] >= 0 ? j->direct_fds[i] : f->fd,
-                        .buffered_fd = f->fd,
-                        .direct = j->direct_fds[i] >= 0,
-                        .offset = 0,
-                        .length = f->id.size,
-                        .dest = j->slabs[i]->data,
-                };
         }
+        *ret = TAKE_PTR(j);
+        return 0;
+}
+
+void load_job_extent(LoadJob *j, size_t file, uint64_t offset, uint64_t length, ReaderExtent *ret) {
+        const CatalogFile *f = &j->comp->files[file];
+
+        *ret = (ReaderExtent){
+                .fd = j->direct_fds[file] >= 0 ? j->direct_fds[file] : f->fd,
+                .buffered_fd = f->fd,
+                .direct = j->direct_fds[file] >= 0 && offset % READER_ALIGN == 0,
+                .offset = offset,
+                .length = length,
+                .dest = j->slabs[file]->data + offset,
+        };
+}
+
+int load_job_prepare(LoadJob **ret, Cache *cache, int root_fd, const Component *comp, const LoadOptions *opts,
+                     WdError *err) {
+        return prepare(ret, cache, root_fd, comp, opts, NULL, NULL, NULL, err);
+}
+
+int load_job_start(LoadJob **ret, Reader *reader, Cache *cache, int root_fd, const Component *comp,
+                   const LoadOptions *opts, load_progress_fn progress, load_done_fn done, void *userdata, WdError *err) {
+        _cleanup_(load_job_abortp) LoadJob *j = NULL;
+        _cleanup_free_ ReaderExtent *extents = NULL;
+        size_t n = comp->n_files;
+        int r;
+
+        extents = calloc(n ? n : 1, sizeof(ReaderExtent));
+        if (!extents)
+                return wd_error_set(err, -ENOMEM, "out of memory");
+        r = prepare(&j, cache, root_fd, comp, opts, progress, done, userdata, err);
+        if (r != 0)
+                return r;
+        for (size_t i = 0; i < n; i++)
+                load_job_extent(j, i, 0, comp->files[i].id.size, &extents[i]);
 
         r = reader_job_new(&j->reader_job, extents, n, on_progress, on_done, j);
         if (r < 0)
@@ -168,7 +201,8 @@ int load_job_start(LoadJob **ret, Reader *reader, Cache *cache, int root_fd, con
 }
 
 void load_job_cancel(LoadJob *job) {
-        reader_cancel(job->reader_job);
+        if (job->reader_job)
+                reader_cancel(job->reader_job);
 }
 
 CacheEntry *load_job_entry(LoadJob *job) {
@@ -176,7 +210,7 @@ CacheEntry *load_job_entry(LoadJob *job) {
 }
 
 uint64_t load_job_filled(LoadJob *job, size_t file) {
-        return reader_job_filled(job->reader_job, file);
+        return job->reader_job ? reader_job_filled(job->reader_job, file) : 0;
 }
 
 Slab *const *load_job_slabs(LoadJob *job) {

@@ -63,6 +63,22 @@ void load_job_seal(LoadJob *job);
  * job either way. */
 int load_job_finish(LoadJob *job, CacheEntry **ret_entry, WdError *err);
 
+/* The same without the read: reserve, create the slabs and open the files;
+ * the owner fills the slabs itself (its own reads with load_job_extent(),
+ * bytes from elsewhere), then calls load_job_seal() and load_job_finish()
+ * as above.  No callbacks; load_job_filled() is 0 and load_job_stages()
+ * must not be called. */
+int load_job_prepare(LoadJob **ret, Cache *cache, int root_fd, const Component *comp, const LoadOptions *opts,
+                     WdError *err);
+/* The reader extent for bytes [offset, offset + length) of file (in comp's
+ * order) into its slab: direct where the file was opened so and offset is
+ * aligned (then length is a multiple of READER_ALIGN or runs to the end of
+ * the file). */
+void load_job_extent(LoadJob *job, size_t file, uint64_t offset, uint64_t length, ReaderExtent *ret);
+/* Give a prepared job's reservation back and free it (nothing may read
+ * into its slabs any more). */
+void load_job_discard(LoadJob *job);
+
 void load_job_cancel(LoadJob *job);
 CacheEntry *load_job_entry(LoadJob *job);
 /* Bytes of file i (in comp's order) in its slab, contiguous from the start:
