@@ -122,6 +122,9 @@ void request_free(Request *r) {
         free(r->rel);
         free(r->key);
         free(r->component);
+        for (size_t i = 0; i < r->n_nodes; i++)
+                free(r->nodes[i]);
+        free(r->nodes);
         roots_unref(r->roots);
         free(r);
 }
@@ -169,7 +172,12 @@ static void on_progress(JobWaiter *w, uint64_t done, uint64_t total, uint64_t co
 static void on_done(JobWaiter *w, const JobOutcome *o) {
         Request *r = container_of(w, Request, wait);
 
-        request_complete(r, &(RequestOutcome){ .r = o->r, .err = o->err, .entry = o->entry, .plan = o->plan });
+        request_complete(r, &(RequestOutcome){ .r = o->r,
+                                                .err = o->err,
+                                                .entry = o->entry,
+                                                .plan = o->plan,
+                                                .nodes = o->nodes,
+                                                .n_nodes = o->n_nodes });
 }
 
 static const JobWaiterOps request_wait_ops = {
@@ -293,7 +301,8 @@ static void lease_release(void *obj) {
 
 /* A Load or Prefetch with its resident entry.  A Load takes a lease and
  * sends the slabs' descriptors. */
-static int reply_loaded(Request *r, CacheEntry *e, const ShardPlan *plan, bool was_resident) {
+static int reply_loaded(Request *r, CacheEntry *e, const RequestOutcome *o) {
+        const ShardPlan *plan = r->plan ? r->plan : o->plan;
         Peer *p = r->peer;
         Weightd__V1__Envelope env = WEIGHTD__V1__ENVELOPE__INIT;
         Weightd__V1__Reply reply = WEIGHTD__V1__REPLY__INIT;
@@ -315,13 +324,38 @@ static int reply_loaded(Request *r, CacheEntry *e, const ShardPlan *plan, bool w
         load.model = comp->model;
         load.component = comp->name;
         load.bytes = comp->total_bytes;
-        load.was_resident = was_resident;
+        load.was_resident = o->was_resident;
         if (device)
                 load.target = r->target;
         else if (r->shard)
                 load.target = (char *) "host";
-        if (r->kind == REQUEST_PREFETCH)
+        if (r->kind == REQUEST_PREFETCH) {
+                _cleanup_free_ Weightd__V1__ClusterNodeLoad *nodes = NULL;
+                _cleanup_free_ Weightd__V1__ClusterNodeLoad **node_ptrs = NULL;
+
+                if (o->n_nodes > 0) {
+                        nodes = calloc(o->n_nodes, sizeof(*nodes));
+                        node_ptrs = calloc(o->n_nodes, sizeof(*node_ptrs));
+                        if (!nodes || !node_ptrs)
+                                return request_reply_error(p, r->id, WEIGHTD__V1__CODE__RESOURCE_EXHAUSTED,
+                                                           "out of memory");
+                        for (size_t i = 0; i < o->n_nodes; i++) {
+                                const JobNodeReport *n = &o->nodes[i];
+
+                                weightd__v1__cluster_node_load__init(&nodes[i]);
+                                nodes[i].node = (char *) n->node;
+                                nodes[i].state = (char *) n->state;
+                                nodes[i].message = (char *) n->message;
+                                nodes[i].storage_read_bytes = n->storage_read_bytes;
+                                nodes[i].peer_received_bytes = n->peer_received_bytes;
+                                nodes[i].peer_sent_bytes = n->peer_sent_bytes;
+                                node_ptrs[i] = &nodes[i];
+                        }
+                        load.n_cluster_nodes = o->n_nodes;
+                        load.cluster_nodes = node_ptrs;
+                }
                 return peer_send(p, &env, NULL, 0, NULL, 0);
+        }
 
         if (peer_lease_limit(p, why, sizeof(why)))
                 return request_reply_error(p, r->id, WEIGHTD__V1__CODE__RESOURCE_EXHAUSTED, "%s", why);
@@ -469,10 +503,11 @@ void request_complete(Request *r, const RequestOutcome *o) {
                 else if (r->kind == REQUEST_COMPONENTS)
                         reply_components(r);
                 else {
-                        /* The entry stays while the reply is built. */
-                        _cleanup_(cache_entry_unrefp) CacheEntry *e = cache_entry_ref(o->entry);
+                        /* The entry stays while the reply is built (a
+                         * cluster prefetch for other nodes has none). */
+                        _cleanup_(cache_entry_unrefp) CacheEntry *e = o->entry ? cache_entry_ref(o->entry) : NULL;
 
-                        (void) reply_loaded(r, e, r->plan ? r->plan : o->plan, o->was_resident);
+                        (void) reply_loaded(r, e, o);
                 }
         }
         r->peer = NULL;

@@ -52,6 +52,11 @@ struct Request {
         char *variant;
         ShardPlan *plan;
 
+        /* A cluster prefetch: the nodes named (none: all). */
+        bool cluster;
+        char **nodes;
+        size_t n_nodes;
+
         /* The resolve, on the thread pool (resolving meanwhile). */
         uv_work_t work;
         bool resolving;
@@ -72,6 +77,8 @@ typedef struct RequestOutcome {
         CacheEntry *entry;   /* r == 0, Load and Prefetch: the resident entry */
         const ShardPlan *plan; /* its layout when it is a shard or a device slab, if the request has none */
         bool was_resident;
+        const JobNodeReport *nodes; /* a cluster prefetch: every node's part */
+        size_t n_nodes;
 } RequestOutcome;
 
 /* A new request of p, linked to it (counted against max_pending). */

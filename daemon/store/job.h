@@ -38,6 +38,14 @@ typedef enum JobState {
 
 const char *job_state_to_string(JobState s);
 
+/* One node's part in a cluster prefetch (cluster/), for the reply. */
+typedef struct JobNodeReport {
+        const char *node;
+        const char *state;   /* "ok", "resident", "mismatch", "failed", "down" */
+        const char *message; /* "" when none */
+        uint64_t storage_read_bytes, peer_received_bytes, peer_sent_bytes;
+} JobNodeReport;
+
 /* What a waiter hears.  entry: the resident entry the job made (DONE), valid
  * for the callback: the waiter takes its own reference to keep it. */
 typedef struct JobOutcome {
@@ -45,6 +53,8 @@ typedef struct JobOutcome {
         const WdError *err;
         CacheEntry *entry;
         const ShardPlan *plan; /* the entry's layout where it has one of its own (a shard, a device slab) */
+        const JobNodeReport *nodes; /* a cluster prefetch: every node named (entry may be NULL then) */
+        size_t n_nodes;
 } JobOutcome;
 
 typedef struct JobWaiterOps {
