@@ -1536,8 +1536,13 @@ Mesh *mesh_free(Mesh *m) {
         uv_close((uv_handle_t *) &m->idle, on_mesh_handle_closed);
         for (unsigned i = 0; i < m->n_nodes; i++)
                 uv_close((uv_handle_t *) &m->nodes[i].redial, on_mesh_handle_closed);
-        if (m->listen_poll.data == m)
+        if (m->listen_poll.data == m) {
+                /* Closed now, not when the handle is: a reload that keeps
+                 * this node's address binds it again at once. */
+                uv_poll_stop(&m->listen_poll);
+                m->listen_fd = safe_close(m->listen_fd);
                 uv_close((uv_handle_t *) &m->listen_poll, on_mesh_handle_closed);
+        }
         return NULL;
 }
 
