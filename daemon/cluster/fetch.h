@@ -1,0 +1,123 @@
+/* A transfer: one node's part in one plan (cluster/plan.h) -- the chunks it
+ * reads from storage or already holds and sends to the plan's receivers
+ * over the data plane, and, on a receiver, the chunks it gets from the
+ * other sources into the slabs of a loading cache entry.
+ *
+ * A receiving transfer is a Job (store/job.h, kind "cluster fetch") filling
+ * that entry, so that local requests for the component join it as they
+ * would join a host load.  A chunk counts only once its bytes hash to the
+ * xxh3 its sender sent over the authenticated mesh; when every chunk
+ * counts, the files are checked unchanged and the slabs sealed (as a host
+ * load does), and only then do waiters hear DONE.  Chunks whose source went
+ * down are re-planned over the live sources (plan_owner()); chunks whose
+ * source stalled past the deadline or sent bytes that failed the checksum,
+ * and chunks no live source can give, are read from storage by this node.
+ * So a receiving transfer ends with every byte right, or FAILED only for
+ * what a plain load would fail for (a read error, a changed file, the
+ * budget).
+ *
+ * A transfer keeps sending after it sealed (from the resident slabs) until
+ * every live receiver said it is done, or nothing was asked of it for twice
+ * the deadline; then it is finished and the cluster drops it.  A source
+ * that held the component resident from the start is a transfer without a
+ * job.
+ *
+ * Loop thread only. */
+#pragma once
+
+#include <stdbool.h>
+#include <stdint.h>
+
+#include "cluster/dataplane.h"
+#include "cluster/mesh.h"
+#include "cluster/plan.h"
+#include "store/store.h"
+
+typedef struct Transfer Transfer;
+
+/* What transfers share: the cluster's. */
+typedef struct TransferContext {
+        Store *store;
+        Mesh *mesh;
+        DataPlane *data;
+        uint64_t deadline_usec;
+        uint64_t generation;    /* this process's, in every chunk header */
+        uint64_t *node_sent, *node_received; /* data plane bytes per mesh node, counted here */
+        unsigned corrupt_every; /* tests: every Nth chunk sent has one byte flipped (0: never) */
+        uint64_t n_sent_chunks; /* for corrupt_every */
+        /* The transfer finished: it needs nothing more and sends nothing
+         * more.  The cluster unlinks it and drops its reference. */
+        void (*finished)(Transfer *t, void *userdata);
+        /* A receiving transfer has every byte (sealed, or failed): the
+         * cluster tells the plan's other nodes (Done). */
+        void (*complete)(Transfer *t, void *userdata);
+        /* A fetch (this node the only receiver) gave up on source node: the
+         * cluster tells the other sources, which take its chunks over. */
+        void (*source_gone)(Transfer *t, unsigned node, void *userdata);
+        void *userdata;
+} TransferContext;
+
+/* The header of a chunk on the data plane. */
+typedef struct TransferChunkHeader {
+        uint64_t plan_id;
+        uint64_t generation; /* the sender's */
+        uint32_t index;
+        uint32_t sender;     /* the sender's mesh index */
+} TransferChunkHeader;
+
+typedef struct TransferStats {
+        uint64_t storage_read_bytes;
+        uint64_t peer_received_bytes;
+        uint64_t peer_sent_bytes;
+} TransferStats;
+
+/* A receiving transfer for comp (copied; root_fd duplicated): reserves the
+ * entry and its slabs now.  Returns 0 with *ret referenced for the caller,
+ * or WD_E_BUDGET, WD_E_BUSY, -errno with err set. */
+int transfer_new_receiving(TransferContext *ctx, uint64_t plan_id, const Component *comp, int root_fd,
+                           uint64_t chunk_size, Transfer **ret, WdError *err);
+/* A transfer that sends from resident entry e (referenced). */
+int transfer_new_resident(TransferContext *ctx, uint64_t plan_id, const Component *comp, CacheEntry *e,
+                          uint64_t chunk_size, Transfer **ret, WdError *err);
+
+/* Go: sources and receivers are mesh indexes (sources in plan order: the
+ * order plan_assign() numbers them in).  This node reads its share, sends
+ * what it has to the receivers and waits for the rest. */
+int transfer_start(Transfer *t, const unsigned *sources, size_t n_sources, const unsigned *receivers,
+                   size_t n_receivers);
+/* Stop without finishing: a receiving transfer fails with -ECANCELED (its
+ * waiters hear it), sends stop; finished() follows once nothing is in
+ * flight. */
+void transfer_abort(Transfer *t, const char *why);
+
+/* The transfer whose job j is, or NULL when j is another kind's. */
+Transfer *transfer_from_job(Job *j);
+
+Transfer *transfer_ref(Transfer *t);
+void transfer_unref(Transfer *t);
+
+uint64_t transfer_plan_id(const Transfer *t);
+Job *transfer_job(Transfer *t); /* NULL for a resident source */
+bool transfer_receiving(const Transfer *t);
+bool transfer_started(const Transfer *t);
+/* 0 once every byte is here and sealed; -EINPROGRESS before; the error. */
+int transfer_result(const Transfer *t, const WdError **ret_err);
+void transfer_stats(const Transfer *t, TransferStats *ret);
+const Component *transfer_component(const Transfer *t);
+
+/* From the cluster: a node went down (its generation ended). */
+void transfer_node_down(Transfer *t, unsigned node);
+/* From the cluster: mesh messages for this plan. */
+void transfer_chunk_sum(Transfer *t, unsigned node, uint32_t index, uint64_t xxh3);
+void transfer_receiver_done(Transfer *t, unsigned node);
+/* The source node will not send (it said Abort): read its chunks here. */
+void transfer_source_failed(Transfer *t, unsigned node, const char *why);
+
+/* From the cluster's timer, every deadline/4: sources silent for the
+ * deadline that still owe this node chunks are failed here (their chunks
+ * read from storage); a finished sender notices it is idle. */
+void transfer_tick(Transfer *t);
+
+/* From the data plane, for this plan (header checked for plan_id). */
+void *transfer_incoming(Transfer *t, const TransferChunkHeader *h, uint64_t length, void **ret_token);
+void transfer_received(void *token, int status);
