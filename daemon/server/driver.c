@@ -19,6 +19,8 @@
 #include "util/time-util.h"
 
 #define DRIVER_MAX_COMPONENT_NAME 255u
+/* Nodes a cluster prefetch may name. */
+#define DRIVER_MAX_CLUSTER_NODES 1024u
 /* Limits on a Shard from the wire. */
 #define SHARD_MAX_WORLD 65536u
 #define SHARD_MAX_RULES 64u
@@ -267,12 +269,36 @@ static CacheEntry *lookup(Cache *c, const Component *comp, const char *variant, 
  * reference for the caller.  Returns 0 or an error in err. */
 static int host_job(Driver *d, Request *r, CacheEntry *whole, Job **ret, WdError *err) {
         Job *j = whole ? job_find(&d->store->jobs, whole) : NULL;
+        int k;
 
         if (j) {
                 *ret = job_ref(j);
                 return 0;
         }
+        /* Other nodes may hold it: fetch from them before storage. */
+        if (d->cluster && !whole) {
+                k = cluster_fetch(d->cluster, r->comp, r->root->fd, &j, err);
+                if (k != 0 || j) {
+                        *ret = j;
+                        return k;
+                }
+        }
         return host_load_start(d->store, r->root->fd, r->comp, r->received_usec, ret, err);
+}
+
+/* A cluster prefetch: the plan's outcome, with every node's part. */
+static void load_cluster(Driver *d, Request *r) {
+        WdError err = WD_ERROR_NULL;
+        Job *j;
+        int k;
+
+        k = cluster_prefetch(d->cluster, r->comp, r->nodes, r->n_nodes, &j, &err);
+        if (k != 0) {
+                complete_error(r, k, &err);
+                return;
+        }
+        request_wait(r, j);
+        job_unref(j);
 }
 
 static void load_host(Driver *d, Request *r, const FileId *ids) {
@@ -395,7 +421,9 @@ static void load_resolved(Driver *d, Request *r) {
                 complete_errorf(r, -ENOMEM, "out of memory");
                 return;
         }
-        if (r->device >= 0)
+        if (r->cluster)
+                load_cluster(d, r);
+        else if (r->device >= 0)
                 load_device(d, r, ids);
         else if (r->shard)
                 load_shard(d, r, ids);
@@ -465,9 +493,45 @@ static int handle_load(Driver *d, Peer *p, uint64_t id, const Weightd__V1__LoadR
                 if (k != 0)
                         return request_reply_wd_error(p, id, k, &err);
         }
+        if (req->cluster || req->n_nodes > 0) {
+                if (kind != REQUEST_PREFETCH || !req->cluster)
+                        return shard_spec_free(spec),
+                               request_reply_error(p, id, WEIGHTD__V1__CODE__INVALID_ARGUMENT,
+                                                   "cluster, nodes: a cluster load is a Prefetch with cluster set");
+                if (device >= 0 || spec)
+                        return shard_spec_free(spec),
+                               request_reply_error(p, id, WEIGHTD__V1__CODE__INVALID_ARGUMENT,
+                                                   "cluster: the host tier only, whole tensors only");
+                if (!d->cluster)
+                        return request_reply_error(p, id, WEIGHTD__V1__CODE__UNSUPPORTED,
+                                                   "cluster: this daemon has no [cluster] configured");
+                if (req->n_nodes > DRIVER_MAX_CLUSTER_NODES)
+                        return request_reply_error(p, id, WEIGHTD__V1__CODE__INVALID_ARGUMENT,
+                                                   "nodes: more than %u", DRIVER_MAX_CLUSTER_NODES);
+                for (size_t i = 0; i < req->n_nodes; i++)
+                        if (!string_ok(req->nodes[i], 64) || !*req->nodes[i])
+                                return request_reply_error(p, id, WEIGHTD__V1__CODE__INVALID_ARGUMENT,
+                                                           "nodes: a name of 1..63 bytes is required");
+        }
         r = request_resolve(d, p, id, kind, req->progress, req->model, req->component, spec);
         if (!r)
                 return 0;
+        if (req->cluster) {
+                r->cluster = true;
+                r->nodes = calloc(req->n_nodes + 1, sizeof(char *));
+                if (!r->nodes) {
+                        complete_errorf(r, -ENOMEM, "out of memory");
+                        return 0;
+                }
+                for (size_t i = 0; i < req->n_nodes; i++) {
+                        r->nodes[i] = strdup(req->nodes[i]);
+                        if (!r->nodes[i]) {
+                                complete_errorf(r, -ENOMEM, "out of memory");
+                                return 0;
+                        }
+                        r->n_nodes++;
+                }
+        }
         if (device >= 0) {
                 r->device = device;
                 r->keep_host = req->keep_host;
@@ -663,6 +727,166 @@ static int handle_list(Driver *d, Peer *p, uint64_t id) {
         return request_reply(p, id, &reply);
 }
 
+/* ---- the cluster -------------------------------------------------------- */
+
+/* A resolve another node asked for (cluster/cluster.h). */
+typedef struct ClusterWork {
+        uv_work_t work;
+        Driver *d;
+        ClusterResolve *req;
+        Roots *roots;
+        Root *root;
+        char *rel, *key, *component;
+        Component *comp;
+        int r;
+        WdError err;
+} ClusterWork;
+
+static void cluster_work(uv_work_t *w) {
+        ClusterWork *cw = w->data;
+
+        cw->r = catalog_resolve(cw->root->catalog, cw->rel, cw->component, &cw->comp, &cw->err);
+        if (cw->r == 0) {
+                free(cw->comp->model);
+                cw->comp->model = strdup(cw->key);
+                if (!cw->comp->model)
+                        cw->r = wd_error_set(&cw->err, -ENOMEM, "out of memory");
+        }
+}
+
+static void cluster_work_free(ClusterWork *cw) {
+        component_free(cw->comp);
+        free(cw->rel);
+        free(cw->key);
+        free(cw->component);
+        roots_unref(cw->roots);
+        free(cw);
+}
+
+static void cluster_work_done(uv_work_t *w, int status) {
+        ClusterWork *cw = w->data;
+        Driver *d = cw->d;
+
+        d->n_resolving--;
+        if (status < 0 && cw->r == 0)
+                cw->r = wd_error_set(&cw->err, -ECANCELED, "the resolve was cancelled");
+        cluster_resolved(cw->req, cw->r, &cw->err, cw->comp, cw->root->fd);
+        cluster_work_free(cw);
+        driver_changed(d);
+}
+
+void driver_cluster_resolve(const char *model, const char *component, ClusterResolve *req, void *userdata) {
+        Driver *d = userdata;
+        ClusterWork *cw = calloc(1, sizeof(ClusterWork));
+        WdError err = WD_ERROR_NULL;
+        int r;
+
+        if (!cw) {
+                cluster_resolved(req, -ENOMEM, &(WdError){ .code = -ENOMEM, .message = "out of memory" }, NULL, -1);
+                return;
+        }
+        cw->d = d;
+        cw->req = req;
+        if (!string_ok(model, PATH_MAX) || !string_ok(component, DRIVER_MAX_COMPONENT_NAME) ||
+            (*component && !filename_is_plain(component)))
+                r = wd_error_set(&err, WD_E_INVALID, "a model or component that is not well formed");
+        else
+                r = roots_resolve(d->roots, model, &cw->root, &cw->rel, &cw->key, &err);
+        if (r == 0) {
+                cw->roots = roots_ref(d->roots);
+                cw->component = strdup(component);
+                if (!cw->component)
+                        r = wd_error_set(&err, -ENOMEM, "out of memory");
+        }
+        if (r == 0) {
+                cw->work.data = cw;
+                r = uv_queue_work(d->loop, &cw->work, cluster_work, cluster_work_done);
+                if (r < 0)
+                        r = wd_error_set(&err, -EIO, "cannot queue the resolve: %s", uv_strerror(r));
+                else
+                        d->n_resolving++;
+        }
+        if (r != 0) {
+                /* Answered later, on the loop, like any resolve. */
+                cw->r = r;
+                cw->err = err;
+                cluster_resolved(req, r, &err, NULL, -1);
+                cluster_work_free(cw);
+        }
+}
+
+/* The cluster's part of a reply: points into st (free st.nodes and the
+ * arrays after the reply was sent). */
+typedef struct ClusterReplyParts {
+        ClusterStatus st;
+        Weightd__V1__ClusterNode *nodes;
+        Weightd__V1__ClusterNode **ptrs;
+} ClusterReplyParts;
+
+static void cluster_reply_parts_done(ClusterReplyParts *p) {
+        free(p->st.nodes);
+        free(p->nodes);
+        free(p->ptrs);
+}
+
+static int cluster_reply(Driver *d, Weightd__V1__ClusterReply *cr, ClusterReplyParts *parts) {
+        uint64_t now = now_usec();
+        int r;
+
+        weightd__v1__cluster_reply__init(cr);
+        *parts = (ClusterReplyParts){};
+        if (!d->cluster)
+                return 0;
+        r = cluster_get_status(d->cluster, &parts->st);
+        if (r < 0)
+                return r;
+        parts->nodes = calloc(parts->st.n_nodes + 1, sizeof(*parts->nodes));
+        parts->ptrs = calloc(parts->st.n_nodes + 1, sizeof(*parts->ptrs));
+        if (!parts->nodes || !parts->ptrs)
+                return -ENOMEM;
+        cr->enabled = true;
+        cr->node = (char *) parts->st.node;
+        cr->generation = parts->st.generation;
+        cr->peer_sent_bytes = parts->st.peer_sent_bytes;
+        cr->peer_received_bytes = parts->st.peer_received_bytes;
+        cr->storage_saved_bytes = parts->st.storage_saved_bytes;
+        for (size_t i = 0; i < parts->st.n_nodes; i++) {
+                const ClusterNodeStatus *n = &parts->st.nodes[i];
+                Weightd__V1__ClusterNode *w = &parts->nodes[i];
+
+                weightd__v1__cluster_node__init(w);
+                w->name = (char *) n->name;
+                w->address = (char *) n->address;
+                w->state = (char *) n->state;
+                w->generation = n->generation;
+                w->rtt_us = n->rtt_usec;
+                w->sent_bytes = n->sent_bytes;
+                w->received_bytes = n->received_bytes;
+                w->last_error = (char *) (n->last_error ? n->last_error : "");
+                w->since_ms = n->since_usec && now > n->since_usec ? (now - n->since_usec) / 1000 : 0;
+                parts->ptrs[i] = w;
+        }
+        cr->n_nodes = parts->st.n_nodes;
+        cr->nodes = parts->ptrs;
+        return 0;
+}
+
+static int handle_cluster(Driver *d, Peer *p, uint64_t id) {
+        Weightd__V1__Envelope env = WEIGHTD__V1__ENVELOPE__INIT;
+        Weightd__V1__Reply reply = WEIGHTD__V1__REPLY__INIT;
+        Weightd__V1__ClusterReply cr;
+        _cleanup_(cluster_reply_parts_done) ClusterReplyParts parts = {};
+
+        if (cluster_reply(d, &cr, &parts) < 0)
+                return request_reply_error(p, id, WEIGHTD__V1__CODE__RESOURCE_EXHAUSTED, "out of memory");
+        env.id = id;
+        env.body_case = WEIGHTD__V1__ENVELOPE__BODY_REPLY;
+        env.reply = &reply;
+        reply.result_case = WEIGHTD__V1__REPLY__RESULT_CLUSTER;
+        reply.cluster = &cr;
+        return peer_send(p, &env, NULL, 0, NULL, 0);
+}
+
 static int handle_status(Driver *d, Peer *p, uint64_t id) {
         Weightd__V1__Reply reply = WEIGHTD__V1__REPLY__INIT;
         Weightd__V1__StatusReply st = WEIGHTD__V1__STATUS_REPLY__INIT;
@@ -708,6 +932,10 @@ static int handle_status(Driver *d, Peer *p, uint64_t id) {
         }
         st.n_devices = n_dev;
         st.devices = dev_ptrs;
+        Weightd__V1__ClusterReply cr;
+        _cleanup_(cluster_reply_parts_done) ClusterReplyParts parts = {};
+        if (d->cluster && cluster_reply(d, &cr, &parts) == 0)
+                st.cluster = &cr;
         if (d->status)
                 d->status(&st, d->userdata);
         reply.result_case = WEIGHTD__V1__REPLY__RESULT_STATUS;
@@ -809,6 +1037,8 @@ static int driver_frame(Peer *p, WireEnvelope *env, void *userdata) {
                 return handle_cancel(d, p, id, env->cancel), 0;
         case WEIGHTD__V1__ENVELOPE__BODY_COMPONENTS:
                 return handle_named(d, p, id, env->components, REQUEST_COMPONENTS), 0;
+        case WEIGHTD__V1__ENVELOPE__BODY_CLUSTER:
+                return handle_cluster(d, p, id), 0;
         default:
                 return request_reply_error(p, id, WEIGHTD__V1__CODE__INVALID_ARGUMENT, "unknown request"), 0;
         }

@@ -10,6 +10,7 @@
  * and of the daemon through the fields the server keeps current. */
 #pragma once
 
+#include "cluster/cluster.h"
 #include "gpu/device-load.h"
 #include "server/config.h"
 #include "server/peer.h"
@@ -31,7 +32,8 @@ typedef struct Driver {
         Roots *roots;          /* the server's current ones */
         const Config *config;  /* the server's current one */
         PeerContext *peers;
-        unsigned n_resolving;  /* resolves on the thread pool */
+        Cluster *cluster;      /* NULL without [cluster] */
+        unsigned n_resolving;  /* resolves on the thread pool (the cluster's too) */
         /* The Status reply's daemon-wide part (the server's). */
         void (*status)(Weightd__V1__StatusReply *st, void *userdata);
         /* Something changed: status lines, the drain. */
@@ -45,6 +47,10 @@ extern const PeerOps driver_peer_ops;
 /* Stopping: every request waiting for a resolve or a job hears why it ends
  * (UNAVAILABLE); jobs nobody waits for any more are cancelled. */
 void driver_stop(Driver *d);
+
+/* ClusterOps.resolve, with the Driver as userdata: resolves a model for
+ * another node beneath this daemon's own roots, on the thread pool. */
+void driver_cluster_resolve(const char *model, const char *component, ClusterResolve *req, void *userdata);
 
 /* Check a Shard from the wire and turn it into a spec; *ret is NULL when it
  * shards nothing (world 1 without rules).  Returns 0 or WD_E_INVALID. */

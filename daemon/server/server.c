@@ -20,6 +20,7 @@
 #include <syslog.h>
 #include <unistd.h>
 
+#include "cluster/cluster.h"
 #include "gpu/device-load.h"
 #include "server/driver.h"
 #include "server/notify.h"
@@ -47,6 +48,8 @@ struct Server {
         Driver driver;
         PeerContext peers;
         bool peers_init;
+        Cluster *cluster;    /* NULL without [cluster] */
+        bool cluster_closing; /* freed, its transfers still draining */
 
         /* The GPU tier: found on the thread pool at start. */
         int gpu_state; /* GPU_STARTING, GPU_UP, GPU_OFF */
@@ -678,6 +681,8 @@ static void server_apply_log_level(const Config *c) {
         log_set_max_level(log_level_from_syslog(c->log_level));
 }
 
+static int server_cluster_reload(Server *s, const Config *c, WdError *err);
+
 static void server_reload(Server *s) {
         _cleanup_(config_freep) Config *c = NULL;
         WdError err = WD_ERROR_NULL;
@@ -716,6 +721,12 @@ static void server_reload(Server *s) {
                                 log_warning_errno(roots->items[i].open_error, "Model root %s: %m, ignoring.",
                                                   roots->items[i].path);
         }
+        r = server_cluster_reload(s, c, &err);
+        if (r != 0) {
+                log_error("SIGHUP: %s; keeping the running configuration", err.message);
+                (void) notify_send("READY=1");
+                return;
+        }
         cache_set_budget(s->store.cache, c->host_budget);
         gpu_tier_reload(s, c);
         s->store.load_opts = (LoadOptions){ .direct = c->direct_io, .pages = c->host_pages };
@@ -731,6 +742,89 @@ static void server_reload(Server *s) {
         log_info("Reloaded the configuration from %s", s->config_path);
         server_update_status(s);
         (void) notify_send("READY=1");
+}
+
+/* ---- the cluster -------------------------------------------------------- */
+
+static ClusterParams cluster_params(const Config *c, MeshNodeSpec *specs) {
+        for (size_t i = 0; i < c->n_cluster_nodes; i++)
+                specs[i] = (MeshNodeSpec){
+                        .name = c->cluster_nodes[i].name,
+                        .host = c->cluster_nodes[i].host,
+                        .port = c->cluster_nodes[i].port,
+                };
+        return (ClusterParams){
+                .self = c->cluster_node,
+                .nodes = specs,
+                .n_nodes = c->n_cluster_nodes,
+                .secret = c->cluster_secret,
+                .secret_len = c->cluster_secret_len,
+                .deadline_usec = c->cluster_deadline_usec,
+                .peer_fetch = c->cluster_peer_fetch,
+                .chunk_size = c->chunk_size,
+        };
+}
+
+static void server_cluster_closed(void *userdata) {
+        Server *s = userdata;
+
+        s->cluster_closing = false;
+        server_maybe_exit(s);
+}
+
+static const ClusterOps server_cluster_ops = {
+        .resolve = driver_cluster_resolve,
+        .closed = server_cluster_closed,
+};
+
+static int server_cluster_start(Server *s, const Config *c, WdError *err) {
+        _cleanup_free_ MeshNodeSpec *specs = calloc(c->n_cluster_nodes + 1, sizeof(MeshNodeSpec));
+        ClusterParams p;
+        int r;
+
+        if (!specs)
+                return wd_error_set(err, -ENOMEM, "out of memory");
+        p = cluster_params(c, specs);
+        s->cluster_closing = true; /* until server_cluster_closed() */
+        r = cluster_new(&s->cluster, &s->loop, &s->store, &p, &server_cluster_ops, &s->driver, s, err);
+        if (r != 0)
+                s->cluster_closing = false;
+        return r;
+}
+
+static void server_cluster_stop(Server *s) {
+        if (!s->cluster)
+                return;
+        s->driver.cluster = NULL;
+        s->cluster = cluster_free(s->cluster);
+}
+
+/* SIGHUP: start, reconfigure or stop the cluster.  Returns 0 or an error
+ * (the running cluster stays then). */
+static int server_cluster_reload(Server *s, const Config *c, WdError *err) {
+        _cleanup_free_ MeshNodeSpec *specs = NULL;
+        ClusterParams p;
+        int r;
+
+        if (!c->cluster_node) {
+                if (s->cluster)
+                        log_info("SIGHUP: [cluster] is gone; this node serves alone now");
+                server_cluster_stop(s);
+                return 0;
+        }
+        if (!s->cluster) {
+                if (s->cluster_closing)
+                        return wd_error_set(err, -EBUSY, "[cluster]: the old cluster is still closing, try again");
+                r = server_cluster_start(s, c, err);
+                if (r == 0)
+                        s->driver.cluster = s->cluster;
+                return r;
+        }
+        specs = calloc(c->n_cluster_nodes + 1, sizeof(MeshNodeSpec));
+        if (!specs)
+                return wd_error_set(err, -ENOMEM, "out of memory");
+        p = cluster_params(c, specs);
+        return cluster_reconfigure(s->cluster, &p, err);
 }
 
 /* ---- stopping ----------------------------------------------------------- */
@@ -762,7 +856,7 @@ static void server_close_handles(Server *s) {
 }
 
 static void server_maybe_exit(Server *s) {
-        if (!s->stopping || s->peers.n_peers > 0 || s->store.jobs.n > 0 || s->tier.jobs.n > 0 ||
+        if (!s->stopping || s->peers.n_peers > 0 || s->store.jobs.n > 0 || s->tier.jobs.n > 0 || s->cluster_closing ||
             s->driver.n_resolving > 0 || s->gpu_searching || s->handles_closed)
                 return;
         s->handles_closed = true;
@@ -781,6 +875,7 @@ static void server_stop(Server *s) {
          * a load nobody waits for any more is cancelled.  Then peers may
          * read what is queued for them, for a while. */
         driver_stop(&s->driver);
+        server_cluster_stop(s);
         peer_context_stop(&s->peers);
         uv_timer_stop(&s->drain_timer);
         uv_timer_start(&s->drain_timer, on_drain_timeout, SERVER_DRAIN_TIMEOUT_MS, 0);
@@ -929,6 +1024,15 @@ int server_new(Server **ret, Config *config, const char *config_path) {
         r = listen_open(s);
         if (r < 0)
                 return r;
+
+        if (config->cluster_node) {
+                WdError err = WD_ERROR_NULL;
+
+                r = server_cluster_start(s, config, &err);
+                if (r != 0)
+                        return log_error_errno(r < 0 ? r : -EINVAL, "%s", err.message);
+                s->driver.cluster = s->cluster;
+        }
 
         if ((r = uv_poll_init(&s->loop, &s->listen_poll, s->listen_fd)) < 0 ||
             (r = uv_signal_init(&s->loop, &s->sig_term)) < 0 || (r = uv_signal_init(&s->loop, &s->sig_int)) < 0 ||
