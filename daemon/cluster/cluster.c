@@ -32,6 +32,12 @@
 #include "util/time-util.h"
 
 #define CLUSTER_ASK_ATTEMPTS 3u
+/* What one node may make this one hold at once: plans it asked this node to
+ * coordinate, resolves, transfers it proposed or asked for.  Generous for a
+ * well-behaved cluster (a plan per component being loaded), and a bound on
+ * what an authenticated node that misbehaves can cost. */
+#define CLUSTER_MAX_PER_NODE 64u
+#define CLUSTER_PROGRESS_MSEC 250u
 #define MESH_MAX_NODES 1024u
 
 static bool streq(const char *a, const char *b) {
@@ -45,6 +51,7 @@ typedef struct Slot {
         int coordinator; /* mesh index, -1 for a peer fetch */
         unsigned *tell;  /* whom to send Done: the plan's other nodes */
         size_t n_tell;
+        uint64_t progress_sent; /* the bytes the coordinator heard of last */
         LIST_FIELDS(struct Slot, slots);
 } Slot;
 
@@ -62,6 +69,8 @@ enum {
 typedef struct Target {
         unsigned node;
         int state;
+        bool receiver;       /* in the Start's receivers */
+        uint64_t done_bytes; /* its last Progress */
         int code;
         char message[CLUSTER_MESSAGE_MAX];
         TransferStats stats;
@@ -85,6 +94,7 @@ typedef struct Coord {
         size_t n_origins;
         bool started;
         uint64_t propose_deadline_usec;
+        uint64_t progress_sent;
         LIST_FIELDS(struct Coord, coords);
 } Coord;
 
@@ -119,6 +129,8 @@ struct ClusterResolve {
         size_t n_holders;
         PlanFileView *views; /* a Propose's: the plan's files */
         size_t n_views;
+        unsigned *gone; /* a Fetch's holders the fetcher gave up on meanwhile (n_holders room) */
+        size_t n_gone;
         LIST_FIELDS(struct ClusterResolve, pendings);
 };
 
@@ -170,7 +182,7 @@ struct Cluster {
         ClusterResolve *pendings;
         Watch *watches;
         LocalMessage *local_head, *local_tail;
-        uv_timer_t local_timer, tick;
+        uv_timer_t local_timer, tick, progress_timer;
         uint64_t next_request_id;
 
         bool closing; /* cluster_free() ran: freed once nothing is left */
@@ -310,6 +322,28 @@ static void send_abort(Cluster *c, unsigned node, uint64_t plan_id, const char *
 }
 
 /* ---- slots -------------------------------------------------------------- */
+
+/* What node has this node hold for it. */
+static unsigned count_for(Cluster *c, unsigned node) {
+        unsigned n = 0;
+
+        LIST_FOREACH(slots, s, c->slots)
+                n += s->coordinator == (int) node || (s->coordinator < 0 && s->n_tell == 1 && s->tell[0] == node);
+        LIST_FOREACH(coords, co, c->coords)
+                for (size_t i = 0; i < co->n_origins; i++)
+                        n += co->origins[i].node == node;
+        LIST_FOREACH(pendings, p, c->pendings)
+                n += p->from == node;
+        return n;
+}
+
+static bool over_limit(Cluster *c, unsigned node) {
+        if (node == mesh_self(c->mesh) || count_for(c, node) < CLUSTER_MAX_PER_NODE)
+                return false;
+        log_debug("%s asks for more than %u plans, fetches and resolves at once; refusing",
+                  mesh_node_name(c->mesh, node), CLUSTER_MAX_PER_NODE);
+        return true;
+}
 
 static Slot *slot_find(Cluster *c, uint64_t plan_id) {
         LIST_FOREACH(slots, s, c->slots)
@@ -507,8 +541,10 @@ static void coord_start(Coord *co) {
                 }
                 if (t->state == TARGET_READY || t->state == TARGET_RESIDENT)
                         sources[st.n_sources++] = (char *) mesh_node_name(c->mesh, t->node);
-                if (t->state == TARGET_READY)
+                if (t->state == TARGET_READY) {
                         receivers[st.n_receivers++] = (char *) mesh_node_name(c->mesh, t->node);
+                        t->receiver = true;
+                }
         }
         st.plan_id = co->plan_id;
         st.sources = sources;
@@ -576,6 +612,10 @@ static void handle_plan_request(Cluster *c, unsigned from, const Weightd__Cluste
 
         if (m->manifest.len != PLAN_MANIFEST_SIZE || !m->model || !m->component) {
                 reply_plan_error(c, from, m->request_id, WD_E_INVALID, "malformed plan request");
+                return;
+        }
+        if (over_limit(c, from)) {
+                reply_plan_error(c, from, m->request_id, WD_E_BUSY, "too many plans asked of this node at once");
                 return;
         }
         /* Two nodes asking at once: one plan. */
@@ -743,6 +783,18 @@ static void handle_propose(Cluster *c, unsigned from, const Weightd__Cluster__V1
         ClusterResolve *p;
         int r;
 
+        if (over_limit(c, from)) {
+                reply_propose(c, from, m->plan_id, WEIGHTD__CLUSTER__V1__PROPOSE_STATUS__FAILED,
+                              "too many plans proposed to this node at once");
+                return;
+        }
+        /* A plan id is proposed once. */
+        if (slot_find(c, m->plan_id))
+                return;
+        LIST_FOREACH(pendings, x, c->pendings)
+                if (x->plan_id == m->plan_id)
+                        return;
+
         r = pending_start(c, PENDING_PROPOSE, from, m->plan_id, m->model, m->component, &m->manifest, m->chunk_size,
                           &p);
         if (r < 0) {
@@ -756,8 +808,15 @@ static void handle_propose(Cluster *c, unsigned from, const Weightd__Cluster__V1
 }
 
 static void handle_fetch(Cluster *c, unsigned from, const Weightd__Cluster__V1__Fetch *m) {
-        ClusterResolve *p;
+        ClusterResolve *p = NULL;
         int r;
+
+        if (over_limit(c, from)) {
+                send_abort(c, from, m->plan_id, "too many fetches asked of this node at once");
+                return;
+        }
+        if (slot_find(c, m->plan_id))
+                return;
 
         r = pending_start(c, PENDING_FETCH, from, m->plan_id, m->model, m->component, &m->manifest, m->chunk_size,
                           &p);
@@ -765,7 +824,8 @@ static void handle_fetch(Cluster *c, unsigned from, const Weightd__Cluster__V1__
                 r = -EINVAL;
         if (r == 0) {
                 p->holders = calloc(m->n_holders, sizeof(unsigned));
-                if (!p->holders)
+                p->gone = calloc(m->n_holders, sizeof(unsigned));
+                if (!p->holders || !p->gone)
                         r = -ENOMEM;
                 for (size_t i = 0; r == 0 && i < m->n_holders; i++) {
                         int k = mesh_find(c->mesh, m->holders[i]);
@@ -777,15 +837,11 @@ static void handle_fetch(Cluster *c, unsigned from, const Weightd__Cluster__V1__
                 }
         }
         if (r < 0) {
-                if (r != -EINVAL || p) {
-                        /* p was listed: take it off again. */
-                        LIST_FOREACH(pendings, x, c->pendings)
-                                if (x->plan_id == m->plan_id && x->kind == PENDING_FETCH && x->from == from) {
-                                        LIST_REMOVE(pendings, c->pendings, x);
-                                        free(x->holders);
-                                        free(x);
-                                        break;
-                                }
+                if (p) {
+                        LIST_REMOVE(pendings, c->pendings, p);
+                        free(p->holders);
+                        free(p->gone);
+                        free(p);
                 }
                 send_abort(c, from, m->plan_id, r == -EINVAL ? "malformed fetch" : "out of memory");
                 return;
@@ -956,6 +1012,8 @@ static void fetch_resolved(Cluster *c, ClusterResolve *p, const Component *comp)
                 r = slot_set_tell(s, &fetcher, 1, NULL, 0);
         if (r == 0)
                 r = transfer_start(t, p->holders, p->n_holders, &fetcher, 1);
+        for (size_t i = 0; r == 0 && i < p->n_gone; i++)
+                transfer_node_down(t, p->gone[i]);
         if (r != 0) {
                 send_abort(c, p->from, p->plan_id, r > 0 ? err.message : "cannot send it");
                 if (t)
@@ -986,6 +1044,7 @@ void cluster_resolved(ClusterResolve *p, int r, const WdError *err, const Compon
                         fetch_resolved(c, p, comp);
         }
         free(p->holders);
+        free(p->gone);
         views_free(p->views, p->n_views);
         free(p);
 }
@@ -1077,8 +1136,18 @@ static void handle_gone(Cluster *c, unsigned from, const Weightd__Cluster__V1__G
         Slot *s = slot_find(c, m->plan_id);
         int node = m->node ? mesh_find(c->mesh, m->node) : -1;
 
+        if (node < 0)
+                return;
+        if (!s) {
+                /* The fetch is still being resolved here. */
+                LIST_FOREACH(pendings, p, c->pendings)
+                        if (p->kind == PENDING_FETCH && p->plan_id == m->plan_id && p->from == from && p->gone &&
+                            p->n_gone < p->n_holders)
+                                p->gone[p->n_gone++] = (unsigned) node;
+                return;
+        }
         /* Only the fetcher speaks for a fetch. */
-        if (!s || node < 0 || s->coordinator >= 0 || s->n_tell != 1 || s->tell[0] != from)
+        if (s->coordinator >= 0 || s->n_tell != 1 || s->tell[0] != from)
                 return;
         transfer_node_down(s->t, (unsigned) node);
 }
@@ -1318,6 +1387,72 @@ int cluster_fetch(Cluster *c, const Component *comp, int root_fd, Job **ret, WdE
         return 0;
 }
 
+/* ---- progress ----------------------------------------------------------- */
+
+static void send_progress(Cluster *c, unsigned to, uint64_t id, uint64_t done, uint64_t total) {
+        Weightd__Cluster__V1__Progress pr = WEIGHTD__CLUSTER__V1__PROGRESS__INIT;
+
+        pr.id = id;
+        pr.done_bytes = done;
+        pr.total_bytes = total;
+        ENVELOPE(env, progress, PROGRESS, &pr);
+        (void) send_to(c, to, &env);
+}
+
+static void handle_progress(Cluster *c, unsigned from, const Weightd__Cluster__V1__Progress *m) {
+        Coord *co = coord_find(c, m->id);
+        Target *t = co ? coord_target(co, from) : NULL;
+        Ask *a;
+
+        if (t && t->state == TARGET_READY) {
+                t->done_bytes = m->done_bytes;
+                return;
+        }
+        a = ask_find(c, m->id);
+        if (a && a->coordinator == (int) from && m->done_bytes <= m->total_bytes)
+                job_progress(&a->job, m->done_bytes, m->total_bytes, 0, false);
+}
+
+/* Every quarter second: receivers tell their coordinators what they have,
+ * coordinators tell the asking nodes what the plan has. */
+static void on_progress_timer(uv_timer_t *timer) {
+        Cluster *c = timer->data;
+
+        LIST_FOREACH(slots, s, c->slots) {
+                uint64_t done, total;
+
+                if (s->coordinator < 0 || !transfer_receiving(s->t) || !transfer_started(s->t) ||
+                    transfer_result(s->t, NULL) != -EINPROGRESS)
+                        continue;
+                transfer_progress(s->t, &done, &total);
+                if (done != s->progress_sent) {
+                        s->progress_sent = done;
+                        send_progress(c, (unsigned) s->coordinator, transfer_plan_id(s->t), done, total);
+                }
+        }
+        LIST_FOREACH(coords, co, c->coords) {
+                uint64_t bytes = 0, done = 0, total = 0;
+
+                if (!co->started)
+                        continue;
+                for (size_t i = 0; i < co->n_views; i++)
+                        bytes += co->views[i].size;
+                for (size_t i = 0; i < co->n_targets; i++) {
+                        const Target *t = &co->targets[i];
+
+                        if (!t->receiver)
+                                continue;
+                        total += bytes;
+                        done += t->state == TARGET_READY ? MIN(t->done_bytes, bytes) : bytes;
+                }
+                if (done == co->progress_sent)
+                        continue;
+                co->progress_sent = done;
+                for (size_t i = 0; i < co->n_origins; i++)
+                        send_progress(c, co->origins[i].node, co->origins[i].request_id, done, total);
+        }
+}
+
 /* ---- events from the mesh and the data plane ---------------------------- */
 
 static void dispatch(Cluster *c, unsigned from, const ClusterEnvelope *env) {
@@ -1355,6 +1490,9 @@ static void dispatch(Cluster *c, unsigned from, const ClusterEnvelope *env) {
                 break;
         case WEIGHTD__CLUSTER__V1__ENVELOPE__BODY_GONE:
                 handle_gone(c, from, env->gone);
+                break;
+        case WEIGHTD__CLUSTER__V1__ENVELOPE__BODY_PROGRESS:
+                handle_progress(c, from, env->progress);
                 break;
         default:
                 log_debug("%s sent a message this node does not know (%d), ignoring", mesh_node_name(c->mesh, from),
@@ -1656,9 +1794,11 @@ int cluster_new(Cluster **ret, uv_loop_t *loop, Store *store, const ClusterParam
         }
         uv_timer_init(loop, &c->local_timer);
         uv_timer_init(loop, &c->tick);
+        uv_timer_init(loop, &c->progress_timer);
         c->local_timer.data = c;
         c->tick.data = c;
-        c->open_timers = 2;
+        c->progress_timer.data = c;
+        c->open_timers = 3;
         r = mesh_start(c, err);
         if (r != 0) {
                 c->ops.closed = NULL; /* a cluster that never was */
@@ -1666,6 +1806,7 @@ int cluster_new(Cluster **ret, uv_loop_t *loop, Store *store, const ClusterParam
                 return r;
         }
         uv_timer_start(&c->tick, on_tick, c->deadline_usec / 4000 + 1, c->deadline_usec / 4000 + 1);
+        uv_timer_start(&c->progress_timer, on_progress_timer, CLUSTER_PROGRESS_MSEC, CLUSTER_PROGRESS_MSEC);
         log_info("cluster: node %s of %zu, generation %016" PRIx64 ", deadline %" PRIu64 " ms%s", c->self_name,
                  c->n_nodes, c->generation, c->deadline_usec / 1000, c->peer_fetch ? ", peer fetch" : "");
         *ret = c;
@@ -1710,6 +1851,7 @@ Cluster *cluster_free(Cluster *c) {
         free_config(c);
         uv_close((uv_handle_t *) &c->local_timer, timer_closed);
         uv_close((uv_handle_t *) &c->tick, timer_closed);
+        uv_close((uv_handle_t *) &c->progress_timer, timer_closed);
         return NULL;
 }
 

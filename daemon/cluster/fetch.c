@@ -183,6 +183,11 @@ void transfer_stats(const Transfer *t, TransferStats *ret) {
         *ret = t->stats;
 }
 
+void transfer_progress(const Transfer *t, uint64_t *ret_done, uint64_t *ret_total) {
+        *ret_done = t->have_bytes;
+        *ret_total = t->total_bytes;
+}
+
 const Component *transfer_component(const Transfer *t) {
         return t->comp;
 }
@@ -848,12 +853,15 @@ void transfer_chunk_sum(Transfer *t, unsigned node, uint32_t index, uint64_t xxh
         ChunkInfo *ci;
         int s = source_index(t, node);
 
-        if (index >= t->n_chunks || s < 0 || !t->source_usable[s])
+        /* Before the Start reached us, sources that heard it may send
+         * already: take what any node sends (it is checked all the same). */
+        if (index >= t->n_chunks || (t->started && (s < 0 || !t->source_usable[s])))
                 return;
         ci = &t->ci[index];
         if (ci->state == CHUNK_HAVE || ci->state == CHUNK_READING)
                 return;
-        t->source_heard_usec[s] = now_usec();
+        if (s >= 0)
+                t->source_heard_usec[s] = now_usec();
         /* The sum that goes with the bytes in flight or landed wins: a sum
          * from another sender only replaces one whose bytes never came. */
         if (ci->sum_known && (ci->state == CHUNK_RECEIVING || ci->state == CHUNK_LANDED) && ci->rx_from != node &&
@@ -871,8 +879,8 @@ void *transfer_incoming(Transfer *t, const TransferChunkHeader *h, uint64_t leng
         ChunkInfo *ci;
         Rx *rx;
 
-        if (!t->load || t->sealing || t->aborted || t->result != -EINPROGRESS || h->index >= t->n_chunks || s < 0 ||
-            !t->source_usable[s] || length != t->chunks[h->index].length)
+        if (!t->load || t->sealing || t->aborted || t->result != -EINPROGRESS || h->index >= t->n_chunks ||
+            (t->started && (s < 0 || !t->source_usable[s])) || length != t->chunks[h->index].length)
                 return NULL;
         ci = &t->ci[h->index];
         if (ci->state != CHUNK_MISSING)
@@ -887,7 +895,8 @@ void *transfer_incoming(Transfer *t, const TransferChunkHeader *h, uint64_t leng
         ci->state = CHUNK_RECEIVING;
         ci->rx_from = h->sender;
         t->n_rx++;
-        t->source_heard_usec[s] = now_usec();
+        if (s >= 0)
+                t->source_heard_usec[s] = now_usec();
         *ret_token = rx;
         return load_job_slabs(t->load)[t->chunks[h->index].file]->data + t->chunks[h->index].offset;
 }
@@ -900,9 +909,10 @@ void transfer_received(void *token, int status) {
 
         t->n_rx--;
         if (ci->state == CHUNK_RECEIVING) {
-                if (status == 0 && s >= 0 && t->source_usable[s]) {
+                if (status == 0 && (s >= 0 ? t->source_usable[s] : !t->started)) {
                         ci->state = CHUNK_LANDED;
-                        t->source_heard_usec[s] = now_usec();
+                        if (s >= 0)
+                                t->source_heard_usec[s] = now_usec();
                         t->activity_usec = now_usec();
                         verify(t, rx->index);
                 } else

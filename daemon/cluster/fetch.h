@@ -103,6 +103,8 @@ bool transfer_started(const Transfer *t);
 /* 0 once every byte is here and sealed; -EINPROGRESS before; the error. */
 int transfer_result(const Transfer *t, const WdError **ret_err);
 void transfer_stats(const Transfer *t, TransferStats *ret);
+/* Bytes of the component this node has (verified) and of the component. */
+void transfer_progress(const Transfer *t, uint64_t *ret_done, uint64_t *ret_total);
 const Component *transfer_component(const Transfer *t);
 
 /* From the cluster: a node went down (its generation ended). */
