@@ -196,6 +196,8 @@ static void cluster_maybe_free(Cluster *c) {
 
         if (!c->closing || c->open_timers > 0 || c->slots)
                 return;
+        free(c->node_sent);
+        free(c->node_received);
         free(c);
         if (closed)
                 closed(userdata);

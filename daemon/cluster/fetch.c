@@ -525,7 +525,8 @@ static void tx_done(DataPlaneSend *s, int status) {
         t->n_tx--;
         if (status == 0) {
                 t->stats.peer_sent_bytes += t->chunks[tx->index].length;
-                t->ctx->node_sent[t->receivers[tx->receiver]] += t->chunks[tx->index].length;
+                if (!t->aborted) /* a reconfigured cluster may number its nodes anew */
+                        t->ctx->node_sent[t->receivers[tx->receiver]] += t->chunks[tx->index].length;
                 t->activity_usec = now_usec();
         } else {
                 /* Not delivered: a later pump sends it again if the
@@ -833,7 +834,8 @@ static void verify(Transfer *t, size_t c) {
         h = XXH3_64bits(p, t->chunks[c].length);
         if (h == ci->sum) {
                 t->stats.peer_received_bytes += t->chunks[c].length;
-                t->ctx->node_received[ci->rx_from] += t->chunks[c].length;
+                if (!t->aborted)
+                        t->ctx->node_received[ci->rx_from] += t->chunks[c].length;
                 chunk_have(t, c, h, true);
                 return;
         }
