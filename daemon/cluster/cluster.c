@@ -1071,6 +1071,13 @@ static void handle_start(Cluster *c, unsigned from, const Weightd__Cluster__V1__
                         transfer_abort(s->t, "a source that is not a node");
                         return;
                 }
+                /* Twice in the list, its chunks under one of its indexes
+                 * would be waited for from it forever. */
+                for (size_t j = 0; j < ns; j++)
+                        if (src[j] == (unsigned) k) {
+                                transfer_abort(s->t, "a source listed twice");
+                                return;
+                        }
                 src[ns++] = (unsigned) k;
                 me = me || (unsigned) k == self;
         }
@@ -1081,6 +1088,11 @@ static void handle_start(Cluster *c, unsigned from, const Weightd__Cluster__V1__
                         transfer_abort(s->t, "a receiver that is not a node");
                         return;
                 }
+                for (size_t j = 0; j < nr; j++)
+                        if (rcv[j] == (unsigned) k) {
+                                transfer_abort(s->t, "a receiver listed twice");
+                                return;
+                        }
                 rcv[nr++] = (unsigned) k;
                 me = me || (unsigned) k == self;
         }
