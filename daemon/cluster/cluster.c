@@ -608,6 +608,24 @@ static void reply_plan_error(Cluster *c, unsigned node, uint64_t request_id, int
         (void) send_to(c, node, &env);
 }
 
+/* Whether request m wants node n resident (no nodes named: every node). */
+static bool request_wants(Cluster *c, const Weightd__Cluster__V1__PlanRequest *m, unsigned n) {
+        bool wanted = m->n_nodes == 0;
+
+        for (size_t k = 0; k < m->n_nodes && !wanted; k++)
+                wanted = streq(m->nodes[k], mesh_node_name(c->mesh, n));
+        return wanted;
+}
+
+/* Whether plan co's nodes are the ones request m names: only then does its
+ * result answer m (not a failure on a node m did not ask for). */
+static bool coord_same_nodes(Cluster *c, Coord *co, const Weightd__Cluster__V1__PlanRequest *m) {
+        for (unsigned n = 0; n < c->n_nodes; n++)
+                if (request_wants(c, m, n) != (coord_target(co, n) != NULL))
+                        return false;
+        return true;
+}
+
 static void handle_plan_request(Cluster *c, unsigned from, const Weightd__Cluster__V1__PlanRequest *m) {
         Weightd__Cluster__V1__Propose pr = WEIGHTD__CLUSTER__V1__PROPOSE__INIT;
         Coord *co;
@@ -620,10 +638,11 @@ static void handle_plan_request(Cluster *c, unsigned from, const Weightd__Cluste
                 reply_plan_error(c, from, m->request_id, WD_E_BUSY, "too many plans asked of this node at once");
                 return;
         }
-        /* Two nodes asking at once: one plan. */
+        /* Two nodes asking at once for the same nodes: one plan. */
         LIST_FOREACH(coords, x, c->coords)
                 if (streq(x->model, m->model) && streq(x->component, m->component) &&
-                    memcmp(x->manifest.bytes, m->manifest.data, PLAN_MANIFEST_SIZE) == 0) {
+                    memcmp(x->manifest.bytes, m->manifest.data, PLAN_MANIFEST_SIZE) == 0 &&
+                    coord_same_nodes(c, x, m)) {
                         if (coord_add_origin(x, from, m->request_id) < 0)
                                 reply_plan_error(c, from, m->request_id, -ENOMEM, "out of memory");
                         log_debug("plan %016" PRIx64 ": %s asked too, joined", x->plan_id,
@@ -652,15 +671,9 @@ static void handle_plan_request(Cluster *c, unsigned from, const Weightd__Cluste
                 coord_free(co);
                 return;
         }
-        for (unsigned n = 0; n < c->n_nodes; n++) {
-                bool wanted = m->n_nodes == 0;
-
-                for (size_t k = 0; k < m->n_nodes; k++)
-                        wanted = wanted || streq(m->nodes[k], mesh_node_name(c->mesh, n));
-                if (!wanted)
-                        continue;
-                co->targets[co->n_targets++] = (Target){ .node = n, .state = TARGET_PROPOSED };
-        }
+        for (unsigned n = 0; n < c->n_nodes; n++)
+                if (request_wants(c, m, n))
+                        co->targets[co->n_targets++] = (Target){ .node = n, .state = TARGET_PROPOSED };
         co->propose_deadline_usec = now_usec() + c->deadline_usec;
         log_info("plan %016" PRIx64 ": %s%s%s on %zu nodes, asked by %s", co->plan_id, co->model,
                  *co->component ? " " : "", co->component, co->n_targets, mesh_node_name(c->mesh, from));
