@@ -87,6 +87,9 @@ struct Transfer {
         int result; /* -EINPROGRESS until sealed or failed */
         WdError err;
         LoadJob *load;     /* receiving, until sealed */
+        /* load's entry, referenced while load is: fail() retires it and the
+         * job lets go of it, and load_job_discard() still looks at it. */
+        CacheEntry *load_entry;
         CacheEntry *entry; /* the resident entry to send from (referenced) */
 
         PlanChunk *chunks;
@@ -132,6 +135,7 @@ static void transfer_free(Transfer *t) {
         /* Never sealed: give the reservation back. */
         if (t->load)
                 load_job_discard(TAKE_PTR(t->load));
+        cache_entry_unref(TAKE_PTR(t->load_entry));
         cache_entry_unref(TAKE_PTR(t->entry));
         component_free(t->comp);
         safe_close(t->root_fd);
@@ -257,6 +261,7 @@ int transfer_new_receiving(TransferContext *ctx, uint64_t plan_id, const Compone
                 transfer_free(t);
                 return r;
         }
+        t->load_entry = cache_entry_ref(load_job_entry(t->load));
         /* The transfer's references are the job's from here on. */
         job_init(&t->job, &transfer_kind, &ctx->store->jobs, load_job_entry(t->load));
         t->job.total = t->total_bytes;
@@ -624,6 +629,7 @@ static void seal_done(Completion *c) {
 
         t->sealing = false;
         r = load_job_finish(TAKE_PTR(t->load), &e, &err);
+        cache_entry_unref(TAKE_PTR(t->load_entry));
         if (r == 0) {
                 t->entry = cache_entry_ref(e);
                 t->result = 0;
