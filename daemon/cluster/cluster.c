@@ -51,6 +51,7 @@ typedef struct Slot {
         int coordinator; /* mesh index, -1 for a peer fetch */
         unsigned *tell;  /* whom to send Done: the plan's other nodes */
         size_t n_tell;
+        uint64_t since_usec; /* when it was added */
         uint64_t progress_sent; /* the bytes the coordinator heard of last */
         LIST_FIELDS(struct Slot, slots);
 } Slot;
@@ -369,6 +370,7 @@ static int slot_add(Cluster *c, Transfer *t, int coordinator, Slot **ret) {
         s->c = c;
         s->t = transfer_ref(t);
         s->coordinator = coordinator;
+        s->since_usec = now_usec();
         LIST_PREPEND(slots, c->slots, s);
         if (ret)
                 *ret = s;
@@ -1573,13 +1575,15 @@ static void on_mesh_down(Mesh *m, unsigned node, uint64_t generation, const char
         c->node_generation[node] = 0;
         dataplane_disconnect(c->data, node);
         for (Slot *s = c->slots, *next; s; s = next) {
+                /* An abort may finish the transfer and free its slot. */
+                Transfer *t = transfer_ref(s->t);
+
                 next = s->slots_next;
-                transfer_ref(s->t);
-                if (!transfer_started(s->t) && s->coordinator == (int) node)
-                        transfer_abort(s->t, "the coordinator went down");
+                if (!transfer_started(t) && s->coordinator == (int) node)
+                        transfer_abort(t, "the coordinator went down");
                 else
-                        transfer_node_down(s->t, node);
-                transfer_unref(s->t);
+                        transfer_node_down(t, node);
+                transfer_unref(t);
         }
         for (Coord *co = c->coords, *next; co; co = next) {
                 Target *t = coord_target(co, node);
@@ -1608,12 +1612,19 @@ static void on_tick(uv_timer_t *timer) {
         uint64_t now = now_usec();
 
         for (Slot *s = c->slots, *next; s; s = next) {
+                /* Either may finish the transfer and free its slot. */
+                Transfer *t = transfer_ref(s->t);
+
                 next = s->slots_next;
-                transfer_ref(s->t);
                 /* Asked to take part and never started: the coordinator
-                 * gave up on us. */
-                transfer_tick(s->t);
-                transfer_unref(s->t);
+                 * gave up on us (a Start comes within about 1.25
+                 * deadlines of the Propose).  It hears Done. */
+                if (!transfer_started(t) && s->coordinator >= 0 && now - s->since_usec > 2 * c->deadline_usec) {
+                        if (slot_set_tell(s, NULL, 0, NULL, 0) == 0)
+                                transfer_abort(t, "no Start within twice the deadline");
+                } else
+                        transfer_tick(t);
+                transfer_unref(t);
         }
         for (Coord *co = c->coords, *next; co; co = next) {
                 next = co->coords_next;
@@ -1756,10 +1767,12 @@ static void stop_all(Cluster *c, const char *why) {
         WdError err = WD_ERROR_NULL;
 
         for (Slot *s = c->slots, *next; s; s = next) {
+                /* The abort may finish the transfer and free its slot. */
+                Transfer *t = transfer_ref(s->t);
+
                 next = s->slots_next;
-                transfer_ref(s->t);
-                transfer_abort(s->t, why);
-                transfer_unref(s->t);
+                transfer_abort(t, why);
+                transfer_unref(t);
         }
         while (c->coords)
                 coord_free(c->coords);
