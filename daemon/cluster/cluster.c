@@ -53,6 +53,7 @@ typedef struct Slot {
         size_t n_tell;
         uint64_t since_usec; /* when it was added */
         uint64_t progress_sent; /* the bytes the coordinator heard of last */
+        uint64_t progress_sent_usec; /* and when */
         LIST_FIELDS(struct Slot, slots);
 } Slot;
 
@@ -72,6 +73,7 @@ typedef struct Target {
         int state;
         bool receiver;       /* in the Start's receivers */
         uint64_t done_bytes; /* its last Progress */
+        uint64_t heard_usec, moved_usec; /* its last Progress, and the last that moved */
         int code;
         char message[CLUSTER_MESSAGE_MAX];
         TransferStats stats;
@@ -95,7 +97,7 @@ typedef struct Coord {
         size_t n_origins;
         bool started;
         uint64_t propose_deadline_usec;
-        uint64_t progress_sent;
+        uint64_t progress_sent, progress_sent_usec;
         LIST_FIELDS(struct Coord, coords);
 } Coord;
 
@@ -109,6 +111,8 @@ typedef struct Ask {
         size_t n_nodes;
         int coordinator;
         unsigned attempts;
+        int tried[CLUSTER_ASK_ATTEMPTS]; /* the coordinators asked, in order */
+        uint64_t heard_usec, moved_usec, done_bytes; /* from the coordinator */
         bool linked;
         LIST_FIELDS(struct Ask, asks);
 } Ask;
@@ -139,6 +143,7 @@ struct ClusterResolve {
  * hears Done when that load ends. */
 typedef struct Watch {
         JobWaiter wait;
+        uint64_t progress_sent_usec;
         Job *job; /* referenced, for its numbers */
         Cluster *c;
         uint64_t plan_id;
@@ -549,6 +554,7 @@ static void coord_start(Coord *co) {
                         receivers[st.n_receivers++] = (char *) mesh_node_name(c->mesh, t->node);
                         t->receiver = true;
                 }
+                t->heard_usec = t->moved_usec = now_usec();
         }
         st.plan_id = co->plan_id;
         st.sources = sources;
@@ -733,8 +739,9 @@ static void handle_propose_reply(Cluster *c, unsigned from, const Weightd__Clust
                 t->state = TARGET_LOADING;
                 break;
         case WEIGHTD__CLUSTER__V1__PROPOSE_STATUS__MISMATCH:
+                /* Which view is the odd one is for the asking node to say
+                 * (it records it from the result), not for the coordinator. */
                 t->state = TARGET_MISMATCH;
-                set_mismatch(c, from, t->message);
                 break;
         default:
                 t->state = TARGET_FAILED;
@@ -756,8 +763,6 @@ static void handle_done_coord(Cluster *c, unsigned from, const Weightd__Cluster_
                 .peer_received_bytes = m->peer_received_bytes,
                 .peer_sent_bytes = m->peer_sent_bytes,
         };
-        if (m->code == 0)
-                set_mismatch(c, from, NULL);
         coord_maybe_finish(co);
 }
 
@@ -1224,15 +1229,23 @@ static int ask_send(Ask *a) {
         char key[PATH_MAX + 300];
         size_t n = 0;
 
-        for (unsigned i = 0; i < c->n_nodes && n < MESH_MAX_NODES; i++)
-                if (i == mesh_self(c->mesh) || mesh_node_up(c->mesh, i)) {
+        /* The live nodes, less those that failed this ask already (this
+         * node always counts: it can coordinate its own ask). */
+        for (unsigned i = 0; i < c->n_nodes && n < MESH_MAX_NODES; i++) {
+                bool tried = false;
+
+                for (unsigned k = 0; k < a->attempts; k++)
+                        tried = tried || a->tried[k] == (int) i;
+                if (i == mesh_self(c->mesh) || (mesh_node_up(c->mesh, i) && !tried)) {
                         names[n] = mesh_node_name(c->mesh, i);
                         idx[n++] = i;
                 }
+        }
         /* Every node computes the same key for the same component. */
         snprintf(key, sizeof(key), "%s\n%s", a->comp->model, a->comp->name);
         a->coordinator = (int) idx[plan_coordinator(key, names, n)];
-        a->attempts++;
+        a->tried[a->attempts++] = a->coordinator;
+        a->heard_usec = a->moved_usec = now_usec();
         pr.request_id = a->request_id;
         pr.model = a->comp->model;
         pr.component = a->comp->name;
@@ -1255,8 +1268,11 @@ static int ask_send(Ask *a) {
 static void ask_retry(Ask *a, const char *why) {
         WdError err = WD_ERROR_NULL;
 
-        if (a->attempts < CLUSTER_ASK_ATTEMPTS && ask_send(a) == 0)
-                return;
+        if (a->attempts < CLUSTER_ASK_ATTEMPTS) {
+                log_info("cluster prefetch of %s: %s; asking another coordinator", a->comp->model, why);
+                if (ask_send(a) == 0)
+                        return;
+        }
         wd_error_set(&err, -EHOSTDOWN, "%s: cluster prefetch failed: %s", a->comp->model, why);
         ask_finish(a, -EHOSTDOWN, &err, NULL, 0);
 }
@@ -1269,9 +1285,13 @@ static void handle_plan_result(Cluster *c, unsigned from, const Weightd__Cluster
         if (!a || a->coordinator != (int) from)
                 return;
         if (m->code != 0) {
-                wd_error_set(&err, m->code > 0 ? m->code : -EIO, "%s: %s", a->comp->model,
-                             m->message ? m->message : "the plan failed");
-                ask_finish(a, err.code, &err, NULL, 0);
+                /* A coordinator that cannot plan (busy, out of memory, or
+                 * not telling the truth): ask another one. */
+                char why[256];
+
+                snprintf(why, sizeof(why), "coordinator %s: %.200s", mesh_node_name(c->mesh, from),
+                         m->message ? m->message : "the plan failed");
+                ask_retry(a, why);
                 return;
         }
         reports = calloc(m->n_nodes + 1, sizeof(JobNodeReport));
@@ -1292,8 +1312,12 @@ static void handle_plan_result(Cluster *c, unsigned from, const Weightd__Cluster
                         .peer_received_bytes = n->peer_received_bytes,
                         .peer_sent_bytes = n->peer_sent_bytes,
                 };
+                /* The asking node's view is the plan's: a node that
+                 * differed is "mismatch" here until it next takes part. */
                 if (k >= 0 && n->state && streq(n->state, "mismatch"))
                         set_mismatch(c, (unsigned) k, reports[i].message);
+                else if (k >= 0 && n->state && (streq(n->state, "ok") || streq(n->state, "resident")))
+                        set_mismatch(c, (unsigned) k, NULL);
         }
         ask_finish(a, 0, NULL, reports, m->n_nodes);
 }
@@ -1433,20 +1457,33 @@ static void handle_progress(Cluster *c, unsigned from, const Weightd__Cluster__V
         Target *t = co ? coord_target(co, from) : NULL;
         Ask *a;
 
-        if (t && t->state == TARGET_READY) {
+        uint64_t now = now_usec();
+
+        if (t && (t->state == TARGET_READY || t->state == TARGET_LOADING)) {
+                t->heard_usec = now;
+                if (m->done_bytes != t->done_bytes)
+                        t->moved_usec = now;
                 t->done_bytes = m->done_bytes;
                 return;
         }
         a = ask_find(c, m->id);
-        if (a && a->coordinator == (int) from && m->done_bytes <= m->total_bytes)
+        if (a && a->coordinator == (int) from && m->done_bytes <= m->total_bytes) {
+                a->heard_usec = now;
+                if (m->done_bytes != a->done_bytes)
+                        a->moved_usec = now;
+                a->done_bytes = m->done_bytes;
                 job_progress(&a->job, m->done_bytes, m->total_bytes, 0, false);
+        }
 }
 
 /* Every quarter second: receivers tell their coordinators what they have,
  * coordinators tell the asking nodes what the plan has. */
 static void on_progress_timer(uv_timer_t *timer) {
         Cluster *c = timer->data;
+        uint64_t now = now_usec();
 
+        /* Sent when it moved, and every half deadline regardless: silence
+         * is how a coordinator and an asker tell a node that stopped. */
         LIST_FOREACH(slots, s, c->slots) {
                 uint64_t done, total;
 
@@ -1454,11 +1491,17 @@ static void on_progress_timer(uv_timer_t *timer) {
                     transfer_result(s->t, NULL) != -EINPROGRESS)
                         continue;
                 transfer_progress(s->t, &done, &total);
-                if (done != s->progress_sent) {
+                if (done != s->progress_sent || now - s->progress_sent_usec > c->deadline_usec / 2) {
                         s->progress_sent = done;
+                        s->progress_sent_usec = now;
                         send_progress(c, (unsigned) s->coordinator, transfer_plan_id(s->t), done, total);
                 }
         }
+        LIST_FOREACH(watches, x, c->watches)
+                if (now - x->progress_sent_usec > c->deadline_usec / 2) {
+                        x->progress_sent_usec = now;
+                        send_progress(c, x->coordinator, x->plan_id, x->job->done, x->job->total);
+                }
         LIST_FOREACH(coords, co, c->coords) {
                 uint64_t bytes = 0, done = 0, total = 0;
 
@@ -1474,11 +1517,56 @@ static void on_progress_timer(uv_timer_t *timer) {
                         total += bytes;
                         done += t->state == TARGET_READY ? MIN(t->done_bytes, bytes) : bytes;
                 }
-                if (done == co->progress_sent)
+                if (done == co->progress_sent && now - co->progress_sent_usec <= c->deadline_usec / 2)
                         continue;
                 co->progress_sent = done;
+                co->progress_sent_usec = now;
                 for (size_t i = 0; i < co->n_origins; i++)
                         send_progress(c, co->origins[i].node, co->origins[i].request_id, done, total);
+        }
+}
+
+/* A plan must keep moving: a target that says nothing for twice the
+ * deadline, or whose bytes do not move for ten, is failed (it reads alone
+ * if it is alive at all); an asker whose coordinator does the same asks the
+ * next one.  A node with the secret that takes part and then stops cannot
+ * hold a plan forever. */
+#define CLUSTER_STALL_DEADLINES 10u
+
+static void check_liveness(Cluster *c, uint64_t now) {
+        for (Coord *co = c->coords, *next; co; co = next) {
+                bool changed = false;
+
+                next = co->coords_next;
+                if (!co->started)
+                        continue;
+                for (size_t i = 0; i < co->n_targets; i++) {
+                        Target *t = &co->targets[i];
+                        const char *why = NULL;
+
+                        if (t->state != TARGET_READY && t->state != TARGET_LOADING)
+                                continue;
+                        if (now - t->heard_usec > 2 * c->deadline_usec)
+                                why = "nothing heard from it for twice the deadline";
+                        else if (now - t->moved_usec > CLUSTER_STALL_DEADLINES * c->deadline_usec)
+                                why = "its bytes did not move for ten deadlines";
+                        if (!why)
+                                continue;
+                        t->state = TARGET_FAILED;
+                        snprintf(t->message, sizeof(t->message), "%s", why);
+                        log_warning("plan %016" PRIx64 ": %s: %s", co->plan_id, mesh_node_name(c->mesh, t->node),
+                                    why);
+                        changed = true;
+                }
+                if (changed)
+                        coord_maybe_finish(co);
+        }
+        for (Ask *a = c->asks, *next; a; a = next) {
+                next = a->asks_next;
+                if (now - a->heard_usec > 2 * c->deadline_usec)
+                        ask_retry(a, "the coordinator went silent");
+                else if (now - a->moved_usec > CLUSTER_STALL_DEADLINES * c->deadline_usec)
+                        ask_retry(a, "the plan did not move for ten deadlines");
         }
 }
 
@@ -1631,12 +1719,8 @@ static void on_tick(uv_timer_t *timer) {
                 if (!co->started && now > co->propose_deadline_usec)
                         coord_start(co);
         }
+        check_liveness(c, now);
 }
-
-typedef struct RxToken {
-        Cluster *c;
-        void *inner;
-} RxToken;
 
 static void *on_incoming(DataPlane *d, const void *hdr, size_t hdr_len, uint64_t length, void **ret_token,
                          void *userdata) {

@@ -237,22 +237,22 @@ def test_lying_source(hostile, model, scenario):
     healthy(c, model, before)
 
 
-@pytest.mark.xfail(strict=True, reason="a coordinator waits for a READY participant's Done without a limit: "
-                   "the prefetch hangs while x stays up")
 def test_participant_that_never_finishes(hostile, model):
     """x says READY to every plan and then nothing: a cluster prefetch among
-    all three must still end, a and b OK, within a few deadlines of the
-    transfer."""
+    all three must still end, a and b OK and x failed, within a few deadlines
+    (a coordinator fails a target it hears nothing from for twice the
+    deadline; an asker whose coordinator goes silent asks another)."""
     c = hostile
     before = started(c, model)
     p = spawn(c, "participate", linger=600)
     wait_ready(p, 60)
+    t0 = time.monotonic()
     r = c.prefetch("a", model.path, timeout=30 + DEADLINE * 5)
-    out = finish(p)
-    assert r.returncode == 0 or "asked to coordinate" in out, f"{r.stdout.decode()} {r.stderr.decode()}"
-    if r.returncode == 0:
-        lines = per_node(prefetch_results(r.stdout, r.stderr, r.returncode))
-        for n in "ab":
-            assert lines[n]["state"] == "ok", (n, lines[n])
-        assert lines["x"]["state"] != "ok", lines["x"]
+    elapsed = time.monotonic() - t0
+    finish(p)
+    lines = per_node(prefetch_results(r.stdout, r.stderr, r.returncode))
+    for n in "ab":
+        assert lines[n]["state"] == "ok", (n, lines[n])
+    assert lines["x"]["state"] != "ok", lines["x"]
+    assert elapsed < 30 + DEADLINE * 4, f"the prefetch took {elapsed:.1f} s"
     healthy(c, model, before)
