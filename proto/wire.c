@@ -48,12 +48,7 @@ int wire_pack(const WireEnvelope *env, size_t max_frame, uint8_t **ret_buf, size
  * (An earlier version put a size header in front of every block of every
  * unpack, to give charges back on free: the client's replies of thousands
  * of small fields paid for it in malloc work, about 40 us of a 0.7 ms
- * attach.) */
-typedef struct HeapBudget {
-        size_t budget;
-        size_t used;
-} HeapBudget;
-
+ * attach.)  WireHeapBudget (wire.h) holds the budget. */
 static size_t heap_charge(size_t size) {
         size_t c = (size + 8 + 15) & ~(size_t) 15;
 
@@ -61,7 +56,7 @@ static size_t heap_charge(size_t size) {
 }
 
 static void *heap_alloc(void *data, size_t size) {
-        HeapBudget *b = data;
+        WireHeapBudget *b = data;
         size_t c;
         void *p;
 
@@ -80,9 +75,13 @@ static void heap_free(void *data, void *p) {
         free(p);
 }
 
+ProtobufCAllocator wire_bounded_allocator(WireHeapBudget *b) {
+        return (ProtobufCAllocator){ .alloc = heap_alloc, .free = heap_free, .allocator_data = b };
+}
+
 WireEnvelope *wire_unpack_bounded_peak(const uint8_t *payload, size_t len, size_t heap_budget, size_t *peak) {
-        HeapBudget b = { .budget = heap_budget };
-        ProtobufCAllocator a = { .alloc = heap_alloc, .free = heap_free, .allocator_data = &b };
+        WireHeapBudget b = { .budget = heap_budget };
+        ProtobufCAllocator a = wire_bounded_allocator(&b);
         WireEnvelope *env = weightd__v1__envelope__unpack(&a, len, payload);
 
         if (peak)

@@ -65,6 +65,17 @@ WireEnvelope *wire_unpack(const uint8_t *payload, size_t len);
 
 WireEnvelope *wire_unpack_bounded(const uint8_t *payload, size_t len, size_t heap_budget);
 
+/* The allocator behind wire_unpack_bounded(), for other messages decoded
+ * from peers (the daemon's node links): every allocation charged as above
+ * against b->budget in b->used, nothing given back; the blocks are plain
+ * malloc() blocks (free the message with protobuf-c's default allocator).
+ * b must outlive the unpack. */
+typedef struct WireHeapBudget {
+        size_t budget;
+        size_t used;
+} WireHeapBudget;
+ProtobufCAllocator wire_bounded_allocator(WireHeapBudget *b);
+
 /* wire_unpack_bounded() that also reports, in *peak (when not NULL; written
  * on success and failure alike), the charge it reached: all it allocated,
  * charged as above.  For tests and benchmarks. */

@@ -55,6 +55,7 @@
 #include "util/list.h"
 #include "util/log.h"
 #include "util/time-util.h"
+#include "wire.h"
 
 #define PSK_LABEL "weightd cluster psk v1"
 #define PSK_SIZE 32u
@@ -763,32 +764,6 @@ static void link_update_poll(Link *l) {
 
 /* ---- links: input ------------------------------------------------------- */
 
-/* protobuf-c's allocations charged against a budget, as in proto/wire.c:
- * each block what malloc() takes for it, nothing given back. */
-typedef struct UnpackBudget {
-        size_t budget, used;
-} UnpackBudget;
-
-static void *budget_alloc(void *data, size_t size) {
-        UnpackBudget *b = data;
-        size_t c;
-        void *p;
-
-        if (size > SIZE_MAX / 2)
-                return NULL;
-        c = MAX((size + 8 + 15) & ~(size_t) 15, (size_t) 32);
-        if (c > b->budget - b->used)
-                return NULL;
-        p = malloc(size);
-        if (p)
-                b->used += c;
-        return p;
-}
-
-static void budget_free(void *data, void *p) {
-        free(p);
-}
-
 static void node_up(Link *l, const Weightd__Cluster__V1__Hello *h) {
         Mesh *m = l->mesh;
         MeshNode *n = &m->nodes[l->node];
@@ -876,8 +851,10 @@ static void link_heartbeat(Link *l, const Weightd__Cluster__V1__Heartbeat *hb) {
 static void link_dispatch(Link *l, const uint8_t *buf, size_t len) {
         Mesh *m = l->mesh;
         MeshNode *n = &m->nodes[l->node];
-        UnpackBudget budget = { .budget = UNPACK_BUDGET(len) };
-        ProtobufCAllocator a = { .alloc = budget_alloc, .free = budget_free, .allocator_data = &budget };
+        /* protobuf-c's allocations charged against a budget, as for the
+         * control API's requests (proto/wire.h). */
+        WireHeapBudget budget = { .budget = UNPACK_BUDGET(len) };
+        ProtobufCAllocator a = wire_bounded_allocator(&budget);
         ClusterEnvelope *env;
 
         env = weightd__cluster__v1__envelope__unpack(&a, len, buf);
