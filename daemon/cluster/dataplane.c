@@ -42,6 +42,7 @@
 #define DATAPLANE_PROGRESS_BUDGET 1024u
 /* How long dataplane_free() waits for force-closed endpoints. */
 #define DATAPLANE_CLOSE_TIMEOUT_USEC (2u * 1000u * 1000u)
+#define DATAPLANE_FLUSH_TIMEOUT_USEC (250u * 1000u)
 
 typedef enum ConnState {
         CONN_OPEN,
@@ -101,6 +102,7 @@ struct DataPlane {
         const DataPlaneOps *ops;
         void *userdata;
 
+        unsigned n_flushing; /* dataplane_free()'s flushes in flight */
         ucp_context_h context;
         ucp_worker_h worker;
         ucp_address_t *address;
@@ -324,12 +326,15 @@ static void sends_mark_reset(DataPlaneSend *list, Conn *c) {
 }
 
 /* Take c out of the peer table and close its endpoint by force: its sends
- * end (UCX purges them) and will report -ECONNRESET. */
-static void conn_close(DataPlane *d, Conn *c) {
+ * end at once (UCX purges them) and will report -ECONNRESET.  (A close that
+ * flushes instead waits for the peer, and UCX 1.13 asserts when the worker
+ * goes with such a close pending: dataplane_free() flushes first, with a
+ * bound, and then closes by force.) */
+static void conn_close(DataPlane *d, Conn *c, bool force) {
         ucp_request_param_t param = {
                 .op_attr_mask = UCP_OP_ATTR_FIELD_CALLBACK | UCP_OP_ATTR_FIELD_USER_DATA |
                                 UCP_OP_ATTR_FIELD_FLAGS,
-                .flags = UCP_EP_CLOSE_FLAG_FORCE,
+                .flags = force ? UCP_EP_CLOSE_FLAG_FORCE : 0,
                 .cb.send = on_ep_closed,
                 .user_data = c,
         };
@@ -358,6 +363,33 @@ static void conn_close(DataPlane *d, Conn *c) {
         }
         c->close_request = sp;
         LIST_PREPEND(conns, d->closing, c);
+}
+
+/* user_data is the data plane: a flush may end after its endpoint's Conn
+ * went (purged by the force-close). */
+static void on_flushed(void *request, ucs_status_t status, void *user_data) {
+        DataPlane *d = user_data;
+
+        d->n_flushing--;
+        ucp_request_free(request);
+}
+
+/* Flush c's endpoint: its rendezvous sends complete before the endpoint is
+ * closed by force.  UCX 1.13's tcp transport may crash a live peer whose
+ * endpoint back to us sees a force-close with rendezvous sends in flight. */
+static void conn_flush(Conn *c) {
+        ucp_request_param_t param = {
+                .op_attr_mask = UCP_OP_ATTR_FIELD_CALLBACK | UCP_OP_ATTR_FIELD_USER_DATA,
+                .cb.send = on_flushed,
+                .user_data = c->d,
+        };
+        ucs_status_ptr_t sp;
+
+        if (c->state != CONN_OPEN)
+                return;
+        sp = ucp_ep_flush_nbx(c->ep, &param);
+        if (sp != NULL && !UCS_PTR_IS_ERR(sp))
+                c->d->n_flushing++;
 }
 
 /* ---- sends ---------------------------------------------------------------- */
@@ -610,7 +642,7 @@ static void dataplane_dispatch(DataPlane *d) {
 
         d->dispatching++;
         while (d->failed && !d->freeing)
-                conn_close(d, d->failed);
+                conn_close(d, d->failed, true);
 
         for (n = sends_count(d->sends_done); n > 0 && !d->freeing && d->sends_done; n--)
                 send_report(d, send_pop(d));
@@ -772,7 +804,8 @@ DataPlane *dataplane_free(DataPlane *d) {
         d->handles = NULL;
 
         if (d->worker) {
-                uint64_t deadline = now_usec() + DATAPLANE_CLOSE_TIMEOUT_USEC;
+                uint64_t deadline = now_usec() + DATAPLANE_CLOSE_TIMEOUT_USEC,
+                         flush_deadline = now_usec() + DATAPLANE_FLUSH_TIMEOUT_USEC;
 
                 /* What is in flight now ends with -ECANCELED, whatever UCX
                  * says while the endpoints close. */
@@ -786,12 +819,21 @@ DataPlane *dataplane_free(DataPlane *d) {
                                 ucp_am_data_release(d->worker, in->desc);
                         free(in);
                 }
+                /* Live peers first get what is in flight (for at most
+                 * DATAPLANE_FLUSH_TIMEOUT_USEC: a live peer's flush takes
+                 * milliseconds), then every endpoint is closed by force. */
                 for (unsigned i = 0; i < DATAPLANE_MAX_PEERS; i++)
                         if (d->conns[i])
-                                conn_close(d, d->conns[i]);
-                /* Force-closing purges the endpoints' sends, but UCX completes
-                 * them (and the closes) from its progress. */
-                while ((d->closing || d->sends) && now_usec() < deadline)
+                                conn_flush(d->conns[i]);
+                while (d->n_flushing > 0 && now_usec() < flush_deadline)
+                        (void) ucp_worker_progress(d->worker);
+                for (unsigned i = 0; i < DATAPLANE_MAX_PEERS; i++)
+                        if (d->conns[i])
+                                conn_close(d, d->conns[i], true);
+                /* Live peers' endpoints flush what is in flight, failed ones'
+                 * are purged; UCX completes both (and the closes) from its
+                 * progress, which gets DATAPLANE_CLOSE_TIMEOUT_USEC. */
+                while ((d->closing || d->sends || d->n_flushing > 0) && now_usec() < deadline)
                         (void) ucp_worker_progress(d->worker);
                 if (d->address)
                         ucp_worker_release_address(d->worker, d->address);
@@ -872,7 +914,7 @@ int dataplane_connect(DataPlane *d, unsigned peer, const void *address, size_t a
 
 void dataplane_disconnect(DataPlane *d, unsigned peer) {
         if (peer < DATAPLANE_MAX_PEERS && d->conns[peer])
-                conn_close(d, d->conns[peer]);
+                conn_close(d, d->conns[peer], true);
 }
 
 uint64_t dataplane_bytes_sent(const DataPlane *d) {
