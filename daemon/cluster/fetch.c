@@ -862,8 +862,9 @@ void transfer_chunk_sum(Transfer *t, unsigned node, uint32_t index, uint64_t xxh
         int s = source_index(t, node);
 
         /* Before the Start reached us, sources that heard it may send
-         * already: take what any node sends (it is checked all the same). */
-        if (index >= t->n_chunks || (t->started && (s < 0 || !t->source_usable[s])))
+         * already: take what any node sends (it is checked all the same).
+         * After it, only the chunk's owner is heard. */
+        if (index >= t->n_chunks || (t->started && (s < 0 || chunk_owner(t, index) != s)))
                 return;
         ci = &t->ci[index];
         if (ci->state == CHUNK_HAVE || ci->state == CHUNK_READING)
@@ -887,8 +888,11 @@ void *transfer_incoming(Transfer *t, const TransferChunkHeader *h, uint64_t leng
         ChunkInfo *ci;
         Rx *rx;
 
+        /* Bytes come from the chunk's owner (anyone before the Start, as
+         * checksums do): a node cannot fill a chunk it was not given, nor
+         * hold one up that its owner is sending. */
         if (!t->load || t->sealing || t->aborted || t->result != -EINPROGRESS || h->index >= t->n_chunks ||
-            (t->started && (s < 0 || !t->source_usable[s])) || length != t->chunks[h->index].length)
+            (t->started && (s < 0 || chunk_owner(t, h->index) != s)) || length != t->chunks[h->index].length)
                 return NULL;
         ci = &t->ci[h->index];
         if (ci->state != CHUNK_MISSING)

@@ -102,7 +102,8 @@ static void on_up(Mesh *m, unsigned node, uint64_t generation, const void *data_
 
         record(t, 'u', node, generation, NULL);
         if (node < MAX_NODES && len < sizeof(t->up_address[0])) {
-                memcpy(t->up_address[node], data_address, len);
+                if (len > 0) /* a rogue peer's Hello may carry none */
+                        memcpy(t->up_address[node], data_address, len);
                 t->up_address[node][len] = 0;
         }
 }
