@@ -59,6 +59,22 @@ def proc_read_bytes(pid):
     raise AssertionError(f"no read_bytes in /proc/{pid}/io")
 
 
+def copy_with_one_byte_changed(model, diskdir, tag, xor):
+    """A copy of model's folder under diskdir in which one byte of tensor
+    data of the second file differs (same size; the mtime differs too);
+    returns (the copy, the changed file)."""
+    import shutil
+    copy = diskdir / f"{tag}-{os.getpid()}"
+    shutil.copytree(model.path, copy)
+    victim = copy / model.files[1].name
+    with open(victim, "r+b") as f:
+        f.seek(victim.stat().st_size - 4096)
+        byte = f.read(1)
+        f.seek(-1, 1)
+        f.write(bytes([byte[0] ^ xor]))
+    return copy, victim
+
+
 def write_secret(path, data=None):
     """A cluster secret file of mode 0600."""
     path = pathlib.Path(path)

@@ -16,13 +16,13 @@ tenth of the model has crossed, then strikes.  A throttle of the network
 rather than of storage (cgroup io.max) works the same under cgroup v1 and
 v2 and on any disk.
 """
-import os
 import shutil
 import time
 
 import pytest
 
-from cluster import DEADLINE, per_node, prefetch_results, proc_read_bytes, wait_transfer, write_secret
+from cluster import (DEADLINE, copy_with_one_byte_changed, per_node, prefetch_results, proc_read_bytes, wait_transfer,
+                     write_secret)
 from reference import component_tensors
 
 THROTTLE = "320mbit"
@@ -199,17 +199,8 @@ def test_wrong_secret_is_unauthenticated(cluster, model):
 
 
 def test_node_with_a_different_file_reads_alone(cluster, model, diskdir):
-    copy = diskdir / f"mismatch-{os.getpid()}"
-    shutil.copytree(model.path, copy)
+    copy, victim = copy_with_one_byte_changed(model, diskdir, "mismatch", 0x5A)
     try:
-        # One byte of tensor data in the second shard differs (same size;
-        # the copy's mtime differs too).
-        victim = copy / model.files[1].name
-        with open(victim, "r+b") as f:
-            f.seek(victim.stat().st_size - 4096)
-            byte = f.read(1)
-            f.seek(-1, 1)
-            f.write(bytes([byte[0] ^ 0x5A]))
         changed = component_tensors(sorted(copy.glob("*.safetensors")))
         assert changed != model.expected
 

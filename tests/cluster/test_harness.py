@@ -9,7 +9,7 @@ import sys
 import time
 
 import netns
-from cluster import proc_read_bytes
+from cluster import copy_with_one_byte_changed, proc_read_bytes
 
 HERE = pathlib.Path(__file__).parent
 
@@ -163,15 +163,8 @@ def test_overlay_is_seen_by_one_node_only(cluster, model, diskdir):
     (the setup of the mismatch test), the others the shared one."""
     from reference import component_tensors
 
-    copy = diskdir / f"overlay-{os.getpid()}"
-    shutil.copytree(model.path, copy)
+    copy, _ = copy_with_one_byte_changed(model, diskdir, "overlay", 0xFF)
     try:
-        victim = copy / model.files[1].name
-        with open(victim, "r+b") as f:
-            f.seek(victim.stat().st_size - 4096)
-            byte = f.read(1)
-            f.seek(-1, 1)
-            f.write(bytes([byte[0] ^ 0xFF]))
         for n in "ab":
             cluster.add(n, with_cluster=False)
         cluster.add("c", with_cluster=False, overlays={copy: model.path})
