@@ -1642,6 +1642,15 @@ static void on_mesh_message(Mesh *m, unsigned node, const ClusterEnvelope *env, 
         dispatch(userdata, node, env);
 }
 
+/* Each link to a node gets the address of a worker of its own: what a
+ * connection leaves in UCX goes with it. */
+static int on_mesh_hello_address(Mesh *m, unsigned node, const void **ret, size_t *ret_len, WdError *err,
+                                 void *userdata) {
+        Cluster *c = userdata;
+
+        return dataplane_address(c->data, node, ret, ret_len, err);
+}
+
 static void on_mesh_up(Mesh *m, unsigned node, uint64_t generation, const void *addr, size_t len, void *userdata) {
         Cluster *c = userdata;
         WdError err = WD_ERROR_NULL;
@@ -1747,6 +1756,7 @@ static const MeshOps mesh_ops = {
         .up = on_mesh_up,
         .down = on_mesh_down,
         .message = on_mesh_message,
+        .hello_address = on_mesh_hello_address,
 };
 
 static const DataPlaneOps data_ops = {
@@ -1795,8 +1805,6 @@ static int copy_config(Cluster *c, const ClusterParams *p) {
 }
 
 static int mesh_start(Cluster *c, WdError *err) {
-        const void *addr;
-        size_t addr_len;
         MeshParams mp;
         int r;
 
@@ -1813,7 +1821,6 @@ static int mesh_start(Cluster *c, WdError *err) {
         c->node_mismatch = calloc(c->n_nodes, sizeof(char *));
         if (!c->node_generation || !c->node_sent || !c->node_received || !c->node_mismatch)
                 return wd_error_set(err, -ENOMEM, "out of memory");
-        dataplane_address(c->data, &addr, &addr_len);
         mp = (MeshParams){
                 .self = c->self_name,
                 .nodes = c->nodes,
@@ -1822,8 +1829,6 @@ static int mesh_start(Cluster *c, WdError *err) {
                 .secret_len = c->secret_len,
                 .deadline_usec = c->deadline_usec,
                 .generation = c->generation,
-                .data_address = addr,
-                .data_address_len = addr_len,
         };
         r = mesh_new(&c->mesh, c->loop, &mp, &mesh_ops, c, err);
         if (r != 0)

@@ -1,8 +1,18 @@
 /* The data plane (see dataplane.h): UCX active messages driven from the
  * libuv loop.
  *
- * One UCP context (AM and wakeup) and one single-threaded worker.  A
- * message is one active message with id DATAPLANE_AM_ID: our copy of the
+ * One UCP context, and a single-threaded worker for each connection with a
+ * peer.  A peer's worker serves one incarnation of the link to it and is
+ * destroyed when that ends (the peer went down, its endpoint failed, the
+ * link was replaced): nothing of an old connection lives on into the next
+ * one.  With one worker for all peers, UCX's tcp transport kept the
+ * sockets of a force-closed endpoint and, when a partitioned peer came
+ * back, handled an event for an endpoint it had freed (a crash seen with
+ * UCX 1.13 and 1.22 alike).  A worker's address goes in the mesh Hello of
+ * the link it is for (dataplane_address()); once connected it is never
+ * handed out again.
+ *
+ * A message is one active message with id DATAPLANE_AM_ID: our copy of the
  * caller's header and the payload straight from the caller's memory,
  * rendezvous from DATAPLANE_RNDV_MIN bytes on (the receiver pulls the
  * bytes into the destination it chose).
@@ -10,20 +20,21 @@
  * Nothing the caller registered runs inside UCX.  UCX's callbacks (send
  * and receive completions, arrivals, endpoint errors) only record what
  * happened on the data plane's queues; dataplane_dispatch() hands it to the
- * caller from the loop, after the worker was progressed.  Arrivals are
+ * caller from the loop, after the workers were progressed.  Arrivals are
  * kept (UCS_INPROGRESS) until then, so incoming() too runs from the loop and
- * may send, connect or free.  The worker is progressed from a uv_poll_t on
+ * may send, connect or free.  Each worker is progressed from a uv_poll_t on
  * its event fd and, after anything was posted, from a uv_check_t (a
  * uv_idle_t keeps the loop from blocking until it ran); each pass
- * progresses until ucp_worker_arm() says the worker is idle, or a budget
+ * progresses a worker until ucp_worker_arm() says it is idle, or a budget
  * of progress calls is spent (then the next loop iteration goes on), so a
  * transfer never starves the rest of the loop.
  *
  * UCX cannot take back a send it started: dataplane_send_cancel() and a
- * force-closed endpoint only decide what done() is told, and done() comes
- * once UCX has let go of the caller's memory.  dataplane_free() destroys
- * the worker before it calls anything, so nothing UCX does afterwards can
- * touch the memory of a send or a receive the caller was told ended. */
+ * closed endpoint only decide what done() is told, and done() comes once
+ * UCX has let go of the caller's memory: when it completed the send, or
+ * when the send's worker was destroyed.  Receives likewise: nothing UCX
+ * does afterwards can touch the memory of a send or a receive the caller
+ * was told ended. */
 #include <inttypes.h>
 #include <string.h>
 #include <ucp/api/ucp.h>
@@ -38,34 +49,43 @@
 /* From here on a payload goes by rendezvous, below UCX chooses (eager for
  * what fits a few fragments). */
 #define DATAPLANE_RNDV_MIN (64u * 1024u)
-/* Progress calls per pass before the loop gets a turn. */
+/* Progress calls per worker and pass before the loop gets a turn. */
 #define DATAPLANE_PROGRESS_BUDGET 1024u
-/* How long dataplane_free() waits for force-closed endpoints. */
-#define DATAPLANE_CLOSE_TIMEOUT_USEC (2u * 1000u * 1000u)
+/* How long a worker's endpoint may take to close by force before the
+ * worker goes all the same (it takes microseconds). */
+#define DATAPLANE_RETIRE_TIMEOUT_USEC (200u * 1000u)
+/* dataplane_free(): live peers' flushes, then every close. */
 #define DATAPLANE_FLUSH_TIMEOUT_USEC (250u * 1000u)
+#define DATAPLANE_CLOSE_TIMEOUT_USEC (2u * 1000u * 1000u)
 
-typedef enum ConnState {
-        CONN_OPEN,
-        CONN_FAILED,  /* UCX reported an error: closed from dispatch */
-        CONN_CLOSING, /* ucp_ep_close_nbx() in flight */
-} ConnState;
+typedef enum EpState {
+        EP_NONE,
+        EP_OPEN,
+        EP_FAILED,  /* UCX reported an error: the worker goes from dispatch */
+        EP_CLOSING, /* ucp_ep_close_nbx() in flight */
+        EP_CLOSED,
+} EpState;
 
-/* An endpoint to one peer; lives until UCX closed it. */
-typedef struct Conn {
+/* One connection with one peer: a worker and its endpoint. */
+typedef struct Worker {
         DataPlane *d;
-        ucp_ep_h ep;
         unsigned peer;
-        ConnState state;
-        void *close_request;
-        bool close_posting, close_done;
-        LIST_FIELDS(struct Conn, conns); /* on d->failed or d->closing */
-} Conn;
+        ucp_worker_h worker;
+        ucp_address_t *address;
+        size_t address_len;
+        uv_poll_t *poll; /* freed in its close callback */
+        ucp_ep_h ep;
+        EpState ep_state;
+        bool retiring, parked;
+        LIST_FIELDS(struct Worker, workers); /* d->workers */
+        LIST_FIELDS(struct Worker, failed);  /* d->failed */
+} Worker;
 
 /* What the data plane keeps of a send (DataPlaneSend.request). */
 typedef struct SendOp {
         DataPlane *d;
         DataPlaneSend *s;
-        Conn *conn;    /* NULL once disconnected */
+        Worker *w;     /* NULL once its worker went */
         void *request; /* UCX's, until its callback */
         int status;
         bool completed, cancelled, reset;
@@ -77,6 +97,7 @@ typedef struct SendOp {
  * loop, then (rendezvous) a receive in flight. */
 typedef struct Incoming {
         DataPlane *d;
+        Worker *w;  /* the worker it came by; NULL once that went */
         void *desc; /* UCX's data or rendezvous descriptor (UCS_INPROGRESS) */
         void *request;
         void *token;
@@ -91,7 +112,6 @@ typedef struct Incoming {
 /* The loop's handles, freed in their close callbacks (after the data plane
  * that owned them). */
 typedef struct DataPlaneHandles {
-        uv_poll_t poll;
         uv_check_t check;
         uv_idle_t idle;
         unsigned n_open;
@@ -104,14 +124,15 @@ struct DataPlane {
 
         unsigned n_flushing; /* dataplane_free()'s flushes in flight */
         ucp_context_h context;
-        ucp_worker_h worker;
-        ucp_address_t *address;
-        size_t address_len;
         DataPlaneHandles *handles;
         bool kicked;
 
-        Conn *conns[DATAPLANE_MAX_PEERS];
-        Conn *failed, *closing;
+        /* Each peer's connected worker, and the one whose address went out
+         * in a Hello since (not connected yet). */
+        Worker *active[DATAPLANE_MAX_PEERS];
+        Worker *next[DATAPLANE_MAX_PEERS];
+        Worker *workers, *failed;
+        Incoming *accepting; /* the arrival incoming() is deciding on */
 
         /* Sends in flight, and those UCX finished that done() has not been
          * told of yet (a FIFO: head and tail). */
@@ -243,6 +264,20 @@ static Incoming *in_pop(Incoming **head, Incoming **tail) {
         return in;
 }
 
+
+/* Take in out of a FIFO, wherever it is. */
+static void in_unlink(Incoming **head, Incoming **tail, Incoming *in) {
+        if (in->in_next)
+                in->in_next->in_prev = in->in_prev;
+        else
+                *tail = in->in_prev;
+        if (in->in_prev)
+                in->in_prev->in_next = in->in_next;
+        else
+                *head = in->in_next;
+        in->in_prev = in->in_next = NULL;
+}
+
 /* ---- progress ------------------------------------------------------------- */
 
 static void on_idle(uv_idle_t *h) {
@@ -259,114 +294,104 @@ static void dataplane_kick(DataPlane *d) {
         (void) uv_idle_start(&d->handles->idle, on_idle);
 }
 
-static void dataplane_progress(DataPlane *d) {
+/* Progress w until it is idle and armed (its event fd says when it is not),
+ * or DATAPLANE_PROGRESS_BUDGET calls were spent (the loop's next check goes
+ * on). */
+static void worker_progress(Worker *w) {
         unsigned budget = DATAPLANE_PROGRESS_BUDGET;
         ucs_status_t st;
 
         for (;;) {
-                while (ucp_worker_progress(d->worker))
+                while (ucp_worker_progress(w->worker))
                         if (--budget == 0) {
-                                dataplane_kick(d);
+                                dataplane_kick(w->d);
                                 return;
                         }
-                st = ucp_worker_arm(d->worker);
+                st = ucp_worker_arm(w->worker);
                 if (st == UCS_OK)
-                        return; /* idle: the event fd says when not */
+                        return;
                 if (st != UCS_ERR_BUSY) {
-                        log_debug("dataplane: ucp_worker_arm: %s, polling instead", ucs_status_string(st));
-                        dataplane_kick(d);
+                        log_debug("dataplane: peer %u: ucp_worker_arm: %s, polling instead", w->peer,
+                                  ucs_status_string(st));
+                        dataplane_kick(w->d);
                         return;
                 }
                 if (--budget == 0) {
-                        dataplane_kick(d);
+                        dataplane_kick(w->d);
                         return;
                 }
         }
 }
 
-/* ---- endpoints ------------------------------------------------------------ */
-
-static void conn_free(Conn *c) {
-        free(c);
+/* Callbacks only queue: progressing never frees a worker. */
+static void dataplane_progress(DataPlane *d) {
+        LIST_FOREACH(workers, w, d->workers)
+                worker_progress(w);
 }
 
+static void dataplane_dispatch(DataPlane *d);
+
+static void on_poll(uv_poll_t *h, int status, int events) {
+        Worker *w = h->data;
+        DataPlane *d = w->d;
+
+        if (status < 0)
+                log_debug("dataplane: peer %u: polling the worker's event fd: %s", w->peer, uv_strerror(status));
+        worker_progress(w);
+        dataplane_dispatch(d);
+}
+
+static void on_poll_closed(uv_handle_t *h) {
+        free(h);
+}
+
+/* ---- workers -------------------------------------------------------------- */
+
+static ucs_status_t on_am(void *arg, const void *header, size_t header_length, void *data, size_t length,
+                          const ucp_am_recv_param_t *param);
+
 static void on_ep_closed(void *request, ucs_status_t status, void *user_data) {
-        Conn *c = user_data;
+        Worker *w = user_data;
 
         ucp_request_free(request);
-        if (c->close_posting) { /* inside ucp_ep_close_nbx(): conn_close() frees it */
-                c->close_done = true;
-                return;
-        }
-        LIST_REMOVE(conns, c->d->closing, c);
-        conn_free(c);
+        w->ep_state = EP_CLOSED;
 }
 
 static void on_ep_error(void *arg, ucp_ep_h ep, ucs_status_t status) {
-        Conn *c = arg;
-        DataPlane *d = c->d;
+        Worker *w = arg;
+        DataPlane *d = w->d;
 
-        log_debug("dataplane: peer %u: %s", c->peer, ucs_status_string(status));
-        if (c->state != CONN_OPEN)
+        log_debug("dataplane: peer %u: %s", w->peer, ucs_status_string(status));
+        if (w->ep_state != EP_OPEN)
                 return;
-        c->state = CONN_FAILED;
-        LIST_PREPEND(conns, d->failed, c);
+        w->ep_state = EP_FAILED;
+        LIST_PREPEND(failed, d->failed, w);
         dataplane_kick(d);
 }
 
-static void sends_mark_reset(DataPlaneSend *list, Conn *c) {
-        for (DataPlaneSend *s = list; s; s = s->next) {
-                SendOp *op = s->request;
-
-                if (op->conn == c) {
-                        op->conn = NULL;
-                        op->reset = true;
-                }
-        }
-}
-
-/* Take c out of the peer table and close its endpoint by force: its sends
- * end at once (UCX purges them) and will report -ECONNRESET.  (A close that
- * flushes instead waits for the peer, and UCX 1.13 asserts when the worker
- * goes with such a close pending: dataplane_free() flushes first, with a
- * bound, and then closes by force.) */
-static void conn_close(DataPlane *d, Conn *c, bool force) {
+/* Close w's endpoint by force: UCX purges what is in flight on it. */
+static void worker_close_ep(Worker *w) {
         ucp_request_param_t param = {
                 .op_attr_mask = UCP_OP_ATTR_FIELD_CALLBACK | UCP_OP_ATTR_FIELD_USER_DATA |
                                 UCP_OP_ATTR_FIELD_FLAGS,
-                .flags = force ? UCP_EP_CLOSE_FLAG_FORCE : 0,
+                .flags = UCP_EP_CLOSE_FLAG_FORCE,
                 .cb.send = on_ep_closed,
-                .user_data = c,
+                .user_data = w,
         };
         ucs_status_ptr_t sp;
 
-        if (c->state == CONN_CLOSING)
+        if (w->ep_state != EP_OPEN && w->ep_state != EP_FAILED)
                 return;
-        if (c->state == CONN_FAILED)
-                LIST_REMOVE(conns, d->failed, c);
-        if (d->conns[c->peer] == c)
-                d->conns[c->peer] = NULL;
-        sends_mark_reset(d->sends, c);
-        sends_mark_reset(d->sends_done, c);
-        c->state = CONN_CLOSING;
-
-        c->close_posting = true;
-        sp = ucp_ep_close_nbx(c->ep, &param);
-        c->close_posting = false;
-        dataplane_kick(d);
-        if (sp == NULL || UCS_PTR_IS_ERR(sp) || c->close_done) {
-                if (UCS_PTR_IS_ERR(sp))
-                        log_debug("dataplane: peer %u: ucp_ep_close_nbx: %s", c->peer,
-                                  ucs_status_string(UCS_PTR_STATUS(sp)));
-                conn_free(c);
-                return;
-        }
-        c->close_request = sp;
-        LIST_PREPEND(conns, d->closing, c);
+        w->ep_state = EP_CLOSING;
+        sp = ucp_ep_close_nbx(w->ep, &param);
+        if (UCS_PTR_IS_ERR(sp))
+                log_debug("dataplane: peer %u: ucp_ep_close_nbx: %s", w->peer, ucs_status_string(UCS_PTR_STATUS(sp)));
+        if (sp == NULL || UCS_PTR_IS_ERR(sp))
+                w->ep_state = EP_CLOSED;
+        /* else on_ep_closed() says when (it may have already) */
 }
 
-/* user_data is the data plane: a flush may end after its endpoint's Conn
- * went (purged by the force-close). */
+/* user_data is the data plane: a flush may end as its worker goes. */
 static void on_flushed(void *request, ucs_status_t status, void *user_data) {
         DataPlane *d = user_data;
 
@@ -374,22 +399,203 @@ static void on_flushed(void *request, ucs_status_t status, void *user_data) {
         ucp_request_free(request);
 }
 
-/* Flush c's endpoint: its rendezvous sends complete before the endpoint is
- * closed by force.  UCX 1.13's tcp transport may crash a live peer whose
- * endpoint back to us sees a force-close with rendezvous sends in flight. */
-static void conn_flush(Conn *c) {
+/* Flush w's endpoint: its rendezvous sends complete before it is closed
+ * by force (dataplane_free()).  UCX 1.13's tcp transport may crash a live
+ * peer whose endpoint back to us sees a force-close with rendezvous sends
+ * in flight. */
+static void worker_flush(Worker *w) {
         ucp_request_param_t param = {
                 .op_attr_mask = UCP_OP_ATTR_FIELD_CALLBACK | UCP_OP_ATTR_FIELD_USER_DATA,
                 .cb.send = on_flushed,
-                .user_data = c->d,
+                .user_data = w->d,
         };
         ucs_status_ptr_t sp;
 
-        if (c->state != CONN_OPEN)
+        if (w->ep_state != EP_OPEN)
                 return;
-        sp = ucp_ep_flush_nbx(c->ep, &param);
+        sp = ucp_ep_flush_nbx(w->ep, &param);
         if (sp != NULL && !UCS_PTR_IS_ERR(sp))
-                c->d->n_flushing++;
+                w->d->n_flushing++;
+}
+
+/* Destroy w's worker, then end what it carried: UCX has let go of every
+ * buffer of w's sends and receives now.  Sends report -ECONNRESET (or
+ * -ECANCELED when dataplane_free() cancelled them), so do receives. */
+static void worker_destroy(DataPlane *d, Worker *w) {
+        DataPlaneSend *s, *s_next;
+        Incoming *in, *in_next;
+
+        LIST_REMOVE(workers, d->workers, w);
+        if (w->poll)
+                uv_close((uv_handle_t *) w->poll, on_poll_closed); /* off the loop's epoll before the fd goes */
+        if (w->worker) {
+                if (w->address)
+                        ucp_worker_release_address(w->worker, w->address);
+                ucp_worker_destroy(w->worker);
+        }
+
+        for (s = d->sends; s; s = s_next) {
+                SendOp *op = s->request;
+
+                s_next = s->next;
+                if (op->w != w)
+                        continue;
+                send_unlink(&d->sends, s);
+                op->w = NULL;
+                op->completed = true;
+                op->status = -ECONNRESET;
+                op->reset = true;
+                send_push(d, s);
+        }
+        for (s = d->sends_done; s; s = s->next)
+                if (((SendOp *) s->request)->w == w)
+                        ((SendOp *) s->request)->w = NULL;
+        for (in = d->recvs; in; in = in_next) {
+                in_next = in->in_next;
+                if (in->w != w)
+                        continue;
+                LIST_REMOVE(in, d->recvs, in);
+                in->w = NULL;
+                in->completed = true;
+                in->status = -ECONNRESET;
+                in_push(&d->recvs_done, &d->recvs_done_tail, in);
+        }
+        for (in = d->recvs_done; in; in = in->in_next)
+                if (in->w == w)
+                        in->w = NULL;
+        free(w);
+        dataplane_kick(d);
+}
+
+/* Whether w's endpoint is closing, or UCX has sends or receives of w's. */
+static bool worker_busy(const DataPlane *d, const Worker *w) {
+        if (w->ep_state == EP_CLOSING)
+                return true;
+        for (const DataPlaneSend *s = d->sends; s; s = s->next)
+                if (((const SendOp *) s->request)->w == w)
+                        return true;
+        for (const Incoming *in = d->recvs; in; in = in->in_next)
+                if (in->w == w)
+                        return true;
+        return false;
+}
+
+/* End the connection w serves: its arrivals nobody saw go back to UCX, its
+ * endpoint is closed by force (progressed until closed, or until
+ * deadline), then the worker is destroyed and what it carried ends. */
+static void worker_retire(DataPlane *d, Worker *w, uint64_t deadline) {
+        Incoming *in, *next;
+
+        w->retiring = true; /* on_am() refuses what still comes */
+        if (d->active[w->peer] == w)
+                d->active[w->peer] = NULL;
+        if (d->next[w->peer] == w)
+                d->next[w->peer] = NULL;
+        if (w->ep_state == EP_FAILED)
+                LIST_REMOVE(failed, d->failed, w);
+
+        for (in = d->incoming; in; in = next) {
+                next = in->in_next;
+                if (in->w != w)
+                        continue;
+                in_unlink(&d->incoming, &d->incoming_tail, in);
+                if (in->desc)
+                        ucp_am_data_release(w->worker, in->desc);
+                free(in);
+        }
+        if (d->accepting && d->accepting->w == w) {
+                /* incoming() disconnected the peer of the arrival it is
+                 * deciding on: its descriptor goes back now. */
+                if (d->accepting->desc)
+                        ucp_am_data_release(w->worker, d->accepting->desc);
+                d->accepting->desc = NULL;
+                d->accepting->w = NULL;
+        }
+        for (DataPlaneSend *s = d->sends; s; s = s->next)
+                if (((SendOp *) s->request)->w == w)
+                        ((SendOp *) s->request)->reset = true;
+        for (DataPlaneSend *s = d->sends_done; s; s = s->next)
+                if (((SendOp *) s->request)->w == w)
+                        ((SendOp *) s->request)->reset = true;
+
+        /* UCX purges the endpoint's sends and receives from progress after
+         * the close; a worker destroyed with a receive still listed
+         * trips an assertion in UCX. */
+        worker_close_ep(w);
+        while (worker_busy(d, w) && now_usec() < deadline)
+                (void) ucp_worker_progress(w->worker);
+        if (worker_busy(d, w) && !d->freeing) {
+                /* A receive on an endpoint UCX made for the peer (not ours,
+                 * not closed): the worker stays, refusing arrivals, until
+                 * UCX ends it (the peer's failure is detected). */
+                log_debug("dataplane: peer %u: a receive outlives the connection; its worker stays until it ends",
+                          w->peer);
+                w->parked = true;
+                return;
+        }
+        worker_destroy(d, w);
+}
+
+/* A worker for a connection with peer: its active message handler set,
+ * its event fd watched, its address ready for a Hello. */
+static int worker_new(DataPlane *d, unsigned peer, Worker **ret, WdError *err) {
+        ucp_worker_params_t wparams = {
+                .field_mask = UCP_WORKER_PARAM_FIELD_THREAD_MODE,
+                .thread_mode = UCS_THREAD_MODE_SINGLE,
+        };
+        ucp_am_handler_param_t am = {
+                .field_mask = UCP_AM_HANDLER_PARAM_FIELD_ID | UCP_AM_HANDLER_PARAM_FIELD_FLAGS |
+                              UCP_AM_HANDLER_PARAM_FIELD_CB | UCP_AM_HANDLER_PARAM_FIELD_ARG,
+                .id = DATAPLANE_AM_ID,
+                .flags = UCP_AM_FLAG_WHOLE_MSG | UCP_AM_FLAG_PERSISTENT_DATA,
+                .cb = on_am,
+        };
+        ucs_status_t st;
+        Worker *w;
+        int efd, r;
+
+        w = calloc(1, sizeof(Worker));
+        if (!w)
+                return wd_error_set(err, -ENOMEM, "dataplane: out of memory");
+        *w = (Worker){ .d = d, .peer = peer };
+        am.arg = w;
+        st = ucp_worker_create(d->context, &wparams, &w->worker);
+        if (st != UCS_OK) {
+                free(w);
+                return ucs_error(err, st, "ucp_worker_create");
+        }
+        LIST_PREPEND(workers, d->workers, w); /* from here worker_destroy() undoes it all */
+
+        st = ucp_worker_set_am_recv_handler(w->worker, &am);
+        if (st == UCS_OK)
+                st = ucp_worker_get_address(w->worker, &w->address, &w->address_len);
+        if (st == UCS_OK)
+                st = ucp_worker_get_efd(w->worker, &efd);
+        if (st != UCS_OK) {
+                worker_destroy(d, w);
+                return ucs_error(err, st, "setting up a worker");
+        }
+        w->poll = malloc(sizeof(uv_poll_t));
+        if (!w->poll) {
+                worker_destroy(d, w);
+                return wd_error_set(err, -ENOMEM, "dataplane: out of memory");
+        }
+        r = uv_poll_init(d->loop, w->poll, efd);
+        if (r < 0) {
+                free(w->poll);
+                w->poll = NULL;
+                worker_destroy(d, w);
+                return wd_error_set(err, r, "dataplane: watching a worker's event fd: %s", uv_strerror(r));
+        }
+        w->poll->data = w;
+        r = uv_poll_start(w->poll, UV_READABLE, on_poll);
+        if (r < 0) {
+                worker_destroy(d, w);
+                return wd_error_set(err, r, "dataplane: watching a worker's event fd: %s", uv_strerror(r));
+        }
+        worker_progress(w); /* arms it */
+        *ret = w;
+        return 0;
 }
 
 /* ---- sends ---------------------------------------------------------------- */
@@ -439,21 +645,21 @@ int dataplane_send(DataPlane *d, unsigned peer, const void *hdr, size_t hdr_len,
         };
         ucs_status_ptr_t sp;
         SendOp *op;
-        Conn *c;
+        Worker *w;
 
         if (!s || !s->done || hdr_len > DATAPLANE_MAX_HEADER || (hdr_len > 0 && !hdr) || (length > 0 && !data) ||
             length > SIZE_MAX || peer >= DATAPLANE_MAX_PEERS)
                 return -EINVAL;
         if (d->freeing)
                 return -ENOTCONN;
-        c = d->conns[peer];
-        if (!c || c->state != CONN_OPEN)
+        w = d->active[peer];
+        if (!w || w->ep_state != EP_OPEN)
                 return -ENOTCONN;
 
         op = malloc(sizeof(SendOp) + hdr_len);
         if (!op)
                 return -ENOMEM;
-        *op = (SendOp){ .d = d, .s = s, .conn = c, .hdr_len = hdr_len };
+        *op = (SendOp){ .d = d, .s = s, .w = w, .hdr_len = hdr_len };
         if (hdr_len > 0)
                 memcpy(op->hdr, hdr, hdr_len);
         s->request = op;
@@ -463,7 +669,7 @@ int dataplane_send(DataPlane *d, unsigned peer, const void *hdr, size_t hdr_len,
         /* On the list before UCX sees it: UCX may call back before it
          * returns. */
         send_link(&d->sends, s);
-        sp = ucp_am_send_nbx(c->ep, DATAPLANE_AM_ID, hdr_len > 0 ? op->hdr : NULL, hdr_len, data, (size_t) length,
+        sp = ucp_am_send_nbx(w->ep, DATAPLANE_AM_ID, hdr_len > 0 ? op->hdr : NULL, hdr_len, data, (size_t) length,
                              &param);
         if (op->completed)
                 ; /* called back already */
@@ -497,7 +703,8 @@ void dataplane_send_cancel(DataPlane *d, DataPlaneSend *s) {
 
 static ucs_status_t on_am(void *arg, const void *header, size_t header_length, void *data, size_t length,
                           const ucp_am_recv_param_t *param) {
-        DataPlane *d = arg;
+        Worker *w = arg;
+        DataPlane *d = w->d;
         bool rndv = param->recv_attr & UCP_AM_RECV_ATTR_FLAG_RNDV;
         bool keep = rndv || (param->recv_attr & UCP_AM_RECV_ATTR_FLAG_DATA);
         size_t copy = keep ? 0 : length;
@@ -505,7 +712,7 @@ static ucs_status_t on_am(void *arg, const void *header, size_t header_length, v
 
         /* For a rendezvous an error status fails the sender's send; an
          * eager message is gone either way. */
-        if (d->freeing)
+        if (d->freeing || w->retiring)
                 return rndv ? UCS_ERR_CANCELED : UCS_OK;
         if (header_length > DATAPLANE_MAX_HEADER) {
                 log_debug("dataplane: dropping a message with a %zu byte header", header_length);
@@ -514,7 +721,7 @@ static ucs_status_t on_am(void *arg, const void *header, size_t header_length, v
         in = malloc(sizeof(Incoming) + header_length + copy);
         if (!in)
                 return rndv ? UCS_ERR_NO_MEMORY : UCS_OK;
-        *in = (Incoming){ .d = d, .length = length, .rndv = rndv, .hdr_len = header_length };
+        *in = (Incoming){ .d = d, .w = w, .length = length, .rndv = rndv, .hdr_len = header_length };
         if (header_length > 0)
                 memcpy(in->data, header, header_length);
         if (copy > 0)
@@ -564,12 +771,16 @@ static void incoming_accept(DataPlane *d, Incoming *in) {
         ucs_status_ptr_t sp;
         void *token = NULL, *dst;
 
+        d->accepting = in;
         dst = d->ops->incoming(d, in->data, in->hdr_len, in->length, &token, d->userdata);
+        d->accepting = NULL;
         in->token = token;
-        if (d->freeing) {
-                /* dataplane_free() from incoming(): the worker, and the
-                 * descriptor with it, are gone. */
-                in->completed = false;
+        if (d->freeing || !in->w) {
+                /* dataplane_free() or the peer's disconnect from
+                 * incoming(): the worker, and the descriptor with it, are
+                 * gone. */
+                in->completed = !d->freeing;
+                in->status = -ECONNRESET;
                 if (dst)
                         recv_report(d, in);
                 else
@@ -578,7 +789,7 @@ static void incoming_accept(DataPlane *d, Incoming *in) {
         }
         if (!dst) {
                 if (in->desc) {
-                        ucp_am_data_release(d->worker, in->desc);
+                        ucp_am_data_release(in->w->worker, in->desc);
                         dataplane_kick(d);
                 }
                 free(in);
@@ -588,7 +799,7 @@ static void incoming_accept(DataPlane *d, Incoming *in) {
                 if (in->length > 0)
                         memcpy(dst, in->desc ?: in->data + in->hdr_len, in->length);
                 if (in->desc) {
-                        ucp_am_data_release(d->worker, in->desc);
+                        ucp_am_data_release(in->w->worker, in->desc);
                         dataplane_kick(d);
                 }
                 in->completed = true;
@@ -601,7 +812,7 @@ static void incoming_accept(DataPlane *d, Incoming *in) {
          * list first: a receive that fails at once (the sender is gone)
          * calls back before ucp_am_recv_data_nbx() returns. */
         LIST_PREPEND(in, d->recvs, in);
-        sp = ucp_am_recv_data_nbx(d->worker, in->desc, dst, (size_t) in->length, &param);
+        sp = ucp_am_recv_data_nbx(in->w->worker, in->desc, dst, (size_t) in->length, &param);
         in->desc = NULL;
         dataplane_kick(d);
         if (in->completed)
@@ -634,15 +845,21 @@ static size_t incoming_count(const Incoming *in) {
         return n;
 }
 
-/* Tell the caller what UCX did, from the loop.  Each queue is taken as far
- * as it reached when the pass began (what callbacks add waits for the next
- * pass); a callback may free the data plane, which ends the pass. */
+/* Tell the caller what UCX did, from the loop.  Workers whose endpoint
+ * failed go first; each queue is taken as far as it reached when the pass
+ * began (what callbacks add waits for the next pass); a callback may free
+ * the data plane, which ends the pass. */
 static void dataplane_dispatch(DataPlane *d) {
         size_t n;
 
         d->dispatching++;
         while (d->failed && !d->freeing)
-                conn_close(d, d->failed, true);
+                worker_retire(d, d->failed, now_usec() + DATAPLANE_RETIRE_TIMEOUT_USEC);
+        for (Worker *w = d->workers, *next; w && !d->freeing; w = next) {
+                next = w->workers_next;
+                if (w->parked && !worker_busy(d, w))
+                        worker_destroy(d, w);
+        }
 
         for (n = sends_count(d->sends_done); n > 0 && !d->freeing && d->sends_done; n--)
                 send_report(d, send_pop(d));
@@ -653,15 +870,6 @@ static void dataplane_dispatch(DataPlane *d) {
 
         if (--d->dispatching == 0 && d->freeing)
                 free(d); /* dataplane_free() ran in a callback and left this to us */
-}
-
-static void on_poll(uv_poll_t *h, int status, int events) {
-        DataPlane *d = h->data;
-
-        if (status < 0)
-                log_debug("dataplane: polling the worker's event fd: %s", uv_strerror(status));
-        dataplane_progress(d);
-        dataplane_dispatch(d);
 }
 
 static void on_check(uv_check_t *h) {
@@ -683,7 +891,7 @@ static void on_handle_closed(uv_handle_t *handle) {
 }
 
 static void handles_close(DataPlaneHandles *h) {
-        uv_handle_t *all[] = { (uv_handle_t *) &h->poll, (uv_handle_t *) &h->check, (uv_handle_t *) &h->idle };
+        uv_handle_t *all[] = { (uv_handle_t *) &h->check, (uv_handle_t *) &h->idle };
 
         if (h->n_open == 0) {
                 free(h);
@@ -696,7 +904,7 @@ static void handles_close(DataPlaneHandles *h) {
                 }
 }
 
-static int handles_open(DataPlane *d, int efd) {
+static int handles_open(DataPlane *d) {
         DataPlaneHandles *h = calloc(1, sizeof(DataPlaneHandles));
         int r;
 
@@ -713,19 +921,36 @@ static int handles_open(DataPlane *d, int efd) {
                 return r;
         h->n_open++;
         h->idle.data = d;
-        r = uv_poll_init(d->loop, &h->poll, efd);
-        if (r < 0)
-                return r;
-        h->n_open++;
-        h->poll.data = d;
-
-        r = uv_poll_start(&h->poll, UV_READABLE, on_poll);
-        if (r < 0)
-                return r;
         return uv_check_start(&h->check, on_check);
 }
 
 /* ---- the data plane ----------------------------------------------------------- */
+
+/* The transports must carry our headers: asked of a worker made for the
+ * question, so that a data plane that cannot work fails at once. */
+static int check_transports(DataPlane *d, WdError *err) {
+        ucp_worker_params_t wparams = {
+                .field_mask = UCP_WORKER_PARAM_FIELD_THREAD_MODE,
+                .thread_mode = UCS_THREAD_MODE_SINGLE,
+        };
+        ucp_worker_attr_t attr = { .field_mask = UCP_WORKER_ATTR_FIELD_MAX_AM_HEADER };
+        ucp_worker_h worker;
+        ucs_status_t st;
+
+        st = ucp_worker_create(d->context, &wparams, &worker);
+        if (st != UCS_OK)
+                return ucs_error(err, st, "ucp_worker_create");
+        st = ucp_worker_query(worker, &attr);
+        ucp_worker_destroy(worker);
+        if (st != UCS_OK)
+                return ucs_error(err, st, "ucp_worker_query");
+        if (attr.max_am_header < DATAPLANE_MAX_HEADER)
+                return wd_error_set(err, -EOPNOTSUPP,
+                                    "UCX: the transports carry active message headers of at most %zu bytes, "
+                                    "the data plane needs %u",
+                                    attr.max_am_header, DATAPLANE_MAX_HEADER);
+        return 0;
+}
 
 int dataplane_new(DataPlane **ret, uv_loop_t *loop, const DataPlaneOps *ops, void *userdata, WdError *err) {
         _cleanup_(dataplane_freep) DataPlane *d = NULL;
@@ -734,20 +959,8 @@ int dataplane_new(DataPlane **ret, uv_loop_t *loop, const DataPlaneOps *ops, voi
                 .features = UCP_FEATURE_AM | UCP_FEATURE_WAKEUP,
                 .name = "weightd",
         };
-        ucp_worker_params_t wparams = {
-                .field_mask = UCP_WORKER_PARAM_FIELD_THREAD_MODE,
-                .thread_mode = UCS_THREAD_MODE_SINGLE,
-        };
-        ucp_worker_attr_t attr = { .field_mask = UCP_WORKER_ATTR_FIELD_MAX_AM_HEADER };
-        ucp_am_handler_param_t am = {
-                .field_mask = UCP_AM_HANDLER_PARAM_FIELD_ID | UCP_AM_HANDLER_PARAM_FIELD_FLAGS |
-                              UCP_AM_HANDLER_PARAM_FIELD_CB | UCP_AM_HANDLER_PARAM_FIELD_ARG,
-                .id = DATAPLANE_AM_ID,
-                .flags = UCP_AM_FLAG_WHOLE_MSG | UCP_AM_FLAG_PERSISTENT_DATA,
-                .cb = on_am,
-        };
         ucs_status_t st;
-        int efd, r;
+        int r;
 
         if (!ops || !ops->incoming || !ops->received)
                 return wd_error_set(err, -EINVAL, "dataplane: incoming() and received() are required");
@@ -757,36 +970,16 @@ int dataplane_new(DataPlane **ret, uv_loop_t *loop, const DataPlaneOps *ops, voi
         d->loop = loop;
         d->ops = ops;
         d->userdata = userdata;
-        am.arg = d;
 
         st = ucp_init(&params, NULL, &d->context);
         if (st != UCS_OK)
                 return ucs_error(err, st, "ucp_init");
-        st = ucp_worker_create(d->context, &wparams, &d->worker);
-        if (st != UCS_OK)
-                return ucs_error(err, st, "ucp_worker_create");
-        st = ucp_worker_query(d->worker, &attr);
-        if (st != UCS_OK)
-                return ucs_error(err, st, "ucp_worker_query");
-        if (attr.max_am_header < DATAPLANE_MAX_HEADER)
-                return wd_error_set(err, -EOPNOTSUPP,
-                                    "UCX: the transports carry active message headers of at most %zu bytes, "
-                                    "the data plane needs %u",
-                                    attr.max_am_header, DATAPLANE_MAX_HEADER);
-        st = ucp_worker_set_am_recv_handler(d->worker, &am);
-        if (st != UCS_OK)
-                return ucs_error(err, st, "ucp_worker_set_am_recv_handler");
-        st = ucp_worker_get_address(d->worker, &d->address, &d->address_len);
-        if (st != UCS_OK)
-                return ucs_error(err, st, "ucp_worker_get_address");
-        st = ucp_worker_get_efd(d->worker, &efd);
-        if (st != UCS_OK)
-                return ucs_error(err, st, "ucp_worker_get_efd");
-
-        r = handles_open(d, efd);
+        r = check_transports(d, err);
         if (r < 0)
-                return wd_error_set(err, r, "dataplane: watching the worker's event fd: %s", uv_strerror(r));
-        dataplane_progress(d); /* arms the worker */
+                return r;
+        r = handles_open(d);
+        if (r < 0)
+                return wd_error_set(err, r, "dataplane: loop handles: %s", uv_strerror(r));
 
         *ret = TAKE_PTR(d);
         return 0;
@@ -803,7 +996,7 @@ DataPlane *dataplane_free(DataPlane *d) {
                 handles_close(d->handles);
         d->handles = NULL;
 
-        if (d->worker) {
+        if (d->workers) {
                 uint64_t deadline = now_usec() + DATAPLANE_CLOSE_TIMEOUT_USEC,
                          flush_deadline = now_usec() + DATAPLANE_FLUSH_TIMEOUT_USEC;
 
@@ -813,40 +1006,17 @@ DataPlane *dataplane_free(DataPlane *d) {
                         ((SendOp *) s->request)->cancelled = true;
                 LIST_FOREACH(in, i, d->recvs)
                         i->cancelled = true;
-                /* Arrivals nobody accepted go back to UCX, unseen. */
-                while ((in = in_pop(&d->incoming, &d->incoming_tail))) {
-                        if (in->desc)
-                                ucp_am_data_release(d->worker, in->desc);
-                        free(in);
-                }
                 /* Live peers first get what is in flight (for at most
                  * DATAPLANE_FLUSH_TIMEOUT_USEC: a live peer's flush takes
-                 * milliseconds), then every endpoint is closed by force. */
-                for (unsigned i = 0; i < DATAPLANE_MAX_PEERS; i++)
-                        if (d->conns[i])
-                                conn_flush(d->conns[i]);
+                 * milliseconds), then every worker goes: its endpoint closed
+                 * by force, what it carried purged. */
+                LIST_FOREACH(workers, w, d->workers)
+                        worker_flush(w);
                 while (d->n_flushing > 0 && now_usec() < flush_deadline)
-                        (void) ucp_worker_progress(d->worker);
-                for (unsigned i = 0; i < DATAPLANE_MAX_PEERS; i++)
-                        if (d->conns[i])
-                                conn_close(d, d->conns[i], true);
-                /* Live peers' endpoints flush what is in flight, failed ones'
-                 * are purged; UCX completes both (and the closes) from its
-                 * progress, which gets DATAPLANE_CLOSE_TIMEOUT_USEC. */
-                while ((d->closing || d->sends || d->n_flushing > 0) && now_usec() < deadline)
-                        (void) ucp_worker_progress(d->worker);
-                if (d->address)
-                        ucp_worker_release_address(d->worker, d->address);
-                /* With the worker gone nothing writes into a destination or
-                 * reads from a send's memory any more: only now the caller
-                 * hears of them. */
-                ucp_worker_destroy(d->worker);
-        }
-        while (d->closing) {
-                Conn *c = d->closing;
-
-                LIST_REMOVE(conns, d->closing, c);
-                conn_free(c);
+                        LIST_FOREACH(workers, w, d->workers)
+                                (void) ucp_worker_progress(w->worker);
+                while (d->workers)
+                        worker_retire(d, d->workers, deadline);
         }
         if (d->context)
                 ucp_cleanup(d->context);
@@ -870,9 +1040,24 @@ DataPlane *dataplane_free(DataPlane *d) {
         return NULL;
 }
 
-void dataplane_address(DataPlane *d, const void **ret, size_t *ret_len) {
-        *ret = d->address;
-        *ret_len = d->address_len;
+int dataplane_address(DataPlane *d, unsigned peer, const void **ret, size_t *ret_len, WdError *err) {
+        int r;
+
+        if (peer >= DATAPLANE_MAX_PEERS)
+                return wd_error_set(err, -EINVAL, "dataplane: peer %u is out of range (fewer than %u)", peer,
+                                    DATAPLANE_MAX_PEERS);
+        if (d->freeing)
+                return wd_error_set(err, -ESHUTDOWN, "dataplane: being freed");
+        if (!d->next[peer]) {
+                r = worker_new(d, peer, &d->next[peer], err);
+                if (r < 0) {
+                        wd_error_prefix(err, "dataplane: peer %u", peer);
+                        return r;
+                }
+        }
+        *ret = d->next[peer]->address;
+        *ret_len = d->next[peer]->address_len;
+        return 0;
 }
 
 int dataplane_connect(DataPlane *d, unsigned peer, const void *address, size_t address_len, WdError *err) {
@@ -884,7 +1069,8 @@ int dataplane_connect(DataPlane *d, unsigned peer, const void *address, size_t a
                 .err_handler.cb = on_ep_error,
         };
         ucs_status_t st;
-        Conn *c;
+        Worker *w;
+        int r;
 
         if (peer >= DATAPLANE_MAX_PEERS)
                 return wd_error_set(err, -EINVAL, "dataplane: peer %u is out of range (fewer than %u)", peer,
@@ -895,26 +1081,34 @@ int dataplane_connect(DataPlane *d, unsigned peer, const void *address, size_t a
                 return wd_error_set(err, -ESHUTDOWN, "dataplane: being freed");
 
         dataplane_disconnect(d, peer);
-        c = calloc(1, sizeof(Conn));
-        if (!c)
-                return wd_error_set(err, -ENOMEM, "dataplane: out of memory");
-        *c = (Conn){ .d = d, .peer = peer, .state = CONN_OPEN };
-        params.err_handler.arg = c;
-        st = ucp_ep_create(d->worker, &params, &c->ep);
+        /* The worker whose address the peer has; a new one if none went
+         * out (the peer learns its address from the wireup). */
+        w = d->next[peer];
+        if (!w) {
+                r = worker_new(d, peer, &w, err);
+                if (r < 0) {
+                        wd_error_prefix(err, "dataplane: peer %u", peer);
+                        return r;
+                }
+        }
+        d->next[peer] = NULL;
+        d->active[peer] = w;
+        params.err_handler.arg = w;
+        st = ucp_ep_create(w->worker, &params, &w->ep);
         if (st != UCS_OK) {
-                conn_free(c);
+                worker_retire(d, w, now_usec());
                 ucs_error(err, st, "ucp_ep_create");
                 wd_error_prefix(err, "dataplane: peer %u", peer);
                 return ucs_to_errno(st);
         }
-        d->conns[peer] = c;
+        w->ep_state = EP_OPEN;
         dataplane_kick(d); /* the wireup goes out from the loop */
         return 0;
 }
 
 void dataplane_disconnect(DataPlane *d, unsigned peer) {
-        if (peer < DATAPLANE_MAX_PEERS && d->conns[peer])
-                conn_close(d, d->conns[peer], true);
+        if (peer < DATAPLANE_MAX_PEERS && d->active[peer])
+                worker_retire(d, d->active[peer], now_usec() + DATAPLANE_RETIRE_TIMEOUT_USEC);
 }
 
 uint64_t dataplane_bytes_sent(const DataPlane *d) {

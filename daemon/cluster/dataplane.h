@@ -1,13 +1,15 @@
 /* The data plane: bulk bytes between nodes over UCX (DESIGN.md,
  * "Cluster").
  *
- * One UCP context and worker per daemon, active messages only.  The worker's
- * address goes to the other nodes in the mesh's Hello; dataplane_connect()
- * makes an endpoint from a peer's address.  A message is a small header
+ * One UCP context per daemon, and a worker for each connection with a peer
+ * (destroyed when the connection ends, so that nothing of it outlives it);
+ * active messages only.  The address of the worker for peer goes to that
+ * peer in the mesh's Hello (dataplane_address()); dataplane_connect() makes
+ * an endpoint from the peer's address.  A message is a small header
  * (copied) and a payload that UCX sends from the caller's memory (rendezvous
  * for large payloads: the receiver pulls the bytes straight into the
  * destination it chose, no bounce buffer).  Progress is driven from the
- * libuv loop: the worker's event fd is watched with a uv_poll_t, and the
+ * libuv loop: each worker's event fd is watched with a uv_poll_t, and the
  * worker is progressed until ucp_worker_arm() says it is idle.  The
  * transports are whatever UCX finds (UCX_TLS and friends choose; tcp in the
  * tests).  The data plane does not authenticate: the bytes it moves are
@@ -57,15 +59,22 @@ int dataplane_new(DataPlane **ret, uv_loop_t *loop, const DataPlaneOps *ops, voi
 DataPlane *dataplane_free(DataPlane *d);
 DEFINE_TRIVIAL_CLEANUP_FUNC(DataPlane *, dataplane_free);
 
-/* This worker's address, for the Hello; valid until dataplane_free(). */
-void dataplane_address(DataPlane *d, const void **ret, size_t *ret_len);
-
-/* An endpoint to peer (an index the caller chooses, < DATAPLANE_MAX_PEERS)
- * from its worker address; replaces the old one (disconnecting it first). */
+/* The address of the worker for the next connection with peer (an index
+ * the caller chooses, < DATAPLANE_MAX_PEERS), for the Hello to it: made
+ * on the first call, the same until dataplane_connect() takes that worker,
+ * a new one after.  *ret is valid until then, or until that connection
+ * ends.  Returns 0 or -errno with err naming what UCX said. */
 #define DATAPLANE_MAX_PEERS 1024u
+int dataplane_address(DataPlane *d, unsigned peer, const void **ret, size_t *ret_len, WdError *err);
+
+/* An endpoint to peer from its worker address, on the worker whose address
+ * went out last (dataplane_address()); replaces the old connection
+ * (disconnecting it first). */
 int dataplane_connect(DataPlane *d, unsigned peer, const void *address, size_t address_len, WdError *err);
-/* Close peer's endpoint: its sends in flight end with -ECONNRESET (their
- * done callbacks run from the loop later). */
+/* End the connection with peer: its endpoint is closed and its worker
+ * destroyed; its sends and receives in flight end with -ECONNRESET (their
+ * callbacks run from the loop later).  A worker whose address went out
+ * since stays. */
 void dataplane_disconnect(DataPlane *d, unsigned peer);
 
 /* Send hdr (at most DATAPLANE_MAX_HEADER bytes, copied) and length bytes

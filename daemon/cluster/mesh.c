@@ -729,16 +729,26 @@ static int link_send_heartbeat(Link *l, uint64_t sent_usec, bool reply) {
         return link_queue(l, &env);
 }
 
-static int link_send_hello(Link *l) {
+static int link_send_hello(Link *l, WdError *err) {
         Mesh *m = l->mesh;
         Weightd__Cluster__V1__Hello h = WEIGHTD__CLUSTER__V1__HELLO__INIT;
         ClusterEnvelope env = WEIGHTD__CLUSTER__V1__ENVELOPE__INIT;
+        const void *addr = m->data_address;
+        size_t addr_len = m->data_address_len;
+        int r;
 
+        if (m->ops->hello_address) {
+                r = m->ops->hello_address(m, (unsigned) l->node, &addr, &addr_len, err, m->userdata);
+                if (r < 0)
+                        return r;
+                if (addr_len > MESH_MAX_FRAME / 2)
+                        return wd_error_set(err, -EMSGSIZE, "a %zu byte data address", addr_len);
+        }
         h.version = MESH_VERSION;
         h.node = m->nodes[m->self].name;
         h.generation = m->generation;
-        h.data_address.data = m->data_address;
-        h.data_address.len = m->data_address_len;
+        h.data_address.data = (uint8_t *) addr;
+        h.data_address.len = addr_len;
         h.nodes_hash = m->nodes_hash;
         env.body_case = WEIGHTD__CLUSTER__V1__ENVELOPE__BODY_HELLO;
         env.hello = &h;
@@ -979,13 +989,17 @@ static void link_io(Link *l) {
 /* ---- links: connecting and the handshake -------------------------------- */
 
 static void link_handshake_done(Link *l) {
+        WdError err = WD_ERROR_NULL;
+        int r;
+
         if (!SSL_session_reused(l->ssl) || l->node < 0) {
                 link_fail(l, MESH_NODE_UNAUTHENTICATED, "TLS handshake without the cluster key");
                 return;
         }
         l->state = LINK_HELLO;
-        if (link_send_hello(l) < 0) {
-                link_fail(l, MESH_NODE_DOWN, "cannot queue Hello");
+        r = link_send_hello(l, &err);
+        if (r < 0) {
+                link_fail(l, MESH_NODE_DOWN, "cannot queue Hello: %s", err.message[0] ? err.message : strerror(-r));
                 return;
         }
         /* Out before theirs is read: a refused Hello still reaches them. */

@@ -70,7 +70,7 @@ typedef struct MeshParams {
         size_t secret_len;
         uint64_t deadline_usec;      /* heartbeats and handshakes */
         uint64_t generation;         /* this process's, nonzero */
-        const void *data_address;    /* sent in Hello (copied) */
+        const void *data_address;    /* sent in Hello (copied), unless ops->hello_address */
         size_t data_address_len;
 } MeshParams;
 
@@ -83,6 +83,12 @@ typedef struct MeshOps {
         /* A frame from an up node other than Hello and Heartbeat (handled
          * here); env is freed after the call. */
         void (*message)(Mesh *m, unsigned node, const ClusterEnvelope *env, void *userdata);
+        /* Optional: the data address for the Hello to node on a new link
+         * (valid until the Hello is queued; called from the loop, it may
+         * not free the mesh).  Returns 0, or -errno (err says why: the
+         * link fails). */
+        int (*hello_address)(Mesh *m, unsigned node, const void **ret, size_t *ret_len, WdError *err,
+                             void *userdata);
 } MeshOps;
 
 typedef struct MeshNodeInfo {

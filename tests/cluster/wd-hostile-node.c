@@ -785,10 +785,18 @@ static void on_message(Mesh *m, unsigned node, const ClusterEnvelope *env, void 
         }
 }
 
+static int on_hello_address(Mesh *m, unsigned node, const void **ret, size_t *ret_len, WdError *err,
+                            void *userdata) {
+        Hostile *h = userdata;
+
+        return dataplane_address(h->data, node, ret, ret_len, err);
+}
+
 static const MeshOps mesh_ops = {
         .up = on_up,
         .down = on_down,
         .message = on_message,
+        .hello_address = on_hello_address,
 };
 
 static void *on_incoming(DataPlane *d, const void *hdr, size_t hdr_len, uint64_t length, void **ret_token,
@@ -995,8 +1003,6 @@ int main(int argc, char **argv) {
         MeshNodeSpec specs[MAX_NODES];
         size_t n_specs = 0, secret_len = 0;
         uint8_t secret[4096];
-        const void *addr;
-        size_t addr_len;
         WdError err = WD_ERROR_NULL;
         Hostile h = { .phase = WAIT_UP };
         uv_loop_t loop;
@@ -1063,12 +1069,10 @@ int main(int argc, char **argv) {
                 fprintf(stderr, "data plane: %s\n", err.message);
                 return 1;
         }
-        dataplane_address(h.data, &addr, &addr_len);
         r = mesh_new(&h.mesh, &loop,
                      &(MeshParams){ .self = self, .nodes = specs, .n_nodes = n_specs, .secret = secret,
                                     .secret_len = secret_len, .deadline_usec = h.deadline_usec,
-                                    .generation = h.generation, .data_address = addr,
-                                    .data_address_len = addr_len },
+                                    .generation = h.generation },
                      &mesh_ops, &h, &err);
         if (r != 0) {
                 fprintf(stderr, "mesh: %s\n", err.message);
