@@ -332,8 +332,10 @@ def test_device_load_joining_a_cancelled_one_gets_the_bytes(emu, make_model):
     same component to the same device arrives while that load stops.  B
     did not cancel: it must get the bytes, not CANCELLED (or be told to
     retry).  The copy thread is held by a large copy to the same device, so
-    the cancelled load cannot end before B joins it."""
-    model, blocker = make_model("64M", 2), make_model("256M", 1)
+    the cancelled load cannot end before B joins it.  A's model is large
+    enough that its read (O_DIRECT, 64 KiB at a time) outlasts the first
+    Progress interval on a fast disk too."""
+    model, blocker = make_model("256M", 2), make_model("256M", 1)
     d = emu("2:1G", [model.parent, blocker.parent], **SLOW)
     with d.raw(timeout=30) as a, d.raw(timeout=30) as b, d.raw(timeout=30) as x:
         env = x.request(PREFETCH, load_body(str(blocker)))

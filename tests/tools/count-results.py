@@ -2,12 +2,30 @@
 """Count test cases in a meson test log or a JUnit XML report.
 
 Prints "PASSED FAILED SKIPPED [what failed]" on one line for tests/run.
+Where $COUNT_RESULTS_DETAILS names a file, each failure's message (the
+first lines of the assertion, or the end of a meson test's output) is
+appended to it, for the end of the run.
 A meson test that speaks TAP counts each of its cases; any other counts as
 one.  Exit status 77 is a skip, as meson reports it.
 """
 import json
+import os
 import sys
 import xml.etree.ElementTree as ET
+
+
+DETAIL_LINES = 40
+
+
+def detail(name, text):
+    """Append a failure's text (its first DETAIL_LINES lines) to the details file."""
+    out = os.environ.get("COUNT_RESULTS_DETAILS")
+    if not out:
+        return
+    lines = (text or "").strip().splitlines()
+    cut = lines[:DETAIL_LINES] + ([f"... ({len(lines) - DETAIL_LINES} more lines)"] if len(lines) > DETAIL_LINES else [])
+    with open(out, "a") as f:
+        f.write(f"---- {name}\n" + "\n".join(cut) + "\n")
 
 
 def count_meson(path):
@@ -32,11 +50,13 @@ def count_meson(path):
                     failed += 1  # crashed outside any case
                 if bad or result != "OK":
                     failures.append(t["name"])
+                    detail(t["name"], "\n".join(bad + (t.get("stderr") or "").splitlines()[-DETAIL_LINES:]))
             elif result in ("OK", "EXPECTEDFAIL"):
                 passed += 1
             else:
                 failed += 1
                 failures.append(t["name"])
+                detail(t["name"], "\n".join(((t.get("stdout") or "") + (t.get("stderr") or "")).splitlines()[-DETAIL_LINES:]))
     return passed, failed, skipped, failures
 
 
@@ -45,9 +65,16 @@ def count_junit(path):
     passed = failed = skipped = 0
     failures = []
     for case in root.iter("testcase"):
-        if case.find("failure") is not None or case.find("error") is not None:
+        bad = case.find("failure")
+        if bad is None:
+            bad = case.find("error")
+        if bad is not None:
             failed += 1
             failures.append(case.get("name"))
+            # pytest: the assertion's message, then where it was raised.
+            text = (bad.text or "").splitlines()
+            detail(f"{case.get('classname')}::{case.get('name')}",
+                   "\n".join((bad.get("message") or "").splitlines()[:DETAIL_LINES // 2] + text[-DETAIL_LINES // 2:]))
         elif case.find("skipped") is not None:
             skipped += 1
         else:
