@@ -120,6 +120,7 @@ struct Transfer {
 
 static const JobKind transfer_kind;
 static void pump(Transfer *t);
+static void drop_unowned(Transfer *t);
 
 /* A receiving transfer's references are its job's. */
 Transfer *transfer_ref(Transfer *t) {
@@ -321,6 +322,7 @@ int transfer_start(Transfer *t, const unsigned *sources, size_t n_sources, const
                 plan_assign(t->chunks, t->n_chunks, n_sources, t->first_owner);
         t->started = true;
         t->activity_usec = now;
+        drop_unowned(t);
         pump(t);
         return 0;
 }
@@ -338,6 +340,31 @@ static int chunk_owner(Transfer *t, size_t c) {
         if (o < 0 || !t->source_usable[o])
                 return -1;
         return o;
+}
+
+/* After the Start a chunk is taken from its owner only: bytes that landed
+ * from another node (before the Start, or before the owner changed) and
+ * that their sender's checksum did not vouch for go back to MISSING, and a
+ * checksum from anyone but the owner is forgotten, so that the owner's
+ * bytes, or a read, fill the chunk.  (A receive from another node still in
+ * flight ends as MISSING: transfer_received().)  Before this, a node that
+ * sent a chunk it did not own first held it up for good: its bytes waited
+ * for its checksum, which came only before the Start, and the owner's
+ * bytes were refused as the chunk was not MISSING. */
+static void drop_unowned(Transfer *t) {
+        for (size_t c = 0; c < t->n_chunks; c++) {
+                ChunkInfo *ci = &t->ci[c];
+                int o = chunk_owner(t, c);
+                bool owner_known = o >= 0;
+                unsigned owner = owner_known ? t->sources[o] : 0;
+
+                if (ci->state == CHUNK_HAVE)
+                        continue;
+                if (ci->state == CHUNK_LANDED && (!owner_known || ci->rx_from != owner))
+                        ci->state = CHUNK_MISSING;
+                if (ci->sum_known && (!owner_known || ci->sum_from != owner))
+                        ci->sum_known = false;
+        }
 }
 
 /* Whether this node is the one to send chunk c to the others. */
@@ -782,6 +809,8 @@ void transfer_node_down(Transfer *t, unsigned node) {
                 t->source_alive[s] = false;
                 t->source_usable[s] = false;
                 forget_from(t, node);
+                if (t->started)
+                        drop_unowned(t);
         }
         if (k >= 0)
                 t->receiver_done[k] = true;
@@ -810,6 +839,8 @@ void transfer_source_failed(Transfer *t, unsigned node, const char *why) {
                         t->ctx->source_gone(t, node, t->ctx->userdata);
         }
         forget_from(t, node);
+        if (t->started)
+                drop_unowned(t);
         if (t->load)
                 log_warning("plan %016" PRIx64 ": %s: %s; %s its chunks of %s", t->plan_id,
                             mesh_node_name(t->ctx->mesh, node), why,
@@ -921,7 +952,10 @@ void transfer_received(void *token, int status) {
 
         t->n_rx--;
         if (ci->state == CHUNK_RECEIVING) {
-                if (status == 0 && (s >= 0 ? t->source_usable[s] : !t->started)) {
+                /* After the Start, bytes count from the chunk's owner only. */
+                bool from_owner = !t->started || (s >= 0 && chunk_owner(t, rx->index) == s);
+
+                if (status == 0 && from_owner && (s >= 0 ? t->source_usable[s] : !t->started)) {
                         ci->state = CHUNK_LANDED;
                         if (s >= 0)
                                 t->source_heard_usec[s] = now_usec();

@@ -213,12 +213,8 @@ def test_flood(hostile, model):
     healthy(c, model, before)
 
 
-@pytest.mark.parametrize("scenario", ["lie-bytes", "lie-sums",
-                                      pytest.param("lie-index", marks=pytest.mark.xfail(
-                                          strict=True,
-                                          reason="open bug: with x sending wrong bytes under others' chunks and "
-                                                 "out-of-range chunk headers, one receiver waits until x leaves")),
-                                      "lie-sender", "lie-generation", "stall"])
+@pytest.mark.parametrize("scenario", ["lie-bytes", "lie-sums", "lie-index", "lie-sender", "lie-generation",
+                                      "stall"])
 def test_lying_source(hostile, model, scenario):
     """x coordinates a plan of the model on a and b and is one of its
     sources; the receivers must end with the files' bytes, reading what x
