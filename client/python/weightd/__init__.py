@@ -5,7 +5,7 @@ tensors, without copies.
     with weightd.connect() as client, client.load("/srv/models/flux", "vae", framework="pt") as vae:
         w = vae["decoder.conv_in.weight"]          # a torch tensor over the daemon's memory
 
-Also safe_open() (the safetensors API loaders use) and weights_iterator()
+Also safe_open() (a drop-in for safetensors.safe_open) and weights_iterator()
 (FastVideo's safetensors_weights_iterator, served by weightd).  Everything
 goes through libweightd-client (ctypes): the protocol exists once, in C.
 """
