@@ -2012,7 +2012,7 @@ int cluster_reconfigure(Cluster *c, const ClusterParams *p, WdError *err) {
         /* Transfers in flight on the data plane drain as their peers are
          * disconnected below. */
         for (unsigned i = 0; i < old.n_nodes; i++)
-                dataplane_disconnect(c->data, i);
+                dataplane_forget(c->data, i);
         c->nodes = NULL;
         c->n_nodes = 0;
         c->secret = NULL;

@@ -1111,6 +1111,12 @@ void dataplane_disconnect(DataPlane *d, unsigned peer) {
                 worker_retire(d, d->active[peer], now_usec() + DATAPLANE_RETIRE_TIMEOUT_USEC);
 }
 
+void dataplane_forget(DataPlane *d, unsigned peer) {
+        dataplane_disconnect(d, peer);
+        if (peer < DATAPLANE_MAX_PEERS && d->next[peer])
+                worker_retire(d, d->next[peer], now_usec() + DATAPLANE_RETIRE_TIMEOUT_USEC);
+}
+
 uint64_t dataplane_bytes_sent(const DataPlane *d) {
         return d->bytes_sent;
 }

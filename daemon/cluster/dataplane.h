@@ -76,6 +76,9 @@ int dataplane_connect(DataPlane *d, unsigned peer, const void *address, size_t a
  * callbacks run from the loop later).  A worker whose address went out
  * since stays. */
 void dataplane_disconnect(DataPlane *d, unsigned peer);
+/* dataplane_disconnect(), and the worker whose address went out since goes
+ * too: peer is to be someone else (the nodes were reconfigured). */
+void dataplane_forget(DataPlane *d, unsigned peer);
 
 /* Send hdr (at most DATAPLANE_MAX_HEADER bytes, copied) and length bytes
  * at data (must stay valid until s->done) to peer.  Returns 0 (s->done
