@@ -359,6 +359,52 @@ _public_ const wd_tensor *wd_manifest_tensor(const wd_manifest *m, size_t i) {
         return &m->tensors[i];
 }
 
+_public_ const wd_tensor *wd_manifest_tensors(const wd_manifest *m) {
+        return m && m->n_tensors > 0 ? m->tensors : NULL;
+}
+
+_public_ size_t wd_manifest_strings_size(const wd_manifest *m) {
+        size_t n = 0;
+
+        /* Each string is at most a frame long, so the sum cannot overflow. */
+        for (size_t i = 0; m && i < m->n_tensors; i++)
+                n += strlen(m->tensors[i].name) + 1 + strlen(m->tensors[i].dtype) + 1;
+        return n;
+}
+
+_public_ int wd_manifest_strings(const wd_manifest *m, char *buf, size_t size) {
+        if (!m || (size > 0 && !buf) || size < wd_manifest_strings_size(m))
+                return WD_INVALID_ARGUMENT;
+
+        char *p = buf;
+        for (size_t i = 0; i < m->n_tensors; i++) {
+                p = stpcpy(p, m->tensors[i].name) + 1;
+                p = stpcpy(p, m->tensors[i].dtype) + 1;
+        }
+        return WD_OK;
+}
+
+_public_ size_t wd_manifest_n_dims(const wd_manifest *m) {
+        size_t n = 0;
+
+        for (size_t i = 0; m && i < m->n_tensors; i++)
+                n += m->tensors[i].ndim;
+        return n;
+}
+
+_public_ int wd_manifest_shapes(const wd_manifest *m, uint64_t *buf, size_t n) {
+        if (!m || (n > 0 && !buf) || n < wd_manifest_n_dims(m))
+                return WD_INVALID_ARGUMENT;
+
+        for (size_t i = 0; i < m->n_tensors; i++) {
+                const wd_tensor *t = &m->tensors[i];
+                if (t->ndim > 0)
+                        memcpy(buf, t->shape, t->ndim * sizeof(uint64_t));
+                buf += t->ndim;
+        }
+        return WD_OK;
+}
+
 static int tensor_find_cmp(const void *key, const void *elem) {
         return strcmp(key, (*(const wd_tensor *const *) elem)->name);
 }

@@ -353,6 +353,46 @@ static void component_check_manifest(const Component *k, const wd_manifest *m, b
                 assert_memory_equal(t->data, k->content[want->slab] + want->offset, want->nbytes);
         }
 
+        /* The bulk forms give the same tensors and strings. */
+        assert_null(wd_manifest_tensors(NULL));
+        assert_int_equal(wd_manifest_strings_size(NULL), 0);
+        assert_int_equal(wd_manifest_strings(NULL, NULL, 0), WD_INVALID_ARGUMENT);
+        const wd_tensor *all = wd_manifest_tensors(m);
+        size_t size = wd_manifest_strings_size(m);
+        char *strings = malloc(size + 1);
+        assert_non_null(strings);
+        strings[size] = 'x';
+        assert_int_equal(wd_manifest_strings(m, strings, size - 1), WD_INVALID_ARGUMENT);
+        assert_int_equal(wd_manifest_strings(m, strings, size), WD_OK);
+        assert_int_equal(strings[size], 'x');
+        const char *p = strings;
+        for (size_t i = 0; i < k->n_tensors; i++) {
+                assert_ptr_equal(&all[i], wd_manifest_tensor(m, i));
+                assert_string_equal(p, k->tensors[i].name);
+                p += strlen(p) + 1;
+                assert_string_equal(p, k->tensors[i].dtype);
+                p += strlen(p) + 1;
+        }
+        assert_ptr_equal(p, strings + size);
+        free(strings);
+
+        size_t n_dims = wd_manifest_n_dims(m);
+        uint64_t *dims = malloc((n_dims + 1) * sizeof(uint64_t));
+        assert_non_null(dims);
+        dims[n_dims] = 7;
+        assert_int_equal(wd_manifest_n_dims(NULL), 0);
+        assert_int_equal(wd_manifest_shapes(NULL, dims, n_dims), WD_INVALID_ARGUMENT);
+        if (n_dims > 0)
+                assert_int_equal(wd_manifest_shapes(m, dims, n_dims - 1), WD_INVALID_ARGUMENT);
+        assert_int_equal(wd_manifest_shapes(m, dims, n_dims), WD_OK);
+        assert_int_equal(dims[n_dims], 7);
+        const uint64_t *d = dims;
+        for (size_t i = 0; i < k->n_tensors; i++)
+                for (size_t j = 0; j < k->tensors[i].n_shape; j++)
+                        assert_int_equal(*d++, k->tensors[i].shape[j]);
+        assert_ptr_equal(d, dims + n_dims);
+        free(dims);
+
         const char *key, *value;
         assert_int_equal(wd_manifest_n_metadata(m, 0), 2);
         assert_int_equal(wd_manifest_metadata(m, 0, 1, &key, &value), WD_OK);

@@ -154,6 +154,25 @@ size_t wd_manifest_n_tensors(const wd_manifest *m);
 /* Tensors in file order (files in manifest order, each by data offset);
  * NULL when i is out of range. */
 const wd_tensor *wd_manifest_tensor(const wd_manifest *m, size_t i);
+/* For bindings that read every tensor at once: the whole
+ * array of wd_manifest_n_tensors() tensors, in the order of
+ * wd_manifest_tensor() (entry i is wd_manifest_tensor(m, i)); NULL when
+ * there are none. */
+const wd_tensor *wd_manifest_tensors(const wd_manifest *m);
+/* The bytes wd_manifest_strings() writes: 0 for no tensors or a NULL m. */
+size_t wd_manifest_strings_size(const wd_manifest *m);
+/* Every tensor's name and dtype in one copy: for each tensor in the order
+ * of wd_manifest_tensor(), its name, a NUL, its dtype and a NUL, back to
+ * back in buf.  Returns WD_OK, or WD_INVALID_ARGUMENT (buf left alone)
+ * when m is NULL or size is less than wd_manifest_strings_size(m). */
+int wd_manifest_strings(const wd_manifest *m, char *buf, size_t size);
+/* The sum of every tensor's ndim: the entries wd_manifest_shapes() writes. */
+size_t wd_manifest_n_dims(const wd_manifest *m);
+/* Every tensor's shape in one copy: for each tensor in the order of
+ * wd_manifest_tensor(), its ndim entries of shape, back to back in buf.
+ * Returns WD_OK, or WD_INVALID_ARGUMENT (buf left alone) when m is NULL
+ * or n is less than wd_manifest_n_dims(m). */
+int wd_manifest_shapes(const wd_manifest *m, uint64_t *buf, size_t n);
 /* By name (O(log n)); NULL when there is none. */
 const wd_tensor *wd_manifest_find(const wd_manifest *m, const char *name);
 size_t wd_manifest_n_files(const wd_manifest *m);
