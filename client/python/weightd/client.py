@@ -25,13 +25,14 @@ needs the daemon connects again.
 import collections.abc
 import ctypes
 import dataclasses
+import functools
 import os
 import threading
 import weakref
 
 from . import _dlpack, _dtypes, errors
 from ._lib import (PROGRESS_FN, WdClusterInfo, WdClusterPrefetchResult, WdError, WdLoadOptions, WdPrefetchResult,
-                   WdShardRule, check, lib, text)
+                   WdShardRule, WdTensor, check, lib, text)
 
 _FRAMEWORKS = {"np": "np", "numpy": "np", "pt": "pt", "torch": "pt"}
 
@@ -347,6 +348,97 @@ class TensorInfo(tuple):
     nbytes = property(lambda s: s[5])
 
 
+# get_tensor() calls served one tensor at a time before a lease builds every
+# array at once: a few cost microseconds each, all of them one bulk pass.
+_BULK_AFTER = 64
+
+
+@functools.cache
+def _tensor_dtype():
+    """wd_tensor's fields that _Table reads, as a numpy structured dtype."""
+    import numpy as np
+    fields = {"ndim": "u4", "nbytes": "u8", "file": "u4", "offset": "u8", "data": "u8", "full_shape": "u8",
+              "device": "i4", "device_ptr": "u8"}
+    return np.dtype({"names": list(fields), "formats": list(fields.values()),
+                     "offsets": [getattr(WdTensor, f).offset for f in fields], "itemsize": ctypes.sizeof(WdTensor)})
+
+
+def _records(m, n, copy=True):
+    """The manifest's wd_tensor array as a numpy structured array (a view of
+    the manifest's own memory where copy is false)."""
+    import numpy as np
+
+    if not n:
+        return np.zeros(0, _tensor_dtype())
+    raw = (ctypes.c_char * (n * ctypes.sizeof(WdTensor))).from_address(lib.wd_manifest_tensors(m))
+    rec = np.frombuffer(raw, _tensor_dtype())
+    return rec.copy() if copy else rec
+
+
+class _Table:
+    """Every tensor of a lease's manifest, read in three calls
+    (wd_manifest_tensors(), wd_manifest_strings(), wd_manifest_shapes())
+    into lists indexed as wd_manifest_tensor(); TensorInfo tuples are made
+    on demand."""
+
+    def __init__(self, m, n):
+        import numpy as np
+
+        size = lib.wd_manifest_strings_size(m)
+        buf = ctypes.create_string_buffer(size + 1)
+        r = lib.wd_manifest_strings(m, buf, size)
+        check(r, WdError(code=r, message=b"the manifest's strings changed size"))
+        strings = buf.raw[:size].decode("utf-8", "surrogateescape").split("\0")
+        self.names = strings[0:2 * n:2]
+        self.dtypes = strings[1:2 * n:2]
+        self.index = dict(zip(self.names, range(n)))
+
+        rec = _records(m, n)
+        ndim = rec["ndim"].astype(np.intp)
+        n_dims = int(ndim.sum())
+        dims = np.zeros(n_dims, np.uint64)
+        r = lib.wd_manifest_shapes(m, dims.ctypes.data, n_dims)
+        check(r, WdError(code=r, message=b"the manifest's shapes changed size"))
+        shapes = [()] * n
+        starts = np.cumsum(ndim) - ndim
+        for k in np.unique(ndim).tolist():
+            if k == 0:
+                continue
+            idx = np.flatnonzero(ndim == k)
+            rows = dims[starts[idx, None] + np.arange(k)].tolist()
+            for i, row in zip(idx.tolist(), rows):
+                shapes[i] = tuple(row)
+        self.shapes = shapes
+        offset, nbytes = rec["offset"], rec["nbytes"]
+        self.files, self.offsets, self.nbytes = rec["file"].tolist(), offset.tolist(), nbytes.tolist()
+
+        on_device = (rec["device"] >= 0) & (rec["device_ptr"] != 0)
+        addr = np.where(on_device, rec["device_ptr"], rec["data"])
+        self.addrs = addr.tolist()
+        has = addr != 0
+        bases, inverse = np.unique((addr - offset)[has], return_inverse=True)
+        ends = np.zeros(len(bases), np.uint64)
+        np.maximum.at(ends, inverse, (offset + nbytes)[has])
+        first = np.zeros(len(bases), np.intp)
+        first[inverse[::-1]] = np.flatnonzero(has)[::-1]
+        devices = np.where(on_device, rec["device"], -1)[first].tolist()
+        self.region_keys = list(zip(devices, bases.tolist()))
+        self.regions = {key: [key[1], end] for key, end in zip(self.region_keys, ends.tolist())}
+        rids = np.full(n, -1, np.intp)
+        rids[has] = inverse
+        self.rids = rids.tolist()
+
+        self.shards = {}  # name -> (dim, start, full_shape) for split tensors
+        for i in np.flatnonzero(rec["full_shape"]).tolist():
+            t = lib.wd_manifest_tensor(m, i).contents
+            self.shards[self.names[i]] = (t.shard_dim, t.shard_start, tuple(t.full_shape[:t.ndim]))
+
+    def info(self, i):
+        return TensorInfo((self.names[i], self.dtypes[i], self.shapes[i], self.files[i], self.offsets[i],
+                           self.nbytes[i]))
+
+
+
 class Lease(collections.abc.Mapping):
     """A leased component: a read-only mapping from tensor name to array,
     in the files' order (files in the manifest's order, tensors by offset).
@@ -377,41 +469,68 @@ class Lease(collections.abc.Mapping):
                 if lib.wd_manifest_metadata(m, f, i, ctypes.byref(k), ctypes.byref(v)) == 0:
                     md[text(k.value)] = text(v.value)
             self._metadata.append(md)
-        # name -> (TensorInfo, address or 0, region key or None).  A region
-        # is one mapped slab, keyed by (CUDA ordinal or -1 for host memory,
-        # the slab's base address): a file's own mapping for an ordinary
-        # load, or the one derived slab of a sharded or device load, where
-        # the tensors of every file lie at offsets in the same slab while
-        # TensorInfo.file still names each one's real file.  Arrays are
-        # views of one byte array per region, so they share its storage.
-        self._tensors = {}
-        self._shards = {}  # name -> (dim, start, full_shape) for split tensors
-        regions = {}  # region key -> [base address, end offset]
-        get = lib.wd_manifest_tensor
-        for i in range(lib.wd_manifest_n_tensors(m)):
-            t = get(m, i).contents
-            ndim = t.ndim
-            shape = tuple(t.shape[:ndim]) if ndim else ()
-            name = t.name.decode("utf-8", "surrogateescape")
-            info = TensorInfo((name, t.dtype.decode(), shape, t.file, t.offset, t.nbytes))
-            if t.full_shape:
-                self._shards[name] = (t.shard_dim, t.shard_start, tuple(t.full_shape[:ndim]))
-            dev = t.device if t.device >= 0 and t.device_ptr else -1
-            addr = t.device_ptr if dev >= 0 else (t.data or 0)
-            if dev >= 0:
-                self._cuda = dev
-            region = None
-            if addr:
-                region = (dev, addr - t.offset)
-                span = regions.get(region)
-                end = t.offset + t.nbytes
-                if span is None:
-                    regions[region] = [region[1], end]
-                elif end > span[1]:
-                    span[1] = end
-            self._tensors[name] = (info, addr, region)
-        self._regions = regions
+        # A region is one mapped slab, keyed by (CUDA ordinal or -1 for host
+        # memory, the slab's base address): a file's own mapping for an
+        # ordinary load, or the one derived slab of a sharded or device
+        # load, where the tensors of every file lie at offsets in the same
+        # slab while TensorInfo.file still names each one's real file.
+        # Arrays are views of one byte array per region, so they share its
+        # storage.  Nothing is read per tensor here: one tensor asked for by
+        # name is read with wd_manifest_find(); keys, iteration and the
+        # _BULK_AFTER-th get_tensor() read every tensor at once (_Table),
+        # and from then on every array is built in one pass and kept.
+        self._m = m
+        self._n = lib.wd_manifest_n_tensors(m)
+        self._table = None
+        self._arrays = None  # name -> array, once built in bulk
+        self._singles = 0  # get_tensor() calls served one tensor at a time
         self._bases = {}  # region key -> numpy or torch byte array over it
+        self._spans = {}  # region key -> [base address, end offset]
+        if self._n:
+            t = lib.wd_manifest_tensor(m, 0).contents
+            if t.device >= 0 and t.device_ptr:
+                self._cuda = t.device
+
+    def _tab(self):
+        if self._table is None:
+            self._table = _Table(self._m, self._n)
+        return self._table
+
+    def _entry(self, name):
+        """(TensorInfo, address or 0, region key or None)."""
+        if self._table is not None:
+            tab = self._table
+            try:
+                i = tab.index[name]
+            except (KeyError, TypeError):
+                raise KeyError(f"{self._model}: no tensor {name!r}") from None
+            rid = tab.rids[i]
+            return tab.info(i), tab.addrs[i], (tab.region_keys[rid] if rid >= 0 else None)
+        t = lib.wd_manifest_find(self._m, name.encode("utf-8", "surrogateescape")) if isinstance(name, str) else None
+        if not t:
+            raise KeyError(f"{self._model}: no tensor {name!r}")
+        t = t.contents
+        ndim = t.ndim
+        shape = tuple(t.shape[:ndim]) if ndim else ()
+        info = TensorInfo((name, t.dtype.decode(), shape, t.file, t.offset, t.nbytes))
+        dev = t.device if t.device >= 0 and t.device_ptr else -1
+        addr = t.device_ptr if dev >= 0 else (t.data or 0)
+        return info, addr, ((dev, addr - t.offset) if addr else None)
+
+    def _span(self, region):
+        """[base address, end offset] of a region: its tensors' furthest end."""
+        span = self._spans.get(region)
+        if span is None:
+            if self._table is not None:
+                span = self._table.regions[region]
+            else:
+                import numpy as np
+                rec = _records(self._m, self._n, copy=False)
+                addr = np.where((rec["device"] >= 0) & (rec["device_ptr"] != 0), rec["device_ptr"], rec["data"])
+                mine = (addr != 0) & (addr - rec["offset"] == region[1])
+                span = [region[1], int((rec["offset"] + rec["nbytes"])[mine].max())]
+            self._spans[region] = span
+        return span
 
     # ---- the mapping ----
 
@@ -423,24 +542,24 @@ class Lease(collections.abc.Mapping):
         return self.get_tensor(name)
 
     def __iter__(self):
-        return iter(self._tensors)
+        return iter(self._tab().names)
 
     def __len__(self):
-        return len(self._tensors)
+        return self._n
 
     def __contains__(self, name):
-        return name in self._tensors
+        if self._table is None and self._mapping is not None:
+            return isinstance(name, str) and bool(
+                lib.wd_manifest_find(self._m, name.encode("utf-8", "surrogateescape")))
+        return name in self._tab().index
 
     def keys(self):
         """Tensor names in the files' order."""
-        return list(self._tensors)
+        return list(self._tab().names)
 
     def info(self, name):
         """The tensor's TensorInfo (name, dtype, shape, file, offset, nbytes)."""
-        try:
-            return self._tensors[name][0]
-        except KeyError:
-            raise KeyError(f"{self._model}: no tensor {name!r}") from None
+        return self._entry(name)[0]
 
     def dtype(self, name):
         """The tensor's dtype as safetensors spells it ("BF16", "F8_E4M3")."""
@@ -455,7 +574,7 @@ class Lease(collections.abc.Mapping):
         of the file's tensor, whose shape is full_shape (shape() is the
         part's)."""
         self.info(name)
-        return self._shards.get(name)
+        return self._tab().shards.get(name)
 
     def metadata(self, file=0):
         """The file's __metadata__ (the first file's by default; shards of
@@ -492,11 +611,16 @@ class Lease(collections.abc.Mapping):
         """The tensor as a zero-copy view: a read-only numpy array, or a
         torch tensor (framework "pt")."""
         self._live()
+        arrays = self._arrays
+        if arrays is None:
+            self._singles += 1
+            if self._singles <= _BULK_AFTER:
+                return _ARRAY[self._framework](self, *self._entry(name))
+            arrays = self._arrays = _ALL[self._framework](self, self._tab())
         try:
-            info, addr, region = self._tensors[name]
-        except KeyError:
+            return arrays[name]
+        except (KeyError, TypeError):
             raise KeyError(f"{self._model}: no tensor {name!r}") from None
-        return _ARRAY[self._framework](self, info, addr, region)
 
     # ---- ending it ----
 
@@ -504,7 +628,11 @@ class Lease(collections.abc.Mapping):
         """End the lease for good: the memory is unmapped and the daemon's
         lease ends as soon as no array from it is alive (at once if none
         is).  Later get_tensor() calls raise."""
+        if self._mapping is not None:
+            self._tab()  # the manifest goes with the mapping; names and infos stay
         self._mapping = None
+        self._m = None
+        self._arrays = None
         self._bases.clear()
 
     def __enter__(self):
@@ -523,7 +651,7 @@ class Lease(collections.abc.Mapping):
     def _base(self, region):
         base = self._bases.get(region)
         if base is None:
-            addr, end = self._regions[region]
+            addr, end = self._span(region)
             if self._framework == "pt":
                 base = _dlpack.byte_tensor(addr, end, self._mapping, *_dl_device(region[0]))
             else:
@@ -550,6 +678,8 @@ def _numpy_array(lease, info, addr, region):
         a.flags.writeable = False
         return a
     # Host memory only: Client.load() refuses a device with numpy.
+    if region is None:
+        return np.ndarray(shape, dt, buffer=np.asarray(_Bytes(addr, info.nbytes, lease._mapping)))
     return np.ndarray(shape, dt, buffer=lease._base(region), offset=info.offset)
 
 
@@ -569,18 +699,63 @@ def _torch_tensor(lease, info, addr, region):
         device = "cpu" if lease._cuda is None else f"cuda:{lease._cuda}"
         return torch.empty(shape, dtype=dt, device=device)
     size = dt.itemsize
-    if info.offset % size == 0:
+    if region is not None and info.offset % size == 0:
         b = lease._base(region)[info.offset:info.offset + info.nbytes]
     else:
         # torch views a byte tensor as a wider type only at a storage offset
         # that the width divides: give this tensor a storage of its own.
-        b = _dlpack.byte_tensor(addr, info.nbytes, lease._mapping, *_dl_device(region[0]))
+        ordinal = region[0] if region is not None else -1 if lease._cuda is None else lease._cuda
+        b = _dlpack.byte_tensor(addr, info.nbytes, lease._mapping, *_dl_device(ordinal))
     if size != 1 or dt != torch.uint8:
         b = b.view(dt)
     return b.view(shape)
 
 
 _ARRAY = {"np": _numpy_array, "pt": _torch_tensor}
+
+def _all_arrays(lease, tab, typed_view, one):
+    """name -> array for every tensor, in one pass: each (region, dtype)'s
+    bytes viewed once as that type, each tensor a slice of it (reshaped
+    where it is not 1-D); what that cannot hold (packed dtypes, empty or
+    unaligned tensors) goes through one()."""
+    views = {}
+    out = []
+    keys = tab.region_keys
+    for i, (dtype, shape, off, nb, rid) in enumerate(zip(tab.dtypes, tab.shapes, tab.offsets, tab.nbytes, tab.rids)):
+        v = views.get((rid, dtype), False)
+        if v is False:
+            v = views[(rid, dtype)] = typed_view(lease._base(keys[rid]), dtype) if rid >= 0 else None
+        if v is not None and nb:
+            typed, size = v
+            if off % size == 0:
+                a = typed[off // size:(off + nb) // size]
+                out.append(a if len(shape) == 1 else a.reshape(shape))
+                continue
+        out.append(one(lease, tab.info(i), tab.addrs[i], keys[rid] if rid >= 0 else None))
+    return dict(zip(tab.names, out))
+
+
+def _numpy_typed(base, dtype):
+    dt, _real = _dtypes.numpy_type(dtype)
+    if dt is None:
+        return None
+    size = dt.itemsize
+    return base[:len(base) - len(base) % size].view(dt), size
+
+
+def _torch_typed(base, dtype):
+    import torch
+
+    dt = _dtypes.torch_type(dtype)
+    if dt is None or dt is getattr(torch, "float4_e2m1fn_x2", None):
+        return None
+    size = dt.itemsize
+    return base[:len(base) - len(base) % size].view(dt), size
+
+
+_ALL = {"np": lambda lease, tab: _all_arrays(lease, tab, _numpy_typed, _numpy_array),
+        "pt": lambda lease, tab: _all_arrays(lease, tab, _torch_typed, _torch_tensor)}
+
 
 
 class Client:
