@@ -399,22 +399,14 @@ class _Table:
         dims = np.zeros(n_dims, np.uint64)
         r = lib.wd_manifest_shapes(m, dims.ctypes.data, n_dims)
         check(r, WdError(code=r, message=b"the manifest's shapes changed size"))
-        shapes = [()] * n
-        starts = np.cumsum(ndim) - ndim
-        for k in np.unique(ndim).tolist():
-            if k == 0:
-                continue
-            idx = np.flatnonzero(ndim == k)
-            rows = dims[starts[idx, None] + np.arange(k)].tolist()
-            for i, row in zip(idx.tolist(), rows):
-                shapes[i] = tuple(row)
-        self.shapes = shapes
+        # A tensor's shape is dims[starts[i]:starts[i] + ndims[i]].
+        self.dims, self.ndims, self.starts = dims.tolist(), ndim.tolist(), (np.cumsum(ndim) - ndim).tolist()
         offset, nbytes = rec["offset"], rec["nbytes"]
-        self.files, self.offsets, self.nbytes = rec["file"].tolist(), offset.tolist(), nbytes.tolist()
+        self.files, self.offsets, self.nbytes = rec["file"].copy(), offset.tolist(), nbytes.tolist()
 
         on_device = (rec["device"] >= 0) & (rec["device_ptr"] != 0)
         addr = np.where(on_device, rec["device_ptr"], rec["data"])
-        self.addrs = addr.tolist()
+        self.addrs = addr
         has = addr != 0
         bases, inverse = np.unique((addr - offset)[has], return_inverse=True)
         ends = np.zeros(len(bases), np.uint64)
@@ -424,9 +416,12 @@ class _Table:
         devices = np.where(on_device, rec["device"], -1)[first].tolist()
         self.region_keys = list(zip(devices, bases.tolist()))
         self.regions = {key: [key[1], end] for key, end in zip(self.region_keys, ends.tolist())}
-        rids = np.full(n, -1, np.intp)
-        rids[has] = inverse
-        self.rids = rids.tolist()
+        if len(bases) == 1 and has.all():
+            self.rids = [0] * n  # one region holds them all
+        else:
+            rids = np.full(n, -1, np.intp)
+            rids[has] = inverse
+            self.rids = rids.tolist()
 
         self.shards = {}  # name -> (dim, start, full_shape) for split tensors
         for i in np.flatnonzero(rec["full_shape"]).tolist():
@@ -434,8 +429,9 @@ class _Table:
             self.shards[self.names[i]] = (t.shard_dim, t.shard_start, tuple(t.full_shape[:t.ndim]))
 
     def info(self, i):
-        return TensorInfo((self.names[i], self.dtypes[i], self.shapes[i], self.files[i], self.offsets[i],
-                           self.nbytes[i]))
+        start = self.starts[i]
+        return TensorInfo((self.names[i], self.dtypes[i], tuple(self.dims[start:start + self.ndims[i]]),
+                           int(self.files[i]), self.offsets[i], self.nbytes[i]))
 
 
 
@@ -505,7 +501,7 @@ class Lease(collections.abc.Mapping):
             except (KeyError, TypeError):
                 raise KeyError(f"{self._model}: no tensor {name!r}") from None
             rid = tab.rids[i]
-            return tab.info(i), tab.addrs[i], (tab.region_keys[rid] if rid >= 0 else None)
+            return tab.info(i), int(tab.addrs[i]), (tab.region_keys[rid] if rid >= 0 else None)
         t = lib.wd_manifest_find(self._m, name.encode("utf-8", "surrogateescape")) if isinstance(name, str) else None
         if not t:
             raise KeyError(f"{self._model}: no tensor {name!r}")
@@ -718,21 +714,24 @@ def _all_arrays(lease, tab, typed_view, one):
     bytes viewed once as that type, each tensor a slice of it (reshaped
     where it is not 1-D); what that cannot hold (packed dtypes, empty or
     unaligned tensors) goes through one()."""
-    views = {}
-    out = []
-    keys = tab.region_keys
-    for i, (dtype, shape, off, nb, rid) in enumerate(zip(tab.dtypes, tab.shapes, tab.offsets, tab.nbytes, tab.rids)):
-        v = views.get((rid, dtype), False)
+    views = {}  # region id -> {dtype: (typed view, item size) or None}
+    out = {}
+    keys, dims = tab.region_keys, tab.dims
+    last, vs = None, None
+    for i, (name, dtype, off, nb, rid, start, k) in enumerate(zip(tab.names, tab.dtypes, tab.offsets, tab.nbytes,
+                                                                   tab.rids, tab.starts, tab.ndims)):
+        if rid != last:
+            last, vs = rid, views.setdefault(rid, {})
+        v = vs.get(dtype, False)
         if v is False:
-            v = views[(rid, dtype)] = typed_view(lease._base(keys[rid]), dtype) if rid >= 0 else None
-        if v is not None and nb:
+            v = vs[dtype] = typed_view(lease._base(keys[rid]), dtype) if rid >= 0 else None
+        if v is not None and nb and off % v[1] == 0:
             typed, size = v
-            if off % size == 0:
-                a = typed[off // size:(off + nb) // size]
-                out.append(a if len(shape) == 1 else a.reshape(shape))
-                continue
-        out.append(one(lease, tab.info(i), tab.addrs[i], keys[rid] if rid >= 0 else None))
-    return dict(zip(tab.names, out))
+            a = typed[off // size:(off + nb) // size]
+            out[name] = a if k == 1 else a.reshape(dims[start:start + k])
+        else:
+            out[name] = one(lease, tab.info(i), int(tab.addrs[i]), keys[rid] if rid >= 0 else None)
+    return out
 
 
 def _numpy_typed(base, dtype):
