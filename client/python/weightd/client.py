@@ -709,12 +709,13 @@ def _torch_tensor(lease, info, addr, region):
 
 _ARRAY = {"np": _numpy_array, "pt": _torch_tensor}
 
-def _all_arrays(lease, tab, typed_view, one):
+def _all_arrays(lease, tab, typed_view, one, strided=False):
     """name -> array for every tensor, in one pass: each (region, dtype)'s
     bytes viewed once as that type, each tensor a slice of it (reshaped
     where it is not 1-D); what that cannot hold (packed dtypes, empty or
     unaligned tensors) goes through one()."""
     views = {}  # region id -> {dtype: (typed view, item size) or None}
+    strides = {}  # shape -> its contiguous strides in elements
     out = {}
     keys, dims = tab.region_keys, tab.dims
     last, vs = None, None
@@ -727,11 +728,29 @@ def _all_arrays(lease, tab, typed_view, one):
             v = vs[dtype] = typed_view(lease._base(keys[rid]), dtype) if rid >= 0 else None
         if v is not None and nb and off % v[1] == 0:
             typed, size = v
-            a = typed[off // size:(off + nb) // size]
-            out[name] = a if k == 1 else a.reshape(dims[start:start + k])
+            if k == 1:
+                out[name] = typed[off // size:(off + nb) // size]
+            elif strided:
+                # torch: one as_strided() costs what a slice does, a
+                # slice and a reshape twice that.
+                shape = tuple(dims[start:start + k])
+                st = strides.get(shape)
+                if st is None:
+                    st = strides[shape] = _contiguous_strides(shape)
+                out[name] = typed.as_strided(shape, st, off // size)
+            else:
+                out[name] = typed[off // size:(off + nb) // size].reshape(dims[start:start + k])
         else:
             out[name] = one(lease, tab.info(i), int(tab.addrs[i]), keys[rid] if rid >= 0 else None)
     return out
+
+
+def _contiguous_strides(shape):
+    out, step = [], 1
+    for d in reversed(shape):
+        out.append(step)
+        step *= max(d, 1)
+    return tuple(reversed(out))
 
 
 def _numpy_typed(base, dtype):
@@ -753,7 +772,7 @@ def _torch_typed(base, dtype):
 
 
 _ALL = {"np": lambda lease, tab: _all_arrays(lease, tab, _numpy_typed, _numpy_array),
-        "pt": lambda lease, tab: _all_arrays(lease, tab, _torch_typed, _torch_tensor)}
+        "pt": lambda lease, tab: _all_arrays(lease, tab, _torch_typed, _torch_tensor, strided=True)}
 
 
 
