@@ -375,6 +375,15 @@ def _records(m, n, copy=True):
     return rec.copy() if copy else rec
 
 
+def _addresses(rec):
+    """(on_device, address) per record: a GPU tensor's device pointer, else
+    its host address (0 where it has none)."""
+    import numpy as np
+
+    on_device = (rec["device"] >= 0) & (rec["device_ptr"] != 0)
+    return on_device, np.where(on_device, rec["device_ptr"], rec["data"])
+
+
 class _Table:
     """Every tensor of a lease's manifest, read in three calls
     (wd_manifest_tensors(), wd_manifest_strings(), wd_manifest_shapes())
@@ -404,8 +413,7 @@ class _Table:
         offset, nbytes = rec["offset"], rec["nbytes"]
         self.files, self.offsets, self.nbytes = rec["file"].copy(), offset.tolist(), nbytes.tolist()
 
-        on_device = (rec["device"] >= 0) & (rec["device_ptr"] != 0)
-        addr = np.where(on_device, rec["device_ptr"], rec["data"])
+        on_device, addr = _addresses(rec)
         self.addrs = addr
         has = addr != 0
         bases, inverse = np.unique((addr - offset)[has], return_inverse=True)
@@ -432,7 +440,6 @@ class _Table:
         start = self.starts[i]
         return TensorInfo((self.names[i], self.dtypes[i], tuple(self.dims[start:start + self.ndims[i]]),
                            int(self.files[i]), self.offsets[i], self.nbytes[i]))
-
 
 
 class Lease(collections.abc.Mapping):
@@ -520,9 +527,8 @@ class Lease(collections.abc.Mapping):
             if self._table is not None:
                 span = self._table.regions[region]
             else:
-                import numpy as np
                 rec = _records(self._m, self._n, copy=False)
-                addr = np.where((rec["device"] >= 0) & (rec["device_ptr"] != 0), rec["device_ptr"], rec["data"])
+                _, addr = _addresses(rec)
                 mine = (addr != 0) & (addr - rec["offset"] == region[1])
                 span = [region[1], int((rec["offset"] + rec["nbytes"])[mine].max())]
             self._spans[region] = span
