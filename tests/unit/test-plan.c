@@ -6,7 +6,9 @@
  * shares are contiguous and balanced by bytes, a gone source's chunks move
  * only to live sources and no other chunk moves, coordinators are spread
  * and do not depend on the order names are listed in, and a manifest
- * changes with each field it covers and names the file that differs. */
+ * changes with each field it covers and names the file that differs.
+ * Pieces (nodes that need different shards) are checked against a per-byte
+ * map of who needs what, computed here from the tensors' shapes. */
 #include <setjmp.h>
 #include <stdarg.h>
 #include <stddef.h>
@@ -19,6 +21,7 @@
 #include <cmocka.h>
 
 #include "cluster/plan.h"
+#include "test-components.h"
 
 #define MAX_FILES 8
 
@@ -226,12 +229,258 @@ static void test_coordinator(void **state) {
         assert_int_equal(plan_coordinator("x", names, 1), 0);
 }
 
+
+/* ---- pieces ------------------------------------------------------------- */
+
+typedef struct PSpec {
+        const char *name;
+        unsigned dim;
+} PSpec;
+
+/* Node i's need of each byte of comp's file f, computed from the header:
+ * spec NULL is the whole file; else each tensor a rule names exactly is
+ * split evenly over world along dim, the others whole (tensor data only). */
+static void mark_bytes(const Component *comp, size_t f, const ShardSpec *spec, uint64_t bit, uint64_t *need) {
+        const StHeader *h = comp->files[f].header;
+
+        if (!spec) {
+                for (uint64_t b = 0; b < comp->files[f].id.size; b++)
+                        need[b] |= bit;
+                return;
+        }
+        for (size_t j = 0; j < h->n_tensors; j++) {
+                const StTensor *t = &h->tensors[j];
+                uint64_t base = h->data_offset + t->begin, es = dtype_bits(t->dtype) / 8;
+                const ShardRule *rule = NULL;
+
+                for (size_t k = 0; k < spec->n_rules; k++)
+                        if (strcmp(spec->rules[k].pattern, t->name) == 0)
+                                rule = &spec->rules[k];
+                if (!rule) {
+                        for (uint64_t b = base; b < h->data_offset + t->end; b++)
+                                need[b] |= bit;
+                        continue;
+                }
+                uint64_t d0 = t->shape[0], d1 = t->ndim > 1 ? t->shape[1] : 1;
+                if (rule->dim == 0) {
+                        uint64_t part = d0 / spec->world, row = d1 * es;
+                        for (uint64_t b = base + spec->rank * part * row; b < base + (spec->rank + 1) * part * row; b++)
+                                need[b] |= bit;
+                } else {
+                        uint64_t part = d1 / spec->world;
+                        for (uint64_t r = 0; r < d0; r++)
+                                for (uint64_t e = spec->rank * part; e < (spec->rank + 1) * part; e++)
+                                        for (uint64_t x = 0; x < es; x++)
+                                                need[base + (r * d1 + e) * es + x] |= bit;
+                }
+        }
+}
+
+static ShardSpec *tp_spec(unsigned rank, unsigned world, const PSpec *rules, size_t n) {
+        ShardSpec *s = calloc(1, sizeof(ShardSpec));
+
+        assert_non_null(s);
+        s->rank = rank;
+        s->world = world;
+        s->rules = calloc(n, sizeof(ShardRule));
+        assert_non_null(s->rules);
+        for (size_t i = 0; i < n; i++)
+                s->rules[i] = (ShardRule){ .pattern = strdup(rules[i].name), .dim = rules[i].dim };
+        s->n_rules = n;
+        return s;
+}
+
+/* The pieces must be exactly the runs of align-sized blocks that the same
+ * nodes need (a block is needed by a node that needs any of its bytes), cut
+ * at the multiples of chunk. */
+static void check_pieces(const Component *comp, ShardSpec **specs, size_t n, uint64_t chunk, uint64_t align) {
+        PlanChunk *pieces = NULL;
+        size_t n_pieces = 0, k = 0;
+        WdError err = WD_ERROR_NULL;
+        unsigned *owner;
+        uint64_t load[PLAN_MAX_SOURCES] = {}, union_bytes = 0;
+
+        if (plan_pieces(comp, (const ShardSpec *const *) specs, n, chunk, align, &pieces, &n_pieces, &err) != 0)
+                fail_msg("%s", err.message);
+        for (size_t f = 0; f < comp->n_files; f++) {
+                uint64_t size = comp->files[f].id.size;
+                uint64_t *need = calloc(size, sizeof(uint64_t));
+
+                assert_non_null(need);
+                for (size_t i = 0; i < n; i++)
+                        mark_bytes(comp, f, specs[i], UINT64_C(1) << i, need);
+                for (uint64_t b = 0; b < size;) {
+                        uint64_t bn = 0, end = b, run_need;
+
+                        /* The run of blocks from b with the same need, within b's chunk. */
+                        for (uint64_t x = b; x < MIN(b + align, size); x++)
+                                bn |= need[x];
+                        run_need = bn;
+                        end = MIN(b + align, size);
+                        while (end < size && end % chunk != 0) {
+                                uint64_t nb = 0;
+
+                                for (uint64_t x = end; x < MIN(end + align, size); x++)
+                                        nb |= need[x];
+                                if (nb != run_need)
+                                        break;
+                                end = MIN(end + align, size);
+                        }
+                        if (run_need != 0) {
+                                if (k >= n_pieces)
+                                        fail_msg("file %zu: no piece for [%" PRIu64 ", %" PRIu64 ")", f, b, end);
+                                if (pieces[k].file != f || pieces[k].offset != b || pieces[k].length != end - b ||
+                                    pieces[k].need != run_need)
+                                        fail_msg("piece %zu: file %zu [%" PRIu64 ", +%" PRIu64 ") need %" PRIx64
+                                                 ", expected file %zu [%" PRIu64 ", +%" PRIu64 ") need %" PRIx64,
+                                                 k, pieces[k].file, pieces[k].offset, pieces[k].length, pieces[k].need,
+                                                 f, b, end - b, run_need);
+                                union_bytes += end - b;
+                                k++;
+                        }
+                        b = end;
+                }
+                free(need);
+        }
+        assert_int_equal(k, n_pieces);
+
+        /* Readers: a node that needs the piece; alone, that node; the
+         * shares of pieces several need balanced within one piece. */
+        owner = calloc(n_pieces + 1, sizeof(unsigned));
+        assert_non_null(owner);
+        plan_assign_needed(pieces, n_pieces, n, owner);
+        uint64_t shared = 0;
+        for (size_t c = 0; c < n_pieces; c++) {
+                assert_true(owner[c] < n);
+                assert_true(pieces[c].need >> owner[c] & 1);
+                if (__builtin_popcountll(pieces[c].need) == 1)
+                        assert_int_equal(UINT64_C(1) << owner[c], pieces[c].need);
+                else
+                        shared += pieces[c].length;
+                load[owner[c]] += pieces[c].length;
+        }
+        uint64_t total = 0;
+        for (size_t i = 0; i < n; i++)
+                total += load[i];
+        assert_int_equal(total, union_bytes); /* every needed byte read once */
+        /* Balance: a node given a shared piece had no more to read than any
+         * other node that needed it, counting what it was given before. */
+        if (shared > 0) {
+                uint64_t so_far[PLAN_MAX_SOURCES] = {};
+
+                for (size_t c = 0; c < n_pieces; c++)
+                        if (__builtin_popcountll(pieces[c].need) == 1)
+                                so_far[owner[c]] += pieces[c].length;
+                for (size_t c = 0; c < n_pieces; c++) {
+                        if (__builtin_popcountll(pieces[c].need) == 1)
+                                continue;
+                        for (size_t i = 0; i < n; i++)
+                                if (pieces[c].need >> i & 1)
+                                        assert_true(so_far[owner[c]] <= so_far[i]);
+                        so_far[owner[c]] += pieces[c].length;
+                }
+        }
+
+        /* A gone reader's pieces go to a live node that needs them. */
+        const char *names[PLAN_MAX_SOURCES];
+        char name_buf[PLAN_MAX_SOURCES][16];
+        bool alive[PLAN_MAX_SOURCES];
+        for (size_t i = 0; i < n; i++) {
+                snprintf(name_buf[i], sizeof(name_buf[i]), "node-%zu", i);
+                names[i] = name_buf[i];
+                alive[i] = i != 0;
+        }
+        for (size_t c = 0; c < n_pieces; c++) {
+                int o = plan_owner_needed(c, owner[c], pieces[c].need, names, alive, n);
+
+                if ((pieces[c].need & ~UINT64_C(1)) == 0)
+                        assert_int_equal(o, -1); /* only node 0 needs it: nobody else reads it */
+                else {
+                        assert_true(o > 0);
+                        assert_true(pieces[c].need >> o & 1);
+                        if (owner[c] != 0)
+                                assert_int_equal(o, (int) owner[c]);
+                }
+        }
+        free(owner);
+        free(pieces);
+}
+
+static void test_pieces(void **state) {
+        const TSpec f0[] = {
+                { "q", DTYPE_F32, 2, { 64, 48 } },     /* 192-byte rows */
+                { "o", DTYPE_BF16, 2, { 40, 256 } },   /* 512-byte rows */
+                { "big", DTYPE_F32, 2, { 16, 4096 } }, /* 16 KiB rows: dim-1 slices 4 KiB apart */
+                { "norm", DTYPE_F16, 1, { 100 } },
+        };
+        const TSpec f1[] = {
+                { "w", DTYPE_F32, 2, { 1024, 64 } },
+                { "e", DTYPE_F16, 2, { 8, 8 } },
+        };
+        TFile files[2] = { make_file(f0, 4, 1), make_file(f1, 2, 2) };
+        Component *comp = make_component(files, 2);
+        const PSpec tp[] = { { "q", 0 }, { "o", 1 }, { "big", 1 }, { "w", 0 } };
+        ShardSpec *specs[4];
+
+        for (size_t i = 0; i < comp->n_files; i++)
+                comp->files[i].id.size = files[i].size;
+
+        /* Tensor parallel over 4 nodes, two alignments and chunk sizes. */
+        for (unsigned i = 0; i < 4; i++)
+                specs[i] = tp_spec(i, 4, tp, 4);
+        check_pieces(comp, specs, 4, 8192, 4096);
+        check_pieces(comp, specs, 4, 65536, 4096);
+        check_pieces(comp, specs, 4, 4096, 512);
+        check_pieces(comp, specs, 1, 8192, 4096);
+
+        /* One node serves it whole, three nodes shards of a world of 3. */
+        ShardSpec *mixed[4] = { NULL, tp_spec(0, 2, tp, 4), tp_spec(1, 2, tp, 4), tp_spec(1, 2, tp, 2) };
+        check_pieces(comp, mixed, 4, 8192, 4096);
+        check_pieces(comp, mixed, 4, 8192, 512);
+
+        /* Nobody but node 0 needs "big" split along dim 1 with 4 KiB
+         * slices 12 KiB apart: its rows are separate reads. */
+        const PSpec big_only[] = { { "big", 1 } };
+        ShardSpec *one[1] = { tp_spec(2, 4, big_only, 1) };
+        PlanChunk *pieces = NULL;
+        size_t n = 0;
+        WdError err = WD_ERROR_NULL;
+        assert_int_equal(plan_pieces(comp, (const ShardSpec *const *) one, 1, 1u << 20, 4096, &pieces, &n, &err), 0);
+        uint64_t bytes = 0;
+        for (size_t c = 0; c < n; c++)
+                bytes += pieces[c].length;
+        /* The other tensors whole (each range rounded out by at most a
+         * block at each end), plus the 16 rows of "big", each in two
+         * blocks: half of the tensor, in 16 reads. */
+        assert_true(bytes < files[0].size + files[1].size - 16 * 16384 + 16 * 8192 + 8 * 4096);
+        assert_true(n >= 16);
+        check_pieces(comp, one, 1, 1u << 20, 4096);
+        free(pieces);
+
+        /* A spec that does not fit: the error names the tensor and the rule. */
+        const PSpec bad[] = { { "norm", 1 } };
+        ShardSpec *b[2] = { tp_spec(0, 2, bad, 1), NULL };
+        assert_int_equal(plan_pieces(comp, (const ShardSpec *const *) b, 2, 8192, 4096, &pieces, &n, &err), WD_E_INVALID);
+        assert_non_null(strstr(err.message, "norm"));
+        assert_non_null(strstr(err.message, "dim 1"));
+        shard_spec_free(b[0]);
+        shard_spec_free(one[0]);
+        for (unsigned i = 0; i < 4; i++) {
+                shard_spec_free(specs[i]);
+                shard_spec_free(mixed[i]);
+        }
+        component_free(comp);
+        free(files[0].buf);
+        free(files[1].buf);
+}
+
 int main(void) {
         const struct CMUnitTest tests[] = {
                 cmocka_unit_test(test_manifest),
                 cmocka_unit_test(test_chunks_and_shares),
                 cmocka_unit_test(test_owner),
                 cmocka_unit_test(test_coordinator),
+                cmocka_unit_test(test_pieces),
         };
 
         return cmocka_run_group_tests(tests, NULL, NULL);
