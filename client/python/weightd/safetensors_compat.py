@@ -32,6 +32,8 @@ As safetensors 0.8 does:
   the safetensors library when falling back and otherwise ignored: the
   daemon serves the bytes.
 
+load_file(filename, device) is safetensors.torch.load_file served so.
+
 weights_iterator(files) yields (name, tensor) as FastVideo's
 safetensors_weights_iterator(files, to_cpu) does: files in the given
 order, names in safe_open(file).keys() order, torch tensors; on the host
@@ -429,14 +431,16 @@ def _safetensors_open(path, framework, device, backend="mmap"):
     return f.__enter__()
 
 
-def weights_iterator(files, to_cpu=True, device=None, *, socket=None, fallback=False):
+def weights_iterator(files, to_cpu=True, device=None, *, async_broadcast=False, socket=None, fallback=False):
     """Yield (name, torch tensor) for every tensor of files, in the order
     FastVideo's safetensors_weights_iterator(files, to_cpu) does.
 
     device: None for "cpu" with to_cpu=True, else torch's current CUDA
     device (as FastVideo's local device); or any device load() takes.
-    One connection serves all files; each file's lease ends once its
-    tensors are gone."""
+    async_broadcast: FastVideo's option to read on local rank 0 and
+    broadcast to the others; accepted and ignored, since every rank maps
+    the daemon's one copy.  One connection serves all files; each file's
+    lease ends once its tensors are gone."""
     if device is None:
         device = "cpu" if to_cpu else "cuda"
     if fallback not in _FALLBACK_MODES:
@@ -461,6 +465,17 @@ def weights_iterator(files, to_cpu=True, device=None, *, socket=None, fallback=F
     finally:
         if client is not None:
             client.close()
+
+
+def load_file(filename, device="cpu", *, backend="mmap", socket=None, fallback=False):
+    """safetensors.torch.load_file(filename, device, backend=) served by
+    weightd: {name: torch tensor} in the file's order, each a zero-copy
+    view of the daemon's memory (on a CUDA device from its GPU tier).  The
+    tensors keep the file's lease; it ends when the last one is gone.
+    socket and fallback as for safe_open()."""
+    with safe_open(filename, framework="pt", device=device, backend=backend, socket=socket,
+                   fallback=fallback) as f:
+        return f.get_tensors()
 
 
 def _fallback_file(path, device):
