@@ -583,20 +583,22 @@ static Cache *next_cache(Driver *d, Cache *c) {
 
 /* The next entry for a model and component after e (NULL: the first), in
  * the host tier or on a device, whatever its files and variant: NULL when
- * none is left. */
+ * none is left.  Each cache finds them by their key, without walking its
+ * other entries. */
 static CacheEntry *find_entry(Driver *d, CacheEntry *e, const char *key, const char *component) {
         Cache *c = e ? e->cache : d->store->cache;
 
-        for (e = e ? cache_next(e) : cache_first(c);; e = cache_next(e)) {
-                while (!e) {
-                        c = next_cache(d, c);
-                        if (!c)
-                                return NULL;
-                        e = cache_first(c);
-                }
-                if (strcmp(e->model, key) == 0 && strcmp(e->component, component) == 0)
-                        return e;
+        for (e = e ? cache_next_of(e) : cache_first_of(c, key, component); !e;
+             e = cache_first_of(c, key, component)) {
+                c = next_cache(d, c);
+                if (!c)
+                        return NULL;
         }
+        return e;
+}
+
+static bool entry_busy(const CacheEntry *e) {
+        return e->state != CACHE_ENTRY_RESIDENT || e->pinned || e->leases > 0;
 }
 
 typedef enum EntryOp {
@@ -614,7 +616,7 @@ static int handle_entry_op(Driver *d, Peer *p, uint64_t id, const Weightd__V1__C
         Weightd__V1__Reply reply = WEIGHTD__V1__REPLY__INIT;
         _cleanup_free_ char *rel = NULL, *key = NULL;
         WdError err = WD_ERROR_NULL;
-        CacheEntry *e, *next;
+        CacheEntry *e, *next, *busy;
         unsigned n = 0;
         Root *root;
         int r;
@@ -627,17 +629,23 @@ static int handle_entry_op(Driver *d, Peer *p, uint64_t id, const Weightd__V1__C
                                            *ref->component ? " component " : "", ref->component);
         switch (op) {
         case ENTRY_EVICT:
-                for (CacheEntry *x = e; x; x = find_entry(d, x, key, ref->component))
-                        if (x->state != CACHE_ENTRY_RESIDENT || x->pinned || x->leases > 0) {
-                                r = cache_entry_evict(x, &err);
-                                if (r != 0) {
-                                        if (*x->variant)
-                                                wd_error_prefix(&err, "shard \"%s\"", x->variant);
-                                        if (x->cache != d->store->cache)
-                                                wd_error_prefix(&err, "%s", cache_name(x->cache));
-                                        return request_reply_wd_error(p, id, r, &err);
-                                }
-                        }
+                /* The one that refuses says why: the most recently used
+                 * of the first tier (host, then each device) that has one. */
+                busy = NULL;
+                for (CacheEntry *x = e; x; x = find_entry(d, x, key, ref->component)) {
+                        if (busy && x->cache != busy->cache)
+                                break;
+                        if (entry_busy(x) && (!busy || x->last_use > busy->last_use))
+                                busy = x;
+                }
+                r = busy ? cache_entry_evict(busy, &err) : 0; /* refuses what entry_busy() names */
+                if (r != 0) {
+                        if (*busy->variant)
+                                wd_error_prefix(&err, "shard \"%s\"", busy->variant);
+                        if (busy->cache != d->store->cache)
+                                wd_error_prefix(&err, "%s", cache_name(busy->cache));
+                        return request_reply_wd_error(p, id, r, &err);
+                }
                 for (; e; e = next) {
                         next = find_entry(d, e, key, ref->component);
                         r = cache_entry_evict(e, &err);
@@ -694,7 +702,7 @@ static void entry_fill(Weightd__V1__Entry *x, CacheEntry *e, uint64_t now) {
 static size_t cache_n_listed(Cache *c) {
         CacheStats st;
 
-        cache_get_counts(c, &st);
+        cache_get_stats(c, &st);
         return st.n_entries + st.n_detached;
 }
 

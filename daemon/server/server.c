@@ -117,7 +117,7 @@ static void server_update_status(Server *s) {
 
         if (s->stopping)
                 return;
-        cache_get_counts(s->store.cache, &st);
+        cache_get_stats(s->store.cache, &st);
         snprintf(buf, sizeof(buf),
                  "STATUS=%zu components, %.1f of %.1f GiB used, %u leases, %u connections, %u loading", st.n_entries,
                  (double) st.used / (1u << 30), (double) st.budget / (1u << 30), s->peers.n_leases, s->peers.n_peers,

@@ -57,6 +57,10 @@ struct CacheEntry {
         uint64_t last_use;      /* the cache's use counter: orders the LRU list */
         uint64_t last_use_usec; /* CLOCK_MONOTONIC of the last use, for listings */
         CacheEntry *prev, *next;
+        /* The cache's hash tables (not detached entries): by model and
+         * component, and by variant and files. */
+        uint64_t key_hash, files_hash;
+        CacheEntry *key_next, *files_next;
 };
 
 typedef struct CacheStats {
@@ -144,14 +148,18 @@ int cache_entry_evict(CacheEntry *e, WdError *err);
 
 /* Change the budget; entries over it stay until they can be evicted. */
 void cache_set_budget(Cache *c, uint64_t budget);
+/* O(1): every figure is kept as entries change, none is counted here. */
 void cache_get_stats(Cache *c, CacheStats *ret);
-/* The same without evictable (0), in O(1): cache_get_stats() walks every
- * entry for it, which status lines sent on every change must not. */
-void cache_get_counts(Cache *c, CacheStats *ret);
 
 /* Iterate entries that are not detached, most recently used first. */
 CacheEntry *cache_first(Cache *c);
 CacheEntry *cache_next(CacheEntry *e);
+/* Iterate the entries of one model and component that are not detached,
+ * whatever their variant and files, in no particular order; O(their
+ * number).  An entry may be evicted or retired between the two calls only
+ * if the next was taken before. */
+CacheEntry *cache_first_of(Cache *c, const char *model, const char *component);
+CacheEntry *cache_next_of(CacheEntry *e);
 /* Iterate detached entries (stale or evicted, still leased); cache_next()
  * continues among them. */
 CacheEntry *cache_first_detached(Cache *c);

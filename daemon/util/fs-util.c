@@ -25,6 +25,20 @@ bool file_id_equal(const FileId *a, const FileId *b) {
                a->ctime.tv_sec == b->ctime.tv_sec && a->ctime.tv_nsec == b->ctime.tv_nsec;
 }
 
+void file_id_hash(const FileId *id, SipHash *h) {
+        const uint64_t f[] = {
+                id->dev,
+                id->ino,
+                id->size,
+                (uint64_t) id->mtime.tv_sec,
+                (uint64_t) id->mtime.tv_nsec,
+                (uint64_t) id->ctime.tv_sec,
+                (uint64_t) id->ctime.tv_nsec,
+        };
+
+        siphash24_compress(h, f, sizeof(f));
+}
+
 int file_id_from_fd(int fd, FileId *ret) {
         struct stat st;
 

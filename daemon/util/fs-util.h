@@ -9,6 +9,7 @@
 #include <time.h>
 
 #include "macro.h"
+#include "util/siphash24.h"
 
 /* What identifies a file's contents without reading them: a replaced or
  * rewritten file differs in at least one field. */
@@ -22,6 +23,9 @@ typedef struct FileId {
 
 void file_id_from_stat(FileId *id, const struct stat *st);
 bool file_id_equal(const FileId *a, const FileId *b);
+/* Feed what file_id_equal() compares into a hash (field by field: the
+ * struct may have padding). */
+void file_id_hash(const FileId *id, SipHash *h);
 /* fstat() fd into ret; returns 0 or -errno. */
 int file_id_from_fd(int fd, FileId *ret);
 

@@ -2,6 +2,11 @@
  * words; each 8-byte little-endian word of input is mixed in with two
  * rounds, and the length byte and four more rounds finish it.  Bytes that do
  * not fill a word wait in padding until the next piece or the end. */
+#include <string.h>
+#include <sys/random.h>
+#include <time.h>
+#include <unistd.h>
+
 #include "util/siphash24.h"
 
 static uint64_t rotl(uint64_t x, unsigned b) {
@@ -78,4 +83,17 @@ uint64_t siphash24_finalize(SipHash *s) {
         sipround(s);
         sipround(s);
         return s->v0 ^ s->v1 ^ s->v2 ^ s->v3;
+}
+
+void siphash24_random_key(uint8_t ret[static SIPHASH_KEY_SIZE]) {
+        static uint64_t calls;
+        struct timespec ts;
+        uint64_t seed[2];
+
+        if (getrandom(ret, SIPHASH_KEY_SIZE, GRND_NONBLOCK) == SIPHASH_KEY_SIZE)
+                return;
+        clock_gettime(CLOCK_MONOTONIC, &ts);
+        seed[0] = (uint64_t) ts.tv_nsec ^ ((uint64_t) ts.tv_sec << 30) ^ ((uint64_t) getpid() << 48);
+        seed[1] = __atomic_add_fetch(&calls, 1, __ATOMIC_RELAXED) ^ (uint64_t) (uintptr_t) ret;
+        memcpy(ret, seed, SIPHASH_KEY_SIZE);
 }

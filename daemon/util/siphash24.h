@@ -18,6 +18,10 @@ typedef struct SipHash {
 
 #define SIPHASH_KEY_SIZE 16
 
+/* A key nobody can guess, from getrandom(); before the kernel's pool is
+ * ready (early boot) one that still differs per process and per call. */
+void siphash24_random_key(uint8_t ret[static SIPHASH_KEY_SIZE]);
+
 void siphash24_init(SipHash *s, const uint8_t key[static SIPHASH_KEY_SIZE]);
 void siphash24_compress(SipHash *s, const void *data, size_t n);
 uint64_t siphash24_finalize(SipHash *s);
