@@ -4,7 +4,11 @@
  * diffusion_pytorch_model.safetensors; a *.safetensors.index.json (the
  * canonical name, or the only one); all *.safetensors in sorted order.  A
  * folder with only pickle checkpoints is refused with WD_E_UNSUPPORTED.
- * Headers are parsed once per file identity and kept in a small LRU cache.
+ * Headers are parsed once per file identity and kept in an LRU cache of
+ * HEADER_CACHE_MAX: a fixed array of slots, a chained hash table of them by
+ * file identity (SipHash under a key drawn per catalog) and a list in
+ * most-recently-used order, so that a lookup and an insert cost the same
+ * with 10 cached headers as with thousands.
  *
  * Concurrency: one mutex guards the header cache, the memos and their clock,
  * and it is held only to look an entry up (taking a reference or a copy) or
@@ -22,8 +26,11 @@
 #include <string.h>
 
 #include "format/catalog.h"
+#include "util/siphash24.h"
 
 #define HEADER_CACHE_MAX 4096
+#define HEADER_BUCKETS (2 * HEADER_CACHE_MAX) /* a power of two */
+#define SLOT_NONE UINT32_MAX
 #define INDEX_JSON_MAX (64ULL << 20)
 
 static const char *const single_names[] = { "model.safetensors", "diffusion_pytorch_model.safetensors" };
@@ -34,7 +41,9 @@ static const char *const pickle_suffixes[] = { ".bin", ".pt", ".pth", ".ckpt" };
 typedef struct HeaderCacheEntry {
         FileId id;
         StHeader *header;
-        uint64_t last_use;
+        uint64_t hash;                /* of id */
+        uint32_t bucket_next;         /* the next slot in its bucket, or SLOT_NONE */
+        uint32_t lru_prev, lru_next;  /* most recently used first */
 } HeaderCacheEntry;
 
 /* A sharded index that passed every check, with the identities of the
@@ -67,8 +76,11 @@ struct Catalog {
 
         /* Guards everything below; never held across I/O or a parse. */
         pthread_mutex_t lock;
-        HeaderCacheEntry *cache;
+        HeaderCacheEntry *cache; /* HEADER_CACHE_MAX slots, n_cache in use */
         size_t n_cache;
+        uint32_t *buckets;           /* HEADER_BUCKETS heads of slot chains */
+        uint32_t lru_head, lru_tail; /* slots, or SLOT_NONE */
+        uint8_t hash_key[SIPHASH_KEY_SIZE];
         uint64_t clock;
         IndexMemo index_memo[MEMO_MAX];
         size_t n_index_memo;
@@ -116,8 +128,13 @@ int catalog_new(Catalog **ret, int root_fd, const char *root_display) {
         c->root_fd = root_fd;
         c->root_display = strdup(root_display ? root_display : "");
         c->cache = calloc(HEADER_CACHE_MAX, sizeof(HeaderCacheEntry));
-        if (!c->root_display || !c->cache)
+        c->buckets = malloc(HEADER_BUCKETS * sizeof(uint32_t));
+        if (!c->root_display || !c->cache || !c->buckets)
                 return catalog_free(c), -ENOMEM;
+        for (size_t i = 0; i < HEADER_BUCKETS; i++)
+                c->buckets[i] = SLOT_NONE;
+        c->lru_head = c->lru_tail = SLOT_NONE;
+        siphash24_random_key(c->hash_key);
         *ret = c;
         return 0;
 }
@@ -132,6 +149,7 @@ Catalog *catalog_free(Catalog *c) {
         for (size_t i = 0; i < c->n_unique_memo; i++)
                 unique_memo_done(&c->unique_memo[i]);
         free(c->cache);
+        free(c->buckets);
         free(c->root_display);
         pthread_mutex_destroy(&c->lock);
         free(c);
@@ -160,17 +178,76 @@ size_t catalog_cached_headers(Catalog *c) {
         return n;
 }
 
+static uint64_t id_hash(const Catalog *c, const FileId *id) {
+        SipHash h;
+
+        siphash24_init(&h, c->hash_key);
+        file_id_hash(id, &h);
+        return siphash24_finalize(&h);
+}
+
+/* The slot caching id, or SLOT_NONE.  Under the lock. */
+static uint32_t slot_find(const Catalog *c, const FileId *id, uint64_t hash) {
+        uint32_t i;
+
+        for (i = c->buckets[hash & (HEADER_BUCKETS - 1)]; i != SLOT_NONE; i = c->cache[i].bucket_next)
+                if (c->cache[i].hash == hash && file_id_equal(&c->cache[i].id, id))
+                        break;
+        return i;
+}
+
+static void lru_unlink(Catalog *c, uint32_t i) {
+        HeaderCacheEntry *e = &c->cache[i];
+
+        if (e->lru_prev != SLOT_NONE)
+                c->cache[e->lru_prev].lru_next = e->lru_next;
+        else
+                c->lru_head = e->lru_next;
+        if (e->lru_next != SLOT_NONE)
+                c->cache[e->lru_next].lru_prev = e->lru_prev;
+        else
+                c->lru_tail = e->lru_prev;
+}
+
+static void lru_push_front(Catalog *c, uint32_t i) {
+        HeaderCacheEntry *e = &c->cache[i];
+
+        e->lru_prev = SLOT_NONE;
+        e->lru_next = c->lru_head;
+        if (c->lru_head != SLOT_NONE)
+                c->cache[c->lru_head].lru_prev = i;
+        else
+                c->lru_tail = i;
+        c->lru_head = i;
+}
+
+/* Mark slot i used (under the lock) and return a reference to its header. */
+static StHeader *slot_use(Catalog *c, uint32_t i) {
+        if (c->lru_head != i) {
+                lru_unlink(c, i);
+                lru_push_front(c, i);
+        }
+        return st_header_ref(c->cache[i].header);
+}
+
+static void bucket_unlink(Catalog *c, uint32_t i) {
+        uint32_t *p = &c->buckets[c->cache[i].hash & (HEADER_BUCKETS - 1)];
+
+        while (*p != i)
+                p = &c->cache[*p].bucket_next;
+        *p = c->cache[i].bucket_next;
+}
+
 /* A reference to the cached header of a file identity, or NULL. */
 static StHeader *cache_get(Catalog *c, const FileId *id) {
+        uint64_t hash = id_hash(c, id);
         StHeader *h = NULL;
+        uint32_t i;
 
         catalog_lock(c);
-        for (size_t i = 0; i < c->n_cache; i++)
-                if (file_id_equal(&c->cache[i].id, id)) {
-                        c->cache[i].last_use = ++c->clock;
-                        h = st_header_ref(c->cache[i].header);
-                        break;
-                }
+        i = slot_find(c, id, hash);
+        if (i != SLOT_NONE)
+                h = slot_use(c, i);
         catalog_unlock(c);
         return h;
 }
@@ -178,30 +255,36 @@ static StHeader *cache_get(Catalog *c, const FileId *id) {
 /* Insert a freshly parsed header, taking over the reference h.  Returns the
  * reference to use: h, or the header another thread inserted for the same
  * identity meanwhile (h is then dropped: the first insert wins, so that every
- * user of one identity shares one header). */
+ * user of one identity shares one header).  A full cache gives up its least
+ * recently used slot. */
 static StHeader *cache_put(Catalog *c, const FileId *id, StHeader *h) {
         _cleanup_(st_header_unrefp) StHeader *drop = NULL;
+        uint64_t hash = id_hash(c, id);
         StHeader *use = h;
-        size_t slot;
+        uint32_t slot;
 
         catalog_lock(c);
-        for (size_t i = 0; i < c->n_cache; i++)
-                if (file_id_equal(&c->cache[i].id, id)) {
-                        c->cache[i].last_use = ++c->clock;
-                        use = st_header_ref(c->cache[i].header);
-                        drop = h;
-                        goto unlock;
-                }
-        slot = c->n_cache;
+        slot = slot_find(c, id, hash);
+        if (slot != SLOT_NONE) {
+                use = slot_use(c, slot);
+                drop = h;
+                goto unlock;
+        }
         if (c->n_cache == HEADER_CACHE_MAX) {
-                slot = 0;
-                for (size_t i = 1; i < c->n_cache; i++)
-                        if (c->cache[i].last_use < c->cache[slot].last_use)
-                                slot = i;
+                slot = c->lru_tail;
+                lru_unlink(c, slot);
+                bucket_unlink(c, slot);
                 drop = c->cache[slot].header;
         } else
-                c->n_cache++;
-        c->cache[slot] = (HeaderCacheEntry){ .id = *id, .header = st_header_ref(h), .last_use = ++c->clock };
+                slot = (uint32_t) c->n_cache++;
+        c->cache[slot] = (HeaderCacheEntry){
+                .id = *id,
+                .header = st_header_ref(h),
+                .hash = hash,
+                .bucket_next = c->buckets[hash & (HEADER_BUCKETS - 1)],
+        };
+        c->buckets[hash & (HEADER_BUCKETS - 1)] = slot;
+        lru_push_front(c, slot);
 unlock:
         catalog_unlock(c);
         return use; /* drop, if any, is released here, outside the lock */

@@ -800,6 +800,83 @@ static void test_parse_does_not_block_others(void **state) {
         pthread_mutex_destroy(&h.lock);
 }
 
+/* The header cache past its capacity (4096 headers): which resolves parse
+ * and which are served from the cache, against a least-recently-used list of
+ * the same capacity kept here (an array searched and shifted by hand). */
+#define LRU_CAP 4096
+#define LRU_FILES 4600
+
+static void count_parse(void *userdata, const char *path) {
+        (*(unsigned *) userdata)++;
+}
+
+static void test_header_cache_lru(void **state) {
+        _cleanup_free_ char *dir = make_temp_dir(NULL);
+        _cleanup_free_ unsigned *lru = calloc(LRU_CAP, sizeof(unsigned)); /* file numbers, most recent first */
+        _cleanup_(catalog_freep) Catalog *c = NULL;
+        _cleanup_close_ int root_fd = -1;
+        size_t n_lru = 0;
+        unsigned parses = 0, want_parses = 0;
+        uint64_t rng = 42;
+        char name[64];
+
+        assert_non_null(lru);
+        for (unsigned i = 0; i < LRU_FILES; i++) {
+                char path[PATH_MAX], header[128];
+                int n = snprintf(header, sizeof(header),
+                                 "{\"t%u\":{\"dtype\":\"U8\",\"shape\":[1],\"data_offsets\":[0,1]}}", i);
+                uint64_t len = (uint64_t) n;
+                uint8_t byte = (uint8_t) i;
+                FILE *f;
+
+                snprintf(path, sizeof(path), "%s/f%u.safetensors", dir, i);
+                f = fopen(path, "we");
+                assert_non_null(f);
+                assert_int_equal(fwrite(&len, 8, 1, f), 1);
+                assert_int_equal(fwrite(header, 1, len, f), len);
+                assert_int_equal(fwrite(&byte, 1, 1, f), 1);
+                assert_int_equal(fclose(f), 0);
+        }
+        root_fd = open(dir, O_RDONLY | O_DIRECTORY | O_CLOEXEC);
+        assert_true(root_fd >= 0);
+        assert_int_equal(catalog_new(&c, root_fd, dir), 0);
+        catalog_set_parse_hook(c, count_parse, &parses);
+
+        for (unsigned step = 0; step < 3 * LRU_FILES; step++) {
+                /* First every file in order, then at random: hits and misses both. */
+                unsigned i, at;
+                Component *comp = NULL;
+                WdError err = WD_ERROR_NULL;
+
+                if (step < LRU_FILES)
+                        i = step;
+                else {
+                        rng = rng * 6364136223846793005ULL + 1442695040888963407ULL;
+                        i = (unsigned) ((rng >> 33) % LRU_FILES);
+                }
+                for (at = 0; at < n_lru && lru[at] != i; at++)
+                        ;
+                if (at == n_lru) { /* a miss: parsed, and the least recently used goes */
+                        want_parses++;
+                        if (n_lru < LRU_CAP)
+                                n_lru++;
+                        at = (unsigned) n_lru - 1;
+                }
+                memmove(&lru[1], &lru[0], at * sizeof(unsigned));
+                lru[0] = i;
+
+                snprintf(name, sizeof(name), "f%u.safetensors", i);
+                assert_int_equal(catalog_resolve(c, name, NULL, &comp, &err), 0);
+                assert_int_equal(comp->files[0].header->n_tensors, 1);
+                snprintf(name, sizeof(name), "t%u", i);
+                assert_string_equal(comp->files[0].header->tensors[0].name, name);
+                component_free(comp);
+                assert_int_equal(parses, want_parses);
+                assert_int_equal(catalog_cached_headers(c), n_lru);
+        }
+        remove_tree(dir);
+}
+
 int main(void) {
         const struct CMUnitTest tests[] = {
                 cmocka_unit_test_setup_teardown(test_single_and_plain, setup, teardown),
@@ -814,6 +891,7 @@ int main(void) {
                 cmocka_unit_test(test_corpus_as_models),
                 cmocka_unit_test(test_concurrent_resolve),
                 cmocka_unit_test(test_parse_does_not_block_others),
+                cmocka_unit_test(test_header_cache_lru),
         };
         return cmocka_run_group_tests(tests, NULL, NULL);
 }
