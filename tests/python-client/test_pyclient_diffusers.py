@@ -5,8 +5,12 @@ saved by diffusers itself, whole and with every component sharded
 (max_shard_size); load_pipeline() must generate frames bit-identical to
 WanPipeline.from_pretrained() with the same seed, and every parameter must
 lie in a read-only mapping of one of the daemon's memory files (read from
-/proc/self/maps, not from weightd).  No hub access: HF_HUB_OFFLINE=1."""
+/proc/self/maps, not from weightd).  A tiny Stable Diffusion pipeline
+(UNet, AutoencoderKL, CLIP text encoder, a CLIP tokenizer written here,
+null safety checker) must give bit-identical images.  No hub access:
+HF_HUB_OFFLINE=1."""
 import gc
+import json
 import os
 import shutil
 
@@ -20,9 +24,11 @@ diffusers = pytest.importorskip("diffusers")
 transformers = pytest.importorskip("transformers")
 pytest.importorskip("accelerate")
 
-from diffusers import (AutoencoderKLWan, FlowMatchEulerDiscreteScheduler, WanPipeline,  # noqa: E402
-                       WanTransformer3DModel)
-from transformers import PreTrainedTokenizerFast, UMT5Config, UMT5EncoderModel  # noqa: E402
+from diffusers import (AutoencoderKL, AutoencoderKLWan, DDIMScheduler, DiffusionPipeline,  # noqa: E402
+                       FlowMatchEulerDiscreteScheduler, StableDiffusionPipeline, UNet2DConditionModel,
+                       WanPipeline, WanTransformer3DModel)
+from transformers import (CLIPTextConfig, CLIPTextModel, CLIPTokenizer, PreTrainedTokenizerFast,  # noqa: E402
+                          UMT5Config, UMT5EncoderModel)
 
 TORCH_COMPONENTS = ("text_encoder", "transformer", "vae")
 PROMPT = dict(prompt="a red cat sits on the mat", negative_prompt="a blue dog", height=16, width=16, num_frames=5,
@@ -55,6 +61,45 @@ def _pipeline():
                        scheduler=FlowMatchEulerDiscreteScheduler(shift=7.0))
 
 
+def _clip_tokenizer(folder):
+    """A CLIP tokenizer over single characters (GPT-2's byte alphabet, no
+    merges), written to folder."""
+    bs = list(range(ord("!"), ord("~") + 1)) + list(range(0xA1, 0xAD)) + list(range(0xAE, 0x100))
+    cs = bs[:]
+    for b in range(256):
+        if b not in bs:  # the other bytes: U+0100 on, in order
+            bs.append(b)
+            cs.append(0x100 + len(bs) - 1 - 188)
+    chars = [chr(c) for c in cs]
+    vocab = {c: i for i, c in enumerate(chars)}
+    vocab.update({c + "</w>": len(chars) + i for i, c in enumerate(chars)})
+    vocab["<|startoftext|>"] = len(vocab)
+    vocab["<|endoftext|>"] = len(vocab)
+    folder.mkdir()
+    (folder / "vocab.json").write_text(json.dumps(vocab))
+    (folder / "merges.txt").write_text("#version: 0.2\n")
+    return CLIPTokenizer(str(folder / "vocab.json"), str(folder / "merges.txt"), model_max_length=16), len(vocab)
+
+
+def _sd_pipeline(scratch):
+    tokenizer, vocab_size = _clip_tokenizer(scratch / "clip-tokenizer")
+    torch.manual_seed(20261207)
+    unet = UNet2DConditionModel(block_out_channels=(4, 8), layers_per_block=1, sample_size=8, in_channels=4,
+                                out_channels=4, down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
+                                up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"), cross_attention_dim=8,
+                                norm_num_groups=2, attention_head_dim=2)
+    vae = AutoencoderKL(block_out_channels=(4, 8), in_channels=3, out_channels=3, latent_channels=4,
+                        down_block_types=["DownEncoderBlock2D"] * 2, up_block_types=["UpDecoderBlock2D"] * 2,
+                        norm_num_groups=2, sample_size=16)
+    text_encoder = CLIPTextModel(CLIPTextConfig(bos_token_id=vocab_size - 2, eos_token_id=vocab_size - 1,
+                                                hidden_size=8, intermediate_size=16, num_attention_heads=2,
+                                                num_hidden_layers=2, pad_token_id=1, vocab_size=vocab_size,
+                                                max_position_embeddings=16))
+    return StableDiffusionPipeline(unet=unet, vae=vae, text_encoder=text_encoder, tokenizer=tokenizer,
+                                   scheduler=DDIMScheduler(steps_offset=1, clip_sample=False), safety_checker=None,
+                                   feature_extractor=None, requires_safety_checker=False)
+
+
 @pytest.fixture(scope="module")
 def saved(workdir):
     """{"plain": path, "sharded": path}: the pipeline as diffusers saves it."""
@@ -65,7 +110,12 @@ def saved(workdir):
     pipe = _pipeline()
     pipe.save_pretrained(root / "wan")
     pipe.save_pretrained(root / "wan-sharded", max_shard_size="20KB")
-    return {"root": root, "plain": root / "wan", "sharded": root / "wan-sharded"}
+    scratch = workdir / "diffusers-scratch"
+    if scratch.exists():
+        shutil.rmtree(scratch)
+    scratch.mkdir()
+    _sd_pipeline(scratch).save_pretrained(root / "sd")
+    return {"root": root, "plain": root / "wan", "sharded": root / "wan-sharded", "sd": root / "sd"}
 
 
 @pytest.fixture
@@ -259,3 +309,30 @@ def test_errors(served, saved, tmp_path):
             wdd.load_component(client, broken, "transformer", WanTransformer3DModel)
         m = wdd.load_component(client, broken, "transformer", WanTransformer3DModel, strict=False)
         assert len(m.blocks) == 1
+
+
+def test_stable_diffusion_images_bit_identical(served, saved):
+    import weightd
+    import weightd.diffusers as wdd
+
+    def images(pipe):
+        return pipe("a red cat", num_inference_steps=2, height=16, width=16, output_type="pt",
+                    generator=torch.Generator().manual_seed(7)).images
+
+    want = images(StableDiffusionPipeline.from_pretrained(saved["sd"]))
+    with weightd.connect(served.socket) as client:
+        # DiffusionPipeline: the class model_index.json names.
+        pipe = wdd.load_pipeline(DiffusionPipeline, saved["sd"], client=client)
+    assert type(pipe) is StableDiffusionPipeline
+    assert pipe.safety_checker is None and pipe.feature_extractor is None
+    got = images(pipe)
+    assert torch.equal(got, want), f"max difference {(got - want).abs().max()}"
+    assert {lease.component for lease in pipe.weightd_leases} == {"text_encoder", "unet", "vae"}
+    for name in ("text_encoder", "unet", "vae"):
+        module = getattr(pipe, name)
+        files = {os.path.basename(f) for f in module.weightd_leases[0].files()}
+        assert _check_in_daemon_memory(module, files) > 0
+    # CLIP's position ids are a non-persistent buffer: the module's own.
+    (name, ids), = [(n, b) for n, b in pipe.text_encoder.named_buffers() if n.endswith("position_ids")]
+    assert name not in pipe.text_encoder.state_dict()
+    assert _daemon_mapping(_maps(), ids) is None and torch.equal(ids, torch.arange(16).unsqueeze(0))
