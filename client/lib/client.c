@@ -891,19 +891,20 @@ static int cluster_loads_check(const Weightd__V1__LoadReply *lr, const char *mod
         return WD_OK;
 }
 
-_public_ int wd_prefetch_cluster(wd_client *c, const char *model, const char *component, const char *const *nodes,
-                                 size_t n_nodes, wd_progress_fn progress, void *userdata,
-                                 wd_cluster_prefetch_result **ret, wd_error *err) {
+/* A cluster prefetch of nodes (shards: one per node, or NULL). */
+static int prefetch_cluster(wd_client *c, const char *func, const char *model, const char *component,
+                            const char *const *nodes, size_t n_nodes, Weightd__V1__Shard **shards,
+                            wd_progress_fn progress, void *userdata, wd_cluster_prefetch_result **ret, wd_error *err) {
         Weightd__V1__LoadRequest load = load_request(model, component, progress != NULL);
         WireEnvelope env = WEIGHTD__V1__ENVELOPE__INIT;
         _cleanup_envelope_ WireEnvelope *reply = NULL;
         wd_error e;
         int r;
 
-        r = check_args("wd_prefetch_cluster", c && model && (nodes || n_nodes == 0), &e);
+        r = check_args(func, c && model && (nodes || n_nodes == 0), &e);
         for (size_t i = 0; r == WD_OK && i < n_nodes; i++)
                 if (!nodes[i])
-                        r = error_set(&e, WD_INVALID_ARGUMENT, "wd_prefetch_cluster(): node %zu is NULL", i);
+                        r = error_set(&e, WD_INVALID_ARGUMENT, "%s(): node %zu is NULL", func, i);
         if (r != WD_OK)
                 return finish(r, &e, err);
 
@@ -912,6 +913,10 @@ _public_ int wd_prefetch_cluster(wd_client *c, const char *model, const char *co
         load.cluster = true;
         load.nodes = (char **) nodes;
         load.n_nodes = n_nodes;
+        if (shards) {
+                load.node_shards = shards;
+                load.n_node_shards = n_nodes;
+        }
         env.body_case = WEIGHTD__V1__ENVELOPE__BODY_PREFETCH;
         env.prefetch = &load;
         r = client_request(c, &env, WEIGHTD__V1__REPLY__RESULT_LOAD, progress, userdata, &reply, &e);
@@ -954,6 +959,77 @@ _public_ int wd_prefetch_cluster(wd_client *c, const char *model, const char *co
         };
         *ret = res;
         return WD_OK;
+}
+
+_public_ int wd_prefetch_cluster(wd_client *c, const char *model, const char *component, const char *const *nodes,
+                                 size_t n_nodes, wd_progress_fn progress, void *userdata,
+                                 wd_cluster_prefetch_result **ret, wd_error *err) {
+        return prefetch_cluster(c, "wd_prefetch_cluster", model, component, nodes, n_nodes, NULL, progress, userdata,
+                                ret, err);
+}
+
+_public_ int wd_prefetch_cluster_parts(wd_client *c, const char *model, const char *component,
+                                       const wd_cluster_part *parts, size_t n_parts, wd_progress_fn progress,
+                                       void *userdata, wd_cluster_prefetch_result **ret, wd_error *err) {
+        _cleanup_free_ const char **nodes = NULL;
+        _cleanup_free_ Weightd__V1__Shard *shards = NULL;
+        _cleanup_free_ Weightd__V1__Shard **shard_ptrs = NULL;
+        _cleanup_free_ Weightd__V1__ShardRule *rules = NULL;
+        _cleanup_free_ Weightd__V1__ShardRule **rule_ptrs = NULL;
+        size_t n_rules = 0, k = 0;
+        wd_error e;
+        int r;
+
+        r = check_args("wd_prefetch_cluster_parts", c && model && parts && n_parts > 0, &e);
+        if (r != WD_OK)
+                return finish(r, &e, err);
+        for (size_t i = 0; i < n_parts; i++) {
+                const wd_cluster_part *x = &parts[i];
+
+                if (!x->node)
+                        return finish(error_set(&e, WD_INVALID_ARGUMENT, "wd_prefetch_cluster_parts(): part %zu "
+                                                "names no node", i), &e, err);
+                if (x->world == 0 ? x->rank > 0 || x->n_rules > 0 : x->rank >= x->world || (x->n_rules && !x->rules))
+                        return finish(error_set(&e, WD_INVALID_ARGUMENT,
+                                                "wd_prefetch_cluster_parts(): %s: rank %u of world %u with %zu rules "
+                                                "(world 0: the whole component, no rank or rules)",
+                                                x->node, x->rank, x->world, x->n_rules), &e, err);
+                for (size_t j = 0; j < x->n_rules; j++)
+                        if (!x->rules[j].pattern)
+                                return finish(error_set(&e, WD_INVALID_ARGUMENT,
+                                                        "wd_prefetch_cluster_parts(): %s: rule %zu has no pattern",
+                                                        x->node, j), &e, err);
+                n_rules += x->n_rules;
+        }
+        nodes = calloc(n_parts, sizeof(char *));
+        shards = calloc(n_parts, sizeof(*shards));
+        shard_ptrs = calloc(n_parts, sizeof(*shard_ptrs));
+        rules = calloc(n_rules + 1, sizeof(*rules));
+        rule_ptrs = calloc(n_rules + 1, sizeof(*rule_ptrs));
+        if (!nodes || !shards || !shard_ptrs || !rules || !rule_ptrs)
+                return finish(error_set(&e, WD_INTERNAL, "out of memory"), &e, err);
+        for (size_t i = 0; i < n_parts; i++) {
+                const wd_cluster_part *x = &parts[i];
+                Weightd__V1__Shard *m = &shards[i];
+
+                nodes[i] = x->node;
+                weightd__v1__shard__init(m);
+                shard_ptrs[i] = m;
+                /* The whole component: world 1 splits nothing. */
+                m->world = x->world ? x->world : 1;
+                m->rank = x->rank;
+                m->uneven = x->uneven != 0;
+                m->rules = &rule_ptrs[k];
+                m->n_rules = x->n_rules;
+                for (size_t j = 0; j < x->n_rules; j++, k++) {
+                        weightd__v1__shard_rule__init(&rules[k]);
+                        rules[k].pattern = (char *) x->rules[j].pattern;
+                        rules[k].dim = x->rules[j].dim;
+                        rule_ptrs[k] = &rules[k];
+                }
+        }
+        return prefetch_cluster(c, "wd_prefetch_cluster_parts", model, component, nodes, n_parts, shard_ptrs,
+                                progress, userdata, ret, err);
 }
 
 _public_ void wd_cluster_prefetch_result_free(wd_cluster_prefetch_result *r) {

@@ -108,12 +108,17 @@ typedef struct Options {
         /* --cluster, --nodes A,B,... (none: every node of the cluster) */
         bool cluster;
         Strv nodes;
+        /* --node-shard NODE=RANK/WORLD (with --cluster; --rule and --uneven
+         * apply to each): the node's part of a part plan */
+        wd_cluster_part *parts;
+        size_t n_parts;
 } Options;
 
 static void options_done(Options *o) {
         free(o->model);
         free(o->components);
         free(o->rules);
+        free(o->parts);
         strv_done(&o->nodes);
 }
 
@@ -602,6 +607,33 @@ static size_t node_loads_report(const char *label, const wd_cluster_prefetch_res
         return n;
 }
 
+/* The parts of a part plan: each node of --nodes (the whole component,
+ * unless it has a --node-shard), then the other --node-shard nodes; the
+ * rules apply to every shard.  NULL when out of memory. */
+static wd_cluster_part *cluster_parts(const Options *o, size_t *ret_n) {
+        wd_cluster_part *v = calloc(o->nodes.n + o->n_parts + 1, sizeof(wd_cluster_part));
+        size_t n = 0;
+
+        if (!v)
+                return NULL;
+        for (size_t i = 0; i < o->nodes.n; i++) {
+                bool sharded = false;
+
+                for (size_t k = 0; k < o->n_parts; k++)
+                        sharded = sharded || strcmp(o->parts[k].node, o->nodes.items[i]) == 0;
+                if (!sharded)
+                        v[n++] = (wd_cluster_part){ .node = o->nodes.items[i] };
+        }
+        for (size_t k = 0; k < o->n_parts; k++) {
+                v[n] = o->parts[k];
+                v[n].rules = o->rules;
+                v[n].n_rules = o->n_rules;
+                v[n++].uneven = o->uneven;
+        }
+        *ret_n = n;
+        return v;
+}
+
 static int run_prefetch(wd_client *c, const Options *o) {
         _cleanup_(json_decrefp) json_t *results = NULL;
         _cleanup_(strv_done) Strv names = {};
@@ -648,7 +680,17 @@ static int run_prefetch(wd_client *c, const Options *o) {
                  * cluster prefetch it counts the cluster's bytes, as the
                  * daemon reports them. */
                 progress_init(&p, component[0] || !slash[1] ? label : slash + 1, tty);
-                if (o->cluster) {
+                if (o->cluster && o->n_parts > 0) {
+                        size_t n_parts = 0;
+                        _cleanup_free_ wd_cluster_part *parts = cluster_parts(o, &n_parts);
+
+                        if (!parts)
+                                return fail_oom();
+                        r = wd_prefetch_cluster_parts(c, o->model, component, parts, n_parts, progress_update, &p,
+                                                      &cres, &e);
+                        if (r == WD_OK)
+                                res = (wd_prefetch_result){ .bytes = cres->bytes, .was_resident = cres->was_resident };
+                } else if (o->cluster) {
                         r = wd_prefetch_cluster(c, o->model, component, (const char *const *) o->nodes.items,
                                                 o->nodes.n, progress_update, &p, &cres, &e);
                         if (r == WD_OK)
@@ -1322,6 +1364,7 @@ static void help(void) {
                "  prefetch MODEL [--component NAME]...   make components resident in host memory\n"
                "           [--device cuda:N [--keep-host yes|no]]  or on a GPU (N as this process sees it)\n"
                "           [--cluster [--nodes A,B,...]]   or on the cluster's nodes (default: every node)\n"
+               "           [--node-shard NODE=R/W]...      each node its own shard (with --rule PAT:DIM)\n"
                "  ls                                     list the daemon's entries\n"
                "  status                                 show the daemon's counters\n"
                "  cluster                                list the cluster's nodes as this daemon sees them\n"
@@ -1351,6 +1394,9 @@ static void help(void) {
                "      --cluster         prefetch into the host memory of the cluster's nodes, reading\n"
                "                        each byte from storage once across them\n"
                "      --nodes A,B,...   only these nodes (with --cluster)\n"
+               "      --node-shard NODE=R/W  with --cluster: NODE serves rank R of W (--rule and --uneven\n"
+               "                        apply); nodes of --nodes without one serve it whole.  Each node\n"
+               "                        reads or receives only the bytes it serves\n"
                "      --json            one JSON document on stdout instead of text\n"
                "  -h, --help            show this help\n"
                "  -V, --version         show the version\n"
@@ -1416,6 +1462,31 @@ static int parse_nodes(const char *arg, Options *o) {
         return 0;
 }
 
+/* --node-shard NODE=RANK/WORLD, split at the last '='; the name stays in
+ * argv. */
+static int parse_node_shard(char *arg, Options *o) {
+        char *eq = strrchr(arg, '=');
+        const char *slash = eq ? strchr(eq, '/') : NULL;
+        wd_cluster_part part = { .node = arg };
+        wd_cluster_part *parts;
+
+        if (!eq || eq == arg || !slash || parse_unsigned(eq + 1, (size_t) (slash - eq - 1), UINT_MAX, &part.rank) < 0 ||
+            parse_unsigned(slash + 1, strlen(slash + 1), 65536, &part.world) < 0 || part.world == 0)
+                return usage_error("--node-shard takes NODE=RANK/WORLD with 1 <= WORLD <= 65536, not '%s'", arg);
+        if (part.rank >= part.world)
+                return usage_error("--node-shard %s: the rank must be below the world", arg);
+        *eq = '\0';
+        for (size_t i = 0; i < o->n_parts; i++)
+                if (strcmp(o->parts[i].node, arg) == 0)
+                        return usage_error("--node-shard: node '%s' named twice", arg);
+        parts = reallocarray(o->parts, o->n_parts + 1, sizeof(wd_cluster_part));
+        if (!parts)
+                return fail_oom();
+        o->parts = parts;
+        o->parts[o->n_parts++] = part;
+        return 0;
+}
+
 /* --rule PATTERN:DIM, split at the last ':'.  The pattern stays in argv. */
 static int parse_rule(char *arg, Options *o) {
         char *colon = strrchr(arg, ':');
@@ -1429,7 +1500,17 @@ static int parse_rule(char *arg, Options *o) {
 }
 
 static int parse_argv(int argc, char *argv[], Options *o, const Command **ret) {
-        enum { ARG_JSON = 0x100, ARG_SHARD, ARG_RULE, ARG_UNEVEN, ARG_DEVICE, ARG_KEEP_HOST, ARG_CLUSTER, ARG_NODES };
+        enum {
+                ARG_JSON = 0x100,
+                ARG_SHARD,
+                ARG_RULE,
+                ARG_UNEVEN,
+                ARG_DEVICE,
+                ARG_KEEP_HOST,
+                ARG_CLUSTER,
+                ARG_NODES,
+                ARG_NODE_SHARD,
+        };
         static const struct option options[] = {
                 { "socket", required_argument, NULL, 's' },
                 { "component", required_argument, NULL, 'c' },
@@ -1443,6 +1524,7 @@ static int parse_argv(int argc, char *argv[], Options *o, const Command **ret) {
                 { "keep-host", required_argument, NULL, ARG_KEEP_HOST },
                 { "cluster", no_argument, NULL, ARG_CLUSTER },
                 { "nodes", required_argument, NULL, ARG_NODES },
+                { "node-shard", required_argument, NULL, ARG_NODE_SHARD },
                 { "help", no_argument, NULL, 'h' },
                 { "version", no_argument, NULL, 'V' },
                 {},
@@ -1516,6 +1598,11 @@ static int parse_argv(int argc, char *argv[], Options *o, const Command **ret) {
                         if (r != 0)
                                 return r;
                         break;
+                case ARG_NODE_SHARD:
+                        r = parse_node_shard(optarg, o);
+                        if (r != 0)
+                                return r;
+                        break;
                 case 'h':
                         help();
                         return -1;
@@ -1564,21 +1651,23 @@ static int parse_argv(int argc, char *argv[], Options *o, const Command **ret) {
                 return usage_error("%s needs --tensor NAME", cmd->name);
         if ((o->world > 0 || o->n_rules > 0 || o->uneven) && !(cmd->flags & CMD_SHARD))
                 return usage_error("%s takes no --shard, --rule or --uneven", cmd->name);
-        if ((o->n_rules > 0 || o->uneven) && o->world == 0)
-                return usage_error("--rule and --uneven need --shard RANK/WORLD");
+        if ((o->n_rules > 0 || o->uneven) && o->world == 0 && o->n_parts == 0)
+                return usage_error("--rule and --uneven need --shard RANK/WORLD or --node-shard");
         if ((o->device || o->keep_host) && !(cmd->flags & CMD_DEVICE))
                 return usage_error("%s takes no --device or --keep-host", cmd->name);
         if (o->keep_host && !o->device)
                 return usage_error("--keep-host needs --device");
         if ((o->cluster || o->nodes.n > 0) && !(cmd->flags & CMD_CLUSTER))
                 return usage_error("%s takes no --cluster or --nodes", cmd->name);
-        if (o->nodes.n > 0 && !o->cluster)
-                return usage_error("--nodes needs --cluster");
+        if ((o->nodes.n > 0 || o->n_parts > 0) && !o->cluster)
+                return usage_error("--%s needs --cluster", o->nodes.n > 0 ? "nodes" : "node-shard");
         /* A cluster prefetch is for the host tier, whole. */
         if (o->cluster && o->device && strcmp(o->device, "host") != 0)
                 return usage_error("--cluster prefetches into host memory: it takes no --device %s", o->device);
-        if (o->cluster && (o->world > 0 || o->n_rules > 0 || o->uneven))
-                return usage_error("--cluster takes no --shard, --rule or --uneven");
+        if (o->cluster && o->world > 0)
+                return usage_error("--cluster takes no --shard: name each node's with --node-shard NODE=RANK/WORLD");
+        if (o->cluster && (o->n_rules > 0 || o->uneven) && o->n_parts == 0)
+                return usage_error("--cluster takes --rule and --uneven only with --node-shard");
         *ret = cmd;
         return 0;
 }

@@ -25,7 +25,9 @@
 #include "cluster/dataplane.h"
 #include "cluster/fetch.h"
 #include "cluster/plan.h"
+#include "gpu/gpu.h"
 #include "store/host-load.h"
+#include "store/shard-build.h"
 #include "util/list.h"
 #include "util/log.h"
 #include "util/parse-util.h"
@@ -44,6 +46,14 @@ static bool streq(const char *a, const char *b) {
         return strcmp(a, b) == 0;
 }
 #define CLUSTER_MESSAGE_MAX 1024u
+
+/* What each node of a part plan serves, in the plan's order (n 0: a plain
+ * plan, every node the whole component). */
+typedef struct Parts {
+        unsigned nodes[PLAN_MAX_SOURCES]; /* mesh indexes */
+        ShardSpec *specs[PLAN_MAX_SOURCES]; /* NULL: the whole component */
+        size_t n;
+} Parts;
 
 typedef struct Slot {
         Cluster *c;
@@ -95,6 +105,7 @@ typedef struct Coord {
         size_t n_targets;
         Origin *origins;
         size_t n_origins;
+        Parts parts; /* a part plan's, in target order */
         bool started;
         uint64_t propose_deadline_usec;
         uint64_t progress_sent, progress_sent_usec;
@@ -109,6 +120,7 @@ typedef struct Ask {
         PlanManifest manifest;
         char **nodes;
         size_t n_nodes;
+        Parts parts;
         int coordinator;
         unsigned attempts;
         int tried[CLUSTER_ASK_ATTEMPTS]; /* the coordinators asked, in order */
@@ -136,6 +148,7 @@ struct ClusterResolve {
         size_t n_views;
         unsigned *gone; /* a Fetch's holders the fetcher gave up on meanwhile (n_holders room) */
         size_t n_gone;
+        Parts parts; /* a Propose's */
         LIST_FIELDS(struct ClusterResolve, pendings);
 };
 
@@ -320,6 +333,133 @@ static int views_from_wire(Weightd__Cluster__V1__FileView *const *m, size_t n, P
         return 0;
 }
 
+static void parts_done(Parts *p) {
+        for (size_t i = 0; i < p->n; i++)
+                shard_spec_free(p->specs[i]);
+        p->n = 0;
+}
+
+static int parts_find(const Parts *p, unsigned node) {
+        for (size_t i = 0; i < p->n; i++)
+                if (p->nodes[i] == node)
+                        return (int) i;
+        return -1;
+}
+
+/* Parts from a peer, checked as a client's shard is (driver.c): a node
+ * named twice, a node that is not one, a spec out of limits are errors. */
+static int parts_from_wire(Cluster *c, Weightd__Cluster__V1__NodePart *const *m, size_t n, Parts *ret,
+                           WdError *err) {
+        *ret = (Parts){};
+        if (n > PLAN_MAX_SOURCES)
+                return wd_error_set(err, WD_E_INVALID, "a part plan has at most %u nodes, not %zu", PLAN_MAX_SOURCES,
+                                    n);
+        for (size_t i = 0; i < n; i++) {
+                const Weightd__Cluster__V1__NodePart *x = m[i];
+                int k = x && x->node ? mesh_find(c->mesh, x->node) : -1;
+                ShardSpec *spec = NULL;
+
+                if (k < 0 || parts_find(ret, (unsigned) k) >= 0) {
+                        parts_done(ret);
+                        return wd_error_set(err, WD_E_INVALID, "part %zu: \"%.64s\" is %s", i,
+                                            x && x->node ? x->node : "", k < 0 ? "not a node of the cluster" : "named twice");
+                }
+                /* World 1 splits nothing: the whole component. */
+                if (x->sharded && x->world != 1) {
+                        if (x->world == 0 || x->world > SHARD_MAX_WORLD || x->rank >= x->world ||
+                            x->n_rules > SHARD_MAX_RULES || x->n_rules == 0) {
+                                parts_done(ret);
+                                return wd_error_set(err, WD_E_INVALID,
+                                                    "%s: shard rank %u of world %u with %zu rules is out of limits "
+                                                    "(world 1..%u, rank below it, 1..%u rules)",
+                                                    x->node, x->rank, x->world, x->n_rules, SHARD_MAX_WORLD,
+                                                    SHARD_MAX_RULES);
+                        }
+                        spec = calloc(1, sizeof(ShardSpec));
+                        if (spec)
+                                spec->rules = calloc(x->n_rules, sizeof(ShardRule));
+                        if (!spec || !spec->rules) {
+                                shard_spec_free(spec);
+                                parts_done(ret);
+                                return wd_error_set(err, -ENOMEM, "out of memory");
+                        }
+                        spec->rank = x->rank;
+                        spec->world = x->world;
+                        spec->uneven = x->uneven;
+                        for (size_t j = 0; j < x->n_rules; j++) {
+                                int r = x->rules[j] ? shard_rule_check(j, x->rules[j]->pattern, x->rules[j]->dim, err)
+                                                    : shard_rule_check(j, NULL, 0, err);
+
+                                if (r == 0 && !(spec->rules[j].pattern = strdup(x->rules[j]->pattern)))
+                                        r = wd_error_set(err, -ENOMEM, "out of memory");
+                                if (r != 0) {
+                                        shard_spec_free(spec);
+                                        parts_done(ret);
+                                        return r;
+                                }
+                                spec->rules[j].dim = x->rules[j]->dim;
+                                spec->n_rules = j + 1;
+                        }
+                }
+                ret->nodes[ret->n] = (unsigned) k;
+                ret->specs[ret->n++] = spec;
+        }
+        return 0;
+}
+
+/* Parts on the wire: points into p, valid while it is. */
+typedef struct WireParts {
+        Weightd__Cluster__V1__NodePart msgs[PLAN_MAX_SOURCES];
+        Weightd__Cluster__V1__NodePart *ptrs[PLAN_MAX_SOURCES];
+        Weightd__Cluster__V1__PartRule *rules;
+        Weightd__Cluster__V1__PartRule **rule_ptrs;
+        size_t n;
+} WireParts;
+
+static void wire_parts_done(WireParts *w) {
+        free(w->rules);
+        free(w->rule_ptrs);
+        w->rules = NULL;
+        w->rule_ptrs = NULL;
+}
+
+static int wire_parts(Cluster *c, const Parts *p, WireParts *w) {
+        size_t n_rules = 0, k = 0;
+
+        for (size_t i = 0; i < p->n; i++)
+                n_rules += p->specs[i] ? p->specs[i]->n_rules : 0;
+        w->rules = calloc(n_rules + 1, sizeof(*w->rules));
+        w->rule_ptrs = calloc(n_rules + 1, sizeof(*w->rule_ptrs));
+        if (!w->rules || !w->rule_ptrs) {
+                wire_parts_done(w);
+                return -ENOMEM;
+        }
+        for (size_t i = 0; i < p->n; i++) {
+                Weightd__Cluster__V1__NodePart *m = &w->msgs[i];
+                const ShardSpec *spec = p->specs[i];
+
+                weightd__cluster__v1__node_part__init(m);
+                m->node = (char *) mesh_node_name(c->mesh, p->nodes[i]);
+                w->ptrs[i] = m;
+                if (!spec)
+                        continue;
+                m->sharded = true;
+                m->rank = spec->rank;
+                m->world = spec->world;
+                m->uneven = spec->uneven;
+                m->rules = &w->rule_ptrs[k];
+                m->n_rules = spec->n_rules;
+                for (size_t j = 0; j < spec->n_rules; j++, k++) {
+                        weightd__cluster__v1__part_rule__init(&w->rules[k]);
+                        w->rules[k].pattern = spec->rules[j].pattern;
+                        w->rules[k].dim = spec->rules[j].dim;
+                        w->rule_ptrs[k] = &w->rules[k];
+                }
+        }
+        w->n = p->n;
+        return 0;
+}
+
 static void send_abort(Cluster *c, unsigned node, uint64_t plan_id, const char *why) {
         Weightd__Cluster__V1__Abort a = WEIGHTD__CLUSTER__V1__ABORT__INIT;
 
@@ -464,6 +604,7 @@ static void coord_free(Coord *co) {
         free(co->model);
         free(co->component);
         views_free(co->views, co->n_views);
+        parts_done(&co->parts);
         free(co->targets);
         free(co->origins);
         free(co);
@@ -548,7 +689,9 @@ static void coord_start(Coord *co) {
                         send_abort(c, t->node, co->plan_id, "no answer within the deadline");
                         continue;
                 }
-                if (t->state == TARGET_READY || t->state == TARGET_RESIDENT)
+                /* In a part plan a node that holds its part is no source:
+                 * it may hold a shard only. */
+                if (t->state == TARGET_READY || (t->state == TARGET_RESIDENT && co->parts.n == 0))
                         sources[st.n_sources++] = (char *) mesh_node_name(c->mesh, t->node);
                 if (t->state == TARGET_READY) {
                         receivers[st.n_receivers++] = (char *) mesh_node_name(c->mesh, t->node);
@@ -564,6 +707,8 @@ static void coord_start(Coord *co) {
 
                 if (t->state != TARGET_READY && t->state != TARGET_RESIDENT)
                         continue;
+                if (co->parts.n > 0 && t->state == TARGET_RESIDENT)
+                        continue; /* it holds its part and has nothing to give */
                 if (st.n_receivers == 0 && t->state == TARGET_RESIDENT) {
                         /* Nobody needs anything: done already. */
                         send_abort(c, t->node, co->plan_id, "every node holds it");
@@ -646,9 +791,16 @@ static void handle_plan_request(Cluster *c, unsigned from, const Weightd__Cluste
                 reply_plan_error(c, from, m->request_id, WD_E_BUSY, "too many plans asked of this node at once");
                 return;
         }
-        /* Two nodes asking at once for the same nodes: one plan. */
+        Parts parts;
+        WdError perr = WD_ERROR_NULL;
+        if (parts_from_wire(c, m->parts, m->n_parts, &parts, &perr) != 0) {
+                reply_plan_error(c, from, m->request_id, perr.code, perr.message);
+                return;
+        }
+        /* Two nodes asking at once for the same nodes: one plan (not for
+         * part plans, which may differ in their parts). */
         LIST_FOREACH(coords, x, c->coords)
-                if (streq(x->model, m->model) && streq(x->component, m->component) &&
+                if (parts.n == 0 && x->parts.n == 0 && streq(x->model, m->model) && streq(x->component, m->component) &&
                     memcmp(x->manifest.bytes, m->manifest.data, PLAN_MANIFEST_SIZE) == 0 &&
                     coord_same_nodes(c, x, m)) {
                         if (coord_add_origin(x, from, m->request_id) < 0)
@@ -661,6 +813,7 @@ static void handle_plan_request(Cluster *c, unsigned from, const Weightd__Cluste
 
         co = calloc(1, sizeof(Coord));
         if (!co) {
+                parts_done(&parts);
                 reply_plan_error(c, from, m->request_id, -ENOMEM, "out of memory");
                 return;
         }
@@ -679,9 +832,19 @@ static void handle_plan_request(Cluster *c, unsigned from, const Weightd__Cluste
                 coord_free(co);
                 return;
         }
-        for (unsigned n = 0; n < c->n_nodes; n++)
-                if (request_wants(c, m, n))
-                        co->targets[co->n_targets++] = (Target){ .node = n, .state = TARGET_PROPOSED };
+        /* Targets in mesh order; a part plan's parts in the same order. */
+        for (unsigned n = 0; n < c->n_nodes; n++) {
+                int k = parts_find(&parts, n);
+
+                if (parts.n > 0 ? k < 0 : !request_wants(c, m, n))
+                        continue;
+                co->targets[co->n_targets++] = (Target){ .node = n, .state = TARGET_PROPOSED };
+                if (k >= 0) {
+                        co->parts.nodes[co->parts.n] = n;
+                        co->parts.specs[co->parts.n++] = TAKE_PTR(parts.specs[k]);
+                }
+        }
+        parts_done(&parts);
         co->propose_deadline_usec = now_usec() + c->deadline_usec;
         log_info("plan %016" PRIx64 ": %s%s%s on %zu nodes, asked by %s", co->plan_id, co->model,
                  *co->component ? " " : "", co->component, co->n_targets, mesh_node_name(c->mesh, from));
@@ -696,6 +859,16 @@ static void handle_plan_request(Cluster *c, unsigned from, const Weightd__Cluste
         if (wire_views(co->views, co->n_views, &wv) == 0) {
                 pr.files = wv.ptrs;
                 pr.n_files = wv.n;
+        }
+        _cleanup_(wire_parts_done) WireParts wp = {};
+        if (co->parts.n > 0) {
+                if (wire_parts(c, &co->parts, &wp) < 0) {
+                        reply_plan_error(c, from, m->request_id, -ENOMEM, "out of memory");
+                        coord_free(co);
+                        return;
+                }
+                pr.parts = wp.ptrs;
+                pr.n_parts = wp.n;
         }
         for (size_t i = 0; i < co->n_targets; i++) {
                 Target *t = &co->targets[i];
@@ -826,6 +999,17 @@ static void handle_propose(Cluster *c, unsigned from, const Weightd__Cluster__V1
         }
         if (views_from_wire(m->files, m->n_files, &p->views) == 0)
                 p->n_views = m->n_files;
+        WdError err = WD_ERROR_NULL;
+        if (parts_from_wire(c, m->parts, m->n_parts, &p->parts, &err) != 0 ||
+            (m->n_parts > 0 && parts_find(&p->parts, mesh_self(c->mesh)) < 0)) {
+                LIST_REMOVE(pendings, c->pendings, p);
+                views_free(p->views, p->n_views);
+                parts_done(&p->parts);
+                free(p);
+                reply_propose(c, from, m->plan_id, WEIGHTD__CLUSTER__V1__PROPOSE_STATUS__FAILED,
+                              err.code ? err.message : "a part plan that leaves this node out");
+                return;
+        }
         c->ops.resolve(m->model, m->component, p, c->userdata);
 }
 
@@ -913,6 +1097,87 @@ static int watch_start(Cluster *c, Job *j, unsigned coordinator, uint64_t plan_i
         return 0;
 }
 
+/* A receiving transfer t was made (r 0) for Propose p, or not: READY, or
+ * FAILED with why. */
+static void take_part(Cluster *c, ClusterResolve *p, Transfer *t, int r, const WdError *err) {
+        if (r != 0) {
+                reply_propose(c, p->from, p->plan_id, WEIGHTD__CLUSTER__V1__PROPOSE_STATUS__FAILED, err->message);
+                return;
+        }
+        if (slot_add(c, t, (int) p->from, NULL) < 0) {
+                transfer_abort(t, "out of memory");
+                transfer_unref(t);
+                reply_propose(c, p->from, p->plan_id, WEIGHTD__CLUSTER__V1__PROPOSE_STATUS__FAILED, "out of memory");
+                return;
+        }
+        transfer_unref(t);
+        reply_propose(c, p->from, p->plan_id, WEIGHTD__CLUSTER__V1__PROPOSE_STATUS__READY, "");
+}
+
+/* Follow the job filling entry e for the coordinator: LOADING, or FAILED
+ * when there is none. */
+static void reply_loading(Cluster *c, ClusterResolve *p, const Component *comp, CacheEntry *e) {
+        Job *j = job_find(&c->store->jobs, e);
+        char msg[CLUSTER_MESSAGE_MAX];
+
+        if (j && watch_start(c, j, p->from, p->plan_id) == 0) {
+                reply_propose(c, p->from, p->plan_id, WEIGHTD__CLUSTER__V1__PROPOSE_STATUS__LOADING, "");
+                return;
+        }
+        snprintf(msg, sizeof(msg), "%s: this node is loading it already", comp->model);
+        reply_propose(c, p->from, p->plan_id, WEIGHTD__CLUSTER__V1__PROPOSE_STATUS__FAILED, msg);
+}
+
+/* A part plan's Propose (the manifest matched): RESIDENT when this node
+ * holds its part, LOADING when it is being made (or can be cut out of the
+ * whole component held here), else READY with a part transfer. */
+static void propose_part(Cluster *c, ClusterResolve *p, const Component *comp, int root_fd) {
+        int self = parts_find(&p->parts, mesh_self(c->mesh));
+        const ShardSpec *spec = p->parts.specs[self];
+        _cleanup_free_ FileId *ids = calloc(comp->n_files + 1, sizeof(FileId));
+        _cleanup_free_ char *key = spec ? shard_spec_key(spec) : strdup("");
+        WdError err = WD_ERROR_NULL;
+        Transfer *t = NULL;
+        CacheEntry *e, *whole;
+        int r;
+
+        if (!ids || !key) {
+                reply_propose(c, p->from, p->plan_id, WEIGHTD__CLUSTER__V1__PROPOSE_STATUS__FAILED, "out of memory");
+                return;
+        }
+        for (size_t i = 0; i < comp->n_files; i++)
+                ids[i] = comp->files[i].id;
+        e = cache_lookup(c->store->cache, comp->model, comp->name, key, ids, comp->n_files);
+        if (e && e->state == CACHE_ENTRY_RESIDENT) {
+                reply_propose(c, p->from, p->plan_id, WEIGHTD__CLUSTER__V1__PROPOSE_STATUS__RESIDENT, "");
+                return;
+        }
+        if (e) {
+                reply_loading(c, p, comp, e);
+                return;
+        }
+        whole = spec ? cache_lookup(c->store->cache, comp->model, comp->name, "", ids, comp->n_files) : NULL;
+        if (whole && whole->state == CACHE_ENTRY_RESIDENT) {
+                /* Cut here out of what this node holds: nothing to read. */
+                ShardPlan *plan = NULL;
+                Job *j = NULL;
+
+                r = shard_plan(comp, spec, GPU_ALIGN, &plan, &err);
+                if (r == 0)
+                        r = shard_build_start(c->store, comp, plan, spec, key, whole, NULL, &j, &err);
+                if (r == 0 && watch_start(c, j, p->from, p->plan_id) == 0)
+                        reply_propose(c, p->from, p->plan_id, WEIGHTD__CLUSTER__V1__PROPOSE_STATUS__LOADING, "");
+                else
+                        reply_propose(c, p->from, p->plan_id, WEIGHTD__CLUSTER__V1__PROPOSE_STATUS__FAILED,
+                                      r != 0 ? err.message : "out of memory");
+                job_unref(j);
+                return;
+        }
+        r = transfer_new_part(&c->tctx, p->plan_id, comp, root_fd, p->chunk_size, p->parts.nodes, p->parts.specs,
+                              p->parts.n, &t, &err);
+        take_part(c, p, t, r, &err);
+}
+
 /* A resolved Propose: take part, or say why not. */
 static void propose_resolved(Cluster *c, ClusterResolve *p, const Component *comp, int root_fd) {
         _cleanup_free_ FileId *ids = NULL;
@@ -949,12 +1214,16 @@ static void propose_resolved(Cluster *c, ClusterResolve *p, const Component *com
                 for (size_t i = 0; i < comp->n_files; i++)
                         ids[i] = comp->files[i].id;
                 e = cache_lookup(c->store->cache, comp->model, comp->name, "", ids, comp->n_files);
-                if (!e) {
+                if (!e && p->parts.n == 0) {
                         r = host_load_start(c->store, root_fd, comp, 0, &j, &err);
                         if (r != 0)
                                 log_warning("%s: cannot load it alone: %s", comp->model, err.message);
                         job_unref(j);
                 }
+                return;
+        }
+        if (p->parts.n > 0) {
+                propose_part(c, p, comp, root_fd);
                 return;
         }
         for (size_t i = 0; i < comp->n_files; i++)
@@ -984,18 +1253,7 @@ static void propose_resolved(Cluster *c, ClusterResolve *p, const Component *com
                 return;
         }
         r = transfer_new_receiving(&c->tctx, p->plan_id, comp, root_fd, p->chunk_size, &t, &err);
-        if (r != 0) {
-                reply_propose(c, p->from, p->plan_id, WEIGHTD__CLUSTER__V1__PROPOSE_STATUS__FAILED, err.message);
-                return;
-        }
-        if (slot_add(c, t, (int) p->from, NULL) < 0) {
-                transfer_abort(t, "out of memory");
-                transfer_unref(t);
-                reply_propose(c, p->from, p->plan_id, WEIGHTD__CLUSTER__V1__PROPOSE_STATUS__FAILED, "out of memory");
-                return;
-        }
-        transfer_unref(t);
-        reply_propose(c, p->from, p->plan_id, WEIGHTD__CLUSTER__V1__PROPOSE_STATUS__READY, "");
+        take_part(c, p, t, r, &err);
 }
 
 /* A resolved Fetch: send our share if we hold it. */
@@ -1068,6 +1326,7 @@ void cluster_resolved(ClusterResolve *p, int r, const WdError *err, const Compon
         free(p->holders);
         free(p->gone);
         views_free(p->views, p->n_views);
+        parts_done(&p->parts);
         free(p);
 }
 
@@ -1213,7 +1472,12 @@ static void ask_finish(Ask *a, int r, const WdError *err, const JobNodeReport *n
         if (r == 0 && ids) {
                 for (size_t i = 0; i < a->comp->n_files; i++)
                         ids[i] = a->comp->files[i].id;
-                e = cache_lookup(c->store->cache, a->comp->model, a->comp->name, "", ids, a->comp->n_files);
+                int self = parts_find(&a->parts, mesh_self(c->mesh));
+                _cleanup_free_ char *key = self >= 0 && a->parts.specs[self] ? shard_spec_key(a->parts.specs[self])
+                                                                              : strdup("");
+
+                e = key ? cache_lookup(c->store->cache, a->comp->model, a->comp->name, key, ids, a->comp->n_files)
+                        : NULL;
                 if (e && e->state != CACHE_ENTRY_RESIDENT)
                         e = NULL;
         }
@@ -1253,6 +1517,13 @@ static int ask_send(Ask *a) {
         pr.manifest.len = PLAN_MANIFEST_SIZE;
         pr.nodes = a->nodes;
         pr.n_nodes = a->n_nodes;
+        _cleanup_(wire_parts_done) WireParts wp = {};
+        if (a->parts.n > 0) {
+                if (wire_parts(c, &a->parts, &wp) < 0)
+                        return -ENOMEM;
+                pr.parts = wp.ptrs;
+                pr.n_parts = wp.n;
+        }
         _cleanup_free_ PlanFileView *views = NULL;
         _cleanup_(wire_views_done) WireViews wv = {};
         if (plan_file_views(a->comp, &views) == 0 && wire_views(views, a->comp->n_files, &wv) == 0) {
@@ -1334,6 +1605,7 @@ static void ask_free(Job *j) {
         for (size_t i = 0; i < a->n_nodes; i++)
                 free(a->nodes[i]);
         free(a->nodes);
+        parts_done(&a->parts);
         free(a);
 }
 
@@ -1343,7 +1615,8 @@ static const JobKind ask_kind = {
         .free = ask_free,
 };
 
-int cluster_prefetch(Cluster *c, const Component *comp, char *const *nodes, size_t n_nodes, Job **ret, WdError *err) {
+int cluster_prefetch(Cluster *c, const Component *comp, char *const *nodes, ShardSpec *const *specs, size_t n_nodes,
+                     Job **ret, WdError *err) {
         Ask *a;
         int r;
 
@@ -1351,6 +1624,9 @@ int cluster_prefetch(Cluster *c, const Component *comp, char *const *nodes, size
                 if (mesh_find(c->mesh, nodes[i]) < 0)
                         return wd_error_set(err, WD_E_INVALID, "nodes: \"%.64s\" is not a node of the cluster",
                                             nodes[i]);
+        if (specs && (n_nodes == 0 || n_nodes > PLAN_MAX_SOURCES))
+                return wd_error_set(err, WD_E_INVALID, "a prefetch with shards per node names 1 to %u nodes, not %zu",
+                                    PLAN_MAX_SOURCES, n_nodes);
         a = calloc(1, sizeof(Ask));
         if (!a)
                 return wd_error_set(err, -ENOMEM, "out of memory");
@@ -1370,7 +1646,20 @@ int cluster_prefetch(Cluster *c, const Component *comp, char *const *nodes, size
                                 a->n_nodes++;
                 }
         }
+        for (size_t i = 0; r == 0 && specs && i < n_nodes; i++) {
+                a->parts.nodes[i] = (unsigned) mesh_find(c->mesh, nodes[i]);
+                a->parts.specs[i] = NULL;
+                a->parts.n = i + 1;
+                if (specs[i] && parts_find(&a->parts, a->parts.nodes[i]) != (int) i)
+                        r = -EINVAL;
+                else if (specs[i] && specs[i]->world > 1)
+                        r = shard_spec_copy(specs[i], &a->parts.specs[i]);
+        }
         job_init(&a->job, &ask_kind, NULL, NULL);
+        if (r == -EINVAL) {
+                job_unref(&a->job);
+                return wd_error_set(err, WD_E_INVALID, "a node is named twice");
+        }
         if (r < 0) {
                 job_unref(&a->job);
                 return wd_error_set(err, r, "out of memory");

@@ -29,6 +29,7 @@
 
 #include "cluster/mesh.h"
 #include "format/catalog.h"
+#include "store/shard.h"
 #include "store/store.h"
 
 typedef struct Cluster Cluster;
@@ -79,9 +80,14 @@ int cluster_reconfigure(Cluster *c, const ClusterParams *p, WdError *err);
 
 /* A cluster prefetch of comp (resolved here, its model the absolute path)
  * on nodes (names; all when n_nodes is 0): a job whose outcome carries one
- * report per node, and the entry when this node is one of them.  Returns 0
- * with *ret referenced, or WD_E_INVALID (an unknown node name), -ENOMEM. */
-int cluster_prefetch(Cluster *c, const Component *comp, char *const *nodes, size_t n_nodes, Job **ret, WdError *err);
+ * report per node, and the entry when this node is one of them.  With
+ * specs (n_nodes of them, copied), a part plan: node i serves specs[i],
+ * one rank's slices (store/shard.h), or the whole component where it is
+ * NULL; each node then reads and receives only the bytes it serves
+ * (cluster/plan.h, plan_pieces()).  Returns 0 with *ret referenced, or
+ * WD_E_INVALID (an unknown node name, one named twice), -ENOMEM. */
+int cluster_prefetch(Cluster *c, const Component *comp, char *const *nodes, ShardSpec *const *specs, size_t n_nodes,
+                     Job **ret, WdError *err);
 
 /* Peer fetch: a job filling comp's host entry from the nodes that hold it
  * (and from storage for what they cannot give).  Returns 0 with *ret NULL

@@ -21,6 +21,9 @@
 #include <xxhash.h>
 
 #include "cluster/fetch.h"
+#include "gpu/gpu.h"
+#include "io/reader.h"
+#include "store/shard-build.h"
 #include "util/log.h"
 #include "util/time-util.h"
 
@@ -38,6 +41,7 @@ typedef enum ChunkState {
 
 typedef struct ChunkInfo {
         uint8_t state;
+        bool needed;      /* by this node (always, but in a part plan) */
         bool sum_known;   /* a sender's checksum for it came */
         bool own_sum_known;
         uint32_t sum_from; /* who sent sum */
@@ -94,6 +98,17 @@ struct Transfer {
 
         PlanChunk *chunks;
         size_t n_chunks;
+        /* A part plan (transfer_new_part()): its nodes, each serving a
+         * shard or the whole; the chunks are plan_pieces() of them, bit i
+         * of a piece's need is nodes[i], and sources and receivers are
+         * nodes in the same order. */
+        bool part;
+        unsigned nodes[PLAN_MAX_SOURCES];
+        size_t n_nodes;
+        ShardSpec *spec;  /* this node's shard; NULL: it serves the whole component */
+        Job *build;       /* the shard build, after the seal */
+        JobWaiter build_wait;
+        CacheEntry *part_entry; /* the built shard */
         unsigned *first_owner; /* index in sources */
         ChunkInfo *ci;
         uint64_t have_bytes, total_bytes;
@@ -137,7 +152,12 @@ static void transfer_free(Transfer *t) {
         if (t->load)
                 load_job_discard(TAKE_PTR(t->load));
         cache_entry_unref(TAKE_PTR(t->load_entry));
+        /* A part plan's staging entry: nothing but this transfer uses it. */
+        if (t->part && t->spec && t->entry)
+                (void) cache_entry_evict(t->entry, NULL);
         cache_entry_unref(TAKE_PTR(t->entry));
+        cache_entry_unref(TAKE_PTR(t->part_entry));
+        shard_spec_free(t->spec);
         component_free(t->comp);
         safe_close(t->root_fd);
         free(t->chunks);
@@ -234,11 +254,61 @@ static int transfer_alloc(TransferContext *ctx, uint64_t plan_id, const Componen
                         r = -ENOMEM;
         }
         t->total_bytes = t->comp->total_bytes;
+        for (size_t c = 0; r == 0 && c < t->n_chunks; c++)
+                t->ci[c].needed = true;
         if (r < 0) {
                 transfer_free(t);
                 return wd_error_set(err, r, "out of memory");
         }
         *ret = t;
+        return 0;
+}
+
+/* The staging slabs of a node that serves a shard: the component's files,
+ * sparse, filled only where its pieces are; its memory is reserved for
+ * those bytes only, under a variant no request asks for. */
+static int prepare_part(Transfer *t, WdError *err) {
+        LoadOptions opts = t->ctx->store->load_opts;
+        _cleanup_free_ char *key = shard_spec_key(t->spec);
+        _cleanup_free_ char *variant = NULL;
+        uint64_t need = 0;
+
+        if (!key || asprintf(&variant, "cluster staging %016" PRIx64 " %s", t->plan_id, key) < 0)
+                return wd_error_set(err, -ENOMEM, "out of memory");
+        for (size_t c = 0; c < t->n_chunks; c++)
+                if (t->ci[c].needed)
+                        need += t->chunks[c].length;
+        /* hugetlb pages would be taken for the whole files. */
+        opts.pages = SLAB_PAGES_SMALL;
+        return load_job_prepare_variant(&t->load, t->ctx->store->cache, t->root_fd, t->comp, &opts, variant,
+                                        MAX(need, 1u), err);
+}
+
+/* A receiving transfer's memory (its slabs, reserved) and job: the
+ * transfer's references are the job's from here on.  Frees t on failure. */
+static int receiving_prepare(Transfer *t, int root_fd, WdError *err) {
+        TransferContext *ctx = t->ctx;
+        int r;
+
+        t->root_fd = fcntl(root_fd, F_DUPFD_CLOEXEC, 3);
+        if (t->root_fd < 0) {
+                r = negative_errno();
+                transfer_free(t);
+                return wd_error_set(err, r, "cannot duplicate the model root's descriptor: %s", strerror(-r));
+        }
+        if (t->spec)
+                r = prepare_part(t, err);
+        else
+                r = load_job_prepare(&t->load, ctx->store->cache, t->root_fd, t->comp, &ctx->store->load_opts, err);
+        if (r != 0) {
+                transfer_free(t);
+                return r;
+        }
+        t->load_entry = cache_entry_ref(load_job_entry(t->load));
+        job_init(&t->job, &transfer_kind, &ctx->store->jobs, load_job_entry(t->load));
+        t->job.total = t->total_bytes;
+        job_add_waiter(&t->job, &t->self_wait, &self_wait_ops);
+        store_changed(ctx->store);
         return 0;
 }
 
@@ -251,23 +321,63 @@ int transfer_new_receiving(TransferContext *ctx, uint64_t plan_id, const Compone
         if (r != 0)
                 return r;
         t->receiving = true;
-        t->root_fd = fcntl(root_fd, F_DUPFD_CLOEXEC, 3);
-        if (t->root_fd < 0) {
-                r = negative_errno();
-                transfer_free(t);
-                return wd_error_set(err, r, "cannot duplicate the model root's descriptor: %s", strerror(-r));
-        }
-        r = load_job_prepare(&t->load, ctx->store->cache, t->root_fd, t->comp, &ctx->store->load_opts, err);
+        r = receiving_prepare(t, root_fd, err);
+        if (r != 0)
+                return r;
+        *ret = t;
+        return 0;
+}
+
+int transfer_new_part(TransferContext *ctx, uint64_t plan_id, const Component *comp, int root_fd,
+                      uint64_t chunk_size, const unsigned *nodes, ShardSpec *const *specs, size_t n, Transfer **ret,
+                      WdError *err) {
+        Transfer *t;
+        int self = -1, r;
+
+        if (n == 0 || n > PLAN_MAX_SOURCES)
+                return wd_error_set(err, WD_E_INVALID, "a plan has 1 to %u nodes, not %zu", PLAN_MAX_SOURCES, n);
+        for (size_t i = 0; i < n; i++)
+                if (nodes[i] == mesh_self(ctx->mesh))
+                        self = (int) i;
+        if (self < 0)
+                return wd_error_set(err, WD_E_INVALID, "this node is not one of the plan's");
+        r = transfer_alloc(ctx, plan_id, comp, chunk_size, &t, err);
+        if (r != 0)
+                return r;
+        t->receiving = true;
+        t->part = true;
+        t->n_nodes = n;
+        memcpy(t->nodes, nodes, n * sizeof(unsigned));
+        free(t->chunks);
+        free(t->first_owner);
+        free(t->ci);
+        t->chunks = NULL;
+        t->first_owner = NULL;
+        t->ci = NULL;
+        r = plan_pieces(t->comp, (const ShardSpec *const *) specs, n, chunk_size, READER_ALIGN, &t->chunks,
+                        &t->n_chunks, err);
         if (r != 0) {
                 transfer_free(t);
                 return r;
         }
-        t->load_entry = cache_entry_ref(load_job_entry(t->load));
-        /* The transfer's references are the job's from here on. */
-        job_init(&t->job, &transfer_kind, &ctx->store->jobs, load_job_entry(t->load));
-        t->job.total = t->total_bytes;
-        job_add_waiter(&t->job, &t->self_wait, &self_wait_ops);
-        store_changed(ctx->store);
+        t->first_owner = calloc(MAX(t->n_chunks, 1u), sizeof(unsigned));
+        t->ci = calloc(MAX(t->n_chunks, 1u), sizeof(ChunkInfo));
+        if (!t->first_owner || !t->ci || (specs[self] && shard_spec_copy(specs[self], &t->spec) < 0)) {
+                transfer_free(t);
+                return wd_error_set(err, -ENOMEM, "out of memory");
+        }
+        plan_assign_needed(t->chunks, t->n_chunks, n, t->first_owner);
+        t->total_bytes = 0;
+        for (size_t c = 0; c < t->n_chunks; c++) {
+                t->ci[c].needed = t->chunks[c].need >> self & 1;
+                if (t->ci[c].needed)
+                        t->total_bytes += t->chunks[c].length;
+                else
+                        t->ci[c].state = CHUNK_HAVE; /* nothing to wait for */
+        }
+        r = receiving_prepare(t, root_fd, err);
+        if (r != 0)
+                return r;
         *ret = t;
         return 0;
 }
@@ -291,12 +401,53 @@ int transfer_new_resident(TransferContext *ctx, uint64_t plan_id, const Componen
         return 0;
 }
 
+static bool listed(const unsigned *a, size_t n, unsigned x) {
+        for (size_t i = 0; i < n; i++)
+                if (a[i] == x)
+                        return true;
+        return false;
+}
+
+/* A part plan: every node of the plan is a source and a receiver, in the
+ * plan's order; those the Start leaves out (they hold their part, or
+ * failed) neither read nor get anything. */
+static int start_part(Transfer *t, const unsigned *takers, size_t n_takers) {
+        uint64_t now = now_usec();
+
+        t->receivers = calloc(t->n_nodes, sizeof(unsigned));
+        t->receiver_done = calloc(t->n_nodes, sizeof(bool));
+        t->sent = calloc(MAX(t->n_chunks * t->n_nodes, 1u), 1);
+        if (!t->receivers || !t->receiver_done || !t->sent)
+                return -ENOMEM;
+        t->n_receivers = t->n_sources = t->n_nodes;
+        for (size_t i = 0; i < t->n_nodes; i++) {
+                unsigned node = t->nodes[i];
+                bool takes = listed(takers, n_takers, node);
+
+                t->receivers[i] = t->sources[i] = node;
+                t->receiver_done[i] = node == t->self || !takes || !mesh_node_up(t->ctx->mesh, node);
+                t->source_names[i] = mesh_node_name(t->ctx->mesh, node);
+                t->source_alive[i] = node == t->self || (takes && mesh_node_up(t->ctx->mesh, node));
+                t->source_usable[i] = t->source_alive[i];
+                t->source_heard_usec[i] = now;
+                if (node == t->self)
+                        t->self_source = (int) i;
+        }
+        t->started = true;
+        t->activity_usec = now;
+        drop_unowned(t);
+        pump(t);
+        return 0;
+}
+
 int transfer_start(Transfer *t, const unsigned *sources, size_t n_sources, const unsigned *receivers,
                    size_t n_receivers) {
         uint64_t now = now_usec();
 
         if (t->started || t->aborted || n_sources > PLAN_MAX_SOURCES)
                 return -EINVAL;
+        if (t->part)
+                return start_part(t, receivers, n_receivers);
         t->receivers = calloc(n_receivers ? n_receivers : 1, sizeof(unsigned));
         t->receiver_done = calloc(n_receivers ? n_receivers : 1, sizeof(bool));
         t->sent = calloc(t->n_chunks * n_receivers > 0 ? t->n_chunks * n_receivers : 1, 1);
@@ -329,6 +480,13 @@ int transfer_start(Transfer *t, const unsigned *sources, size_t n_sources, const
 
 /* ---- ownership ---------------------------------------------------------- */
 
+static int owner_of(Transfer *t, size_t c) {
+        if (t->part)
+                return plan_owner_needed(c, t->first_owner[c], t->chunks[c].need, t->source_names, t->source_alive,
+                                         t->n_sources);
+        return plan_owner(c, t->first_owner[c], t->source_names, t->source_alive, t->n_sources);
+}
+
 /* Who should get chunk c to this node: an index in sources, or -1 for
  * this node reading it from storage. */
 static int chunk_owner(Transfer *t, size_t c) {
@@ -336,7 +494,7 @@ static int chunk_owner(Transfer *t, size_t c) {
 
         if (t->n_sources == 0)
                 return -1;
-        o = plan_owner(c, t->first_owner[c], t->source_names, t->source_alive, t->n_sources);
+        o = owner_of(t, c);
         if (o < 0 || !t->source_usable[o])
                 return -1;
         return o;
@@ -373,7 +531,7 @@ static bool chunk_mine_to_send(Transfer *t, size_t c) {
 
         if (t->self_source < 0)
                 return false;
-        o = plan_owner(c, t->first_owner[c], t->source_names, t->source_alive, t->n_sources);
+        o = owner_of(t, c);
         return o == t->self_source;
 }
 
@@ -648,6 +806,57 @@ static void complete(Transfer *t) {
                 t->ctx->complete(t, t->ctx->userdata);
 }
 
+static void build_done(JobWaiter *w, const JobOutcome *o) {
+        Transfer *t = container_of(w, Transfer, build_wait);
+        WdError err = WD_ERROR_NULL;
+
+        job_unref(TAKE_PTR(t->build));
+        if (o->r == 0) {
+                t->part_entry = cache_entry_ref(o->entry);
+                t->result = 0;
+                log_info("plan %016" PRIx64 ": %s%s%s (%s) resident: %.1f MiB read from storage, %.1f MiB from peers",
+                         t->plan_id, t->comp->model, *t->comp->name ? " " : "", t->comp->name, o->entry->variant,
+                         (double) t->stats.storage_read_bytes / (1u << 20),
+                         (double) t->stats.peer_received_bytes / (1u << 20));
+        } else {
+                t->result = o->r;
+                if (o->err)
+                        t->err = *o->err;
+                else
+                        wd_error_set(&t->err, o->r, "%s: the shard build failed", t->comp->model);
+                log_warning("plan %016" PRIx64 ": %s", t->plan_id, t->err.message);
+        }
+        err = t->err;
+        job_finish(&t->job, &(JobOutcome){ .r = o->r, .err = &err, .entry = o->r == 0 ? o->entry : NULL });
+        store_changed(t->ctx->store);
+        complete(t);
+        pump(t);
+        transfer_unref(t); /* the build's */
+}
+
+static const JobWaiterOps build_wait_ops = { .done = build_done };
+
+/* A node that serves a shard has its pieces (in the staging entry e): cut
+ * its shard out of them, as a local sharded load cuts one out of the whole
+ * component. */
+static int start_build(Transfer *t, CacheEntry *e, WdError *err) {
+        ShardPlan *plan = NULL;
+        _cleanup_free_ char *key = shard_spec_key(t->spec);
+        int r;
+
+        if (!key)
+                return wd_error_set(err, -ENOMEM, "out of memory");
+        r = shard_plan(t->comp, t->spec, GPU_ALIGN, &plan, err);
+        if (r != 0)
+                return r;
+        r = shard_build_start(t->ctx->store, t->comp, plan, t->spec, key, e, NULL, &t->build, err);
+        if (r != 0)
+                return r;
+        transfer_ref(t); /* the build's, until build_done() */
+        job_add_waiter(t->build, &t->build_wait, &build_wait_ops);
+        return 0;
+}
+
 static void seal_done(Completion *c) {
         Transfer *t = container_of(c, Transfer, seal.done);
         CacheEntry *e = NULL;
@@ -657,6 +866,16 @@ static void seal_done(Completion *c) {
         t->sealing = false;
         r = load_job_finish(TAKE_PTR(t->load), &e, &err);
         cache_entry_unref(TAKE_PTR(t->load_entry));
+        if (r == 0 && t->part && t->spec) {
+                t->entry = cache_entry_ref(e);
+                r = start_build(t, e, &err);
+                if (r == 0) {
+                        pump(t);
+                        transfer_unref(t); /* the seal's */
+                        return;
+                }
+                e = NULL;
+        }
         if (r == 0) {
                 t->entry = cache_entry_ref(e);
                 t->result = 0;
@@ -725,7 +944,7 @@ static void pump(Transfer *t) {
 
                 if (ci->state != CHUNK_HAVE)
                         all_have = false;
-                if (ci->state == CHUNK_MISSING && t->load &&
+                if (ci->state == CHUNK_MISSING && t->load && ci->needed &&
                     (chunk_owner(t, c) < 0 || chunk_owner(t, c) == t->self_source)) {
                         if (!to_read)
                                 to_read = malloc(t->n_chunks * sizeof(size_t));
@@ -742,7 +961,8 @@ static void pump(Transfer *t) {
                         if (t->ci[c].state != CHUNK_HAVE || !chunk_mine_to_send(t, c))
                                 continue;
                         for (size_t k = 0; k < t->n_receivers; k++) {
-                                if (t->receiver_done[k] || t->sent[c * t->n_receivers + k])
+                                if (t->receiver_done[k] || t->sent[c * t->n_receivers + k] ||
+                                    (t->part && !(t->chunks[c].need >> k & 1)))
                                         continue;
                                 anything_to_send = true;
                                 if (t->n_tx >= TRANSFER_MAX_SENDS || (all_have && t->load))
@@ -761,7 +981,9 @@ static void pump(Transfer *t) {
                 worker_push(t->ctx->store->worker, &t->seal, seal_work, seal_done);
                 return;
         }
-        if (t->load || t->sealing)
+        /* A part plan's shard still being cut: the transfer must outlive
+         * it, to tell the plan's nodes how it ended. */
+        if (t->load || t->sealing || t->build)
                 return;
 
         /* Sealed (or resident from the start): done once no receiver needs
@@ -926,7 +1148,7 @@ void *transfer_incoming(Transfer *t, const TransferChunkHeader *h, uint64_t leng
             (t->started && (s < 0 || chunk_owner(t, h->index) != s)) || length != t->chunks[h->index].length)
                 return NULL;
         ci = &t->ci[h->index];
-        if (ci->state != CHUNK_MISSING)
+        if (ci->state != CHUNK_MISSING || !ci->needed)
                 return NULL;
         rx = calloc(1, sizeof(Rx));
         if (!rx)

@@ -76,6 +76,22 @@ typedef struct TransferStats {
  * or WD_E_BUDGET, WD_E_BUSY, -errno with err set. */
 int transfer_new_receiving(TransferContext *ctx, uint64_t plan_id, const Component *comp, int root_fd,
                            uint64_t chunk_size, Transfer **ret, WdError *err);
+/* A receiving transfer in a part plan: the plan's nodes (mesh indexes, n
+ * of them, this node among them) each serve specs[i] (NULL: the whole
+ * component).  The chunks are plan_pieces() of those specs: this node reads
+ * and receives only the pieces it needs and sends each piece it reads to
+ * the other nodes that need it.  A node serving the whole component ends
+ * with the whole entry, as in a plain plan; a node serving a shard fills
+ * sparse staging slabs reserved for its pieces only, then cuts its shard
+ * out of them into an entry of its own (store/shard-build.h), the job's
+ * outcome; the staging entry goes when the transfer is finished.  Start
+ * with transfer_start() naming the nodes that take part as receivers
+ * (sources are ignored: in a part plan they are its nodes).  Returns as
+ * transfer_new_receiving(), and WD_E_INVALID for specs that do not fit
+ * comp (err names the file, the tensor and the rule). */
+int transfer_new_part(TransferContext *ctx, uint64_t plan_id, const Component *comp, int root_fd,
+                      uint64_t chunk_size, const unsigned *nodes, ShardSpec *const *specs, size_t n, Transfer **ret,
+                      WdError *err);
 /* A transfer that sends from resident entry e (referenced). */
 int transfer_new_resident(TransferContext *ctx, uint64_t plan_id, const Component *comp, CacheEntry *e,
                           uint64_t chunk_size, Transfer **ret, WdError *err);

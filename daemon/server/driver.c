@@ -21,13 +21,6 @@
 #define DRIVER_MAX_COMPONENT_NAME 255u
 /* Nodes a cluster prefetch may name. */
 #define DRIVER_MAX_CLUSTER_NODES 1024u
-/* Limits on a Shard from the wire. */
-#define SHARD_MAX_WORLD 65536u
-#define SHARD_MAX_RULES 64u
-#define SHARD_MAX_PATTERN 256u
-/* fnmatch() backtracks over every '*': more than a few make a pattern that
- * can take very long on a long name. */
-#define SHARD_MAX_STARS 4u
 
 static void driver_changed(Driver *d) {
         if (d->changed)
@@ -52,29 +45,13 @@ int shard_spec_from_wire(const Weightd__V1__Shard *w, ShardSpec **ret, WdError *
                                     SHARD_MAX_RULES);
         for (size_t i = 0; i < w->n_rules; i++) {
                 const Weightd__V1__ShardRule *x = w->rules[i];
-                unsigned stars = 0;
-                size_t len;
+                int r;
 
-                if (!x || !x->pattern)
+                if (!x)
                         return wd_error_set(err, WD_E_INVALID, "shard: rule %zu has no pattern", i);
-                len = strnlen(x->pattern, SHARD_MAX_PATTERN + 1);
-                if (len == 0 || len > SHARD_MAX_PATTERN)
-                        return wd_error_set(err, WD_E_INVALID, "shard: rule %zu: the pattern must have 1 to %u bytes",
-                                            i, SHARD_MAX_PATTERN);
-                for (size_t k = 0; k < len; k++) {
-                        unsigned char ch = (unsigned char) x->pattern[k];
-
-                        if (ch < 0x20 || ch == 0x7f)
-                                return wd_error_set(err, WD_E_INVALID,
-                                                    "shard: rule %zu: the pattern has a control byte at %zu", i, k);
-                        stars += ch == '*';
-                }
-                if (stars > SHARD_MAX_STARS)
-                        return wd_error_set(err, WD_E_INVALID, "shard: rule %zu: %u '*' in the pattern, the limit is %u",
-                                            i, stars, SHARD_MAX_STARS);
-                if (x->dim > 1)
-                        return wd_error_set(err, WD_E_INVALID,
-                                            "shard: rule %zu: dim %u, only dimensions 0 and 1 can be split", i, x->dim);
+                r = shard_rule_check(i, x->pattern, x->dim, err);
+                if (r != 0)
+                        return r;
         }
         /* World 1, or no rules, splits nothing: an ordinary load, served from
          * the whole entry rather than a copy of it. */
@@ -292,7 +269,7 @@ static void load_cluster(Driver *d, Request *r) {
         Job *j;
         int k;
 
-        k = cluster_prefetch(d->cluster, r->comp, r->nodes, r->n_nodes, &j, &err);
+        k = cluster_prefetch(d->cluster, r->comp, r->nodes, r->node_specs, r->n_nodes, &j, &err);
         if (k != 0) {
                 complete_error(r, k, &err);
                 return;
@@ -512,7 +489,13 @@ static int handle_load(Driver *d, Peer *p, uint64_t id, const Weightd__V1__LoadR
                         if (!string_ok(req->nodes[i], 64) || !*req->nodes[i])
                                 return request_reply_error(p, id, WEIGHTD__V1__CODE__INVALID_ARGUMENT,
                                                            "nodes: a name of 1..63 bytes is required");
-        }
+                if (req->n_node_shards > 0 && req->n_node_shards != req->n_nodes)
+                        return request_reply_error(p, id, WEIGHTD__V1__CODE__INVALID_ARGUMENT,
+                                                   "node_shards: %zu shards for %zu nodes, one per node is required",
+                                                   req->n_node_shards, req->n_nodes);
+        } else if (req->n_node_shards > 0)
+                return shard_spec_free(spec), request_reply_error(p, id, WEIGHTD__V1__CODE__INVALID_ARGUMENT,
+                                                                  "node_shards: only with cluster and nodes");
         r = request_resolve(d, p, id, kind, req->progress, req->model, req->component, spec);
         if (!r)
                 return 0;
@@ -530,6 +513,27 @@ static int handle_load(Driver *d, Peer *p, uint64_t id, const Weightd__V1__LoadR
                                 return 0;
                         }
                         r->n_nodes++;
+                }
+                if (req->n_node_shards > 0) {
+                        r->node_specs = calloc(req->n_nodes + 1, sizeof(ShardSpec *));
+                        if (!r->node_specs) {
+                                complete_errorf(r, -ENOMEM, "out of memory");
+                                return 0;
+                        }
+                        for (size_t i = 0; i < req->n_node_shards; i++) {
+                                WdError err = WD_ERROR_NULL;
+                                int k = req->node_shards[i] ? shard_spec_from_wire(req->node_shards[i],
+                                                                                   &r->node_specs[i], &err)
+                                                            : 0;
+
+                                if (k != 0) {
+                                        WdError named = WD_ERROR_NULL;
+
+                                        wd_error_set(&named, k, "node_shards: %.64s: %s", r->nodes[i], err.message);
+                                        complete_error(r, k, &named);
+                                        return 0;
+                                }
+                        }
                 }
         }
         if (device >= 0) {

@@ -122,9 +122,13 @@ void request_free(Request *r) {
         free(r->rel);
         free(r->key);
         free(r->component);
-        for (size_t i = 0; i < r->n_nodes; i++)
+        for (size_t i = 0; i < r->n_nodes; i++) {
                 free(r->nodes[i]);
+                if (r->node_specs)
+                        shard_spec_free(r->node_specs[i]);
+        }
         free(r->nodes);
+        free(r->node_specs);
         roots_unref(r->roots);
         free(r);
 }

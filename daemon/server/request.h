@@ -56,6 +56,7 @@ struct Request {
         bool cluster;
         char **nodes;
         size_t n_nodes;
+        ShardSpec **node_specs; /* a part plan: one per node (NULL: the whole component); NULL if none */
 
         /* The resolve, on the thread pool (resolving meanwhile). */
         uv_work_t work;

@@ -70,6 +70,14 @@ int load_job_finish(LoadJob *job, CacheEntry **ret_entry, WdError *err);
  * must not be called. */
 int load_job_prepare(LoadJob **ret, Cache *cache, int root_fd, const Component *comp, const LoadOptions *opts,
                      WdError *err);
+/* load_job_prepare() into an entry of another variant, reserving
+ * reserve_bytes rather than the component's size: for a caller that fills
+ * only part of the slabs (they are sparse: memory is taken where bytes are
+ * written; opts should ask for small pages then).  The seal checks the
+ * files are unchanged but not the header bytes, which such slabs may lack:
+ * the caller checks what it filled (the cluster: a checksum per piece). */
+int load_job_prepare_variant(LoadJob **ret, Cache *cache, int root_fd, const Component *comp, const LoadOptions *opts,
+                             const char *variant, uint64_t reserve_bytes, WdError *err);
 /* The reader extent for bytes [offset, offset + length) of file (in comp's
  * order) into its slab: direct where the file was opened so and offset is
  * aligned (then length is a multiple of READER_ALIGN or runs to the end of

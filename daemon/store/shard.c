@@ -318,6 +318,33 @@ char *shard_spec_key(const ShardSpec *spec) {
         return buf;
 }
 
+int shard_rule_check(size_t i, const char *pattern, unsigned dim, WdError *err) {
+        unsigned stars = 0;
+        size_t len;
+
+        if (!pattern)
+                return wd_error_set(err, WD_E_INVALID, "shard: rule %zu has no pattern", i);
+        len = strnlen(pattern, SHARD_MAX_PATTERN + 1);
+        if (len == 0 || len > SHARD_MAX_PATTERN)
+                return wd_error_set(err, WD_E_INVALID, "shard: rule %zu: the pattern must have 1 to %u bytes", i,
+                                    SHARD_MAX_PATTERN);
+        for (size_t k = 0; k < len; k++) {
+                unsigned char ch = (unsigned char) pattern[k];
+
+                if (ch < 0x20 || ch == 0x7f)
+                        return wd_error_set(err, WD_E_INVALID, "shard: rule %zu: the pattern has a control byte at %zu",
+                                            i, k);
+                stars += ch == '*';
+        }
+        if (stars > SHARD_MAX_STARS)
+                return wd_error_set(err, WD_E_INVALID, "shard: rule %zu: %u '*' in the pattern, the limit is %u", i,
+                                    stars, SHARD_MAX_STARS);
+        if (dim > 1)
+                return wd_error_set(err, WD_E_INVALID, "shard: rule %zu: dim %u, only dimensions 0 and 1 can be split",
+                                    i, dim);
+        return 0;
+}
+
 ShardSpec *shard_spec_free(ShardSpec *spec) {
         if (!spec)
                 return NULL;

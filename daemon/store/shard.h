@@ -87,6 +87,20 @@ void shard_copy_host(const ShardPlan *p, const uint8_t *const *files, uint8_t *d
  * out of memory. */
 char *shard_spec_key(const ShardSpec *spec);
 
+/* Limits on a spec from a peer (a client, another node). */
+#define SHARD_MAX_WORLD 65536u
+#define SHARD_MAX_RULES 64u
+#define SHARD_MAX_PATTERN 256u
+/* fnmatch() backtracks over every '*': more than a few make a pattern that
+ * can take very long on a long name. */
+#define SHARD_MAX_STARS 4u
+
+/* Rule index of a spec from a peer: pattern (may be NULL) of 1 to
+ * SHARD_MAX_PATTERN bytes without control bytes and with at most
+ * SHARD_MAX_STARS '*', dim 0 or 1.  Returns 0 or WD_E_INVALID with err
+ * saying which rule broke which limit. */
+int shard_rule_check(size_t index, const char *pattern, unsigned dim, WdError *err);
+
 /* Deep copy and free of a spec (the daemon keeps one per job). */
 int shard_spec_copy(const ShardSpec *spec, ShardSpec **ret);
 ShardSpec *shard_spec_free(ShardSpec *spec);

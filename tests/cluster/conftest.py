@@ -120,7 +120,8 @@ def pytest_runtest_makereport(item, call):
     """A failed test's report carries every node's log."""
     outcome = yield
     rep = outcome.get_result()
-    c = item.funcargs.get("cluster") if hasattr(item, "funcargs") else None
-    if rep.failed and isinstance(c, Cluster):
+    args = item.funcargs if hasattr(item, "funcargs") else {}
+    c = next((v for v in args.values() if isinstance(v, Cluster)), None)
+    if rep.failed and c is not None:
         for node in c:
             rep.sections.append((f"weightd log, node {node.name}", node.log()[-8000:]))

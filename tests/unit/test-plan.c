@@ -383,7 +383,7 @@ static void check_pieces(const Component *comp, ShardSpec **specs, size_t n, uin
 
         /* A gone reader's pieces go to a live node that needs them. */
         const char *names[PLAN_MAX_SOURCES];
-        char name_buf[PLAN_MAX_SOURCES][16];
+        char name_buf[PLAN_MAX_SOURCES][32];
         bool alive[PLAN_MAX_SOURCES];
         for (size_t i = 0; i < n; i++) {
                 snprintf(name_buf[i], sizeof(name_buf[i]), "node-%zu", i);

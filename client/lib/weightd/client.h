@@ -319,6 +319,32 @@ typedef struct wd_cluster_prefetch_result {
 int wd_prefetch_cluster(wd_client *c, const char *model, const char *component, const char *const *nodes,
                         size_t n_nodes, wd_progress_fn progress, void *userdata, wd_cluster_prefetch_result **ret,
                         wd_error *err);
+
+/* What one node of a cluster prefetch serves (wd_prefetch_cluster_parts()):
+ * world 0 is the whole component; else rank's slices of the tensors the
+ * rules match, as in wd_load_options (the same node then loads them with
+ * wd_load_ex() and the same rank, world, rules and uneven). */
+typedef struct wd_cluster_part {
+        const char *node;
+        unsigned rank;
+        unsigned world;
+        const wd_shard_rule *rules;
+        size_t n_rules;
+        int uneven;
+} wd_cluster_part;
+
+/* wd_prefetch_cluster() where each node serves its own part: parts[i].node
+ * serves parts[i] (each node at most once).  Every byte any node serves is
+ * read from storage once across the nodes: a range only one node serves is
+ * read by that node and crosses no link; a range several serve is read by
+ * one of them and sent to the others that serve it, and to no other node.
+ * Each node ends with its part resident (a sharded entry, or the whole
+ * component), and nothing else of it.  Returns as wd_prefetch_cluster(), and
+ * WD_INVALID_ARGUMENT for a part the component does not fit (the message
+ * names the file, the tensor and the rule) or more than 64 parts. */
+int wd_prefetch_cluster_parts(wd_client *c, const char *model, const char *component, const wd_cluster_part *parts,
+                              size_t n_parts, wd_progress_fn progress, void *userdata,
+                              wd_cluster_prefetch_result **ret, wd_error *err);
 /* Accepts NULL. */
 void wd_cluster_prefetch_result_free(wd_cluster_prefetch_result *r);
 

@@ -1,0 +1,224 @@
+"""Part plans: each node of a cluster prefetch serves its own shard, and
+moves only the bytes it serves.
+
+The expectations are computed here from the files' headers (json and
+arithmetic, not weightd's code): for every node, the byte ranges of the
+slices its shard takes, rounded out to 4 KiB blocks (O_DIRECT's unit); a
+block that one node needs must be read by that node and cross no link; a
+block that k nodes need must be read once and cross k - 1 links.  The
+bytes each node then serves (a sharded Load through its socket, dumped)
+are compared with numpy slicing of the files (tests/integration's shard
+check), and the Load must read nothing more from storage.
+"""
+import random
+
+import pytest
+
+from cluster import Cluster, per_node, prefetch_results
+from harness import make_dir, wait_until
+from reference import read_header, write_safetensors
+from test_shard import check_rank, rule_for, split
+
+BLOCK = 4096
+RULES = [("*.q.weight", 0), ("*.o.weight", 1), ("embed", 0)]
+NAMES = ("a", "b", "c", "d")
+
+
+def make_tp_model(root):
+    """Two files: per layer a dim-0 and a dim-1 split (rows of 16 KiB, so
+    a rank's slices are separate reads) and a small tensor no rule splits."""
+    rng = random.Random("cluster/parts")
+    model = root / "tp"
+    model.mkdir()
+    for f in range(2):
+        tensors = []
+        for i in range(4 * f, 4 * f + 4):
+            tensors.append((f"layers.{i}.q.weight", "F16", [512, 2048], rng.randbytes(512 * 2048 * 2)))
+            tensors.append((f"layers.{i}.o.weight", "F16", [256, 8192], rng.randbytes(256 * 8192 * 2)))
+            tensors.append((f"layers.{i}.norm.weight", "F32", [2048], rng.randbytes(2048 * 4)))
+        if f == 1:
+            tensors.append(("embed", "F16", [4096, 1024], rng.randbytes(4096 * 1024 * 2)))
+        write_safetensors(model / f"model-0000{f + 1}-of-00002.safetensors", tensors, {"format": "pt"})
+    return model, sorted(model.glob("*.safetensors"))
+
+
+def node_blocks(path, rank, world, rules):
+    """The 4 KiB blocks of path that a node serving rank/world needs."""
+    start, header, _ = read_header(path)
+    size = path.stat().st_size
+    blocks = set()
+
+    def add(begin, end):
+        if end > begin:
+            blocks.update(range(begin // BLOCK, (end + BLOCK - 1) // BLOCK))
+
+    for name, e in header.items():
+        b, end = e["data_offsets"]
+        b += start
+        end += start
+        shape = e["shape"]
+        dim = rule_for(name, rules)
+        if dim is None:
+            add(b, end)
+            continue
+        row = (end - b) // shape[0]  # bytes per index of dim 0
+        first, part = split(shape[dim], rank, world)
+        if dim == 0:
+            add(b + first * row, b + (first + part) * row)
+        else:
+            per = row // shape[1]
+            for r in range(shape[0]):
+                add(b + r * row + first * per, b + r * row + (first + part) * per)
+    return {k for k in blocks if k * BLOCK < size}
+
+
+def expected_bytes(files, shards, rules):
+    """(storage bytes, link bytes, {node: bytes it needs}) for shards
+    {node: (rank, world)}."""
+    storage = links = 0
+    need = {n: 0 for n in shards}
+    for path in files:
+        size = path.stat().st_size
+        per = {n: node_blocks(path, r, w, rules) for n, (r, w) in shards.items()}
+        for k in set().union(*per.values()):
+            length = min(BLOCK, size - k * BLOCK)
+            users = [n for n in per if k in per[n]]
+            storage += length
+            links += (len(users) - 1) * length
+            for n in users:
+                need[n] += length
+    return storage, links, need
+
+
+@pytest.fixture
+def cluster4(bins, workdir, models, net):
+    base = make_dir(workdir, "parts-")
+    c = Cluster(bins, base, models, net, names=NAMES)
+    yield c
+    errors = c.finish()
+    assert not errors, "\n".join(errors)
+
+
+@pytest.fixture(scope="module")
+def tp_model(models):
+    return make_tp_model(models)
+
+
+def node_counters(cluster):
+    return {n.name: n.counters() for n in cluster}
+
+
+def test_tensor_parallel_split_reads_the_union_once(cluster4, tp_model, tmp_path):
+    cluster = cluster4
+    model, files = tp_model
+    cluster.start()
+    shards = {n: (i, 4) for i, n in enumerate(NAMES)}
+    storage, links, need = expected_bytes(files, shards, RULES)
+    total = sum(p.stat().st_size for p in files)
+    # Every byte is some rank's (the header's blocks hold tensor data too).
+    # Dim-0 slices are one node's; a dim-1 slice's edge blocks are shared
+    # with the next rank's: links carry less than one copy of the model,
+    # where sending every byte to every node would carry three.
+    assert storage == total and links < total, (storage, links, total)
+
+    before = node_counters(cluster)
+    args = ["--nodes", ",".join(NAMES)] + [f"--node-shard={n}={r}/{w}" for n, (r, w) in shards.items()]
+    args += [f"--rule={p}:{d}" for p, d in RULES]
+    r = cluster.prefetch("a", model, *args)
+    assert r.returncode == 0, f"{r.stdout.decode()} {r.stderr.decode()}"
+    lines = per_node(prefetch_results(r.stdout, r.stderr, r.returncode))
+    assert sorted(lines) == list(NAMES), lines
+    for n, line in lines.items():
+        assert line["state"] == "ok", (n, line)
+    after = node_counters(cluster)
+    read = {n: after[n][0] - before[n][0] for n in NAMES}
+    received = {n: after[n][1] - before[n][1] for n in NAMES}
+    sent = {n: after[n][2] - before[n][2] for n in NAMES}
+
+    # Storage: the union of the shards' blocks, once; links: only blocks
+    # more than one node needs, once to each other node that needs them.
+    assert sum(read.values()) == storage, (read, storage)
+    assert sum(received.values()) == links, (received, links)
+    assert sum(sent.values()) == links, (sent, links)
+    for n in NAMES:
+        assert read[n] + received[n] == need[n], f"node {n}: read {read[n]} + received {received[n]}, needs {need[n]}"
+    # The reply's accounting agrees with the nodes' Status.
+    assert sum(line["storage_read_bytes"] for line in lines.values()) == storage
+
+    # Each node serves its shard, equal to numpy slicing of the files,
+    # without reading anything more.
+    for i, n in enumerate(NAMES):
+        node = cluster[n]
+        out = tmp_path / f"{n}.dump"
+        args = [f"{i}/4"] + [f"{p}:{d}" for p, d in RULES]
+        r = node.client("shard", str(model), "", str(out), *args)
+        assert r.returncode == 0, r.stderr.decode()
+        import json
+        check_rank(json.loads(r.stdout), out.read_bytes(), files, i, 4, RULES)
+    assert {n: c[0] for n, c in node_counters(cluster).items()} == {n: after[n][0] for n in NAMES}
+
+    # Nothing but the shard stays: the staging memory went.
+    def only_shards():
+        for i, n in enumerate(NAMES):
+            entries = [e for e in cluster[n].ls() if e["model"] == str(model)]
+            if [e["shard"] for e in entries] != [f"rank {i}/4 " + " ".join(f"{p}:{d}" for p, d in RULES)]:
+                return False
+        return True
+    wait_until(only_shards, timeout=10, what="each node to hold its shard only")
+
+
+def test_mixed_plan_whole_and_shards(cluster4, tp_model, tmp_path):
+    """One node serves the whole component, two serve halves, one nothing:
+    the whole node reads or receives everything; the half nodes only theirs."""
+    cluster = cluster4
+    model, files = tp_model
+    cluster.start()
+    shards = {"b": (0, 2), "c": (1, 2)}
+    storage, links, need = expected_bytes(files, {**shards, "a": (0, 1)}, RULES)
+    total = sum(p.stat().st_size for p in files)
+    assert storage == total
+
+    before = node_counters(cluster)
+    args = ["--nodes", "a,b,c"] + [f"--node-shard={n}={r}/{w}" for n, (r, w) in shards.items()]
+    args += [f"--rule={p}:{d}" for p, d in RULES]
+    r = cluster.prefetch("d", model, *args)
+    assert r.returncode == 0, f"{r.stdout.decode()} {r.stderr.decode()}"
+    lines = per_node(prefetch_results(r.stdout, r.stderr, r.returncode))
+    assert sorted(lines) == ["a", "b", "c"], lines
+    after = node_counters(cluster)
+    read = {n: after[n][0] - before[n][0] for n in NAMES}
+    received = {n: after[n][1] - before[n][1] for n in NAMES}
+    assert read["d"] == 0 and received["d"] == 0
+    assert sum(read.values()) == total
+    assert sum(received.values()) == links
+    for n in "abc":
+        assert read[n] + received[n] == need[n], (n, read[n], received[n], need[n])
+
+    model_check = cluster["a"].hash(model)["tensors"]
+    from reference import component_tensors
+    expected = component_tensors(files)
+    assert {k: v["xxh3_128"] for k, v in model_check.items()} == {k: v["xxh3_128"] for k, v in expected.items()}
+    import json
+    for n, (rank, world) in shards.items():
+        out = tmp_path / f"{n}.dump"
+        r = cluster[n].client("shard", str(model), "", str(out), f"{rank}/{world}", *[f"{p}:{d}" for p, d in RULES])
+        assert r.returncode == 0, r.stderr.decode()
+        check_rank(json.loads(r.stdout), out.read_bytes(), files, rank, world, RULES)
+
+
+def test_bad_part_is_refused_naming_the_tensor(cluster4, tp_model):
+    """A rule the tensors do not fit: every node refuses before reading, the
+    message names the file, the tensor and the rule, and the cluster serves
+    the next plan."""
+    cluster = cluster4
+    model, files = tp_model
+    cluster.start()
+    before = node_counters(cluster)
+    r = cluster.prefetch("a", model, "--nodes", "a,b", "--node-shard=a=0/3", "--node-shard=b=1/3",
+                         "--rule=*.norm.weight:1")
+    out = r.stdout.decode() + r.stderr.decode()
+    assert "norm.weight" in out and "dim 1" in out, out
+    assert {n: c[0] for n, c in node_counters(cluster).items()} == {n: before[n][0] for n in NAMES}
+    r = cluster.prefetch("a", model, "--nodes", "a,b", "--node-shard=a=0/2", "--node-shard=b=1/2",
+                         *[f"--rule={p}:{d}" for p, d in RULES])
+    assert r.returncode == 0, f"{r.stdout.decode()} {r.stderr.decode()}"
