@@ -714,12 +714,19 @@ static int load_request_ex(const char *func, const char *model, const char *comp
                 return error_set(err, WD_INVALID_ARGUMENT, "%s: keep_host %d is not a WD_KEEP_HOST_* value", func,
                                  o->keep_host);
         load->keep_host = (Weightd__V1__KeepHost) o->keep_host;
+        if (o->n_tensors > 0 && !o->tensors)
+                return error_set(err, WD_INVALID_ARGUMENT, "%s: n_tensors is %zu but tensors is NULL", func,
+                                 o->n_tensors);
+        for (size_t i = 0; i < o->n_tensors; i++)
+                if (!o->tensors[i])
+                        return error_set(err, WD_INVALID_ARGUMENT, "%s: tensors pattern %zu is NULL", func, i);
         if (o->world == 0) {
                 if (o->n_rules > 0 || o->rank > 0)
                         return error_set(err, WD_INVALID_ARGUMENT, "%s: shard rules or a rank without a world", func);
-                return WD_OK;
+                if (o->n_tensors == 0)
+                        return WD_OK;
         }
-        if (o->rank >= o->world)
+        if (o->world > 0 && o->rank >= o->world)
                 return error_set(err, WD_INVALID_ARGUMENT, "%s: rank %u is not below world %u", func, o->rank,
                                  o->world);
         if (o->n_rules > 0 && !o->rules)
@@ -727,7 +734,9 @@ static int load_request_ex(const char *func, const char *model, const char *comp
 
         weightd__v1__shard__init(shard);
         shard->rank = o->rank;
-        shard->world = o->world;
+        shard->world = o->world ? o->world : 1; /* tensors only: nothing split */
+        shard->tensors = (char **) o->tensors;
+        shard->n_tensors = o->n_tensors;
         shard->uneven = o->uneven != 0;
         *rules = calloc(o->n_rules ? o->n_rules : 1, sizeof(Weightd__V1__ShardRule));
         *rule_ptrs = calloc(o->n_rules ? o->n_rules : 1, sizeof(Weightd__V1__ShardRule *));
@@ -989,7 +998,8 @@ _public_ int wd_prefetch_cluster_parts(wd_client *c, const char *model, const ch
                 if (!x->node)
                         return finish(error_set(&e, WD_INVALID_ARGUMENT, "wd_prefetch_cluster_parts(): part %zu "
                                                 "names no node", i), &e, err);
-                if (x->world == 0 ? x->rank > 0 || x->n_rules > 0 : x->rank >= x->world || (x->n_rules && !x->rules))
+                if ((x->world == 0 ? x->rank > 0 || x->n_rules > 0 : x->rank >= x->world || (x->n_rules && !x->rules)) ||
+                    (x->n_tensors && !x->tensors))
                         return finish(error_set(&e, WD_INVALID_ARGUMENT,
                                                 "wd_prefetch_cluster_parts(): %s: rank %u of world %u with %zu rules "
                                                 "(world 0: the whole component, no rank or rules)",
@@ -998,6 +1008,11 @@ _public_ int wd_prefetch_cluster_parts(wd_client *c, const char *model, const ch
                         if (!x->rules[j].pattern)
                                 return finish(error_set(&e, WD_INVALID_ARGUMENT,
                                                         "wd_prefetch_cluster_parts(): %s: rule %zu has no pattern",
+                                                        x->node, j), &e, err);
+                for (size_t j = 0; j < x->n_tensors; j++)
+                        if (!x->tensors[j])
+                                return finish(error_set(&e, WD_INVALID_ARGUMENT,
+                                                        "wd_prefetch_cluster_parts(): %s: tensors pattern %zu is NULL",
                                                         x->node, j), &e, err);
                 n_rules += x->n_rules;
         }
@@ -1021,6 +1036,8 @@ _public_ int wd_prefetch_cluster_parts(wd_client *c, const char *model, const ch
                 m->uneven = x->uneven != 0;
                 m->rules = &rule_ptrs[k];
                 m->n_rules = x->n_rules;
+                m->tensors = (char **) x->tensors;
+                m->n_tensors = x->n_tensors;
                 for (size_t j = 0; j < x->n_rules; j++, k++) {
                         weightd__v1__shard_rule__init(&rules[k]);
                         rules[k].pattern = (char *) x->rules[j].pattern;

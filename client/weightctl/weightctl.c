@@ -111,15 +111,22 @@ typedef struct Options {
         /* --node-shard NODE=RANK/WORLD (with --cluster; --rule and --uneven
          * apply to each): the node's part of a part plan */
         wd_cluster_part *parts;
+        Strv *part_tensors; /* --node-tensors NODE=PAT,...: parts[i]'s */
         size_t n_parts;
+        /* --tensors PAT,...: only these tensors */
+        Strv tensors;
 } Options;
 
 static void options_done(Options *o) {
         free(o->model);
         free(o->components);
         free(o->rules);
+        for (size_t i = 0; i < o->n_parts; i++)
+                strv_done(&o->part_tensors[i]);
         free(o->parts);
+        free(o->part_tensors);
         strv_done(&o->nodes);
+        strv_done(&o->tensors);
 }
 
 /* The load options of --shard, --rule, --uneven, --device and --keep-host. */
@@ -132,6 +139,8 @@ static wd_load_options load_options(const Options *o) {
                 .rules = o->rules,
                 .n_rules = o->n_rules,
                 .uneven = o->uneven,
+                .tensors = (const char *const *) o->tensors.items,
+                .n_tensors = o->tensors.n,
         };
 }
 
@@ -626,9 +635,13 @@ static wd_cluster_part *cluster_parts(const Options *o, size_t *ret_n) {
         }
         for (size_t k = 0; k < o->n_parts; k++) {
                 v[n] = o->parts[k];
-                v[n].rules = o->rules;
-                v[n].n_rules = o->n_rules;
-                v[n++].uneven = o->uneven;
+                if (v[n].world > 0) {
+                        v[n].rules = o->rules;
+                        v[n].n_rules = o->n_rules;
+                        v[n].uneven = o->uneven;
+                }
+                v[n].tensors = (const char *const *) o->part_tensors[k].items;
+                v[n++].n_tensors = o->part_tensors[k].n;
         }
         *ret_n = n;
         return v;
@@ -1365,6 +1378,7 @@ static void help(void) {
                "           [--device cuda:N [--keep-host yes|no]]  or on a GPU (N as this process sees it)\n"
                "           [--cluster [--nodes A,B,...]]   or on the cluster's nodes (default: every node)\n"
                "           [--node-shard NODE=R/W]...      each node its own shard (with --rule PAT:DIM)\n"
+               "           [--node-tensors NODE=PAT,...]... or its own tensors (a pipeline stage)\n"
                "  ls                                     list the daemon's entries\n"
                "  status                                 show the daemon's counters\n"
                "  cluster                                list the cluster's nodes as this daemon sees them\n"
@@ -1376,7 +1390,8 @@ static void help(void) {
                "  pin MODEL [--component NAME]           keep a component from being evicted\n"
                "  unpin MODEL [--component NAME]         let it be evicted again\n"
                "\n"
-               "prefetch, tensors and cat take a shard: --shard RANK/WORLD [--rule PATTERN:DIM]... [--uneven]\n"
+               "prefetch, tensors and cat take a shard: --shard RANK/WORLD [--rule PATTERN:DIM]... [--uneven],\n"
+               "and --tensors PATTERN,... (only those tensors, with or without a shard)\n"
                "(this rank's slices of the tensors a rule matches; tensors loads it to list them).\n"
                "ls shows the shard of each entry.  evict, pin and unpin act on every shard too.\n"
                "\n"
@@ -1394,9 +1409,11 @@ static void help(void) {
                "      --cluster         prefetch into the host memory of the cluster's nodes, reading\n"
                "                        each byte from storage once across them\n"
                "      --nodes A,B,...   only these nodes (with --cluster)\n"
+               "      --tensors PAT,... only the tensors whose name matches a glob (a pipeline stage)\n"
                "      --node-shard NODE=R/W  with --cluster: NODE serves rank R of W (--rule and --uneven\n"
                "                        apply); nodes of --nodes without one serve it whole.  Each node\n"
                "                        reads or receives only the bytes it serves\n"
+               "      --node-tensors NODE=PAT,...  with --cluster: NODE serves those tensors only\n"
                "      --json            one JSON document on stdout instead of text\n"
                "  -h, --help            show this help\n"
                "  -V, --version         show the version\n"
@@ -1435,55 +1452,112 @@ static int parse_shard(const char *arg, Options *o) {
         return 0;
 }
 
-/* --nodes A,B,...: a comma list of non-empty names, added to o->nodes
- * (the daemon judges the names). */
-static int parse_nodes(const char *arg, Options *o) {
+/* A comma list of non-empty items, added to v; -EINVAL for an empty item. */
+static int split_list(const char *arg, Strv *v) {
         _cleanup_free_ char *copy = strdup(arg);
-        char *rest = copy, *name;
+        char *rest = copy, *item;
 
         if (!copy)
-                return fail_oom();
+                return -ENOMEM;
         if (arg[0] == '\0' || arg[strlen(arg) - 1] == ',')
-                return usage_error("--nodes takes a comma-separated list of node names, not '%s'", arg);
-        while ((name = strsep(&rest, ","))) {
+                return -EINVAL;
+        while ((item = strsep(&rest, ","))) {
                 char **items;
 
-                if (name[0] == '\0')
-                        return usage_error("--nodes takes a comma-separated list of node names, not '%s'", arg);
-                items = reallocarray(o->nodes.items, o->nodes.n + 1, sizeof(char *));
+                if (item[0] == '\0')
+                        return -EINVAL;
+                items = reallocarray(v->items, v->n + 1, sizeof(char *));
                 if (!items)
-                        return fail_oom();
-                o->nodes.items = items;
-                o->nodes.items[o->nodes.n] = strdup(name);
-                if (!o->nodes.items[o->nodes.n])
-                        return fail_oom();
-                o->nodes.n++;
+                        return -ENOMEM;
+                v->items = items;
+                if (!(v->items[v->n] = strdup(item)))
+                        return -ENOMEM;
+                v->n++;
         }
         return 0;
 }
 
-/* --node-shard NODE=RANK/WORLD, split at the last '='; the name stays in
- * argv. */
+/* --nodes A,B,...: a comma list of non-empty names, added to o->nodes
+ * (the daemon judges the names). */
+static int parse_nodes(const char *arg, Options *o) {
+        int r = split_list(arg, &o->nodes);
+
+        if (r == -ENOMEM)
+                return fail_oom();
+        if (r < 0)
+                return usage_error("--nodes takes a comma-separated list of node names, not '%s'", arg);
+        return 0;
+}
+
+/* The part of node name, made (the whole component) if new; NULL when out
+ * of memory.  The name stays in argv. */
+static wd_cluster_part *find_part(Options *o, const char *name, Strv **ret_tensors) {
+        wd_cluster_part *parts;
+        Strv *tensors;
+
+        for (size_t i = 0; i < o->n_parts; i++)
+                if (strcmp(o->parts[i].node, name) == 0) {
+                        *ret_tensors = &o->part_tensors[i];
+                        return &o->parts[i];
+                }
+        parts = reallocarray(o->parts, o->n_parts + 1, sizeof(wd_cluster_part));
+        if (parts)
+                o->parts = parts;
+        tensors = reallocarray(o->part_tensors, o->n_parts + 1, sizeof(Strv));
+        if (tensors)
+                o->part_tensors = tensors;
+        if (!parts || !tensors)
+                return NULL;
+        o->parts[o->n_parts] = (wd_cluster_part){ .node = name };
+        o->part_tensors[o->n_parts] = (Strv){};
+        *ret_tensors = &o->part_tensors[o->n_parts];
+        return &o->parts[o->n_parts++];
+}
+
+/* --node-shard NODE=RANK/WORLD, split at the last '='. */
 static int parse_node_shard(char *arg, Options *o) {
         char *eq = strrchr(arg, '=');
         const char *slash = eq ? strchr(eq, '/') : NULL;
-        wd_cluster_part part = { .node = arg };
-        wd_cluster_part *parts;
+        unsigned rank, world;
+        wd_cluster_part *part;
+        Strv *tensors;
 
-        if (!eq || eq == arg || !slash || parse_unsigned(eq + 1, (size_t) (slash - eq - 1), UINT_MAX, &part.rank) < 0 ||
-            parse_unsigned(slash + 1, strlen(slash + 1), 65536, &part.world) < 0 || part.world == 0)
+        if (!eq || eq == arg || !slash || parse_unsigned(eq + 1, (size_t) (slash - eq - 1), UINT_MAX, &rank) < 0 ||
+            parse_unsigned(slash + 1, strlen(slash + 1), 65536, &world) < 0 || world == 0)
                 return usage_error("--node-shard takes NODE=RANK/WORLD with 1 <= WORLD <= 65536, not '%s'", arg);
-        if (part.rank >= part.world)
+        if (rank >= world)
                 return usage_error("--node-shard %s: the rank must be below the world", arg);
         *eq = '\0';
-        for (size_t i = 0; i < o->n_parts; i++)
-                if (strcmp(o->parts[i].node, arg) == 0)
-                        return usage_error("--node-shard: node '%s' named twice", arg);
-        parts = reallocarray(o->parts, o->n_parts + 1, sizeof(wd_cluster_part));
-        if (!parts)
+        part = find_part(o, arg, &tensors);
+        if (!part)
                 return fail_oom();
-        o->parts = parts;
-        o->parts[o->n_parts++] = part;
+        if (part->world != 0)
+                return usage_error("--node-shard: node '%s' named twice", arg);
+        part->rank = rank;
+        part->world = world;
+        return 0;
+}
+
+/* --node-tensors NODE=PATTERN,..., split at the first '='. */
+static int parse_node_tensors(char *arg, Options *o) {
+        char *eq = strchr(arg, '=');
+        wd_cluster_part *part;
+        Strv *tensors;
+        int r;
+
+        if (!eq || eq == arg)
+                return usage_error("--node-tensors takes NODE=PATTERN[,PATTERN]..., not '%s'", arg);
+        *eq = '\0';
+        part = find_part(o, arg, &tensors);
+        if (!part)
+                return fail_oom();
+        if (tensors->n > 0)
+                return usage_error("--node-tensors: node '%s' named twice", arg);
+        r = split_list(eq + 1, tensors);
+        if (r == -ENOMEM)
+                return fail_oom();
+        if (r < 0)
+                return usage_error("--node-tensors %s: a comma-separated list of tensor name patterns is required", arg);
         return 0;
 }
 
@@ -1510,6 +1584,8 @@ static int parse_argv(int argc, char *argv[], Options *o, const Command **ret) {
                 ARG_CLUSTER,
                 ARG_NODES,
                 ARG_NODE_SHARD,
+                ARG_NODE_TENSORS,
+                ARG_TENSORS,
         };
         static const struct option options[] = {
                 { "socket", required_argument, NULL, 's' },
@@ -1525,6 +1601,8 @@ static int parse_argv(int argc, char *argv[], Options *o, const Command **ret) {
                 { "cluster", no_argument, NULL, ARG_CLUSTER },
                 { "nodes", required_argument, NULL, ARG_NODES },
                 { "node-shard", required_argument, NULL, ARG_NODE_SHARD },
+                { "node-tensors", required_argument, NULL, ARG_NODE_TENSORS },
+                { "tensors", required_argument, NULL, ARG_TENSORS },
                 { "help", no_argument, NULL, 'h' },
                 { "version", no_argument, NULL, 'V' },
                 {},
@@ -1603,6 +1681,19 @@ static int parse_argv(int argc, char *argv[], Options *o, const Command **ret) {
                         if (r != 0)
                                 return r;
                         break;
+                case ARG_NODE_TENSORS:
+                        r = parse_node_tensors(optarg, o);
+                        if (r != 0)
+                                return r;
+                        break;
+                case ARG_TENSORS:
+                        r = split_list(optarg, &o->tensors);
+                        if (r == -ENOMEM)
+                                return fail_oom();
+                        if (r < 0)
+                                return usage_error("--tensors takes a comma-separated list of tensor name patterns, "
+                                                   "not '%s'", optarg);
+                        break;
                 case 'h':
                         help();
                         return -1;
@@ -1649,8 +1740,8 @@ static int parse_argv(int argc, char *argv[], Options *o, const Command **ret) {
                 return usage_error("%s takes no --%s", cmd->name, o->tensor ? "tensor" : "force");
         if ((cmd->flags & CMD_TENSOR) && !o->tensor)
                 return usage_error("%s needs --tensor NAME", cmd->name);
-        if ((o->world > 0 || o->n_rules > 0 || o->uneven) && !(cmd->flags & CMD_SHARD))
-                return usage_error("%s takes no --shard, --rule or --uneven", cmd->name);
+        if ((o->world > 0 || o->n_rules > 0 || o->uneven || o->tensors.n > 0) && !(cmd->flags & CMD_SHARD))
+                return usage_error("%s takes no --shard, --rule, --uneven or --tensors", cmd->name);
         if ((o->n_rules > 0 || o->uneven) && o->world == 0 && o->n_parts == 0)
                 return usage_error("--rule and --uneven need --shard RANK/WORLD or --node-shard");
         if ((o->device || o->keep_host) && !(cmd->flags & CMD_DEVICE))
@@ -1660,12 +1751,14 @@ static int parse_argv(int argc, char *argv[], Options *o, const Command **ret) {
         if ((o->cluster || o->nodes.n > 0) && !(cmd->flags & CMD_CLUSTER))
                 return usage_error("%s takes no --cluster or --nodes", cmd->name);
         if ((o->nodes.n > 0 || o->n_parts > 0) && !o->cluster)
-                return usage_error("--%s needs --cluster", o->nodes.n > 0 ? "nodes" : "node-shard");
+                return usage_error("--%s needs --cluster", o->nodes.n > 0 ? "nodes" : "node-shard or --node-tensors");
         /* A cluster prefetch is for the host tier, whole. */
         if (o->cluster && o->device && strcmp(o->device, "host") != 0)
                 return usage_error("--cluster prefetches into host memory: it takes no --device %s", o->device);
         if (o->cluster && o->world > 0)
                 return usage_error("--cluster takes no --shard: name each node's with --node-shard NODE=RANK/WORLD");
+        if (o->cluster && o->tensors.n > 0)
+                return usage_error("--cluster takes no --tensors: name each node's with --node-tensors NODE=PATTERN,...");
         if (o->cluster && (o->n_rules > 0 || o->uneven) && o->n_parts == 0)
                 return usage_error("--cluster takes --rule and --uneven only with --node-shard");
         *ret = cmd;

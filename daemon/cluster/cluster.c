@@ -346,6 +346,48 @@ static int parts_find(const Parts *p, unsigned node) {
         return -1;
 }
 
+/* One node's part from a peer, checked as a client's shard is (driver.c):
+ * *ret NULL when it splits nothing and leaves nothing out. */
+static int part_spec_from_wire(const Weightd__Cluster__V1__NodePart *x, ShardSpec **ret, WdError *err) {
+        _cleanup_(shard_spec_freep) ShardSpec *spec = NULL;
+        int r;
+
+        if (x->world == 0 || x->world > SHARD_MAX_WORLD || x->rank >= x->world || x->n_rules > SHARD_MAX_RULES ||
+            x->n_tensors > SHARD_MAX_TENSOR_PATTERNS)
+                return wd_error_set(err, WD_E_INVALID,
+                                    "%s: shard rank %u of world %u with %zu rules and %zu tensors patterns is out of "
+                                    "limits (world 1..%u, rank below it, up to %u rules and %u patterns)",
+                                    x->node, x->rank, x->world, x->n_rules, x->n_tensors, SHARD_MAX_WORLD,
+                                    SHARD_MAX_RULES, SHARD_MAX_TENSOR_PATTERNS);
+        spec = calloc(1, sizeof(ShardSpec));
+        if (!spec || !(spec->rules = calloc(x->n_rules + 1, sizeof(ShardRule))) ||
+            !(spec->tensors = calloc(x->n_tensors + 1, sizeof(char *))))
+                return wd_error_set(err, -ENOMEM, "out of memory");
+        spec->rank = x->rank;
+        spec->world = x->world;
+        spec->uneven = x->uneven;
+        for (size_t j = 0; j < x->n_rules; j++) {
+                r = shard_rule_check(j, x->rules[j] ? x->rules[j]->pattern : NULL, x->rules[j] ? x->rules[j]->dim : 0,
+                                     err);
+                if (r != 0)
+                        return r;
+                if (!(spec->rules[j].pattern = strdup(x->rules[j]->pattern)))
+                        return wd_error_set(err, -ENOMEM, "out of memory");
+                spec->rules[j].dim = x->rules[j]->dim;
+                spec->n_rules = j + 1;
+        }
+        for (size_t j = 0; j < x->n_tensors; j++) {
+                r = shard_tensors_check(j, x->tensors[j], err);
+                if (r != 0)
+                        return r;
+                if (!(spec->tensors[j] = strdup(x->tensors[j])))
+                        return wd_error_set(err, -ENOMEM, "out of memory");
+                spec->n_tensors = j + 1;
+        }
+        *ret = shard_spec_empty(spec) ? NULL : TAKE_PTR(spec);
+        return 0;
+}
+
 /* Parts from a peer, checked as a client's shard is (driver.c): a node
  * named twice, a node that is not one, a spec out of limits are errors. */
 static int parts_from_wire(Cluster *c, Weightd__Cluster__V1__NodePart *const *m, size_t n, Parts *ret,
@@ -364,41 +406,12 @@ static int parts_from_wire(Cluster *c, Weightd__Cluster__V1__NodePart *const *m,
                         return wd_error_set(err, WD_E_INVALID, "part %zu: \"%.64s\" is %s", i,
                                             x && x->node ? x->node : "", k < 0 ? "not a node of the cluster" : "named twice");
                 }
-                /* World 1 splits nothing: the whole component. */
-                if (x->sharded && x->world != 1) {
-                        if (x->world == 0 || x->world > SHARD_MAX_WORLD || x->rank >= x->world ||
-                            x->n_rules > SHARD_MAX_RULES || x->n_rules == 0) {
-                                parts_done(ret);
-                                return wd_error_set(err, WD_E_INVALID,
-                                                    "%s: shard rank %u of world %u with %zu rules is out of limits "
-                                                    "(world 1..%u, rank below it, 1..%u rules)",
-                                                    x->node, x->rank, x->world, x->n_rules, SHARD_MAX_WORLD,
-                                                    SHARD_MAX_RULES);
-                        }
-                        spec = calloc(1, sizeof(ShardSpec));
-                        if (spec)
-                                spec->rules = calloc(x->n_rules, sizeof(ShardRule));
-                        if (!spec || !spec->rules) {
-                                shard_spec_free(spec);
-                                parts_done(ret);
-                                return wd_error_set(err, -ENOMEM, "out of memory");
-                        }
-                        spec->rank = x->rank;
-                        spec->world = x->world;
-                        spec->uneven = x->uneven;
-                        for (size_t j = 0; j < x->n_rules; j++) {
-                                int r = x->rules[j] ? shard_rule_check(j, x->rules[j]->pattern, x->rules[j]->dim, err)
-                                                    : shard_rule_check(j, NULL, 0, err);
+                if (x->sharded) {
+                        int r = part_spec_from_wire(x, &spec, err);
 
-                                if (r == 0 && !(spec->rules[j].pattern = strdup(x->rules[j]->pattern)))
-                                        r = wd_error_set(err, -ENOMEM, "out of memory");
-                                if (r != 0) {
-                                        shard_spec_free(spec);
-                                        parts_done(ret);
-                                        return r;
-                                }
-                                spec->rules[j].dim = x->rules[j]->dim;
-                                spec->n_rules = j + 1;
+                        if (r != 0) {
+                                parts_done(ret);
+                                return r;
                         }
                 }
                 ret->nodes[ret->n] = (unsigned) k;
@@ -449,6 +462,8 @@ static int wire_parts(Cluster *c, const Parts *p, WireParts *w) {
                 m->uneven = spec->uneven;
                 m->rules = &w->rule_ptrs[k];
                 m->n_rules = spec->n_rules;
+                m->tensors = spec->tensors;
+                m->n_tensors = spec->n_tensors;
                 for (size_t j = 0; j < spec->n_rules; j++, k++) {
                         weightd__cluster__v1__part_rule__init(&w->rules[k]);
                         w->rules[k].pattern = spec->rules[j].pattern;
@@ -1652,7 +1667,7 @@ int cluster_prefetch(Cluster *c, const Component *comp, char *const *nodes, Shar
                 a->parts.n = i + 1;
                 if (specs[i] && parts_find(&a->parts, a->parts.nodes[i]) != (int) i)
                         r = -EINVAL;
-                else if (specs[i] && specs[i]->world > 1)
+                else if (!shard_spec_empty(specs[i]))
                         r = shard_spec_copy(specs[i], &a->parts.specs[i]);
         }
         job_init(&a->job, &ask_kind, NULL, NULL);

@@ -53,9 +53,18 @@ int shard_spec_from_wire(const Weightd__V1__Shard *w, ShardSpec **ret, WdError *
                 if (r != 0)
                         return r;
         }
-        /* World 1, or no rules, splits nothing: an ordinary load, served from
-         * the whole entry rather than a copy of it. */
-        if (w->world == 1 || w->n_rules == 0) {
+        if (w->n_tensors > SHARD_MAX_TENSOR_PATTERNS)
+                return wd_error_set(err, WD_E_INVALID, "shard: %zu tensors patterns, more than the limit of %u",
+                                    w->n_tensors, SHARD_MAX_TENSOR_PATTERNS);
+        for (size_t i = 0; i < w->n_tensors; i++) {
+                int r = shard_tensors_check(i, w->tensors[i], err);
+
+                if (r != 0)
+                        return r;
+        }
+        /* World 1, or no rules, splits nothing: without tensors, an ordinary
+         * load, served from the whole entry rather than a copy of it. */
+        if ((w->world == 1 || w->n_rules == 0) && w->n_tensors == 0) {
                 *ret = NULL;
                 return 0;
         }
@@ -74,6 +83,15 @@ int shard_spec_from_wire(const Weightd__V1__Shard *w, ShardSpec **ret, WdError *
                         return wd_error_set(err, -ENOMEM, "out of memory");
                 spec->rules[i].dim = w->rules[i]->dim;
                 spec->n_rules = i + 1;
+        }
+        spec->tensors = calloc(MAX(w->n_tensors, 1u), sizeof(char *));
+        if (!spec->tensors)
+                return wd_error_set(err, -ENOMEM, "out of memory");
+        for (size_t i = 0; i < w->n_tensors; i++) {
+                spec->tensors[i] = strdup(w->tensors[i]);
+                if (!spec->tensors[i])
+                        return wd_error_set(err, -ENOMEM, "out of memory");
+                spec->n_tensors = i + 1;
         }
         *ret = TAKE_PTR(spec);
         return 0;

@@ -184,10 +184,24 @@ static int spec_check(const ShardSpec *spec, WdError *err) {
         return 0;
 }
 
+bool shard_spec_empty(const ShardSpec *spec) {
+        return !spec || ((spec->world <= 1 || spec->n_rules == 0) && spec->n_tensors == 0);
+}
+
+/* Whether spec delivers tensor name (no tensors: every one). */
+static bool spec_takes(const ShardSpec *spec, const char *name) {
+        if (!spec || spec->n_tensors == 0)
+                return true;
+        for (size_t i = 0; i < spec->n_tensors; i++)
+                if (fnmatch(spec->tensors[i], name, 0) == 0)
+                        return true;
+        return false;
+}
+
 int shard_plan(const Component *comp, const ShardSpec *spec, uint64_t align, ShardPlan **ret, WdError *err) {
         _cleanup_(shard_plan_freep) ShardPlan *p = NULL;
         uint64_t cursor = 0;
-        size_t k = 0;
+        size_t k = 0, seen = 0;
         int r;
 
         if (align == 0 || (align & (align - 1)) != 0)
@@ -212,17 +226,19 @@ int shard_plan(const Component *comp, const ShardSpec *spec, uint64_t align, Sha
                 const CatalogFile *f = &comp->files[i];
                 const StHeader *h = f->header;
 
-                for (size_t j = 0; j < h->n_tensors; j++, k++) {
+                for (size_t j = 0; j < h->n_tensors; j++) {
                         const StTensor *st = &h->tensors[j];
                         const ShardRule *rule = NULL;
                         ShardTensor *t;
                         uint64_t src;
 
-                        if (k >= p->n_tensors)
+                        if (seen++ >= p->n_tensors)
                                 return wd_error_set(err, WD_E_INVALID,
                                                     "%s: more tensors than the component counts (%zu)", f->display,
                                                     p->n_tensors);
-                        t = &p->tensors[k];
+                        if (!spec_takes(spec, st->name))
+                                continue;
+                        t = &p->tensors[k++];
                         *t = (ShardTensor){ .source = st, .file = (unsigned) i, .ndim = st->ndim };
                         if (__builtin_add_overflow(h->data_offset, st->begin, &src))
                                 return wd_error_set(err, WD_E_INVALID, "%s: data offsets overflow 64 bits",
@@ -256,9 +272,17 @@ int shard_plan(const Component *comp, const ShardSpec *spec, uint64_t align, Sha
                                 return wd_error_set(err, WD_E_INVALID, "the plan's size overflows 64 bits");
                 }
         }
-        if (k != p->n_tensors)
+        if (seen != p->n_tensors)
                 return wd_error_set(err, WD_E_INVALID, "the component counts %zu tensors, its files hold %zu",
-                                    p->n_tensors, k);
+                                    p->n_tensors, seen);
+        if (k == 0 && spec && spec->n_tensors > 0) {
+                char pat[200];
+
+                wd_escape(pat, sizeof(pat), spec->tensors[0], 150);
+                return wd_error_set(err, WD_E_INVALID, "%s: tensors: no tensor matches \"%s\"%s", comp->model, pat,
+                                    spec->n_tensors > 1 ? " or the other patterns" : "");
+        }
+        p->n_tensors = k;
         p->bytes = cursor;
         *ret = TAKE_PTR(p);
         return 0;
@@ -293,18 +317,28 @@ char *shard_spec_key(const ShardSpec *spec) {
         size_t size = 0;
         FILE *f;
 
-        if (!spec || spec->world <= 1 || spec->n_rules == 0)
+        if (shard_spec_empty(spec))
                 return strdup("");
         f = open_memstream(&buf, &size);
         if (!f)
                 return NULL;
-        fprintf(f, "rank %u/%u", spec->rank, spec->world);
-        if (spec->uneven)
-                fputs(" uneven", f);
-        for (size_t i = 0; i < spec->n_rules; i++) {
+        if (spec->world > 1 && spec->n_rules > 0) {
+                fprintf(f, "rank %u/%u", spec->rank, spec->world);
+                if (spec->uneven)
+                        fputs(" uneven", f);
+                for (size_t i = 0; i < spec->n_rules; i++) {
+                        fputc(' ', f);
+                        key_put_pattern(f, spec->rules[i].pattern);
+                        fprintf(f, ":%u", spec->rules[i].dim);
+                }
+                if (spec->n_tensors > 0)
+                        fputc(' ', f);
+        }
+        if (spec->n_tensors > 0)
+                fputs("tensors", f);
+        for (size_t i = 0; i < spec->n_tensors; i++) {
                 fputc(' ', f);
-                key_put_pattern(f, spec->rules[i].pattern);
-                fprintf(f, ":%u", spec->rules[i].dim);
+                key_put_pattern(f, spec->tensors[i]);
         }
         if (ferror(f)) {
                 fclose(f);
@@ -318,27 +352,42 @@ char *shard_spec_key(const ShardSpec *spec) {
         return buf;
 }
 
-int shard_rule_check(size_t i, const char *pattern, unsigned dim, WdError *err) {
+static int pattern_check(const char *what, size_t i, const char *pattern, WdError *err) {
         unsigned stars = 0;
         size_t len;
 
         if (!pattern)
-                return wd_error_set(err, WD_E_INVALID, "shard: rule %zu has no pattern", i);
+                return wd_error_set(err, WD_E_INVALID, "shard: %s %zu has no pattern", what, i);
         len = strnlen(pattern, SHARD_MAX_PATTERN + 1);
         if (len == 0 || len > SHARD_MAX_PATTERN)
-                return wd_error_set(err, WD_E_INVALID, "shard: rule %zu: the pattern must have 1 to %u bytes", i,
+                return wd_error_set(err, WD_E_INVALID, "shard: %s %zu: the pattern must have 1 to %u bytes", what, i,
                                     SHARD_MAX_PATTERN);
         for (size_t k = 0; k < len; k++) {
                 unsigned char ch = (unsigned char) pattern[k];
 
                 if (ch < 0x20 || ch == 0x7f)
-                        return wd_error_set(err, WD_E_INVALID, "shard: rule %zu: the pattern has a control byte at %zu",
-                                            i, k);
+                        return wd_error_set(err, WD_E_INVALID, "shard: %s %zu: the pattern has a control byte at %zu",
+                                            what, i, k);
                 stars += ch == '*';
         }
         if (stars > SHARD_MAX_STARS)
-                return wd_error_set(err, WD_E_INVALID, "shard: rule %zu: %u '*' in the pattern, the limit is %u", i,
-                                    stars, SHARD_MAX_STARS);
+                return wd_error_set(err, WD_E_INVALID, "shard: %s %zu: %u '*' in the pattern, the limit is %u", what,
+                                    i, stars, SHARD_MAX_STARS);
+        return 0;
+}
+
+int shard_tensors_check(size_t i, const char *pattern, WdError *err) {
+        if (i >= SHARD_MAX_TENSOR_PATTERNS)
+                return wd_error_set(err, WD_E_INVALID, "shard: more than %u tensors patterns",
+                                    SHARD_MAX_TENSOR_PATTERNS);
+        return pattern_check("tensors pattern", i, pattern, err);
+}
+
+int shard_rule_check(size_t i, const char *pattern, unsigned dim, WdError *err) {
+        int r = pattern_check("rule", i, pattern, err);
+
+        if (r != 0)
+                return r;
         if (dim > 1)
                 return wd_error_set(err, WD_E_INVALID, "shard: rule %zu: dim %u, only dimensions 0 and 1 can be split",
                                     i, dim);
@@ -351,6 +400,9 @@ ShardSpec *shard_spec_free(ShardSpec *spec) {
         for (size_t i = 0; spec->rules && i < spec->n_rules; i++)
                 free(spec->rules[i].pattern);
         free(spec->rules);
+        for (size_t i = 0; spec->tensors && i < spec->n_tensors; i++)
+                free(spec->tensors[i]);
+        free(spec->tensors);
         free(spec);
         return NULL;
 }
@@ -372,6 +424,15 @@ int shard_spec_copy(const ShardSpec *spec, ShardSpec **ret) {
                         return -ENOMEM;
                 s->rules[i].dim = spec->rules[i].dim;
                 s->n_rules = i + 1;
+        }
+        s->tensors = calloc(MAX(spec->n_tensors, 1u), sizeof(char *));
+        if (!s->tensors)
+                return -ENOMEM;
+        for (size_t i = 0; i < spec->n_tensors; i++) {
+                s->tensors[i] = strdup(spec->tensors[i]);
+                if (!s->tensors[i])
+                        return -ENOMEM;
+                s->n_tensors = i + 1;
         }
         *ret = TAKE_PTR(s);
         return 0;

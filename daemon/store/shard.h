@@ -34,6 +34,10 @@ typedef struct ShardSpec {
         bool uneven; /* allow sizes world does not divide: the first size % world ranks take one more */
         size_t n_rules;
         ShardRule *rules;
+        /* Only the tensors whose name matches one of these globs (a
+         * pipeline stage); none: every tensor. */
+        size_t n_tensors;
+        char **tensors;
 } ShardSpec;
 
 /* One 2-D copy: file bytes [src, ...) to buffer bytes [dst, ...).  src is an
@@ -67,6 +71,9 @@ typedef struct ShardPlan {
         ShardTensor *tensors;
 } ShardPlan;
 
+/* Whether spec splits nothing and leaves nothing out: an ordinary load. */
+bool shard_spec_empty(const ShardSpec *spec);
+
 /* Plan the component's layout for spec (NULL: every tensor whole) with each
  * tensor at an offset aligned to align (a power of two).  Returns 0, or
  * WD_E_INVALID with err naming the file, the tensor and the rule: a rank
@@ -74,6 +81,8 @@ typedef struct ShardPlan {
  * (without uneven), a row of a sub-byte dtype that does not end on a byte;
  * or -ENOMEM. */
 int shard_plan(const Component *comp, const ShardSpec *spec, uint64_t align, ShardPlan **ret, WdError *err);
+/* (A spec with tensors plans those only, in file order, and is WD_E_INVALID
+ * when none of the component's tensors matches.) */
 ShardPlan *shard_plan_free(ShardPlan *p);
 DEFINE_TRIVIAL_CLEANUP_FUNC(ShardPlan *, shard_plan_free);
 
@@ -82,9 +91,10 @@ DEFINE_TRIVIAL_CLEANUP_FUNC(ShardPlan *, shard_plan_free);
 void shard_copy_host(const ShardPlan *p, const uint8_t *const *files, uint8_t *dst, size_t first, size_t n);
 
 /* The canonical text of a spec, used as the cache variant and in listings:
- * "" for NULL, world 1 or no rules (nothing is split), else e.g.
- * "rank 1/4 uneven *.q_proj.weight:0 *.o_proj.weight:1".  Returns NULL on
- * out of memory. */
+ * "" for NULL or an empty spec, else e.g. "rank 1/4 uneven
+ * *.q_proj.weight:0 *.o_proj.weight:1" (nothing of the rank when it splits
+ * nothing), then " tensors PAT PAT" with tensors.  Returns NULL on out of
+ * memory. */
 char *shard_spec_key(const ShardSpec *spec);
 
 /* Limits on a spec from a peer (a client, another node). */
@@ -94,12 +104,15 @@ char *shard_spec_key(const ShardSpec *spec);
 /* fnmatch() backtracks over every '*': more than a few make a pattern that
  * can take very long on a long name. */
 #define SHARD_MAX_STARS 4u
+#define SHARD_MAX_TENSOR_PATTERNS 64u
 
 /* Rule index of a spec from a peer: pattern (may be NULL) of 1 to
  * SHARD_MAX_PATTERN bytes without control bytes and with at most
  * SHARD_MAX_STARS '*', dim 0 or 1.  Returns 0 or WD_E_INVALID with err
  * saying which rule broke which limit. */
 int shard_rule_check(size_t index, const char *pattern, unsigned dim, WdError *err);
+/* The same limits for tensors[index] of a spec from a peer. */
+int shard_tensors_check(size_t index, const char *pattern, WdError *err);
 
 /* Deep copy and free of a spec (the daemon keeps one per job). */
 int shard_spec_copy(const ShardSpec *spec, ShardSpec **ret);

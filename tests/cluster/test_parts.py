@@ -17,7 +17,7 @@ import pytest
 from cluster import Cluster, per_node, prefetch_results
 from harness import make_dir, wait_until
 from reference import read_header, write_safetensors
-from test_shard import check_rank, rule_for, split
+from test_shard import check_rank, rule_for, split, takes
 
 BLOCK = 4096
 RULES = [("*.q.weight", 0), ("*.o.weight", 1), ("embed", 0)]
@@ -42,8 +42,9 @@ def make_tp_model(root):
     return model, sorted(model.glob("*.safetensors"))
 
 
-def node_blocks(path, rank, world, rules):
-    """The 4 KiB blocks of path that a node serving rank/world needs."""
+def node_blocks(path, rank, world, rules, tensors=None):
+    """The 4 KiB blocks of path that a node serving rank/world (of the
+    tensors the patterns match: all when None) needs."""
     start, header, _ = read_header(path)
     size = path.stat().st_size
     blocks = set()
@@ -53,11 +54,13 @@ def node_blocks(path, rank, world, rules):
             blocks.update(range(begin // BLOCK, (end + BLOCK - 1) // BLOCK))
 
     for name, e in header.items():
+        if not takes(name, tensors):
+            continue
         b, end = e["data_offsets"]
         b += start
         end += start
         shape = e["shape"]
-        dim = rule_for(name, rules)
+        dim = rule_for(name, rules) if world > 1 else None
         if dim is None:
             add(b, end)
             continue
@@ -74,12 +77,12 @@ def node_blocks(path, rank, world, rules):
 
 def expected_bytes(files, shards, rules):
     """(storage bytes, link bytes, {node: bytes it needs}) for shards
-    {node: (rank, world)}."""
+    {node: (rank, world)} or {node: (rank, world, tensors patterns)}."""
     storage = links = 0
     need = {n: 0 for n in shards}
     for path in files:
         size = path.stat().st_size
-        per = {n: node_blocks(path, r, w, rules) for n, (r, w) in shards.items()}
+        per = {n: node_blocks(path, sh[0], sh[1], rules, sh[2] if len(sh) > 2 else None) for n, sh in shards.items()}
         for k in set().union(*per.values()):
             length = min(BLOCK, size - k * BLOCK)
             users = [n for n in per if k in per[n]]
@@ -222,3 +225,67 @@ def test_bad_part_is_refused_naming_the_tensor(cluster4, tp_model):
     r = cluster.prefetch("a", model, "--nodes", "a,b", "--node-shard=a=0/2", "--node-shard=b=1/2",
                          *[f"--rule={p}:{d}" for p, d in RULES])
     assert r.returncode == 0, f"{r.stdout.decode()} {r.stderr.decode()}"
+
+
+STAGES = {"a": ["layers.[0-3].*"], "b": ["layers.[4-7].*", "embed"]}
+
+
+def test_pipeline_stages_cross_no_link(cluster4, tp_model, tmp_path):
+    """Two stages on two nodes each split in two: (a, b) serve stage 0's
+    ranks 0 and 1, (c, d) stage 1's.  The stages meet at a file boundary, so
+    no byte crosses between them; within a stage only the dim-1 slices'
+    shared blocks do."""
+    cluster = cluster4
+    model, files = tp_model
+    cluster.start()
+    shards = {"a": (0, 2, STAGES["a"]), "b": (1, 2, STAGES["a"]), "c": (0, 2, STAGES["b"]),
+              "d": (1, 2, STAGES["b"])}
+    storage, links, need = expected_bytes(files, shards, RULES)
+    pairs_only, _, _ = expected_bytes(files, {"a": (0, 1, STAGES["a"]), "c": (0, 1, STAGES["b"])}, RULES)
+    assert storage == pairs_only  # the two stages' tensors, every block once
+
+    before = node_counters(cluster)
+    args = ["--nodes", "a,b,c,d"]
+    for n, (rank, world, tensors) in shards.items():
+        args += [f"--node-shard={n}={rank}/{world}", f"--node-tensors={n}={','.join(tensors)}"]
+    args += [f"--rule={p}:{d}" for p, d in RULES]
+    r = cluster.prefetch("b", model, *args)
+    assert r.returncode == 0, f"{r.stdout.decode()} {r.stderr.decode()}"
+    after = node_counters(cluster)
+    read = {n: after[n][0] - before[n][0] for n in NAMES}
+    received = {n: after[n][1] - before[n][1] for n in NAMES}
+    assert sum(read.values()) == storage, (read, storage)
+    assert sum(received.values()) == links, (received, links)
+    for n in NAMES:
+        assert read[n] + received[n] == need[n], (n, read[n], received[n], need[n])
+
+    import json
+    for n, (rank, world, tensors) in shards.items():
+        out = tmp_path / f"{n}.dump"
+        r = cluster[n].client("shard", str(model), "", str(out), f"{rank}/{world}",
+                              *[f"tensors={p}" for p in tensors], *[f"{p}:{d}" for p, d in RULES])
+        assert r.returncode == 0, r.stderr.decode()
+        check_rank(json.loads(r.stdout), out.read_bytes(), files, rank, world, RULES, tensors)
+
+
+def test_pipeline_stages_whole_layers(cluster4, tp_model, tmp_path):
+    """Stages alone (no tensor parallelism): nothing crosses a link at all."""
+    cluster = cluster4
+    model, files = tp_model
+    cluster.start()
+    before = node_counters(cluster)
+    r = cluster.prefetch("c", model, "--nodes", "a,b", f"--node-tensors=a={','.join(STAGES['a'])}",
+                         f"--node-tensors=b={','.join(STAGES['b'])}")
+    assert r.returncode == 0, f"{r.stdout.decode()} {r.stderr.decode()}"
+    after = node_counters(cluster)
+    storage, links, need = expected_bytes(files, {"a": (0, 1, STAGES["a"]), "b": (0, 1, STAGES["b"])}, RULES)
+    assert links == 0
+    for n in "ab":
+        assert after[n][0] - before[n][0] == need[n]
+        assert after[n][1] - before[n][1] == 0
+    import json
+    for n in "ab":
+        out = tmp_path / f"{n}.dump"
+        r = cluster[n].client("shard", str(model), "", str(out), "0/0", *[f"tensors={p}" for p in STAGES[n]])
+        assert r.returncode == 0, r.stderr.decode()
+        check_rank(json.loads(r.stdout), out.read_bytes(), files, 0, 1, RULES, STAGES[n])

@@ -113,9 +113,16 @@ def shard_ok(d, model, out, rank, world, rules, uneven=False):
     return json.loads(r.stdout), out.read_bytes()
 
 
-def check_rank(got, dump, files, rank, world, rules):
-    """Every tensor of one rank's load against numpy slicing of the files;
-    returns {name: part bytes} for the concatenation check."""
+def takes(name, tensors):
+    """Whether a load with these tensors patterns delivers name (none: all)."""
+    import fnmatch
+    return not tensors or any(fnmatch.fnmatchcase(name, p) for p in tensors)
+
+
+def check_rank(got, dump, files, rank, world, rules, tensors=None):
+    """Every tensor of one rank's load against numpy slicing of the files
+    (with tensors patterns: the tensors they match, and no other); returns
+    {name: part bytes} for the concatenation check."""
     paths = [str(p) for p in files]
     assert [f["path"] for f in got["files"]] == paths
     parts = {}
@@ -124,11 +131,15 @@ def check_rank(got, dump, files, rank, world, rules):
         _, _, meta = read_header(path)
         assert got["files"][fi]["metadata"] == meta
         for name, (dtype, shape, raw) in file_tensors(path).items():
+            if not takes(name, tensors):
+                assert name not in got["tensors"], f"{name}: delivered, but no tensors pattern matches it"
+                continue
             t = got["tensors"][name]
             seen.add(name)
             assert t["dtype"] == dtype and t["file"] == fi, name
-            # World 1 splits nothing: an ordinary load, at the files' offsets.
-            if world > 1:
+            # World 1 splits nothing: an ordinary load, at the files' offsets
+            # (unless tensors are picked: a slab of their own).
+            if world > 1 or tensors:
                 assert t["slab_offset"] % 256 == 0, name
             data = dump[t["dump_offset"]:t["dump_offset"] + t["nbytes"]]
             dim = rule_for(name, rules) if world > 1 else None
@@ -200,6 +211,27 @@ def test_generated_model(start_daemon, make_model):
         per_rank.append(check_rank(got, dump, files, rank, 3, rules))
         out.unlink()
     check_concatenation(files, per_rank, rules)
+
+
+@pytest.mark.parametrize("world", [1, 2])
+def test_tensors_patterns_deliver_those_tensors_only(start_daemon, tmp_root, every, world):
+    """A pipeline stage: only the tensors a pattern matches, split or whole,
+    each equal to the files' bytes; a pattern that matches nothing is an
+    error that names it."""
+    model, files = every
+    d = start_daemon(roots=[tmp_root])
+    tensors = ["F16.*", "BF16.rows", "scalar"]
+    for rank in range(world):
+        out = tmp_root / f"stage-{rank}"
+        r = d.client("shard", str(model), "", str(out), f"{rank}/{world}", *[f"tensors={p}" for p in tensors],
+                     *[f"{p}:{dim}" for p, dim in RULES])
+        assert r.returncode == 0, r.stderr.decode()
+        got = json.loads(r.stdout)
+        assert sorted(got["tensors"]) == sorted(n for p in files for n in file_tensors(p) if takes(n, tensors))
+        check_rank(got, out.read_bytes(), files, rank, world, RULES, tensors)
+    r = d.client("shard", str(model), "", str(tmp_root / "none"), "0/0", "tensors=no.such.*")
+    assert r.returncode != 0
+    assert "no.such.*" in r.stderr.decode() and "no tensor matches" in r.stderr.decode(), r.stderr.decode()
 
 
 def test_not_divisible_names_tensor_and_nothing_is_read(start_daemon, tmp_root, every):

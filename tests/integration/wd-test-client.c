@@ -9,7 +9,8 @@
  *                                         page writable, print the errno
  *   load-many SOCKET MODEL COMPONENT N    N sequential loads and releases,
  *                                         print their timing
- *   shard SOCKET MODEL COMPONENT OUT R/W [uneven] PATTERN:DIM...
+ *   shard SOCKET MODEL COMPONENT OUT R/W [uneven] [tensors=PATTERN] PATTERN:DIM...
+ *     (R/W 0/0: no shard; each tensors= adds a pattern of the tensors to take)
  *                                         a sharded load: every tensor's
  *                                         bytes written to OUT one after
  *                                         the other, and per tensor its
@@ -203,8 +204,9 @@ static int cmd_load_many(wd_client *c, const char *model, const char *component,
         return r;
 }
 
-/* Parse "R/W" and "PATTERN:DIM" (split at the last ':'). */
-static int parse_shard(char **argv, int argc, wd_load_options *o, wd_shard_rule *rules) {
+/* Parse "R/W", "uneven", "tensors=PATTERN" and "PATTERN:DIM" (split at
+ * the last ':'). */
+static int parse_shard(char **argv, int argc, wd_load_options *o, wd_shard_rule *rules, const char **tensors) {
         unsigned rank, world;
         char c;
 
@@ -221,6 +223,11 @@ static int parse_shard(char **argv, int argc, wd_load_options *o, wd_shard_rule 
                         o->uneven = 1;
                         continue;
                 }
+                if (strncmp(argv[i], "tensors=", 8) == 0) {
+                        tensors[o->n_tensors++] = argv[i] + 8;
+                        o->tensors = tensors;
+                        continue;
+                }
                 if (!colon || sscanf(colon + 1, "%u%c", &dim, &c) != 1)
                         return -1;
                 *colon = 0;
@@ -232,6 +239,7 @@ static int parse_shard(char **argv, int argc, wd_load_options *o, wd_shard_rule 
 static int cmd_shard(wd_client *c, const char *model, const char *component, const char *out, char **argv,
                      int argc) {
         wd_shard_rule rules[64];
+        const char *patterns[64];
         wd_load_options o = { 0 };
         wd_error err = { 0 };
         wd_lease *l = NULL;
@@ -241,8 +249,8 @@ static int cmd_shard(wd_client *c, const char *model, const char *component, con
         FILE *f;
         int r;
 
-        if (argc > 65 || parse_shard(argv, argc, &o, rules) < 0) {
-                fprintf(stderr, "wd-test-client: shard: R/W [uneven] PATTERN:DIM...\n");
+        if (argc > 65 || parse_shard(argv, argc, &o, rules, patterns) < 0) {
+                fprintf(stderr, "wd-test-client: shard: R/W [uneven] [tensors=PATTERN]... PATTERN:DIM...\n");
                 return 2;
         }
         r = wd_load_ex(c, model, component, &o, &l, &err);
@@ -304,7 +312,8 @@ static int cmd_shard(wd_client *c, const char *model, const char *component, con
 static int usage(void) {
         fprintf(stderr, "Usage: wd-test-client hash|hold|write-probe SOCKET MODEL [COMPONENT]\n"
                         "       wd-test-client load-many SOCKET MODEL COMPONENT N\n"
-                        "       wd-test-client shard SOCKET MODEL COMPONENT OUT R/W [uneven] PATTERN:DIM...\n");
+                        "       wd-test-client shard SOCKET MODEL COMPONENT OUT R/W [uneven] [tensors=PATTERN]... "
+                        "PATTERN:DIM...\n");
         return 2;
 }
 

@@ -229,6 +229,11 @@ typedef struct wd_load_options {
         int keep_host;             /* WD_KEEP_HOST_*; device targets only */
         wd_progress_fn progress;   /* may be NULL; non-zero return cancels */
         void *userdata;
+        /* Only the tensors whose name matches one of these globs (fnmatch(3)
+         * without flags, as the rules): a pipeline stage's layers.  With or
+         * without a shard; none: every tensor. */
+        const char *const *tensors;
+        size_t n_tensors;
 } wd_load_options;
 
 /* Make a component resident in host memory (reading it if needed) and lease
@@ -321,8 +326,9 @@ int wd_prefetch_cluster(wd_client *c, const char *model, const char *component, 
                         wd_error *err);
 
 /* What one node of a cluster prefetch serves (wd_prefetch_cluster_parts()):
- * world 0 is the whole component; else rank's slices of the tensors the
- * rules match, as in wd_load_options (the same node then loads them with
+ * world 0 and no tensors is the whole component; else rank's slices of the
+ * tensors the rules match, of the tensors named (all when none), as in
+ * wd_load_options (the same node then loads them with
  * wd_load_ex() and the same rank, world, rules and uneven). */
 typedef struct wd_cluster_part {
         const char *node;
@@ -331,6 +337,8 @@ typedef struct wd_cluster_part {
         const wd_shard_rule *rules;
         size_t n_rules;
         int uneven;
+        const char *const *tensors; /* only these tensors (a pipeline stage), as in wd_load_options */
+        size_t n_tensors;
 } wd_cluster_part;
 
 /* wd_prefetch_cluster() where each node serves its own part: parts[i].node
