@@ -5,12 +5,14 @@
  * canonical name, or the only one); all *.safetensors in sorted order.  A
  * folder with only pickle checkpoints is refused with WD_E_UNSUPPORTED.
  * Headers are parsed once per file identity and kept in an LRU cache of
- * HEADER_CACHE_MAX: a fixed array of slots, a chained hash table of them by
- * file identity (SipHash under a key drawn per catalog) and a list in
- * most-recently-used order, so that a lookup and an insert cost the same
- * with 10 cached headers as with thousands.
+ * CATALOG_CACHE_MAX (catalog.h); checked sharded indexes and sets of files
+ * whose tensor names were found unique are remembered in two more of the
+ * same size.
+ * Each is an array of LruSlots (util/lru-slots.h), found by a SipHash of its
+ * key under a key drawn per catalog, so that a lookup and an insert cost the
+ * same with 10 cached models as with thousands.
  *
- * Concurrency: one mutex guards the header cache, the memos and their clock,
+ * Concurrency: one mutex guards the header cache and the memos,
  * and it is held only to look an entry up (taking a reference or a copy) or
  * to insert one, never across open(), fstat(), read() or a header parse.  A
  * file whose header is not cached is parsed into a private header outside
@@ -26,11 +28,9 @@
 #include <string.h>
 
 #include "format/catalog.h"
+#include "util/lru-slots.h"
 #include "util/siphash24.h"
 
-#define HEADER_CACHE_MAX 4096
-#define HEADER_BUCKETS (2 * HEADER_CACHE_MAX) /* a power of two */
-#define SLOT_NONE UINT32_MAX
 #define INDEX_JSON_MAX (64ULL << 20)
 
 static const char *const single_names[] = { "model.safetensors", "diffusion_pytorch_model.safetensors" };
@@ -41,9 +41,6 @@ static const char *const pickle_suffixes[] = { ".bin", ".pt", ".pth", ".ckpt" };
 typedef struct HeaderCacheEntry {
         FileId id;
         StHeader *header;
-        uint64_t hash;                /* of id */
-        uint32_t bucket_next;         /* the next slot in its bucket, or SLOT_NONE */
-        uint32_t lru_prev, lru_next;  /* most recently used first */
 } HeaderCacheEntry;
 
 /* A sharded index that passed every check, with the identities of the
@@ -55,18 +52,15 @@ typedef struct IndexMemo {
         size_t n_shards;
         char **shards; /* sorted, as resolved */
         FileId *shard_ids;
-        uint64_t last_use;
 } IndexMemo;
 
-/* A set of headers (by identity, in order) whose tensor names were found
- * unique across the set. */
+/* A set of files (by identity, in order) whose tensor names were found
+ * unique across the set: no header references, so a memo keeps no header
+ * alive that the header cache gave up. */
 typedef struct UniqueMemo {
         size_t n;
-        StHeader **headers; /* references */
-        uint64_t last_use;
+        FileId *ids;
 } UniqueMemo;
-
-#define MEMO_MAX 64
 
 struct Catalog {
         int root_fd;        /* read-only after catalog_new() */
@@ -76,16 +70,13 @@ struct Catalog {
 
         /* Guards everything below; never held across I/O or a parse. */
         pthread_mutex_t lock;
-        HeaderCacheEntry *cache; /* HEADER_CACHE_MAX slots, n_cache in use */
-        size_t n_cache;
-        uint32_t *buckets;           /* HEADER_BUCKETS heads of slot chains */
-        uint32_t lru_head, lru_tail; /* slots, or SLOT_NONE */
         uint8_t hash_key[SIPHASH_KEY_SIZE];
-        uint64_t clock;
-        IndexMemo index_memo[MEMO_MAX];
-        size_t n_index_memo;
-        UniqueMemo unique_memo[MEMO_MAX];
-        size_t n_unique_memo;
+        LruSlots header_slots; /* each indexes the array below it */
+        HeaderCacheEntry *headers;
+        LruSlots index_slots;
+        IndexMemo *index_memos;
+        LruSlots unique_slots;
+        UniqueMemo *unique_memos;
 };
 
 static void index_memo_done(IndexMemo *m) {
@@ -98,9 +89,7 @@ static void index_memo_done(IndexMemo *m) {
 }
 
 static void unique_memo_done(UniqueMemo *m) {
-        for (size_t i = 0; i < m->n; i++)
-                st_header_unref(m->headers[i]);
-        free(m->headers);
+        free(m->ids);
         *m = (UniqueMemo){};
 }
 
@@ -114,8 +103,15 @@ const char *component_kind_to_string(ComponentKind k) {
 }
 
 int catalog_new(Catalog **ret, int root_fd, const char *root_display) {
+        return catalog_new_sized(ret, root_fd, root_display, CATALOG_CACHE_MAX);
+}
+
+int catalog_new_sized(Catalog **ret, int root_fd, const char *root_display, uint32_t cache_max) {
         Catalog *c;
         int r;
+
+        if (cache_max == 0 || cache_max > (1u << 30))
+                return -EINVAL;
 
         c = calloc(1, sizeof(Catalog));
         if (!c)
@@ -127,13 +123,13 @@ int catalog_new(Catalog **ret, int root_fd, const char *root_display) {
         }
         c->root_fd = root_fd;
         c->root_display = strdup(root_display ? root_display : "");
-        c->cache = calloc(HEADER_CACHE_MAX, sizeof(HeaderCacheEntry));
-        c->buckets = malloc(HEADER_BUCKETS * sizeof(uint32_t));
-        if (!c->root_display || !c->cache || !c->buckets)
+        c->headers = calloc(cache_max, sizeof(HeaderCacheEntry));
+        c->index_memos = calloc(cache_max, sizeof(IndexMemo));
+        c->unique_memos = calloc(cache_max, sizeof(UniqueMemo));
+        if (!c->root_display || !c->headers || !c->index_memos || !c->unique_memos ||
+            lru_slots_init(&c->header_slots, cache_max) < 0 || lru_slots_init(&c->index_slots, cache_max) < 0 ||
+            lru_slots_init(&c->unique_slots, cache_max) < 0)
                 return catalog_free(c), -ENOMEM;
-        for (size_t i = 0; i < HEADER_BUCKETS; i++)
-                c->buckets[i] = SLOT_NONE;
-        c->lru_head = c->lru_tail = SLOT_NONE;
         siphash24_random_key(c->hash_key);
         *ret = c;
         return 0;
@@ -142,14 +138,18 @@ int catalog_new(Catalog **ret, int root_fd, const char *root_display) {
 Catalog *catalog_free(Catalog *c) {
         if (!c)
                 return NULL;
-        for (size_t i = 0; i < c->n_cache; i++)
-                st_header_unref(c->cache[i].header);
-        for (size_t i = 0; i < c->n_index_memo; i++)
-                index_memo_done(&c->index_memo[i]);
-        for (size_t i = 0; i < c->n_unique_memo; i++)
-                unique_memo_done(&c->unique_memo[i]);
-        free(c->cache);
-        free(c->buckets);
+        for (size_t i = 0; c->headers && i < c->header_slots.n; i++)
+                st_header_unref(c->headers[i].header);
+        for (size_t i = 0; c->index_memos && i < c->index_slots.n; i++)
+                index_memo_done(&c->index_memos[i]);
+        for (size_t i = 0; c->unique_memos && i < c->unique_slots.n; i++)
+                unique_memo_done(&c->unique_memos[i]);
+        lru_slots_done(&c->header_slots);
+        lru_slots_done(&c->index_slots);
+        lru_slots_done(&c->unique_slots);
+        free(c->headers);
+        free(c->index_memos);
+        free(c->unique_memos);
         free(c->root_display);
         pthread_mutex_destroy(&c->lock);
         free(c);
@@ -173,81 +173,45 @@ size_t catalog_cached_headers(Catalog *c) {
         size_t n;
 
         catalog_lock(c);
-        n = c->n_cache;
+        n = c->header_slots.n;
         catalog_unlock(c);
         return n;
 }
 
-static uint64_t id_hash(const Catalog *c, const FileId *id) {
+/* SipHash of file identities (and a path: "" for none) under the catalog's
+ * key. */
+static uint64_t ids_hash(const Catalog *c, const char *path, const FileId *ids, size_t n) {
         SipHash h;
 
         siphash24_init(&h, c->hash_key);
-        file_id_hash(id, &h);
+        siphash24_compress(&h, path, strlen(path) + 1);
+        for (size_t i = 0; i < n; i++)
+                file_id_hash(&ids[i], &h);
         return siphash24_finalize(&h);
 }
 
-/* The slot caching id, or SLOT_NONE.  Under the lock. */
-static uint32_t slot_find(const Catalog *c, const FileId *id, uint64_t hash) {
+/* The slot caching id's header, or LRU_SLOT_NONE.  Under the lock. */
+static uint32_t header_find(const Catalog *c, const FileId *id, uint64_t hash) {
         uint32_t i;
 
-        for (i = c->buckets[hash & (HEADER_BUCKETS - 1)]; i != SLOT_NONE; i = c->cache[i].bucket_next)
-                if (c->cache[i].hash == hash && file_id_equal(&c->cache[i].id, id))
+        for (i = lru_slots_first(&c->header_slots, hash); i != LRU_SLOT_NONE; i = lru_slots_next(&c->header_slots, i))
+                if (file_id_equal(&c->headers[i].id, id))
                         break;
         return i;
 }
 
-static void lru_unlink(Catalog *c, uint32_t i) {
-        HeaderCacheEntry *e = &c->cache[i];
-
-        if (e->lru_prev != SLOT_NONE)
-                c->cache[e->lru_prev].lru_next = e->lru_next;
-        else
-                c->lru_head = e->lru_next;
-        if (e->lru_next != SLOT_NONE)
-                c->cache[e->lru_next].lru_prev = e->lru_prev;
-        else
-                c->lru_tail = e->lru_prev;
-}
-
-static void lru_push_front(Catalog *c, uint32_t i) {
-        HeaderCacheEntry *e = &c->cache[i];
-
-        e->lru_prev = SLOT_NONE;
-        e->lru_next = c->lru_head;
-        if (c->lru_head != SLOT_NONE)
-                c->cache[c->lru_head].lru_prev = i;
-        else
-                c->lru_tail = i;
-        c->lru_head = i;
-}
-
-/* Mark slot i used (under the lock) and return a reference to its header. */
-static StHeader *slot_use(Catalog *c, uint32_t i) {
-        if (c->lru_head != i) {
-                lru_unlink(c, i);
-                lru_push_front(c, i);
-        }
-        return st_header_ref(c->cache[i].header);
-}
-
-static void bucket_unlink(Catalog *c, uint32_t i) {
-        uint32_t *p = &c->buckets[c->cache[i].hash & (HEADER_BUCKETS - 1)];
-
-        while (*p != i)
-                p = &c->cache[*p].bucket_next;
-        *p = c->cache[i].bucket_next;
-}
-
 /* A reference to the cached header of a file identity, or NULL. */
 static StHeader *cache_get(Catalog *c, const FileId *id) {
-        uint64_t hash = id_hash(c, id);
+        uint64_t hash = ids_hash(c, "", id, 1);
         StHeader *h = NULL;
         uint32_t i;
 
         catalog_lock(c);
-        i = slot_find(c, id, hash);
-        if (i != SLOT_NONE)
-                h = slot_use(c, i);
+        i = header_find(c, id, hash);
+        if (i != LRU_SLOT_NONE) {
+                lru_slots_use(&c->header_slots, i);
+                h = st_header_ref(c->headers[i].header);
+        }
         catalog_unlock(c);
         return h;
 }
@@ -256,36 +220,26 @@ static StHeader *cache_get(Catalog *c, const FileId *id) {
  * reference to use: h, or the header another thread inserted for the same
  * identity meanwhile (h is then dropped: the first insert wins, so that every
  * user of one identity shares one header).  A full cache gives up its least
- * recently used slot. */
+ * recently used header. */
 static StHeader *cache_put(Catalog *c, const FileId *id, StHeader *h) {
         _cleanup_(st_header_unrefp) StHeader *drop = NULL;
-        uint64_t hash = id_hash(c, id);
+        uint64_t hash = ids_hash(c, "", id, 1);
         StHeader *use = h;
         uint32_t slot;
+        bool reused;
 
         catalog_lock(c);
-        slot = slot_find(c, id, hash);
-        if (slot != SLOT_NONE) {
-                use = slot_use(c, slot);
+        slot = header_find(c, id, hash);
+        if (slot != LRU_SLOT_NONE) {
+                lru_slots_use(&c->header_slots, slot);
+                use = st_header_ref(c->headers[slot].header);
                 drop = h;
-                goto unlock;
+        } else {
+                slot = lru_slots_add(&c->header_slots, hash, &reused);
+                if (reused)
+                        drop = c->headers[slot].header;
+                c->headers[slot] = (HeaderCacheEntry){ .id = *id, .header = st_header_ref(h) };
         }
-        if (c->n_cache == HEADER_CACHE_MAX) {
-                slot = c->lru_tail;
-                lru_unlink(c, slot);
-                bucket_unlink(c, slot);
-                drop = c->cache[slot].header;
-        } else
-                slot = (uint32_t) c->n_cache++;
-        c->cache[slot] = (HeaderCacheEntry){
-                .id = *id,
-                .header = st_header_ref(h),
-                .hash = hash,
-                .bucket_next = c->buckets[hash & (HEADER_BUCKETS - 1)],
-        };
-        c->buckets[hash & (HEADER_BUCKETS - 1)] = slot;
-        lru_push_front(c, slot);
-unlock:
         catalog_unlock(c);
         return use; /* drop, if any, is released here, outside the lock */
 }
@@ -662,16 +616,18 @@ static int index_check_shard(const char *index_display, json_t *map, const char 
  * be used outside the lock while another thread evicts the original.  False
  * when there is none (or no memory for the copy: that only costs speed). */
 static bool index_memo_find(Catalog *c, const char *path, const FileId *id, IndexMemo *ret) {
+        uint64_t hash = ids_hash(c, path, id, 1);
         IndexMemo m = {};
         bool found = false;
 
         catalog_lock(c);
-        for (size_t i = 0; i < c->n_index_memo; i++) {
-                const IndexMemo *o = &c->index_memo[i];
+        for (uint32_t i = lru_slots_first(&c->index_slots, hash); i != LRU_SLOT_NONE;
+             i = lru_slots_next(&c->index_slots, i)) {
+                const IndexMemo *o = &c->index_memos[i];
 
                 if (!file_id_equal(&o->id, id) || strcmp(o->path, path) != 0)
                         continue;
-                c->index_memo[i].last_use = ++c->clock;
+                lru_slots_use(&c->index_slots, i);
                 m = (IndexMemo){ .id = o->id, .n_shards = o->n_shards };
                 m.path = strdup(o->path);
                 m.shards = calloc(MAX(o->n_shards, 1), sizeof(char *));
@@ -699,7 +655,9 @@ static bool index_memo_find(Catalog *c, const char *path, const FileId *id, Inde
 static void index_memo_put(Catalog *c, const char *path, const FileId *id, const Component *comp, size_t first) {
         _cleanup_(index_memo_done) IndexMemo drop = {};
         IndexMemo m = { .id = *id, .n_shards = comp->n_files - first };
-        size_t slot;
+        uint64_t hash = ids_hash(c, path, id, 1);
+        uint32_t slot;
+        bool reused;
 
         m.path = strdup(path);
         m.shards = calloc(m.n_shards, sizeof(char *));
@@ -715,23 +673,18 @@ static void index_memo_put(Catalog *c, const char *path, const FileId *id, const
         }
 
         catalog_lock(c);
-        for (size_t i = 0; i < c->n_index_memo; i++)
-                if (file_id_equal(&c->index_memo[i].id, id) && strcmp(c->index_memo[i].path, path) == 0) {
-                        drop = m;
-                        goto unlock;
-                }
-        slot = c->n_index_memo;
-        if (c->n_index_memo == MEMO_MAX) {
-                slot = 0;
-                for (size_t i = 1; i < MEMO_MAX; i++)
-                        if (c->index_memo[i].last_use < c->index_memo[slot].last_use)
-                                slot = i;
-                drop = c->index_memo[slot];
-        } else
-                c->n_index_memo++;
-        m.last_use = ++c->clock;
-        c->index_memo[slot] = m;
-unlock:
+        for (slot = lru_slots_first(&c->index_slots, hash); slot != LRU_SLOT_NONE;
+             slot = lru_slots_next(&c->index_slots, slot))
+                if (file_id_equal(&c->index_memos[slot].id, id) && strcmp(c->index_memos[slot].path, path) == 0)
+                        break;
+        if (slot != LRU_SLOT_NONE)
+                drop = m;
+        else {
+                slot = lru_slots_add(&c->index_slots, hash, &reused);
+                if (reused)
+                        drop = c->index_memos[slot];
+                c->index_memos[slot] = m;
+        }
         catalog_unlock(c);
 }
 
@@ -781,6 +734,8 @@ static int resolve_index(Catalog *c, Component *comp, const char *dir, const cha
         if (index_memo_find(c, ipath, &id, &memo) && resolve_index_memo(c, comp, dir, &memo))
                 return 0;
 
+        if (c->parse_hook)
+                c->parse_hook(c->parse_hook_userdata, ipath);
         r = load_json_fd(c, ipath, fd, &st, &root, err);
         if (r != 0)
                 return r;
@@ -861,62 +816,67 @@ static int tensor_name_compare(const void *a, const void *b) {
         return strcmp((*(const StTensor *const *) a)->name, (*(const StTensor *const *) b)->name);
 }
 
-/* Called with the lock held. */
-static UniqueMemo *unique_memo_find_locked(Catalog *c, const Component *comp) {
-        for (size_t i = 0; i < c->n_unique_memo; i++) {
-                UniqueMemo *m = &c->unique_memo[i];
+static uint64_t component_ids_hash(const Catalog *c, const Component *comp) {
+        SipHash h;
+
+        siphash24_init(&h, c->hash_key);
+        for (size_t i = 0; i < comp->n_files; i++)
+                file_id_hash(&comp->files[i].id, &h);
+        return siphash24_finalize(&h);
+}
+
+/* The slot of the memo of comp's files, or LRU_SLOT_NONE.  Under the lock. */
+static uint32_t unique_memo_find_locked(Catalog *c, const Component *comp, uint64_t hash) {
+        for (uint32_t i = lru_slots_first(&c->unique_slots, hash); i != LRU_SLOT_NONE;
+             i = lru_slots_next(&c->unique_slots, i)) {
+                const UniqueMemo *m = &c->unique_memos[i];
                 size_t k = 0;
 
                 if (m->n != comp->n_files)
                         continue;
-                while (k < m->n && m->headers[k] == comp->files[k].header)
+                while (k < m->n && file_id_equal(&m->ids[k], &comp->files[k].id))
                         k++;
                 if (k == m->n)
-                        return m;
+                        return i;
         }
-        return NULL;
+        return LRU_SLOT_NONE;
 }
 
 static bool unique_memo_find(Catalog *c, const Component *comp) {
-        UniqueMemo *m;
+        uint64_t hash = component_ids_hash(c, comp);
+        uint32_t i;
 
         catalog_lock(c);
-        m = unique_memo_find_locked(c, comp);
-        if (m)
-                m->last_use = ++c->clock;
+        i = unique_memo_find_locked(c, comp, hash);
+        if (i != LRU_SLOT_NONE)
+                lru_slots_use(&c->unique_slots, i);
         catalog_unlock(c);
-        return m;
+        return i != LRU_SLOT_NONE;
 }
 
 /* Where another thread remembered the same set meanwhile, its memo stays. */
 static void unique_memo_put(Catalog *c, const Component *comp) {
         _cleanup_(unique_memo_done) UniqueMemo drop = {};
         UniqueMemo m = { .n = comp->n_files };
-        size_t slot;
+        uint64_t hash = component_ids_hash(c, comp);
+        uint32_t slot;
+        bool reused;
 
-        m.headers = calloc(m.n, sizeof(StHeader *));
-        if (!m.headers)
+        m.ids = calloc(m.n, sizeof(FileId));
+        if (!m.ids)
                 return;
         for (size_t i = 0; i < m.n; i++)
-                m.headers[i] = st_header_ref(comp->files[i].header);
+                m.ids[i] = comp->files[i].id;
 
         catalog_lock(c);
-        if (unique_memo_find_locked(c, comp)) {
+        if (unique_memo_find_locked(c, comp, hash) != LRU_SLOT_NONE)
                 drop = m;
-                goto unlock;
+        else {
+                slot = lru_slots_add(&c->unique_slots, hash, &reused);
+                if (reused)
+                        drop = c->unique_memos[slot];
+                c->unique_memos[slot] = m;
         }
-        slot = c->n_unique_memo;
-        if (c->n_unique_memo == MEMO_MAX) {
-                slot = 0;
-                for (size_t i = 1; i < MEMO_MAX; i++)
-                        if (c->unique_memo[i].last_use < c->unique_memo[slot].last_use)
-                                slot = i;
-                drop = c->unique_memo[slot];
-        } else
-                c->n_unique_memo++;
-        m.last_use = ++c->clock;
-        c->unique_memo[slot] = m;
-unlock:
         catalog_unlock(c);
 }
 

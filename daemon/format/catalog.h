@@ -28,6 +28,7 @@
 #pragma once
 
 #include <stddef.h>
+#include <stdint.h>
 
 #include "format/safetensors.h"
 #include "util/error.h"
@@ -86,8 +87,16 @@ DEFINE_TRIVIAL_CLEANUP_FUNC(Component *, component_free);
 typedef struct Catalog Catalog;
 
 /* root_fd is borrowed: it must outlive the catalog.  root_display is how
- * messages name the root ("/srv/models"); paths are shown beneath it. */
+ * messages name the root ("/srv/models"); paths are shown beneath it.
+ * The catalog keeps up to CATALOG_CACHE_MAX headers (by file identity),
+ * checked sharded indexes and sets of files found to hold unique tensor
+ * names, each least recently used first to go: enough for a node with
+ * 10,000 resident components of a few files each, so that a resident load
+ * parses nothing.  catalog_new_sized() takes another bound (1 .. 2^30), for
+ * tests. */
+#define CATALOG_CACHE_MAX 65536u
 int catalog_new(Catalog **ret, int root_fd, const char *root_display);
+int catalog_new_sized(Catalog **ret, int root_fd, const char *root_display, uint32_t cache_max);
 Catalog *catalog_free(Catalog *c);
 DEFINE_TRIVIAL_CLEANUP_FUNC(Catalog *, catalog_free);
 
@@ -107,7 +116,8 @@ int catalog_resolve(Catalog *c, const char *model, const char *component, Compon
 size_t catalog_cached_headers(Catalog *c);
 
 /* For tests: called (outside the catalog's lock) just before a header that
- * is not cached is parsed, with the file's path beneath the root.  NULL, the
- * default, for none.  Set it before the catalog is used concurrently. */
+ * is not cached is parsed, or a sharded index that is not remembered, with
+ * the file's path beneath the root.  NULL, the default, for none.  Set it
+ * before the catalog is used concurrently. */
 typedef void (*CatalogParseHook)(void *userdata, const char *path);
 void catalog_set_parse_hook(Catalog *c, CatalogParseHook hook, void *userdata);

@@ -800,11 +800,26 @@ static void test_parse_does_not_block_others(void **state) {
         pthread_mutex_destroy(&h.lock);
 }
 
-/* The header cache past its capacity (4096 headers): which resolves parse
- * and which are served from the cache, against a least-recently-used list of
- * the same capacity kept here (an array searched and shifted by hand). */
-#define LRU_CAP 4096
-#define LRU_FILES 4600
+/* A safetensors file of one U8 tensor, t<n>, holding the byte value. */
+static void write_one_tensor(const char *path, unsigned n, uint8_t value) {
+        char header[128];
+        uint64_t len = (uint64_t) snprintf(header, sizeof(header),
+                                           "{\"t%u\":{\"dtype\":\"U8\",\"shape\":[1],\"data_offsets\":[0,1]}}", n);
+        FILE *f = fopen(path, "we");
+
+        assert_non_null(f);
+        assert_int_equal(fwrite(&len, 8, 1, f), 1);
+        assert_int_equal(fwrite(header, 1, len, f), len);
+        assert_int_equal(fwrite(&value, 1, 1, f), 1);
+        assert_int_equal(fclose(f), 0);
+}
+
+/* The header cache past its capacity (a catalog of 512): which resolves
+ * parse and which are served from the cache, against a least-recently-used
+ * list of the same capacity kept here (an array searched and shifted by
+ * hand). */
+#define LRU_CAP 512
+#define LRU_FILES 600
 
 static void count_parse(void *userdata, const char *path) {
         (*(unsigned *) userdata)++;
@@ -822,27 +837,17 @@ static void test_header_cache_lru(void **state) {
 
         assert_non_null(lru);
         for (unsigned i = 0; i < LRU_FILES; i++) {
-                char path[PATH_MAX], header[128];
-                int n = snprintf(header, sizeof(header),
-                                 "{\"t%u\":{\"dtype\":\"U8\",\"shape\":[1],\"data_offsets\":[0,1]}}", i);
-                uint64_t len = (uint64_t) n;
-                uint8_t byte = (uint8_t) i;
-                FILE *f;
+                char path[PATH_MAX];
 
                 snprintf(path, sizeof(path), "%s/f%u.safetensors", dir, i);
-                f = fopen(path, "we");
-                assert_non_null(f);
-                assert_int_equal(fwrite(&len, 8, 1, f), 1);
-                assert_int_equal(fwrite(header, 1, len, f), len);
-                assert_int_equal(fwrite(&byte, 1, 1, f), 1);
-                assert_int_equal(fclose(f), 0);
+                write_one_tensor(path, i, (uint8_t) i);
         }
         root_fd = open(dir, O_RDONLY | O_DIRECTORY | O_CLOEXEC);
         assert_true(root_fd >= 0);
-        assert_int_equal(catalog_new(&c, root_fd, dir), 0);
+        assert_int_equal(catalog_new_sized(&c, root_fd, dir, LRU_CAP), 0);
         catalog_set_parse_hook(c, count_parse, &parses);
 
-        for (unsigned step = 0; step < 3 * LRU_FILES; step++) {
+        for (unsigned step = 0; step < 6 * LRU_FILES; step++) {
                 /* First every file in order, then at random: hits and misses both. */
                 unsigned i, at;
                 Component *comp = NULL;
@@ -877,6 +882,58 @@ static void test_header_cache_lru(void **state) {
         remove_tree(dir);
 }
 
+/* More sharded models than the catalog once remembered (64 indexes, 4096
+ * headers): after a first resolve of each, resolving them all again parses
+ * no index and no header, and gives the same files. */
+static void test_many_sharded_models(void **state) {
+        enum { MODELS = 2100, SHARDS = 2 };
+        _cleanup_free_ char *dir = make_temp_dir(NULL);
+        _cleanup_(catalog_freep) Catalog *c = NULL;
+        _cleanup_close_ int root_fd = -1;
+        unsigned parses = 0;
+        char path[PATH_MAX], name[64];
+
+        for (unsigned i = 0; i < MODELS; i++) {
+                FILE *f;
+
+                snprintf(path, sizeof(path), "%s/m%u", dir, i);
+                assert_int_equal(mkdir(path, 0755), 0);
+                for (unsigned k = 0; k < SHARDS; k++) {
+                        snprintf(path, sizeof(path), "%s/m%u/model-%05u-of-%05u.safetensors", dir, i, k + 1, SHARDS);
+                        write_one_tensor(path, k, (uint8_t) (i + k));
+                }
+                snprintf(path, sizeof(path), "%s/m%u/model.safetensors.index.json", dir, i);
+                f = fopen(path, "we");
+                assert_non_null(f);
+                fprintf(f, "{\"weight_map\":{\"t0\":\"model-00001-of-00002.safetensors\","
+                           "\"t1\":\"model-00002-of-00002.safetensors\"}}");
+                assert_int_equal(fclose(f), 0);
+        }
+        root_fd = open(dir, O_RDONLY | O_DIRECTORY | O_CLOEXEC);
+        assert_true(root_fd >= 0);
+        assert_int_equal(catalog_new(&c, root_fd, dir), 0);
+        catalog_set_parse_hook(c, count_parse, &parses);
+
+        for (unsigned pass = 0; pass < 2; pass++) {
+                for (unsigned i = 0; i < MODELS; i++) {
+                        Component *comp = NULL;
+                        WdError err = WD_ERROR_NULL;
+
+                        snprintf(name, sizeof(name), "m%u", i);
+                        assert_int_equal(catalog_resolve(c, name, NULL, &comp, &err), 0);
+                        assert_int_equal(comp->n_files, SHARDS);
+                        for (unsigned k = 0; k < SHARDS; k++) {
+                                snprintf(path, sizeof(path), "m%u/model-%05u-of-%05u.safetensors", i, k + 1, SHARDS);
+                                assert_string_equal(comp->files[k].path, path);
+                        }
+                        component_free(comp);
+                }
+                /* The first pass: every index and every header once. */
+                assert_int_equal(parses, MODELS * (1 + SHARDS));
+        }
+        remove_tree(dir);
+}
+
 int main(void) {
         const struct CMUnitTest tests[] = {
                 cmocka_unit_test_setup_teardown(test_single_and_plain, setup, teardown),
@@ -892,6 +949,7 @@ int main(void) {
                 cmocka_unit_test(test_concurrent_resolve),
                 cmocka_unit_test(test_parse_does_not_block_others),
                 cmocka_unit_test(test_header_cache_lru),
+                cmocka_unit_test(test_many_sharded_models),
         };
         return cmocka_run_group_tests(tests, NULL, NULL);
 }
