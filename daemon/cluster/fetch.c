@@ -30,6 +30,8 @@
 /* Sends in flight per transfer: enough to keep every link busy, few enough
  * that a re-plan is not stuck behind a long queue. */
 #define TRANSFER_MAX_SENDS 16u
+/* Chunks pump() looks at past the first one it cannot send yet. */
+#define TRANSFER_SCAN_AHEAD 256u
 
 typedef enum ChunkState {
         CHUNK_MISSING,
@@ -112,6 +114,12 @@ struct Transfer {
         unsigned *first_owner; /* index in sources */
         ChunkInfo *ci;
         uint64_t have_bytes, total_bytes;
+        size_t n_needed, n_have; /* chunks this node needs, and has of them */
+        /* pump() looks at every chunk only when this is set: when a chunk
+         * went back to MISSING or its owner may have changed; otherwise it
+         * goes on from send_from, below which nothing is left to send. */
+        bool rescan;
+        size_t send_from;
 
         unsigned sources[PLAN_MAX_SOURCES];
         const char *source_names[PLAN_MAX_SOURCES];
@@ -256,6 +264,7 @@ static int transfer_alloc(TransferContext *ctx, uint64_t plan_id, const Componen
         t->total_bytes = t->comp->total_bytes;
         for (size_t c = 0; r == 0 && c < t->n_chunks; c++)
                 t->ci[c].needed = true;
+        t->n_needed = t->n_chunks;
         if (r < 0) {
                 transfer_free(t);
                 return wd_error_set(err, r, "out of memory");
@@ -368,11 +377,13 @@ int transfer_new_part(TransferContext *ctx, uint64_t plan_id, const Component *c
         }
         plan_assign_needed(t->chunks, t->n_chunks, n, t->first_owner);
         t->total_bytes = 0;
+        t->n_needed = 0;
         for (size_t c = 0; c < t->n_chunks; c++) {
                 t->ci[c].needed = t->chunks[c].need >> self & 1;
-                if (t->ci[c].needed)
+                if (t->ci[c].needed) {
                         t->total_bytes += t->chunks[c].length;
-                else
+                        t->n_needed++;
+                } else
                         t->ci[c].state = CHUNK_HAVE; /* nothing to wait for */
         }
         r = receiving_prepare(t, root_fd, err);
@@ -395,6 +406,7 @@ int transfer_new_resident(TransferContext *ctx, uint64_t plan_id, const Componen
         t->entry = cache_entry_ref(e);
         for (size_t c = 0; c < t->n_chunks; c++)
                 t->ci[c].state = CHUNK_HAVE;
+        t->n_have = t->n_needed;
         t->have_bytes = t->total_bytes;
         t->result = 0;
         *ret = t;
@@ -435,6 +447,7 @@ static int start_part(Transfer *t, const unsigned *takers, size_t n_takers) {
         }
         t->started = true;
         t->activity_usec = now;
+        t->rescan = true;
         drop_unowned(t);
         pump(t);
         return 0;
@@ -473,6 +486,7 @@ int transfer_start(Transfer *t, const unsigned *sources, size_t n_sources, const
                 plan_assign(t->chunks, t->n_chunks, n_sources, t->first_owner);
         t->started = true;
         t->activity_usec = now;
+        t->rescan = true;
         drop_unowned(t);
         pump(t);
         return 0;
@@ -510,6 +524,7 @@ static int chunk_owner(Transfer *t, size_t c) {
  * for its checksum, which came only before the Start, and the owner's
  * bytes were refused as the chunk was not MISSING. */
 static void drop_unowned(Transfer *t) {
+        t->rescan = true;
         for (size_t c = 0; c < t->n_chunks; c++) {
                 ChunkInfo *ci = &t->ci[c];
                 int o = chunk_owner(t, c);
@@ -551,6 +566,8 @@ static void batch_free(ReadBatch *b) {
 static void chunk_have(Transfer *t, size_t c, uint64_t sum, bool sum_known) {
         ChunkInfo *ci = &t->ci[c];
 
+        if (ci->state != CHUNK_HAVE && ci->needed)
+                t->n_have++;
         ci->state = CHUNK_HAVE;
         ci->own_sum = sum;
         ci->own_sum_known = sum_known;
@@ -596,6 +613,7 @@ static void batch_done(Completion *comp) {
 
                         if (t->ci[c].state == CHUNK_READING)
                                 t->ci[c].state = CHUNK_MISSING;
+                        t->rescan = true;
                         if (!error) {
                                 error = -EIO;
                                 failed = c;
@@ -722,6 +740,8 @@ static void tx_done(DataPlaneSend *s, int status) {
                 /* Not delivered: a later pump sends it again if the
                  * receiver is still there. */
                 t->sent[tx->index * t->n_receivers + tx->receiver] = 0;
+                if (tx->index < t->send_from)
+                        t->send_from = tx->index;
                 log_debug("plan %016" PRIx64 ": chunk %zu to %s not sent: %s", t->plan_id, tx->index,
                           mesh_node_name(t->ctx->mesh, t->receivers[tx->receiver]), strerror(-status));
         }
@@ -921,10 +941,53 @@ static void finish(Transfer *t) {
                 t->ctx->finished(t, t->ctx->userdata);
 }
 
-static void pump(Transfer *t) {
+/* Whether chunk c has bytes to go from here to a receiver that needs them
+ * and did not get them; sends what the window allows (unless sending must
+ * wait: all_have on a receiving transfer, which seals first). */
+static bool send_pending(Transfer *t, size_t c, bool hold) {
+        bool pending = false;
+
+        if (!chunk_mine_to_send(t, c))
+                return false;
+        for (size_t k = 0; k < t->n_receivers; k++) {
+                if (t->receiver_done[k] || t->sent[c * t->n_receivers + k] ||
+                    (t->part && !(t->chunks[c].need >> k & 1)))
+                        continue;
+                if (t->ci[c].state != CHUNK_HAVE || hold || t->n_tx >= TRANSFER_MAX_SENDS ||
+                    send_chunk(t, c, k) < 0)
+                        pending = true; /* a receiver that went: its down event marks it done */
+        }
+        return pending;
+}
+
+/* A chunk this node needs and nobody gives it (or this node owns): read. */
+static void read_missing(Transfer *t) {
         _cleanup_free_ size_t *to_read = NULL;
         size_t n_read = 0;
-        bool all_have = true, anything_to_send = false;
+
+        for (size_t c = 0; c < t->n_chunks; c++) {
+                ChunkInfo *ci = &t->ci[c];
+                int o;
+
+                if (ci->state != CHUNK_MISSING || !ci->needed)
+                        continue;
+                o = chunk_owner(t, c);
+                if (o >= 0 && o != t->self_source)
+                        continue;
+                if (!to_read)
+                        to_read = malloc(t->n_chunks * sizeof(size_t));
+                if (to_read)
+                        to_read[n_read++] = c;
+        }
+        if (n_read > 0)
+                read_chunks(t, to_read, n_read);
+}
+
+/* After any event.  Amortized O(1) a call (a plan may have 10^5 chunks
+ * and as many events): every chunk is looked at only after a rescan, and
+ * the sends go on from send_from, stopping once the window is full. */
+static void pump(Transfer *t) {
+        bool all_have, prefix = true;
         uint64_t now = now_usec();
 
         if (t->aborted || !t->started || t->finished) {
@@ -938,39 +1001,29 @@ static void pump(Transfer *t) {
                         finish(t);
                 return;
         }
-
-        for (size_t c = 0; c < t->n_chunks; c++) {
-                ChunkInfo *ci = &t->ci[c];
-
-                if (ci->state != CHUNK_HAVE)
-                        all_have = false;
-                if (ci->state == CHUNK_MISSING && t->load && ci->needed &&
-                    (chunk_owner(t, c) < 0 || chunk_owner(t, c) == t->self_source)) {
-                        if (!to_read)
-                                to_read = malloc(t->n_chunks * sizeof(size_t));
-                        if (to_read)
-                                to_read[n_read++] = c;
-                }
+        if (t->rescan) {
+                t->rescan = false;
+                t->send_from = 0;
+                if (t->load)
+                        read_missing(t);
         }
-        if (n_read > 0)
-                read_chunks(t, to_read, n_read);
+        all_have = t->n_have == t->n_needed;
 
-        /* Sending: never while the slabs are being sealed (remapped). */
-        if (!t->sealing)
-                for (size_t c = 0; c < t->n_chunks; c++) {
-                        if (t->ci[c].state != CHUNK_HAVE || !chunk_mine_to_send(t, c))
-                                continue;
-                        for (size_t k = 0; k < t->n_receivers; k++) {
-                                if (t->receiver_done[k] || t->sent[c * t->n_receivers + k] ||
-                                    (t->part && !(t->chunks[c].need >> k & 1)))
-                                        continue;
-                                anything_to_send = true;
-                                if (t->n_tx >= TRANSFER_MAX_SENDS || (all_have && t->load))
-                                        continue;
-                                if (send_chunk(t, c, k) < 0)
-                                        continue; /* the receiver went; its down event marks it done */
-                        }
+        /* Sending: never while the slabs are being sealed (remapped).  Past
+         * the first chunk still to send, at most TRANSFER_SCAN_AHEAD more
+         * are looked at: reads end about in order, and what lies further
+         * is sent once the chunks before it went. */
+        size_t ahead = 0;
+        for (size_t c = t->send_from; !t->sealing && c < t->n_chunks; c++) {
+                if (!send_pending(t, c, all_have && t->load)) {
+                        if (prefix)
+                                t->send_from = c + 1;
+                        continue;
                 }
+                prefix = false;
+                if (t->n_tx >= TRANSFER_MAX_SENDS || ++ahead > TRANSFER_SCAN_AHEAD)
+                        break;
+        }
 
         if (t->load && all_have && !t->sealing && t->n_rx == 0 && t->n_tx == 0 && !t->batches &&
             t->result == -EINPROGRESS) {
@@ -988,7 +1041,7 @@ static void pump(Transfer *t) {
 
         /* Sealed (or resident from the start): done once no receiver needs
          * anything, or nobody asked for anything for twice the deadline. */
-        bool receivers_done = true;
+        bool receivers_done = true, anything_to_send = t->send_from < t->n_chunks;
         for (size_t k = 0; k < t->n_receivers; k++)
                 receivers_done = receivers_done && t->receiver_done[k];
         if (t->n_tx == 0 && (receivers_done || (!anything_to_send && now - t->activity_usec > 2 * t->ctx->deadline_usec)))
@@ -1014,6 +1067,7 @@ static int receiver_index(const Transfer *t, unsigned node) {
 /* Chunks that were on their way from node and did not arrive go back to
  * MISSING (LANDED ones whose checksum it sent are kept). */
 static void forget_from(Transfer *t, unsigned node) {
+        t->rescan = true;
         for (size_t c = 0; c < t->n_chunks; c++) {
                 ChunkInfo *ci = &t->ci[c];
 
@@ -1036,6 +1090,7 @@ void transfer_node_down(Transfer *t, unsigned node) {
         }
         if (k >= 0)
                 t->receiver_done[k] = true;
+        t->rescan = true;
         if (s >= 0 || k >= 0)
                 log_debug("plan %016" PRIx64 ": %s went down; its chunks are re-planned", t->plan_id,
                           mesh_node_name(t->ctx->mesh, node));
@@ -1100,6 +1155,7 @@ static void verify(Transfer *t, size_t c) {
         }
         ci->state = CHUNK_MISSING;
         ci->sum_known = false;
+        t->rescan = true;
         {
                 char why[160];
                 const CatalogFile *f = &t->comp->files[t->chunks[c].file];
@@ -1183,8 +1239,10 @@ void transfer_received(void *token, int status) {
                                 t->source_heard_usec[s] = now_usec();
                         t->activity_usec = now_usec();
                         verify(t, rx->index);
-                } else
+                } else {
                         ci->state = CHUNK_MISSING;
+                        t->rescan = true;
+                }
         }
         free(rx);
         pump(t);

@@ -285,6 +285,8 @@ static int compare_range(const void *a, const void *b) {
 static void range_merge(RangeList *l) {
         size_t k = 0;
 
+        if (l->n == 0)
+                return;
         qsort(l->r, l->n, sizeof(Range), compare_range);
         for (size_t i = 0; i < l->n; i++) {
                 if (k > 0 && l->r[i].begin <= l->r[k - 1].end) {

@@ -10,11 +10,12 @@ bytes each node then serves (a sharded Load through its socket, dumped)
 are compared with numpy slicing of the files (tests/integration's shard
 check), and the Load must read nothing more from storage.
 """
+import pathlib
 import random
 
 import pytest
 
-from cluster import Cluster, per_node, prefetch_results
+from cluster import Cluster, per_node, prefetch_results, wait_transfer
 from harness import make_dir, wait_until
 from reference import read_header, write_safetensors
 from test_shard import check_rank, rule_for, split, takes
@@ -289,3 +290,88 @@ def test_pipeline_stages_whole_layers(cluster4, tp_model, tmp_path):
         r = cluster[n].client("shard", str(model), "", str(out), "0/0", *[f"tensors={p}" for p in STAGES[n]])
         assert r.returncode == 0, r.stderr.decode()
         check_rank(json.loads(r.stdout), out.read_bytes(), files, 0, 1, RULES, STAGES[n])
+
+
+def test_kill9_mid_part_plan(cluster4, tp_model, tmp_path):
+    """A node killed while pieces move: the pieces it was to read for the
+    others are read by a live node that needs them, and every other node
+    ends with its shard, right."""
+    import json
+    cluster = cluster4
+    model, files = tp_model
+    cluster.start()
+    shards = {n: (i, 4) for i, n in enumerate(NAMES)}
+    _, links, _ = expected_bytes(files, shards, RULES)
+    # Slow links (3 MB/s a node) so that the kill lands mid-transfer.
+    cluster.throttle("24mbit")
+    args = ["--nodes", ",".join(NAMES)] + [f"--node-shard={n}={r}/{w}" for n, (r, w) in shards.items()]
+    args += [f"--rule={p}:{d}" for p, d in RULES]
+    p = cluster.spawn_prefetch("a", model, *args)
+    wait_transfer(cluster, NAMES, links // 10, p)
+    cluster.kill9("c")
+    out, err = p.communicate(timeout=60)
+    lines = per_node(prefetch_results(out, err, p.returncode))
+    for n in "abd":
+        assert lines[n]["state"] == "ok", f"node {n} after the kill: {lines[n]}"
+    assert lines["c"]["state"] != "ok", lines["c"]
+    for n in "abd":
+        rank = shards[n][0]
+        dump = tmp_path / f"{n}.dump"
+        r = cluster[n].client("shard", str(model), "", str(dump), f"{rank}/4", *[f"{q}:{d}" for q, d in RULES])
+        assert r.returncode == 0, r.stderr.decode()
+        check_rank(json.loads(r.stdout), dump.read_bytes(), files, rank, 4, RULES)
+
+
+PY_PREFETCH = """
+import json, sys, weightd
+sock, model = sys.argv[1], sys.argv[2]
+rules = [("*.q.weight", 0), ("*.o.weight", 1), ("embed", 0)]
+with weightd.connect(sock) as c:
+    res = c.prefetch(model, cluster=True, nodes=["a"], node_shards={
+        "b": weightd.Shard(0, 2, rules, tensors=["layers.[0-3].*"]),
+        "c": weightd.Shard(1, 2, rules, tensors=["layers.[0-3].*"]),
+        "d": weightd.Shard(tensors=["layers.[4-7].*", "embed"])})
+    print(json.dumps(res))
+"""
+
+
+def test_python_package_node_shards(cluster4, tp_model, tmp_path):
+    """The same plan through weightd (the Python package): node a whole, b and
+    c halves of stage 0, d stage 1 whole; each node's part is what a load
+    with the same Shard serves, equal to the files' bytes."""
+    import json
+    import os
+    import subprocess
+    import sys
+    cluster = cluster4
+    model, files = tp_model
+    cluster.start()
+    root = pathlib.Path(__file__).resolve().parents[2]
+    # The release build's library: a sanitizer build's cannot load into a
+    # plain Python (its runtime must come first); the wire is the same.
+    lib = root / "build" / "client" / "lib" / "libweightd-client.so.0"
+    if not lib.exists():
+        pytest.skip(f"{lib} is not built (tests/run builds it first)")
+    env = {**os.environ, "PYTHONPATH": str(root / "client" / "python"), "WEIGHTD_CLIENT_LIB": str(lib)}
+    before = node_counters(cluster)
+    r = subprocess.run([sys.executable, "-c", PY_PREFETCH, cluster["a"].socket, str(model)], env=env,
+                       capture_output=True, timeout=120)
+    assert r.returncode == 0, r.stderr.decode()
+    res = json.loads(r.stdout)[""]
+    assert [(x["node"], x["state"]) for x in res["nodes"]] == [(n, "ok") for n in NAMES], res
+    shards = {"a": (0, 1), "b": (0, 2, ["layers.[0-3].*"]), "c": (1, 2, ["layers.[0-3].*"]),
+              "d": (0, 1, ["layers.[4-7].*", "embed"])}
+    storage, links, need = expected_bytes(files, shards, RULES)
+    after = node_counters(cluster)
+    assert sum(after[n][0] - before[n][0] for n in NAMES) == storage
+    assert sum(after[n][1] - before[n][1] for n in NAMES) == links
+    for n in NAMES:
+        assert after[n][0] - before[n][0] + after[n][1] - before[n][1] == need[n], n
+    for n, sh in shards.items():
+        if n == "a":
+            continue
+        out = tmp_path / f"{n}.dump"
+        r = cluster[n].client("shard", str(model), "", str(out), f"{sh[0]}/{sh[1]}",
+                              *[f"tensors={p}" for p in sh[2]], *[f"{p}:{d}" for p, d in RULES])
+        assert r.returncode == 0, r.stderr.decode()
+        check_rank(json.loads(r.stdout), out.read_bytes(), files, sh[0], sh[1], RULES, sh[2])

@@ -252,8 +252,13 @@ static void mark_bytes(const Component *comp, size_t f, const ShardSpec *spec, u
                 const StTensor *t = &h->tensors[j];
                 uint64_t base = h->data_offset + t->begin, es = dtype_bits(t->dtype) / 8;
                 const ShardRule *rule = NULL;
+                bool taken = spec->n_tensors == 0;
 
-                for (size_t k = 0; k < spec->n_rules; k++)
+                for (size_t k = 0; k < spec->n_tensors; k++)
+                        taken = taken || strcmp(spec->tensors[k], t->name) == 0;
+                if (!taken)
+                        continue;
+                for (size_t k = 0; k < spec->n_rules && spec->world > 1; k++)
                         if (strcmp(spec->rules[k].pattern, t->name) == 0)
                                 rule = &spec->rules[k];
                 if (!rule) {
@@ -282,7 +287,7 @@ static ShardSpec *tp_spec(unsigned rank, unsigned world, const PSpec *rules, siz
         assert_non_null(s);
         s->rank = rank;
         s->world = world;
-        s->rules = calloc(n, sizeof(ShardRule));
+        s->rules = calloc(n + 1, sizeof(ShardRule));
         assert_non_null(s->rules);
         for (size_t i = 0; i < n; i++)
                 s->rules[i] = (ShardRule){ .pattern = strdup(rules[i].name), .dim = rules[i].dim };
@@ -437,6 +442,24 @@ static void test_pieces(void **state) {
         ShardSpec *mixed[4] = { NULL, tp_spec(0, 2, tp, 4), tp_spec(1, 2, tp, 4), tp_spec(1, 2, tp, 2) };
         check_pieces(comp, mixed, 4, 8192, 4096);
         check_pieces(comp, mixed, 4, 8192, 512);
+
+        /* Pipeline stages: one node the first file's tensors, one the
+         * second's and "q" split with a third; nobody needs all of a file. */
+        ShardSpec *stages[3] = { tp_spec(0, 1, NULL, 0), tp_spec(0, 2, tp, 4), tp_spec(1, 2, tp, 4) };
+        const char *first[] = { "q", "o", "big", "norm" }, *second[] = { "w", "e", "e" };
+        stages[0]->tensors = calloc(4, sizeof(char *));
+        stages[1]->tensors = calloc(3, sizeof(char *));
+        stages[2]->tensors = calloc(1, sizeof(char *));
+        for (size_t i = 0; i < 4; i++)
+                stages[0]->tensors[stages[0]->n_tensors++] = strdup(first[i]);
+        for (size_t i = 0; i < 3; i++)
+                stages[1]->tensors[stages[1]->n_tensors++] = strdup(second[i]);
+        stages[2]->tensors[stages[2]->n_tensors++] = strdup("q");
+        check_pieces(comp, stages, 3, 8192, 4096);
+        check_pieces(comp, stages + 2, 1, 8192, 4096); /* only "q", half: file 1 needs nothing */
+        check_pieces(comp, stages + 1, 1, 8192, 4096); /* not "q": file 0 needs nothing */
+        for (size_t i = 0; i < 3; i++)
+                shard_spec_free(stages[i]);
 
         /* Nobody but node 0 needs "big" split along dim 1 with 4 KiB
          * slices 12 KiB apart: its rows are separate reads. */

@@ -63,6 +63,21 @@ class WdLoadOptions(ctypes.Structure):
         ("keep_host", ctypes.c_int),
         ("progress", PROGRESS_FN),
         ("userdata", ctypes.c_void_p),
+        ("tensors", ctypes.POINTER(ctypes.c_char_p)),
+        ("n_tensors", ctypes.c_size_t),
+    ]
+
+
+class WdClusterPart(ctypes.Structure):
+    _fields_ = [
+        ("node", ctypes.c_char_p),
+        ("rank", ctypes.c_uint),
+        ("world", ctypes.c_uint),
+        ("rules", ctypes.POINTER(WdShardRule)),
+        ("n_rules", ctypes.c_size_t),
+        ("uneven", ctypes.c_int),
+        ("tensors", ctypes.POINTER(ctypes.c_char_p)),
+        ("n_tensors", ctypes.c_size_t),
     ]
 
 
@@ -210,6 +225,9 @@ _SIGNATURES = {
     "wd_status_free": (None, [ctypes.POINTER(WdStatus)]),
     "wd_prefetch_cluster": (ctypes.c_int, [_P, _S, _S, ctypes.POINTER(_S), ctypes.c_size_t, PROGRESS_FN, _P,
                                            ctypes.POINTER(ctypes.POINTER(WdClusterPrefetchResult)), _ERR]),
+    "wd_prefetch_cluster_parts": (ctypes.c_int, [_P, _S, _S, ctypes.POINTER(WdClusterPart), ctypes.c_size_t,
+                                                 PROGRESS_FN, _P,
+                                                 ctypes.POINTER(ctypes.POINTER(WdClusterPrefetchResult)), _ERR]),
     "wd_cluster_prefetch_result_free": (None, [ctypes.POINTER(WdClusterPrefetchResult)]),
     "wd_cluster": (ctypes.c_int, [_P, ctypes.POINTER(ctypes.POINTER(WdClusterInfo)), _ERR]),
     "wd_cluster_free": (None, [ctypes.POINTER(WdClusterInfo)]),

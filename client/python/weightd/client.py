@@ -31,8 +31,8 @@ import threading
 import weakref
 
 from . import _dlpack, _dtypes, errors
-from ._lib import (PROGRESS_FN, WdClusterInfo, WdClusterPrefetchResult, WdError, WdLoadOptions, WdPrefetchResult,
-                   WdShardRule, WdTensor, check, lib, text)
+from ._lib import (PROGRESS_FN, WdClusterInfo, WdClusterPart, WdClusterPrefetchResult, WdError, WdLoadOptions,
+                   WdPrefetchResult, WdShardRule, WdTensor, check, lib, text)
 
 _FRAMEWORKS = {"np": "np", "numpy": "np", "pt": "pt", "torch": "pt"}
 
@@ -109,14 +109,21 @@ class Shard:
     ".") are split along the rule's dim (0 or 1) into world parts, and this
     rank gets part rank; the first matching rule wins, other tensors come
     whole.  A dimension world does not divide is an error unless uneven is
-    set (then the first size % world ranks get one more index)."""
+    set (then the first size % world ranks get one more index).  tensors:
+    only the tensors whose name matches one of these globs (a pipeline
+    stage; Shard(tensors=[...]) alone takes them whole); none: all."""
 
-    rank: int
-    world: int
+    rank: int = 0
+    world: int = None  # required, but with tensors alone (then 1)
     rules: list = dataclasses.field(default_factory=list)
     uneven: bool = False
+    tensors: list = dataclasses.field(default_factory=list)
 
     def __post_init__(self):
+        if self.world is None:
+            if not self.tensors or self.rules:
+                raise errors.InvalidArgument("shard: world is required (only tensors alone imply world 1)")
+            self.world = 1
         for what in ("rank", "world"):
             v = getattr(self, what)
             if isinstance(v, bool) or not isinstance(v, int) or v < 0:
@@ -139,6 +146,14 @@ class Shard:
             out.append((pattern, dim))
         self.rules = out
         self.uneven = bool(self.uneven)
+        tensors = self.tensors
+        if isinstance(tensors, (str, bytes)) or not isinstance(tensors, collections.abc.Iterable):
+            raise errors.InvalidArgument(f"shard tensors {tensors!r}: expected a list of patterns")
+        tensors = list(tensors)
+        for t in tensors:
+            if not isinstance(t, str):
+                raise errors.InvalidArgument(f"shard tensors {tensors!r}: each pattern must be a str")
+        self.tensors = tensors
 
 
 def _shard(shard):
@@ -147,7 +162,8 @@ def _shard(shard):
     if isinstance(shard, collections.abc.Mapping):
         unknown = set(shard) - {f.name for f in dataclasses.fields(Shard)}
         if unknown:
-            raise errors.InvalidArgument(f"shard: unknown keys {sorted(unknown)} (rank, world, rules, uneven)")
+            raise errors.InvalidArgument(f"shard: unknown keys {sorted(unknown)} (rank, world, rules, uneven, "
+                                         "tensors)")
         try:
             return Shard(**shard)
         except TypeError as e:
@@ -163,16 +179,26 @@ def _options(device, shard, progress=None):
     if device is not None:
         o.device = device.encode()
     if shard is not None:
-        o.rank, o.world, o.uneven = shard.rank, shard.world, int(shard.uneven)
-        if shard.rules:
-            rules = (WdShardRule * len(shard.rules))()
-            for i, (pattern, dim) in enumerate(shard.rules):
-                rules[i].pattern = pattern.encode("utf-8", "surrogateescape")
-                rules[i].dim = dim
-            o.rules = rules
-            o.n_rules = len(shard.rules)
+        _shard_fields(o, shard)
     o.progress = progress if progress is not None else PROGRESS_FN()
     return o
+
+
+def _shard_fields(o, shard):
+    """Set rank, world, rules, uneven and tensors of o (wd_load_options or
+    wd_cluster_part) from a Shard."""
+    o.rank, o.world, o.uneven = shard.rank, shard.world, int(shard.uneven)
+    if shard.rules:
+        rules = (WdShardRule * len(shard.rules))()
+        for i, (pattern, dim) in enumerate(shard.rules):
+            rules[i].pattern = pattern.encode("utf-8", "surrogateescape")
+            rules[i].dim = dim
+        o.rules = rules
+        o.n_rules = len(shard.rules)
+    if shard.tensors:
+        o.tensors = (ctypes.c_char_p * len(shard.tensors))(*(t.encode("utf-8", "surrogateescape")
+                                                             for t in shard.tensors))
+        o.n_tensors = len(shard.tensors)
 
 
 def _model(model):
@@ -181,6 +207,28 @@ def _model(model):
 
 def _component(component):
     return (component or "").encode()
+
+
+def _parts(names, node_shards):
+    """The wd_cluster_part array of a part plan: the nodes of names (whole
+    unless node_shards has them), then node_shards' other nodes; None
+    without node_shards."""
+    if node_shards is None:
+        return None
+    if not isinstance(node_shards, collections.abc.Mapping):
+        raise errors.InvalidArgument(f"node_shards {node_shards!r}: expected {{node: Shard or None}}")
+    shards = {}
+    for node, sh in node_shards.items():
+        shards[_nodes(node)[0]] = _shard(sh)
+    order = list(names) + [n for n in shards if n not in names]
+    if not order:
+        raise errors.InvalidArgument("node_shards: no node named")
+    arr = (WdClusterPart * len(order))()
+    for i, n in enumerate(order):
+        arr[i].node = n
+        if shards.get(n) is not None:
+            _shard_fields(arr[i], shards[n])
+    return arr
 
 
 def _nodes(nodes):
@@ -836,7 +884,7 @@ class Client:
         return out
 
     def prefetch(self, model, components=None, progress=None, shard=None, device="cpu", cluster=False,
-                 nodes=None):
+                 nodes=None, node_shards=None):
         """Make components resident without leasing them.  components: None
         (the model's only component, or "" ), a name, or a list of names.
         progress(component, done, total) is called as bytes arrive; a true
@@ -854,17 +902,27 @@ class Client:
         "peer_sent_bytes", "message"} per node, in the cluster's order; a
         node that could not take part says so in its state ("failed",
         "down"), which raises nothing.  weightd.Unsupported where the
-        daemon has no [cluster]."""
+        daemon has no [cluster].
+
+        node_shards={node: Shard or None} (with cluster=True): each node
+        serves its own part, a Shard (a rank's slices, a stage's tensors)
+        or None (the whole component); nodes named in nodes but not here
+        serve it whole.  Every byte any node serves is read once across
+        them, and each node reads or receives only the bytes it serves; a
+        load() on that node with the same Shard finds it resident."""
         if components is None or isinstance(components, str):
             components = [components or ""]
         dev = _device(device)
         sh = _shard(shard)
         if not cluster and nodes is not None:
             raise errors.InvalidArgument("nodes: only a cluster prefetch (cluster=True) takes nodes")
+        if node_shards is not None and not cluster:
+            raise errors.InvalidArgument("node_shards: only a cluster prefetch (cluster=True) takes node_shards")
         if cluster and (dev is not None or sh is not None):
             raise errors.InvalidArgument("cluster=True prefetches into host memory, whole: it takes no shard and "
                                          f"no device (got shard={shard!r}, device={device!r})")
         names = _nodes(nodes)
+        parts = _parts(names, node_shards)
         out = {}
         for comp in components:
             cb = PROGRESS_FN()
@@ -879,7 +937,7 @@ class Client:
                 cb = PROGRESS_FN(fn)
             try:
                 if cluster:
-                    out[comp] = self._prefetch_cluster(model, comp, names, cb)
+                    out[comp] = self._prefetch_cluster(model, comp, names, cb, parts)
                     continue
                 opts = _options(dev, sh, cb)
                 res = WdPrefetchResult()
@@ -892,11 +950,15 @@ class Client:
             out[comp] = {"bytes": res.bytes, "was_resident": bool(res.was_resident)}
         return out
 
-    def _prefetch_cluster(self, model, comp, names, cb):
-        arr = (ctypes.c_char_p * max(len(names), 1))(*names)
+    def _prefetch_cluster(self, model, comp, names, cb, parts=None):
         res = ctypes.POINTER(WdClusterPrefetchResult)()
-        self._conn.call(lib.wd_prefetch_cluster, _model(model), _component(comp), arr, len(names), cb, None,
-                        ctypes.byref(res))
+        if parts is not None:
+            self._conn.call(lib.wd_prefetch_cluster_parts, _model(model), _component(comp), parts, len(parts), cb,
+                            None, ctypes.byref(res))
+        else:
+            arr = (ctypes.c_char_p * max(len(names), 1))(*names)
+            self._conn.call(lib.wd_prefetch_cluster, _model(model), _component(comp), arr, len(names), cb, None,
+                            ctypes.byref(res))
         try:
             v = res.contents
             return {"bytes": v.bytes, "was_resident": bool(v.was_resident),
