@@ -110,12 +110,16 @@ def saved(workdir):
     pipe = _pipeline()
     pipe.save_pretrained(root / "wan")
     pipe.save_pretrained(root / "wan-sharded", max_shard_size="20KB")
+    # bf16 as from_pretrained(dtype=bfloat16) makes it: a few of the
+    # transformer's modules stay float32.
+    WanPipeline.from_pretrained(root / "wan", dtype=torch.bfloat16).save_pretrained(root / "wan-bf16")
     scratch = workdir / "diffusers-scratch"
     if scratch.exists():
         shutil.rmtree(scratch)
     scratch.mkdir()
     _sd_pipeline(scratch).save_pretrained(root / "sd")
-    return {"root": root, "plain": root / "wan", "sharded": root / "wan-sharded", "sd": root / "sd"}
+    return {"root": root, "plain": root / "wan", "sharded": root / "wan-sharded", "bf16": root / "wan-bf16",
+            "sd": root / "sd"}
 
 
 @pytest.fixture
@@ -336,3 +340,21 @@ def test_stable_diffusion_images_bit_identical(served, saved):
     (name, ids), = [(n, b) for n, b in pipe.text_encoder.named_buffers() if n.endswith("position_ids")]
     assert name not in pipe.text_encoder.state_dict()
     assert _daemon_mapping(_maps(), ids) is None and torch.equal(ids, torch.arange(16).unsqueeze(0))
+
+
+def test_bf16_as_from_pretrained_with_dtype(served, saved):
+    """The daemon serves the files' dtypes; stored as from_pretrained(dtype=
+    bfloat16) gives them, the pipeline is that one, to the bit."""
+    import weightd
+    import weightd.diffusers as wdd
+
+    ref = WanPipeline.from_pretrained(saved["bf16"], dtype=torch.bfloat16)
+    with weightd.connect(served.socket) as client:
+        pipe = wdd.load_pipeline(WanPipeline, saved["bf16"], client=client)
+    for name in TORCH_COMPONENTS:
+        got = {n: p.dtype for n, p in getattr(pipe, name).named_parameters()}
+        assert got == {n: p.dtype for n, p in getattr(ref, name).named_parameters()}, name
+    assert pipe.transformer.scale_shift_table.dtype == torch.float32
+    assert pipe.transformer.blocks[0].attn1.to_q.weight.dtype == torch.bfloat16
+    want, got = _frames(ref), _frames(pipe)
+    assert torch.equal(got, want), f"max difference {(got - want).abs().max()}"
