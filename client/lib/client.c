@@ -902,7 +902,7 @@ static int cluster_loads_check(const Weightd__V1__LoadReply *lr, const char *mod
 
 /* A cluster prefetch of nodes (shards: one per node, or NULL). */
 static int prefetch_cluster(wd_client *c, const char *func, const char *model, const char *component,
-                            const char *const *nodes, size_t n_nodes, Weightd__V1__Shard **shards,
+                            const char *const *nodes, size_t n_nodes, Weightd__V1__Shard **shards, const char *device,
                             wd_progress_fn progress, void *userdata, wd_cluster_prefetch_result **ret, wd_error *err) {
         Weightd__V1__LoadRequest load = load_request(model, component, progress != NULL);
         WireEnvelope env = WEIGHTD__V1__ENVELOPE__INIT;
@@ -926,6 +926,9 @@ static int prefetch_cluster(wd_client *c, const char *func, const char *model, c
                 load.node_shards = shards;
                 load.n_node_shards = n_nodes;
         }
+        /* The daemons' device index, as it is: not this process's ordinal. */
+        if (device && *device && strcmp(device, "host") != 0)
+                load.target = (char *) device;
         env.body_case = WEIGHTD__V1__ENVELOPE__BODY_PREFETCH;
         env.prefetch = &load;
         r = client_request(c, &env, WEIGHTD__V1__REPLY__RESULT_LOAD, progress, userdata, &reply, &e);
@@ -973,13 +976,14 @@ static int prefetch_cluster(wd_client *c, const char *func, const char *model, c
 _public_ int wd_prefetch_cluster(wd_client *c, const char *model, const char *component, const char *const *nodes,
                                  size_t n_nodes, wd_progress_fn progress, void *userdata,
                                  wd_cluster_prefetch_result **ret, wd_error *err) {
-        return prefetch_cluster(c, "wd_prefetch_cluster", model, component, nodes, n_nodes, NULL, progress, userdata,
-                                ret, err);
+        return prefetch_cluster(c, "wd_prefetch_cluster", model, component, nodes, n_nodes, NULL, NULL, progress,
+                                userdata, ret, err);
 }
 
-_public_ int wd_prefetch_cluster_parts(wd_client *c, const char *model, const char *component,
-                                       const wd_cluster_part *parts, size_t n_parts, wd_progress_fn progress,
-                                       void *userdata, wd_cluster_prefetch_result **ret, wd_error *err) {
+_public_ int wd_prefetch_cluster_ex(wd_client *c, const char *model, const char *component,
+                                    const wd_cluster_options *o, wd_cluster_prefetch_result **ret, wd_error *err) {
+        const wd_cluster_part *parts = o ? o->parts : NULL;
+        size_t n_parts = o ? o->n_parts : 0;
         _cleanup_free_ const char **nodes = NULL;
         _cleanup_free_ Weightd__V1__Shard *shards = NULL;
         _cleanup_free_ Weightd__V1__Shard **shard_ptrs = NULL;
@@ -989,30 +993,36 @@ _public_ int wd_prefetch_cluster_parts(wd_client *c, const char *model, const ch
         wd_error e;
         int r;
 
-        r = check_args("wd_prefetch_cluster_parts", c && model && parts && n_parts > 0, &e);
+        r = check_args("wd_prefetch_cluster_ex", c && model && o && (parts || n_parts == 0) &&
+                                                          (o->nodes || o->n_nodes == 0), &e);
+        if (r == WD_OK && n_parts > 0 && o->n_nodes > 0)
+                r = error_set(&e, WD_INVALID_ARGUMENT, "wd_prefetch_cluster_ex(): nodes or parts, not both");
         if (r != WD_OK)
                 return finish(r, &e, err);
+        if (n_parts == 0)
+                return prefetch_cluster(c, "wd_prefetch_cluster_ex", model, component, o->nodes, o->n_nodes, NULL,
+                                        o->device, o->progress, o->userdata, ret, err);
         for (size_t i = 0; i < n_parts; i++) {
                 const wd_cluster_part *x = &parts[i];
 
                 if (!x->node)
-                        return finish(error_set(&e, WD_INVALID_ARGUMENT, "wd_prefetch_cluster_parts(): part %zu "
+                        return finish(error_set(&e, WD_INVALID_ARGUMENT, "wd_prefetch_cluster_ex(): part %zu "
                                                 "names no node", i), &e, err);
                 if ((x->world == 0 ? x->rank > 0 || x->n_rules > 0 : x->rank >= x->world || (x->n_rules && !x->rules)) ||
                     (x->n_tensors && !x->tensors))
                         return finish(error_set(&e, WD_INVALID_ARGUMENT,
-                                                "wd_prefetch_cluster_parts(): %s: rank %u of world %u with %zu rules "
+                                                "wd_prefetch_cluster_ex(): %s: rank %u of world %u with %zu rules "
                                                 "(world 0: the whole component, no rank or rules)",
                                                 x->node, x->rank, x->world, x->n_rules), &e, err);
                 for (size_t j = 0; j < x->n_rules; j++)
                         if (!x->rules[j].pattern)
                                 return finish(error_set(&e, WD_INVALID_ARGUMENT,
-                                                        "wd_prefetch_cluster_parts(): %s: rule %zu has no pattern",
+                                                        "wd_prefetch_cluster_ex(): %s: rule %zu has no pattern",
                                                         x->node, j), &e, err);
                 for (size_t j = 0; j < x->n_tensors; j++)
                         if (!x->tensors[j])
                                 return finish(error_set(&e, WD_INVALID_ARGUMENT,
-                                                        "wd_prefetch_cluster_parts(): %s: tensors pattern %zu is NULL",
+                                                        "wd_prefetch_cluster_ex(): %s: tensors pattern %zu is NULL",
                                                         x->node, j), &e, err);
                 n_rules += x->n_rules;
         }
@@ -1045,8 +1055,8 @@ _public_ int wd_prefetch_cluster_parts(wd_client *c, const char *model, const ch
                         rule_ptrs[k] = &rules[k];
                 }
         }
-        return prefetch_cluster(c, "wd_prefetch_cluster_parts", model, component, nodes, n_parts, shard_ptrs,
-                                progress, userdata, ret, err);
+        return prefetch_cluster(c, "wd_prefetch_cluster_ex", model, component, nodes, n_parts, shard_ptrs, o->device,
+                                o->progress, o->userdata, ret, err);
 }
 
 _public_ void wd_cluster_prefetch_result_free(wd_cluster_prefetch_result *r) {

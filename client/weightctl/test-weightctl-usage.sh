@@ -85,7 +85,7 @@ expect 2 "takes no --shard" "evict --shard" -- evict /m --shard 0/2
 expect 2 "needs --cluster" "--nodes without --cluster" -- prefetch /m --nodes a,b
 expect 2 "takes no --cluster" "--cluster on a command that prefetches nothing" -- status --cluster
 expect 2 "takes no --cluster" "--nodes on a command that prefetches nothing" -- ls --nodes a
-expect 2 "takes no --device cuda:0" "--cluster with a device target" -- prefetch /m --cluster --device cuda:0
+expect 2 "takes no --keep-host" "--cluster with --keep-host" -- prefetch /m --cluster --device cuda:0 --keep-host no
 expect 2 "--cluster takes no --shard" "--cluster with --shard" -- prefetch /m --cluster --shard 0/2
 expect 2 "--cluster takes no --shard" "--cluster with --shard and --rule" -- prefetch /m --shard 1/2 --rule 'x:0' --cluster
 expect 2 "comma-separated list of node names" "--nodes with an empty name" -- prefetch /m --cluster --nodes a,,b

@@ -693,19 +693,24 @@ static int run_prefetch(wd_client *c, const Options *o) {
                  * cluster prefetch it counts the cluster's bytes, as the
                  * daemon reports them. */
                 progress_init(&p, component[0] || !slash[1] ? label : slash + 1, tty);
-                if (o->cluster && o->n_parts > 0) {
+                if (o->cluster) {
                         size_t n_parts = 0;
-                        _cleanup_free_ wd_cluster_part *parts = cluster_parts(o, &n_parts);
+                        _cleanup_free_ wd_cluster_part *parts = o->n_parts > 0 ? cluster_parts(o, &n_parts) : NULL;
+                        wd_cluster_options co = {
+                                .parts = parts,
+                                .n_parts = n_parts,
+                                .device = o->device,
+                                .progress = progress_update,
+                                .userdata = &p,
+                        };
 
-                        if (!parts)
+                        if (o->n_parts > 0 && !parts)
                                 return fail_oom();
-                        r = wd_prefetch_cluster_parts(c, o->model, component, parts, n_parts, progress_update, &p,
-                                                      &cres, &e);
-                        if (r == WD_OK)
-                                res = (wd_prefetch_result){ .bytes = cres->bytes, .was_resident = cres->was_resident };
-                } else if (o->cluster) {
-                        r = wd_prefetch_cluster(c, o->model, component, (const char *const *) o->nodes.items,
-                                                o->nodes.n, progress_update, &p, &cres, &e);
+                        if (o->n_parts == 0) {
+                                co.nodes = (const char *const *) o->nodes.items;
+                                co.n_nodes = o->nodes.n;
+                        }
+                        r = wd_prefetch_cluster_ex(c, o->model, component, &co, &cres, &e);
                         if (r == WD_OK)
                                 res = (wd_prefetch_result){ .bytes = cres->bytes, .was_resident = cres->was_resident };
                 } else {
@@ -1407,7 +1412,8 @@ static void help(void) {
                "      --keep-host Y|N   after a device load, keep the host copy (yes) or drop it (no);\n"
                "                        default: the daemon's [gpu] keep_host\n"
                "      --cluster         prefetch into the host memory of the cluster's nodes, reading\n"
-               "                        each byte from storage once across them\n"
+               "                        each byte from storage once across them; with --device cuda:N,\n"
+               "                        each node's GPU N too (the daemons' index, as status lists it)\n"
                "      --nodes A,B,...   only these nodes (with --cluster)\n"
                "      --tensors PAT,... only the tensors whose name matches a glob (a pipeline stage)\n"
                "      --node-shard NODE=R/W  with --cluster: NODE serves rank R of W (--rule and --uneven\n"
@@ -1752,9 +1758,8 @@ static int parse_argv(int argc, char *argv[], Options *o, const Command **ret) {
                 return usage_error("%s takes no --cluster or --nodes", cmd->name);
         if ((o->nodes.n > 0 || o->n_parts > 0) && !o->cluster)
                 return usage_error("--%s needs --cluster", o->nodes.n > 0 ? "nodes" : "node-shard or --node-tensors");
-        /* A cluster prefetch is for the host tier, whole. */
-        if (o->cluster && o->device && strcmp(o->device, "host") != 0)
-                return usage_error("--cluster prefetches into host memory: it takes no --device %s", o->device);
+        if (o->cluster && o->keep_host)
+                return usage_error("--cluster keeps the host copy: it takes no --keep-host");
         if (o->cluster && o->world > 0)
                 return usage_error("--cluster takes no --shard: name each node's with --node-shard NODE=RANK/WORLD");
         if (o->cluster && o->tensors.n > 0)

@@ -20,8 +20,11 @@ int cluster_reconfigure(Cluster *c, const ClusterParams *p, WdError *err) {
         return wd_error_set(err, -EOPNOTSUPP, "[cluster]: weightd was built without UCX, OpenSSL or libxxhash");
 }
 
+void cluster_set_device_tier(Cluster *c, DeviceTier *tier) {
+}
+
 int cluster_prefetch(Cluster *c, const Component *comp, char *const *nodes, ShardSpec *const *specs, size_t n_nodes,
-                     Job **ret, WdError *err) {
+                     int device, Job **ret, WdError *err) {
         return wd_error_set(err, -EOPNOTSUPP, "weightd was built without the cluster");
 }
 

@@ -64,6 +64,12 @@ typedef struct Slot {
         uint64_t since_usec; /* when it was added */
         uint64_t progress_sent; /* the bytes the coordinator heard of last */
         uint64_t progress_sent_usec; /* and when */
+        /* A plan to a device: once the transfer has its bytes, they are
+         * copied there (dev_job), and Done waits for that. */
+        int device;
+        Job *dev_job;
+        JobWaiter dev_wait;
+        bool transfer_finished; /* it finished while the copy ran: the slot goes after */
         LIST_FIELDS(struct Slot, slots);
 } Slot;
 
@@ -76,6 +82,7 @@ enum {
         TARGET_DOWN,
         TARGET_DONE,
         TARGET_LOADING, /* loading it by other means: waits for its Done */
+        TARGET_SOURCE_COPYING, /* a source (as RESIDENT) copying to its device: waits for its Done */
 };
 
 typedef struct Target {
@@ -106,6 +113,7 @@ typedef struct Coord {
         Origin *origins;
         size_t n_origins;
         Parts parts; /* a part plan's, in target order */
+        int device;  /* -1: host memory only */
         bool started;
         uint64_t propose_deadline_usec;
         uint64_t progress_sent, progress_sent_usec;
@@ -121,6 +129,7 @@ typedef struct Ask {
         char **nodes;
         size_t n_nodes;
         Parts parts;
+        int device;
         int coordinator;
         unsigned attempts;
         int tried[CLUSTER_ASK_ATTEMPTS]; /* the coordinators asked, in order */
@@ -149,6 +158,7 @@ struct ClusterResolve {
         unsigned *gone; /* a Fetch's holders the fetcher gave up on meanwhile (n_holders room) */
         size_t n_gone;
         Parts parts; /* a Propose's */
+        int device;  /* a Propose's, -1: host memory only */
         LIST_FIELDS(struct ClusterResolve, pendings);
 };
 
@@ -161,6 +171,7 @@ typedef struct Watch {
         Cluster *c;
         uint64_t plan_id;
         unsigned coordinator;
+        bool read_nothing; /* a copy to a device of what this node held */
         LIST_FIELDS(struct Watch, watches);
 } Watch;
 
@@ -194,6 +205,7 @@ struct Cluster {
         uint64_t *node_sent, *node_received;
         TransferContext tctx;
         uint64_t storage_saved_bytes;
+        DeviceTier *tier; /* NULL: no GPU tier (yet) */
 
         Slot *slots;
         Coord *coords;
@@ -530,6 +542,7 @@ static int slot_add(Cluster *c, Transfer *t, int coordinator, Slot **ret) {
         s->c = c;
         s->t = transfer_ref(t);
         s->coordinator = coordinator;
+        s->device = -1;
         s->since_usec = now_usec();
         LIST_PREPEND(slots, c->slots, s);
         if (ret)
@@ -575,24 +588,18 @@ static int slot_set_tell(Slot *s, const unsigned *a, size_t na, const unsigned *
         return 0;
 }
 
-/* TransferContext.complete: tell the plan's nodes. */
-static void on_transfer_complete(Transfer *t, void *userdata) {
-        Cluster *c = userdata;
-        Slot *s = slot_of(c, t);
+/* Tell the plan's nodes how this node's part ended (r, why), with t's
+ * numbers. */
+static void send_done(Cluster *c, Slot *s, int r, const char *why) {
         Weightd__Cluster__V1__Done d = WEIGHTD__CLUSTER__V1__DONE__INIT;
-        const WdError *err;
         TransferStats st;
-        int r;
 
-        if (!s)
-                return;
-        r = transfer_result(t, &err);
-        transfer_stats(t, &st);
-        if (r == 0 && t)
+        transfer_stats(s->t, &st);
+        if (r == 0)
                 c->storage_saved_bytes += st.peer_received_bytes;
-        d.plan_id = transfer_plan_id(t);
+        d.plan_id = transfer_plan_id(s->t);
         d.code = r;
-        d.message = r == 0 ? (char *) "" : (char *) err->message;
+        d.message = r == 0 ? (char *) "" : (char *) why;
         d.storage_read_bytes = st.storage_read_bytes;
         d.peer_received_bytes = st.peer_received_bytes;
         d.peer_sent_bytes = st.peer_sent_bytes;
@@ -601,11 +608,51 @@ static void on_transfer_complete(Transfer *t, void *userdata) {
                 (void) send_to(c, s->tell[i], &env);
 }
 
+static void slot_device_done(JobWaiter *w, const JobOutcome *o) {
+        Slot *s = container_of(w, Slot, dev_wait);
+
+        job_unref(TAKE_PTR(s->dev_job));
+        send_done(s->c, s, o->r, o->r == 0 ? "" : o->err ? o->err->message : "the copy to the device failed");
+        if (s->transfer_finished)
+                slot_free(s);
+}
+
+static const JobWaiterOps slot_device_ops = { .done = slot_device_done };
+
+static int device_job(Cluster *c, const Component *comp, const ShardSpec *spec, int root_fd, int device, Job **ret,
+                      WdError *err);
+
+/* TransferContext.complete: tell the plan's nodes, after the copy to the
+ * device where the plan has one. */
+static void on_transfer_complete(Transfer *t, void *userdata) {
+        Cluster *c = userdata;
+        Slot *s = slot_of(c, t);
+        const WdError *err;
+        WdError derr = WD_ERROR_NULL;
+        int r;
+
+        if (!s)
+                return;
+        r = transfer_result(t, &err);
+        if (r == 0 && s->device >= 0) {
+                r = device_job(c, transfer_component(t), transfer_spec(t), transfer_root_fd(t), s->device,
+                               &s->dev_job, &derr);
+                if (r == 0 && s->dev_job) {
+                        job_add_waiter(s->dev_job, &s->dev_wait, &slot_device_ops);
+                        return;
+                }
+                err = &derr;
+        }
+        send_done(c, s, r, r == 0 ? "" : err->message);
+}
+
 static void on_transfer_finished(Transfer *t, void *userdata) {
         Cluster *c = userdata;
         Slot *s = slot_of(c, t);
 
-        if (s)
+        if (s && s->dev_job)
+                s->transfer_finished = true; /* Done still to say */
+        else if (s)
                 slot_free(s);
         cluster_maybe_free(c);
 }
@@ -641,7 +688,8 @@ static const char *target_state_string(int s) {
 }
 
 static bool target_final(const Target *t) {
-        return t->state != TARGET_PROPOSED && t->state != TARGET_READY && t->state != TARGET_LOADING;
+        return t->state != TARGET_PROPOSED && t->state != TARGET_READY && t->state != TARGET_LOADING &&
+               t->state != TARGET_SOURCE_COPYING;
 }
 
 /* Every target is final: answer the nodes that asked. */
@@ -706,7 +754,9 @@ static void coord_start(Coord *co) {
                 }
                 /* In a part plan a node that holds its part is no source:
                  * it may hold a shard only. */
-                if (t->state == TARGET_READY || (t->state == TARGET_RESIDENT && co->parts.n == 0))
+                bool holds = t->state == TARGET_RESIDENT || t->state == TARGET_SOURCE_COPYING;
+
+                if (t->state == TARGET_READY || (holds && co->parts.n == 0))
                         sources[st.n_sources++] = (char *) mesh_node_name(c->mesh, t->node);
                 if (t->state == TARGET_READY) {
                         receivers[st.n_receivers++] = (char *) mesh_node_name(c->mesh, t->node);
@@ -720,11 +770,11 @@ static void coord_start(Coord *co) {
         for (size_t i = 0; i < co->n_targets; i++) {
                 Target *t = &co->targets[i];
 
-                if (t->state != TARGET_READY && t->state != TARGET_RESIDENT)
+                if (t->state != TARGET_READY && t->state != TARGET_RESIDENT && t->state != TARGET_SOURCE_COPYING)
                         continue;
-                if (co->parts.n > 0 && t->state == TARGET_RESIDENT)
+                if (co->parts.n > 0 && t->state != TARGET_READY)
                         continue; /* it holds its part and has nothing to give */
-                if (st.n_receivers == 0 && t->state == TARGET_RESIDENT) {
+                if (st.n_receivers == 0 && t->state != TARGET_READY) {
                         /* Nobody needs anything: done already. */
                         send_abort(c, t->node, co->plan_id, "every node holds it");
                         continue;
@@ -815,7 +865,8 @@ static void handle_plan_request(Cluster *c, unsigned from, const Weightd__Cluste
         /* Two nodes asking at once for the same nodes: one plan (not for
          * part plans, which may differ in their parts). */
         LIST_FOREACH(coords, x, c->coords)
-                if (parts.n == 0 && x->parts.n == 0 && streq(x->model, m->model) && streq(x->component, m->component) &&
+                if (parts.n == 0 && x->parts.n == 0 && x->device == (m->on_device ? (int) m->device : -1) &&
+                    streq(x->model, m->model) && streq(x->component, m->component) &&
                     memcmp(x->manifest.bytes, m->manifest.data, PLAN_MANIFEST_SIZE) == 0 &&
                     coord_same_nodes(c, x, m)) {
                         if (coord_add_origin(x, from, m->request_id) < 0)
@@ -833,6 +884,7 @@ static void handle_plan_request(Cluster *c, unsigned from, const Weightd__Cluste
                 return;
         }
         co->c = c;
+        co->device = m->on_device ? (int) MIN(m->device, (uint32_t) INT32_MAX) : -1;
         co->plan_id = random_u64();
         co->model = strdup(m->model);
         co->component = strdup(m->component);
@@ -870,6 +922,8 @@ static void handle_plan_request(Cluster *c, unsigned from, const Weightd__Cluste
         pr.manifest.data = co->manifest.bytes;
         pr.manifest.len = PLAN_MANIFEST_SIZE;
         pr.chunk_size = c->chunk_size;
+        pr.on_device = co->device >= 0;
+        pr.device = co->device >= 0 ? (uint32_t) co->device : 0;
         _cleanup_(wire_views_done) WireViews wv = {};
         if (wire_views(co->views, co->n_views, &wv) == 0) {
                 pr.files = wv.ptrs;
@@ -926,6 +980,9 @@ static void handle_propose_reply(Cluster *c, unsigned from, const Weightd__Clust
         case WEIGHTD__CLUSTER__V1__PROPOSE_STATUS__LOADING:
                 t->state = TARGET_LOADING;
                 break;
+        case WEIGHTD__CLUSTER__V1__PROPOSE_STATUS__SOURCE_COPYING:
+                t->state = co->parts.n == 0 ? TARGET_SOURCE_COPYING : TARGET_LOADING;
+                break;
         case WEIGHTD__CLUSTER__V1__PROPOSE_STATUS__MISMATCH:
                 /* Which view is the odd one is for the asking node to say
                  * (it records it from the result), not for the coordinator. */
@@ -942,7 +999,7 @@ static void handle_done_coord(Cluster *c, unsigned from, const Weightd__Cluster_
         Coord *co = coord_find(c, m->plan_id);
         Target *t = co ? coord_target(co, from) : NULL;
 
-        if (!t || (t->state != TARGET_READY && t->state != TARGET_LOADING))
+        if (!t || (t->state != TARGET_READY && t->state != TARGET_LOADING && t->state != TARGET_SOURCE_COPYING))
                 return;
         t->state = m->code == 0 ? TARGET_DONE : TARGET_FAILED;
         snprintf(t->message, sizeof(t->message), "%s", m->message ? m->message : "");
@@ -1014,6 +1071,7 @@ static void handle_propose(Cluster *c, unsigned from, const Weightd__Cluster__V1
         }
         if (views_from_wire(m->files, m->n_files, &p->views) == 0)
                 p->n_views = m->n_files;
+        p->device = m->on_device ? (int) MIN(m->device, (uint32_t) INT32_MAX) : -1;
         WdError err = WD_ERROR_NULL;
         if (parts_from_wire(c, m->parts, m->n_parts, &p->parts, &err) != 0 ||
             (m->n_parts > 0 && parts_find(&p->parts, mesh_self(c->mesh)) < 0)) {
@@ -1080,7 +1138,7 @@ static void watch_done(JobWaiter *w, const JobOutcome *o) {
 
         if (t)
                 transfer_stats(t, &st);
-        else if (o->r == 0)
+        else if (o->r == 0 && !x->read_nothing)
                 st.storage_read_bytes = x->job->total; /* a host load read it all */
         d.plan_id = x->plan_id;
         d.code = o->r;
@@ -1112,6 +1170,76 @@ static int watch_start(Cluster *c, Job *j, unsigned coordinator, uint64_t plan_i
         return 0;
 }
 
+/* The copy of comp (or its shard spec) to device of this node: 0 with
+ * *ret the device load (referenced), or NULL when the device holds it
+ * already; else an error with err set (no GPU tier, no such device, the
+ * device's budget). */
+static int device_job(Cluster *c, const Component *comp, const ShardSpec *spec, int root_fd, int device, Job **ret,
+                      WdError *err) {
+        _cleanup_free_ FileId *ids = calloc(comp->n_files + 1, sizeof(FileId));
+        _cleanup_free_ char *key = spec ? shard_spec_key(spec) : strdup("");
+        DeviceTier *t = c->tier;
+        CacheEntry *e;
+        Job *j;
+
+        *ret = NULL;
+        if (!ids || !key)
+                return wd_error_set(err, -ENOMEM, "out of memory");
+        if (!t || (size_t) device >= gpu_n_devices(t->gpu))
+                return wd_error_set(err, WD_E_UNSUPPORTED, "%s: device %d: %s", mesh_node_name(c->mesh,
+                                    mesh_self(c->mesh)), device, t ? "no such device on this node" :
+                                    "this node has no GPU tier");
+        for (size_t i = 0; i < comp->n_files; i++)
+                ids[i] = comp->files[i].id;
+        e = cache_lookup(t->caches[device], comp->model, comp->name, key, ids, comp->n_files);
+        if (e && e->state == CACHE_ENTRY_RESIDENT)
+                return 0;
+        j = e ? job_find(&t->jobs, e) : NULL;
+        if (j) {
+                *ret = job_ref(j);
+                return 0;
+        }
+        DeviceLoadParams params = {
+                .dev = (size_t) device,
+                .root_fd = root_fd,
+                .spec = spec,
+                .variant = key,
+                .keep_host = true, /* the plan made it resident in host memory too */
+                .requested_usec = now_usec(),
+        };
+        return device_load_start(t, comp, &params, ret, err);
+}
+
+/* This node holds its part in host memory: copy it to the plan's device,
+ * answering the Propose with LOADING (or RESIDENT when the device holds it
+ * already; FAILED when it cannot); as_source: a source of a plain plan,
+ * SOURCE_COPYING then. */
+static void propose_device(Cluster *c, ClusterResolve *p, const Component *comp, const ShardSpec *spec, int root_fd,
+                           bool as_source) {
+        WdError err = WD_ERROR_NULL;
+        Job *j = NULL;
+        int r;
+
+        r = device_job(c, comp, spec, root_fd, p->device, &j, &err);
+        if (r != 0) {
+                reply_propose(c, p->from, p->plan_id, WEIGHTD__CLUSTER__V1__PROPOSE_STATUS__FAILED, err.message);
+                return;
+        }
+        if (!j) {
+                reply_propose(c, p->from, p->plan_id, WEIGHTD__CLUSTER__V1__PROPOSE_STATUS__RESIDENT, "");
+                return;
+        }
+        if (watch_start(c, j, p->from, p->plan_id) < 0) {
+                reply_propose(c, p->from, p->plan_id, WEIGHTD__CLUSTER__V1__PROPOSE_STATUS__FAILED, "out of memory");
+        } else {
+                c->watches->read_nothing = true; /* watch_start() prepends */
+                reply_propose(c, p->from, p->plan_id,
+                              as_source ? WEIGHTD__CLUSTER__V1__PROPOSE_STATUS__SOURCE_COPYING
+                                        : WEIGHTD__CLUSTER__V1__PROPOSE_STATUS__LOADING, "");
+        }
+        job_unref(j);
+}
+
 /* A receiving transfer t was made (r 0) for Propose p, or not: READY, or
  * FAILED with why. */
 static void take_part(Cluster *c, ClusterResolve *p, Transfer *t, int r, const WdError *err) {
@@ -1119,12 +1247,15 @@ static void take_part(Cluster *c, ClusterResolve *p, Transfer *t, int r, const W
                 reply_propose(c, p->from, p->plan_id, WEIGHTD__CLUSTER__V1__PROPOSE_STATUS__FAILED, err->message);
                 return;
         }
-        if (slot_add(c, t, (int) p->from, NULL) < 0) {
+        Slot *s = NULL;
+
+        if (slot_add(c, t, (int) p->from, &s) < 0) {
                 transfer_abort(t, "out of memory");
                 transfer_unref(t);
                 reply_propose(c, p->from, p->plan_id, WEIGHTD__CLUSTER__V1__PROPOSE_STATUS__FAILED, "out of memory");
                 return;
         }
+        s->device = p->device;
         transfer_unref(t);
         reply_propose(c, p->from, p->plan_id, WEIGHTD__CLUSTER__V1__PROPOSE_STATUS__READY, "");
 }
@@ -1164,7 +1295,10 @@ static void propose_part(Cluster *c, ClusterResolve *p, const Component *comp, i
                 ids[i] = comp->files[i].id;
         e = cache_lookup(c->store->cache, comp->model, comp->name, key, ids, comp->n_files);
         if (e && e->state == CACHE_ENTRY_RESIDENT) {
-                reply_propose(c, p->from, p->plan_id, WEIGHTD__CLUSTER__V1__PROPOSE_STATUS__RESIDENT, "");
+                if (p->device >= 0)
+                        propose_device(c, p, comp, spec, root_fd, false);
+                else
+                        reply_propose(c, p->from, p->plan_id, WEIGHTD__CLUSTER__V1__PROPOSE_STATUS__RESIDENT, "");
                 return;
         }
         if (e) {
@@ -1172,6 +1306,11 @@ static void propose_part(Cluster *c, ClusterResolve *p, const Component *comp, i
                 return;
         }
         whole = spec ? cache_lookup(c->store->cache, comp->model, comp->name, "", ids, comp->n_files) : NULL;
+        if (whole && whole->state == CACHE_ENTRY_RESIDENT && p->device >= 0) {
+                /* The device load cuts the shard out of it. */
+                propose_device(c, p, comp, spec, root_fd, false);
+                return;
+        }
         if (whole && whole->state == CACHE_ENTRY_RESIDENT) {
                 /* Cut here out of what this node holds: nothing to read. */
                 ShardPlan *plan = NULL;
@@ -1246,11 +1385,15 @@ static void propose_resolved(Cluster *c, ClusterResolve *p, const Component *com
         e = cache_lookup(c->store->cache, comp->model, comp->name, "", ids, comp->n_files);
         if (e && e->state == CACHE_ENTRY_RESIDENT) {
                 r = transfer_new_resident(&c->tctx, p->plan_id, comp, e, p->chunk_size, &t, &err);
-                if (r == 0 && slot_add(c, t, (int) p->from, NULL) == 0)
-                        reply_propose(c, p->from, p->plan_id, WEIGHTD__CLUSTER__V1__PROPOSE_STATUS__RESIDENT, "");
-                else
+                if (r == 0 && slot_add(c, t, (int) p->from, NULL) < 0)
+                        r = wd_error_set(&err, -ENOMEM, "out of memory");
+                if (r != 0)
                         reply_propose(c, p->from, p->plan_id, WEIGHTD__CLUSTER__V1__PROPOSE_STATUS__FAILED,
-                                      r != 0 ? err.message : "out of memory");
+                                      err.message);
+                else if (p->device >= 0)
+                        propose_device(c, p, comp, NULL, root_fd, true); /* a source that copies too */
+                else
+                        reply_propose(c, p->from, p->plan_id, WEIGHTD__CLUSTER__V1__PROPOSE_STATUS__RESIDENT, "");
                 transfer_unref(t);
                 return;
         }
@@ -1532,6 +1675,8 @@ static int ask_send(Ask *a) {
         pr.manifest.len = PLAN_MANIFEST_SIZE;
         pr.nodes = a->nodes;
         pr.n_nodes = a->n_nodes;
+        pr.on_device = a->device >= 0;
+        pr.device = a->device >= 0 ? (uint32_t) a->device : 0;
         _cleanup_(wire_parts_done) WireParts wp = {};
         if (a->parts.n > 0) {
                 if (wire_parts(c, &a->parts, &wp) < 0)
@@ -1631,7 +1776,7 @@ static const JobKind ask_kind = {
 };
 
 int cluster_prefetch(Cluster *c, const Component *comp, char *const *nodes, ShardSpec *const *specs, size_t n_nodes,
-                     Job **ret, WdError *err) {
+                     int device, Job **ret, WdError *err) {
         Ask *a;
         int r;
 
@@ -1646,6 +1791,7 @@ int cluster_prefetch(Cluster *c, const Component *comp, char *const *nodes, Shar
         if (!a)
                 return wd_error_set(err, -ENOMEM, "out of memory");
         a->c = c;
+        a->device = device;
         a->request_id = ++c->next_request_id;
         r = component_dup(comp, &a->comp);
         if (r == 0)
@@ -1763,7 +1909,7 @@ static void handle_progress(Cluster *c, unsigned from, const Weightd__Cluster__V
 
         uint64_t now = now_usec();
 
-        if (t && (t->state == TARGET_READY || t->state == TARGET_LOADING)) {
+        if (t && (t->state == TARGET_READY || t->state == TARGET_LOADING || t->state == TARGET_SOURCE_COPYING)) {
                 t->heard_usec = now;
                 if (m->done_bytes != t->done_bytes)
                         t->moved_usec = now;
@@ -1848,7 +1994,8 @@ static void check_liveness(Cluster *c, uint64_t now) {
                         Target *t = &co->targets[i];
                         const char *why = NULL;
 
-                        if (t->state != TARGET_READY && t->state != TARGET_LOADING)
+                        if (t->state != TARGET_READY && t->state != TARGET_LOADING &&
+                            t->state != TARGET_SOURCE_COPYING)
                                 continue;
                         if (now - t->heard_usec > 2 * c->deadline_usec)
                                 why = "nothing heard from it for twice the deadline";
@@ -2159,6 +2306,18 @@ static int mesh_start(Cluster *c, WdError *err) {
 static void stop_all(Cluster *c, const char *why) {
         WdError err = WD_ERROR_NULL;
 
+        /* Copies to devices go on (they are the GPU tier's); nobody hears
+         * how they end. */
+        for (Slot *s = c->slots, *next; s; s = next) {
+                next = s->slots_next;
+                if (!s->dev_job)
+                        continue;
+                job_remove_waiter(&s->dev_wait);
+                job_unref(TAKE_PTR(s->dev_job));
+                if (s->transfer_finished)
+                        slot_free(s);
+        }
+
         for (Slot *s = c->slots, *next; s; s = next) {
                 /* The abort may finish the transfer and free its slot. */
                 Transfer *t = transfer_ref(s->t);
@@ -2349,6 +2508,10 @@ int cluster_reconfigure(Cluster *c, const ClusterParams *p, WdError *err) {
                 return r;
         uv_timer_start(&c->tick, on_tick, c->deadline_usec / 4000 + 1, c->deadline_usec / 4000 + 1);
         return 0;
+}
+
+void cluster_set_device_tier(Cluster *c, DeviceTier *tier) {
+        c->tier = tier;
 }
 
 int cluster_get_status(Cluster *c, ClusterStatus *ret) {

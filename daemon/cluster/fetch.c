@@ -225,6 +225,14 @@ const Component *transfer_component(const Transfer *t) {
         return t->comp;
 }
 
+const ShardSpec *transfer_spec(const Transfer *t) {
+        return t->spec;
+}
+
+int transfer_root_fd(const Transfer *t) {
+        return t->root_fd;
+}
+
 /* ---- set-up ------------------------------------------------------------- */
 
 static void self_wait_done(JobWaiter *w, const JobOutcome *o) {

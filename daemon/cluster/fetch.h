@@ -122,6 +122,10 @@ void transfer_stats(const Transfer *t, TransferStats *ret);
 /* Bytes of the component this node has (verified) and of the component. */
 void transfer_progress(const Transfer *t, uint64_t *ret_done, uint64_t *ret_total);
 const Component *transfer_component(const Transfer *t);
+/* The shard this node serves in a part plan (NULL: the whole component). */
+const ShardSpec *transfer_spec(const Transfer *t);
+/* The model root's descriptor (the transfer's; -1 for a resident source). */
+int transfer_root_fd(const Transfer *t);
 
 /* From the cluster: a node went down (its generation ended). */
 void transfer_node_down(Transfer *t, unsigned node);

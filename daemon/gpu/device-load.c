@@ -16,6 +16,9 @@ typedef struct DeviceLoad {
         ShardSpec *spec; /* owned, NULL for whole tensors */
         char *variant;
         ShardPlan *plan; /* owned; points into comp's headers */
+        /* A shard copied from its own host entry (one slab laid out as the
+         * device slab is): plan's tensors read from that slab. */
+        ShardPlan *copy_plan;
         int root_fd;     /* borrowed for the start only */
         bool keep_host;
         uint64_t started_usec;
@@ -49,7 +52,8 @@ static const GpuDeviceInfo *dl_info(DeviceLoad *dl) {
 }
 
 static int dl_copy(DeviceLoad *dl, Slab *const *slabs, bool read_only, WdError *err) {
-        int r = gpu_copy_new(dl->tier->gpu, dl->dev, dl->plan, slabs, dl->comp->n_files, read_only, device_copy_wake,
+        int r = gpu_copy_new(dl->tier->gpu, dl->dev, dl->copy_plan ? dl->copy_plan : dl->plan, slabs,
+                             dl->copy_plan ? 1 : dl->comp->n_files, read_only, device_copy_wake,
                              dl->tier->store->queue, &dl->copy);
 
         if (r < 0)
@@ -236,6 +240,7 @@ static void device_load_free(Job *j) {
         gpu_copy_free(dl->copy);
         safe_close(dl->root_fd);
         shard_plan_free(dl->plan);
+        shard_plan_free(dl->copy_plan);
         shard_spec_free(dl->spec);
         free(dl->variant);
         component_free(dl->comp);
@@ -254,6 +259,30 @@ void device_tier_poll(void *tier) {
         DeviceTier *t = tier;
 
         job_list_poll(&t->jobs);
+}
+
+/* The copies of plan p from its own laid-out slab (a host shard entry, as
+ * store/shard-build.h makes it with the same alignment): tensor i from
+ * offset to offset, one row each. */
+static int identity_plan(const ShardPlan *p, ShardPlan **ret) {
+        ShardPlan *q = calloc(1, sizeof(ShardPlan));
+
+        if (!q || !(q->tensors = calloc(MAX(p->n_tensors, 1u), sizeof(ShardTensor)))) {
+                free(q);
+                return -ENOMEM;
+        }
+        *q = (ShardPlan){ .align = p->align, .bytes = p->bytes, .n_tensors = p->n_tensors, .tensors = q->tensors };
+        for (size_t i = 0; i < p->n_tensors; i++) {
+                const ShardTensor *t = &p->tensors[i];
+
+                q->tensors[i] = (ShardTensor){ .source = t->source, .file = 0, .offset = t->offset,
+                                               .nbytes = t->nbytes };
+                q->tensors[i].copy = (ShardCopy){ .src = t->offset, .dst = t->offset, .width = t->nbytes,
+                                                  .height = t->nbytes > 0 ? 1 : 0, .src_pitch = t->nbytes,
+                                                  .dst_pitch = t->nbytes };
+        }
+        *ret = q;
+        return 0;
 }
 
 static CacheEntry *host_lookup(Store *st, const Component *comp, const FileId *ids) {
@@ -306,8 +335,23 @@ int device_load_start(DeviceTier *t, const Component *comp, const DeviceLoadPara
         job_init(&dl->job, &device_load_kind, &t->jobs, entry);
         job_ref(&dl->job); /* the running one's, until it completes */
 
-        /* The host copy: resident, being read, or to be read now. */
+        /* The host copy: resident, being read, or to be read now; for a
+         * shard whose whole component is not resident, the shard's own host
+         * entry where it is (a cluster part plan leaves only that). */
         he = host_lookup(st, dl->comp, ids);
+        if (dl->spec && *dl->variant && !(he && he->state == CACHE_ENTRY_RESIDENT)) {
+                CacheEntry *se = cache_lookup(st->cache, comp->model, comp->name, dl->variant, ids, comp->n_files);
+
+                if (se && se->state == CACHE_ENTRY_RESIDENT && se->n_slabs == 1 &&
+                    se->slabs[0]->size >= dl->plan->bytes) {
+                        r = identity_plan(dl->plan, &dl->copy_plan);
+                        if (r < 0) {
+                                r = wd_error_set(err, r, "out of memory");
+                                goto fail;
+                        }
+                        he = se;
+                }
+        }
         if (he && p->keep_host)
                 he->wanted = true;
         if (he && he->state == CACHE_ENTRY_RESIDENT) {

@@ -287,7 +287,7 @@ static void load_cluster(Driver *d, Request *r) {
         Job *j;
         int k;
 
-        k = cluster_prefetch(d->cluster, r->comp, r->nodes, r->node_specs, r->n_nodes, &j, &err);
+        k = cluster_prefetch(d->cluster, r->comp, r->nodes, r->node_specs, r->n_nodes, r->device, &j, &err);
         if (k != 0) {
                 complete_error(r, k, &err);
                 return;
@@ -465,6 +465,23 @@ static int device_target(Driver *d, Peer *p, uint64_t id, const char *target, co
         return (int) idx;
 }
 
+/* "cuda:N", N a decimal index below 1024. */
+static int parse_cluster_device(const char *target, unsigned *ret) {
+        unsigned v = 0;
+
+        if (strncmp(target, "cuda:", 5) != 0 || !target[5] || strlen(target + 5) > 4)
+                return -EINVAL;
+        for (const char *c = target + 5; *c; c++) {
+                if (*c < '0' || *c > '9')
+                        return -EINVAL;
+                v = v * 10 + (unsigned) (*c - '0');
+        }
+        if (v >= 1024)
+                return -EINVAL;
+        *ret = v;
+        return 0;
+}
+
 static int handle_load(Driver *d, Peer *p, uint64_t id, const Weightd__V1__LoadRequest *req, RequestKind kind) {
         const GpuDeviceInfo *info = NULL;
         ShardSpec *spec = NULL;
@@ -473,7 +490,17 @@ static int handle_load(Driver *d, Peer *p, uint64_t id, const Weightd__V1__LoadR
 
         if (!string_ok(req->target, 64))
                 return request_reply_error(p, id, WEIGHTD__V1__CODE__INVALID_ARGUMENT, "target: too long");
-        if (*req->target && strcmp(req->target, "host") != 0) {
+        if (*req->target && strcmp(req->target, "host") != 0 && req->cluster) {
+                /* The same device index on every node: this one need not
+                 * have it (each node says what it has). */
+                unsigned index;
+
+                if (parse_cluster_device(req->target, &index) < 0)
+                        return request_reply_error(p, id, WEIGHTD__V1__CODE__INVALID_ARGUMENT,
+                                                   "target: a cluster prefetch takes cuda:N (the daemons' device "
+                                                   "index) or host, not \"%.64s\"", req->target);
+                device = (int) index;
+        } else if (*req->target && strcmp(req->target, "host") != 0) {
                 device = device_target(d, p, id, req->target, &info);
                 if (device < 0)
                         return 0;
@@ -493,10 +520,10 @@ static int handle_load(Driver *d, Peer *p, uint64_t id, const Weightd__V1__LoadR
                         return shard_spec_free(spec),
                                request_reply_error(p, id, WEIGHTD__V1__CODE__INVALID_ARGUMENT,
                                                    "cluster, nodes: a cluster load is a Prefetch with cluster set");
-                if (device >= 0 || spec)
+                if (spec)
                         return shard_spec_free(spec),
                                request_reply_error(p, id, WEIGHTD__V1__CODE__INVALID_ARGUMENT,
-                                                   "cluster: the host tier only, whole tensors only");
+                                                   "cluster: no shard; name each node's in node_shards");
                 if (!d->cluster)
                         return request_reply_error(p, id, WEIGHTD__V1__CODE__UNSUPPORTED,
                                                    "cluster: this daemon has no [cluster] configured");
@@ -557,8 +584,8 @@ static int handle_load(Driver *d, Peer *p, uint64_t id, const Weightd__V1__LoadR
         if (device >= 0) {
                 r->device = device;
                 r->keep_host = req->keep_host;
-                snprintf(r->target, sizeof(r->target), "cuda:%u", info->index);
-                snprintf(r->device_uuid, sizeof(r->device_uuid), "%s", info->uuid);
+                snprintf(r->target, sizeof(r->target), "cuda:%u", info ? info->index : (unsigned) device);
+                snprintf(r->device_uuid, sizeof(r->device_uuid), "%s", info ? info->uuid : "");
         }
         request_start_resolve(d, r);
         return 0;

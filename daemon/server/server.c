@@ -316,6 +316,8 @@ static void gpu_done(uv_work_t *w, int status) {
         snprintf(s->gpu_reason, sizeof(s->gpu_reason), "ok");
         s->gpu_state = GPU_UP;
         s->driver.gpu_state = GPU_UP;
+        if (s->cluster)
+                cluster_set_device_tier(s->cluster, &s->tier);
         server_maybe_exit(s);
 }
 
@@ -789,6 +791,8 @@ static int server_cluster_start(Server *s, const Config *c, WdError *err) {
         r = cluster_new(&s->cluster, &s->loop, &s->store, &p, &server_cluster_ops, &s->driver, s, err);
         if (r != 0)
                 s->cluster_closing = false;
+        else if (s->gpu_state == GPU_UP)
+                cluster_set_device_tier(s->cluster, &s->tier);
         return r;
 }
 

@@ -197,8 +197,8 @@ def test_python_prefetch_cluster_refused(fake, wd):
             c.prefetch("/models/m", nodes=["a"])
         with pytest.raises(wd.InvalidArgument, match="no shard"):
             c.prefetch("/models/m", cluster=True, shard=wd.Shard(0, 2))
-        with pytest.raises(wd.InvalidArgument, match="no device"):
-            c.prefetch("/models/m", cluster=True, device="cuda:0")
+        with pytest.raises(wd.InvalidArgument, match="the daemons' index"):
+            c.prefetch("/models/m", cluster=True, device="cuda:GPU-0123")
         with pytest.raises(wd.InvalidArgument, match="not a node name"):
             c.prefetch("/models/m", cluster=True, nodes=["a", 3])
         with pytest.raises(wd.Unsupported, match=r"no \[cluster\]"):

@@ -341,18 +341,38 @@ typedef struct wd_cluster_part {
         size_t n_tensors;
 } wd_cluster_part;
 
-/* wd_prefetch_cluster() where each node serves its own part: parts[i].node
- * serves parts[i] (each node at most once).  Every byte any node serves is
- * read from storage once across the nodes: a range only one node serves is
- * read by that node and crosses no link; a range several serve is read by
- * one of them and sent to the others that serve it, and to no other node.
- * Each node ends with its part resident (a sharded entry, or the whole
- * component), and nothing else of it.  Returns as wd_prefetch_cluster(), and
- * WD_INVALID_ARGUMENT for a part the component does not fit (the message
- * names the file, the tensor and the rule) or more than 64 parts. */
-int wd_prefetch_cluster_parts(wd_client *c, const char *model, const char *component, const wd_cluster_part *parts,
-                              size_t n_parts, wd_progress_fn progress, void *userdata,
-                              wd_cluster_prefetch_result **ret, wd_error *err);
+/* Options of wd_prefetch_cluster_ex(); zero-initialize, then set what you
+ * need (all zero: wd_prefetch_cluster() of every node). */
+typedef struct wd_cluster_options {
+        /* The nodes, as in wd_prefetch_cluster() (none: every node). */
+        const char *const *nodes;
+        size_t n_nodes;
+        /* Or what each node serves (a part plan; then nodes must be empty):
+         * parts[i].node serves parts[i] (each node at most once, at most
+         * 64).  Every byte any node serves is read from storage once across
+         * them: a range only one node serves is read by that node and
+         * crosses no link; a range several serve is read by one of them and
+         * sent to the others that serve it, and to no other node.  Each
+         * node ends with its part resident (a sharded entry, or the whole
+         * component), and nothing else of it. */
+        const wd_cluster_part *parts;
+        size_t n_parts;
+        /* NULL, "" or "host": host memory.  "cuda:N": also on the GPU of
+         * index N of every node (the daemons' index, as weightctl status
+         * lists it there, not this process's): each node copies its part
+         * there from its host memory and reports only once it is there. */
+        const char *device;
+        wd_progress_fn progress; /* may be NULL: as in wd_prefetch_cluster() */
+        void *userdata;
+} wd_cluster_options;
+
+/* wd_prefetch_cluster() with options.  Returns as wd_prefetch_cluster(),
+ * and WD_INVALID_ARGUMENT for a part the component does not fit (the
+ * message names the file, the tensor and the rule), for both nodes and
+ * parts, or for a device that is not cuda:N; a node without that device
+ * fails (its state and message say so). */
+int wd_prefetch_cluster_ex(wd_client *c, const char *model, const char *component, const wd_cluster_options *o,
+                           wd_cluster_prefetch_result **ret, wd_error *err);
 /* Accepts NULL. */
 void wd_cluster_prefetch_result_free(wd_cluster_prefetch_result *r);
 

@@ -81,6 +81,18 @@ class WdClusterPart(ctypes.Structure):
     ]
 
 
+class WdClusterOptions(ctypes.Structure):
+    _fields_ = [
+        ("nodes", ctypes.POINTER(ctypes.c_char_p)),
+        ("n_nodes", ctypes.c_size_t),
+        ("parts", ctypes.POINTER(WdClusterPart)),
+        ("n_parts", ctypes.c_size_t),
+        ("device", ctypes.c_char_p),
+        ("progress", PROGRESS_FN),
+        ("userdata", ctypes.c_void_p),
+    ]
+
+
 class WdEntry(ctypes.Structure):
     _fields_ = [
         ("model", ctypes.c_char_p),
@@ -225,9 +237,8 @@ _SIGNATURES = {
     "wd_status_free": (None, [ctypes.POINTER(WdStatus)]),
     "wd_prefetch_cluster": (ctypes.c_int, [_P, _S, _S, ctypes.POINTER(_S), ctypes.c_size_t, PROGRESS_FN, _P,
                                            ctypes.POINTER(ctypes.POINTER(WdClusterPrefetchResult)), _ERR]),
-    "wd_prefetch_cluster_parts": (ctypes.c_int, [_P, _S, _S, ctypes.POINTER(WdClusterPart), ctypes.c_size_t,
-                                                 PROGRESS_FN, _P,
-                                                 ctypes.POINTER(ctypes.POINTER(WdClusterPrefetchResult)), _ERR]),
+    "wd_prefetch_cluster_ex": (ctypes.c_int, [_P, _S, _S, ctypes.POINTER(WdClusterOptions),
+                                              ctypes.POINTER(ctypes.POINTER(WdClusterPrefetchResult)), _ERR]),
     "wd_cluster_prefetch_result_free": (None, [ctypes.POINTER(WdClusterPrefetchResult)]),
     "wd_cluster": (ctypes.c_int, [_P, ctypes.POINTER(ctypes.POINTER(WdClusterInfo)), _ERR]),
     "wd_cluster_free": (None, [ctypes.POINTER(WdClusterInfo)]),

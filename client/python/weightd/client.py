@@ -31,7 +31,7 @@ import threading
 import weakref
 
 from . import _dlpack, _dtypes, errors
-from ._lib import (PROGRESS_FN, WdClusterInfo, WdClusterPart, WdClusterPrefetchResult, WdError, WdLoadOptions,
+from ._lib import (PROGRESS_FN, WdClusterInfo, WdClusterOptions, WdClusterPart, WdClusterPrefetchResult, WdError, WdLoadOptions,
                    WdPrefetchResult, WdShardRule, WdTensor, check, lib, text)
 
 _FRAMEWORKS = {"np": "np", "numpy": "np", "pt": "pt", "torch": "pt"}
@@ -207,6 +207,19 @@ def _model(model):
 
 def _component(component):
     return (component or "").encode()
+
+
+def _cluster_device(device):
+    """A cluster prefetch's device: None (host memory), or b"cuda:N", N the
+    daemons' index (not this process's ordinal: each node has its own)."""
+    if device is None or device == "cpu" or device == "host":
+        return None
+    if isinstance(device, int) and not isinstance(device, bool) and device >= 0:
+        return f"cuda:{device}".encode()
+    if isinstance(device, str) and device.startswith("cuda:") and device[5:].isdigit():
+        return device.encode()
+    raise errors.InvalidArgument(f"device {device!r}: a cluster prefetch takes \"cuda:N\" (the daemons' index) "
+                                 "or \"cpu\"")
 
 
 def _parts(names, node_shards):
@@ -896,8 +909,9 @@ class Client:
         cluster=True: make each component resident in the host memory of
         the cluster's nodes named in nodes (a name or a list of names; None:
         every node), reading each byte from storage once across them;
-        progress then counts the cluster's bytes.  Host memory, whole
-        tensors only (no shard, no device).  Each result also has "nodes":
+        progress then counts the cluster's bytes.  No shard (see
+        node_shards); device="cuda:N": on GPU N of every node too (the
+        daemons' index; the bytes move between nodes through host memory).  Each result also has "nodes":
         one {"node", "state", "storage_read_bytes", "peer_received_bytes",
         "peer_sent_bytes", "message"} per node, in the cluster's order; a
         node that could not take part says so in its state ("failed",
@@ -918,9 +932,10 @@ class Client:
             raise errors.InvalidArgument("nodes: only a cluster prefetch (cluster=True) takes nodes")
         if node_shards is not None and not cluster:
             raise errors.InvalidArgument("node_shards: only a cluster prefetch (cluster=True) takes node_shards")
-        if cluster and (dev is not None or sh is not None):
-            raise errors.InvalidArgument("cluster=True prefetches into host memory, whole: it takes no shard and "
-                                         f"no device (got shard={shard!r}, device={device!r})")
+        if cluster and sh is not None:
+            raise errors.InvalidArgument("cluster=True takes no shard: name each node's in node_shards "
+                                         f"(got shard={shard!r})")
+        cluster_device = _cluster_device(device) if cluster else None
         names = _nodes(nodes)
         parts = _parts(names, node_shards)
         out = {}
@@ -937,7 +952,7 @@ class Client:
                 cb = PROGRESS_FN(fn)
             try:
                 if cluster:
-                    out[comp] = self._prefetch_cluster(model, comp, names, cb, parts)
+                    out[comp] = self._prefetch_cluster(model, comp, names, cb, parts, cluster_device)
                     continue
                 opts = _options(dev, sh, cb)
                 res = WdPrefetchResult()
@@ -950,15 +965,15 @@ class Client:
             out[comp] = {"bytes": res.bytes, "was_resident": bool(res.was_resident)}
         return out
 
-    def _prefetch_cluster(self, model, comp, names, cb, parts=None):
+    def _prefetch_cluster(self, model, comp, names, cb, parts=None, device=None):
         res = ctypes.POINTER(WdClusterPrefetchResult)()
+        o = WdClusterOptions(progress=cb, device=device)
         if parts is not None:
-            self._conn.call(lib.wd_prefetch_cluster_parts, _model(model), _component(comp), parts, len(parts), cb,
-                            None, ctypes.byref(res))
-        else:
-            arr = (ctypes.c_char_p * max(len(names), 1))(*names)
-            self._conn.call(lib.wd_prefetch_cluster, _model(model), _component(comp), arr, len(names), cb, None,
-                            ctypes.byref(res))
+            o.parts, o.n_parts = parts, len(parts)
+        elif names:
+            o.nodes, o.n_nodes = (ctypes.c_char_p * len(names))(*names), len(names)
+        self._conn.call(lib.wd_prefetch_cluster_ex, _model(model), _component(comp), ctypes.byref(o),
+                        ctypes.byref(res))
         try:
             v = res.contents
             return {"bytes": v.bytes, "was_resident": bool(v.was_resident),

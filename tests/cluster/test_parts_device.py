@@ -1,0 +1,105 @@
+"""Cluster prefetches to a device, on emulated GPUs (a build with
+-Dgpu_emulation=true; every node gets one emulated device, cuda:0).
+
+Each node holds its part (the whole component or its shard) in host memory
+through the plan, then copies it to its device; the test then loads it from
+that device through the node's socket (the raw wire: the device slab's
+descriptor, mapped) and compares every tensor with the files, read here
+with json and plain reads (tests/integration's device checks), without a
+byte more read from storage.  The bytes move between nodes host to host:
+NCCL is not used (it cannot run without a GPU).
+"""
+import json
+
+import pytest
+
+from cluster import Cluster, per_node, prefetch_results
+from harness import BUILD, make_dir, wait_until
+from test_device_emulated import check_slab, load_ok
+from test_parts import NAMES, RULES, expected_bytes, make_tp_model, node_counters
+import wdwire
+
+
+def _emulated_build():
+    try:
+        with open(BUILD / "meson-info" / "intro-buildoptions.json") as f:
+            opts = {o["name"]: o["value"] for o in json.load(f)}
+    except (OSError, ValueError):
+        return False
+    return opts.get("gpu_emulation") is True
+
+
+pytestmark = pytest.mark.skipif(not _emulated_build(),
+                                reason=f"{BUILD} is not built with -Dgpu_emulation=true (no emulated GPUs); a "
+                                       "real GPU cluster cannot run here")
+
+
+@pytest.fixture
+def gpu_cluster(bins, workdir, models, net):
+    base = make_dir(workdir, "parts-dev-")
+    c = Cluster(bins, base, models, net, names=NAMES)
+    for n in NAMES:
+        c.add(n, env={"WEIGHTD_EMULATED_GPUS": "1:512M"})
+    yield c
+    errors = c.finish()
+    assert not errors, "\n".join(errors)
+
+
+@pytest.fixture(scope="module")
+def dev_model(models):
+    return make_tp_model(models)
+
+
+def wait_gpus(cluster):
+    for n in NAMES:
+        wait_until(lambda n=n: cluster[n].status()["gpu"] == "ok", timeout=20, what=f"node {n}'s GPU tier")
+
+
+def test_part_plan_to_devices(gpu_cluster, dev_model):
+    cluster = gpu_cluster
+    model, files = dev_model
+    cluster.start()
+    wait_gpus(cluster)
+    shards = {n: (i, 4) for i, n in enumerate(NAMES)}
+    storage, links, _ = expected_bytes(files, shards, RULES)
+    before = node_counters(cluster)
+    args = ["--nodes", ",".join(NAMES), "--device", "cuda:0"]
+    args += [f"--node-shard={n}={r}/{w}" for n, (r, w) in shards.items()]
+    args += [f"--rule={p}:{d}" for p, d in RULES]
+    r = cluster.prefetch("a", model, *args)
+    assert r.returncode == 0, f"{r.stdout.decode()} {r.stderr.decode()}"
+    lines = per_node(prefetch_results(r.stdout, r.stderr, r.returncode))
+    assert [lines[n]["state"] for n in NAMES] == ["ok"] * 4, lines
+    after = node_counters(cluster)
+    assert sum(after[n][0] - before[n][0] for n in NAMES) == storage
+    assert sum(after[n][1] - before[n][1] for n in NAMES) == links
+
+    for n, (rank, world) in shards.items():
+        with cluster[n].raw() as c:
+            load, fd = load_ok(c, model, target="cuda:0", shard=wdwire.shard_body(rank, world, RULES))
+            assert load.int(7) == 1, f"node {n}: its shard was not resident on cuda:0"
+            m, _ = check_slab(load, fd, files, 0, shard={"rank": rank, "world": world, "rules": RULES})
+            m.close()
+    assert {n: c[0] for n, c in node_counters(cluster).items()} == {n: after[n][0] for n in NAMES}
+
+
+def test_whole_plan_to_devices_and_a_node_without_the_device(gpu_cluster, dev_model):
+    """Every node the whole component on cuda:0; a node whose daemon has no
+    device of that index says so and the others end OK."""
+    cluster = gpu_cluster
+    model, files = dev_model
+    cluster.add("d")  # no emulated device: no GPU tier
+    cluster.start()
+    for n in "abc":
+        wait_until(lambda n=n: cluster[n].status()["gpu"] == "ok", timeout=20, what=f"node {n}'s GPU tier")
+    r = cluster.prefetch("b", model, "--device", "cuda:0")
+    lines = per_node(prefetch_results(r.stdout, r.stderr, r.returncode))
+    for n in "abc":
+        assert lines[n]["state"] == "ok", (n, lines[n])
+    assert lines["d"]["state"] == "failed" and "GPU" in lines["d"]["message"], lines["d"]
+    for n in "abc":
+        with cluster[n].raw() as c:
+            load, fd = load_ok(c, model, target="cuda:0")
+            assert load.int(7) == 1, f"node {n}: not resident on cuda:0"
+            m, _ = check_slab(load, fd, files, 0)
+            m.close()
