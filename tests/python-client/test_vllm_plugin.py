@@ -18,11 +18,13 @@ The package is installed for vLLM as pip installs it (a wheel of
 client/python, into a folder on PYTHONPATH): the load format comes from
 its vllm.general_plugins entry point, in every vLLM process.
 
-vLLM runs in subprocesses (vllm_run.py), several runs per process.
+vLLM runs in subprocesses (vllm_run.py), several runs per process: its
+import takes most of the time.
 """
 import importlib.util
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -140,16 +142,23 @@ def inprocess(vdaemon, models, plugin_path, tmp_path_factory):
         {"model": m, "load_format": "weightd", "extra": wd("/nonexistent/weightd.sock")},
         {"model": m, "load_format": "weightd", "extra": wd(vdaemon.socket, prefetch_everything=True)},
         {"model": m, "load_format": "weightd", "extra": wd(vdaemon.socket, fallback="sometimes")},
+        {"model": str(models["bf16"]), "load_format": "auto", "dtype": "bfloat16"},
+        {"model": str(models["bf16"]), "load_format": "weightd", "dtype": "bfloat16", "extra": wd(vdaemon.socket)},
     ]
     results, out = vllm(runs, plugin_path, tmp_path_factory.mktemp("vllm-inproc"))
-    return dict(zip(["auto", "weightd", "tampered", "fallback", "nofallback", "unknown", "badfallback"], results)), out
+    names = ["auto", "weightd", "tampered", "fallback", "nofallback", "unknown", "badfallback", "bf16-auto",
+             "bf16-weightd"]
+    return dict(zip(names, results)), out
 
 
 def test_vllm_weightd_matches_auto(inprocess):
     r, out = inprocess
     auto = tokens(r["auto"], out)
     assert tokens(r["weightd"], out) == auto
-    assert "weightd: leased" in out and "Loading weights took" in out
+    assert "weightd: leased" in out and re.search(r"_vllm_loader\.py:\d+\] Loading weights took", out)
+    # vLLM copied every tensor into its own parameters and the loader
+    # released the lease: none of the daemon's memory is mapped any more.
+    assert r["weightd"]["daemon_mappings"] == 0
 
 
 def test_vllm_weightd_negative_control(inprocess):
@@ -180,22 +189,23 @@ def test_vllm_weightd_unknown_option(inprocess):
     assert "fallback" in r["badfallback"]["error"] and "sometimes" in r["badfallback"]["error"]
 
 
-def test_vllm_weightd_engine_process(vdaemon, models, plugin_path, tmp_path):
-    """vLLM's engine core in its own process: the plugin registers there."""
-    m = str(models["f32"])
-    results, out = vllm([{"model": m, "load_format": "auto"},
-                         {"model": m, "load_format": "weightd", "extra": wd(vdaemon.socket)}],
+def test_vllm_weightd_bf16(inprocess):
+    r, out = inprocess
+    assert tokens(r["bf16-weightd"], out) == tokens(r["bf16-auto"], out)
+    assert r["bf16-weightd"]["daemon_mappings"] == 0
+
+
+def test_vllm_weightd_engine_process(inprocess, vdaemon, models, plugin_path, tmp_path):
+    """vLLM's engine core in its own process (and its worker in another):
+    the plugin registers there, from the entry point.
+    Compared with the default loader's tokens in-process (the same model,
+    dtype and engine settings; vLLM's engine process computes the same)."""
+    results, out = vllm([{"model": str(models["f32"]), "load_format": "weightd", "extra": wd(vdaemon.socket)}],
                         plugin_path, tmp_path, multiprocessing=True)
-    assert tokens(results[1], out) == tokens(results[0], out)
-    assert "weightd: leased" in out
-
-
-def test_vllm_weightd_bf16(vdaemon, models, plugin_path, tmp_path):
-    m = str(models["bf16"])
-    results, out = vllm([{"model": m, "load_format": "auto", "dtype": "bfloat16"},
-                         {"model": m, "load_format": "weightd", "dtype": "bfloat16",
-                          "extra": wd(vdaemon.socket)}], plugin_path, tmp_path)
-    assert tokens(results[1], out) == tokens(results[0], out)
+    assert tokens(results[0], out) == tokens(inprocess[0]["auto"], inprocess[1])
+    # Loaded in vLLM's engine process (its worker), not in this one.
+    assert re.search(r"\((EngineCore|Worker)\S* pid=\d+\).*weightd: leased", out), out[-8000:]
+    assert not re.search(r"\(MainProcess pid=\d+\).*weightd: leased", out)
 
 
 def test_vllm_weightd_tensor_parallel_2(bins, workdir, models, plugin_path, tmp_path):
@@ -217,7 +227,8 @@ def test_vllm_weightd_tensor_parallel_2(bins, workdir, models, plugin_path, tmp_
                              {"model": m, "load_format": "weightd", "tp": 2, "extra": wd(d.socket)}],
                             plugin_path, tmp_path, multiprocessing=True, env=bind)
         assert tokens(results[1], out) == tokens(results[0], out)
-        assert out.count("weightd: leased") == 2, out[-8000:]
+        for rank in (0, 1):  # each rank's worker process leased the model
+            assert re.search(rf"\(Worker_TP{rank} pid=\d+\).*weightd: leased", out), out[-8000:]
         with weightd.connect(d.socket) as c:
             entries = [e for e in c.list() if e["model"].endswith("llama-f32")]
             status = c.status()

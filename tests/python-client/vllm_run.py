@@ -6,13 +6,22 @@ RUNS_JSON is a list of runs, done one after the other in this process:
 {"model": path, "load_format": "auto"|"weightd", "extra": {...},
 "dtype": "float32", "tp": 1, "prompts": [...], "max_tokens": 8}.  Prints
 one line per run: "RESULT " + JSON {"ok": true, "token_ids": [[...], ...],
-"loaded_from": ...} or {"ok": false, "error": "Type: message"}.
+"daemon_mappings": N} or {"ok": false, "error": "Type: message"}.
 The environment (VLLM_ENABLE_V1_MULTIPROCESSING, ...) is the caller's.
 """
 import gc
 import json
 import sys
 import traceback
+
+
+def daemon_mappings():
+    """How many of this process's mappings are the daemon's memory (its
+    slabs are memfds named "weightd:FILE"): with the engine in this
+    process, after a load through weightd, 0 means no parameter refers
+    to the daemon's memory and the lease is gone."""
+    with open("/proc/self/maps") as f:
+        return sum("memfd:weightd:" in line for line in f)
 
 
 def run_one(run):
@@ -29,7 +38,8 @@ def run_one(run):
     try:
         params = SamplingParams(temperature=0.0, max_tokens=run.get("max_tokens", 8), ignore_eos=True)
         outs = llm.generate(run["prompts"], params, use_tqdm=False)
-        return {"ok": True, "token_ids": [list(o.outputs[0].token_ids) for o in outs]}
+        return {"ok": True, "token_ids": [list(o.outputs[0].token_ids) for o in outs],
+                "daemon_mappings": daemon_mappings()}
     finally:
         del llm
         try:
