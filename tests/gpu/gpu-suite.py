@@ -12,7 +12,8 @@ device or the daemon found none.  Otherwise, on a generated model:
   - SIGKILL of a worker holding a device lease ends that lease;
   - a worker keeps valid memory after the daemon is killed and restarted;
   - a device budget smaller than the component refuses with RESOURCE_EXHAUSTED;
-  - the Python package's device loads, whole and sharded (gpu-python.py).
+  - the Python package's device loads, whole and sharded (gpu-python.py);
+  - weightd.diffusers pipelines on the GPU tier (gpu-diffusers.py).
 Usage: gpu-suite.py BUILD_DIR
 """
 import ctypes
@@ -212,6 +213,9 @@ def main():
     # The Python package's device loads (gpu-python.py, with a daemon of its own).
     r = subprocess.run([sys.executable, str(HERE / "gpu-python.py"), str(build)], timeout=240)
     check("the Python package's device loads (gpu-python.py)", r.returncode in (0, SKIP), f"exit {r.returncode}")
+    # weightd.diffusers with device="cuda:0" (gpu-diffusers.py; skips without diffusers).
+    r = subprocess.run([sys.executable, str(HERE / "gpu-diffusers.py"), str(build)], timeout=240)
+    check("weightd.diffusers on the GPU tier (gpu-diffusers.py)", r.returncode in (0, SKIP), f"exit {r.returncode}")
 
     print(f"{len(failures)} failed")
     sys.exit(1 if failures else 0)

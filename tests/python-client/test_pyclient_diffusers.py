@@ -10,7 +10,6 @@ lie in a read-only mapping of one of the daemon's memory files (read from
 null safety checker) must give bit-identical images.  No hub access:
 HF_HUB_OFFLINE=1."""
 import gc
-import json
 import os
 import shutil
 
@@ -24,90 +23,22 @@ diffusers = pytest.importorskip("diffusers")
 transformers = pytest.importorskip("transformers")
 pytest.importorskip("accelerate")
 
-from diffusers import (AutoencoderKL, AutoencoderKLWan, DDIMScheduler, DiffusionPipeline,  # noqa: E402
-                       FlowMatchEulerDiscreteScheduler, StableDiffusionPipeline, UNet2DConditionModel,
-                       WanPipeline, WanTransformer3DModel)
-from transformers import (CLIPTextConfig, CLIPTextModel, CLIPTokenizer, PreTrainedTokenizerFast,  # noqa: E402
-                          UMT5Config, UMT5EncoderModel)
+from diffusers import DiffusionPipeline, StableDiffusionPipeline, WanPipeline, WanTransformer3DModel  # noqa: E402
+from transformers import UMT5EncoderModel  # noqa: E402
+
+from tiny_diffusers import WAN_CALL, sd_pipeline, wan_pipeline  # noqa: E402
 
 TORCH_COMPONENTS = ("text_encoder", "transformer", "vae")
-PROMPT = dict(prompt="a red cat sits on the mat", negative_prompt="a blue dog", height=16, width=16, num_frames=5,
-              num_inference_steps=2, guidance_scale=4.0, max_sequence_length=16, output_type="pt")
-
-
-def _tokenizer():
-    from tokenizers import Tokenizer, models, pre_tokenizers
-
-    vocab = {"<pad>": 0, "</s>": 1, "<unk>": 2}
-    for w in "a cat dog sits on the mat runs in park red blue".split():
-        vocab[w] = len(vocab)
-    tk = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
-    tk.pre_tokenizer = pre_tokenizers.Whitespace()
-    return PreTrainedTokenizerFast(tokenizer_object=tk, pad_token="<pad>", eos_token="</s>", unk_token="<unk>")
-
-
-def _pipeline():
-    torch.manual_seed(20261207)
-    vae = AutoencoderKLWan(base_dim=3, z_dim=16, dim_mult=[1, 1, 1, 1], num_res_blocks=1,
-                           temperal_downsample=[False, True, True])
-    transformer = WanTransformer3DModel(patch_size=(1, 2, 2), num_attention_heads=2, attention_head_dim=12,
-                                        in_channels=16, out_channels=16, text_dim=32, freq_dim=256, ffn_dim=32,
-                                        num_layers=2, cross_attn_norm=True, qk_norm="rms_norm_across_heads",
-                                        rope_max_seq_len=32)
-    text_encoder = UMT5EncoderModel(UMT5Config(vocab_size=64, d_model=32, d_kv=8, d_ff=37, num_layers=2,
-                                               num_heads=4, relative_attention_num_buckets=8, pad_token_id=0,
-                                               eos_token_id=1, decoder_start_token_id=0))
-    return WanPipeline(tokenizer=_tokenizer(), text_encoder=text_encoder, vae=vae, transformer=transformer,
-                       scheduler=FlowMatchEulerDiscreteScheduler(shift=7.0))
-
-
-def _clip_tokenizer(folder):
-    """A CLIP tokenizer over single characters (GPT-2's byte alphabet, no
-    merges), written to folder."""
-    bs = list(range(ord("!"), ord("~") + 1)) + list(range(0xA1, 0xAD)) + list(range(0xAE, 0x100))
-    cs = bs[:]
-    for b in range(256):
-        if b not in bs:  # the other bytes: U+0100 on, in order
-            bs.append(b)
-            cs.append(0x100 + len(bs) - 1 - 188)
-    chars = [chr(c) for c in cs]
-    vocab = {c: i for i, c in enumerate(chars)}
-    vocab.update({c + "</w>": len(chars) + i for i, c in enumerate(chars)})
-    vocab["<|startoftext|>"] = len(vocab)
-    vocab["<|endoftext|>"] = len(vocab)
-    folder.mkdir()
-    (folder / "vocab.json").write_text(json.dumps(vocab))
-    (folder / "merges.txt").write_text("#version: 0.2\n")
-    return CLIPTokenizer(str(folder / "vocab.json"), str(folder / "merges.txt"), model_max_length=16), len(vocab)
-
-
-def _sd_pipeline(scratch):
-    tokenizer, vocab_size = _clip_tokenizer(scratch / "clip-tokenizer")
-    torch.manual_seed(20261207)
-    unet = UNet2DConditionModel(block_out_channels=(4, 8), layers_per_block=1, sample_size=8, in_channels=4,
-                                out_channels=4, down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
-                                up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"), cross_attention_dim=8,
-                                norm_num_groups=2, attention_head_dim=2)
-    vae = AutoencoderKL(block_out_channels=(4, 8), in_channels=3, out_channels=3, latent_channels=4,
-                        down_block_types=["DownEncoderBlock2D"] * 2, up_block_types=["UpDecoderBlock2D"] * 2,
-                        norm_num_groups=2, sample_size=16)
-    text_encoder = CLIPTextModel(CLIPTextConfig(bos_token_id=vocab_size - 2, eos_token_id=vocab_size - 1,
-                                                hidden_size=8, intermediate_size=16, num_attention_heads=2,
-                                                num_hidden_layers=2, pad_token_id=1, vocab_size=vocab_size,
-                                                max_position_embeddings=16))
-    return StableDiffusionPipeline(unet=unet, vae=vae, text_encoder=text_encoder, tokenizer=tokenizer,
-                                   scheduler=DDIMScheduler(steps_offset=1, clip_sample=False), safety_checker=None,
-                                   feature_extractor=None, requires_safety_checker=False)
 
 
 @pytest.fixture(scope="module")
 def saved(workdir):
-    """{"plain": path, "sharded": path}: the pipeline as diffusers saves it."""
+    """The pipelines as diffusers saves them: {"root", "plain", "sharded", "bf16", "sd"}."""
     root = workdir / "diffusers-models"
     if root.exists():
         shutil.rmtree(root)
     root.mkdir()
-    pipe = _pipeline()
+    pipe = wan_pipeline()
     pipe.save_pretrained(root / "wan")
     pipe.save_pretrained(root / "wan-sharded", max_shard_size="20KB")
     # bf16 as from_pretrained(dtype=bfloat16) makes it: a few of the
@@ -117,7 +48,7 @@ def saved(workdir):
     if scratch.exists():
         shutil.rmtree(scratch)
     scratch.mkdir()
-    _sd_pipeline(scratch).save_pretrained(root / "sd")
+    sd_pipeline(scratch).save_pretrained(root / "sd")
     return {"root": root, "plain": root / "wan", "sharded": root / "wan-sharded", "bf16": root / "wan-bf16",
             "sd": root / "sd"}
 
@@ -128,7 +59,7 @@ def served(start_daemon, saved, client_lib):
 
 
 def _frames(pipe):
-    return pipe(**PROMPT, generator=torch.Generator().manual_seed(7)).frames
+    return pipe(**WAN_CALL, generator=torch.Generator().manual_seed(7)).frames
 
 
 def _maps():
@@ -358,3 +289,19 @@ def test_bf16_as_from_pretrained_with_dtype(served, saved):
     assert pipe.transformer.blocks[0].attn1.to_q.weight.dtype == torch.bfloat16
     want, got = _frames(ref), _frames(pipe)
     assert torch.equal(got, want), f"max difference {(got - want).abs().max()}"
+
+
+def test_the_gpu_script_on_the_host_tier(client_lib):
+    """tests/gpu/gpu-diffusers.py runs in the GPU suite; --host runs its
+    checks on the host tier, so that it is checked where there is no GPU."""
+    import pathlib
+    import subprocess
+    import sys
+
+    from harness import BUILD
+
+    script = pathlib.Path(__file__).resolve().parents[2] / "tests" / "gpu" / "gpu-diffusers.py"
+    r = subprocess.run([sys.executable, str(script), str(BUILD), "--host"], capture_output=True, text=True,
+                       timeout=240)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    assert "all passed" in r.stdout
