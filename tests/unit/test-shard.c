@@ -366,12 +366,36 @@ static void test_spec_key(void **state) {
         assert_string_equal(k, "");
         free(k);
 
+        /* Tensors picked: with a split, and alone (world 1, or no rules). */
+        char *stage[] = { (char *) "model.layers.[0-3].*", (char *) "lm head" };
+        s = spec_of(1, 4, false, rules, 1);
+        s.tensors = stage;
+        s.n_tensors = 2;
+        k = shard_spec_key(&s);
+        assert_string_equal(k, "rank 1/4 *.q_proj.weight:0 tensors model.layers.[0-3].* lm\\x20head");
+        free(k);
+        assert_false(shard_spec_empty(&s));
+        s = spec_of(0, 1, false, rules, 2);
+        s.tensors = stage;
+        s.n_tensors = 1;
+        k = shard_spec_key(&s);
+        assert_string_equal(k, "tensors model.layers.[0-3].*");
+        free(k);
+        s.n_tensors = 0;
+        assert_true(shard_spec_empty(&s));
+        assert_true(shard_spec_empty(NULL));
+
         /* A deep copy has the same key and owns its strings. */
         _cleanup_(shard_spec_freep) ShardSpec *copy = NULL;
         s = spec_of(2, 3, true, rules, 3);
+        s.tensors = stage;
+        s.n_tensors = 2;
         assert_int_equal(shard_spec_copy(&s, &copy), 0);
         assert_ptr_not_equal(copy->rules, rules);
         assert_ptr_not_equal(copy->rules[0].pattern, rules[0].pattern);
+        assert_int_equal(copy->n_tensors, 2);
+        assert_ptr_not_equal(copy->tensors[1], stage[1]);
+        assert_string_equal(copy->tensors[1], stage[1]);
         k = shard_spec_key(copy);
         char *k2 = shard_spec_key(&s);
         assert_string_equal(k, k2);
