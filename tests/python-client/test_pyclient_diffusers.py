@@ -23,7 +23,8 @@ diffusers = pytest.importorskip("diffusers")
 transformers = pytest.importorskip("transformers")
 pytest.importorskip("accelerate")
 
-from diffusers import DiffusionPipeline, StableDiffusionPipeline, WanPipeline, WanTransformer3DModel  # noqa: E402
+from diffusers import (AutoencoderKLWan, DiffusionPipeline, StableDiffusionPipeline, WanPipeline,  # noqa: E402
+                       WanTransformer3DModel)
 from transformers import UMT5EncoderModel  # noqa: E402
 
 from tiny_diffusers import WAN_CALL, sd_pipeline, wan_pipeline  # noqa: E402
@@ -227,6 +228,23 @@ def test_errors(served, saved, tmp_path):
     with weightd.connect(served.socket) as client:
         with pytest.raises(weightd.NotFound, match="vae: no safetensors weights"):
             wdd.load_pipeline(WanPipeline, broken, client=client)
+    # A component with only a pickle checkpoint: the daemon's refusal says
+    # so; diffusers loads that one, passed as an override.
+    pickled = saved["root"] / "wan-pickle"
+    if pickled.exists():
+        shutil.rmtree(pickled)
+    shutil.copytree(saved["plain"], pickled)
+    vae_file = pickled / "vae" / "diffusion_pytorch_model.safetensors"
+    import safetensors.torch
+    torch.save(safetensors.torch.load_file(vae_file), pickled / "vae" / "diffusion_pytorch_model.bin")
+    os.unlink(vae_file)
+    with weightd.connect(served.socket) as client:
+        with pytest.raises(weightd.Unsupported, match="only pickle checkpoints"):
+            wdd.load_pipeline(WanPipeline, pickled, client=client)
+        vae = AutoencoderKLWan.from_pretrained(pickled / "vae")
+        pipe = wdd.load_pipeline(WanPipeline, pickled, client=client, vae=vae)
+        assert pipe.vae is vae and {lease.component for lease in pipe.weightd_leases} == {"text_encoder",
+                                                                                           "transformer"}
     # A checkpoint with fewer layers than its config says: every missing
     # parameter is named.
     cfg = broken / "transformer" / "config.json"
