@@ -1376,6 +1376,13 @@ static void propose_resolved(Cluster *c, ClusterResolve *p, const Component *com
                 }
                 return;
         }
+        /* A device this node lacks: say so before reserving anything. */
+        if (p->device >= 0 && (!c->tier || (size_t) p->device >= gpu_n_devices(c->tier->gpu))) {
+                snprintf(msg, sizeof(msg), "%s: device %d: %s", mesh_node_name(c->mesh, mesh_self(c->mesh)),
+                         p->device, c->tier ? "no such device on this node" : "this node has no GPU tier");
+                reply_propose(c, p->from, p->plan_id, WEIGHTD__CLUSTER__V1__PROPOSE_STATUS__FAILED, msg);
+                return;
+        }
         if (p->parts.n > 0) {
                 propose_part(c, p, comp, root_fd);
                 return;

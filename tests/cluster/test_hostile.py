@@ -181,6 +181,35 @@ def test_garbage(hostile, model):
     healthy(c, model, before)
 
 
+def test_garbage_parts(hostile, model):
+    """Part plans with hostile parts (unknown or repeated nodes, 65 nodes,
+    the target left out, specs out of every limit, a spec the files do not
+    fit, a device nobody has), as Proposes and as PlanRequests: each
+    Propose refused saying why, nothing read or reserved, both nodes
+    unharmed."""
+    c = hostile
+    before = started(c, model)
+    p = spawn(c, "garbage-parts", model, linger=DEADLINE * 4)
+    lines = wait_ready(p, 60)
+    deadline = time.monotonic() + 20
+    while sum(" part reply " in line for line in lines) < 28 and time.monotonic() < deadline:
+        line = read_line(p, max(0.1, deadline - time.monotonic()))
+        if line is None:
+            break
+        lines.append(line)
+    alive(c)
+    out = "".join(lines) + finish(p)
+    for n in "ab":
+        parts = [line.split(" ", 4)[3:] for line in out.splitlines() if line.startswith(f"{n}: part reply")]
+        assert len(parts) == 14 and all(status == "3" for status, _ in parts), f"node {n}: {parts}\n{out}"
+        why = " ".join(msg for _, msg in parts)
+        for words in ("not a node of the cluster", "named twice", "at most 64", "leaves this node out",
+                      "out of limits", "1 to 256 bytes", "'*' in the pattern", "only dimensions 0 and 1",
+                      "tensors pattern", "does not divide", "GPU tier"):
+            assert words in why, f"node {n}: no refusal says {words!r}: {parts}"
+    healthy(c, model, before)
+
+
 def test_plans_left_unstarted_are_dropped(hostile, model):
     """x proposes a plan of the model, both say READY, and x never starts
     it: within a few deadlines the nodes give the reservation back (x still

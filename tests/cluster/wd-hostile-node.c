@@ -9,6 +9,8 @@
  *
  * Scenarios:
  *   garbage       every message type with hostile fields
+ *   garbage-parts part plans with hostile parts (Propose and PlanRequest);
+ *                 each reply to them printed: "NODE: part reply STATUS WHY"
  *   flood         --count PlanRequests, Proposes and Fetches at once
  *   lie-bytes     coordinates a real plan of --model and is one of its
  *                 sources: right checksums, wrong bytes
@@ -226,6 +228,130 @@ static void propose(Hostile *h, unsigned node, uint64_t plan_id, const char *mod
         ENVELOPE(env, propose, PROPOSE, &p);
         send_env(h, node, &env);
         views_done(&v);
+}
+
+/* A Propose (or, with request, a PlanRequest) of a part plan whose parts
+ * are n copies of part with node names from names (cycled). */
+static void propose_parts(Hostile *h, unsigned node, uint64_t id, bool request, const char *model,
+                          const void *manifest, const Weightd__Cluster__V1__NodePart *part, char **names,
+                          size_t n_names, size_t n, bool on_device, uint32_t device) {
+        Weightd__Cluster__V1__NodePart *parts = calloc(n + 1, sizeof(*parts));
+        Weightd__Cluster__V1__NodePart **ptrs = calloc(n + 1, sizeof(*ptrs));
+        Views v = {};
+
+        if (!parts || !ptrs)
+                abort();
+        for (size_t i = 0; i < n; i++) {
+                parts[i] = *part;
+                parts[i].node = names[i % n_names];
+                ptrs[i] = &parts[i];
+        }
+        views_wire(h, &v);
+        if (request) {
+                Weightd__Cluster__V1__PlanRequest pr = WEIGHTD__CLUSTER__V1__PLAN_REQUEST__INIT;
+
+                pr.request_id = id;
+                pr.model = (char *) model;
+                pr.component = (char *) "";
+                pr.manifest.data = (uint8_t *) manifest;
+                pr.manifest.len = PLAN_MANIFEST_SIZE;
+                pr.files = v.ptrs;
+                pr.n_files = v.n;
+                pr.parts = ptrs;
+                pr.n_parts = n;
+                pr.on_device = on_device;
+                pr.device = device;
+                ENVELOPE(env, plan_request, PLAN_REQUEST, &pr);
+                send_env(h, node, &env);
+        } else {
+                Weightd__Cluster__V1__Propose p = WEIGHTD__CLUSTER__V1__PROPOSE__INIT;
+
+                p.plan_id = id;
+                p.model = (char *) model;
+                p.component = (char *) "";
+                p.manifest.data = (uint8_t *) manifest;
+                p.manifest.len = PLAN_MANIFEST_SIZE;
+                p.chunk_size = CHUNK_SIZE;
+                p.files = v.ptrs;
+                p.n_files = v.n;
+                p.parts = ptrs;
+                p.n_parts = n;
+                p.on_device = on_device;
+                p.device = device;
+                ENVELOPE(env, propose, PROPOSE, &p);
+                send_env(h, node, &env);
+        }
+        views_done(&v);
+        free(parts);
+        free(ptrs);
+}
+
+/* Malformed parts of part plans: refused (FAILED, or a PlanResult with
+ * the error), nothing read or reserved, the node unharmed. */
+static void garbage_parts(Hostile *h, unsigned n, const char *model, const uint8_t *right) {
+        Weightd__Cluster__V1__NodePart part = WEIGHTD__CLUSTER__V1__NODE_PART__INIT;
+        Weightd__Cluster__V1__PartRule rule = WEIGHTD__CLUSTER__V1__PART_RULE__INIT, nul = rule;
+        Weightd__Cluster__V1__PartRule *rules[SHARD_MAX_RULES + 2];
+        char *both[] = { (char *) mesh_node_name(h->mesh, n), (char *) mesh_node_name(h->mesh, h->self) };
+        char *nosuch[] = { (char *) "nosuch" };
+        char *stars = (char *) "*a*b*c*d*e*f", *tensors[3] = { (char *) "*", (char *) "", (char *) "x" };
+        char *many_tensors[SHARD_MAX_TENSOR_PATTERNS + 1];
+        uint64_t id = 300;
+
+        rule.pattern = (char *) "*";
+        rule.dim = 0;
+        nul.pattern = (char *) ""; /* the wire has no NULL strings: empty */
+        for (size_t i = 0; i < SHARD_MAX_RULES + 2; i++)
+                rules[i] = &rule;
+        for (size_t i = 0; i < SHARD_MAX_TENSOR_PATTERNS + 1; i++)
+                many_tensors[i] = (char *) "layers.*";
+        part.sharded = true;
+        part.rank = 0;
+        part.world = 2;
+        part.rules = rules;
+        part.n_rules = 1;
+
+        for (int request = 0; request < 2; request++) {
+                /* Unknown nodes, a node twice, more than 64 parts, the target left out. */
+                propose_parts(h, n, id++, request, model, right, &part, nosuch, 1, 1, false, 0);
+                propose_parts(h, n, id++, request, model, right, &part, both, 1, 2, false, 0);
+                propose_parts(h, n, id++, request, model, right, &part, both, 2, PLAN_MAX_SOURCES + 1, false, 0);
+                propose_parts(h, n, id++, request, model, right, &part, both + 1, 1, 1, false, 0);
+                /* Out of limits: world 0, rank beyond, too many rules, bad patterns, dims. */
+                part.world = 0;
+                propose_parts(h, n, id++, request, model, right, &part, both, 2, 2, false, 0);
+                part.world = 2;
+                part.rank = 7;
+                propose_parts(h, n, id++, request, model, right, &part, both, 2, 2, false, 0);
+                part.rank = 0;
+                part.n_rules = SHARD_MAX_RULES + 1;
+                propose_parts(h, n, id++, request, model, right, &part, both, 2, 2, false, 0);
+                part.n_rules = 1;
+                rules[0] = &nul;
+                propose_parts(h, n, id++, request, model, right, &part, both, 2, 2, false, 0);
+                rule.pattern = stars;
+                rules[0] = &rule;
+                propose_parts(h, n, id++, request, model, right, &part, both, 2, 2, false, 0);
+                rule.pattern = (char *) "*";
+                rule.dim = 7;
+                propose_parts(h, n, id++, request, model, right, &part, both, 2, 2, false, 0);
+                rule.dim = 0;
+                part.tensors = tensors;
+                part.n_tensors = 3; /* an empty pattern */
+                propose_parts(h, n, id++, request, model, right, &part, both, 2, 2, false, 0);
+                part.tensors = many_tensors;
+                part.n_tensors = SHARD_MAX_TENSOR_PATTERNS + 1;
+                propose_parts(h, n, id++, request, model, right, &part, both, 2, 2, false, 0);
+                /* Well formed, but the component does not fit: every
+                 * tensor split along a dimension most do not have. */
+                part.tensors = NULL;
+                part.n_tensors = 0;
+                rule.dim = 1;
+                propose_parts(h, n, id++, request, model, right, &part, both, 2, 2, false, 0);
+                rule.dim = 0;
+                /* A device nobody has. */
+                propose_parts(h, n, id++, request, model, right, &part, both, 2, 2, true, 4000000000u);
+        }
 }
 
 static void start(Hostile *h, unsigned node, uint64_t plan_id, char **sources, size_t n_sources, char **receivers,
@@ -746,6 +872,12 @@ static void on_message(Mesh *m, unsigned node, const ClusterEnvelope *env, void 
         h->messages_received++;
         switch (env->body_case) {
         case WEIGHTD__CLUSTER__V1__ENVELOPE__BODY_PROPOSE_REPLY:
+                /* The malformed part plans of garbage_parts(). */
+                if (env->propose_reply->plan_id >= 300 && env->propose_reply->plan_id < 400) {
+                        printf("%s: part reply %d %s\n", mesh_node_name(m, node), env->propose_reply->status,
+                               env->propose_reply->message);
+                        fflush(stdout);
+                }
                 if (env->propose_reply->plan_id == h->plan_id && h->plan_id != 0 && node < MAX_NODES) {
                         h->reply[node] = env->propose_reply->status;
                         printf("%s: propose reply %d %s\n", mesh_node_name(m, node), env->propose_reply->status,
@@ -855,6 +987,10 @@ static void on_timer(uv_timer_t *timer) {
                         set_phase(h, BAD_PROPOSED);
                 } else if (streq(h->scenario, "flood")) {
                         scenario_flood(h);
+                        linger(h);
+                } else if (streq(h->scenario, "garbage-parts")) {
+                        for (size_t t = 0; t < h->n_targets; t++)
+                                garbage_parts(h, h->targets[t], model_key(h), h->manifest.bytes);
                         linger(h);
                 } else if (is_lie(h) || streq(h->scenario, "unstarted"))
                         scenario_plan(h);
@@ -1035,7 +1171,8 @@ int main(int argc, char **argv) {
                 usage();
                 return 1;
         }
-        if (!streq(h.scenario, "garbage") && !streq(h.scenario, "flood") && !is_lie(&h) &&
+        if (!streq(h.scenario, "garbage") && !streq(h.scenario, "garbage-parts") && !streq(h.scenario, "flood") &&
+            !is_lie(&h) &&
             !streq(h.scenario, "unstarted") &&
             !streq(h.scenario, "participate")) {
                 fprintf(stderr, "unknown scenario \"%s\"\n", h.scenario);
