@@ -428,6 +428,16 @@ static bool listed(const unsigned *a, size_t n, unsigned x) {
         return false;
 }
 
+/* Sources and receivers set: start reading, sending and receiving. */
+static int go(Transfer *t, uint64_t now) {
+        t->started = true;
+        t->activity_usec = now;
+        t->rescan = true;
+        drop_unowned(t);
+        pump(t);
+        return 0;
+}
+
 /* A part plan: every node of the plan is a source and a receiver, in the
  * plan's order; those the Start leaves out (they hold their part, or
  * failed) neither read nor get anything. */
@@ -453,12 +463,7 @@ static int start_part(Transfer *t, const unsigned *takers, size_t n_takers) {
                 if (node == t->self)
                         t->self_source = (int) i;
         }
-        t->started = true;
-        t->activity_usec = now;
-        t->rescan = true;
-        drop_unowned(t);
-        pump(t);
-        return 0;
+        return go(t, now);
 }
 
 int transfer_start(Transfer *t, const unsigned *sources, size_t n_sources, const unsigned *receivers,
@@ -492,12 +497,7 @@ int transfer_start(Transfer *t, const unsigned *sources, size_t n_sources, const
         }
         if (n_sources > 0)
                 plan_assign(t->chunks, t->n_chunks, n_sources, t->first_owner);
-        t->started = true;
-        t->activity_usec = now;
-        t->rescan = true;
-        drop_unowned(t);
-        pump(t);
-        return 0;
+        return go(t, now);
 }
 
 /* ---- ownership ---------------------------------------------------------- */

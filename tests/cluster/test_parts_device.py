@@ -9,24 +9,13 @@ with json and plain reads (tests/integration's device checks), without a
 byte more read from storage.  The bytes move between nodes host to host:
 NCCL is not used (it cannot run without a GPU).
 """
-import json
-
 import pytest
 
 from cluster import Cluster, per_node, prefetch_results
 from harness import BUILD, make_dir, wait_until
-from test_device_emulated import check_slab, load_ok
+from test_device_emulated import _emulated_build, check_slab, load_ok
 from test_parts import NAMES, RULES, expected_bytes, make_tp_model, node_counters
 import wdwire
-
-
-def _emulated_build():
-    try:
-        with open(BUILD / "meson-info" / "intro-buildoptions.json") as f:
-            opts = {o["name"]: o["value"] for o in json.load(f)}
-    except (OSError, ValueError):
-        return False
-    return opts.get("gpu_emulation") is True
 
 
 pytestmark = pytest.mark.skipif(not _emulated_build(),
