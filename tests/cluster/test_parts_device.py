@@ -9,6 +9,8 @@ with json and plain reads (tests/integration's device checks), without a
 byte more read from storage.  The bytes move between nodes host to host:
 NCCL is not used (it cannot run without a GPU).
 """
+import json
+
 import pytest
 
 from cluster import Cluster, per_node, prefetch_results
@@ -91,4 +93,39 @@ def test_whole_plan_to_devices_and_a_node_without_the_device(gpu_cluster, dev_mo
             load, fd = load_ok(c, model, target="cuda:0")
             assert load.int(7) == 1, f"node {n}: not resident on cuda:0"
             m, _ = check_slab(load, fd, files, 0)
+            m.close()
+
+
+def test_python_package_to_devices(gpu_cluster, dev_model):
+    """The Python package: prefetch(cluster=True, device="cuda:0",
+    node_shards=...), then each node's shard on its device."""
+    import os
+    import pathlib
+    import subprocess
+    import sys
+    cluster = gpu_cluster
+    model, files = dev_model
+    cluster.start()
+    wait_gpus(cluster)
+    root = pathlib.Path(__file__).resolve().parents[2]
+    lib = root / "build" / "client" / "lib" / "libweightd-client.so.0"
+    if not lib.exists():
+        pytest.skip(f"{lib} is not built (tests/run builds it first)")
+    script = (
+        "import json, sys, weightd\n"
+        "rules = [('*.q.weight', 0), ('*.o.weight', 1), ('embed', 0)]\n"
+        "with weightd.connect(sys.argv[1]) as c:\n"
+        "    print(json.dumps(c.prefetch(sys.argv[2], cluster=True, device='cuda:0',\n"
+        "                                node_shards={'b': weightd.Shard(0, 2, rules), 'c': weightd.Shard(1, 2, rules)})))\n")
+    env = {**os.environ, "PYTHONPATH": str(root / "client" / "python"), "WEIGHTD_CLIENT_LIB": str(lib)}
+    r = subprocess.run([sys.executable, "-c", script, cluster["a"].socket, str(model)], env=env,
+                       capture_output=True, timeout=120)
+    assert r.returncode == 0, r.stderr.decode()
+    res = json.loads(r.stdout)[""]
+    assert [(x["node"], x["state"]) for x in res["nodes"]] == [("b", "ok"), ("c", "ok")], res
+    for n, rank in (("b", 0), ("c", 1)):
+        with cluster[n].raw() as c:
+            load, fd = load_ok(c, model, target="cuda:0", shard=wdwire.shard_body(rank, 2, RULES))
+            assert load.int(7) == 1, f"node {n}: its shard was not resident on cuda:0"
+            m, _ = check_slab(load, fd, files, 0, shard={"rank": rank, "world": 2, "rules": RULES})
             m.close()
