@@ -902,8 +902,9 @@ static int cluster_loads_check(const Weightd__V1__LoadReply *lr, const char *mod
 
 /* A cluster prefetch of nodes (shards: one per node, or NULL). */
 static int prefetch_cluster(wd_client *c, const char *func, const char *model, const char *component,
-                            const char *const *nodes, size_t n_nodes, Weightd__V1__Shard **shards, const char *device,
-                            wd_progress_fn progress, void *userdata, wd_cluster_prefetch_result **ret, wd_error *err) {
+                            const char *const *nodes, size_t n_nodes, Weightd__V1__Shard **shards,
+                            const char *const *targets, const char *device, wd_progress_fn progress, void *userdata,
+                            wd_cluster_prefetch_result **ret, wd_error *err) {
         Weightd__V1__LoadRequest load = load_request(model, component, progress != NULL);
         WireEnvelope env = WEIGHTD__V1__ENVELOPE__INIT;
         _cleanup_envelope_ WireEnvelope *reply = NULL;
@@ -925,6 +926,10 @@ static int prefetch_cluster(wd_client *c, const char *func, const char *model, c
         if (shards) {
                 load.node_shards = shards;
                 load.n_node_shards = n_nodes;
+        }
+        if (targets) {
+                load.node_targets = (char **) targets;
+                load.n_node_targets = n_nodes;
         }
         /* The daemons' device index, as it is: not this process's ordinal. */
         if (device && *device && strcmp(device, "host") != 0)
@@ -976,15 +981,16 @@ static int prefetch_cluster(wd_client *c, const char *func, const char *model, c
 _public_ int wd_prefetch_cluster(wd_client *c, const char *model, const char *component, const char *const *nodes,
                                  size_t n_nodes, wd_progress_fn progress, void *userdata,
                                  wd_cluster_prefetch_result **ret, wd_error *err) {
-        return prefetch_cluster(c, "wd_prefetch_cluster", model, component, nodes, n_nodes, NULL, NULL, progress,
-                                userdata, ret, err);
+        return prefetch_cluster(c, "wd_prefetch_cluster", model, component, nodes, n_nodes, NULL, NULL, NULL,
+                                progress, userdata, ret, err);
 }
 
 _public_ int wd_prefetch_cluster_ex(wd_client *c, const char *model, const char *component,
                                     const wd_cluster_options *o, wd_cluster_prefetch_result **ret, wd_error *err) {
         const wd_cluster_part *parts = o ? o->parts : NULL;
         size_t n_parts = o ? o->n_parts : 0;
-        _cleanup_free_ const char **nodes = NULL;
+        _cleanup_free_ const char **nodes = NULL, **targets = NULL;
+        bool any_target = false;
         _cleanup_free_ Weightd__V1__Shard *shards = NULL;
         _cleanup_free_ Weightd__V1__Shard **shard_ptrs = NULL;
         _cleanup_free_ Weightd__V1__ShardRule *rules = NULL;
@@ -1001,7 +1007,7 @@ _public_ int wd_prefetch_cluster_ex(wd_client *c, const char *model, const char 
                 return finish(r, &e, err);
         if (n_parts == 0)
                 return prefetch_cluster(c, "wd_prefetch_cluster_ex", model, component, o->nodes, o->n_nodes, NULL,
-                                        o->device, o->progress, o->userdata, ret, err);
+                                        NULL, o->device, o->progress, o->userdata, ret, err);
         for (size_t i = 0; i < n_parts; i++) {
                 const wd_cluster_part *x = &parts[i];
 
@@ -1025,19 +1031,23 @@ _public_ int wd_prefetch_cluster_ex(wd_client *c, const char *model, const char 
                                                         "wd_prefetch_cluster_ex(): %s: tensors pattern %zu is NULL",
                                                         x->node, j), &e, err);
                 n_rules += x->n_rules;
+                any_target = any_target || (x->device && *x->device);
         }
         nodes = calloc(n_parts, sizeof(char *));
         shards = calloc(n_parts, sizeof(*shards));
         shard_ptrs = calloc(n_parts, sizeof(*shard_ptrs));
         rules = calloc(n_rules + 1, sizeof(*rules));
         rule_ptrs = calloc(n_rules + 1, sizeof(*rule_ptrs));
-        if (!nodes || !shards || !shard_ptrs || !rules || !rule_ptrs)
+        targets = any_target ? calloc(n_parts, sizeof(char *)) : NULL;
+        if (!nodes || !shards || !shard_ptrs || !rules || !rule_ptrs || (any_target && !targets))
                 return finish(error_set(&e, WD_INTERNAL, "out of memory"), &e, err);
         for (size_t i = 0; i < n_parts; i++) {
                 const wd_cluster_part *x = &parts[i];
                 Weightd__V1__Shard *m = &shards[i];
 
                 nodes[i] = x->node;
+                if (targets)
+                        targets[i] = x->device ? x->device : "";
                 weightd__v1__shard__init(m);
                 shard_ptrs[i] = m;
                 /* The whole component: world 1 splits nothing. */
@@ -1055,8 +1065,8 @@ _public_ int wd_prefetch_cluster_ex(wd_client *c, const char *model, const char 
                         rule_ptrs[k] = &rules[k];
                 }
         }
-        return prefetch_cluster(c, "wd_prefetch_cluster_ex", model, component, nodes, n_parts, shard_ptrs, o->device,
-                                o->progress, o->userdata, ret, err);
+        return prefetch_cluster(c, "wd_prefetch_cluster_ex", model, component, nodes, n_parts, shard_ptrs, targets,
+                                o->device, o->progress, o->userdata, ret, err);
 }
 
 _public_ void wd_cluster_prefetch_result_free(wd_cluster_prefetch_result *r) {

@@ -1420,6 +1420,7 @@ static void help(void) {
                "                        apply); nodes of --nodes without one serve it whole.  Each node\n"
                "                        reads or receives only the bytes it serves\n"
                "      --node-tensors NODE=PAT,...  with --cluster: NODE serves those tensors only\n"
+               "      --node-device NODE=cuda:N|host  with --cluster: NODE's device instead of --device's\n"
                "      --json            one JSON document on stdout instead of text\n"
                "  -h, --help            show this help\n"
                "  -V, --version         show the version\n"
@@ -1544,6 +1545,24 @@ static int parse_node_shard(char *arg, Options *o) {
         return 0;
 }
 
+/* --node-device NODE=cuda:N|host, split at the last '='. */
+static int parse_node_device(char *arg, Options *o) {
+        char *eq = strrchr(arg, '=');
+        wd_cluster_part *part;
+        Strv *tensors;
+
+        if (!eq || eq == arg || (strcmp(eq + 1, "host") != 0 && strncmp(eq + 1, "cuda:", 5) != 0))
+                return usage_error("--node-device takes NODE=cuda:N or NODE=host, not '%s'", arg);
+        *eq = '\0';
+        part = find_part(o, arg, &tensors);
+        if (!part)
+                return fail_oom();
+        if (part->device)
+                return usage_error("--node-device: node '%s' named twice", arg);
+        part->device = eq + 1;
+        return 0;
+}
+
 /* --node-tensors NODE=PATTERN,..., split at the first '='. */
 static int parse_node_tensors(char *arg, Options *o) {
         char *eq = strchr(arg, '=');
@@ -1591,6 +1610,7 @@ static int parse_argv(int argc, char *argv[], Options *o, const Command **ret) {
                 ARG_NODES,
                 ARG_NODE_SHARD,
                 ARG_NODE_TENSORS,
+                ARG_NODE_DEVICE,
                 ARG_TENSORS,
         };
         static const struct option options[] = {
@@ -1608,6 +1628,7 @@ static int parse_argv(int argc, char *argv[], Options *o, const Command **ret) {
                 { "nodes", required_argument, NULL, ARG_NODES },
                 { "node-shard", required_argument, NULL, ARG_NODE_SHARD },
                 { "node-tensors", required_argument, NULL, ARG_NODE_TENSORS },
+                { "node-device", required_argument, NULL, ARG_NODE_DEVICE },
                 { "tensors", required_argument, NULL, ARG_TENSORS },
                 { "help", no_argument, NULL, 'h' },
                 { "version", no_argument, NULL, 'V' },
@@ -1692,6 +1713,11 @@ static int parse_argv(int argc, char *argv[], Options *o, const Command **ret) {
                         if (r != 0)
                                 return r;
                         break;
+                case ARG_NODE_DEVICE:
+                        r = parse_node_device(optarg, o);
+                        if (r != 0)
+                                return r;
+                        break;
                 case ARG_TENSORS:
                         r = split_list(optarg, &o->tensors);
                         if (r == -ENOMEM)
@@ -1757,7 +1783,8 @@ static int parse_argv(int argc, char *argv[], Options *o, const Command **ret) {
         if ((o->cluster || o->nodes.n > 0) && !(cmd->flags & CMD_CLUSTER))
                 return usage_error("%s takes no --cluster or --nodes", cmd->name);
         if ((o->nodes.n > 0 || o->n_parts > 0) && !o->cluster)
-                return usage_error("--%s needs --cluster", o->nodes.n > 0 ? "nodes" : "node-shard or --node-tensors");
+                return usage_error("--%s needs --cluster",
+                                   o->nodes.n > 0 ? "nodes" : "node-shard, --node-tensors or --node-device");
         if (o->cluster && o->keep_host)
                 return usage_error("--cluster keeps the host copy: it takes no --keep-host");
         if (o->cluster && o->world > 0)

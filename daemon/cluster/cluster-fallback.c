@@ -23,8 +23,8 @@ int cluster_reconfigure(Cluster *c, const ClusterParams *p, WdError *err) {
 void cluster_set_device_tier(Cluster *c, DeviceTier *tier) {
 }
 
-int cluster_prefetch(Cluster *c, const Component *comp, char *const *nodes, ShardSpec *const *specs, size_t n_nodes,
-                     int device, Job **ret, WdError *err) {
+int cluster_prefetch(Cluster *c, const Component *comp, char *const *nodes, ShardSpec *const *specs,
+                     const int *devices, size_t n_nodes, int device, Job **ret, WdError *err) {
         return wd_error_set(err, -EOPNOTSUPP, "weightd was built without the cluster");
 }
 

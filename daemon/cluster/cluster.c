@@ -52,8 +52,11 @@ static bool streq(const char *a, const char *b) {
 typedef struct Parts {
         unsigned nodes[PLAN_MAX_SOURCES]; /* mesh indexes */
         ShardSpec *specs[PLAN_MAX_SOURCES]; /* NULL: the whole component */
+        int devices[PLAN_MAX_SOURCES]; /* a node's own device; PARTS_PLAN_DEVICE: the plan's */
         size_t n;
 } Parts;
+
+#define PARTS_PLAN_DEVICE CLUSTER_PLAN_DEVICE
 
 typedef struct Slot {
         Cluster *c;
@@ -427,6 +430,9 @@ static int parts_from_wire(Cluster *c, Weightd__Cluster__V1__NodePart *const *m,
                         }
                 }
                 ret->nodes[ret->n] = (unsigned) k;
+                ret->devices[ret->n] = x->host_only   ? -1
+                                       : x->on_device ? (int) MIN(x->device, (uint32_t) INT32_MAX)
+                                                      : PARTS_PLAN_DEVICE;
                 ret->specs[ret->n++] = spec;
         }
         return 0;
@@ -465,6 +471,9 @@ static int wire_parts(Cluster *c, const Parts *p, WireParts *w) {
 
                 weightd__cluster__v1__node_part__init(m);
                 m->node = (char *) mesh_node_name(c->mesh, p->nodes[i]);
+                m->on_device = p->devices[i] >= 0;
+                m->device = p->devices[i] >= 0 ? (uint32_t) p->devices[i] : 0;
+                m->host_only = p->devices[i] == -1;
                 w->ptrs[i] = m;
                 if (!spec)
                         continue;
@@ -908,6 +917,7 @@ static void handle_plan_request(Cluster *c, unsigned from, const Weightd__Cluste
                 co->targets[co->n_targets++] = (Target){ .node = n, .state = TARGET_PROPOSED };
                 if (k >= 0) {
                         co->parts.nodes[co->parts.n] = n;
+                        co->parts.devices[co->parts.n] = parts.devices[k];
                         co->parts.specs[co->parts.n++] = TAKE_PTR(parts.specs[k]);
                 }
         }
@@ -1082,6 +1092,12 @@ static void handle_propose(Cluster *c, unsigned from, const Weightd__Cluster__V1
                 reply_propose(c, from, m->plan_id, WEIGHTD__CLUSTER__V1__PROPOSE_STATUS__FAILED,
                               err.code ? err.message : "a part plan that leaves this node out");
                 return;
+        }
+        if (p->parts.n > 0) {
+                int own = p->parts.devices[parts_find(&p->parts, mesh_self(c->mesh))];
+
+                if (own != PARTS_PLAN_DEVICE)
+                        p->device = own; /* -1: host memory only, for this node */
         }
         c->ops.resolve(m->model, m->component, p, c->userdata);
 }
@@ -1782,8 +1798,8 @@ static const JobKind ask_kind = {
         .free = ask_free,
 };
 
-int cluster_prefetch(Cluster *c, const Component *comp, char *const *nodes, ShardSpec *const *specs, size_t n_nodes,
-                     int device, Job **ret, WdError *err) {
+int cluster_prefetch(Cluster *c, const Component *comp, char *const *nodes, ShardSpec *const *specs,
+                     const int *devices, size_t n_nodes, int device, Job **ret, WdError *err) {
         Ask *a;
         int r;
 
@@ -1791,7 +1807,7 @@ int cluster_prefetch(Cluster *c, const Component *comp, char *const *nodes, Shar
                 if (mesh_find(c->mesh, nodes[i]) < 0)
                         return wd_error_set(err, WD_E_INVALID, "nodes: \"%.64s\" is not a node of the cluster",
                                             nodes[i]);
-        if (specs && (n_nodes == 0 || n_nodes > PLAN_MAX_SOURCES))
+        if ((specs || devices) && (n_nodes == 0 || n_nodes > PLAN_MAX_SOURCES))
                 return wd_error_set(err, WD_E_INVALID, "a prefetch with shards per node names 1 to %u nodes, not %zu",
                                     PLAN_MAX_SOURCES, n_nodes);
         a = calloc(1, sizeof(Ask));
@@ -1814,13 +1830,14 @@ int cluster_prefetch(Cluster *c, const Component *comp, char *const *nodes, Shar
                                 a->n_nodes++;
                 }
         }
-        for (size_t i = 0; r == 0 && specs && i < n_nodes; i++) {
+        for (size_t i = 0; r == 0 && (specs || devices) && i < n_nodes; i++) {
                 a->parts.nodes[i] = (unsigned) mesh_find(c->mesh, nodes[i]);
                 a->parts.specs[i] = NULL;
+                a->parts.devices[i] = devices ? devices[i] : PARTS_PLAN_DEVICE;
                 a->parts.n = i + 1;
-                if (specs[i] && parts_find(&a->parts, a->parts.nodes[i]) != (int) i)
+                if (parts_find(&a->parts, a->parts.nodes[i]) != (int) i)
                         r = -EINVAL;
-                else if (!shard_spec_empty(specs[i]))
+                else if (specs && !shard_spec_empty(specs[i]))
                         r = shard_spec_copy(specs[i], &a->parts.specs[i]);
         }
         job_init(&a->job, &ask_kind, NULL, NULL);

@@ -86,16 +86,20 @@ int cluster_reconfigure(Cluster *c, const ClusterParams *p, WdError *err);
  * one rank's slices (store/shard.h), or the whole component where it is
  * NULL; each node then reads and receives only the bytes it serves
  * (cluster/plan.h, plan_pieces()).  device >= 0: on that GPU of every
- * node too (cluster_set_device_tier()).  Returns 0 with *ret referenced, or
+ * node too (cluster_set_device_tier()); devices (n_nodes, or NULL): node
+ * i's own instead (-1: host memory only, CLUSTER_PLAN_DEVICE: device's),
+ * which makes a part plan too.  Returns 0 with *ret referenced, or
  * WD_E_INVALID (an unknown node name, one named twice), -ENOMEM. */
-int cluster_prefetch(Cluster *c, const Component *comp, char *const *nodes, ShardSpec *const *specs, size_t n_nodes,
-                     int device, Job **ret, WdError *err);
+int cluster_prefetch(Cluster *c, const Component *comp, char *const *nodes, ShardSpec *const *specs,
+                     const int *devices, size_t n_nodes, int device, Job **ret, WdError *err);
 
 /* The GPU tier, once it is up (NULL: none): a cluster prefetch with a
  * device (cluster_prefetch()'s device >= 0: that index on every node) has
  * each node copy its part there from host memory once it holds it there,
  * and say Done only then.  The bytes move between nodes host to host. */
 void cluster_set_device_tier(Cluster *c, DeviceTier *tier);
+
+#define CLUSTER_PLAN_DEVICE (-2)
 
 /* Peer fetch: a job filling comp's host entry from the nodes that hold it
  * (and from storage for what they cannot give).  Returns 0 with *ret NULL

@@ -287,7 +287,8 @@ static void load_cluster(Driver *d, Request *r) {
         Job *j;
         int k;
 
-        k = cluster_prefetch(d->cluster, r->comp, r->nodes, r->node_specs, r->n_nodes, r->device, &j, &err);
+        k = cluster_prefetch(d->cluster, r->comp, r->nodes, r->node_specs, r->node_devices, r->n_nodes, r->device, &j,
+                             &err);
         if (k != 0) {
                 complete_error(r, k, &err);
                 return;
@@ -538,9 +539,14 @@ static int handle_load(Driver *d, Peer *p, uint64_t id, const Weightd__V1__LoadR
                         return request_reply_error(p, id, WEIGHTD__V1__CODE__INVALID_ARGUMENT,
                                                    "node_shards: %zu shards for %zu nodes, one per node is required",
                                                    req->n_node_shards, req->n_nodes);
-        } else if (req->n_node_shards > 0)
+                if (req->n_node_targets > 0 && req->n_node_targets != req->n_nodes)
+                        return request_reply_error(p, id, WEIGHTD__V1__CODE__INVALID_ARGUMENT,
+                                                   "node_targets: %zu targets for %zu nodes, one per node is required",
+                                                   req->n_node_targets, req->n_nodes);
+        } else if (req->n_node_shards > 0 || req->n_node_targets > 0)
                 return shard_spec_free(spec), request_reply_error(p, id, WEIGHTD__V1__CODE__INVALID_ARGUMENT,
-                                                                  "node_shards: only with cluster and nodes");
+                                                                  "node_shards, node_targets: only with cluster and "
+                                                                  "nodes");
         r = request_resolve(d, p, id, kind, req->progress, req->model, req->component, spec);
         if (!r)
                 return 0;
@@ -558,6 +564,33 @@ static int handle_load(Driver *d, Peer *p, uint64_t id, const Weightd__V1__LoadR
                                 return 0;
                         }
                         r->n_nodes++;
+                }
+                if (req->n_node_targets > 0) {
+                        r->node_devices = calloc(req->n_nodes + 1, sizeof(int));
+                        if (!r->node_devices) {
+                                complete_errorf(r, -ENOMEM, "out of memory");
+                                return 0;
+                        }
+                        for (size_t i = 0; i < req->n_node_targets; i++) {
+                                const char *t = req->node_targets[i] ? req->node_targets[i] : "";
+                                unsigned index;
+
+                                if (!*t)
+                                        r->node_devices[i] = CLUSTER_PLAN_DEVICE;
+                                else if (strcmp(t, "host") == 0)
+                                        r->node_devices[i] = -1;
+                                else if (parse_cluster_device(t, &index) == 0)
+                                        r->node_devices[i] = (int) index;
+                                else {
+                                        WdError err = WD_ERROR_NULL;
+
+                                        wd_error_set(&err, WD_E_INVALID,
+                                                     "node_targets: %.64s: \"%.64s\" is not \"\", host or cuda:N",
+                                                     r->nodes[i], t);
+                                        complete_error(r, WD_E_INVALID, &err);
+                                        return 0;
+                                }
+                        }
                 }
                 if (req->n_node_shards > 0) {
                         r->node_specs = calloc(req->n_nodes + 1, sizeof(ShardSpec *));

@@ -129,6 +129,7 @@ void request_free(Request *r) {
         }
         free(r->nodes);
         free(r->node_specs);
+        free(r->node_devices);
         roots_unref(r->roots);
         free(r);
 }

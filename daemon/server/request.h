@@ -57,6 +57,7 @@ struct Request {
         char **nodes;
         size_t n_nodes;
         ShardSpec **node_specs; /* a part plan: one per node (NULL: the whole component); NULL if none */
+        int *node_devices;      /* one per node (CLUSTER_PLAN_DEVICE: device's, -1: host); NULL if none */
 
         /* The resolve, on the thread pool (resolving meanwhile). */
         uv_work_t work;

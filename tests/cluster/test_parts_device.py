@@ -116,16 +116,48 @@ def test_python_package_to_devices(gpu_cluster, dev_model):
         "rules = [('*.q.weight', 0), ('*.o.weight', 1), ('embed', 0)]\n"
         "with weightd.connect(sys.argv[1]) as c:\n"
         "    print(json.dumps(c.prefetch(sys.argv[2], cluster=True, device='cuda:0',\n"
-        "                                node_shards={'b': weightd.Shard(0, 2, rules), 'c': weightd.Shard(1, 2, rules)})))\n")
+        "                                node_shards={'b': weightd.Shard(0, 2, rules), 'c': weightd.Shard(1, 2, rules)},\n"
+        "                                node_devices={'d': 'cpu'})))\n")
     env = {**os.environ, "PYTHONPATH": str(root / "client" / "python"), "WEIGHTD_CLIENT_LIB": str(lib)}
     r = subprocess.run([sys.executable, "-c", script, cluster["a"].socket, str(model)], env=env,
                        capture_output=True, timeout=120)
     assert r.returncode == 0, r.stderr.decode()
     res = json.loads(r.stdout)[""]
-    assert [(x["node"], x["state"]) for x in res["nodes"]] == [("b", "ok"), ("c", "ok")], res
+    assert [(x["node"], x["state"]) for x in res["nodes"]] == [("b", "ok"), ("c", "ok"), ("d", "ok")], res
+    tiers = {e["tier"] for e in cluster["d"].ls() if e["model"] == str(model)}
+    assert tiers == {"host"}, f"node d (node_devices cpu) holds it in {tiers}"
     for n, rank in (("b", 0), ("c", 1)):
         with cluster[n].raw() as c:
             load, fd = load_ok(c, model, target="cuda:0", shard=wdwire.shard_body(rank, 2, RULES))
             assert load.int(7) == 1, f"node {n}: its shard was not resident on cuda:0"
             m, _ = check_slab(load, fd, files, 0, shard={"rank": rank, "world": 2, "rules": RULES})
             m.close()
+
+
+def test_per_node_devices(gpu_cluster, dev_model):
+    """--node-device: node b copies to its cuda:1, node c stays in host
+    memory, the others use --device's cuda:0."""
+    cluster = gpu_cluster
+    model, files = dev_model
+    cluster.add("b", env={"WEIGHTD_EMULATED_GPUS": "2:512M"})
+    cluster.start()
+    wait_gpus(cluster)
+    r = cluster.prefetch("a", model, "--nodes", "a,b,c", "--device", "cuda:0", "--node-device", "b=cuda:1",
+                         "--node-device", "c=host")
+    assert r.returncode == 0, f"{r.stdout.decode()} {r.stderr.decode()}"
+    lines = per_node(prefetch_results(r.stdout, r.stderr, r.returncode))
+    assert [lines[n]["state"] for n in "abc"] == ["ok"] * 3, lines
+    for n, dev in (("a", 0), ("b", 1)):
+        with cluster[n].raw() as c:
+            load, fd = load_ok(c, model, target=f"cuda:{dev}")
+            assert load.int(7) == 1, f"node {n}: not resident on cuda:{dev}"
+            m, _ = check_slab(load, fd, files, dev)
+            m.close()
+    tiers = {e["tier"] for e in cluster["c"].ls() if e["model"] == str(model)}
+    assert tiers == {"host"}, f"node c holds it in {tiers}, not host memory only"
+    tiers = {e["tier"] for e in cluster["b"].ls() if e["model"] == str(model)}
+    assert "cuda:0" not in tiers, f"node b copied to cuda:0 too: {tiers}"
+    model_check = cluster["c"].hash(model)["tensors"]
+    from reference import component_tensors
+    expected = component_tensors(files)
+    assert {k: v["xxh3_128"] for k, v in model_check.items()} == {k: v["xxh3_128"] for k, v in expected.items()}

@@ -339,6 +339,9 @@ typedef struct wd_cluster_part {
         int uneven;
         const char *const *tensors; /* only these tensors (a pipeline stage), as in wd_load_options */
         size_t n_tensors;
+        /* NULL or "": the device of wd_cluster_options; "host": host memory
+         * only; "cuda:N": this node's GPU N (the daemon's index). */
+        const char *device;
 } wd_cluster_part;
 
 /* Options of wd_prefetch_cluster_ex(); zero-initialize, then set what you

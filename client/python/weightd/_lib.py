@@ -78,6 +78,7 @@ class WdClusterPart(ctypes.Structure):
         ("uneven", ctypes.c_int),
         ("tensors", ctypes.POINTER(ctypes.c_char_p)),
         ("n_tensors", ctypes.c_size_t),
+        ("device", ctypes.c_char_p),
     ]
 
 

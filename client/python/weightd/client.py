@@ -222,18 +222,23 @@ def _cluster_device(device):
                                  "or \"cpu\"")
 
 
-def _parts(names, node_shards):
+def _parts(names, node_shards, node_devices=None):
     """The wd_cluster_part array of a part plan: the nodes of names (whole
-    unless node_shards has them), then node_shards' other nodes; None
-    without node_shards."""
-    if node_shards is None:
+    unless node_shards has them), then node_shards' and node_devices' other
+    nodes; None without either."""
+    if node_shards is None and node_devices is None:
         return None
-    if not isinstance(node_shards, collections.abc.Mapping):
-        raise errors.InvalidArgument(f"node_shards {node_shards!r}: expected {{node: Shard or None}}")
+    for what, m in (("node_shards", node_shards), ("node_devices", node_devices)):
+        if m is not None and not isinstance(m, collections.abc.Mapping):
+            raise errors.InvalidArgument(f"{what} {m!r}: expected {{node: ...}}")
     shards = {}
-    for node, sh in node_shards.items():
+    for node, sh in (node_shards or {}).items():
         shards[_nodes(node)[0]] = _shard(sh)
+    devices = {}
+    for node, dev in (node_devices or {}).items():
+        devices[_nodes(node)[0]] = b"host" if dev in ("cpu", "host") else _cluster_device(dev)
     order = list(names) + [n for n in shards if n not in names]
+    order += [n for n in devices if n not in order]
     if not order:
         raise errors.InvalidArgument("node_shards: no node named")
     arr = (WdClusterPart * len(order))()
@@ -241,6 +246,8 @@ def _parts(names, node_shards):
         arr[i].node = n
         if shards.get(n) is not None:
             _shard_fields(arr[i], shards[n])
+        if n in devices:
+            arr[i].device = devices[n]
     return arr
 
 
@@ -897,7 +904,7 @@ class Client:
         return out
 
     def prefetch(self, model, components=None, progress=None, shard=None, device="cpu", cluster=False,
-                 nodes=None, node_shards=None):
+                 nodes=None, node_shards=None, node_devices=None):
         """Make components resident without leasing them.  components: None
         (the model's only component, or "" ), a name, or a list of names.
         progress(component, done, total) is called as bytes arrive; a true
@@ -923,21 +930,24 @@ class Client:
         or None (the whole component); nodes named in nodes but not here
         serve it whole.  Every byte any node serves is read once across
         them, and each node reads or receives only the bytes it serves; a
-        load() on that node with the same Shard finds it resident."""
+        load() on that node with the same Shard finds it resident.
+        node_devices={node: "cuda:N" or "cpu"} (with cluster=True): that
+        node's device instead of device's (the daemons' index)."""
         if components is None or isinstance(components, str):
             components = [components or ""]
         dev = _device(device)
         sh = _shard(shard)
         if not cluster and nodes is not None:
             raise errors.InvalidArgument("nodes: only a cluster prefetch (cluster=True) takes nodes")
-        if node_shards is not None and not cluster:
-            raise errors.InvalidArgument("node_shards: only a cluster prefetch (cluster=True) takes node_shards")
+        if (node_shards is not None or node_devices is not None) and not cluster:
+            raise errors.InvalidArgument("node_shards, node_devices: only a cluster prefetch (cluster=True) takes "
+                                         "them")
         if cluster and sh is not None:
             raise errors.InvalidArgument("cluster=True takes no shard: name each node's in node_shards "
                                          f"(got shard={shard!r})")
         cluster_device = _cluster_device(device) if cluster else None
         names = _nodes(nodes)
-        parts = _parts(names, node_shards)
+        parts = _parts(names, node_shards, node_devices)
         out = {}
         for comp in components:
             cb = PROGRESS_FN()
