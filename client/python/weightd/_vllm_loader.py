@@ -76,9 +76,7 @@ def _options(load_config):
         if value is not None and not isinstance(value, (str, os.PathLike)):
             raise ValueError(f"model_loader_extra_config[{key!r}] must be a path (a string), got {value!r}")
     fallback = extra.get("fallback", False)
-    if isinstance(fallback, str) and fallback != "always":
-        fallback = {"true": True, "false": False}.get(fallback.lower(), fallback)  # from the CLI's JSON
-    if fallback not in _FALLBACK_MODES or not isinstance(fallback, (bool, str)):
+    if not isinstance(fallback, (bool, str)) or fallback not in _FALLBACK_MODES:
         raise ValueError(f"model_loader_extra_config['fallback'] must be false, true or \"always\", "
                          f"got {fallback!r}")
     track = extra.get("enable_weights_track")
