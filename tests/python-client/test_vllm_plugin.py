@@ -32,7 +32,7 @@ import time
 
 import pytest
 
-from conftest import PACKAGE, REPO
+from conftest import PACKAGE
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
