@@ -174,7 +174,7 @@ typedef struct Watch {
         Cluster *c;
         uint64_t plan_id;
         unsigned coordinator;
-        bool read_nothing; /* a copy to a device of what this node held */
+        bool read_nothing; /* a copy or a cut of what this node holds */
         LIST_FIELDS(struct Watch, watches);
 } Watch;
 
@@ -364,43 +364,13 @@ static int parts_find(const Parts *p, unsigned node) {
 /* One node's part from a peer, checked as a client's shard is (driver.c):
  * *ret NULL when it splits nothing and leaves nothing out. */
 static int part_spec_from_wire(const Weightd__Cluster__V1__NodePart *x, ShardSpec **ret, WdError *err) {
-        _cleanup_(shard_spec_freep) ShardSpec *spec = NULL;
-        int r;
+        ShardRule rules[SHARD_MAX_RULES];
 
-        if (x->world == 0 || x->world > SHARD_MAX_WORLD || x->rank >= x->world || x->n_rules > SHARD_MAX_RULES ||
-            x->n_tensors > SHARD_MAX_TENSOR_PATTERNS)
-                return wd_error_set(err, WD_E_INVALID,
-                                    "%s: shard rank %u of world %u with %zu rules and %zu tensors patterns is out of "
-                                    "limits (world 1..%u, rank below it, up to %u rules and %u patterns)",
-                                    x->node, x->rank, x->world, x->n_rules, x->n_tensors, SHARD_MAX_WORLD,
-                                    SHARD_MAX_RULES, SHARD_MAX_TENSOR_PATTERNS);
-        spec = calloc(1, sizeof(ShardSpec));
-        if (!spec || !(spec->rules = calloc(x->n_rules + 1, sizeof(ShardRule))) ||
-            !(spec->tensors = calloc(x->n_tensors + 1, sizeof(char *))))
-                return wd_error_set(err, -ENOMEM, "out of memory");
-        spec->rank = x->rank;
-        spec->world = x->world;
-        spec->uneven = x->uneven;
-        for (size_t j = 0; j < x->n_rules; j++) {
-                r = shard_rule_check(j, x->rules[j] ? x->rules[j]->pattern : NULL, x->rules[j] ? x->rules[j]->dim : 0,
-                                     err);
-                if (r != 0)
-                        return r;
-                if (!(spec->rules[j].pattern = strdup(x->rules[j]->pattern)))
-                        return wd_error_set(err, -ENOMEM, "out of memory");
-                spec->rules[j].dim = x->rules[j]->dim;
-                spec->n_rules = j + 1;
-        }
-        for (size_t j = 0; j < x->n_tensors; j++) {
-                r = shard_tensors_check(j, x->tensors[j], err);
-                if (r != 0)
-                        return r;
-                if (!(spec->tensors[j] = strdup(x->tensors[j])))
-                        return wd_error_set(err, -ENOMEM, "out of memory");
-                spec->n_tensors = j + 1;
-        }
-        *ret = shard_spec_empty(spec) ? NULL : TAKE_PTR(spec);
-        return 0;
+        for (size_t i = 0; i < x->n_rules && i < SHARD_MAX_RULES; i++)
+                rules[i] = (ShardRule){ .pattern = x->rules[i] ? x->rules[i]->pattern : NULL,
+                                        .dim = x->rules[i] ? x->rules[i]->dim : 0 };
+        return shard_spec_from_fields(x->rank, x->world, x->uneven, rules, x->n_rules, x->tensors, x->n_tensors, ret,
+                                      err);
 }
 
 /* Parts from a peer, checked as a client's shard is (driver.c): a node
@@ -422,11 +392,12 @@ static int parts_from_wire(Cluster *c, Weightd__Cluster__V1__NodePart *const *m,
                                             x && x->node ? x->node : "", k < 0 ? "not a node of the cluster" : "named twice");
                 }
                 if (x->sharded) {
-                        int r = part_spec_from_wire(x, &spec, err);
+                        WdError why = WD_ERROR_NULL;
+                        int r = part_spec_from_wire(x, &spec, &why);
 
                         if (r != 0) {
                                 parts_done(ret);
-                                return r;
+                                return wd_error_set(err, r, "%s: %s", x->node, why.message);
                         }
                 }
                 ret->nodes[ret->n] = (unsigned) k;
@@ -1171,8 +1142,10 @@ static void watch_done(JobWaiter *w, const JobOutcome *o) {
 
 static const JobWaiterOps watch_ops = { .done = watch_done };
 
-/* Follow job j for the coordinator; returns 0 or -ENOMEM. */
-static int watch_start(Cluster *c, Job *j, unsigned coordinator, uint64_t plan_id) {
+/* Follow job j for the coordinator (read_nothing: it reads nothing from
+ * storage, a copy or a cut of what this node holds); returns 0 or
+ * -ENOMEM. */
+static int watch_start(Cluster *c, Job *j, unsigned coordinator, uint64_t plan_id, bool read_nothing) {
         Watch *x = calloc(1, sizeof(Watch));
 
         if (!x)
@@ -1180,6 +1153,7 @@ static int watch_start(Cluster *c, Job *j, unsigned coordinator, uint64_t plan_i
         x->c = c;
         x->plan_id = plan_id;
         x->coordinator = coordinator;
+        x->read_nothing = read_nothing;
         x->job = job_ref(j);
         LIST_PREPEND(watches, c->watches, x);
         job_add_waiter(j, &x->wait, &watch_ops);
@@ -1245,10 +1219,9 @@ static void propose_device(Cluster *c, ClusterResolve *p, const Component *comp,
                 reply_propose(c, p->from, p->plan_id, WEIGHTD__CLUSTER__V1__PROPOSE_STATUS__RESIDENT, "");
                 return;
         }
-        if (watch_start(c, j, p->from, p->plan_id) < 0) {
+        if (watch_start(c, j, p->from, p->plan_id, true) < 0) {
                 reply_propose(c, p->from, p->plan_id, WEIGHTD__CLUSTER__V1__PROPOSE_STATUS__FAILED, "out of memory");
         } else {
-                c->watches->read_nothing = true; /* watch_start() prepends */
                 reply_propose(c, p->from, p->plan_id,
                               as_source ? WEIGHTD__CLUSTER__V1__PROPOSE_STATUS__SOURCE_COPYING
                                         : WEIGHTD__CLUSTER__V1__PROPOSE_STATUS__LOADING, "");
@@ -1282,7 +1255,7 @@ static void reply_loading(Cluster *c, ClusterResolve *p, const Component *comp, 
         Job *j = job_find(&c->store->jobs, e);
         char msg[CLUSTER_MESSAGE_MAX];
 
-        if (j && watch_start(c, j, p->from, p->plan_id) == 0) {
+        if (j && watch_start(c, j, p->from, p->plan_id, false) == 0) {
                 reply_propose(c, p->from, p->plan_id, WEIGHTD__CLUSTER__V1__PROPOSE_STATUS__LOADING, "");
                 return;
         }
@@ -1321,6 +1294,18 @@ static void propose_part(Cluster *c, ClusterResolve *p, const Component *comp, i
                 reply_loading(c, p, comp, e);
                 return;
         }
+        /* An earlier part plan still making this part here (its asker went
+         * on to another coordinator): follow it rather than read again. */
+        LIST_FOREACH(slots, s, c->slots)
+                if (p->device < 0 && transfer_makes(s->t, comp, spec)) {
+                        if (watch_start(c, transfer_job(s->t), p->from, p->plan_id, false) == 0)
+                                reply_propose(c, p->from, p->plan_id, WEIGHTD__CLUSTER__V1__PROPOSE_STATUS__LOADING,
+                                              "");
+                        else
+                                reply_propose(c, p->from, p->plan_id, WEIGHTD__CLUSTER__V1__PROPOSE_STATUS__FAILED,
+                                              "out of memory");
+                        return;
+                }
         whole = spec ? cache_lookup(c->store->cache, comp->model, comp->name, "", ids, comp->n_files) : NULL;
         if (whole && whole->state == CACHE_ENTRY_RESIDENT && p->device >= 0) {
                 /* The device load cuts the shard out of it. */
@@ -1335,7 +1320,7 @@ static void propose_part(Cluster *c, ClusterResolve *p, const Component *comp, i
                 r = shard_plan(comp, spec, GPU_ALIGN, &plan, &err);
                 if (r == 0)
                         r = shard_build_start(c->store, comp, plan, spec, key, whole, NULL, &j, &err);
-                if (r == 0 && watch_start(c, j, p->from, p->plan_id) == 0)
+                if (r == 0 && watch_start(c, j, p->from, p->plan_id, true) == 0)
                         reply_propose(c, p->from, p->plan_id, WEIGHTD__CLUSTER__V1__PROPOSE_STATUS__LOADING, "");
                 else
                         reply_propose(c, p->from, p->plan_id, WEIGHTD__CLUSTER__V1__PROPOSE_STATUS__FAILED,
@@ -1425,7 +1410,7 @@ static void propose_resolved(Cluster *c, ClusterResolve *p, const Component *com
                  * ends on its own, and the coordinator hears how. */
                 Job *j = job_find(&c->store->jobs, e);
 
-                if (j && watch_start(c, j, p->from, p->plan_id) == 0) {
+                if (j && watch_start(c, j, p->from, p->plan_id, false) == 0) {
                         reply_propose(c, p->from, p->plan_id, WEIGHTD__CLUSTER__V1__PROPOSE_STATUS__LOADING, "");
                         return;
                 }

@@ -233,6 +233,20 @@ int transfer_root_fd(const Transfer *t) {
         return t->root_fd;
 }
 
+bool transfer_makes(const Transfer *t, const Component *comp, const ShardSpec *spec) {
+        _cleanup_free_ char *mine = NULL, *theirs = NULL;
+
+        if (!t->part || t->aborted || t->result != -EINPROGRESS || strcmp(t->comp->model, comp->model) != 0 ||
+            strcmp(t->comp->name, comp->name) != 0 || t->comp->n_files != comp->n_files)
+                return false;
+        for (size_t i = 0; i < comp->n_files; i++)
+                if (!file_id_equal(&t->comp->files[i].id, &comp->files[i].id))
+                        return false;
+        mine = shard_spec_key(t->spec);
+        theirs = shard_spec_key(spec);
+        return mine && theirs && strcmp(mine, theirs) == 0;
+}
+
 /* ---- set-up ------------------------------------------------------------- */
 
 static void self_wait_done(JobWaiter *w, const JobOutcome *o) {
@@ -870,10 +884,29 @@ static const JobWaiterOps build_wait_ops = { .done = build_done };
 static int start_build(Transfer *t, CacheEntry *e, WdError *err) {
         ShardPlan *plan = NULL;
         _cleanup_free_ char *key = shard_spec_key(t->spec);
+        _cleanup_free_ FileId *ids = calloc(t->comp->n_files + 1, sizeof(FileId));
+        CacheEntry *made;
         int r;
 
-        if (!key)
+        if (!key || !ids)
                 return wd_error_set(err, -ENOMEM, "out of memory");
+        /* The shard may be here already, or being cut (a local sharded
+         * load, another plan): this transfer ends with that one. */
+        for (size_t i = 0; i < t->comp->n_files; i++)
+                ids[i] = t->comp->files[i].id;
+        made = cache_lookup(t->ctx->store->cache, t->comp->model, t->comp->name, key, ids, t->comp->n_files);
+        if (made && made->state == CACHE_ENTRY_RESIDENT) {
+                transfer_ref(t); /* as a build's */
+                build_done(&t->build_wait, &(JobOutcome){ .r = 0, .entry = made });
+                return 0;
+        }
+        t->build = made ? job_find(&t->ctx->store->jobs, made) : NULL;
+        if (t->build) {
+                job_ref(t->build);
+                transfer_ref(t); /* the build's, until build_done() */
+                job_add_waiter(t->build, &t->build_wait, &build_wait_ops);
+                return 0;
+        }
         r = shard_plan(t->comp, t->spec, GPU_ALIGN, &plan, err);
         if (r != 0)
                 return r;

@@ -126,6 +126,9 @@ const Component *transfer_component(const Transfer *t);
 const ShardSpec *transfer_spec(const Transfer *t);
 /* The model root's descriptor (the transfer's; -1 for a resident source). */
 int transfer_root_fd(const Transfer *t);
+/* Whether t is a part plan's transfer still making this node's part of comp
+ * (the same files) that spec describes (NULL: the whole component). */
+bool transfer_makes(const Transfer *t, const Component *comp, const ShardSpec *spec);
 
 /* From the cluster: a node went down (its generation ended). */
 void transfer_node_down(Transfer *t, unsigned node);

@@ -10,14 +10,18 @@ bytes each node then serves (a sharded Load through its socket, dumped)
 are compared with numpy slicing of the files (tests/integration's shard
 check), and the Load must read nothing more from storage.
 """
+import json
+import os
 import pathlib
 import random
+import subprocess
+import sys
 
 import pytest
 
 from cluster import Cluster, per_node, prefetch_results, wait_transfer
 from harness import make_dir, wait_until
-from reference import read_header, write_safetensors
+from reference import component_tensors, read_header, write_safetensors
 from test_shard import check_rank, rule_for, split, takes
 
 BLOCK = 4096
@@ -157,7 +161,6 @@ def test_tensor_parallel_split_reads_the_union_once(cluster4, tp_model, tmp_path
         args = [f"{i}/4"] + [f"{p}:{d}" for p, d in RULES]
         r = node.client("shard", str(model), "", str(out), *args)
         assert r.returncode == 0, r.stderr.decode()
-        import json
         check_rank(json.loads(r.stdout), out.read_bytes(), files, i, 4, RULES)
     assert {n: c[0] for n, c in node_counters(cluster).items()} == {n: after[n][0] for n in NAMES}
 
@@ -199,10 +202,8 @@ def test_mixed_plan_whole_and_shards(cluster4, tp_model, tmp_path):
         assert read[n] + received[n] == need[n], (n, read[n], received[n], need[n])
 
     model_check = cluster["a"].hash(model)["tensors"]
-    from reference import component_tensors
     expected = component_tensors(files)
     assert {k: v["xxh3_128"] for k, v in model_check.items()} == {k: v["xxh3_128"] for k, v in expected.items()}
-    import json
     for n, (rank, world) in shards.items():
         out = tmp_path / f"{n}.dump"
         r = cluster[n].client("shard", str(model), "", str(out), f"{rank}/{world}", *[f"{p}:{d}" for p, d in RULES])
@@ -260,7 +261,6 @@ def test_pipeline_stages_cross_no_link(cluster4, tp_model, tmp_path):
     for n in NAMES:
         assert read[n] + received[n] == need[n], (n, read[n], received[n], need[n])
 
-    import json
     for n, (rank, world, tensors) in shards.items():
         out = tmp_path / f"{n}.dump"
         r = cluster[n].client("shard", str(model), "", str(out), f"{rank}/{world}",
@@ -284,7 +284,6 @@ def test_pipeline_stages_whole_layers(cluster4, tp_model, tmp_path):
     for n in "ab":
         assert after[n][0] - before[n][0] == need[n]
         assert after[n][1] - before[n][1] == 0
-    import json
     for n in "ab":
         out = tmp_path / f"{n}.dump"
         r = cluster[n].client("shard", str(model), "", str(out), "0/0", *[f"tensors={p}" for p in STAGES[n]])
@@ -292,29 +291,44 @@ def test_pipeline_stages_whole_layers(cluster4, tp_model, tmp_path):
         check_rank(json.loads(r.stdout), out.read_bytes(), files, 0, 1, RULES, STAGES[n])
 
 
-def test_kill9_mid_part_plan(cluster4, tp_model, tmp_path):
+def coordinator(model, names):
+    """The coordinator of model's plans among names, computed as the nodes
+    do (cluster/plan.c): the highest XXH3-64 of key, a NUL and the name."""
+    import xxhash
+    key = f"{model}\n".encode()
+    return max(sorted(names), key=lambda n: xxhash.xxh3_64_intdigest(key + b"\0" + n.encode()))
+
+
+@pytest.mark.parametrize("victim", ["source", "coordinator"])
+def test_kill9_mid_part_plan(cluster4, tp_model, tmp_path, victim):
     """A node killed while pieces move: the pieces it was to read for the
     others are read by a live node that needs them, and every other node
-    ends with its shard, right."""
-    import json
+    ends with its shard, right.  When the killed node coordinated the plan,
+    the asker asks the next coordinator, whose plan must follow the
+    transfers under way on the live nodes (not start them again: the second
+    cut of a shard would find the first one resident)."""
     cluster = cluster4
     model, files = tp_model
     cluster.start()
     shards = {n: (i, 4) for i, n in enumerate(NAMES)}
     _, links, _ = expected_bytes(files, shards, RULES)
+    coord = coordinator(model, NAMES)
+    dead = coord if victim == "coordinator" else next(n for n in "cdb" if n != coord)
+    asker = next(n for n in NAMES if n not in (dead, coord))
     # Slow links (3 MB/s a node) so that the kill lands mid-transfer.
     cluster.throttle("24mbit")
     args = ["--nodes", ",".join(NAMES)] + [f"--node-shard={n}={r}/{w}" for n, (r, w) in shards.items()]
     args += [f"--rule={p}:{d}" for p, d in RULES]
-    p = cluster.spawn_prefetch("a", model, *args)
+    p = cluster.spawn_prefetch(asker, model, *args)
     wait_transfer(cluster, NAMES, links // 10, p)
-    cluster.kill9("c")
+    cluster.kill9(dead)
     out, err = p.communicate(timeout=60)
     lines = per_node(prefetch_results(out, err, p.returncode))
-    for n in "abd":
-        assert lines[n]["state"] == "ok", f"node {n} after the kill: {lines[n]}"
-    assert lines["c"]["state"] != "ok", lines["c"]
-    for n in "abd":
+    live = [n for n in NAMES if n != dead]
+    for n in live:
+        assert lines[n]["state"] == "ok", f"node {n} after the kill of {dead} ({victim}): {lines[n]}"
+    assert lines[dead]["state"] != "ok", lines[dead]
+    for n in live:
         rank = shards[n][0]
         dump = tmp_path / f"{n}.dump"
         r = cluster[n].client("shard", str(model), "", str(dump), f"{rank}/4", *[f"{q}:{d}" for q, d in RULES])
@@ -339,10 +353,6 @@ def test_python_package_node_shards(cluster4, tp_model, tmp_path):
     """The same plan through weightd (the Python package): node a whole, b and
     c halves of stage 0, d stage 1 whole; each node's part is what a load
     with the same Shard serves, equal to the files' bytes."""
-    import json
-    import os
-    import subprocess
-    import sys
     cluster = cluster4
     model, files = tp_model
     cluster.start()
