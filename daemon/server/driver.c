@@ -34,67 +34,15 @@ static bool string_ok(const char *s, size_t max) {
 /* ---- the shard spec from the wire --------------------------------------- */
 
 int shard_spec_from_wire(const Weightd__V1__Shard *w, ShardSpec **ret, WdError *err) {
-        _cleanup_(shard_spec_freep) ShardSpec *spec = NULL;
+        ShardRule rules[SHARD_MAX_RULES];
 
-        if (w->world == 0 || w->world > SHARD_MAX_WORLD)
-                return wd_error_set(err, WD_E_INVALID, "shard: world %u is not in 1..%u", w->world, SHARD_MAX_WORLD);
-        if (w->rank >= w->world)
-                return wd_error_set(err, WD_E_INVALID, "shard: rank %u is not below world %u", w->rank, w->world);
-        if (w->n_rules > SHARD_MAX_RULES)
-                return wd_error_set(err, WD_E_INVALID, "shard: %zu rules, more than the limit of %u", w->n_rules,
-                                    SHARD_MAX_RULES);
-        for (size_t i = 0; i < w->n_rules; i++) {
-                const Weightd__V1__ShardRule *x = w->rules[i];
-                int r;
-
-                if (!x)
-                        return wd_error_set(err, WD_E_INVALID, "shard: rule %zu has no pattern", i);
-                r = shard_rule_check(i, x->pattern, x->dim, err);
-                if (r != 0)
-                        return r;
-        }
-        if (w->n_tensors > SHARD_MAX_TENSOR_PATTERNS)
-                return wd_error_set(err, WD_E_INVALID, "shard: %zu tensors patterns, more than the limit of %u",
-                                    w->n_tensors, SHARD_MAX_TENSOR_PATTERNS);
-        for (size_t i = 0; i < w->n_tensors; i++) {
-                int r = shard_tensors_check(i, w->tensors[i], err);
-
-                if (r != 0)
-                        return r;
-        }
-        /* World 1, or no rules, splits nothing: without tensors, an ordinary
-         * load, served from the whole entry rather than a copy of it. */
-        if ((w->world == 1 || w->n_rules == 0) && w->n_tensors == 0) {
-                *ret = NULL;
-                return 0;
-        }
-        spec = calloc(1, sizeof(ShardSpec));
-        if (!spec)
-                return wd_error_set(err, -ENOMEM, "out of memory");
-        spec->rules = calloc(MAX(w->n_rules, 1u), sizeof(ShardRule));
-        if (!spec->rules)
-                return wd_error_set(err, -ENOMEM, "out of memory");
-        spec->rank = w->rank;
-        spec->world = w->world;
-        spec->uneven = w->uneven;
-        for (size_t i = 0; i < w->n_rules; i++) {
-                spec->rules[i].pattern = strdup(w->rules[i]->pattern);
-                if (!spec->rules[i].pattern)
-                        return wd_error_set(err, -ENOMEM, "out of memory");
-                spec->rules[i].dim = w->rules[i]->dim;
-                spec->n_rules = i + 1;
-        }
-        spec->tensors = calloc(MAX(w->n_tensors, 1u), sizeof(char *));
-        if (!spec->tensors)
-                return wd_error_set(err, -ENOMEM, "out of memory");
-        for (size_t i = 0; i < w->n_tensors; i++) {
-                spec->tensors[i] = strdup(w->tensors[i]);
-                if (!spec->tensors[i])
-                        return wd_error_set(err, -ENOMEM, "out of memory");
-                spec->n_tensors = i + 1;
-        }
-        *ret = TAKE_PTR(spec);
-        return 0;
+        /* Borrowed; shard_spec_from_fields() refuses a count past the array
+         * before it reads it. */
+        for (size_t i = 0; i < w->n_rules && i < SHARD_MAX_RULES; i++)
+                rules[i] = (ShardRule){ .pattern = w->rules[i] ? w->rules[i]->pattern : NULL,
+                                        .dim = w->rules[i] ? w->rules[i]->dim : 0 };
+        return shard_spec_from_fields(w->rank, w->world, w->uneven, rules, w->n_rules, w->tensors, w->n_tensors, ret,
+                                      err);
 }
 
 /* ---- answering ---------------------------------------------------------- */

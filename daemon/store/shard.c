@@ -394,6 +394,44 @@ int shard_rule_check(size_t i, const char *pattern, unsigned dim, WdError *err) 
         return 0;
 }
 
+int shard_spec_from_fields(unsigned rank, unsigned world, bool uneven, const ShardRule *rules, size_t n_rules,
+                           char *const *tensors, size_t n_tensors, ShardSpec **ret, WdError *err) {
+        ShardSpec view = { .rank = rank, .world = world, .uneven = uneven, .rules = (ShardRule *) rules,
+                           .n_rules = n_rules, .tensors = (char **) tensors, .n_tensors = n_tensors };
+        int r;
+
+        if (world == 0 || world > SHARD_MAX_WORLD)
+                return wd_error_set(err, WD_E_INVALID, "shard: world %u is not in 1..%u", world, SHARD_MAX_WORLD);
+        if (rank >= world)
+                return wd_error_set(err, WD_E_INVALID, "shard: rank %u is not below world %u", rank, world);
+        if (n_rules > SHARD_MAX_RULES)
+                return wd_error_set(err, WD_E_INVALID, "shard: %zu rules, more than the limit of %u", n_rules,
+                                    SHARD_MAX_RULES);
+        if (n_tensors > SHARD_MAX_TENSOR_PATTERNS)
+                return wd_error_set(err, WD_E_INVALID, "shard: %zu tensors patterns, more than the limit of %u",
+                                    n_tensors, SHARD_MAX_TENSOR_PATTERNS);
+        for (size_t i = 0; i < n_rules; i++) {
+                r = shard_rule_check(i, rules[i].pattern, rules[i].dim, err);
+                if (r != 0)
+                        return r;
+        }
+        for (size_t i = 0; i < n_tensors; i++) {
+                r = shard_tensors_check(i, tensors[i], err);
+                if (r != 0)
+                        return r;
+        }
+        /* Nothing split and nothing picked: an ordinary load, served from
+         * the whole entry rather than a copy of it. */
+        if (shard_spec_empty(&view)) {
+                *ret = NULL;
+                return 0;
+        }
+        r = shard_spec_copy(&view, ret);
+        if (r < 0)
+                return wd_error_set(err, r, "out of memory");
+        return 0;
+}
+
 ShardSpec *shard_spec_free(ShardSpec *spec) {
         if (!spec)
                 return NULL;

@@ -114,6 +114,17 @@ int shard_rule_check(size_t index, const char *pattern, unsigned dim, WdError *e
 /* The same limits for tensors[index] of a spec from a peer. */
 int shard_tensors_check(size_t index, const char *pattern, WdError *err);
 
+/* A spec from a peer's fields (a client's Shard, another node's part):
+ * world in 1..SHARD_MAX_WORLD, rank below it, at most SHARD_MAX_RULES rules
+ * and SHARD_MAX_TENSOR_PATTERNS tensors patterns (the counts are checked
+ * before rules or tensors is read, so a caller may pass a count larger than
+ * what it filled), each rule and pattern as shard_rule_check() and
+ * shard_tensors_check() say.  *ret is an owned copy, or NULL for a spec
+ * that splits nothing and picks nothing (an ordinary load).  Returns 0,
+ * WD_E_INVALID with err naming the field and the limit, or -ENOMEM. */
+int shard_spec_from_fields(unsigned rank, unsigned world, bool uneven, const ShardRule *rules, size_t n_rules,
+                           char *const *tensors, size_t n_tensors, ShardSpec **ret, WdError *err);
+
 /* Deep copy and free of a spec (the daemon keeps one per job). */
 int shard_spec_copy(const ShardSpec *spec, ShardSpec **ret);
 ShardSpec *shard_spec_free(ShardSpec *spec);

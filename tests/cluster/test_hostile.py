@@ -206,8 +206,10 @@ def test_garbage_parts(hostile, model):
         assert len(parts) == 14 and all(status == "3" for status, _ in parts), f"node {n}: {parts}\n{out}"
         why = " ".join(msg for _, msg in parts)
         for words in ("not a node of the cluster", "named twice", "at most 64", "leaves this node out",
-                      "out of limits", "1 to 256 bytes", "'*' in the pattern", "only dimensions 0 and 1",
-                      "tensors pattern", "does not divide", "GPU tier"):
+                      f"{n}: shard: world 0 is not in 1..65536", "is not below world 2",
+                      "65 rules, more than the limit", "65 tensors patterns, more than the limit", "1 to 256 bytes",
+                      "'*' in the pattern", "only dimensions 0 and 1", "tensors pattern", "does not divide",
+                      "GPU tier"):
             assert words in why, f"node {n}: no refusal says {words!r}: {parts}"
     healthy(c, model, before)
 
