@@ -181,13 +181,7 @@ size_t catalog_cached_headers(Catalog *c) {
 /* SipHash of file identities (and a path: "" for none) under the catalog's
  * key. */
 static uint64_t ids_hash(const Catalog *c, const char *path, const FileId *ids, size_t n) {
-        SipHash h;
-
-        siphash24_init(&h, c->hash_key);
-        siphash24_compress(&h, path, strlen(path) + 1);
-        for (size_t i = 0; i < n; i++)
-                file_id_hash(&ids[i], &h);
-        return siphash24_finalize(&h);
+        return file_ids_hash(c->hash_key, path, ids, n);
 }
 
 /* The slot caching id's header, or LRU_SLOT_NONE.  Under the lock. */

@@ -167,13 +167,7 @@ static uint64_t key_hash(const Cache *c, const char *model, const char *componen
 }
 
 static uint64_t files_hash(const Cache *c, const char *variant, const FileId *ids, size_t n_ids) {
-        SipHash h;
-
-        siphash24_init(&h, c->hash_key);
-        siphash24_compress(&h, variant, strlen(variant) + 1);
-        for (size_t i = 0; i < n_ids; i++)
-                file_id_hash(&ids[i], &h);
-        return siphash24_finalize(&h);
+        return file_ids_hash(c->hash_key, variant, ids, n_ids);
 }
 
 static CacheEntry **key_bucket(const Cache *c, uint64_t hash) {

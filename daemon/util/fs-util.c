@@ -39,6 +39,16 @@ void file_id_hash(const FileId *id, SipHash *h) {
         siphash24_compress(h, f, sizeof(f));
 }
 
+uint64_t file_ids_hash(const uint8_t key[static SIPHASH_KEY_SIZE], const char *s, const FileId *ids, size_t n) {
+        SipHash h;
+
+        siphash24_init(&h, key);
+        siphash24_compress(&h, s, strlen(s) + 1);
+        for (size_t i = 0; i < n; i++)
+                file_id_hash(&ids[i], &h);
+        return siphash24_finalize(&h);
+}
+
 int file_id_from_fd(int fd, FileId *ret) {
         struct stat st;
 

@@ -26,6 +26,9 @@ bool file_id_equal(const FileId *a, const FileId *b);
 /* Feed what file_id_equal() compares into a hash (field by field: the
  * struct may have padding). */
 void file_id_hash(const FileId *id, SipHash *h);
+/* SipHash under key of s (with its NUL) and then the n identities: the
+ * key of a lookup by a name and files. */
+uint64_t file_ids_hash(const uint8_t key[static SIPHASH_KEY_SIZE], const char *s, const FileId *ids, size_t n);
 /* fstat() fd into ret; returns 0 or -errno. */
 int file_id_from_fd(int fd, FileId *ret);
 
