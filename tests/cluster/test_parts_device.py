@@ -10,11 +10,16 @@ byte more read from storage.  The bytes move between nodes host to host:
 NCCL is not used (it cannot run without a GPU).
 """
 import json
+import os
+import pathlib
+import subprocess
+import sys
 
 import pytest
 
 from cluster import Cluster, per_node, prefetch_results
 from harness import BUILD, make_dir, wait_until
+from reference import component_tensors
 from test_device_emulated import _emulated_build, check_slab, load_ok
 from test_parts import NAMES, RULES, expected_bytes, make_tp_model, node_counters
 import wdwire
@@ -99,10 +104,6 @@ def test_whole_plan_to_devices_and_a_node_without_the_device(gpu_cluster, dev_mo
 def test_python_package_to_devices(gpu_cluster, dev_model):
     """The Python package: prefetch(cluster=True, device="cuda:0",
     node_shards=...), then each node's shard on its device."""
-    import os
-    import pathlib
-    import subprocess
-    import sys
     cluster = gpu_cluster
     model, files = dev_model
     cluster.start()
@@ -158,6 +159,5 @@ def test_per_node_devices(gpu_cluster, dev_model):
     tiers = {e["tier"] for e in cluster["b"].ls() if e["model"] == str(model)}
     assert "cuda:0" not in tiers, f"node b copied to cuda:0 too: {tiers}"
     model_check = cluster["c"].hash(model)["tensors"]
-    from reference import component_tensors
     expected = component_tensors(files)
     assert {k: v["xxh3_128"] for k, v in model_check.items()} == {k: v["xxh3_128"] for k, v in expected.items()}

@@ -27,32 +27,23 @@ import tempfile
 
 HERE = pathlib.Path(__file__).resolve().parent
 REPO = HERE.parents[1]
-SKIP = 77
 
 
-def skip(reason):
-    print(f"SKIP: {reason}")
-    sys.exit(SKIP)
-
-
-def load_suite():
-    spec = importlib.util.spec_from_file_location("wd_gpu_suite", HERE / "gpu-suite.py")
+def _gpu_python():
+    """gpu-python.py's set-up and helpers (its main() runs only as a script)."""
+    spec = importlib.util.spec_from_file_location("wd_gpu_python", HERE / "gpu-python.py")
     mod = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mod)
     return mod
 
 
+common = _gpu_python()
+skip, load_suite = common.skip, common.load_suite
+
+
 def main():
-    args = [a for a in sys.argv[1:] if a != "--host"]
-    host = "--host" in sys.argv[1:]
-    build = pathlib.Path(args[0] if args else "build").resolve()
-    lib = build / "client" / "lib" / "libweightd-client.so.0"
-    if not lib.exists():
-        skip(f"not built: {lib}")
-    os.environ["WEIGHTD_CLIENT_LIB"] = str(lib)
-    os.environ["WEIGHTD_SOCKET"] = "/nonexistent/weightd-gpu-tests.sock"  # only the daemon started here
+    build, host = common.setup(sys.argv[1:])
     os.environ["HF_HUB_OFFLINE"] = "1"
-    sys.path.insert(0, str(REPO / "client" / "python"))
     sys.path.insert(0, str(REPO / "tests" / "python-client"))
     try:
         import accelerate  # noqa: F401

@@ -49,9 +49,12 @@ def load_suite():
     return mod
 
 
-def main():
-    args = [a for a in sys.argv[1:] if a != "--host"]
-    host = "--host" in sys.argv[1:]
+def setup(argv):
+    """(build dir, host) from BUILD_DIR [--host]; the Python package found
+    in the tree, on that build's library, talking to no daemon but the one
+    the script starts.  Shared with gpu-diffusers.py."""
+    args = [a for a in argv if a != "--host"]
+    host = "--host" in argv
     build = pathlib.Path(args[0] if args else "build").resolve()
     lib = build / "client" / "lib" / "libweightd-client.so.0"
     if not lib.exists():
@@ -59,6 +62,11 @@ def main():
     os.environ["WEIGHTD_CLIENT_LIB"] = str(lib)
     os.environ["WEIGHTD_SOCKET"] = "/nonexistent/weightd-gpu-tests.sock"  # only the daemon started here
     sys.path.insert(0, str(REPO / "client" / "python"))
+    return build, host
+
+
+def main():
+    build, host = setup(sys.argv[1:])
     try:
         import torch
         from safetensors.torch import load_file, save_file
