@@ -10,8 +10,9 @@ verify accepts the units, sysusers made the user weightd, the man pages and
 the bash completion are in place, a C program builds against the -dev
 package through pkg-config, and the Python package loads the library.
 Finally the packages are purged together with whatever apt installed for
-them, a user and group the test caused are removed, and the list of
-installed packages is checked to be what it was before.
+them, the user, group and folders the test caused are removed, and the list
+of installed packages is checked to be what it was before and the units'
+enablement links to be gone.
 
 Needs root (it installs packages), and a machine where none of these
 packages is installed; skipped, with the reason, otherwise.  Takes about a
@@ -112,7 +113,10 @@ def installed(built):
     before = installed_packages()
     had_user = _exists(pwd.getpwnam, "weightd")
     had_group = _exists(grp.getgrnam, "weightd")
-    had_etc = pathlib.Path("/etc/weightd").exists()
+    # Made by the packages: the configuration folder, /run/weightd
+    # (tmpfiles.d, in postinst) and the units' enablement links.
+    leftovers = [pathlib.Path("/etc/weightd"), pathlib.Path("/run/weightd")]
+    had = {p for p in leftovers if p.exists()}
     # No service starts from the packages' maintainer scripts where systemd
     # runs: deb-systemd-invoke asks policy-rc.d (101: not now).
     own_policy = not POLICY_RC_D.exists()
@@ -137,11 +141,16 @@ def installed(built):
             run(["userdel", "weightd"], check=False)
         if not had_group and _exists(grp.getgrnam, "weightd"):
             run(["groupdel", "weightd"], check=False)
-        if not had_etc and pathlib.Path("/etc/weightd").exists():
-            shutil.rmtree("/etc/weightd", ignore_errors=True)
+        for p in leftovers:
+            if p not in had and p.exists():
+                shutil.rmtree(p, ignore_errors=True)
         left = installed_packages() ^ before
         if left:
             errors.append(f"packages not as found: {sorted(left)}")
+        links = [str(p) for d in ("/etc/systemd/system", "/var/lib/systemd/deb-systemd-helper-enabled")
+                 for p in pathlib.Path(d).rglob("weightd.*")]
+        if links:
+            errors.append(f"the purge left the units' links: {links}")
         if errors:
             pytest.fail("; ".join(errors))
 
