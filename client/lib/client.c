@@ -714,6 +714,14 @@ static int load_request_ex(const char *func, const char *model, const char *comp
                 return error_set(err, WD_INVALID_ARGUMENT, "%s: keep_host %d is not a WD_KEEP_HOST_* value", func,
                                  o->keep_host);
         load->keep_host = (Weightd__V1__KeepHost) o->keep_host;
+        if (o->n_names > 0 && !o->names)
+                return error_set(err, WD_INVALID_ARGUMENT, "%s: n_names is %zu but names is NULL", func, o->n_names);
+        for (size_t i = 0; i < o->n_names; i++)
+                if (!o->names[i] || !o->names[i][0])
+                        return error_set(err, WD_INVALID_ARGUMENT, "%s: tensor name %zu is %s", func, i,
+                                         o->names[i] ? "empty" : "NULL");
+        load->names = (char **) o->names;
+        load->n_names = o->n_names;
         if (o->n_tensors > 0 && !o->tensors)
                 return error_set(err, WD_INVALID_ARGUMENT, "%s: n_tensors is %zu but tensors is NULL", func,
                                  o->n_tensors);
@@ -835,6 +843,10 @@ _public_ int wd_prefetch_ex(wd_client *c, const char *model, const char *compone
         int r;
 
         r = check_args("wd_prefetch", c && model, &e);
+        if (r == WD_OK && opts && opts->n_names > 0)
+                r = error_set(&e, WD_INVALID_ARGUMENT,
+                              "wd_prefetch: names: only wd_load_ex() leases named tensors; a prefetch makes the "
+                              "whole component resident");
         if (r == WD_OK && client_foreign(c))
                 r = client_foreign_error(c, "Prefetch", &e);
         if (r == WD_OK)

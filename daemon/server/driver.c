@@ -21,6 +21,9 @@
 #define DRIVER_MAX_COMPONENT_NAME 255u
 /* Nodes a cluster prefetch may name. */
 #define DRIVER_MAX_CLUSTER_NODES 1024u
+/* Tensors a Load may name (LoadRequest.names), and the bytes of each name. */
+#define DRIVER_MAX_LOAD_NAMES 65536u
+#define DRIVER_MAX_TENSOR_NAME 1024u
 
 static void driver_changed(Driver *d) {
         if (d->changed)
@@ -86,6 +89,61 @@ static int component_ref_resolve(Driver *d, Peer *p, uint64_t id, const char *mo
 
 /* ---- resolving on the thread pool --------------------------------------- */
 
+static int name_cmp(const void *a, const void *b) {
+        return strcmp(*(char *const *) a, *(char *const *) b);
+}
+
+/* A Load of named tensors: find each name among the tensors the reply
+ * would list (the plan's, or the files' in order) and keep their
+ * positions.  n log k string compares for n tensors and k names: no work
+ * for the loop, so it runs here.  Returns 0, WD_E_NOT_FOUND naming the
+ * first name that is missing, or -ENOMEM. */
+static int names_pick(Request *r) {
+        const Component *comp = r->comp;
+        size_t n = r->plan ? r->plan->n_tensors : comp->n_tensors, k = 0, t = 0;
+        _cleanup_free_ bool *found = calloc(r->n_names, sizeof(bool));
+        _cleanup_free_ size_t *pick = calloc(MIN(r->n_names, MAX(n, 1u)), sizeof(size_t));
+
+        if (!found || !pick)
+                return wd_error_set(&r->err, -ENOMEM, "out of memory");
+        for (size_t i = 0; i < comp->n_files && !r->plan; i++) {
+                const StHeader *h = comp->files[i].header;
+
+                for (size_t j = 0; j < h->n_tensors; j++, t++) {
+                        const char *name = h->tensors[j].name;
+                        char **p = bsearch(&name, r->names, r->n_names, sizeof(char *), name_cmp);
+
+                        if (p && k < r->n_names) {
+                                found[p - r->names] = true;
+                                pick[k++] = t;
+                        }
+                }
+        }
+        for (t = 0; r->plan && t < n; t++) {
+                const char *name = r->plan->tensors[t].source->name;
+                char **p = bsearch(&name, r->names, r->n_names, sizeof(char *), name_cmp);
+
+                if (p && k < r->n_names) {
+                        found[p - r->names] = true;
+                        pick[k++] = t;
+                }
+        }
+        for (size_t i = 0; i < r->n_names; i++)
+                if (!found[i]) {
+                        char name[256], model[256], component[128];
+
+                        wd_escape(name, sizeof(name), r->names[i], 200);
+                        wd_escape(model, sizeof(model), comp->model, 200);
+                        wd_escape(component, sizeof(component), comp->name, 100);
+                        return wd_error_set(&r->err, WD_E_NOT_FOUND, "%s%s%s%s: no tensor \"%s\"%s", model,
+                                            *component ? ", component \"" : "", component, *component ? "\"" : "",
+                                            name, r->shard ? " among the tensors of this shard" : "");
+                }
+        r->pick = TAKE_PTR(pick);
+        r->n_pick = k;
+        return 0;
+}
+
 static void resolve_work(uv_work_t *w) {
         Request *r = w->data;
 
@@ -108,6 +166,8 @@ static void resolve_work(uv_work_t *w) {
                 if (!r->comp->model)
                         r->r = wd_error_set(&r->err, -ENOMEM, "out of memory");
         }
+        if (r->r == 0 && r->comp && r->n_names > 0)
+                r->r = names_pick(r);
 }
 
 static void load_resolved(Driver *d, Request *r);
@@ -454,6 +514,20 @@ static int handle_load(Driver *d, Peer *p, uint64_t id, const Weightd__V1__LoadR
                 if (device < 0)
                         return 0;
         }
+        if (req->n_names > 0) {
+                if (kind != REQUEST_LOAD)
+                        return request_reply_error(p, id, WEIGHTD__V1__CODE__INVALID_ARGUMENT,
+                                                   "names: only a Load leases named tensors, not a Prefetch");
+                if (req->n_names > DRIVER_MAX_LOAD_NAMES)
+                        return request_reply_error(p, id, WEIGHTD__V1__CODE__INVALID_ARGUMENT,
+                                                   "names: %zu tensors named, at most %u", req->n_names,
+                                                   DRIVER_MAX_LOAD_NAMES);
+                for (size_t i = 0; i < req->n_names; i++)
+                        if (!string_ok(req->names[i], DRIVER_MAX_TENSOR_NAME) || !*req->names[i])
+                                return request_reply_error(p, id, WEIGHTD__V1__CODE__INVALID_ARGUMENT,
+                                                           "names: name %zu: 1 to %u bytes are required", i,
+                                                           DRIVER_MAX_TENSOR_NAME);
+        }
         if (req->keep_host > WEIGHTD__V1__KEEP_HOST__KEEP_HOST_NO)
                 return request_reply_error(p, id, WEIGHTD__V1__CODE__INVALID_ARGUMENT, "keep_host: unknown value %d",
                                            (int) req->keep_host);
@@ -561,6 +635,31 @@ static int handle_load(Driver *d, Peer *p, uint64_t id, const Weightd__V1__LoadR
                                 }
                         }
                 }
+        }
+        if (req->n_names > 0) {
+                r->names = calloc(req->n_names, sizeof(char *));
+                if (!r->names) {
+                        complete_errorf(r, -ENOMEM, "out of memory");
+                        return 0;
+                }
+                for (size_t i = 0; i < req->n_names; i++) {
+                        r->names[i] = strdup(req->names[i]);
+                        if (!r->names[i]) {
+                                complete_errorf(r, -ENOMEM, "out of memory");
+                                return 0;
+                        }
+                        r->n_names++;
+                }
+                /* Sorted and unique, for bsearch() over every tensor name. */
+                qsort(r->names, r->n_names, sizeof(char *), name_cmp);
+                size_t u = 1;
+                for (size_t i = 1; i < r->n_names; i++) {
+                        if (strcmp(r->names[i], r->names[u - 1]) == 0)
+                                free(r->names[i]);
+                        else
+                                r->names[u++] = r->names[i];
+                }
+                r->n_names = u;
         }
         if (device >= 0) {
                 r->device = device;

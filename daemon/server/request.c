@@ -130,6 +130,10 @@ void request_free(Request *r) {
         free(r->nodes);
         free(r->node_specs);
         free(r->node_devices);
+        for (size_t i = 0; i < r->n_names; i++)
+                free(r->names[i]);
+        free(r->names);
+        free(r->pick);
         roots_unref(r->roots);
         free(r);
 }
@@ -220,10 +224,17 @@ static void manifest_done(Manifest *m) {
 
 /* The component's files with their __metadata__, and its tensors: as they
  * lie in the files (plan NULL: slab i is file i), or where plan put them in
- * its one slab. */
-static int manifest_build(Manifest *m, const Component *comp, const ShardPlan *plan) {
-        size_t n_meta = 0, n_tensors = plan ? plan->n_tensors : comp->n_tensors, k = 0, t = 0;
+ * its one slab.  pick (n_pick ascending positions in that order, checked
+ * here) keeps only those tensors; NULL keeps every one.  Returns 0, -ENOMEM,
+ * or -EINVAL when a position is past the end. */
+static int manifest_build(Manifest *m, const Component *comp, const ShardPlan *plan, const size_t *pick,
+                          size_t n_pick) {
+        size_t n_all = plan ? plan->n_tensors : comp->n_tensors, n_meta = 0, k = 0, t = 0, out = 0;
+        size_t n_tensors = pick ? n_pick : n_all;
 
+        for (size_t i = 0; pick && i < n_pick; i++)
+                if (pick[i] >= n_all || (i > 0 && pick[i] <= pick[i - 1]))
+                        return -EINVAL;
         *m = (Manifest){ .n_files = comp->n_files, .n_tensors = n_tensors };
         for (size_t i = 0; i < comp->n_files; i++)
                 n_meta += comp->files[i].header->n_metadata;
@@ -259,8 +270,11 @@ static int manifest_build(Manifest *m, const Component *comp, const ShardPlan *p
                         continue;
                 for (size_t j = 0; j < h->n_tensors; j++, t++) {
                         const StTensor *st = &h->tensors[j];
-                        Weightd__V1__Tensor *x = &m->tensors[t];
+                        Weightd__V1__Tensor *x;
 
+                        if (pick && (out >= n_pick || pick[out] != t))
+                                continue;
+                        x = &m->tensors[out];
                         weightd__v1__tensor__init(x);
                         x->name = st->name;
                         x->dtype = (char *) dtype_to_string(st->dtype);
@@ -269,12 +283,12 @@ static int manifest_build(Manifest *m, const Component *comp, const ShardPlan *p
                         x->slab = (uint32_t) i;
                         x->offset = h->data_offset + st->begin;
                         x->nbytes = st->end - st->begin;
-                        m->tensor_ptrs[t] = x;
+                        m->tensor_ptrs[out++] = x;
                 }
         }
-        for (size_t i = 0; plan && i < plan->n_tensors; i++) {
-                const ShardTensor *st = &plan->tensors[i];
-                Weightd__V1__Tensor *x = &m->tensors[i];
+        for (size_t o = 0; plan && o < n_tensors; o++) {
+                const ShardTensor *st = &plan->tensors[pick ? pick[o] : o];
+                Weightd__V1__Tensor *x = &m->tensors[o];
 
                 weightd__v1__tensor__init(x);
                 x->name = st->source->name;
@@ -291,7 +305,7 @@ static int manifest_build(Manifest *m, const Component *comp, const ShardPlan *p
                         x->shard_dim = st->dim;
                         x->shard_start = st->start;
                 }
-                m->tensor_ptrs[i] = x;
+                m->tensor_ptrs[o] = x;
         }
         return 0;
 }
@@ -320,6 +334,7 @@ static int reply_loaded(Request *r, CacheEntry *e, const RequestOutcome *o) {
         char why[128];
         PeerRef *keep;
         size_t n_fds;
+        int k;
 
         env.id = r->id;
         env.body_case = WEIGHTD__V1__ENVELOPE__BODY_REPLY;
@@ -367,7 +382,11 @@ static int reply_loaded(Request *r, CacheEntry *e, const RequestOutcome *o) {
         if (one_slab && !plan)
                 return request_reply_error(p, r->id, WEIGHTD__V1__CODE__INTERNAL, "%s: no layout for the reply",
                                            comp->model);
-        if (manifest_build(&m, comp, one_slab ? plan : NULL) < 0)
+        k = manifest_build(&m, comp, one_slab ? plan : NULL, r->n_names > 0 ? r->pick : NULL, r->n_pick);
+        if (k == -EINVAL)
+                return request_reply_error(p, r->id, WEIGHTD__V1__CODE__INTERNAL,
+                                           "%s: the tensors named do not match the resident entry", comp->model);
+        if (k < 0)
                 return request_reply_error(p, r->id, WEIGHTD__V1__CODE__RESOURCE_EXHAUSTED, "out of memory");
         n_fds = one_slab ? 1 : comp->n_files;
         fds = calloc(MAX(n_fds, 1u), sizeof(int));
@@ -445,7 +464,7 @@ static void reply_tensors(Request *r) {
         Weightd__V1__TensorsReply tr = WEIGHTD__V1__TENSORS_REPLY__INIT;
         _cleanup_(manifest_done) Manifest m = {};
 
-        if (manifest_build(&m, r->comp, NULL) < 0) {
+        if (manifest_build(&m, r->comp, NULL, NULL, 0) < 0) {
                 request_reply_error(r->peer, r->id, WEIGHTD__V1__CODE__RESOURCE_EXHAUSTED, "out of memory");
                 return;
         }

@@ -59,6 +59,15 @@ struct Request {
         ShardSpec **node_specs; /* a part plan: one per node (NULL: the whole component); NULL if none */
         int *node_devices;      /* one per node (CLUSTER_PLAN_DEVICE: device's, -1: host); NULL if none */
 
+        /* A Load of named tensors: the names, sorted with strcmp() and
+         * unique; after the resolve, the positions in the reply's full
+         * manifest (the files' tensors in order, or the plan's) of the
+         * tensors they name, ascending.  n_names 0: every tensor. */
+        char **names;
+        size_t n_names;
+        size_t *pick;
+        size_t n_pick;
+
         /* The resolve, on the thread pool (resolving meanwhile). */
         uv_work_t work;
         bool resolving;

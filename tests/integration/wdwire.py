@@ -67,8 +67,9 @@ def shard_body(rank, world, rules=(), uneven=False):
     return b
 
 
-def load_body(model, component="", target="", progress=False, shard=None, keep_host=0):
-    b = f_bytes(1, model) + f_bytes(2, component)
+def load_body(model, component="", target="", progress=False, shard=None, keep_host=0, names=()):
+    """A LoadRequest; names: LoadRequest.names (the tensors to lease)."""
+    b = f_bytes(1, model) + f_bytes(2, component) + b"".join(f_bytes(11, name) for name in names)
     if target:
         b += f_bytes(3, target)
     if progress:

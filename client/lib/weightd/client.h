@@ -234,6 +234,19 @@ typedef struct wd_load_options {
          * without a shard; none: every tensor. */
         const char *const *tensors;
         size_t n_tensors;
+        /* Added after 0.2.0 (the struct grew by these two; fields are only
+         * ever appended).  wd_load_ex() only: lease just these tensors, by
+         * exact name (no globs; each named once or more, none NULL or
+         * empty, at most 65536 of at most 1024 bytes).  The daemon keeps the
+         * whole component (or shard) resident and the lease maps the same
+         * slabs; the manifest lists only the tensors named, in the order of
+         * the component, so a lease of a few tensors of a large component
+         * costs what they do, not what the component's manifest does.  A
+         * name the component (or the shard's tensors) lacks is
+         * WD_NOT_FOUND, naming it; with wd_prefetch_ex(),
+         * WD_INVALID_ARGUMENT.  none: every tensor. */
+        const char *const *names;
+        size_t n_names;
 } wd_load_options;
 
 /* Make a component resident in host memory (reading it if needed) and lease

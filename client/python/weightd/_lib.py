@@ -65,6 +65,8 @@ class WdLoadOptions(ctypes.Structure):
         ("userdata", ctypes.c_void_p),
         ("tensors", ctypes.POINTER(ctypes.c_char_p)),
         ("n_tensors", ctypes.c_size_t),
+        ("names", ctypes.POINTER(ctypes.c_char_p)),
+        ("n_names", ctypes.c_size_t),
     ]
 
 

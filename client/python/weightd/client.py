@@ -171,17 +171,36 @@ def _shard(shard):
     raise errors.InvalidArgument(f"shard {shard!r}: expected a weightd.Shard, a dict or None")
 
 
-def _options(device, shard, progress=None):
-    """wd_load_options for a device (None: host) and a Shard; the ctypes
-    objects it points at stay referenced by the struct (ctypes keeps them
-    in its _objects) for as long as it lives."""
+def _options(device, shard, progress=None, names=None):
+    """wd_load_options for a device (None: host), a Shard and tensor names;
+    the ctypes objects it points at stay referenced by the struct (ctypes
+    keeps them in its _objects) for as long as it lives."""
     o = WdLoadOptions()
     if device is not None:
         o.device = device.encode()
     if shard is not None:
         _shard_fields(o, shard)
+    if names:
+        o.names = (ctypes.c_char_p * len(names))(*names)
+        o.n_names = len(names)
     o.progress = progress if progress is not None else PROGRESS_FN()
     return o
+
+
+def _names(tensors):
+    """load()'s tensors: None, or a list of exact names, encoded."""
+    if tensors is None:
+        return None
+    if isinstance(tensors, (str, bytes)) or not isinstance(tensors, collections.abc.Iterable):
+        raise errors.InvalidArgument(f"tensors {tensors!r}: expected a list of tensor names")
+    out = []
+    for t in tensors:
+        if not isinstance(t, str) or not t:
+            raise errors.InvalidArgument(f"tensors: {t!r} is not a tensor name (a non-empty str)")
+        out.append(t.encode("utf-8", "surrogateescape"))
+    if not out:
+        raise errors.InvalidArgument("tensors: an empty list names no tensor (None leases every one)")
+    return out
 
 
 def _shard_fields(o, shard):
@@ -872,7 +891,7 @@ class Client:
     def __exit__(self, *exc):
         self.close()
 
-    def load(self, model, component=None, device="cpu", framework="np", shard=None):
+    def load(self, model, component=None, device="cpu", framework="np", shard=None, tensors=None):
         """Lease a component (reading it if it is not resident): a Lease,
         a read-only mapping from tensor name to array.
 
@@ -882,19 +901,35 @@ class Client:
         component in the daemon's GPU tier, mapped into this process;
         only framework="pt" can hold device memory.  shard: None, or a
         weightd.Shard (or a dict of its fields): this rank's parts of the
-        tensors its rules match."""
+        tensors its rules match.
+
+        tensors: None (every tensor), or a list of exact tensor names: the
+        lease holds only those (in the component's order), while the
+        daemon keeps the whole component (or shard) resident and the lease
+        maps the same memory.  It costs what those tensors do, not what the
+        component's other tensors would: one tensor of a component of
+        100,000 is a lease of one.  A name the component lacks raises
+        weightd.NotFound naming it."""
         fw = _framework(framework)
         dev = _device(device)
         if dev is not None and fw != "pt":
             raise errors.InvalidArgument(f'device {dev!r}: numpy arrays live in host memory; '
                                          'framework="pt" holds device memory')
-        opts = _options(dev, _shard(shard))
+        names = _names(tensors)
+        opts = _options(dev, _shard(shard), names=names)
         if dev is not None:
             _torch_cuda_init()
         lease = ctypes.c_void_p()
         self._conn.call(lib.wd_load_ex, _model(model), _component(component), ctypes.byref(opts),
                         ctypes.byref(lease))
         out = Lease(self._conn, lease, fw, dev or "cpu")
+        if names is not None and len(out) != len(set(names)):
+            # A daemon or library older than LoadRequest.names leases the
+            # whole component instead.
+            n = len(out)
+            out.release()
+            raise errors.Unsupported(f"{model}: asked for {len(set(names))} tensors by name, the lease holds {n}: "
+                                     "the daemon or libweightd-client predates leases of named tensors")
         if out._cuda is not None:
             try:
                 _torch_cuda_check(dev)
