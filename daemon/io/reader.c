@@ -85,6 +85,7 @@ struct Reader {
         int ring_error; /* the ring failed with it and is gone: every job fails with it */
 
         atomic_uint_fast64_t bytes_read;
+        atomic_uint_fast64_t reads; /* completed reads (short ones count once per completion) */
 };
 
 int reader_job_new(ReaderJob **ret, const ReaderExtent *extents, size_t n_extents, reader_progress_fn progress,
@@ -152,6 +153,10 @@ void reader_cancel(ReaderJob *job) {
 
 uint64_t reader_bytes_read(Reader *r) {
         return atomic_load(&r->bytes_read);
+}
+
+uint64_t reader_reads(Reader *r) {
+        return atomic_load(&r->reads);
 }
 
 static void arm_wake(Reader *r) {
@@ -323,6 +328,7 @@ static void handle_completion(Reader *r, unsigned idx, int res) {
         }
 
         atomic_fetch_add(&r->bytes_read, (uint64_t) res);
+        atomic_fetch_add(&r->reads, 1);
         s->retries = 0;
         if ((uint64_t) res < s->need) {
                 /* Short read: resubmit the rest, buffered if no longer aligned. */
@@ -472,6 +478,7 @@ int reader_new(Reader **ret, const ReaderParams *params) {
         pthread_mutex_init(&r->lock, NULL);
         pthread_cond_init(&r->cond, NULL);
         atomic_init(&r->bytes_read, 0);
+        atomic_init(&r->reads, 0);
 
         r->slots = calloc(params->queue_depth, sizeof(ReadSlot));
         r->free_slots = calloc(params->queue_depth, sizeof(unsigned));

@@ -82,6 +82,8 @@ void reader_cancel(ReaderJob *job);
 
 /* Bytes read from storage by this reader since it started. */
 uint64_t reader_bytes_read(Reader *r);
+/* Reads from storage that completed with data, since it started. */
+uint64_t reader_reads(Reader *r);
 
 /* Convenience for tools and tests: submit and wait for completion. */
 int reader_run(Reader *r, const ReaderExtent *extents, size_t n_extents, size_t *ret_failed_extent);

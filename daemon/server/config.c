@@ -45,7 +45,7 @@
 #define VALUE_SHOWN_MAX 128     /* bytes of a value quoted in a message */
 #define DUMP_WIDTH 100          /* wrap lists in config_dump() after this many bytes */
 
-static const char *const known_sections[] = { "daemon", "memory", "io", "gpu", "cluster" };
+static const char *const known_sections[] = { "daemon", "memory", "io", "gpu", "cluster", "metrics" };
 
 static const char *const log_level_names[] = {
         [LOG_ERR - LOG_ERR] = "err",
@@ -74,6 +74,7 @@ typedef enum KeyType {
         KEY_NODE,
         KEY_NODES,          /* list */
         KEY_SECRET_FILE,
+        KEY_LISTEN,
 } KeyType;
 
 typedef struct KeyDef {
@@ -112,6 +113,7 @@ static const KeyDef key_defs[] = {
         { "cluster", "deadline", KEY_DURATION, offsetof(Config, cluster_deadline_usec),
           CONFIG_CLUSTER_DEADLINE_MIN_USEC, CONFIG_CLUSTER_DEADLINE_MAX_USEC },
         { "cluster", "peer_fetch", KEY_BOOL, offsetof(Config, cluster_peer_fetch) },
+        { "metrics", "listen", KEY_LISTEN },
 };
 
 static bool key_is_list(const KeyDef *k) {
@@ -289,6 +291,8 @@ Config *config_free(Config *c) {
         cluster_nodes_clear(c);
         free(c->cluster_secret_file);
         cluster_secret_clear(c);
+        free(c->metrics_listen);
+        free(c->metrics_host);
         free(c);
         return NULL;
 }
@@ -342,6 +346,11 @@ int config_new_default(Config **ret, WdError *err) {
                 return wd_error_set(err, -ENOMEM, "configuration: out of memory");
         c->gpu_budget = (ConfigBudget){ .percent = true, .value = 90 };
         c->keep_host = true;
+        c->metrics_listen = strdup(CONFIG_METRICS_LISTEN_DEFAULT);
+        c->metrics_host = strdup("127.0.0.1");
+        if (!c->metrics_listen || !c->metrics_host)
+                return wd_error_set(err, -ENOMEM, "configuration: out of memory");
+        c->metrics_port = 9471;
         *ret = TAKE_PTR(c);
         return 0;
 }
@@ -1048,6 +1057,62 @@ static int read_secret(Config *c, char *reason) {
         return r;
 }
 
+/* [metrics] listen: "" (off), "IPV4:PORT" or "[IPV6]:PORT", PORT 0..65535
+ * (0: any free port).  Addresses only: no name lookup at start. */
+static int listen_parse(Config *c, const char *value, char *reason) {
+        char shown[VALUE_SHOWN_MAX + 32], host[INET6_ADDRSTRLEN + 1];
+        unsigned char addr[sizeof(struct in6_addr)];
+        const char *h = value, *end = NULL, *port_s = NULL;
+        int family = AF_INET;
+        uint64_t port = 0;
+        char *l, *hs = NULL;
+
+        wd_escape(shown, sizeof(shown), value, VALUE_SHOWN_MAX);
+        if (*value) {
+                if (value[0] == '[') {
+                        family = AF_INET6;
+                        h = value + 1;
+                        end = strchr(h, ']');
+                        port_s = end && end[1] == ':' ? end + 2 : NULL;
+                } else {
+                        end = strrchr(value, ':');
+                        port_s = end ? end + 1 : NULL;
+                }
+                if (!port_s || parse_u64(port_s, 0, 65535, &port) < 0) {
+                        snprintf(reason, REASON_MAX,
+                                 "\"%s\" is not ADDRESS:PORT (127.0.0.1:9471, [::1]:9471; PORT 0..65535; empty: off)",
+                                 shown);
+                        return WD_E_INVALID;
+                }
+                if (end == h || (size_t) (end - h) >= sizeof(host)) {
+                        snprintf(reason, REASON_MAX, "\"%s\": the address is missing or too long", shown);
+                        return WD_E_INVALID;
+                }
+                memcpy(host, h, (size_t) (end - h));
+                host[end - h] = 0;
+                if (inet_pton(family, host, addr) != 1) {
+                        snprintf(reason, REASON_MAX, "\"%s\": not an %s address%s", shown,
+                                 family == AF_INET6 ? "IPv6" : "IPv4",
+                                 family == AF_INET6 ? "" : " (an IPv6 address goes in brackets: [::1]:9471)");
+                        return WD_E_INVALID;
+                }
+                hs = strdup(host);
+                if (!hs)
+                        return -ENOMEM;
+        }
+        l = strdup(value);
+        if (!l) {
+                free(hs);
+                return -ENOMEM;
+        }
+        free(c->metrics_listen);
+        free(c->metrics_host);
+        c->metrics_listen = l;
+        c->metrics_host = hs;
+        c->metrics_port = (uint16_t) port;
+        return 0;
+}
+
 /* Apply one value (or, with append, one continuation line of a list).
  * Returns 0, or WD_E_INVALID / -errno with the reason written. */
 static int parser_apply(Parser *p, const KeyDef *k, const char *value, bool append, char *reason) {
@@ -1271,6 +1336,9 @@ static int parser_apply(Parser *p, const KeyDef *k, const char *value, bool appe
                 p->load->secret_where = where;
                 return 0;
         }
+
+        case KEY_LISTEN:
+                return listen_parse(c, value, reason);
         }
         return -EINVAL;
 }
@@ -1618,7 +1686,8 @@ bool config_equal(const Config *a, const Config *b) {
             a->queue_depth != b->queue_depth || a->chunk_size != b->chunk_size || a->direct_io != b->direct_io ||
             strcmp(a->gpu_budget_spec, b->gpu_budget_spec) != 0 || a->gpu_budget.percent != b->gpu_budget.percent ||
             a->gpu_budget.value != b->gpu_budget.value || a->keep_host != b->keep_host ||
-            a->n_device_budgets != b->n_device_budgets || a->n_gpu_devices != b->n_gpu_devices)
+            a->n_device_budgets != b->n_device_budgets || a->n_gpu_devices != b->n_gpu_devices ||
+            strcmp(a->metrics_listen, b->metrics_listen) != 0)
                 return false;
         for (size_t i = 0; i < a->n_device_budgets; i++)
                 if (a->device_budgets[i].device != b->device_budgets[i].device ||
@@ -1765,6 +1834,8 @@ int config_dump(const Config *c, FILE *f) {
                 fprintf(f, "deadline = %s\n", format_duration(c->cluster_deadline_usec, a));
                 fprintf(f, "peer_fetch = %s\n", c->cluster_peer_fetch ? "yes" : "no");
         }
+
+        fprintf(f, "\n[metrics]\nlisten =%s%s\n", *c->metrics_listen ? " " : "", c->metrics_listen);
 
         if (fflush(f) != 0 || ferror(f))
                 return -EIO;

@@ -55,6 +55,7 @@
 #define CONFIG_CLUSTER_NODE_NAME_MAX 63u  /* bytes */
 #define CONFIG_CLUSTER_SECRET_MIN 16u     /* bytes, after trimming */
 #define CONFIG_CLUSTER_SECRET_MAX 4096u   /* bytes of the file */
+#define CONFIG_METRICS_LISTEN_DEFAULT "127.0.0.1:9471"
 
 /* A budget as written: a percentage (of RAM, of a device's memory) or bytes. */
 typedef struct ConfigBudget {
@@ -128,6 +129,11 @@ typedef struct Config {
         size_t cluster_secret_len;
         uint64_t cluster_deadline_usec;   /* heartbeats and every transfer step; default 10 s, 100ms..1h */
         bool cluster_peer_fetch;          /* fetch from nodes that hold a component before storage; default yes */
+
+        /* [metrics] */
+        char *metrics_listen;  /* as written, "" when off; default CONFIG_METRICS_LISTEN_DEFAULT */
+        char *metrics_host;    /* an IPv4 or IPv6 address (without brackets); NULL when off */
+        uint16_t metrics_port; /* 0: any free port */
 } Config;
 
 /* Built-in defaults.  socket: /run/weightd/weightd.sock when geteuid() is 0,

@@ -321,6 +321,7 @@ static void load_host(Driver *d, Request *r, const FileId *ids) {
                 return;
         }
         e = lookup(d->store->cache, r->comp, "", ids);
+        metrics_count_lookup(d->metrics, METRICS_TIER_HOST, e && e->state == CACHE_ENTRY_RESIDENT);
         if (e && e->state == CACHE_ENTRY_RESIDENT) {
                 e->wanted = true;
                 request_complete(r, &(RequestOutcome){ .entry = e, .was_resident = true });
@@ -344,6 +345,7 @@ static void load_shard(Driver *d, Request *r, const FileId *ids) {
         int k;
 
         derived = lookup(d->store->cache, r->comp, r->variant, ids);
+        metrics_count_lookup(d->metrics, METRICS_TIER_HOST, derived && derived->state == CACHE_ENTRY_RESIDENT);
         if (derived && derived->state == CACHE_ENTRY_RESIDENT) {
                 request_complete(r, &(RequestOutcome){ .entry = derived, .was_resident = true });
                 return;
@@ -391,6 +393,7 @@ static void load_device(Driver *d, Request *r, const FileId *ids) {
                 return;
         }
         e = lookup(t->caches[r->device], r->comp, variant, ids);
+        metrics_count_lookup(d->metrics, 1 + (size_t) r->device, e && e->state == CACHE_ENTRY_RESIDENT);
         if (e && e->state == CACHE_ENTRY_RESIDENT) {
                 request_complete(r, &(RequestOutcome){ .entry = e, .was_resident = true });
                 return;

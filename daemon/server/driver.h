@@ -13,6 +13,7 @@
 #include "cluster/cluster.h"
 #include "gpu/device-load.h"
 #include "server/config.h"
+#include "server/metrics.h"
 #include "server/peer.h"
 #include "server/roots.h"
 #include "store/store.h"
@@ -38,6 +39,7 @@ typedef struct Driver {
         void (*status)(Weightd__V1__StatusReply *st, void *userdata);
         /* Something changed: status lines, the drain. */
         void (*changed)(void *userdata);
+        Metrics *metrics;      /* cache hits and misses; may be NULL */
         void *userdata;
 } Driver;
 

@@ -23,6 +23,8 @@
 #include "cluster/cluster.h"
 #include "gpu/device-load.h"
 #include "server/driver.h"
+#include "server/metrics-http.h"
+#include "server/metrics.h"
 #include "server/notify.h"
 #include "server/peer.h"
 #include "server/request.h"
@@ -64,6 +66,13 @@ struct Server {
 
         bool reader_stale; /* io settings changed: replace when idle */
         uint64_t storage_read_retired;
+        uint64_t storage_reads_retired;
+
+        /* Prometheus metrics, rendered on the tick and served by their own thread. */
+        Metrics *metrics;
+        MetricsHttp *metrics_http; /* NULL: [metrics] listen empty, or it could not bind */
+        char *metrics_listen;      /* what metrics_http serves, as configured */
+        uint64_t started_realtime_usec;
 
         int listen_fd;
         bool listen_bound; /* we bound it: unlink at exit */
@@ -157,6 +166,7 @@ static void server_replace_reader(Server *s) {
                 return;
         }
         s->storage_read_retired += reader_bytes_read(s->store.reader);
+        s->storage_reads_retired += reader_reads(s->store.reader);
         reader_free(s->store.reader);
         s->store.reader = r;
         s->reader_stale = false;
@@ -181,6 +191,56 @@ static uint64_t hugetlb_pool_free(void) {
         return n;
 }
 
+/* ---- metrics ------------------------------------------------------------ */
+
+/* Render the metrics and hand them to the HTTP thread. */
+static void server_publish_metrics(Server *s) {
+        MetricsSources src = {
+                .peers = &s->peers,
+                .cluster = s->cluster,
+                .storage_read_bytes = s->storage_read_retired + reader_bytes_read(s->store.reader),
+                .storage_reads = s->storage_reads_retired + reader_reads(s->store.reader),
+                .start_time_usec = s->started_realtime_usec,
+        };
+        char *text;
+        size_t len;
+
+        if (!s->metrics_http || metrics_render(s->metrics, &src, &text, &len) < 0)
+                return;
+        (void) metrics_http_publish(s->metrics_http, text, len);
+}
+
+/* Serve [metrics] listen of c, when it differs from what is served.  A
+ * failure leaves the daemon without metrics, never without service. */
+static void server_metrics_listen(Server *s, const Config *c) {
+        WdError err = WD_ERROR_NULL;
+        char *l;
+        int r;
+
+        if (s->metrics_listen && strcmp(s->metrics_listen, c->metrics_listen) == 0 && s->metrics_http)
+                return;
+        s->metrics_http = metrics_http_free(s->metrics_http);
+        free(TAKE_PTR(s->metrics_listen));
+        if (!c->metrics_host)
+                return;
+        l = strdup(c->metrics_listen);
+        if (!l) {
+                log_warning_errno(-ENOMEM, "Metrics: out of memory, serving without metrics.");
+                return;
+        }
+        r = metrics_http_new(&s->metrics_http, c->metrics_host, c->metrics_port, &err);
+        if (r < 0) {
+                log_warning_errno(r, "Metrics: [metrics] listen = %s: %s; serving without metrics.",
+                                  c->metrics_listen, err.message);
+                free(l);
+                return;
+        }
+        s->metrics_listen = l;
+        log_info("Metrics on http://%s%s%s:%u/metrics", strchr(c->metrics_host, ':') ? "[" : "", c->metrics_host,
+                 strchr(c->metrics_host, ':') ? "]" : "", (unsigned) metrics_http_port(s->metrics_http));
+        server_publish_metrics(s);
+}
+
 /* Every second: close peers past their Hello or frame deadline, and note
  * whether the hugetlb pool has room (for Status, which must not read sysfs
  * each time). */
@@ -189,6 +249,7 @@ static void on_tick(uv_timer_t *t) {
 
         s->hugetlb_free_pages = hugetlb_pool_free();
         peer_context_tick(&s->peers, now_usec());
+        server_publish_metrics(s);
 }
 
 static void on_watchdog_timer(uv_timer_t *t) {
@@ -735,6 +796,7 @@ static void server_reload(Server *s) {
         if (c->queue_depth != s->config->queue_depth || c->chunk_size != s->config->chunk_size)
                 s->reader_stale = true;
         server_apply_log_level(c);
+        server_metrics_listen(s, c);
         PeerLimits limits = peer_limits(c);
         peer_context_set_limits(&s->peers, &limits);
         config_free(s->config);
@@ -874,6 +936,7 @@ static void server_stop(Server *s) {
         log_info("Stopping: %u connections, %u loads running", s->peers.n_peers, s->store.jobs.n + s->tier.jobs.n);
         s->stopping = true;
         listen_close(s);
+        s->metrics_http = metrics_http_free(s->metrics_http);
 
         /* Every request waiting for a resolve or a load hears why it ends;
          * a load nobody waits for any more is cancelled.  Then peers may
@@ -941,6 +1004,9 @@ Server *server_free(Server *s) {
         gpu_tier_free(s);
         cache_free(s->store.cache);
         roots_unref(s->roots);
+        metrics_http_free(s->metrics_http);
+        free(s->metrics_listen);
+        metrics_free(s->metrics);
         if (s->listen_fd >= 0) {
                 if (s->listen_bound && s->socket_path)
                         (void) unlink(s->socket_path);
@@ -966,6 +1032,7 @@ int server_new(Server **ret, Config *config, const char *config_path) {
         s->listen_fd = -1;
         s->config = config;
         s->started_usec = now_usec();
+        s->started_realtime_usec = now_realtime_usec();
         server_apply_log_level(config);
         if (config_path) {
                 s->config_path = strdup(config_path);
@@ -1004,6 +1071,9 @@ int server_new(Server **ret, Config *config, const char *config_path) {
         s->store.changed = server_changed;
         s->store.userdata = s;
         s->tier.store = &s->store;
+        r = metrics_new(&s->metrics, &s->store, &s->tier);
+        if (r < 0)
+                return log_error_errno(r, "Out of memory");
         (void) completion_queue_add_hook(&s->queue, (completion_hook_fn) job_list_poll, &s->store.jobs);
         (void) completion_queue_add_hook(&s->queue, device_tier_poll, &s->tier);
 
@@ -1022,6 +1092,7 @@ int server_new(Server **ret, Config *config, const char *config_path) {
                 .peers = &s->peers,
                 .status = server_status,
                 .changed = server_changed,
+                .metrics = s->metrics,
                 .userdata = s,
         };
 
@@ -1050,6 +1121,7 @@ int server_new(Server **ret, Config *config, const char *config_path) {
         s->listening = true;
         gpu_tier_start(s);
         s->listen_poll.data = s->sig_term.data = s->sig_int.data = s->sig_hup.data = s;
+        server_metrics_listen(s, config);
         s->status_timer.data = s->watchdog_timer.data = s->drain_timer.data = s->accept_timer.data =
                 s->tick_timer.data = s;
 

@@ -31,6 +31,7 @@ void job_init(Job *j, const JobKind *kind, JobList *list, CacheEntry *entry) {
         j->kind = kind;
         j->refs = 1;
         j->state = JOB_RUNNING;
+        j->started_usec = now_usec();
         j->entry = entry ? cache_entry_ref(entry) : NULL;
         if (list) {
                 j->list = list;
@@ -162,11 +163,14 @@ void job_set_sealing(Job *j) {
 }
 
 void job_finish(Job *j, const JobOutcome *o) {
+        JobList *list = j->list;
         Job *restarted = NULL;
 
         job_ref(j); /* waiters' callbacks may drop the last other reference */
         job_unlink(j);
         j->state = o->r == 0 ? JOB_DONE : JOB_FAILED;
+        if (list && list->finished)
+                list->finished(j, o, now_usec() - j->started_usec, list->userdata);
 
         if (o->r == -ECANCELED && j->waiters && j->kind->restart) {
                 WdError err = WD_ERROR_NULL;

@@ -99,12 +99,18 @@ struct Job {
         unsigned n_waiters;
         uint64_t done, total, copied; /* the last progress */
         uint64_t progress_usec;       /* when waiters last heard */
+        uint64_t started_usec;        /* job_init()'s now_usec() */
 };
 
 /* The jobs running somewhere (the host tier's, a device's). */
 struct JobList {
         Job *jobs;
         unsigned n;
+        /* Optional: each job of the list that ends, before its waiters hear
+         * (j->entry still set), with how long it ran (the daemon's load
+         * metrics). */
+        void (*finished)(const Job *j, const JobOutcome *o, uint64_t duration_usec, void *userdata);
+        void *userdata;
 };
 
 /* Set up the base of a kind's job (embedded first in its struct): one

@@ -1500,6 +1500,60 @@ static void test_cluster_dump(void **state) {
         remove_tree(dir);
 }
 
+static void test_metrics_keys(void **state) {
+        _cleanup_(config_freep) Config *c = NULL, *d = NULL;
+        _cleanup_free_ char *text = NULL;
+        size_t len = 0;
+        FILE *f;
+
+        c = load_ok("");
+        assert_string_equal(c->metrics_listen, "127.0.0.1:9471");
+        assert_string_equal(c->metrics_host, "127.0.0.1");
+        assert_int_equal(c->metrics_port, 9471);
+        c = config_free(c);
+
+        c = load_ok("[metrics]\nlisten =\n");
+        assert_string_equal(c->metrics_listen, "");
+        assert_null(c->metrics_host);
+        c = config_free(c);
+
+        c = load_ok("[metrics]\nlisten = [::1]:0\n");
+        assert_string_equal(c->metrics_host, "::1");
+        assert_int_equal(c->metrics_port, 0);
+        d = load_ok("[metrics]\nlisten = 0.0.0.0:65535\n");
+        assert_string_equal(d->metrics_host, "0.0.0.0");
+        assert_int_equal(d->metrics_port, 65535);
+        assert_false(config_equal(c, d));
+
+        /* The dump loads back. */
+        f = open_memstream(&text, &len);
+        assert_non_null(f);
+        assert_int_equal(config_dump(c, f), 0);
+        fclose(f);
+        assert_non_null(strstr(text, "\n[metrics]\nlisten = [::1]:0\n"));
+        d = config_free(d);
+        d = load_ok(text);
+        assert_true(config_equal(c, d));
+
+        load_bad("[metrics]\nlisten = 9471\n",
+                 "test.conf:2: [metrics] listen: \"9471\" is not ADDRESS:PORT (127.0.0.1:9471, [::1]:9471; PORT "
+                 "0..65535; empty: off)");
+        load_bad("[metrics]\nlisten = localhost:9471\n",
+                 "test.conf:2: [metrics] listen: \"localhost:9471\": not an IPv4 address (an IPv6 address goes in "
+                 "brackets: [::1]:9471)");
+        load_bad("[metrics]\nlisten = ::1:9471\n",
+                 "test.conf:2: [metrics] listen: \"::1:9471\": not an IPv4 address (an IPv6 address goes in "
+                 "brackets: [::1]:9471)");
+        load_bad("[metrics]\nlisten = [::1]9471\n",
+                 "test.conf:2: [metrics] listen: \"[::1]9471\" is not ADDRESS:PORT (127.0.0.1:9471, [::1]:9471; "
+                 "PORT 0..65535; empty: off)");
+        load_bad("[metrics]\nlisten = 127.0.0.1:65536\n",
+                 "test.conf:2: [metrics] listen: \"127.0.0.1:65536\" is not ADDRESS:PORT (127.0.0.1:9471, "
+                 "[::1]:9471; PORT 0..65535; empty: off)");
+        load_bad("[metrics]\nlisten = :9471\n",
+                 "test.conf:2: [metrics] listen: \":9471\": the address is missing or too long");
+}
+
 int main(int argc, char **argv) {
         const struct CMUnitTest tests[] = {
                 cmocka_unit_test(test_defaults),
@@ -1521,6 +1575,7 @@ int main(int argc, char **argv) {
                 cmocka_unit_test(test_cluster_secret),
                 cmocka_unit_test(test_cluster_dropins),
                 cmocka_unit_test(test_cluster_dump),
+                cmocka_unit_test(test_metrics_keys),
         };
 
         shipped_conf = argc > 1 ? argv[1] : NULL;
