@@ -38,6 +38,7 @@ SECTIONS = {
     "host_budget": "memory", "host_pages": "memory",
     "queue_depth": "io", "chunk_size": "io", "direct_io": "io",
     "budget": "gpu", "device_budgets": "gpu", "keep_host": "gpu", "devices": "gpu",
+    "listen": "metrics",
 }
 
 # Direct reads of 64 KiB, one at a time: a 256 MiB load lasts most of a
@@ -109,6 +110,9 @@ class Daemon:
         self.settings = {"socket": self.socket, "model_roots": ":".join(str(r) for r in roots),
                          "log_level": "debug", "host_budget": "2G"}
         self.settings.update(config)
+        # No metrics endpoint unless a test asks for one: daemons side by
+        # side would contend for one port.
+        self.settings.setdefault("listen", "")
         self.write_config()
         self.proc = None
         self.returncode = None
@@ -123,7 +127,7 @@ class Daemon:
     def config_text(self, settings=None):
         settings = self.settings if settings is None else settings
         out = []
-        for section in ("daemon", "memory", "io", "gpu"):
+        for section in ("daemon", "memory", "io", "gpu", "metrics"):
             keys = [k for k in settings if SECTIONS[k] == section and settings[k] is not None]
             if keys:
                 out.append(f"[{section}]")
