@@ -65,6 +65,7 @@ typedef enum KeyType {
         KEY_LOG_LEVEL,
         KEY_BUDGET,
         KEY_PAGES,
+        KEY_RESERVE,
         KEY_DIRECT,
         KEY_GPU_BUDGET,
         KEY_DEVICE_BUDGETS, /* list */
@@ -100,6 +101,7 @@ static const KeyDef key_defs[] = {
         { "daemon", "log_level", KEY_LOG_LEVEL },
         { "memory", "host_budget", KEY_BUDGET },
         { "memory", "host_pages", KEY_PAGES },
+        { "memory", "hugetlb_reserve", KEY_RESERVE },
         { "io", "queue_depth", KEY_UNSIGNED, offsetof(Config, queue_depth), 1, 4096 },
         { "io", "chunk_size", KEY_SIZE, offsetof(Config, chunk_size), 64ull << 10, 1ull << 30, 4096 },
         { "io", "direct_io", KEY_DIRECT },
@@ -319,6 +321,7 @@ int config_new_default(Config **ret, WdError *err) {
                 .frame_timeout = CONFIG_FRAME_TIMEOUT_DEFAULT,
                 .log_level = LOG_INFO,
                 .host_pages = SLAB_PAGES_AUTO,
+                .hugetlb_reserve = CONFIG_HUGETLB_RESERVE_AUTO,
                 .queue_depth = CONFIG_QUEUE_DEPTH_DEFAULT,
                 .chunk_size = CONFIG_CHUNK_SIZE_DEFAULT,
                 .direct_io = DIRECT_AUTO,
@@ -683,6 +686,33 @@ static int parse_budget(Parser *p, const char *value, const char *shown, char *r
         free(c->host_budget_spec);
         c->host_budget_spec = spec;
         c->host_budget = b.value;
+        return 0;
+}
+
+/* [memory] hugetlb_reserve: auto, off, or a size that is a multiple of
+ * 2 MiB (the pool's page size). */
+static int parse_hugetlb_reserve(Config *c, const char *value, const char *shown, char *reason) {
+        uint64_t v;
+        int r;
+
+        if (strcmp(value, "auto") == 0) {
+                c->hugetlb_reserve = CONFIG_HUGETLB_RESERVE_AUTO;
+                return 0;
+        }
+        if (strcmp(value, "off") == 0) {
+                c->hugetlb_reserve = 0;
+                return 0;
+        }
+        r = parse_size(value, &v);
+        if (r < 0 || v == 0 || v == CONFIG_HUGETLB_RESERVE_AUTO) {
+                snprintf(reason, REASON_MAX, "\"%s\" is not auto, off or a positive size", shown);
+                return WD_E_INVALID;
+        }
+        if (v % (2u << 20)) {
+                snprintf(reason, REASON_MAX, "\"%s\" is not a multiple of 2M (the huge page size)", shown);
+                return WD_E_INVALID;
+        }
+        c->hugetlb_reserve = v;
         return 0;
 }
 
@@ -1227,6 +1257,9 @@ static int parser_apply(Parser *p, const KeyDef *k, const char *value, bool appe
                 c->host_pages = (SlabPages) r;
                 return 0;
 
+        case KEY_RESERVE:
+                return parse_hugetlb_reserve(c, value, shown, reason);
+
         case KEY_DIRECT:
                 r = direct_mode_from_string(value);
                 if (r < 0)
@@ -1683,6 +1716,7 @@ bool config_equal(const Config *a, const Config *b) {
             a->frame_timeout != b->frame_timeout ||
             a->log_level != b->log_level || a->host_budget != b->host_budget ||
             strcmp(a->host_budget_spec, b->host_budget_spec) != 0 || a->host_pages != b->host_pages ||
+            a->hugetlb_reserve != b->hugetlb_reserve ||
             a->queue_depth != b->queue_depth || a->chunk_size != b->chunk_size || a->direct_io != b->direct_io ||
             strcmp(a->gpu_budget_spec, b->gpu_budget_spec) != 0 || a->gpu_budget.percent != b->gpu_budget.percent ||
             a->gpu_budget.value != b->gpu_budget.value || a->keep_host != b->keep_host ||
@@ -1783,6 +1817,9 @@ int config_dump(const Config *c, FILE *f) {
         fprintf(f, "\n[memory]\n# %llu bytes\nhost_budget = %s\n", (unsigned long long) c->host_budget,
                 c->host_budget_spec);
         fprintf(f, "host_pages = %s\n", name_or(slab_pages_to_string(c->host_pages), "auto"));
+        fprintf(f, "hugetlb_reserve = %s\n", c->hugetlb_reserve == CONFIG_HUGETLB_RESERVE_AUTO ? "auto"
+                                              : c->hugetlb_reserve == 0                       ? "off"
+                                                                                              : format_size(c->hugetlb_reserve, a));
 
         fprintf(f, "\n[io]\nqueue_depth = %u\n", c->queue_depth);
         fprintf(f, "chunk_size = %s\n", format_size(c->chunk_size, a));

@@ -44,6 +44,7 @@
 #define CONFIG_QUEUE_DEPTH_DEFAULT 32u
 #define CONFIG_CHUNK_SIZE_DEFAULT (16ull << 20)
 #define CONFIG_HOST_BUDGET_DEFAULT "50%"
+#define CONFIG_HUGETLB_RESERVE_AUTO UINT64_MAX
 #define CONFIG_MODEL_ROOT_DEFAULT "/srv/models"
 #define CONFIG_FILE_MAX (1u << 20) /* bytes in one file */
 #define CONFIG_GPU_BUDGET_DEFAULT "90%"
@@ -104,6 +105,9 @@ typedef struct Config {
         uint64_t host_budget;   /* resolved bytes */
         char *host_budget_spec; /* as written, e.g. "50%" or "64G" */
         SlabPages host_pages;   /* default SLAB_PAGES_AUTO */
+        uint64_t hugetlb_reserve; /* bytes of 2 MiB hugetlb pages the daemon adds to the kernel's pool
+                                   * for its slabs, at most the host budget: 0 (off), a size, or
+                                   * CONFIG_HUGETLB_RESERVE_AUTO (the host budget); default auto */
 
         /* [io] */
         unsigned queue_depth; /* default 32, 1..4096 */

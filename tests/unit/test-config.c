@@ -341,6 +341,28 @@ static void test_memory_keys(void **state) {
         assert_int_equal(c->host_pages, SLAB_PAGES_AUTO);
 }
 
+static void test_hugetlb_reserve(void **state) {
+        _cleanup_(config_freep) Config *c = NULL;
+
+        c = load_ok("[memory]\n");
+        assert_true(c->hugetlb_reserve == CONFIG_HUGETLB_RESERVE_AUTO);
+        c = config_free(c);
+        c = load_ok("[memory]\nhugetlb_reserve = off\n");
+        assert_true(c->hugetlb_reserve == 0);
+        c = config_free(c);
+        c = load_ok("[memory]\nhugetlb_reserve = 4G\n");
+        assert_true(c->hugetlb_reserve == 4ull << 30);
+        c = config_free(c);
+        c = load_ok("[memory]\nhugetlb_reserve = 2M\nhugetlb_reserve = auto\n");
+        assert_true(c->hugetlb_reserve == CONFIG_HUGETLB_RESERVE_AUTO);
+        load_bad("[memory]\nhugetlb_reserve = 3M\n",
+                 "test.conf:2: [memory] hugetlb_reserve: \"3M\" is not a multiple of 2M (the huge page size)");
+        load_bad("[memory]\nhugetlb_reserve = 0\n",
+                 "test.conf:2: [memory] hugetlb_reserve: \"0\" is not auto, off or a positive size");
+        load_bad("[memory]\nhugetlb_reserve = yes\n",
+                 "test.conf:2: [memory] hugetlb_reserve: \"yes\" is not auto, off or a positive size");
+}
+
 static void test_io_keys(void **state) {
         _cleanup_(config_freep) Config *c = NULL;
 
@@ -1561,6 +1583,7 @@ int main(int argc, char **argv) {
                 cmocka_unit_test(test_shipped_conf),
                 cmocka_unit_test(test_daemon_keys),
                 cmocka_unit_test(test_memory_keys),
+                cmocka_unit_test(test_hugetlb_reserve),
                 cmocka_unit_test(test_io_keys),
                 cmocka_unit_test(test_gpu_keys),
                 cmocka_unit_test(test_bad_values),
