@@ -1422,7 +1422,7 @@ _public_ int wd_status_get(wd_client *c, wd_status **ret, wd_error *err) {
         /* The cluster part only where the daemon has one. */
         const Weightd__V1__ClusterReply *cr = sr->cluster && sr->cluster->enabled ? sr->cluster : NULL;
         size_t n = sr->n_model_roots, nd = sr->n_devices, ncl = cr ? cluster_n_nodes(cr) : 0,
-               strings = strlen(sr->version) + strlen(sr->socket) + strlen(sr->gpu) + 3;
+               strings = strlen(sr->version) + strlen(sr->socket) + strlen(sr->gpu) + strlen(sr->hugetlb_pool) + 4;
 
         if (cr) {
                 r = cluster_check(cr, &e);
@@ -1470,6 +1470,12 @@ _public_ int wd_status_get(wd_client *c, wd_status **ret, wd_error *err) {
                 .n_devices = nd,
                 .devices = devs,
                 .cluster = cr ? ci : NULL,
+                .hugetlb_pool = pack_string(&p, sr->hugetlb_pool),
+                .hugetlb_reserved_bytes = sr->hugetlb_reserved_bytes,
+                .hugetlb_touched_bytes = sr->hugetlb_touched_bytes,
+                .hugetlb_free_bytes = sr->hugetlb_free_bytes,
+                .shmem_fallback_slabs = sr->shmem_fallback_slabs,
+                .shmem_fallback_bytes = sr->shmem_fallback_bytes,
         };
         if (cr)
                 cluster_copy(cr, ci, cnodes, &p);

@@ -979,6 +979,17 @@ static int status_json(const wd_status *s) {
                                 (json_int_t) s->loading, "evictions", json_u64(s->evictions), "model_roots",
                                 roots, "socket", json_str(s->socket), "hugetlb", s->hugetlb, "gpu",
                                 json_str(s->gpu ? s->gpu : ""), "devices", devs);
+        if (doc && json_object_set_new(doc, "hugetlb_pool",
+                                       json_pack("{s:o, s:o, s:o, s:o, s:o, s:o}", "state",
+                                                 json_str(s->hugetlb_pool ? s->hugetlb_pool : ""),
+                                                 "reserved_bytes", json_u64(s->hugetlb_reserved_bytes),
+                                                 "touched_bytes", json_u64(s->hugetlb_touched_bytes),
+                                                 "free_bytes", json_u64(s->hugetlb_free_bytes),
+                                                 "shmem_fallback_slabs", json_u64(s->shmem_fallback_slabs),
+                                                 "shmem_fallback_bytes", json_u64(s->shmem_fallback_bytes))) < 0) {
+                json_decref(doc);
+                doc = NULL;
+        }
         /* Only where the daemon has a cluster. */
         if (doc && s->cluster &&
             json_object_set_new(doc, "cluster",
@@ -992,7 +1003,35 @@ static int status_json(const wd_status *s) {
         return json_print(doc);
 }
 
+/* "ready: 11.8 GiB reserved, 11.8 GiB touched, 11.8 GiB free", or the state
+ * alone where the daemon reserved nothing. */
+static const char *hugetlb_pool_line(char *buf, size_t size, const wd_status *s) {
+        char a[SIZE_MAX_LEN], b[SIZE_MAX_LEN], c[SIZE_MAX_LEN];
+        const char *state = s->hugetlb_pool && s->hugetlb_pool[0] ? s->hugetlb_pool : "-";
+
+        if (s->hugetlb_reserved_bytes == 0)
+                snprintf(buf, size, "%s", state);
+        else
+                snprintf(buf, size, "%s: %s reserved, %s touched, %s free", state,
+                         format_bytes(a, s->hugetlb_reserved_bytes), format_bytes(b, s->hugetlb_touched_bytes),
+                         format_bytes(c, s->hugetlb_free_bytes));
+        return buf;
+}
+
+/* Slabs that fell back to small pages: "none", or "3 slabs, 1.5 GiB". */
+static const char *fallback_line(char *buf, size_t size, const wd_status *s) {
+        char a[SIZE_MAX_LEN];
+
+        if (s->shmem_fallback_slabs == 0)
+                snprintf(buf, size, "none");
+        else
+                snprintf(buf, size, "%" PRIu64 " slab%s, %s (the hugetlb pool was short)", s->shmem_fallback_slabs,
+                         s->shmem_fallback_slabs == 1 ? "" : "s", format_bytes(a, s->shmem_fallback_bytes));
+        return buf;
+}
+
 static int run_status(wd_client *c, const Options *o) {
+        char pool[192], fallback[128];
         _cleanup_(wd_status_freep) wd_status *s = NULL;
         char num[7][24], size[4][SIZE_MAX_LEN], uptime[DURATION_MAX_LEN];
         wd_error e = {};
@@ -1019,6 +1058,8 @@ static int run_status(wd_client *c, const Options *o) {
                 { "host used", format_bytes(size[1], s->host_used_bytes) },
                 { "host evictable", format_bytes(size[2], s->host_evictable_bytes) },
                 { "hugetlb", s->hugetlb ? "yes" : "no" },
+                { "hugetlb pool", hugetlb_pool_line(pool, sizeof(pool), s) },
+                { "small pages", fallback_line(fallback, sizeof(fallback), s) },
                 { "storage read", format_bytes(size[3], s->storage_read_bytes) },
                 { "entries", num[1] },
                 { "loading", num[2] },

@@ -30,6 +30,7 @@
 #include "server/request.h"
 #include "server/roots.h"
 #include "server/server.h"
+#include "store/hugepool.h"
 #include "store/store.h"
 #include "util/completion.h"
 #include "util/log.h"
@@ -85,6 +86,8 @@ struct Server {
         uint64_t watchdog_usec;
         uint64_t started_usec;
         uint64_t hugetlb_free_pages; /* of the default pool, refreshed every second */
+        HugePool *hugepool;          /* the pool of [memory] hugetlb_reserve */
+        char hugepool_note[192];     /* "" while it is in use, else "off" or why there is none */
         char status_line[256];       /* the last STATUS= sent */
         bool stopping;
         bool handles_closed;
@@ -118,6 +121,111 @@ static PeerLimits peer_limits(const Config *c) {
 
 static void server_maybe_exit(Server *s);
 
+/* ---- the daemon's hugetlb pool ------------------------------------------ */
+
+static uint64_t hugepool_target(Server *s, const Config *c) {
+        if (c->hugetlb_reserve == 0 || c->host_pages == SLAB_PAGES_SMALL)
+                return 0;
+        return hugepool_pages_for(s->hugepool, c->host_budget,
+                                  c->hugetlb_reserve == CONFIG_HUGETLB_RESERVE_AUTO ? 0 : c->hugetlb_reserve);
+}
+
+static double gib(uint64_t pages) {
+        return (double) (pages * HUGEPOOL_PAGE_SIZE) / (1u << 30);
+}
+
+/* At start and on SIGHUP: size the pool for c (prefix: "" or "SIGHUP: ")
+ * and touch what was added. */
+static void server_hugepool_apply(Server *s, const Config *c, const char *prefix) {
+        uint64_t want = hugepool_target(s, c), before = 0, after = 0;
+        HugePoolStats had, now;
+        int r;
+
+        hugepool_get_stats(s->hugepool, &had);
+        if (c->hugetlb_reserve == 0 || c->host_pages == SLAB_PAGES_SMALL)
+                snprintf(s->hugepool_note, sizeof(s->hugepool_note), "off (%s)",
+                         c->hugetlb_reserve == 0 ? "hugetlb_reserve = off" : "host_pages = small");
+        else if (want == 0)
+                snprintf(s->hugepool_note, sizeof(s->hugepool_note),
+                         "none: the node has too little memory available to reserve any");
+        else
+                s->hugepool_note[0] = '\0';
+        if (want == had.reserved_pages) {
+                if (*prefix == '\0' && want == 0)
+                        log_info("hugetlb pool: %s", s->hugepool_note);
+                return;
+        }
+        r = hugepool_resize(s->hugepool, want, &before, &after);
+        if (r < 0) {
+                snprintf(s->hugepool_note, sizeof(s->hugepool_note), "none: cannot write %s: %s", HUGEPOOL_NR_PATH,
+                         strerror(-r));
+                log_warning("%shugetlb pool: cannot change %s: %s; slabs use what the system reserved, else small "
+                            "pages, ignoring.",
+                            prefix, HUGEPOOL_NR_PATH, strerror(-r));
+                return;
+        }
+        hugepool_get_stats(s->hugepool, &now);
+        if (now.reserved_pages > had.reserved_pages) {
+                log_info("%shugetlb pool: reserved %" PRIu64 " pages of 2 MiB (%.2f GiB; host budget %.2f GiB), "
+                         "vm.nr_hugepages %" PRIu64 " -> %" PRIu64 "; touching them in the background",
+                         prefix, now.reserved_pages, gib(now.reserved_pages), (double) c->host_budget / (1u << 30),
+                         before, after);
+                if (now.reserved_pages < want)
+                        log_warning("%shugetlb pool: the kernel added %" PRIu64 " of the %" PRIu64
+                                    " pages asked for (memory too fragmented or in use), ignoring.",
+                                    prefix, now.reserved_pages - had.reserved_pages, want - had.reserved_pages);
+                r = hugepool_touch(s->hugepool);
+                if (r < 0)
+                        log_warning_errno(r, "%shugetlb pool: cannot start touching it: %m, ignoring.", prefix);
+        } else
+                log_info("%shugetlb pool: gave back %" PRIu64 " pages (%.2f GiB), %" PRIu64 " left (%.2f GiB); "
+                         "vm.nr_hugepages %" PRIu64 " -> %" PRIu64,
+                         prefix, had.reserved_pages - now.reserved_pages,
+                         gib(had.reserved_pages - now.reserved_pages), now.reserved_pages, gib(now.reserved_pages),
+                         before, after);
+}
+
+/* Every second: log once when the touch ended. */
+static void server_hugepool_tick(Server *s) {
+        HugePoolStats st;
+
+        if (!s->hugepool || !hugepool_poll(s->hugepool))
+                return;
+        hugepool_get_stats(s->hugepool, &st);
+        if (st.reserved_pages == 0)
+                return;
+        log_info("hugetlb pool: touched %" PRIu64 " free pages of its %" PRIu64 " (%.2f GiB) in %.2f s; ready",
+                 st.touched_pages, st.reserved_pages, gib(st.touched_pages), (double) st.touch_usec / 1e6);
+        if (st.touched_pages < st.touch_target)
+                log_warning("hugetlb pool: %" PRIu64 " free pages could not be touched: other processes took them, "
+                            "ignoring.",
+                            st.touch_target - st.touched_pages);
+}
+
+static void server_hugepool_free(Server *s) {
+        HugePoolStats st;
+
+        if (!s->hugepool)
+                return;
+        hugepool_get_stats(s->hugepool, &st);
+        if (st.reserved_pages > 0)
+                log_info("hugetlb pool: giving back its %" PRIu64 " pages (%.2f GiB)", st.reserved_pages,
+                         gib(st.reserved_pages));
+        s->hugepool = s->store.hugepool = hugepool_free(s->hugepool);
+}
+
+static void server_hugepool_status(Server *s, Weightd__V1__StatusReply *st) {
+        HugePoolStats hp;
+
+        hugepool_get_stats(s->hugepool, &hp);
+        st->hugetlb_pool = s->hugepool_note[0] ? s->hugepool_note : hp.touching ? "touching" : "ready";
+        st->hugetlb_reserved_bytes = hp.reserved_pages * HUGEPOOL_PAGE_SIZE;
+        st->hugetlb_touched_bytes = hp.touched_pages * HUGEPOOL_PAGE_SIZE;
+        st->hugetlb_free_bytes = s->hugetlb_free_pages * HUGEPOOL_PAGE_SIZE;
+        st->shmem_fallback_slabs = s->store.shmem_fallback_slabs;
+        st->shmem_fallback_bytes = s->store.shmem_fallback_bytes;
+}
+
 /* ---- status ------------------------------------------------------------- */
 
 static void server_update_status(Server *s) {
@@ -149,6 +257,7 @@ static void server_status(Weightd__V1__StatusReply *st, void *userdata) {
         st->storage_read_bytes = s->storage_read_retired + reader_bytes_read(s->store.reader);
         st->socket = s->socket_path;
         st->hugetlb = s->store.load_opts.pages != SLAB_PAGES_SMALL && s->hugetlb_free_pages > 0;
+        server_hugepool_status(s, st);
 }
 
 /* Swap in a reader with the reloaded io settings once no load uses the old. */
@@ -248,6 +357,7 @@ static void on_tick(uv_timer_t *t) {
         Server *s = t->data;
 
         s->hugetlb_free_pages = hugetlb_pool_free();
+        server_hugepool_tick(s);
         peer_context_tick(&s->peers, now_usec());
         server_publish_metrics(s);
 }
@@ -791,6 +901,7 @@ static void server_reload(Server *s) {
                 return;
         }
         cache_set_budget(s->store.cache, c->host_budget);
+        server_hugepool_apply(s, c, "SIGHUP: ");
         gpu_tier_reload(s, c);
         s->store.load_opts = (LoadOptions){ .direct = c->direct_io, .pages = c->host_pages };
         if (c->queue_depth != s->config->queue_depth || c->chunk_size != s->config->chunk_size)
@@ -1003,6 +1114,7 @@ Server *server_free(Server *s) {
         reader_free(s->store.reader);
         gpu_tier_free(s);
         cache_free(s->store.cache);
+        server_hugepool_free(s); /* after the slabs: their pages go back at once */
         roots_unref(s->roots);
         metrics_http_free(s->metrics_http);
         free(s->metrics_listen);
@@ -1056,6 +1168,9 @@ int server_new(Server **ret, Config *config, const char *config_path) {
                 if (s->roots->items[i].fd < 0)
                         log_warning_errno(s->roots->items[i].open_error, "Model root %s: %m, ignoring.",
                                           s->roots->items[i].path);
+        r = hugepool_new(&s->hugepool);
+        if (r < 0)
+                return log_error_errno(r, "Out of memory");
         r = cache_new(&s->store.cache, "host", config->host_budget);
         if (r < 0)
                 return log_error_errno(r, "Cannot create the cache: %m");
@@ -1066,6 +1181,7 @@ int server_new(Server **ret, Config *config, const char *config_path) {
                 return log_error_errno(r, "Cannot start the io_uring reader: %m");
         s->store.load_opts = (LoadOptions){ .direct = config->direct_io, .pages = config->host_pages };
         s->store.queue = &s->queue;
+        s->store.hugepool = s->hugepool;
         s->store.worker = &s->worker;
         s->store.before_seal = server_before_seal;
         s->store.changed = server_changed;
@@ -1130,6 +1246,7 @@ int server_new(Server **ret, Config *config, const char *config_path) {
                  WEIGHTD_VERSION, (double) config->host_budget / (1u << 30), config->host_budget_spec,
                  config->n_model_roots, config->queue_depth, config->chunk_size >> 10,
                  direct_mode_to_string(config->direct_io));
+        server_hugepool_apply(s, config, "");
         *ret = TAKE_PTR(s);
         return 0;
 }

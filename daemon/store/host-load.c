@@ -106,23 +106,46 @@ static void format_stages(const HostLoad *hl, const LoadStages *st, char *buf, s
                  format_timespan(seal, sizeof(seal), st->seal_usec));
 }
 
+/* Slabs that wanted hugetlb pages (host_pages auto) and got shmem because
+ * the pool was short: counted for Status, and "; 2 of 4 files on small
+ * pages (the hugetlb pool was short)" for the log line (or ""). */
+static void count_fallbacks(HostLoad *hl, char *buf, size_t size) {
+        Slab *const *slabs = load_job_slabs(hl->load);
+        size_t n = 0;
+
+        buf[0] = '\0';
+        if (hl->store->load_opts.pages != SLAB_PAGES_AUTO || load_job_error(hl->load) != 0)
+                return;
+        for (size_t i = 0; i < hl->comp->n_files; i++)
+                if (slabs[i] && !slabs[i]->hugetlb) {
+                        n++;
+                        hl->store->shmem_fallback_slabs++;
+                        hl->store->shmem_fallback_bytes += slabs[i]->size;
+                }
+        if (n > 0)
+                snprintf(buf, size, "; %zu of %zu files on small pages (the hugetlb pool was short)", n,
+                         hl->comp->n_files);
+}
+
 static void seal_done(Completion *c) {
         HostLoad *hl = container_of(c, HostLoad, seal.done);
         WdError err = WD_ERROR_NULL;
         CacheEntry *e = NULL;
         uint64_t now = now_usec(), total = hl->comp->total_bytes;
         double secs = (double) (now - hl->started_usec) / 1e6;
-        char stages[4 * FORMAT_TIMESPAN_MAX + 64];
+        char stages[4 * FORMAT_TIMESPAN_MAX + 64], fallback[128];
         const char *sep = *hl->comp->name ? " " : "";
         LoadStages ls;
         int r;
 
         load_job_stages(hl->load, now, &ls);
+        count_fallbacks(hl, fallback, sizeof(fallback));
         r = load_job_finish(TAKE_PTR(hl->load), &e, &err);
         if (r == 0) {
                 format_stages(hl, &ls, stages, sizeof(stages));
-                log_info("loaded %s%s%s: %.1f MiB in %.2f s (%.2f GB/s); %s", hl->comp->model, sep, hl->comp->name,
-                         (double) total / (1u << 20), secs, secs > 0 ? (double) total / secs / 1e9 : 0.0, stages);
+                log_info("loaded %s%s%s: %.1f MiB in %.2f s (%.2f GB/s); %s%s", hl->comp->model, sep, hl->comp->name,
+                         (double) total / (1u << 20), secs, secs > 0 ? (double) total / secs / 1e9 : 0.0, stages,
+                         fallback);
         } else if (r != -ECANCELED)
                 log_warning("load of %s%s%s failed: %s", hl->comp->model, sep, hl->comp->name, err.message);
         else
@@ -147,6 +170,8 @@ static void read_done(Completion *c) {
         hl->read_finished = true;
         hl->read_error = load_job_error(hl->load);
         st->n_reading--;
+        if (st->n_reading == 0 && st->hugepool)
+                (void) hugepool_resume(st->hugepool);
         job_progress(&hl->job, atomic_load(&hl->done_bytes), hl->comp->total_bytes, 0, true);
         job_set_sealing(&hl->job);
         for (HostLoadFeed *f = hl->feeds, *next; f; f = next) {
@@ -232,9 +257,13 @@ int host_load_start(Store *st, int root_fd, const Component *comp, uint64_t requ
         }
         hl->requested_usec = requested_usec;
         hl->started_usec = now_usec();
+        if (st->hugepool)
+                hugepool_pause(st->hugepool);
         r = load_job_start(&hl->load, st->reader, st->cache, hl->root_fd, hl->comp, &st->load_opts, on_progress,
                            on_done, hl, err);
         if (r != 0) {
+                if (st->n_reading == 0 && st->hugepool)
+                        (void) hugepool_resume(st->hugepool);
                 pthread_mutex_destroy(&hl->feeds_lock);
                 component_free(hl->comp);
                 safe_close(hl->root_fd);

@@ -6,6 +6,7 @@
 
 #include "io/reader.h"
 #include "store/cache.h"
+#include "store/hugepool.h"
 #include "store/job.h"
 #include "store/loader.h"
 #include "util/completion.h"
@@ -26,6 +27,12 @@ typedef struct Store {
          * reader swap, the drain. */
         void (*changed)(void *userdata);
         void *userdata;
+        /* The daemon's hugetlb pool (NULL: none): a host load pauses its
+         * touch before it creates slabs, and resumes it when no load reads. */
+        HugePool *hugepool;
+        /* Host load slabs that asked for hugetlb pages (host_pages auto)
+         * and got shmem: the pool was short. */
+        uint64_t shmem_fallback_slabs, shmem_fallback_bytes;
 } Store;
 
 static inline void store_changed(Store *s) {

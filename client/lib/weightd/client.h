@@ -505,6 +505,20 @@ typedef struct wd_status {
         /* Added after 0.2.0: the cluster (see wd_cluster()), NULL when the
          * daemon reports none (no [cluster], or older than the tier). */
         const struct wd_cluster_info *cluster;
+        /* Added after 0.2.0: the daemon's own hugetlb pool ([memory]
+         * hugetlb_reserve).  hugetlb_pool is "off", "touching" (being touched
+         * after start), "ready", or why there is none; "" from older
+         * daemons.  reserved: 2 MiB pages the daemon added to the kernel's
+         * pool; touched: of those, touched since start or the last resize;
+         * free: the kernel's free 2 MiB pages, whoever reserved them.
+         * shmem_fallback_*: slabs (and their bytes) that got small pages
+         * since start because the pool was short. */
+        const char *hugetlb_pool;
+        uint64_t hugetlb_reserved_bytes;
+        uint64_t hugetlb_touched_bytes;
+        uint64_t hugetlb_free_bytes;
+        uint64_t shmem_fallback_slabs;
+        uint64_t shmem_fallback_bytes;
 } wd_status;
 
 typedef struct wd_device {
