@@ -83,7 +83,10 @@ static void dl_complete(DeviceLoad *dl) {
         CacheEntry *e = dl->job.entry;
         const WdError *err = &dl->copy_err;
         int r = dl->copy_r;
+        uint64_t usec = now_usec() - dl->started_usec;
+        char tier[32];
 
+        snprintf(tier, sizeof(tier), "cuda:%u", info->index);
         if (r == 0 && dl->host_r != 0) {
                 /* The copy read bytes the host side did not verify. */
                 r = dl->host_r;
@@ -91,13 +94,17 @@ static void dl_complete(DeviceLoad *dl) {
         }
         if (r == 0) {
                 cache_entry_set_resident_memory(e, gpu_copy_take_slab(dl->copy));
-                log_info("loaded %s%s%s to cuda:%u: %.1f MiB in %.2f s (%.2f GB/s)", dl->comp->model, sep,
-                         dl->comp->name, info->index, (double) dl->plan->bytes / (1u << 20), secs,
-                         secs > 0 ? (double) dl->plan->bytes / secs / 1e9 : 0.0);
+                log_info_fields(&(LogFields){ .model = dl->comp->model, .component = dl->comp->name, .tier = tier,
+                                              .bytes = &dl->plan->bytes, .duration_usec = &usec },
+                                "loaded %s%s%s to cuda:%u: %.1f MiB in %.2f s (%.2f GB/s)", dl->comp->model, sep,
+                                dl->comp->name, info->index, (double) dl->plan->bytes / (1u << 20), secs,
+                                secs > 0 ? (double) dl->plan->bytes / secs / 1e9 : 0.0);
         } else {
                 if (r != -ECANCELED)
-                        log_warning("load of %s%s%s to cuda:%u failed: %s", dl->comp->model, sep, dl->comp->name,
-                                    info->index, err->message);
+                        log_warning_fields(&(LogFields){ .model = dl->comp->model, .component = dl->comp->name,
+                                                         .tier = tier, .code = wd_error_code_name(r) },
+                                           "load of %s%s%s to cuda:%u failed: %s", dl->comp->model, sep,
+                                           dl->comp->name, info->index, err->message);
                 cache_entry_abort(e);
         }
         job_finish(&dl->job, &(JobOutcome){ .r = r, .err = err, .entry = r == 0 ? e : NULL, .plan = dl->plan });

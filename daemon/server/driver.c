@@ -80,7 +80,9 @@ static int component_ref_resolve(Driver *d, Peer *p, uint64_t id, const char *mo
         r = roots_resolve(d->roots, model, ret_root, ret_rel, ret_key, &err);
         if (r != 0) {
                 if (r == WD_E_PERMISSION)
-                        log_info("%s: refused: %s", p->name, err.message);
+                        log_info_fields(&(LogFields){ .model = model, .component = component,
+                                                      .code = wd_error_code_name(r), .peer_uid = &p->cred.uid },
+                                        "%s: refused: %s", p->name, err.message);
                 request_reply_wd_error(p, id, r, &err);
                 return 1;
         }
@@ -188,7 +190,9 @@ static void resolve_done(uv_work_t *w, int status) {
                 r->r = wd_error_set(&r->err, -ECANCELED, "the resolve was cancelled");
         if (r->r != 0) {
                 if (r->r == WD_E_PERMISSION)
-                        log_info("%s: refused: %s", r->peer->name, r->err.message);
+                        log_info_fields(&(LogFields){ .component = r->component, .code = wd_error_code_name(r->r),
+                                                      .peer_uid = &r->peer->cred.uid },
+                                        "%s: refused: %s", r->peer->name, r->err.message);
                 complete_error(r, r->r, &r->err);
         } else if (r->kind == REQUEST_LOAD || r->kind == REQUEST_PREFETCH)
                 load_resolved(d, r);
@@ -785,7 +789,8 @@ static int handle_entry_op(Driver *d, Peer *p, uint64_t id, const Weightd__V1__C
                                 return request_reply_wd_error(p, id, r, &err);
                         n++;
                 }
-                log_info("%s: evicted %s %s (%u entr%s)", p->name, key, ref->component, n, n == 1 ? "y" : "ies");
+                log_info_fields(&(LogFields){ .model = key, .component = ref->component, .peer_uid = &p->cred.uid },
+                                "%s: evicted %s %s (%u entr%s)", p->name, key, ref->component, n, n == 1 ? "y" : "ies");
                 break;
         case ENTRY_PIN:
                 for (; e; e = find_entry(d, e, key, ref->component))

@@ -20,6 +20,10 @@
 #include "util/log.h"
 #include "util/time-util.h"
 
+/* A line about a peer, with its uid as the journal's PEER_UID=. */
+#define log_peer_info(p, ...) log_info_fields(&(LogFields){ .peer_uid = &(p)->cred.uid }, __VA_ARGS__)
+#define log_peer_warning(p, ...) log_warning_fields(&(LogFields){ .peer_uid = &(p)->cred.uid }, __VA_ARGS__)
+
 struct OutFrame {
         OutFrame *next;
         uint8_t *buf;
@@ -148,13 +152,13 @@ void peer_context_tick(PeerContext *ctx, uint64_t now) {
                 if (p->closing)
                         continue;
                 if (!p->hello && now - p->accepted_usec >= ctx->limits.hello_timeout_usec) {
-                        log_info("%s: no Hello within %" PRIu64 " s, disconnecting", p->name,
-                                 ctx->limits.hello_timeout_usec / 1000000u);
+                        log_peer_info(p, "%s: no Hello within %" PRIu64 " s, disconnecting", p->name,
+                                      ctx->limits.hello_timeout_usec / 1000000u);
                         peer_close(p);
                 } else if (p->frame_started_usec > 0 &&
                            now - p->frame_started_usec >= ctx->limits.frame_timeout_usec) {
-                        log_info("%s: a frame did not complete within %" PRIu64 " s, disconnecting", p->name,
-                                 ctx->limits.frame_timeout_usec / 1000000u);
+                        log_peer_info(p, "%s: a frame did not complete within %" PRIu64 " s, disconnecting", p->name,
+                                      ctx->limits.frame_timeout_usec / 1000000u);
                         peer_close(p);
                 }
         }
@@ -456,9 +460,9 @@ static void user_enforce_out(Peer *p) {
                                 worst = q;
                 if (!worst || peer_backlog(worst) == 0)
                         return;
-                log_warning("%s: more than %zu bytes of replies not read over the connections of uid %u, "
-                            "disconnecting the one that reads least",
-                            worst->name, PEER_MAX_OUT_BYTES_PER_UID, (unsigned) u->uid);
+                log_peer_warning(worst, "%s: more than %zu bytes of replies not read over the connections of uid %u, "
+                                 "disconnecting the one that reads least",
+                                 worst->name, PEER_MAX_OUT_BYTES_PER_UID, (unsigned) u->uid);
                 peer_close_deferred(worst);
                 if (worst == p)
                         return;
@@ -504,8 +508,8 @@ int peer_queue(Peer *p, uint8_t *buf, size_t len, const int *fds, size_t n_fds, 
         if (r < 0)
                 return r;
         if (peer_backlog(p) > PEER_MAX_OUT_BYTES) {
-                log_warning("%s: more than %zu bytes of replies not read, disconnecting", p->name,
-                            PEER_MAX_OUT_BYTES);
+                log_peer_warning(p, "%s: more than %zu bytes of replies not read, disconnecting", p->name,
+                                 PEER_MAX_OUT_BYTES);
                 peer_close_deferred(p);
                 return -ENOBUFS;
         }
@@ -543,8 +547,8 @@ static bool peer_charge_input(Peer *p) {
         p->in_charged = p->in.size;
         if (u->in_bytes <= PEER_MAX_IN_BYTES_PER_UID)
                 return true;
-        log_warning("%s: the connections of uid %u buffer more than %zu bytes of requests, disconnecting", p->name,
-                    (unsigned) u->uid, PEER_MAX_IN_BYTES_PER_UID);
+        log_peer_warning(p, "%s: the connections of uid %u buffer more than %zu bytes of requests, disconnecting",
+                         p->name, (unsigned) u->uid, PEER_MAX_IN_BYTES_PER_UID);
         peer_close(p);
         return false;
 }
@@ -579,14 +583,14 @@ static int peer_process(Peer *p) {
                 if (r == 0)
                         break;
                 if (r < 0) {
-                        log_warning("%s: frame longer than the limit of %" PRIu32 " bytes, disconnecting", p->name,
-                                    ctx->limits.max_request_size);
+                        log_peer_warning(p, "%s: frame longer than the limit of %" PRIu32 " bytes, disconnecting",
+                                         p->name, ctx->limits.max_request_size);
                         peer_close(p);
                         return r;
                 }
                 env = wire_unpack_bounded(payload, len, WIRE_UNPACK_BUDGET(len));
                 if (!env) {
-                        log_warning("%s: undecodable frame of %zu bytes, disconnecting", p->name, len);
+                        log_peer_warning(p, "%s: undecodable frame of %zu bytes, disconnecting", p->name, len);
                         peer_close(p);
                         return -EBADMSG;
                 }
@@ -635,19 +639,19 @@ static void peer_on_readable(Peer *p) {
                 }
                 if (r == 0) {
                         if (wire_reader_partial(&p->in))
-                                log_warning("%s: connection closed in the middle of a frame", p->name);
+                                log_peer_warning(p, "%s: connection closed in the middle of a frame", p->name);
                         peer_close(p);
                         return;
                 }
                 if (r == -EPROTO) {
-                        log_warning("%s: sent file descriptors, which the daemon never accepts; disconnecting",
-                                    p->name);
+                        log_peer_warning(p, "%s: sent file descriptors, which the daemon never accepts; disconnecting",
+                                         p->name);
                         peer_close(p);
                         return;
                 }
                 if (r == -EMSGSIZE) {
-                        log_warning("%s: frame longer than the limit of %" PRIu32 " bytes, disconnecting", p->name,
-                                    p->ctx->limits.max_request_size);
+                        log_peer_warning(p, "%s: frame longer than the limit of %" PRIu32 " bytes, disconnecting",
+                                         p->name, p->ctx->limits.max_request_size);
                         peer_close(p);
                         return;
                 }

@@ -620,14 +620,16 @@ static void server_take_peer(Server *s, int fd, const struct ucred *cred) {
                 return;
         }
         if (r == -EUSERS) {
-                log_warning("pid %d uid %u: %u connections, the limit; refused", (int) cred->pid,
-                            (unsigned) cred->uid, s->peers.n_peers);
+                log_warning_fields(&(LogFields){ .peer_uid = &cred->uid },
+                                   "pid %d uid %u: %u connections, the limit; refused", (int) cred->pid,
+                                   (unsigned) cred->uid, s->peers.n_peers);
                 snprintf(msg, sizeof(msg), "the daemon has %u connections, its limit (max_connections)",
                          s->peers.n_peers);
         } else if (r == -EDQUOT) {
                 u = peer_context_user(&s->peers, cred->uid);
-                log_warning("pid %d uid %u: %u connections from this uid, the limit; refused", (int) cred->pid,
-                            (unsigned) cred->uid, u ? u->conns : 0);
+                log_warning_fields(&(LogFields){ .peer_uid = &cred->uid },
+                                   "pid %d uid %u: %u connections from this uid, the limit; refused", (int) cred->pid,
+                                   (unsigned) cred->uid, u ? u->conns : 0);
                 snprintf(msg, sizeof(msg), "uid %u has %u connections, the limit (max_connections_per_uid)",
                          (unsigned) cred->uid, u ? u->conns : 0);
         } else {
@@ -663,8 +665,9 @@ static void on_listen(uv_poll_t *h, int status, int events) {
                         continue;
                 }
                 if (!peer_allowed(s->config, fd, &cred)) {
-                        log_info("pid %d uid %u gid %u: not on the allow list, refused", (int) cred.pid,
-                                 (unsigned) cred.uid, (unsigned) cred.gid);
+                        log_info_fields(&(LogFields){ .peer_uid = &cred.uid },
+                                        "pid %d uid %u gid %u: not on the allow list, refused", (int) cred.pid,
+                                        (unsigned) cred.uid, (unsigned) cred.gid);
                         snprintf(msg, sizeof(msg), "uid %u is not allowed to use this daemon (allow_uids, allow_gids)",
                                  (unsigned) cred.uid);
                         refuse(fd, WEIGHTD__V1__CODE__PERMISSION_DENIED, msg);

@@ -143,11 +143,15 @@ static void seal_done(Completion *c) {
         r = load_job_finish(TAKE_PTR(hl->load), &e, &err);
         if (r == 0) {
                 format_stages(hl, &ls, stages, sizeof(stages));
-                log_info("loaded %s%s%s: %.1f MiB in %.2f s (%.2f GB/s); %s%s", hl->comp->model, sep, hl->comp->name,
-                         (double) total / (1u << 20), secs, secs > 0 ? (double) total / secs / 1e9 : 0.0, stages,
-                         fallback);
+                log_info_fields(&(LogFields){ .model = hl->comp->model, .component = hl->comp->name, .tier = "host",
+                                              .bytes = &total, .duration_usec = &(uint64_t){ now - hl->started_usec } },
+                                "loaded %s%s%s: %.1f MiB in %.2f s (%.2f GB/s); %s%s", hl->comp->model, sep,
+                                hl->comp->name, (double) total / (1u << 20), secs,
+                                secs > 0 ? (double) total / secs / 1e9 : 0.0, stages, fallback);
         } else if (r != -ECANCELED)
-                log_warning("load of %s%s%s failed: %s", hl->comp->model, sep, hl->comp->name, err.message);
+                log_warning_fields(&(LogFields){ .model = hl->comp->model, .component = hl->comp->name, .tier = "host",
+                                                 .code = wd_error_code_name(r) },
+                                   "load of %s%s%s failed: %s", hl->comp->model, sep, hl->comp->name, err.message);
         else
                 log_debug("load of %s%s%s cancelled", hl->comp->model, sep, hl->comp->name);
 

@@ -57,15 +57,20 @@ static void build_end(ShardBuild *b, int r, WdError *err) {
                 else {
                         slabs[0] = TAKE_PTR(b->slab);
                         cache_entry_set_resident(derived, slabs, 1);
-                        log_info("sharded %s%s%s (%s): %.1f MiB in %.3f s (%.2f GB/s)", b->comp->model,
-                                 *b->comp->name ? " " : "", b->comp->name, derived->variant,
-                                 (double) b->plan->bytes / (1u << 20), secs,
-                                 secs > 0 ? (double) b->plan->bytes / secs / 1e9 : 0.0);
+                        log_info_fields(&(LogFields){ .model = b->comp->model, .component = b->comp->name,
+                                                      .tier = "host", .bytes = &b->plan->bytes,
+                                                      .duration_usec = &(uint64_t){ now_usec() - b->started_usec } },
+                                        "sharded %s%s%s (%s): %.1f MiB in %.3f s (%.2f GB/s)", b->comp->model,
+                                        *b->comp->name ? " " : "", b->comp->name, derived->variant,
+                                        (double) b->plan->bytes / (1u << 20), secs,
+                                        secs > 0 ? (double) b->plan->bytes / secs / 1e9 : 0.0);
                 }
         }
         if (r != 0) {
                 if (r != -ECANCELED)
-                        log_warning("%s", err->message);
+                        log_warning_fields(&(LogFields){ .model = b->comp->model, .component = b->comp->name,
+                                                         .tier = "host", .code = wd_error_code_name(r) },
+                                           "%s", err->message);
                 cache_entry_abort(derived);
         }
         job_finish(&b->job,
