@@ -35,6 +35,10 @@ static void check_accepted(const Config *c) {
             c->queue_depth > 4096 || c->chunk_size < (64u << 10) || c->chunk_size > (1u << 30) || c->chunk_size % 4096 ||
             c->direct_io >= _DIRECT_MODE_MAX)
                 abort();
+        /* [metrics] listen: "" and no address, or an address that parsed. */
+        if (!c->metrics_listen || !*c->metrics_listen != !c->metrics_host ||
+            (c->metrics_host && (!*c->metrics_host || strlen(c->metrics_host) >= strlen(c->metrics_listen))))
+                abort();
         if (!c->cluster_node) {
                 if (c->n_cluster_nodes || c->cluster_secret_file || c->cluster_secret || c->cluster_secret_len)
                         abort();
