@@ -81,6 +81,17 @@ run_cases() {
                 devs="host"
                 for d in /dev/nvidia[0-9]*; do [ -e "$d" ] && devs+=" cuda:${d#/dev/nvidia}"; done
                 tr ' ' '\n' <<<"$devs" | sort | xargs)" weightctl prefetch /m --device ""
+        expect "--device=VALUE" "host" weightctl prefetch /m --device = h
+        # "cuda:" is two words to bash (':' is in COMP_WORDBREAKS): what
+        # replaces the text after the colon.
+        local devices
+        devices=$(declare -f _weightctl_devices)
+        _weightctl_devices() { printf '%s\n' host cuda:0 cuda:1 cuda:10; }
+        expect "GPUs by prefix" "cuda:0 cuda:1 cuda:10" weightctl prefetch /m --device cu
+        expect "GPUs after the colon" "0 1 10" weightctl prefetch /m --device cuda :
+        expect "GPUs after the colon, by prefix" "1 10" weightctl prefetch /m --device cuda : 1
+        expect "GPUs after --device=cuda:" "1 10" weightctl prefetch /m --device = cuda : 1
+        eval "$devices"
         expect "MODEL as a path" "$tmp/models/flux-dev" weightctl prefetch "$tmp/models/fl"
         expect "no second MODEL" "" weightctl prefetch "$tmp/models/flux-dev" "$tmp/models/l"
         expect "no MODEL for ls" "" weightctl ls "$tmp/models/l"
