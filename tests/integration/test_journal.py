@@ -116,7 +116,7 @@ def test_lines_go_to_the_journal_with_fields(bins, workdir, testdata, journal):
         r = d.ctl("tensors", str(workdir))
         assert r.returncode == 1
         e = journal.wait("refused")[0]
-        assert e["PEER_UID"] == "0" and e["CODE"] and e["MODEL"] == str(workdir), e
+        assert e["PEER_UID"] == "0" and e["CODE"] == "PERMISSION_DENIED" and e["MODEL"] == str(workdir), e
 
         # A peer that breaks the protocol: a warning with its uid.
         conn = d.raw()

@@ -17,7 +17,7 @@ import urllib.request
 
 import pytest
 
-from harness import make_dir, run, wait_until
+from harness import REPO, make_dir, run, wait_until
 
 PROMTOOL = shutil.which("promtool")
 PROMETHEUS = shutil.which("prometheus")
@@ -191,6 +191,19 @@ def test_prometheus_scrapes_what_status_says(start_daemon, testdata, workdir):
         assert got["weightd_leases"] == 1 and got['weightd_memory_used_bytes{tier="host"}'] > 0
         assert got["weightd_storage_read_bytes_total"] > 0
         assert promql(web, 'up{job="weightd"}') == 1
+
+        # Every query of the Grafana dashboard in docs/ runs, and those of
+        # gauges find samples (rates may need more scrapes; no cluster here).
+        dash = json.loads((REPO / "docs" / "grafana-weightd.json").read_text())
+        for panel in dash["panels"]:
+            for target in panel.get("targets", []):
+                q = target["expr"].replace("$__rate_interval", "1m").replace("$instance", ".*")
+                url = f"http://127.0.0.1:{web}/api/v1/query?" + urllib.parse.urlencode({"query": q})
+                with urllib.request.urlopen(url, timeout=5) as r:
+                    body = json.load(r)
+                assert body["status"] == "success", (panel["title"], q, body)
+                if "rate(" not in q and "cluster" not in q:
+                    assert body["data"]["result"], (panel["title"], q)
     finally:
         prom.terminate()
         prom.wait(30)
