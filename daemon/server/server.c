@@ -25,6 +25,7 @@
 #include "server/driver.h"
 #include "server/metrics-http.h"
 #include "server/metrics.h"
+#include "server/fdstore.h"
 #include "server/notify.h"
 #include "server/peer.h"
 #include "server/request.h"
@@ -75,6 +76,7 @@ struct Server {
         char *metrics_listen;      /* what metrics_http serves, as configured */
         uint64_t started_realtime_usec;
 
+        FdStore fdstore; /* what the service manager's store passed, until adopted */
         int listen_fd;
         bool listen_bound; /* we bound it: unlink at exit */
         char *socket_path;
@@ -801,10 +803,10 @@ static int listen_bind(const char *path, int *ret_fd) {
 }
 
 static int listen_open(Server *s) {
-        int fd = notify_listen_fd();
+        int fd = fdstore_take(&s->fdstore); /* the socket unit's socket, and the store's descriptors */
 
         if (fd < 0)
-                return log_error_errno(fd, "The service manager passed a socket that is not one Unix stream socket");
+                return fd;
         if (fd > 0) {
                 struct sockaddr_un sa = {};
                 socklen_t len = sizeof(sa);
@@ -1122,6 +1124,7 @@ Server *server_free(Server *s) {
         metrics_http_free(s->metrics_http);
         free(s->metrics_listen);
         metrics_free(s->metrics);
+        fdstore_done(&s->fdstore);
         if (s->listen_fd >= 0) {
                 if (s->listen_bound && s->socket_path)
                         (void) unlink(s->socket_path);
@@ -1218,6 +1221,9 @@ int server_new(Server **ret, Config *config, const char *config_path) {
         r = listen_open(s);
         if (r < 0)
                 return r;
+        /* The host tier of the process before, from the service manager's
+         * store: before the first request can look for it. */
+        fdstore_adopt(&s->fdstore, s->store.cache, s->roots);
 
         if (config->cluster_node) {
                 WdError err = WD_ERROR_NULL;
@@ -1271,6 +1277,9 @@ int server_run(Server *s) {
         server_update_status(s);
 
         (void) uv_run(&s->loop, UV_RUN_DEFAULT);
+        /* Every job ended and every peer left: hand what is resident to the
+         * service manager for the next start. */
+        fdstore_save(s->store.cache);
         log_info("Stopped");
         return s->exit_code;
 }
