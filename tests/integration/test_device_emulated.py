@@ -647,3 +647,36 @@ def test_weightctl_prefetch_device_ls_and_status(emu, testdata):
     assert r.returncode != 0, r.stdout.decode()
     err = r.stderr.decode()
     assert "INVALID_ARGUMENT" in err and uuid_of(5) in err and "no such device" in err, err
+
+
+# ---- 11. metrics --------------------------------------------------------------
+
+def test_metrics_per_device(emu, testdata):
+    """/metrics has a tier per device, equal to Status's devices; device loads
+    count as misses, then hits, and as cuda:N samples of the histogram."""
+    from test_metrics import metrics_port, scrape_when
+    d = emu(listen="127.0.0.1:0")
+    port = metrics_port(d)
+    model = testdata / "models" / "sharded"
+    with d.raw() as c:
+        load, fd = load_ok(c, model, target="cuda:1")
+        os.close(fd)
+        load, fd = load_ok(c, model, target="cuda:1")
+        os.close(fd)
+        s = scrape_when(port, lambda s: s.get('weightd_cache_hits_total{tier="cuda:1"}') == 1,
+                        what="the device hit in the metrics")
+        st = d.status()
+    for x in st["devices"]:
+        t = f'tier="cuda:{x["index"]}"'
+        assert s[f"weightd_memory_budget_bytes{{{t}}}"] == x.get("budget_bytes", 0)
+        assert s[f"weightd_memory_used_bytes{{{t}}}"] == x.get("used_bytes", 0)
+        assert s[f"weightd_memory_evictable_bytes{{{t}}}"] == x.get("evictable_bytes", 0)
+        assert s[f"weightd_device_memory_bytes{{{t}}}"] == x.get("total_bytes", 0)
+        assert s[f'weightd_device_info{{{t},uuid="{x["uuid"]}",name="{x.get("name", "")}",'
+                 f'pci_bus_id="{x.get("pci_bus_id", "")}"}}'] == 1
+    assert s['weightd_cache_misses_total{tier="cuda:1"}'] == 1
+    assert s['weightd_load_duration_seconds_count{tier="cuda:1",outcome="ok"}'] == 1
+    assert s['weightd_load_duration_seconds_count{tier="cuda:0",outcome="ok"}'] == 0
+    assert s['weightd_cache_entries{tier="cuda:1",state="resident"}'] == 1
+    # The device load's host load: a host tier sample of its own.
+    assert s['weightd_load_duration_seconds_count{tier="host",outcome="ok"}'] == 1
