@@ -304,8 +304,10 @@ static void render_cluster(Cluster *cluster, FILE *f) {
 
         if (!cluster || cluster_get_status(cluster, &st) < 0)
                 return;
-        head(f, "weightd_cluster_generation", "gauge", "This node's generation (changes at every start).");
-        fprintf(f, "weightd_cluster_generation %" PRIu64 "\n", st.generation);
+        head(f, "weightd_cluster_info", "gauge", "This node's name and generation (new at every start), value 1.");
+        fputs("weightd_cluster_info{node=\"", f);
+        put_label(f, st.node ? st.node : "");
+        fprintf(f, "\",generation=\"%016" PRIx64 "\"} 1\n", st.generation);
         head(f, "weightd_cluster_storage_saved_bytes_total", "counter",
              "Bytes this node did not read from storage because other nodes sent them.");
         fprintf(f, "weightd_cluster_storage_saved_bytes_total %" PRIu64 "\n", st.storage_saved_bytes);
