@@ -342,6 +342,7 @@ void fdstore_save(Cache *cache) {
                 persist_slab_release(slabs[i]);
                 sent++;
         }
-        log_info("Handed %zu host entries (%zu slabs, %.2f GiB) to the service manager's store in %.1f ms", n_entries,
-                 sent, (double) bytes / (1u << 30), (double) (now_usec() - start) / 1000.0);
+        log_info("Handed %zu host entr%s (%zu slabs, %.2f GiB) to the service manager's store in %.1f ms", n_entries,
+                 n_entries == 1 ? "y" : "ies", sent, (double) bytes / (1u << 30),
+                 (double) (now_usec() - start) / 1000.0);
 }

@@ -500,7 +500,7 @@ def test_device_slab_of_a_worker_across_the_restart(managed, systemd, tmp_root, 
         m, _ = emu.check_slab(load, fd, files, 0)
         m.close()
     assert d1.stop() == 0
-    assert "Handed 1 host entries (2 slabs" in d1.log()
+    assert "Handed 1 host entry (2 slabs" in d1.log()
 
     d2 = emu.wait_gpu(managed([tmp_root], env=env, keep_host="yes"))
     assert "Adopted 1 of 1 host entries" in d2.log(), d2.log()
