@@ -64,7 +64,7 @@ void fdstore_done(FdStore *fs) {
 
 int fdstore_take(FdStore *fs) {
         char **names = NULL;
-        int n, listen_fd = 0, others = 0, r = 0;
+        int n, listen_fd = 0, sockets = 0, r = 0;
 
         n = notify_listen_fds(&names);
         if (n < 0)
@@ -94,11 +94,21 @@ int fdstore_take(FdStore *fs) {
                         fs->fds[fs->n++] = fd;
                         continue;
                 }
-                others++;
-                if (listen_fd == 0 && is_listening_unix_stream(fd))
-                        listen_fd = fd;
-                else
-                        safe_close(fd);
+                if (is_listening_unix_stream(fd)) {
+                        sockets++;
+                        if (listen_fd == 0) {
+                                listen_fd = fd;
+                                continue;
+                        }
+                } else {
+                        /* Not the socket unit's and not ours: something
+                         * in the store that is not ours to keep. */
+                        log_warning("The service manager passed descriptor %d named \"%s\" that is neither a "
+                                    "listening Unix stream socket nor weightd's; closing it, ignoring.",
+                                    fd, name);
+                        (void) notify_store_remove(name);
+                }
+                safe_close(fd);
         }
         notify_names_free(names);
         if (r < 0) {
@@ -106,11 +116,10 @@ int fdstore_take(FdStore *fs) {
                         safe_close(listen_fd);
                 return log_error_errno(r, "Out of memory");
         }
-        if (others > 1 || (others == 1 && listen_fd == 0)) {
-                if (listen_fd > 0)
-                        safe_close(listen_fd);
-                return log_error_errno(others > 1 ? -EINVAL : -ENOTSOCK,
-                                       "The service manager passed a socket that is not one Unix stream socket");
+        if (sockets > 1) {
+                safe_close(listen_fd);
+                return log_error_errno(-EINVAL, "The service manager passed %d listening sockets; weightd takes one",
+                                       sockets);
         }
         if (fs->n > 0)
                 log_debug("The service manager passed %zu descriptors from its store", fs->n);

@@ -26,8 +26,9 @@ typedef struct FdStore {
 
 /* Sort the descriptors the service manager passed: the store's are kept in
  * fs, the listening socket of a socket unit is returned.  Returns its fd
- * (>= 3), 0 when there is none, or -errno (logged) when the others are not
- * exactly one listening Unix stream socket. */
+ * (>= 3), 0 when there is none, or -errno (logged) when there are several
+ * listening Unix stream sockets.  Anything else is closed (and removed from
+ * the store) with a warning. */
 int fdstore_take(FdStore *fs);
 
 /* Adopt what fs holds into cache, checking each entry's files under roots;

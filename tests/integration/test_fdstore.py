@@ -429,6 +429,26 @@ def test_broken_index_is_refused(managed, systemd, tmp_root, models, damage):
     assert n_fds(d2.pid) == fds_loaded
 
 
+def test_stray_descriptor_is_closed(managed, systemd, tmp_root, models):
+    """A descriptor in the store that is not weightd's (no FDNAME=, so
+    "stored") is closed and removed with a warning; the rest is adopted."""
+    big, _ = models
+    d1 = managed([tmp_root])
+    d1.hash(big)
+    assert d1.stop() == 0
+    r, w = os.pipe()
+    os.close(w)
+    with systemd.lock:
+        systemd.store.insert(0, ("stored", r))
+    d2 = managed([tmp_root])
+    log = d2.log()
+    assert 'named "stored" that is neither a listening Unix stream socket nor weightd\'s' in log, log
+    assert "Adopted 1 of 1 host entries" in log, log
+    systemd.settle()
+    assert systemd.names() == []
+    assert d2.status()["storage_read_bytes"] == 0 and hashes(d2.hash(big)) == expected(files_of(big))
+
+
 def test_store_limit_drops_the_least_recently_used(managed, systemd, tmp_root, models):
     """Where systemd says its limit ($FDSTORE, systemd 254 and later), only
     whole components that fit are handed over, most recently used first."""
