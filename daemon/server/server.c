@@ -180,18 +180,32 @@ static void server_hugepool_apply(Server *s, const Config *c, const char *prefix
                 if (r < 0)
                         log_warning_errno(r, "%shugetlb pool: cannot start touching it: %m, ignoring.", prefix);
         } else
-                log_info("%shugetlb pool: gave back %" PRIu64 " pages (%.2f GiB), %" PRIu64 " left (%.2f GiB); "
+                log_info("%shugetlb pool: gave back %" PRIu64 " pages (%.2f GiB), %" PRIu64 " left (%.2f GiB)%s; "
                          "vm.nr_hugepages %" PRIu64 " -> %" PRIu64,
                          prefix, had.reserved_pages - now.reserved_pages,
                          gib(had.reserved_pages - now.reserved_pages), now.reserved_pages, gib(now.reserved_pages),
-                         before, after);
+                         now.owed_pages > 0 ? ", of which slabs hold the pages still to give back" : "", before,
+                         after);
 }
 
-/* Every second: log once when the touch ended. */
+/* Every second: give back what slabs held when the pool shrank, and log
+ * once when the touch ended. */
 static void server_hugepool_tick(Server *s) {
         HugePoolStats st;
 
-        if (!s->hugepool || !hugepool_poll(s->hugepool))
+        if (!s->hugepool)
+                return;
+        hugepool_get_stats(s->hugepool, &st);
+        if (st.owed_pages > 0) {
+                r = hugepool_retry(s->hugepool, &n);
+                if (r < 0)
+                        log_debug_errno(r, "hugetlb pool: cannot give back %" PRIu64 " pages: %m", st.owed_pages);
+                else if (n > 0)
+                        log_info("hugetlb pool: gave back %" PRIu64 " more pages that slabs held, %" PRIu64
+                                 " to go",
+                                 n, st.owed_pages - MIN(n, st.owed_pages));
+        }
+        if (!hugepool_poll(s->hugepool))
                 return;
         hugepool_get_stats(s->hugepool, &st);
         if (st.reserved_pages == 0)
@@ -205,14 +219,23 @@ static void server_hugepool_tick(Server *s) {
 }
 
 static void server_hugepool_free(Server *s) {
+        uint64_t before, after;
+        int r;
         HugePoolStats st;
 
         if (!s->hugepool)
                 return;
         hugepool_get_stats(s->hugepool, &st);
-        if (st.reserved_pages > 0)
-                log_info("hugetlb pool: giving back its %" PRIu64 " pages (%.2f GiB)", st.reserved_pages,
-                         gib(st.reserved_pages));
+        if (st.reserved_pages > 0) {
+                r = hugepool_resize(s->hugepool, 0, &before, &after);
+                if (r < 0)
+                        log_warning_errno(r, "hugetlb pool: cannot give back its %" PRIu64 " pages: %m",
+                                          st.reserved_pages);
+                else
+                        log_info("hugetlb pool: gave back its %" PRIu64 " pages (%.2f GiB) at exit; "
+                                 "vm.nr_hugepages %" PRIu64 " -> %" PRIu64,
+                                 st.reserved_pages, gib(st.reserved_pages), before, after);
+        }
         s->hugepool = s->store.hugepool = hugepool_free(s->hugepool);
 }
 

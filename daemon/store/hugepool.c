@@ -40,7 +40,8 @@ typedef struct TouchPart {
 } TouchPart;
 
 struct HugePool {
-        uint64_t reserved; /* pages this daemon added */
+        uint64_t reserved; /* pages this daemon added and did not give back yet */
+        uint64_t target;   /* what the last resize asked for: below reserved while slabs hold the rest */
 
         pthread_t thread; /* the touch's coordinator */
         bool thread_started;
@@ -160,8 +161,10 @@ int hugepool_resize(HugePool *p, uint64_t pages, uint64_t *ret_before, uint64_t 
         uint64_t nr, now, target;
         int r;
 
-        if (pages == p->reserved)
+        if (pages == p->reserved) {
+                p->target = pages;
                 goto done;
+        }
         touch_stop(p);
         r = read_u64_file(HUGEPOOL_NR_PATH, &nr);
         if (r < 0)
@@ -179,9 +182,11 @@ int hugepool_resize(HugePool *p, uint64_t pages, uint64_t *ret_before, uint64_t 
         if (pages > p->reserved)
                 p->reserved += now > nr ? now - nr : 0;
         else
-                /* Given back whatever happened: pages in use go when
-                 * released. */
-                p->reserved = pages;
+                /* The kernel keeps pages that are in use (slabs hold them):
+                 * they stay counted, and hugepool_retry() gives them back
+                 * once they are free. */
+                p->reserved -= MIN(nr > now ? nr - now : 0, p->reserved - pages);
+        p->target = pages;
         if (ret_before)
                 *ret_before = nr;
         if (ret_after)
@@ -197,6 +202,21 @@ done:
                 if (ret_after)
                         *ret_after = nr;
         }
+        return 0;
+}
+
+int hugepool_retry(HugePool *p, uint64_t *ret_pages) {
+        uint64_t had = p->reserved;
+        int r;
+
+        if (p->reserved <= p->target) {
+                *ret_pages = 0;
+                return 0;
+        }
+        r = hugepool_resize(p, p->target, NULL, NULL);
+        if (r < 0)
+                return r;
+        *ret_pages = had - p->reserved;
         return 0;
 }
 
@@ -301,6 +321,7 @@ bool hugepool_poll(HugePool *p) {
 void hugepool_get_stats(HugePool *p, HugePoolStats *ret) {
         *ret = (HugePoolStats){
                 .reserved_pages = p->reserved,
+                .owed_pages = p->reserved > p->target ? p->reserved - p->target : 0,
                 .touched_pages = MIN(atomic_load(&p->touched), p->reserved),
                 .touch_target = p->touch_pages,
                 .touching = (p->thread_started && !atomic_load(&p->finished)) || p->paused,

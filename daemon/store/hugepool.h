@@ -30,7 +30,8 @@
 typedef struct HugePool HugePool;
 
 typedef struct HugePoolStats {
-        uint64_t reserved_pages; /* added to the kernel's pool by this daemon */
+        uint64_t reserved_pages; /* added to the kernel's pool by this daemon, not given back yet */
+        uint64_t owed_pages;     /* of those, pages a smaller size left to give back: slabs hold them */
         uint64_t touch_target;   /* what the last touch set out to touch: the free part of the share */
         uint64_t touched_pages;  /* of that, touched so far */
         bool touching;           /* the touch is running, or paused for a load */
@@ -54,9 +55,16 @@ uint64_t hugepool_pages_for(HugePool *p, uint64_t budget, uint64_t max_bytes);
  * -errno when the pool cannot be changed (-EACCES, -EROFS: not allowed;
  * -ENOENT: no 2 MiB pool on this system); the share stays then.  The kernel
  * may add fewer pages than asked for (memory too fragmented): the share is
- * what it added.  *ret_before and *ret_after: vm.nr_hugepages around the
+ * what it added.  It gives back only free pages: what slabs hold stays
+ * owed (HugePoolStats.owed_pages) until hugepool_retry() finds it free.
+ * *ret_before and *ret_after: vm.nr_hugepages around the
  * change (either may be NULL). */
 int hugepool_resize(HugePool *p, uint64_t pages, uint64_t *ret_before, uint64_t *ret_after);
+
+/* Give back what a shrink could not (the kernel keeps pages in use):
+ * *ret_pages, the pages given back now.  Cheap when nothing is owed.
+ * Returns 0 or -errno. */
+int hugepool_retry(HugePool *p, uint64_t *ret_pages);
 
 /* Touch the share on background threads (up to 4, one per CPU): each page
  * is allocated and zeroed once through a hugetlb memfd, then freed back to
