@@ -192,6 +192,8 @@ static void server_hugepool_apply(Server *s, const Config *c, const char *prefix
  * once when the touch ended. */
 static void server_hugepool_tick(Server *s) {
         HugePoolStats st;
+        uint64_t n;
+        int r;
 
         if (!s->hugepool)
                 return;
