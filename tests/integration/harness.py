@@ -35,7 +35,7 @@ SECTIONS = {
     "socket": "daemon", "model_roots": "daemon", "allow_uids": "daemon", "allow_gids": "daemon",
     "max_connections": "daemon", "max_connections_per_uid": "daemon", "max_pending_requests": "daemon", "hello_timeout": "daemon",
     "max_frame_size": "daemon", "max_request_size": "daemon", "frame_timeout": "daemon", "log_level": "daemon",
-    "host_budget": "memory", "host_pages": "memory",
+    "host_budget": "memory", "host_pages": "memory", "hugetlb_reserve": "memory",
     "queue_depth": "io", "chunk_size": "io", "direct_io": "io",
     "budget": "gpu", "device_budgets": "gpu", "keep_host": "gpu", "devices": "gpu",
     "listen": "metrics",
@@ -107,8 +107,11 @@ class Daemon:
         self.socket = str(self.dir / "weightd.sock")
         self.config_path = self.dir / "weightd.conf"
         self.log_path = self.dir / "weightd.log"
+        # hugetlb_reserve off: a test daemon (as root) would otherwise add
+        # its budget's worth of pages to the node's hugetlb pool at start;
+        # the tests of that pass hugetlb_reserve themselves.
         self.settings = {"socket": self.socket, "model_roots": ":".join(str(r) for r in roots),
-                         "log_level": "debug", "host_budget": "2G"}
+                         "log_level": "debug", "host_budget": "2G", "hugetlb_reserve": "off"}
         self.settings.update(config)
         # No metrics endpoint unless a test asks for one: daemons side by
         # side would contend for one port.
