@@ -15,7 +15,7 @@ import threading
 
 import pytest
 
-from harness import Daemon, wait_until
+from harness import BUILD, Daemon, wait_until
 
 JOURNAL_IN_NAMESPACE = (
     "mount -t tmpfs tmpfs /run && mkdir -p /run/systemd/journal && touch /run/systemd/journal/socket && "
@@ -89,8 +89,17 @@ def journal_daemon(bins, workdir, testdata, journal, **config):
     return d
 
 
+def built_with_libsystemd():
+    try:
+        return "#define HAVE_SYSTEMD 1" in (BUILD / "config.h").read_text()
+    except OSError:
+        return False
+
+
 @pytest.fixture
 def journal(workdir):
+    if not built_with_libsystemd():
+        pytest.skip(f"{BUILD} is built without libsystemd (-Dsystemd=disabled): no journal entries")
     if os.geteuid() != 0 or not shutil.which("unshare"):
         pytest.skip("needs root and unshare(1) to put a test socket at /run/systemd/journal/socket")
     j = Journal(workdir / f"journal-{os.getpid()}-{threading.get_ident()}.sock")
