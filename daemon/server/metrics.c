@@ -72,11 +72,11 @@ static void histogram_add(Histogram *h, uint64_t usec) {
         h->sum_usec += usec;
 }
 
+/* JobList.finished of both lists.  The job is off its list by now: its
+ * entry's cache says the tier (every job of the two lists fills one). */
 static void on_job_finished(const Job *j, const JobOutcome *o, uint64_t usec, void *userdata) {
         Metrics *m = userdata;
-        size_t tier = j->list == &m->store->jobs || !j->entry || j->entry->cache == m->store->cache
-                              ? METRICS_TIER_HOST
-                              : device_tier_of(m, j);
+        size_t tier = !j->entry || j->entry->cache == m->store->cache ? METRICS_TIER_HOST : device_tier_of(m, j);
         int outcome = o->r == 0 ? OUTCOME_OK : o->r == -ECANCELED ? OUTCOME_CANCELLED : OUTCOME_FAILED;
 
         if (tier < METRICS_TIERS)

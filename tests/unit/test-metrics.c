@@ -61,7 +61,7 @@ static void test_figures(void **state) {
         metrics_count_lookup(m, METRICS_TIER_HOST, false);
         metrics_count_lookup(m, METRICS_TIER_HOST, false);
         metrics_count_lookup(m, METRICS_TIERS, true); /* out of range: ignored */
-        Job j = { .entry = a, .list = &st.jobs };
+        Job j = { .entry = a }; /* off its list, as job_finish() hands it over */
         st.jobs.finished(&j, &(JobOutcome){ .r = 0 }, 1500000, st.jobs.userdata);
         st.jobs.finished(&j, &(JobOutcome){ .r = WD_E_FORMAT }, 20000, st.jobs.userdata);
         st.jobs.finished(&j, &(JobOutcome){ .r = -ECANCELED }, 3000, st.jobs.userdata);
