@@ -179,13 +179,17 @@ static void server_hugepool_apply(Server *s, const Config *c, const char *prefix
                 r = hugepool_touch(s->hugepool);
                 if (r < 0)
                         log_warning_errno(r, "%shugetlb pool: cannot start touching it: %m, ignoring.", prefix);
-        } else
+        } else {
+                /* The resize stopped a touch in progress: touch what is left. */
+                if (had.touching && now.reserved_pages > 0)
+                        (void) hugepool_touch(s->hugepool);
                 log_info("%shugetlb pool: gave back %" PRIu64 " pages (%.2f GiB), %" PRIu64 " left (%.2f GiB)%s; "
                          "vm.nr_hugepages %" PRIu64 " -> %" PRIu64,
                          prefix, had.reserved_pages - now.reserved_pages,
                          gib(had.reserved_pages - now.reserved_pages), now.reserved_pages, gib(now.reserved_pages),
                          now.owed_pages > 0 ? ", of which slabs hold the pages still to give back" : "", before,
                          after);
+        }
 }
 
 /* Every second: give back what slabs held when the pool shrank, and log

@@ -209,7 +209,8 @@ int hugepool_retry(HugePool *p, uint64_t *ret_pages) {
         uint64_t had = p->reserved;
         int r;
 
-        if (p->reserved <= p->target) {
+        /* Not while a touch holds pages: after it. */
+        if (p->reserved <= p->target || p->paused || (p->thread_started && !atomic_load(&p->finished))) {
                 *ret_pages = 0;
                 return 0;
         }
