@@ -7,11 +7,14 @@
  *
  * Rendering walks the caches' entries and the job lists: O(entries + jobs),
  * on the loop, once a second (the server's tick). */
+#include <dirent.h>
 #include <errno.h>
 #include <inttypes.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/resource.h>
+#include <unistd.h>
 
 #include "server/metrics.h"
 #include "util/time-util.h"
@@ -343,6 +346,49 @@ static void render_cluster(Cluster *cluster, FILE *f) {
         free(st.nodes);
 }
 
+/* The process_* metrics every Prometheus client library exports, from
+ * /proc/self: CPU time, memory, descriptors, start time. */
+static void render_process(FILE *f, uint64_t start_time_usec) {
+        _cleanup_fclose_ FILE *stat = fopen("/proc/self/stat", "re");
+        unsigned long long utime = 0, stime = 0, vsize = 0, rss = 0;
+        long ticks = sysconf(_SC_CLK_TCK), page = sysconf(_SC_PAGESIZE);
+        struct rlimit rl;
+        uint64_t fds = 0;
+        DIR *d;
+
+        head(f, "process_start_time_seconds", "gauge", "Start time of the process since the Unix epoch in seconds.");
+        fputs("process_start_time_seconds ", f);
+        put_seconds(f, start_time_usec);
+        fputc('\n', f);
+        /* After "(comm)", which may hold blanks: the fields from state on. */
+        if (stat && ticks > 0 && page > 0) {
+                char buf[1024], *p;
+
+                if (fgets(buf, sizeof(buf), stat) && (p = strrchr(buf, ')')) &&
+                    sscanf(p + 2, "%*c %*d %*d %*d %*d %*d %*u %*u %*u %*u %*u %llu %llu %*d %*d %*d %*d %*d %*d "
+                                  "%*u %llu %llu", &utime, &stime, &vsize, &rss) == 4) {
+                        head(f, "process_cpu_seconds_total", "counter", "Total user and system CPU time spent in seconds.");
+                        fprintf(f, "process_cpu_seconds_total %.2f\n", (double) (utime + stime) / (double) ticks);
+                        head(f, "process_virtual_memory_bytes", "gauge", "Virtual memory size in bytes.");
+                        fprintf(f, "process_virtual_memory_bytes %llu\n", vsize);
+                        head(f, "process_resident_memory_bytes", "gauge", "Resident memory size in bytes.");
+                        fprintf(f, "process_resident_memory_bytes %llu\n", rss * (unsigned long long) page);
+                }
+        }
+        d = opendir("/proc/self/fd");
+        if (d) {
+                for (struct dirent *de; (de = readdir(d));)
+                        fds += de->d_name[0] != '.';
+                closedir(d);
+                head(f, "process_open_fds", "gauge", "Number of open file descriptors.");
+                fprintf(f, "process_open_fds %" PRIu64 "\n", fds - 1); /* less opendir()'s own */
+        }
+        if (getrlimit(RLIMIT_NOFILE, &rl) == 0 && rl.rlim_cur != RLIM_INFINITY) {
+                head(f, "process_max_fds", "gauge", "Maximum number of open file descriptors.");
+                fprintf(f, "process_max_fds %llu\n", (unsigned long long) rl.rlim_cur);
+        }
+}
+
 static const char *yes_no(bool b) {
         return b ? "yes" : "no";
 }
@@ -357,10 +403,7 @@ int metrics_render(Metrics *m, const MetricsSources *src, char **ret, size_t *re
         head(f, "weightd_build_info", "gauge", "The daemon's version and what it was built with (value 1).");
         fprintf(f, "weightd_build_info{version=\"%s\",cuda=\"%s\",nccl=\"%s\",cluster=\"%s\",systemd=\"%s\"} 1\n",
                 WEIGHTD_VERSION, yes_no(HAVE_CUDA), yes_no(HAVE_NCCL), yes_no(HAVE_CLUSTER), yes_no(HAVE_SYSTEMD));
-        head(f, "weightd_start_time_seconds", "gauge", "When the daemon started, in seconds since the Unix epoch.");
-        fputs("weightd_start_time_seconds ", f);
-        put_seconds(f, src->start_time_usec);
-        fputc('\n', f);
+        render_process(f, src->start_time_usec);
 
         head(f, "weightd_storage_read_bytes_total", "counter", "Bytes read from storage.");
         fprintf(f, "weightd_storage_read_bytes_total %" PRIu64 "\n", src->storage_read_bytes);

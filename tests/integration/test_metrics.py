@@ -79,7 +79,9 @@ def test_endpoint_serves_text_format_that_promtool_accepts(start_daemon, testdat
     assert s['weightd_build_info{version="%s",cuda="%s",nccl="%s",cluster="%s",systemd="%s"}'
              % tuple(re.search(r'weightd_build_info\{version="([^"]*)",cuda="(\w+)",nccl="(\w+)",cluster="(\w+)",'
                                r'systemd="(\w+)"\}', text).groups())] == 1
-    assert abs(s["weightd_start_time_seconds"] - (time.time() - d.status()["uptime_ms"] / 1000)) < 5
+    assert abs(s["process_start_time_seconds"] - (time.time() - d.status()["uptime_ms"] / 1000)) < 5
+    assert s["process_resident_memory_bytes"] > 0 and s["process_cpu_seconds_total"] >= 0
+    assert 0 < s["process_open_fds"] <= s["process_max_fds"]
 
     # Only /metrics, only GET and HEAD.
     with pytest.raises(urllib.error.HTTPError) as e:

@@ -68,7 +68,9 @@ static void test_figures(void **state) {
 
         text = render(m, &peers);
         assert_true(strncmp(text, "# HELP weightd_build_info ", 26) == 0);
-        has(text, "weightd_start_time_seconds 1700000000.123456");
+        has(text, "process_start_time_seconds 1700000000.123456");
+        assert_non_null(strstr(text, "\nprocess_resident_memory_bytes "));
+        assert_non_null(strstr(text, "\nprocess_open_fds "));
         has(text, "weightd_storage_read_bytes_total 12345");
         has(text, "weightd_storage_reads_total 7");
         has(text, "# TYPE weightd_memory_budget_bytes gauge");
