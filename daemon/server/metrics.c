@@ -1,8 +1,9 @@
 /* The daemon's metrics (see metrics.h): counters kept as requests and jobs
  * end, and the rendering of all metrics in Prometheus's text exposition
  * format (version 0.0.4).  Names and units follow Prometheus's conventions:
- * a weightd_ prefix, base units (bytes, seconds) in the name, counters
- * ending in _total, one gauge per enumerated state.  Per-tier figures carry
+ * a weightd_ prefix (process_* as the client libraries name those), base
+ * units (bytes, seconds) in the name, counters ending in _total, one gauge
+ * per enumerated state.  Per-tier figures carry
  * a tier label ("host", "cuda:N"), the cluster's per-node ones a node label.
  *
  * Rendering walks the caches' entries and the job lists: O(entries + jobs),
