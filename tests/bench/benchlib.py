@@ -192,6 +192,7 @@ class HugePool:
         self.proc = meminfo().get("Hugepagesize") == HUGE_PAGE >> 10
         self.nr_path = "/proc/sys/vm/nr_hugepages" if self.proc else os.path.join(self.SYSFS, "nr_hugepages")
         self.original = None  # nr_hugepages before we changed it; None: untouched
+        self.added = 0  # pages we added: restore() takes back just those, whatever others did meanwhile
 
     def available(self):
         return os.path.exists(self.nr_path)
@@ -234,7 +235,9 @@ class HugePool:
                         f.write("1\n")
                 except OSError:
                     pass
-            self.set_nr(self.nr() + want - self.unused())
+            before = self.nr()
+            self.set_nr(before + want - self.unused())
+            self.added += max(self.nr() - before, 0)
             if self.unused() >= want:
                 break
         return self.unused()
@@ -242,15 +245,20 @@ class HugePool:
     def restore(self):
         if self.original is None:
             return
+        # Relative: other programs (a weightd with its own pool, another
+        # benchmark) may have changed the pool meanwhile, and writing back
+        # the absolute value we found would take their pages too.
         try:
-            self.set_nr(self.original)
+            before = self.nr()
+            self.set_nr(max(before - self.added, 0))
             now = self.nr()
             if now != self.original:
-                print(f"{PROG}: warning: {self.nr_path} is {now} after restoring {self.original}",
-                      file=sys.stderr)
+                print(f"{PROG}: note: {self.nr_path} is {now} after giving back our {self.added} pages; it was "
+                      f"{self.original} before (others changed it meanwhile)", file=sys.stderr)
         except OSError as e:
-            print(f"{PROG}: warning: could not restore {self.nr_path} to {self.original}: {e}", file=sys.stderr)
+            print(f"{PROG}: warning: could not give back {self.added} pages of {self.nr_path}: {e}", file=sys.stderr)
         self.original = None
+        self.added = 0
 
 
 def hugetlb_pages_needed(files):
