@@ -8,7 +8,7 @@ Checks, each in both directions (nothing missing, nothing stale):
   - weightctl --help's options and commands and the OPTIONS and COMMANDS of
     weightctl.1.scd;
   - the [section] keys of conf/weightd.conf and the KEYS of
-    weightd.conf.5.scd;
+    weightd.conf.5.scd, and each key's default;
   - the functions declared in weightd/client.h and those that
     libweightd-client.3.scd names.
 A failure names each option, command, key or function and the file to fix.
@@ -92,28 +92,31 @@ def page_commands(lines):
 
 
 def conf_keys(text):
-    keys, section = set(), None
+    """{"[section] key": default} of the shipped file's (commented) keys."""
+    keys, section = {}, None
     for line in text.splitlines():
         m = re.match(r"^\[([a-z_]+)\]\s*$", line)
         if m:
             section = m.group(1)
             continue
-        m = re.match(r"^#?([a-z_]+) =", line)
+        m = re.match(r"^#?([a-z_]+) =(.*)$", line)
         if m and section:
-            keys.add(f"[{section}] {m.group(1)}")
+            keys[f"[{section}] {m.group(1)}"] = m.group(2).strip()
     return keys
 
 
 def page_keys(lines):
-    keys, section = set(), None
+    """{"[section] key": default} of the KEYS section's terms: *key* = _default_
+    or *key* = (empty), several per line separated by commas."""
+    keys, section = {}, None
     for line in lines:
         m = re.match(r"^## \[([a-z_]+)\]", line)
         if m:
             section = m.group(1)
             continue
         if line.startswith("*") and section:
-            for k in re.findall(r"\*([a-z\\_]+)\* =", line):
-                keys.add(f"[{section}] {unescape(k)}")
+            for k, v in re.findall(r"\*([a-z\\_]+)\* = (_.*?_|\(empty\))(?:,|$)", line):
+                keys[f"[{section}] {unescape(k)}"] = "" if v == "(empty)" else unescape(v[1:-1])
     return keys
 
 
@@ -167,9 +170,12 @@ def main():
 
     with open(conf) as f:
         ck = conf_keys(f.read())
-    check("conf/weightd.conf keys are in weightd.conf(5)", ck,
-          page_keys(sections(page("weightd.conf.5.scd")).get("KEYS", [])),
+    pk = page_keys(sections(page("weightd.conf.5.scd")).get("KEYS", []))
+    check("conf/weightd.conf keys are in weightd.conf(5)", set(ck), set(pk),
           "conf/weightd.conf", "man/weightd.conf.5.scd KEYS")
+    differ = [f"{k}: {ck[k]!r} in conf/weightd.conf, {pk[k]!r} in man/weightd.conf.5.scd"
+              for k in sorted(set(ck) & set(pk)) if ck[k] != pk[k]]
+    results.append(("weightd.conf(5) shows each key's default as conf/weightd.conf does", differ))
 
     with open(header) as f:
         hf = header_functions(f.read())
