@@ -210,16 +210,16 @@ static int entry_take_slabs(const PersistEntry *pe, int *by_id, Slab ***ret, WdE
         return 0;
 }
 
-void fdstore_adopt(FdStore *fs, Cache *cache, Roots *roots) {
+uint64_t fdstore_adopt(FdStore *fs, Cache *cache, Roots *roots) {
         _cleanup_(persist_index_freep) PersistIndex *x = NULL;
         _cleanup_free_ int *by_id = NULL;
         WdError err = WD_ERROR_NULL;
-        uint64_t start = now_usec(), bytes = 0;
+        uint64_t start = now_usec(), bytes = 0, huge = 0;
         size_t n_adopted = 0, n_index = 0, n_stray = 0;
         int index_fd = -1, r;
 
         if (fs->n == 0)
-                return;
+                return 0;
         for (size_t i = 0; i < fs->n; i++)
                 if (streq(fs->names[i], PERSIST_INDEX_NAME)) {
                         n_index++;
@@ -276,8 +276,16 @@ void fdstore_adopt(FdStore *fs, Cache *cache, Roots *roots) {
                                 for (size_t i = 0; i < pe->n_slabs; i++)
                                         slab_free(slabs[i]);
                                 free(slabs);
-                        } else
+                        } else {
+                                uint64_t h = 0;
+
+                                for (size_t i = 0; i < pe->n_slabs; i++)
+                                        if (slabs[i]->hugetlb)
+                                                h += slabs[i]->capacity;
                                 r = persist_entry_adopt(cache, pe, slabs, &err);
+                                if (r == 0)
+                                        huge += h;
+                        }
                 }
                 if (r != 0) {
                         log_info("Not adopting %s from the service manager's store: %s", label, err.message);
@@ -301,6 +309,7 @@ void fdstore_adopt(FdStore *fs, Cache *cache, Roots *roots) {
 finish:
         store_remove_all(fs);
         fdstore_done(fs);
+        return huge;
 }
 
 /* ---- saving ------------------------------------------------------------- */

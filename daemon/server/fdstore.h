@@ -12,6 +12,7 @@
 #pragma once
 
 #include <stddef.h>
+#include <stdint.h>
 
 #include "server/roots.h"
 #include "store/cache.h"
@@ -33,8 +34,10 @@ int fdstore_take(FdStore *fs);
 
 /* Adopt what fs holds into cache, checking each entry's files under roots;
  * logs what was adopted and what was dropped and why.  Everything in fs is
- * closed afterwards and removed from the service manager's store. */
-void fdstore_adopt(FdStore *fs, Cache *cache, Roots *roots);
+ * closed afterwards and removed from the service manager's store.  Returns
+ * the bytes of huge pages the adopted slabs hold: the process before took
+ * them from its hugetlb pool, so they are not in the pool this one adds. */
+uint64_t fdstore_adopt(FdStore *fs, Cache *cache, Roots *roots);
 
 /* Close whatever fs still holds. */
 void fdstore_done(FdStore *fs);

@@ -89,6 +89,7 @@ struct Server {
         uint64_t started_usec;
         uint64_t hugetlb_free_pages; /* of the default pool, refreshed every second */
         HugePool *hugepool;          /* the pool of [memory] hugetlb_reserve */
+        uint64_t adopted_hugetlb;    /* bytes of huge pages the slabs adopted at start hold (fdstore.c) */
         char hugepool_note[192];     /* "" while it is in use, else "off" or why there is none */
         char status_line[256];       /* the last STATUS= sent */
         bool stopping;
@@ -128,7 +129,9 @@ static void server_maybe_exit(Server *s);
 static uint64_t hugepool_target(Server *s, const Config *c) {
         if (c->hugetlb_reserve == 0 || c->host_pages == SLAB_PAGES_SMALL)
                 return 0;
-        return hugepool_pages_for(s->hugepool, c->host_budget,
+        /* The slabs adopted from the process before hold huge pages of
+         * their own: the pool need not hold them again. */
+        return hugepool_pages_for(s->hugepool, c->host_budget - MIN(c->host_budget, s->adopted_hugetlb),
                                   c->hugetlb_reserve == CONFIG_HUGETLB_RESERVE_AUTO ? 0 : c->hugetlb_reserve);
 }
 
@@ -1252,7 +1255,7 @@ int server_new(Server **ret, Config *config, const char *config_path) {
                 return r;
         /* The host tier of the process before, from the service manager's
          * store: before the first request can look for it. */
-        fdstore_adopt(&s->fdstore, s->store.cache, s->roots);
+        s->adopted_hugetlb = fdstore_adopt(&s->fdstore, s->store.cache, s->roots);
 
         if (config->cluster_node) {
                 WdError err = WD_ERROR_NULL;

@@ -298,8 +298,9 @@ def test_restart_adopts_unchanged_and_drops_changed(managed, systemd, tmp_root, 
     if pages == "hugetlb":
         if not os.access(NR_HUGEPAGES, os.W_OK):
             pytest.skip(f"cannot make a hugetlb pool here ({NR_HUGEPAGES} is not writable)")
-        # The daemon's own pool, 64 pages: slabs on huge pages or the load fails.
-        config = {"host_pages": "hugetlb", "hugetlb_reserve": "128M"}
+        # The daemon's own pool, the budget's 32 pages: slabs on huge pages
+        # or the load fails.
+        config = {"host_pages": "hugetlb", "hugetlb_reserve": "auto", "host_budget": "64M"}
     d1 = managed([tmp_root], **config)
     want_big, want_single = expected(files_of(big)), expected(files_of(single))
     assert hashes(d1.hash(big)) == want_big
@@ -329,6 +330,11 @@ def test_restart_adopts_unchanged_and_drops_changed(managed, systemd, tmp_root, 
     log = d2.log()
     assert "Adopted 1 of 2 host entries" in log, log
     assert f"Not adopting {single} from the service manager's store: {single} changed" in log, log
+    if pages == "hugetlb":
+        # The adopted slabs hold their huge pages: the pool adds the rest of
+        # the budget only.
+        held = sum(-(-p.stat().st_size // (2 << 20)) for p in files_of(big))
+        assert f"hugetlb pool: reserved {32 - held} pages of 2 MiB" in log, log
     # Everything taken was removed from the store again.
     systemd.settle()
     assert systemd.names() == []
