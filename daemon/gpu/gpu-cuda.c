@@ -175,6 +175,10 @@ bool gpu_built(void) {
         return true;
 }
 
+bool gpu_emulated(void) {
+        return false;
+}
+
 static int driver_load(Driver *d, WdError *err) {
         static const struct {
                 const char *name;
@@ -490,6 +494,10 @@ uint64_t gpu_slab_map_size(const GpuSlab *s) {
 
 size_t gpu_slab_device(const GpuSlab *s) {
         return s->dev;
+}
+
+void *gpu_slab_address(const GpuSlab *s) {
+        return (void *) (uintptr_t) s->base;
 }
 
 /* ---- page-locked host slabs --------------------------------------------- */

@@ -55,6 +55,10 @@ bool gpu_built(void) {
         return true;
 }
 
+bool gpu_emulated(void) {
+        return true;
+}
+
 int gpu_new(Gpu **ret, const unsigned *only, size_t n_only, WdError *err) {
         _cleanup_(gpu_freep) Gpu *g = NULL;
         const char *spec = getenv("WEIGHTD_EMULATED_GPUS"), *colon;
@@ -203,6 +207,10 @@ uint64_t gpu_slab_map_size(const GpuSlab *s) {
 
 size_t gpu_slab_device(const GpuSlab *s) {
         return s->index;
+}
+
+void *gpu_slab_address(const GpuSlab *s) {
+        return s->base;
 }
 
 /* Host memory needs no page-locking here. */

@@ -9,6 +9,10 @@ bool gpu_built(void) {
         return false;
 }
 
+bool gpu_emulated(void) {
+        return false;
+}
+
 int gpu_new(Gpu **ret, const unsigned *only, size_t n_only, WdError *err) {
         return wd_error_set(err, -EOPNOTSUPP, NO_CUDA);
 }
@@ -51,6 +55,10 @@ uint64_t gpu_slab_map_size(const GpuSlab *s) {
 
 size_t gpu_slab_device(const GpuSlab *s) {
         return 0;
+}
+
+void *gpu_slab_address(const GpuSlab *s) {
+        return NULL;
 }
 
 int gpu_host_register(Gpu *g, void *p, uint64_t size, bool read_only, WdError *err) {

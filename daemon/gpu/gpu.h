@@ -64,6 +64,9 @@ typedef struct GpuCopy GpuCopy;
 
 /* Whether this build has the CUDA code. */
 bool gpu_built(void);
+/* Whether its devices are emulated in host memory (-Dgpu_emulation=true):
+ * device addresses are host addresses then. */
+bool gpu_emulated(void);
 
 /* Find the devices and start one thread per device.  Blocking (the driver's
  * initialisation takes a while): call it off the loop.  only: the ordinals
@@ -104,6 +107,9 @@ int gpu_slab_fd(const GpuSlab *s);
 uint64_t gpu_slab_size(const GpuSlab *s);     /* bytes asked for */
 uint64_t gpu_slab_map_size(const GpuSlab *s); /* bytes allocated (granularity) */
 size_t gpu_slab_device(const GpuSlab *s);
+/* The slab's address in the daemon's mapping: a device address (CUDA's
+ * unified addressing), a host address on emulated devices. */
+void *gpu_slab_address(const GpuSlab *s);
 
 /* Page-lock [p, p + size) for copies (idempotent per p, size and
  * read_only; a registration overlapping the range otherwise is taken for a

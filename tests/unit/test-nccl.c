@@ -2,7 +2,10 @@
  * way (the version it reports), and where no GPU is: what a node without
  * NCCL or without a device gets.  With a GPU, a one-rank communicator
  * broadcasts a buffer to itself and the bytes are read back with
- * cudaMemcpy.  Built where the CUDA toolkit and NCCL are. */
+ * cudaMemcpy; and the collectives table's NCCL backend (gpu/coll-nccl.c)
+ * runs the lane's pattern: host to a device slot, broadcast, device slot to
+ * host, a signal whose done comes through progress().  Built where the CUDA
+ * toolkit and NCCL are. */
 #include <setjmp.h>
 #include <stdarg.h>
 #include <stddef.h>
@@ -14,6 +17,7 @@
 #include <cuda_runtime_api.h>
 #include <nccl.h>
 
+#include "gpu/collective.h"
 #include "gpu/nccl.h"
 
 static void test_version_matches_linked_nccl(void **state) {
@@ -103,12 +107,77 @@ static void test_broadcast_or_no_device(void **state) {
         free(back);
 }
 
+typedef struct Done {
+        GpuCollOp op;
+        int calls, status;
+} Done;
+
+static void done_fn(GpuCollOp *op, int status) {
+        Done *d = (Done *) op;
+
+        d->calls++;
+        d->status = status;
+}
+
+static void test_table_lane_pattern_or_no_device(void **state) {
+        GpuColl coll = { 0 };
+        WdError err = WD_ERROR_NULL;
+        uint8_t id[GPU_COLL_ID_BYTES];
+        unsigned peers[1] = { 0 };
+        GpuCollComm *c = NULL;
+        int count = 0, r;
+
+        if (gpu_coll_nccl_new(&coll, &err) != 0)
+                fail_msg("%s", err.message);
+        assert_string_equal(coll.ops->name, "nccl");
+        if (coll.ops->unique_id(coll.backend, id, &err) != 0)
+                fail_msg("%s", err.message);
+        if (cudaGetDeviceCount(&count) != cudaSuccess || count == 0) {
+                assert_int_equal(coll.ops->comm_init(coll.backend, id, 1, 0, 0, peers, &c, &err), -ENODEV);
+                gpu_coll_nccl_free(&coll);
+                return;
+        }
+        const size_t bytes = 3u << 20;
+        uint8_t *host = NULL, *back = NULL;
+        void *slot = NULL;
+        Done d = { .op.done = done_fn };
+
+        /* Page-locked, as the lane's host slabs are. */
+        assert_int_equal(cudaMallocHost((void **) &host, bytes), cudaSuccess);
+        assert_int_equal(cudaMallocHost((void **) &back, bytes), cudaSuccess);
+        for (size_t i = 0; i < bytes; i++)
+                host[i] = (uint8_t) (i * 2246822519u >> 11);
+        memset(back, 0, bytes);
+        if (coll.ops->comm_init(coll.backend, id, 1, 0, 0, peers, &c, &err) != 0)
+                fail_msg("%s", err.message);
+        while ((r = coll.ops->comm_poll(c, &err)) == -EINPROGRESS)
+                ;
+        if (r != 0)
+                fail_msg("%s", err.message);
+        assert_int_equal(cudaMalloc(&slot, bytes), cudaSuccess);
+        assert_int_equal(coll.ops->copy(c, slot, host, bytes, &err), 0);
+        assert_int_equal(coll.ops->broadcast(c, slot, slot, bytes, 0, &err), 0);
+        assert_int_equal(coll.ops->copy(c, back, slot, bytes, &err), 0);
+        assert_int_equal(coll.ops->signal(c, &d.op, &err), 0);
+        while (d.calls == 0)
+                coll.ops->progress(c);
+        assert_int_equal(d.calls, 1);
+        assert_int_equal(d.status, 0);
+        assert_memory_equal(back, host, bytes);
+        coll.ops->abort(c, NULL, NULL);
+        cudaFree(slot);
+        cudaFreeHost(host);
+        cudaFreeHost(back);
+        gpu_coll_nccl_free(&coll);
+}
+
 int main(void) {
         const struct CMUnitTest tests[] = {
                 cmocka_unit_test(test_version_matches_linked_nccl),
                 cmocka_unit_test(test_missing_library_and_symbols),
                 cmocka_unit_test(test_unique_ids),
                 cmocka_unit_test(test_broadcast_or_no_device),
+                cmocka_unit_test(test_table_lane_pattern_or_no_device),
         };
 
         return cmocka_run_group_tests(tests, NULL, NULL);
