@@ -1330,7 +1330,7 @@ static size_t cluster_strings(const Weightd__V1__ClusterReply *cr) {
 
         if (!cr->enabled)
                 return 0;
-        n = strlen(cr->node) + 1;
+        n = strlen(cr->node) + 1 + strlen(cr->gpu_lane) + 1;
         for (size_t i = 0; i < cr->n_nodes; i++) {
                 const Weightd__V1__ClusterNode *x = cr->nodes[i];
 
@@ -1371,6 +1371,9 @@ static void cluster_copy(const Weightd__V1__ClusterReply *cr, wd_cluster_info *c
                 .peer_sent_bytes = cr->peer_sent_bytes,
                 .peer_received_bytes = cr->peer_received_bytes,
                 .storage_saved_bytes = cr->storage_saved_bytes,
+                .gpu_lane = pack_string(p, cr->gpu_lane),
+                .lane_sent_bytes = cr->lane_sent_bytes,
+                .lane_received_bytes = cr->lane_received_bytes,
         };
 }
 

@@ -894,12 +894,15 @@ static int run_cluster(wd_client *c, const Options *o) {
         if (o->json) {
                 if (!ci->enabled)
                         return json_print(json_pack("{s:b}", "enabled", false));
-                return json_print(json_pack("{s:b, s:o, s:s, s:o, s:o, s:o, s:o}", "enabled", true, "node",
-                                            json_str(ci->node), "generation", format_generation(gen, ci->generation),
-                                            "nodes", cluster_nodes_json(ci, true), "peer_sent_bytes",
+                return json_print(json_pack("{s:b, s:o, s:s, s:o, s:o, s:o, s:o, s:o, s:o, s:o}", "enabled", true,
+                                            "node", json_str(ci->node), "generation",
+                                            format_generation(gen, ci->generation), "nodes",
+                                            cluster_nodes_json(ci, true), "peer_sent_bytes",
                                             json_u64(ci->peer_sent_bytes), "peer_received_bytes",
                                             json_u64(ci->peer_received_bytes), "storage_saved_bytes",
-                                            json_u64(ci->storage_saved_bytes)));
+                                            json_u64(ci->storage_saved_bytes), "gpu_lane", json_str(ci->gpu_lane),
+                                            "lane_sent_bytes", json_u64(ci->lane_sent_bytes),
+                                            "lane_received_bytes", json_u64(ci->lane_received_bytes)));
         }
         if (!ci->enabled) {
                 puts("no cluster: the daemon has no [cluster] section");
@@ -935,6 +938,10 @@ static int run_cluster(wd_client *c, const Options *o) {
                        node ? node : "?", format_generation(gen, ci->generation),
                        format_bytes(size[0], ci->peer_sent_bytes), format_bytes(size[1], ci->peer_received_bytes),
                        format_bytes(size[2], ci->storage_saved_bytes));
+                _cleanup_free_ char *lane = printable(ci->gpu_lane ? ci->gpu_lane : "");
+
+                printf("GPU lanes: %s; %s sent and %s received over them\n", lane ? lane : "?",
+                       format_bytes(size[0], ci->lane_sent_bytes), format_bytes(size[1], ci->lane_received_bytes));
         }
         return EXIT_OK;
 }

@@ -203,6 +203,8 @@ struct Cluster {
         uint64_t generation;
         Mesh *mesh;
         DataPlane *data;
+        Lanes *lanes;
+        LanesTransport gpu_transport;
         uint64_t *node_generation; /* the up generation, 0 when down */
         char **node_mismatch;      /* why its view of a component differed, NULL if it did not */
         uint64_t *node_sent, *node_received;
@@ -643,6 +645,7 @@ static void coord_free(Coord *co) {
         if (!co)
                 return;
         LIST_REMOVE(coords, co->c->coords, co);
+        lanes_plan_ended(co->c->lanes, co->plan_id);
         free(co->model);
         free(co->component);
         views_free(co->views, co->n_views);
@@ -747,6 +750,30 @@ static void coord_start(Coord *co) {
         st.plan_id = co->plan_id;
         st.sources = sources;
         st.receivers = receivers;
+        /* A whole plan to a device: its chunks go GPU to GPU, through a
+         * lane of every source and receiver (targets are in mesh order). */
+        uint8_t lane_id[GPU_COLL_ID_BYTES];
+        unsigned lane_ranks[PLAN_MAX_SOURCES];
+        _cleanup_free_ char **lane_names = calloc(co->n_targets + 1, sizeof(char *));
+        size_t n_lane = 0;
+
+        for (size_t i = 0; lane_names && i < co->n_targets; i++) {
+                const Target *t = &co->targets[i];
+
+                if ((t->state == TARGET_READY || t->state == TARGET_RESIDENT || t->state == TARGET_SOURCE_COPYING) &&
+                    n_lane < PLAN_MAX_SOURCES) {
+                        lane_ranks[n_lane] = t->node;
+                        lane_names[n_lane++] = (char *) mesh_node_name(c->mesh, t->node);
+                }
+        }
+        if (lane_names && co->device >= 0 && co->parts.n == 0 && st.n_receivers > 0 &&
+            lanes_offer(c->lanes, co->plan_id, co->device, lane_ranks, n_lane, c->chunk_size, lane_id) == 0) {
+                st.lane_id.data = lane_id;
+                st.lane_id.len = GPU_COLL_ID_BYTES;
+                st.lane_ranks = lane_names;
+                st.n_lane_ranks = n_lane;
+                st.lane_device = (uint32_t) co->device;
+        }
         for (size_t i = 0; i < co->n_targets; i++) {
                 Target *t = &co->targets[i];
 
@@ -1496,6 +1523,30 @@ void cluster_resolved(ClusterResolve *p, int r, const WdError *err, const Compon
         free(p);
 }
 
+/* The Start names a GPU lane: s's transfer moves its chunks through it,
+ * where this node's part of the plan is on the lane's device. */
+static void join_lane(Cluster *c, Slot *s, const Weightd__Cluster__V1__Start *m) {
+        unsigned ranks[PLAN_MAX_SOURCES];
+        size_t n = 0;
+
+        for (size_t i = 0; i < m->n_lane_ranks && i < PLAN_MAX_SOURCES; i++) {
+                int k = mesh_find(c->mesh, m->lane_ranks[i]);
+
+                /* In mesh order, each once: anything else is no lane. */
+                if (k < 0 || (n > 0 && (unsigned) k <= ranks[n - 1]))
+                        return;
+                ranks[n++] = (unsigned) k;
+        }
+        if (n != m->n_lane_ranks)
+                return;
+        if (m->lane_id.len == GPU_COLL_ID_BYTES && (s->device < 0 || (uint32_t) s->device != m->lane_device)) {
+                /* Its ranks wait for this node: they must hear it. */
+                lanes_join(c->lanes, s->t, NULL, 0, ranks, n, -1, 0);
+                return;
+        }
+        lanes_join(c->lanes, s->t, m->lane_id.data, m->lane_id.len, ranks, n, s->device, transfer_chunk_size(s->t));
+}
+
 static void handle_start(Cluster *c, unsigned from, const Weightd__Cluster__V1__Start *m) {
         Slot *s = slot_find(c, m->plan_id);
         unsigned src[PLAN_MAX_SOURCES], rcv[PLAN_MAX_SOURCES];
@@ -1545,6 +1596,8 @@ static void handle_start(Cluster *c, unsigned from, const Weightd__Cluster__V1__
                 transfer_abort(s->t, "left out of the plan");
                 return;
         }
+        if (m->lane_id.len > 0)
+                join_lane(c, s, m);
         if (slot_set_tell(s, src, ns, rcv, nr) < 0 || transfer_start(s->t, src, ns, rcv, nr) < 0)
                 transfer_abort(s->t, "cannot start");
 }
@@ -2068,6 +2121,16 @@ static void dispatch(Cluster *c, unsigned from, const ClusterEnvelope *env) {
         case WEIGHTD__CLUSTER__V1__ENVELOPE__BODY_GONE:
                 handle_gone(c, from, env->gone);
                 break;
+        case WEIGHTD__CLUSTER__V1__ENVELOPE__BODY_LANE_DOWN: {
+                Slot *s = slot_find(c, env->lane_down->plan_id);
+                char why[256];
+
+                /* The peer's words, escaped for the log. */
+                wd_escape(why, sizeof(why), env->lane_down->message ? env->lane_down->message : "", 200);
+                if (s)
+                        lanes_lane_down(c->lanes, s->t, from, *why ? why : "a rank ended the lane");
+                break;
+        }
         case WEIGHTD__CLUSTER__V1__ENVELOPE__BODY_PROGRESS:
                 handle_progress(c, from, env->progress);
                 break;
@@ -2130,6 +2193,7 @@ static void on_mesh_down(Mesh *m, unsigned node, uint64_t generation, const char
 
         log_warning("node %s is down: %s", mesh_node_name(m, node), why);
         c->node_generation[node] = 0;
+        lanes_node_down(c->lanes, node);
         dataplane_disconnect(c->data, node);
         for (Slot *s = c->slots, *next; s; s = next) {
                 /* An abort may finish the transfer and free its slot. */
@@ -2197,6 +2261,20 @@ static void *on_incoming(DataPlane *d, const void *hdr, size_t hdr_len, uint64_t
         TransferChunkHeader h;
         Slot *s;
 
+        if (hdr_len == sizeof(CollHostHeader)) {
+                /* A GPU lane's broadcast, on emulated GPUs. */
+                CollHostHeader ch;
+                void *dst;
+
+                memcpy(&ch, hdr, sizeof(ch));
+                if (ch.sender >= c->n_nodes || ch.generation == 0 || c->node_generation[ch.sender] != ch.generation)
+                        return NULL;
+                dst = lanes_incoming(c->lanes, &ch, length, ret_token);
+                /* Its tokens are told apart from transfers' by the low bit. */
+                if (dst)
+                        *ret_token = (void *) ((uintptr_t) *ret_token | 1u);
+                return dst;
+        }
         if (hdr_len != sizeof(h))
                 return NULL;
         memcpy(&h, hdr, sizeof(h));
@@ -2209,7 +2287,10 @@ static void *on_incoming(DataPlane *d, const void *hdr, size_t hdr_len, uint64_t
 }
 
 static void on_received(DataPlane *d, void *token, int status, void *userdata) {
-        transfer_received(token, status);
+        if ((uintptr_t) token & 1u)
+                lanes_received((void *) ((uintptr_t) token & ~(uintptr_t) 1u), status);
+        else
+                transfer_received(token, status);
 }
 
 static const MeshOps mesh_ops = {
@@ -2261,6 +2342,7 @@ static int copy_config(Cluster *c, const ClusterParams *p) {
         c->deadline_usec = p->deadline_usec;
         c->peer_fetch = p->peer_fetch;
         c->chunk_size = p->chunk_size;
+        c->gpu_transport = p->gpu_transport;
         return 0;
 }
 
@@ -2401,6 +2483,9 @@ int cluster_new(Cluster **ret, uv_loop_t *loop, Store *store, const ClusterParam
         c->progress_timer.data = c;
         c->open_timers = 3;
         r = mesh_start(c, err);
+        if (r == 0 && lanes_new(&c->lanes, loop, c->mesh, c->data, c->generation, c->gpu_transport,
+                                c->deadline_usec) < 0)
+                r = wd_error_set(err, -ENOMEM, "out of memory");
         if (r != 0) {
                 c->ops.closed = NULL; /* a cluster that never was */
                 cluster_free(c);
@@ -2425,12 +2510,14 @@ Cluster *cluster_free(Cluster *c) {
         if (!c)
                 return NULL;
         c->closing = true;
+        lanes_shutdown(c->lanes);
         stop_all(c, "the daemon stops");
         /* The data plane calls back every send and receive in flight now
          * (the mesh still names the nodes for their logs); transfers drain,
          * those with reads in flight when the reads end. */
         c->data = dataplane_free(c->data);
         c->tctx.data = NULL;
+        c->lanes = lanes_free(c->lanes);
         c->mesh = mesh_free(c->mesh);
         c->tctx.mesh = NULL;
         while (c->local_head) {
@@ -2474,11 +2561,14 @@ int cluster_reconfigure(Cluster *c, const ClusterParams *p, WdError *err) {
         if (same_mesh(c, p)) {
                 c->peer_fetch = p->peer_fetch;
                 c->chunk_size = p->chunk_size;
+                c->gpu_transport = p->gpu_transport;
+                lanes_set_transport(c->lanes, p->gpu_transport);
                 return 0;
         }
         if (p->n_nodes == 0 || p->n_nodes > MESH_MAX_NODES)
                 return wd_error_set(err, WD_E_INVALID, "[cluster] nodes: 1..%u nodes", MESH_MAX_NODES);
         log_info("cluster: the nodes, secret or deadline changed; the links start over");
+        lanes_shutdown(c->lanes);
         stop_all(c, "the cluster was reconfigured");
         c->mesh = mesh_free(c->mesh);
         /* Transfers in flight on the data plane drain as their peers are
@@ -2498,6 +2588,10 @@ int cluster_reconfigure(Cluster *c, const ClusterParams *p, WdError *err) {
                 r = mesh_start(c, err);
         else
                 wd_error_set(err, r, "out of memory");
+        if (r == 0) {
+                lanes_set_mesh(c->lanes, c->mesh);
+                lanes_set_transport(c->lanes, p->gpu_transport);
+        }
         /* The old configuration's memory. */
         for (size_t i = 0; i < old.n_nodes; i++) {
                 free((char *) old.nodes[i].name);
@@ -2521,6 +2615,7 @@ int cluster_reconfigure(Cluster *c, const ClusterParams *p, WdError *err) {
 
 void cluster_set_device_tier(Cluster *c, DeviceTier *tier) {
         c->tier = tier;
+        lanes_set_gpu(c->lanes, tier ? tier->gpu : NULL);
 }
 
 int cluster_get_status(Cluster *c, ClusterStatus *ret) {
@@ -2562,6 +2657,8 @@ int cluster_get_status(Cluster *c, ClusterStatus *ret) {
                 .peer_sent_bytes = sent,
                 .peer_received_bytes = received,
                 .storage_saved_bytes = c->storage_saved_bytes,
+                .gpu_lane = lanes_describe(c->lanes),
         };
+        lanes_bytes(c->lanes, &ret->lane_sent_bytes, &ret->lane_received_bytes);
         return 0;
 }

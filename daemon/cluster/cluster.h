@@ -30,6 +30,7 @@
 #include "cluster/mesh.h"
 #include "format/catalog.h"
 #include "gpu/device-load.h"
+#include "cluster/lanes.h"
 #include "store/shard.h"
 #include "store/store.h"
 
@@ -45,6 +46,7 @@ typedef struct ClusterParams {
         uint64_t deadline_usec;
         bool peer_fetch;
         uint64_t chunk_size; /* [io] chunk_size: the unit of plans */
+        LanesTransport gpu_transport; /* [cluster] gpu_transport */
 } ClusterParams;
 
 typedef struct ClusterOps {
@@ -125,6 +127,8 @@ typedef struct ClusterStatus {
         size_t n_nodes;
         uint64_t peer_sent_bytes, peer_received_bytes;
         uint64_t storage_saved_bytes;
+        const char *gpu_lane;  /* the GPU lanes' backend, or why there is none */
+        uint64_t lane_sent_bytes, lane_received_bytes; /* of those, over GPU lanes */
 } ClusterStatus;
 
 /* Valid until the loop runs again; free ret->nodes.  Returns 0 or -ENOMEM. */

@@ -71,6 +71,15 @@ typedef struct Rx {
         uint64_t length;
 } Rx;
 
+/* A chunk on the GPU lane, in ring slot index % slots. */
+typedef struct LaneOp {
+        GpuCollOp op;
+        Transfer *t;   /* referenced while the op is in flight */
+        size_t index;
+        unsigned root; /* mesh index */
+        bool deliver;  /* into this node's slab (a chunk it needs and gets from the lane) */
+} LaneOp;
+
 typedef struct Tx {
         DataPlaneSend send;
         Transfer *t; /* referenced */
@@ -139,6 +148,16 @@ struct Transfer {
         uint64_t activity_usec; /* the last send, receive or read */
         TransferStats stats;
         WorkerTask seal;
+
+        /* The GPU lane (transfer_set_lane()): chunks [lane_done, lane_next)
+         * are enqueued on it, their ops in lane_ops[index % slots]. */
+        TransferLane *lane;
+        bool lane_was_set;    /* transfer_set_lane() ran */
+        bool lane_registered; /* the slabs are page-locked for it */
+        uint64_t lane_down_from; /* receivers (bit k: receivers[k]) that said LaneDown: once each */
+        size_t lane_next, lane_done;
+        LaneOp *lane_ops;
+        uint64_t lane_heard_usec;
 };
 
 static const JobKind transfer_kind;
@@ -174,6 +193,7 @@ static void transfer_free(Transfer *t) {
         free(t->receivers);
         free(t->receiver_done);
         free(t->sent);
+        free(t->lane_ops);
         free(t);
 }
 
@@ -196,6 +216,10 @@ uint64_t transfer_plan_id(const Transfer *t) {
 
 Job *transfer_job(Transfer *t) {
         return t->receiving ? &t->job : NULL;
+}
+
+uint64_t transfer_chunk_size(const Transfer *t) {
+        return t->chunk_size;
 }
 
 bool transfer_receiving(const Transfer *t) {
@@ -773,6 +797,24 @@ static void tx_done(DataPlaneSend *s, int status) {
         transfer_unref(t);
 }
 
+/* The xxh3 of chunk c (which this node has), over the mesh to node: the
+ * bytes, whichever way they go, count there only if they match it. */
+static int send_sum(Transfer *t, size_t c, unsigned node) {
+        Weightd__Cluster__V1__ChunkSum sum = WEIGHTD__CLUSTER__V1__CHUNK_SUM__INIT;
+        ClusterEnvelope env = WEIGHTD__CLUSTER__V1__ENVELOPE__INIT;
+
+        if (!t->ci[c].own_sum_known) {
+                t->ci[c].own_sum = XXH3_64bits(chunk_data(t, c), t->chunks[c].length);
+                t->ci[c].own_sum_known = true;
+        }
+        sum.plan_id = t->plan_id;
+        sum.index = (uint32_t) c;
+        sum.xxh3 = t->ci[c].own_sum;
+        env.body_case = WEIGHTD__CLUSTER__V1__ENVELOPE__BODY_CHUNK_SUM;
+        env.chunk_sum = &sum;
+        return mesh_send(t->ctx->mesh, node, &env);
+}
+
 /* Send chunk c to receiver k: its checksum over the mesh, its bytes over
  * the data plane.  Returns 0, or -errno (nothing sent). */
 static int send_chunk(Transfer *t, size_t c, size_t k) {
@@ -780,8 +822,6 @@ static int send_chunk(Transfer *t, size_t c, size_t k) {
         unsigned node = t->receivers[k];
         const uint8_t *data = chunk_data(t, c);
         uint64_t len = t->chunks[c].length;
-        Weightd__Cluster__V1__ChunkSum sum = WEIGHTD__CLUSTER__V1__CHUNK_SUM__INIT;
-        ClusterEnvelope env = WEIGHTD__CLUSTER__V1__ENVELOPE__INIT;
         TransferChunkHeader h = {
                 .plan_id = t->plan_id,
                 .generation = ctx->generation,
@@ -791,16 +831,7 @@ static int send_chunk(Transfer *t, size_t c, size_t k) {
         Tx *tx;
         int r;
 
-        if (!t->ci[c].own_sum_known) {
-                t->ci[c].own_sum = XXH3_64bits(data, len);
-                t->ci[c].own_sum_known = true;
-        }
-        sum.plan_id = t->plan_id;
-        sum.index = (uint32_t) c;
-        sum.xxh3 = t->ci[c].own_sum;
-        env.body_case = WEIGHTD__CLUSTER__V1__ENVELOPE__BODY_CHUNK_SUM;
-        env.chunk_sum = &sum;
-        r = mesh_send(ctx->mesh, node, &env);
+        r = send_sum(t, c, node);
         if (r < 0)
                 return r;
 
@@ -835,11 +866,246 @@ static int send_chunk(Transfer *t, size_t c, size_t k) {
         return 0;
 }
 
+/* ---- the GPU lane ------------------------------------------------------- */
+
+static void verify(Transfer *t, size_t c);
+static int source_index(const Transfer *t, unsigned node);
+static int receiver_index(const Transfer *t, unsigned node);
+
+static int rank_of(const TransferLane *l, unsigned node) {
+        for (int r = 0; r < l->nranks; r++)
+                if (l->peers[r] == node)
+                        return r;
+        return -1;
+}
+
+int transfer_set_lane(Transfer *t, TransferLane *lane) {
+        if (t->part || t->started || t->lane || lane->slots == 0 || lane->slot_bytes < t->chunk_size)
+                return -EINVAL;
+        t->lane_ops = calloc(lane->slots, sizeof(LaneOp));
+        if (!t->lane_ops)
+                return -ENOMEM;
+        t->lane = lane;
+        t->lane_was_set = true;
+        t->lane_heard_usec = now_usec();
+        return 0;
+}
+
+/* The lane ends for t: why NULL when every chunk went through it, else
+ * what went wrong (tell: the cluster hears it and aborts the
+ * communicator, so that no signal of ours runs after).  What is still in
+ * flight on it goes back to MISSING, and what this node broadcast goes
+ * again over the data plane to the receivers not done (they drop what they
+ * have).  The caller holds a reference of its own. */
+static void lane_end(Transfer *t, const char *why, bool tell) {
+        TransferLane *l = t->lane;
+        size_t in_flight;
+
+        if (!l)
+                return;
+        t->lane = NULL;
+        if (why)
+                log_warning("plan %016" PRIx64 ": %s: the GPU lane ended: %s; the rest goes over the data plane",
+                            t->plan_id, t->comp->model, why);
+        in_flight = t->lane_next - t->lane_done;
+        if (why) {
+                for (size_t c = t->lane_done; c < t->lane_next; c++) {
+                        const LaneOp *op = &t->lane_ops[c % l->slots];
+
+                        if (op->deliver && t->ci[c].state == CHUNK_RECEIVING)
+                                t->ci[c].state = CHUNK_MISSING;
+                }
+                for (size_t c = 0; c < t->lane_next; c++)
+                        if (t->self_source >= 0 && t->first_owner[c] == (unsigned) t->self_source)
+                                memset(&t->sent[c * t->n_receivers], 0, t->n_receivers);
+                t->rescan = true;
+                t->send_from = 0;
+        }
+        t->lane_done = t->lane_next;
+        /* Last: the cluster may abort the communicator and free the lane. */
+        if (tell)
+                l->ended(l, t, why);
+        while (in_flight-- > 0)
+                transfer_unref(t);
+}
+
+static void lane_op_done(GpuCollOp *o, int status) {
+        LaneOp *op = container_of(o, LaneOp, op);
+        Transfer *t = op->t;
+        size_t c = op->index;
+        uint64_t len = t->chunks[c].length, now = now_usec();
+        ChunkInfo *ci = &t->ci[c];
+
+        assert(t->lane && c == t->lane_done);
+        t->lane_done++;
+        t->lane_heard_usec = now;
+        t->activity_usec = now;
+        if (op->root == t->self) {
+                for (size_t k = 0; k < t->n_receivers; k++)
+                        if (t->receivers[k] != t->self) {
+                                t->lane->sent_bytes += len;
+                                t->stats.peer_sent_bytes += len;
+                                t->ctx->node_sent[t->receivers[k]] += len;
+                        }
+        } else {
+                int s = source_index(t, op->root);
+
+                if (s >= 0)
+                        t->source_heard_usec[s] = now;
+                if (op->deliver && ci->state == CHUNK_RECEIVING && ci->rx_from == op->root) {
+                        t->lane->received_bytes += len;
+                        ci->state = CHUNK_LANDED;
+                        verify(t, c);
+                }
+        }
+        pump(t);
+        transfer_unref(t);
+}
+
+/* Page-lock the slabs the lane copies from and to (the server unlocks
+ * them before a seal or when they are freed). */
+static int lane_register(Transfer *t, WdError *err) {
+        for (size_t f = 0; f < t->comp->n_files; f++) {
+                Slab *slab = t->load ? load_job_slabs(t->load)[f] : t->entry->slabs[f];
+                int r;
+
+                if (!slab || slab->size == 0)
+                        continue;
+                r = gpu_host_register(t->lane->gpu, slab->data, slab->size, !t->load, err);
+                if (r < 0)
+                        return r;
+        }
+        t->lane_registered = true;
+        return 0;
+}
+
+/* Enqueue the next chunks, in chunk order (every rank enqueues the same
+ * broadcasts in the same order), as many as the ring has slots. */
+static void lane_pump(Transfer *t) {
+        TransferLane *l = t->lane;
+        WdError err = WD_ERROR_NULL;
+
+        if (t->aborted || (t->result != -EINPROGRESS && t->result != 0)) {
+                lane_end(t, "the transfer stopped", true);
+                return;
+        }
+        if (!t->started || t->sealing)
+                return;
+        if (t->lane_done == t->n_chunks) {
+                lane_end(t, NULL, true); /* every chunk went through it */
+                return;
+        }
+        if (!l->ready)
+                return;
+        if (!t->lane_registered && lane_register(t, &err) < 0) {
+                lane_end(t, err.message, true);
+                return;
+        }
+        while (t->lane && t->lane_next < t->n_chunks && t->lane_next - t->lane_done < l->slots) {
+                size_t c = t->lane_next;
+                int o = chunk_owner(t, c), root_rank, r;
+                LaneOp *op = &t->lane_ops[c % l->slots];
+                uint8_t *slot = l->ring + (c % l->slots) * l->slot_bytes;
+                uint64_t len = t->chunks[c].length;
+                ChunkInfo *ci = &t->ci[c];
+                unsigned root;
+
+                /* Every rank follows the plan's first readers: a chunk
+                 * whose reader changed (it went down, or failed here) ends
+                 * the lane on every rank. */
+                if (o < 0 || (unsigned) o != t->first_owner[c] || len > l->slot_bytes) {
+                        lane_end(t, "a chunk's reader changed", true);
+                        return;
+                }
+                root = t->sources[o];
+                root_rank = rank_of(l, root);
+                if (root_rank < 0) {
+                        lane_end(t, "a reader that is no rank of the communicator", true);
+                        return;
+                }
+                *op = (LaneOp){ .op.done = lane_op_done, .t = t, .index = c, .root = root };
+                if (root == t->self) {
+                        if (ci->state != CHUNK_HAVE)
+                                return; /* in order: its read comes first */
+                        for (size_t k = 0; k < t->n_receivers; k++) {
+                                if (t->receivers[k] == t->self)
+                                        continue;
+                                if (!t->receiver_done[k])
+                                        (void) send_sum(t, c, t->receivers[k]); /* one that went hears nothing */
+                                t->sent[c * t->n_receivers + k] = 1;
+                        }
+                        r = l->coll->ops->copy(l->comm, slot, chunk_data(t, c), len, &err);
+                        if (r == 0)
+                                r = l->coll->ops->broadcast(l->comm, slot, slot, len, root_rank, &err);
+                } else {
+                        uint8_t *dst = t->load ? load_job_slabs(t->load)[t->chunks[c].file]->data +
+                                                         t->chunks[c].offset
+                                               : NULL;
+
+                        op->deliver = dst && ci->needed && ci->state == CHUNK_MISSING;
+                        r = l->coll->ops->broadcast(l->comm, NULL, slot, len, root_rank, &err);
+                        if (r == 0 && op->deliver)
+                                r = l->coll->ops->copy(l->comm, dst, slot, len, &err);
+                        if (r == 0 && op->deliver) {
+                                ci->state = CHUNK_RECEIVING;
+                                ci->rx_from = root;
+                        }
+                }
+                if (r == 0)
+                        r = l->coll->ops->signal(l->comm, &op->op, &err);
+                if (r < 0) {
+                        if (op->deliver && ci->state == CHUNK_RECEIVING)
+                                ci->state = CHUNK_MISSING;
+                        lane_end(t, err.message, true);
+                        return;
+                }
+                transfer_ref(t);
+                t->lane_next++;
+        }
+}
+
+void transfer_drop_lane(Transfer *t, const char *why) {
+        if (!t->lane)
+                return;
+        transfer_ref(t);
+        lane_end(t, why, false);
+        pump(t);
+        transfer_unref(t);
+}
+
+bool transfer_lane_idle(const Transfer *t) {
+        return !t->lane;
+}
+
+void transfer_lane_down(Transfer *t, unsigned node, const char *why) {
+        int k = receiver_index(t, node);
+
+        transfer_ref(t);
+        /* Once per receiver, and only in a plan that had a lane: a node
+         * cannot make this one send it everything again and again. */
+        if (t->started && t->lane_was_set && k >= 0 && k < 64 && !(t->lane_down_from >> k & 1) &&
+            t->self_source >= 0) {
+                t->lane_down_from |= UINT64_C(1) << k;
+                for (size_t c = 0; c < t->n_chunks; c++)
+                        if (t->first_owner[c] == (unsigned) t->self_source || chunk_owner(t, c) == t->self_source)
+                                t->sent[c * t->n_receivers + (size_t) k] = 0;
+        }
+        t->rescan = true;
+        t->send_from = 0;
+        lane_end(t, why, true);
+        pump(t);
+        transfer_unref(t);
+}
+
 /* ---- the pump ----------------------------------------------------------- */
 
 static void seal_work(WorkerTask *w) {
         Transfer *t = container_of(w, Transfer, seal);
+        Store *st = t->ctx->store;
 
+        /* The lane page-locked the writable mappings, which go now. */
+        if (t->lane_registered && st->before_seal)
+                st->before_seal(load_job_slabs(t->load), t->comp->n_files, st->userdata);
         load_job_seal(t->load);
 }
 
@@ -1031,6 +1297,8 @@ static void pump(Transfer *t) {
         bool all_have, prefix = true;
         uint64_t now = now_usec();
 
+        if (t->lane)
+                lane_pump(t);
         if (t->aborted || !t->started || t->finished) {
                 if (t->aborted && t->n_rx == 0 && t->n_tx == 0 && !t->batches && !t->sealing)
                         finish(t);
@@ -1055,7 +1323,7 @@ static void pump(Transfer *t) {
          * are looked at: reads end about in order, and what lies further
          * is sent once the chunks before it went. */
         size_t ahead = 0;
-        for (size_t c = t->send_from; !t->sealing && c < t->n_chunks; c++) {
+        for (size_t c = t->send_from; !t->sealing && !t->lane && c < t->n_chunks; c++) {
                 if (!send_pending(t, c, all_have && t->load)) {
                         if (prefix)
                                 t->send_from = c + 1;
@@ -1066,7 +1334,7 @@ static void pump(Transfer *t) {
                         break;
         }
 
-        if (t->load && all_have && !t->sealing && t->n_rx == 0 && t->n_tx == 0 && !t->batches &&
+        if (t->load && all_have && !t->sealing && t->n_rx == 0 && t->n_tx == 0 && !t->batches && !t->lane &&
             t->result == -EINPROGRESS) {
                 /* Every byte is here and right: check the files, seal. */
                 t->sealing = true;
@@ -1085,7 +1353,7 @@ static void pump(Transfer *t) {
         bool receivers_done = true, anything_to_send = t->send_from < t->n_chunks;
         for (size_t k = 0; k < t->n_receivers; k++)
                 receivers_done = receivers_done && t->receiver_done[k];
-        if (t->n_tx == 0 && (receivers_done || (!anything_to_send && now - t->activity_usec > 2 * t->ctx->deadline_usec)))
+        if (t->n_tx == 0 && !t->lane && (receivers_done || (!anything_to_send && now - t->activity_usec > 2 * t->ctx->deadline_usec)))
                 finish(t);
 }
 
@@ -1297,6 +1565,16 @@ void transfer_tick(Transfer *t) {
 
         if (!t->started || t->aborted || t->finished)
                 return;
+        if (t->lane && t->lane_next > t->lane_done && now - t->lane_heard_usec > t->ctx->deadline_usec) {
+                lane_end(t, "nothing arrived for the deadline", true);
+                /* The data plane's sources start their clocks now. */
+                for (size_t i = 0; i < t->n_sources; i++)
+                        t->source_heard_usec[i] = now;
+        }
+        if (t->lane) {
+                pump(t);
+                return;
+        }
         if (t->load && !t->sealing)
                 for (size_t i = 0; i < t->n_sources; i++) {
                         bool owes = false;

@@ -31,9 +31,41 @@
 #include "cluster/dataplane.h"
 #include "cluster/mesh.h"
 #include "cluster/plan.h"
+#include "gpu/collective.h"
+#include "gpu/gpu.h"
 #include "store/store.h"
 
 typedef struct Transfer Transfer;
+
+/* The GPU lane (the cluster's, cluster.c): a communicator among the
+ * same-index GPUs of a whole plan's nodes (gpu/collective.h) and a ring of
+ * staging buffers on this node's device.  A transfer given one moves its
+ * chunks through it, in chunk order on every rank: the chunk's reader
+ * sends its checksum over the mesh, copies the chunk from its host slab
+ * to a ring slot on its GPU and broadcasts it from there; every other node
+ * receives it into its own slot and copies it to its host slab, where the
+ * checksum is checked as for bytes from the data plane.  The first error
+ * or a stall of the deadline ends the lane for the transfer (failed() and
+ * the cluster aborts the communicator): what it did not deliver goes over
+ * the data plane, as without a lane.  One transfer at a time uses a lane. */
+typedef struct TransferLane {
+        const GpuColl *coll;
+        GpuCollComm *comm; /* ready */
+        Gpu *gpu;          /* to page-lock the host slabs the lane copies to and from */
+        uint8_t *ring;     /* device memory: slots x slot_bytes */
+        size_t slots;
+        uint64_t slot_bytes;
+        unsigned peers[PLAN_MAX_SOURCES]; /* rank -> mesh index */
+        int nranks, rank;
+        bool ready; /* the communicator initialized: nothing is enqueued before */
+        /* The lane ended for t: why NULL when every chunk went through it
+         * (the lane is free for the next plan), else what went wrong (for
+         * the log; the cluster aborts the communicator and tells the other
+         * ranks).  Called once per transfer, from within it: it must not
+         * call the transfer back. */
+        void (*ended)(struct TransferLane *l, Transfer *t, const char *why);
+        uint64_t sent_bytes, received_bytes; /* over the lane, by this node */
+} TransferLane;
 
 /* What transfers share: the cluster's. */
 typedef struct TransferContext {
@@ -113,6 +145,7 @@ Transfer *transfer_ref(Transfer *t);
 void transfer_unref(Transfer *t);
 
 uint64_t transfer_plan_id(const Transfer *t);
+uint64_t transfer_chunk_size(const Transfer *t);
 Job *transfer_job(Transfer *t); /* NULL for a resident source */
 bool transfer_receiving(const Transfer *t);
 bool transfer_started(const Transfer *t);
@@ -129,6 +162,20 @@ int transfer_root_fd(const Transfer *t);
 /* Whether t is a part plan's transfer still making this node's part of comp
  * (the same files) that spec describes (NULL: the whole component). */
 bool transfer_makes(const Transfer *t, const Component *comp, const ShardSpec *spec);
+
+/* Move the chunks through lane (see TransferLane) from now on; before
+ * transfer_start().  The transfer's ranks must be lane's.  Returns 0, or
+ * -EINVAL (a part plan, or nodes that are not the lane's ranks). */
+int transfer_set_lane(Transfer *t, TransferLane *lane);
+/* Let go of the lane now (it failed elsewhere, or the cluster takes it
+ * back): what it did not deliver goes over the data plane. */
+void transfer_drop_lane(Transfer *t, const char *why);
+/* Whether the lane ended for t and nothing of it is in flight. */
+bool transfer_lane_idle(const Transfer *t);
+/* Node (a rank) says the lane ended there: it gets what this node read
+ * over the data plane from now on (again, where the lane did not deliver),
+ * and the lane ends here too (ended() with why). */
+void transfer_lane_down(Transfer *t, unsigned node, const char *why);
 
 /* From the cluster: a node went down (its generation ended). */
 void transfer_node_down(Transfer *t, unsigned node);

@@ -76,6 +76,7 @@ typedef enum KeyType {
         KEY_NODES,          /* list */
         KEY_SECRET_FILE,
         KEY_LISTEN,
+        KEY_GPU_TRANSPORT,
 } KeyType;
 
 typedef struct KeyDef {
@@ -115,8 +116,12 @@ static const KeyDef key_defs[] = {
         { "cluster", "deadline", KEY_DURATION, offsetof(Config, cluster_deadline_usec),
           CONFIG_CLUSTER_DEADLINE_MIN_USEC, CONFIG_CLUSTER_DEADLINE_MAX_USEC },
         { "cluster", "peer_fetch", KEY_BOOL, offsetof(Config, cluster_peer_fetch) },
+        { "cluster", "gpu_transport", KEY_GPU_TRANSPORT },
         { "metrics", "listen", KEY_LISTEN },
 };
+
+/* [cluster] gpu_transport, in LanesTransport's order. */
+static const char *const gpu_transport_names[] = { "auto", "nccl", "host" };
 
 static bool key_is_list(const KeyDef *k) {
         return k->type == KEY_ROOTS || k->type == KEY_UIDS || k->type == KEY_GIDS || k->type == KEY_DEVICE_BUDGETS ||
@@ -1260,6 +1265,14 @@ static int parser_apply(Parser *p, const KeyDef *k, const char *value, bool appe
         case KEY_RESERVE:
                 return parse_hugetlb_reserve(c, value, shown, reason);
 
+        case KEY_GPU_TRANSPORT:
+                for (r = 0; r < (int) ELEMENTSOF(gpu_transport_names); r++)
+                        if (strcmp(value, gpu_transport_names[r]) == 0) {
+                                c->cluster_gpu_transport = (LanesTransport) r;
+                                return 0;
+                        }
+                return parse_enum(-EINVAL, shown, "auto, nccl, host", reason);
+
         case KEY_DIRECT:
                 r = direct_mode_from_string(value);
                 if (r < 0)
@@ -1697,7 +1710,8 @@ static bool cluster_equal(const Config *a, const Config *b) {
             !streq_null(a->cluster_secret_file, b->cluster_secret_file) ||
             a->cluster_secret_len != b->cluster_secret_len ||
             (a->cluster_secret_len > 0 && memcmp(a->cluster_secret, b->cluster_secret, a->cluster_secret_len) != 0) ||
-            a->cluster_deadline_usec != b->cluster_deadline_usec || a->cluster_peer_fetch != b->cluster_peer_fetch)
+            a->cluster_deadline_usec != b->cluster_deadline_usec || a->cluster_peer_fetch != b->cluster_peer_fetch ||
+            a->cluster_gpu_transport != b->cluster_gpu_transport)
                 return false;
         for (size_t i = 0; i < a->n_cluster_nodes; i++)
                 if (strcmp(a->cluster_nodes[i].name, b->cluster_nodes[i].name) != 0 ||
@@ -1870,6 +1884,7 @@ int config_dump(const Config *c, FILE *f) {
                         c->cluster_secret_file);
                 fprintf(f, "deadline = %s\n", format_duration(c->cluster_deadline_usec, a));
                 fprintf(f, "peer_fetch = %s\n", c->cluster_peer_fetch ? "yes" : "no");
+                fprintf(f, "gpu_transport = %s\n", gpu_transport_names[c->cluster_gpu_transport]);
         }
 
         fprintf(f, "\n[metrics]\nlisten =%s%s\n", *c->metrics_listen ? " " : "", c->metrics_listen);

@@ -28,6 +28,7 @@
 #include <stdio.h>
 #include <sys/types.h>
 
+#include "cluster/lanes.h"
 #include "store/loader.h"
 #include "store/slab.h"
 #include "util/error.h"
@@ -133,6 +134,7 @@ typedef struct Config {
         size_t cluster_secret_len;
         uint64_t cluster_deadline_usec;   /* heartbeats and every transfer step; default 10 s, 100ms..1h */
         bool cluster_peer_fetch;          /* fetch from nodes that hold a component before storage; default yes */
+        LanesTransport cluster_gpu_transport; /* device plans GPU to GPU: auto (default), nccl, host */
 
         /* [metrics] */
         char *metrics_listen;  /* as written, "" when off; default CONFIG_METRICS_LISTEN_DEFAULT */

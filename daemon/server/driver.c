@@ -995,6 +995,9 @@ static int cluster_reply(Driver *d, Weightd__V1__ClusterReply *cr, ClusterReplyP
         cr->peer_sent_bytes = parts->st.peer_sent_bytes;
         cr->peer_received_bytes = parts->st.peer_received_bytes;
         cr->storage_saved_bytes = parts->st.storage_saved_bytes;
+        cr->gpu_lane = (char *) parts->st.gpu_lane;
+        cr->lane_sent_bytes = parts->st.lane_sent_bytes;
+        cr->lane_received_bytes = parts->st.lane_received_bytes;
         for (size_t i = 0; i < parts->st.n_nodes; i++) {
                 const ClusterNodeStatus *n = &parts->st.nodes[i];
                 Weightd__V1__ClusterNode *w = &parts->nodes[i];

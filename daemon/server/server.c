@@ -973,6 +973,7 @@ static ClusterParams cluster_params(const Config *c, MeshNodeSpec *specs) {
                 .secret_len = c->cluster_secret_len,
                 .deadline_usec = c->cluster_deadline_usec,
                 .peer_fetch = c->cluster_peer_fetch,
+                .gpu_transport = c->cluster_gpu_transport,
                 .chunk_size = c->chunk_size,
         };
 }

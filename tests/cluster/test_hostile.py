@@ -214,6 +214,47 @@ def test_garbage_parts(hostile, model):
     healthy(c, model, before)
 
 
+def test_garbage_lanes(hostile, model):
+    """Starts that offer hostile GPU lanes (an id of the wrong size, ranks
+    that are no nodes, repeated or too many, a lane of a host plan, a
+    device out of range), and LaneDowns for plans that do not exist with
+    control characters in them: each plan goes on without a lane (the
+    target reads the model itself), the lanes a target cannot join are
+    refused back to x with the reason, and both nodes are unharmed."""
+    import threading
+
+    c = hostile
+    before = started(c, model)
+    p = spawn(c, "garbage-lane", model, linger=DEADLINE * 2)
+    stop = threading.Event()
+
+    def evict_often():
+        # Each variant needs the model not resident on the targets.
+        while not stop.is_set():
+            for n in "ab":
+                c[n].ctl("evict", str(model.path))
+            stop.wait(0.1)
+    t = threading.Thread(target=evict_often)
+    t.start()
+    try:
+        lines = wait_ready(p, 120)
+    finally:
+        stop.set()
+        t.join()
+    alive(c)
+    out = "".join(lines) + finish(p)
+    assert f"lane start {5} sent" in out and "lane downs sent" in out, out
+    for n in "ab":
+        downs = [line for line in out.splitlines() if line.startswith(f"{n}: lane down")]
+        # The wrong-sized id, the host plan's lane and the device out of
+        # range are refused back; ranks that do not parse are no lane.
+        assert len(downs) == 3, f"node {n}: {downs}\n{out}"
+        assert any("a lane id of the wrong size" in d for d in downs), downs
+        assert sum("not on the lane's device" in d for d in downs) == 2, downs
+        assert "\x1b[2J" not in c[n].log(), "a peer's words reached the log unescaped"
+    healthy(c, model, before)
+
+
 def test_plans_left_unstarted_are_dropped(hostile, model):
     """x proposes a plan of the model, both say READY, and x never starts
     it: within a few deadlines the nodes give the reservation back (x still

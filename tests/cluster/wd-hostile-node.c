@@ -11,6 +11,13 @@
  *   garbage       every message type with hostile fields
  *   garbage-parts part plans with hostile parts (Propose and PlanRequest);
  *                 each reply to them printed: "NODE: part reply STATUS WHY"
+ *   garbage-lane  plans of --model whose Starts offer hostile GPU lanes (an
+ *                 id of the wrong size, ranks that are no nodes, repeated,
+ *                 too many, a lane the target cannot join, a device out of
+ *                 range), each proposed again until READY (the test evicts
+ *                 meanwhile), then LaneDowns for plans that do not exist and
+ *                 with hostile words; each LaneDown a target sends printed:
+ *                 "NODE: lane down PLAN WHY"
  *   flood         --count PlanRequests, Proposes and Fetches at once
  *   lie-bytes     coordinates a real plan of --model and is one of its
  *                 sources: right checksums, wrong bytes
@@ -565,6 +572,85 @@ static void scenario_garbage(Hostile *h) {
  * dropped, so that the next Propose of the same model is READY again (not
  * LOADING behind a transfer that waits forever). */
 #define N_BAD_STARTS 5u
+#define N_LANE_STARTS 6u
+
+/* A Start naming the target alone as source and receiver (it reads the
+ * model itself), with a hostile GPU lane. */
+static void lane_start(Hostile *h, unsigned variant) {
+        char *self_name = (char *) mesh_node_name(h->mesh, h->self);
+        char *nosuch[] = { (char *) "nosuch" };
+        char **many = calloc(100, sizeof(char *));
+        uint8_t id[128];
+
+        if (!many)
+                abort();
+        if (getrandom(id, sizeof(id), 0) != sizeof(id))
+                abort();
+        for (size_t t = 0; t < h->n_targets; t++) {
+                unsigned n = h->targets[t];
+                char *tname = (char *) mesh_node_name(h->mesh, n);
+                char *pair[2] = { n < h->self ? tname : self_name, n < h->self ? self_name : tname };
+                char *twice[2] = { tname, tname };
+                Weightd__Cluster__V1__Start st = WEIGHTD__CLUSTER__V1__START__INIT;
+
+                for (size_t i = 0; i < 100; i++)
+                        many[i] = i % 2 ? tname : self_name;
+                st.plan_id = h->plan_id;
+                st.sources = &tname;
+                st.n_sources = 1;
+                st.receivers = &tname;
+                st.n_receivers = 1;
+                st.lane_id.data = id;
+                st.lane_id.len = sizeof(id);
+                st.lane_ranks = pair;
+                st.n_lane_ranks = 2;
+                switch (variant) {
+                case 0: /* an id of the wrong size */
+                        st.lane_id.len = 5;
+                        break;
+                case 1: /* a rank that is no node */
+                        st.lane_ranks = nosuch;
+                        st.n_lane_ranks = 1;
+                        break;
+                case 2: /* the same rank twice */
+                        st.lane_ranks = twice;
+                        break;
+                case 3: /* more ranks than a plan has */
+                        st.lane_ranks = many;
+                        st.n_lane_ranks = 100;
+                        break;
+                case 4: /* a lane of a host plan: the target cannot join it */
+                        break;
+                case 5: /* a device out of range */
+                        st.lane_device = UINT32_MAX;
+                        break;
+                }
+                ENVELOPE(env, start, START, &st);
+                send_env(h, n, &env);
+        }
+        free(many);
+        printf("lane start %u sent\n", variant);
+        fflush(stdout);
+}
+
+/* LaneDowns nobody asked for: unknown plans, the last plan, hostile words. */
+static void lane_downs(Hostile *h) {
+        static const char words[] = "\033[2J\r\nforged log line\x7f\xff";
+        uint64_t plans[3] = { 0, h->plan_id, random_u64() };
+
+        for (size_t t = 0; t < h->n_targets; t++)
+                for (size_t i = 0; i < 3; i++)
+                        for (int k = 0; k < 3; k++) {
+                                Weightd__Cluster__V1__LaneDown ld = WEIGHTD__CLUSTER__V1__LANE_DOWN__INIT;
+
+                                ld.plan_id = plans[i];
+                                ld.message = (char *) words;
+                                ENVELOPE(env, lane_down, LANE_DOWN, &ld);
+                                send_env(h, h->targets[t], &env);
+                        }
+        printf("lane downs sent\n");
+        fflush(stdout);
+}
 
 static void bad_start(Hostile *h, unsigned variant) {
         char *self_name = (char *) mesh_node_name(h->mesh, h->self);
@@ -892,6 +978,11 @@ static void on_message(Mesh *m, unsigned node, const ClusterEnvelope *env, void 
                         fflush(stdout);
                 }
                 break;
+        case WEIGHTD__CLUSTER__V1__ENVELOPE__BODY_LANE_DOWN:
+                printf("%s: lane down %016" PRIx64 " %s\n", mesh_node_name(m, node), env->lane_down->plan_id,
+                       env->lane_down->message);
+                fflush(stdout);
+                break;
         case WEIGHTD__CLUSTER__V1__ENVELOPE__BODY_PROPOSE:
                 if (streq(h->scenario, "participate")) {
                         Weightd__Cluster__V1__ProposeReply pr = WEIGHTD__CLUSTER__V1__PROPOSE_REPLY__INIT;
@@ -981,7 +1072,7 @@ static void on_timer(uv_timer_t *timer) {
                         return;
                 printf("up\n");
                 fflush(stdout);
-                if (streq(h->scenario, "garbage")) {
+                if (streq(h->scenario, "garbage") || streq(h->scenario, "garbage-lane")) {
                         h->variant = 0;
                         scenario_plan(h);
                         set_phase(h, BAD_PROPOSED);
@@ -1003,18 +1094,38 @@ static void on_timer(uv_timer_t *timer) {
                         all = all && h->reply[h->targets[i]] >= 0;
                 if (!all && in_phase < 4 * h->deadline_usec)
                         return;
-                bad_start(h, h->variant);
+                if (streq(h->scenario, "garbage-lane")) {
+                        /* A target that holds it (or loads it) has no
+                         * transfer to start: ask again once the test
+                         * evicted it. */
+                        bool ready = true;
+
+                        for (size_t i = 0; i < h->n_targets; i++)
+                                ready = ready && h->reply[h->targets[i]] == WEIGHTD__CLUSTER__V1__PROPOSE_STATUS__READY;
+                        if (!ready) {
+                                if (in_phase < 200 * 1000)
+                                        return;
+                                scenario_plan(h);
+                                set_phase(h, BAD_PROPOSED);
+                                return;
+                        }
+                        lane_start(h, h->variant);
+                } else
+                        bad_start(h, h->variant);
                 set_phase(h, BAD_STARTED);
                 return;
         case BAD_STARTED:
                 if (in_phase < 300 * 1000)
                         return;
-                if (++h->variant < N_BAD_STARTS) {
+                if (++h->variant < (streq(h->scenario, "garbage-lane") ? N_LANE_STARTS : N_BAD_STARTS)) {
                         scenario_plan(h);
                         set_phase(h, BAD_PROPOSED);
                         return;
                 }
-                scenario_garbage(h);
+                if (streq(h->scenario, "garbage-lane"))
+                        lane_downs(h);
+                else
+                        scenario_garbage(h);
                 linger(h);
                 return;
         case WAIT_REPLIES:
@@ -1171,7 +1282,8 @@ int main(int argc, char **argv) {
                 usage();
                 return 1;
         }
-        if (!streq(h.scenario, "garbage") && !streq(h.scenario, "garbage-parts") && !streq(h.scenario, "flood") &&
+        if (!streq(h.scenario, "garbage") && !streq(h.scenario, "garbage-parts") &&
+            !streq(h.scenario, "garbage-lane") && !streq(h.scenario, "flood") &&
             !is_lie(&h) &&
             !streq(h.scenario, "unstarted") &&
             !streq(h.scenario, "participate")) {

@@ -67,7 +67,8 @@ def cluster_body(enabled=True):
                                + f_fixed64(4, gen) + wdwire.f_varint(5, rtt) + wdwire.f_varint(6, sent)
                                + wdwire.f_varint(7, received) + wdwire.f_bytes(8, err)
                                + wdwire.f_varint(9, since))
-    return body + wdwire.f_varint(5, 1 << 33) + wdwire.f_varint(6, 12345) + wdwire.f_varint(7, 12000)
+    return body + wdwire.f_varint(5, 1 << 33) + wdwire.f_varint(6, 12345) + wdwire.f_varint(7, 12000) \
+        + wdwire.f_bytes(8, "nccl 2.28.9") + wdwire.f_varint(9, 1 << 32) + wdwire.f_varint(10, 4096)
 
 
 def status_body(cluster):
@@ -216,13 +217,15 @@ def test_python_cluster_and_status(fake, wd):
              lambda e: [reply(e.id, result=(14, status_body(None)))])
     want = {"enabled": True, "node": "a", "generation": GEN, "peer_sent_bytes": 1 << 33,
             "peer_received_bytes": 12345, "storage_saved_bytes": 12000,
+            "gpu_lane": "nccl 2.28.9", "lane_sent_bytes": 1 << 32, "lane_received_bytes": 4096,
             "nodes": [{"name": n, "address": a, "state": s, "generation": g, "rtt_us": r, "sent_bytes": st,
                        "received_bytes": rc, "last_error": le, "since_ms": si}
                       for n, a, s, g, r, st, rc, le, si in NODES]}
     with wd.connect(d.path) as c:
         assert c.cluster() == want
         assert c.cluster() == {"enabled": False, "node": None, "generation": 0, "nodes": [], "peer_sent_bytes": 0,
-                               "peer_received_bytes": 0, "storage_saved_bytes": 0}
+                               "peer_received_bytes": 0, "storage_saved_bytes": 0, "gpu_lane": None,
+                               "lane_sent_bytes": 0, "lane_received_bytes": 0}
         s = c.status()
         assert s["cluster"] == want and s["pid"] == 4321 and s["model_roots"] == ["/models"]
         assert c.status()["cluster"] is None
@@ -284,12 +287,14 @@ def test_weightctl_cluster(fake):
     assert lines[3].split()[:8] == ["c", "10.0.0.3:7411", "down", "-", "-", "0", "B", "0"]
     assert lines[3].endswith("connect: connection refused")
     assert lines[4].startswith("node a, generation fedcba9876543210: 8.0 GiB sent to peers")
+    assert lines[5] == "GPU lanes: nccl 2.28.9; 4.0 GiB sent and 4.0 KiB received over them"
 
     r = weightctl(d, "cluster", "--json")
     assert r.returncode == 0, r.stderr
     doc = json.loads(r.stdout)
     assert doc["enabled"] is True and doc["node"] == "a" and doc["generation"] == f"{GEN:016x}"
     assert (doc["peer_sent_bytes"], doc["peer_received_bytes"], doc["storage_saved_bytes"]) == (1 << 33, 12345, 12000)
+    assert (doc["gpu_lane"], doc["lane_sent_bytes"], doc["lane_received_bytes"]) == ("nccl 2.28.9", 1 << 32, 4096)
     assert doc["nodes"] == [{"name": n, "address": a, "state": s, "generation": f"{g:016x}", "rtt_us": rt,
                              "sent_bytes": st, "received_bytes": rc, "last_error": le, "since_ms": si}
                             for n, a, s, g, rt, st, rc, le, si in NODES]

@@ -414,6 +414,12 @@ typedef struct wd_cluster_info {
         uint64_t peer_sent_bytes;
         uint64_t peer_received_bytes;
         uint64_t storage_saved_bytes; /* bytes this node got from peers instead of storage */
+        /* GPU lanes (device plans GPU to GPU, docs/cluster.md): their
+         * backend ("nccl 2.28.9") or why there is none, and the bytes of
+         * peer_sent_bytes and peer_received_bytes that went over them. */
+        const char *gpu_lane;
+        uint64_t lane_sent_bytes;
+        uint64_t lane_received_bytes;
 } wd_cluster_info;
 
 /* The cluster as the daemon sees it.  A daemon without [cluster] answers

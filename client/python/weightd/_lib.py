@@ -168,6 +168,9 @@ class WdClusterInfo(ctypes.Structure):
         ("peer_sent_bytes", ctypes.c_uint64),
         ("peer_received_bytes", ctypes.c_uint64),
         ("storage_saved_bytes", ctypes.c_uint64),
+        ("gpu_lane", ctypes.c_char_p),
+        ("lane_sent_bytes", ctypes.c_uint64),
+        ("lane_received_bytes", ctypes.c_uint64),
     ]
 
 
