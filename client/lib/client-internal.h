@@ -21,8 +21,14 @@
 #define _public_ __attribute__((visibility("default")))
 #define _fallthrough_ __attribute__((fallthrough))
 
+/* arena.c: a frame from the daemon unpacked into one arena (NULL when it
+ * does not decode), and its end.  Every envelope the client holds comes
+ * from client_unpack(). */
+WireEnvelope *client_unpack(const uint8_t *payload, size_t len);
+void client_envelope_free(WireEnvelope *env);
+
 static inline void envelope_freep(WireEnvelope **p) {
-        wire_envelope_free(*p);
+        client_envelope_free(*p);
 }
 #define _cleanup_envelope_ _cleanup_(envelope_freep)
 
@@ -69,7 +75,11 @@ struct wd_manifest {
         size_t n_files;
         wd_tensor *tensors;
         size_t n_tensors;
-        const wd_tensor **by_name; /* sorted by name, for bsearch */
+        /* The name index: an open-addressing hash table of n_slots (a
+         * power of two, at least twice n_tensors) tensor numbers + 1 (0:
+         * empty), probed linearly from the name's hash. */
+        uint32_t *slots;
+        size_t n_slots;
         bool leased;               /* owned by a lease: wd_manifest_free() leaves it */
 };
 

@@ -257,7 +257,7 @@ static int client_read(wd_client *c, WireEnvelope **ret, wd_error *err) {
                 int r = wire_reader_next(&c->reader, &payload, &len);
 
                 if (r > 0) {
-                        WireEnvelope *env = wire_unpack(payload, len);
+                        WireEnvelope *env = client_unpack(payload, len);
 
                         if (!env)
                                 return client_fail(c, err, WD_PROTOCOL_ERROR,

@@ -173,7 +173,7 @@ size_t wd_manifest_n_dims(const wd_manifest *m);
  * Returns WD_OK, or WD_INVALID_ARGUMENT (buf left alone) when m is NULL
  * or n is less than wd_manifest_n_dims(m). */
 int wd_manifest_shapes(const wd_manifest *m, uint64_t *buf, size_t n);
-/* By name (O(log n)); NULL when there is none. */
+/* By name (a hash lookup); NULL when there is none. */
 const wd_tensor *wd_manifest_find(const wd_manifest *m, const char *name);
 size_t wd_manifest_n_files(const wd_manifest *m);
 /* The file's path as the daemon names it; NULL when i is out of range. */
