@@ -26,6 +26,7 @@ import collections.abc
 import ctypes
 import dataclasses
 import functools
+import gc
 import os
 import threading
 import weakref
@@ -477,12 +478,14 @@ def _addresses(rec):
 class _Table:
     """Every tensor of a lease's manifest, read in three calls
     (wd_manifest_tensors(), wd_manifest_strings(), wd_manifest_shapes())
-    into lists indexed as wd_manifest_tensor(); TensorInfo tuples are made
-    on demand."""
+    into numpy arrays indexed as wd_manifest_tensor(), plus the names and
+    dtypes as lists; the name index and TensorInfo tuples are made on
+    demand."""
 
     def __init__(self, m, n):
         import numpy as np
 
+        self.n = n
         size = lib.wd_manifest_strings_size(m)
         buf = ctypes.create_string_buffer(size + 1)
         r = lib.wd_manifest_strings(m, buf, size)
@@ -490,23 +493,27 @@ class _Table:
         strings = buf.raw[:size].decode("utf-8", "surrogateescape").split("\0")
         self.names = strings[0:2 * n:2]
         self.dtypes = strings[1:2 * n:2]
-        self.index = dict(zip(self.names, range(n)))
+        self._index = None
 
-        rec = _records(m, n)
+        rec = _records(m, n, copy=False)  # each field kept is copied out below
         ndim = rec["ndim"].astype(np.intp)
         n_dims = int(ndim.sum())
         dims = np.zeros(n_dims, np.uint64)
         r = lib.wd_manifest_shapes(m, dims.ctypes.data, n_dims)
         check(r, WdError(code=r, message=b"the manifest's shapes changed size"))
         # A tensor's shape is dims[starts[i]:starts[i] + ndims[i]].
-        self.dims, self.ndims, self.starts = dims.tolist(), ndim.tolist(), (np.cumsum(ndim) - ndim).tolist()
+        self.dims, self.ndims, self.starts = dims.astype(np.int64), ndim, np.cumsum(ndim) - ndim
         offset, nbytes = rec["offset"], rec["nbytes"]
-        self.files, self.offsets, self.nbytes = rec["file"].copy(), offset.tolist(), nbytes.tolist()
+        self.files, self.offsets, self.nbytes = rec["file"].copy(), offset.astype(np.int64), nbytes.astype(np.int64)
 
         on_device, addr = _addresses(rec)
         self.addrs = addr
         has = addr != 0
-        bases, inverse = np.unique((addr - offset)[has], return_inverse=True)
+        starts = (addr - offset)[has]
+        if len(starts) and (starts == starts[0]).all():  # one region: no sort
+            bases, inverse = starts[:1], np.zeros(len(starts), np.intp)
+        else:
+            bases, inverse = np.unique(starts, return_inverse=True)
         ends = np.zeros(len(bases), np.uint64)
         np.maximum.at(ends, inverse, (offset + nbytes)[has])
         first = np.zeros(len(bases), np.intp)
@@ -514,22 +521,25 @@ class _Table:
         devices = np.where(on_device, rec["device"], -1)[first].tolist()
         self.region_keys = list(zip(devices, bases.tolist()))
         self.regions = {key: [key[1], end] for key, end in zip(self.region_keys, ends.tolist())}
-        if len(bases) == 1 and has.all():
-            self.rids = [0] * n  # one region holds them all
-        else:
-            rids = np.full(n, -1, np.intp)
-            rids[has] = inverse
-            self.rids = rids.tolist()
+        self.rids = np.full(n, -1, np.intp)
+        self.rids[has] = inverse
 
         self.shards = {}  # name -> (dim, start, full_shape) for split tensors
         for i in np.flatnonzero(rec["full_shape"]).tolist():
             t = lib.wd_manifest_tensor(m, i).contents
             self.shards[self.names[i]] = (t.shard_dim, t.shard_start, tuple(t.full_shape[:t.ndim]))
 
+    @property
+    def index(self):
+        """name -> position, built on first use."""
+        if self._index is None:
+            self._index = dict(zip(self.names, range(self.n)))
+        return self._index
+
     def info(self, i):
-        start = self.starts[i]
-        return TensorInfo((self.names[i], self.dtypes[i], tuple(self.dims[start:start + self.ndims[i]]),
-                           int(self.files[i]), self.offsets[i], self.nbytes[i]))
+        start = int(self.starts[i])
+        return TensorInfo((self.names[i], self.dtypes[i], tuple(self.dims[start:start + int(self.ndims[i])].tolist()),
+                           int(self.files[i]), int(self.offsets[i]), int(self.nbytes[i])))
 
 
 class Lease(collections.abc.Mapping):
@@ -593,11 +603,19 @@ class Lease(collections.abc.Mapping):
         """(TensorInfo, address or 0, region key or None)."""
         if self._table is not None:
             tab = self._table
-            try:
-                i = tab.index[name]
-            except (KeyError, TypeError):
-                raise KeyError(f"{self._model}: no tensor {name!r}") from None
-            rid = tab.rids[i]
+            if self._m is not None:
+                # The library's hash index: no dict of every name needed.
+                t = (lib.wd_manifest_find(self._m, name.encode("utf-8", "surrogateescape"))
+                     if isinstance(name, str) else None)
+                if not t:
+                    raise KeyError(f"{self._model}: no tensor {name!r}")
+                i = (ctypes.addressof(t.contents) - lib.wd_manifest_tensors(self._m)) // ctypes.sizeof(WdTensor)
+            else:
+                try:
+                    i = tab.index[name]
+                except (KeyError, TypeError):
+                    raise KeyError(f"{self._model}: no tensor {name!r}") from None
+            rid = int(tab.rids[i])
             return tab.info(i), int(tab.addrs[i]), (tab.region_keys[rid] if rid >= 0 else None)
         t = lib.wd_manifest_find(self._m, name.encode("utf-8", "surrogateescape")) if isinstance(name, str) else None
         if not t:
@@ -631,7 +649,11 @@ class Lease(collections.abc.Mapping):
             raise errors.InvalidArgument(f"lease {self._id} of {self._model} was released")
 
     def __getitem__(self, name):
-        return self.get_tensor(name)
+        # Once every array is built (and until release), one dict lookup.
+        try:
+            return self._arrays[name]
+        except (KeyError, TypeError):  # not built (None), or no such name
+            return self.get_tensor(name)
 
     def __iter__(self):
         return iter(self._tab().names)
@@ -640,6 +662,8 @@ class Lease(collections.abc.Mapping):
         return self._n
 
     def __contains__(self, name):
+        if self._arrays is not None:
+            return name in self._arrays
         if self._table is None and self._mapping is not None:
             return isinstance(name, str) and bool(
                 lib.wd_manifest_find(self._m, name.encode("utf-8", "surrogateescape")))
@@ -805,40 +829,109 @@ def _torch_tensor(lease, info, addr, region):
 
 _ARRAY = {"np": _numpy_array, "pt": _torch_tensor}
 
-def _all_arrays(lease, tab, typed_view, one, strided=False):
-    """name -> array for every tensor, in one pass: each (region, dtype)'s
-    bytes viewed once as that type, each tensor a slice of it (reshaped
-    where it is not 1-D); what that cannot hold (packed dtypes, empty or
-    unaligned tensors) goes through one()."""
-    views = {}  # region id -> {dtype: (typed view, item size) or None}
-    strides = {}  # shape -> its contiguous strides in elements
+def _all_arrays(lease, tab, framework):
+    """name -> array for every tensor, in one pass with the garbage
+    collector paused (100,000 new arrays would set off dozens of its
+    passes over them, for nothing: views hold no cycles)."""
+    was = gc.isenabled()
+    gc.disable()
+    try:
+        return _build_arrays(lease, tab, framework)
+    finally:
+        if was:
+            gc.enable()
+
+
+def _build_arrays(lease, tab, framework):
+    """Tensors grouped with numpy by region, dtype and shape; each region's
+    bytes viewed once per dtype (numpy or torch), so that every array of a
+    region shares that one byte array (numpy's base, torch's storage).
+    numpy: per shape S, one view of shape (positions, *S) whose first
+    stride is one element, so that row a is the tensor of shape S starting
+    at element a: each tensor is one row of it, taken in C by map() (about
+    0.1 us).  torch: one as_strided() of the typed view per tensor, with
+    the group's shape and strides (about 1 us: torch's own cost of a
+    tensor).  What this cannot hold (packed dtypes, empty or unaligned
+    tensors, no memory) goes through the one-tensor path."""
+    import numpy as np
+
+    n = tab.n
     out = {}
-    keys, dims = tab.region_keys, tab.dims
-    last, vs = None, None
-    for i, (name, dtype, off, nb, rid, start, k) in enumerate(zip(tab.names, tab.dtypes, tab.offsets, tab.nbytes,
-                                                                   tab.rids, tab.starts, tab.ndims)):
-        if rid != last:
-            last, vs = rid, views.setdefault(rid, {})
-        v = vs.get(dtype, False)
-        if v is False:
-            v = vs[dtype] = typed_view(lease._base(keys[rid]), dtype) if rid >= 0 else None
-        if v is not None and nb and off % v[1] == 0:
-            typed, size = v
-            if k == 1:
-                out[name] = typed[off // size:(off + nb) // size]
-            elif strided:
-                # torch: one as_strided() costs what a slice does, a
-                # slice and a reshape twice that.
-                shape = tuple(dims[start:start + k])
-                st = strides.get(shape)
-                if st is None:
-                    st = strides[shape] = _contiguous_strides(shape)
-                out[name] = typed.as_strided(shape, st, off // size)
+    if not n:
+        return out
+    numpy = framework == "np"
+    one = _ARRAY[framework]
+    names = np.array(tab.names, object)
+    kinds = sorted(set(tab.dtypes))
+    code = {d: i for i, d in enumerate(kinds)}
+    dcode = np.fromiter(map(code.__getitem__, tab.dtypes), np.intp, n) if len(kinds) > 1 else np.zeros(n, np.intp)
+    key = tab.rids * len(kinds) + dcode
+    order = np.argsort(key, kind="stable")
+    cuts = np.flatnonzero(np.diff(key[order])) + 1
+    rest = []  # positions for one()
+    for idx in np.split(order, cuts):
+        rid = int(tab.rids[idx[0]])
+        dtype = kinds[dcode[idx[0]]]
+        v = None
+        if rid >= 0:
+            v = (_numpy_typed if numpy else _torch_typed)(lease._base(tab.region_keys[rid]), dtype)
+        if v is None:
+            rest.append(idx)
+            continue
+        typed, size = v
+        off, nb = tab.offsets[idx], tab.nbytes[idx]
+        ok = (nb > 0) & (off % size == 0)
+        if not ok.all():
+            rest.append(idx[~ok])
+            idx, off = idx[ok], off[ok]
+        first = off // size
+        nd = tab.ndims[idx]
+        for k in np.flatnonzero(np.bincount(nd)).tolist():
+            sel = nd == k
+            pos, a = idx[sel], first[sel]
+            if k:
+                shapes, inverse = _unique_rows(tab.dims[tab.starts[pos][:, None] + np.arange(k)])
             else:
-                out[name] = typed[off // size:(off + nb) // size].reshape(dims[start:start + k])
-        else:
-            out[name] = one(lease, tab.info(i), int(tab.addrs[i]), keys[rid] if rid >= 0 else None)
+                shapes, inverse = np.zeros((1, 0), np.int64), np.zeros(len(pos), np.intp)
+            for j, shape in enumerate(shapes.tolist()):
+                mine = inverse == j if len(shapes) > 1 else slice(None)
+                group = names[pos[mine]].tolist()
+                starts = a[mine].tolist()
+                shape = tuple(shape)
+                strides = _contiguous_strides(shape)
+                if numpy:
+                    # Rows overlap (a stride of one element): a view over
+                    # the typed array, read-only as it is.
+                    rows = np.ndarray((len(typed) - _dtypes.numel(shape) + 1,) + shape, typed.dtype, typed, 0,
+                                      (size,) + tuple(x * size for x in strides))
+                    rows.flags.writeable = False
+                    if not shape:  # rows[a, ...] is a 0-d array; rows[a] would be a numpy scalar
+                        starts = [(x, Ellipsis) for x in starts]
+                    made = map(rows.__getitem__, starts)
+                else:
+                    made = map(functools.partial(typed.as_strided, shape, strides), starts)
+                out.update(zip(group, made))
+    for idx in rest:
+        for i in idx.tolist():
+            rid = int(tab.rids[i])
+            out[tab.names[i]] = one(lease, tab.info(i), int(tab.addrs[i]),
+                                    tab.region_keys[rid] if rid >= 0 else None)
     return out
+
+
+def _unique_rows(cols):
+    """(the distinct rows of a 2-D array, each row's number among them);
+    np.unique() without return_inverse imports numpy.ma (20 ms and more)
+    in numpy 2.4."""
+    import numpy as np
+
+    order = np.lexsort(cols.T[::-1])
+    ranked = cols[order]
+    new = np.ones(len(cols), bool)
+    new[1:] = (ranked[1:] != ranked[:-1]).any(axis=1)
+    inverse = np.empty(len(cols), np.intp)
+    inverse[order] = np.cumsum(new) - 1
+    return ranked[new], inverse
 
 
 def _contiguous_strides(shape):
@@ -867,8 +960,8 @@ def _torch_typed(base, dtype):
     return base[:len(base) - len(base) % size].view(dt), size
 
 
-_ALL = {"np": lambda lease, tab: _all_arrays(lease, tab, _numpy_typed, _numpy_array),
-        "pt": lambda lease, tab: _all_arrays(lease, tab, _torch_typed, _torch_tensor, strided=True)}
+_ALL = {"np": lambda lease, tab: _all_arrays(lease, tab, "np"),
+        "pt": lambda lease, tab: _all_arrays(lease, tab, "pt")}
 
 
 
