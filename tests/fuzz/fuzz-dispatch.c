@@ -71,7 +71,8 @@ static void setup(void) {
         atexit(remove_run_dir);
         snprintf(text, sizeof(text),
                  "[daemon]\nsocket = %s/weightd.sock\nmodel_roots = " FUZZ_ROOT "\nmax_pending_requests = 4\n"
-                 "max_frame_size = 64K\nlog_level = err\n[memory]\nhost_budget = 1M\n[metrics]\nlisten =\n",
+                 "max_frame_size = 64K\nlog_level = err\n[memory]\nhost_budget = 1M\nhugetlb_reserve = off\n"
+                 "[metrics]\nlisten =\n",
                  run_dir);
         if (config_load_string(text, strlen(text), "fuzz.conf", &c, &err) != 0) {
                 fprintf(stderr, "%s\n", err.message);

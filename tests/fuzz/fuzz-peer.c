@@ -858,7 +858,7 @@ static void setup(void) {
         snprintf(text, sizeof(text),
                  "[daemon]\nsocket = %s/weightd.sock\nmodel_roots = " FUZZ_ROOT "\nmax_pending_requests = 4\n"
                  "max_connections_per_uid = 8\nlog_level = err\n"
-                 "[memory]\nhost_budget = 12M\n"
+                 "[memory]\nhost_budget = 12M\nhugetlb_reserve = off\n"
                  "[io]\nqueue_depth = 2\nchunk_size = 64K\ndirect_io = off\n[metrics]\nlisten =\n",
                  run_dir);
         if (config_load_string(text, strlen(text), "fuzz.conf", &c, &err) != 0)
