@@ -6,7 +6,9 @@
  * only.  Results are text for people, or with --json one compact JSON
  * document on stdout.  Exit 0 on success, 1 when the daemon refused or a
  * local step failed ("weightctl: CODE_NAME: message" on stderr), 2 on a
- * usage error.  README.md next to this file is the manual. */
+ * usage error.  The manual is weightctl(1), man/weightctl.1.scd; a new option
+ * goes into help(), the man page and shell-completion/bash/weightctl (their
+ * tests check that the three agree). */
 #include <errno.h>
 #include <getopt.h>
 #include <inttypes.h>
