@@ -30,7 +30,13 @@ struct GpuCollComm {
         cudaStream_t stream;
         Signal *head, *tail;
         int failed; /* 0, or the error once */
+        /* progress() runs dones: an abort from one waits for it to return. */
+        bool in_progress, aborting;
+        void (*gone)(void *userdata);
+        void *gone_userdata;
 };
+
+static void coll_abort(GpuCollComm *c, void (*gone)(void *userdata), void *userdata);
 
 static int cuda_fail(cudaError_t e, WdError *err, int device, const char *what) {
         return wd_error_set(err, e == cudaErrorMemoryAllocation ? -ENOMEM : -EIO, "cuda:%d: %s: %s", device, what,
@@ -151,7 +157,8 @@ static void coll_progress(GpuCollComm *c) {
                 c->failed = c->failed ? c->failed : -EIO;
                 return;
         }
-        while (c->head) {
+        c->in_progress = true;
+        while (c->head && !c->aborting) {
                 Signal *s = c->head;
                 cudaError_t e = cudaEventQuery(s->event);
 
@@ -168,9 +175,18 @@ static void coll_progress(GpuCollComm *c) {
                 s->op->done(s->op, 0);
                 free(s);
         }
+        c->in_progress = false;
+        if (c->aborting)
+                coll_abort(c, c->gone, c->gone_userdata);
 }
 
 static void coll_abort(GpuCollComm *c, void (*gone)(void *userdata), void *userdata) {
+        if (c->in_progress) {
+                c->aborting = true;
+                c->gone = gone;
+                c->gone_userdata = userdata;
+                return;
+        }
         (void) cudaSetDevice(c->device);
         nccl_comm_abort(c->comm); /* stops NCCL's kernels, so the stream drains */
         (void) cudaStreamSynchronize(c->stream);
