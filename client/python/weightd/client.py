@@ -922,7 +922,7 @@ def _build_arrays(lease, tab, framework):
 def _unique_rows(cols):
     """(the distinct rows of a 2-D array, each row's number among them);
     np.unique() without return_inverse imports numpy.ma (20 ms and more)
-    in numpy 2.4."""
+    in numpy 2.3."""
     import numpy as np
 
     order = np.lexsort(cols.T[::-1])
