@@ -14,6 +14,7 @@ import struct
 import pytest
 
 import wdwire
+from harness import BUILD, wait_until
 from reference import write_safetensors
 from wdwire import LOAD, PREFETCH, RELEASE, f_varint, load_body
 
@@ -149,3 +150,37 @@ def test_bad_names_are_invalid(sharded, case):
         assert env.code == "INVALID_ARGUMENT", (env.code, env.message)
         assert want in env.message, env.message
         assert not c.fds and c.status()["leases"] == 0
+
+
+def _emulated_build():
+    try:
+        with open(BUILD / "meson-info" / "intro-buildoptions.json") as f:
+            return {o["name"]: o["value"] for o in json.load(f)}.get("gpu_emulation") is True
+    except (OSError, ValueError):
+        return False
+
+
+@pytest.mark.skipif(not _emulated_build(), reason=f"{BUILD} is not built with -Dgpu_emulation=true")
+def test_named_device_load_lists_those_of_the_device_slab(start_daemon, tmp_root):
+    """A device Load with names: the same device entry and slab as without,
+    and each tensor named where the whole device Load puts it."""
+    model = tmp_root / "m.safetensors"
+    write_safetensors(model, _tensors("d", 30, 4))
+    d = start_daemon(roots=[tmp_root], env={"WEIGHTD_EMULATED_GPUS": "1:64M"})
+    with d.raw() as c:
+        wait_until(lambda: not c.status()["gpu"].startswith("starting"), what="the device search")
+        if c.status()["gpu"] != "ok":
+            pytest.fail(f"no GPU tier on an emulated build: {c.status()['gpu']}")
+        whole = c.request(LOAD, load_body(str(model), target="cuda:0"))
+        assert whole.code == "OK", whole.message
+        c.take_fds(1)
+        placed = {t[0]: t for t in wdwire.tensors_of(whole.reply.msg(11))}
+        env = c.request(LOAD, load_body(str(model), target="cuda:0", names=["d.29.w", "d.3.w"]))
+        assert env.code == "OK", env.message
+        assert len(c.take_fds(1)) == 1
+        got = wdwire.tensors_of(env.reply.msg(11))
+        assert [t[0] for t in got] == ["d.3.w", "d.29.w"]
+        assert got == [placed["d.3.w"], placed["d.29.w"]]
+        env = c.request(LOAD, load_body(str(model), target="cuda:0", names=["d.3.w", "d.30.w"]))
+        assert env.code == "NOT_FOUND" and '"d.30.w"' in env.message, env.message
+        assert len([e for e in d.ls() if e["tier"] == "cuda:0"]) == 1
