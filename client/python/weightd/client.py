@@ -856,12 +856,11 @@ def _build_arrays(lease, tab, framework):
     import numpy as np
 
     n = tab.n
-    out = {}
     if not n:
-        return out
+        return {}
     numpy = framework == "np"
     one = _ARRAY[framework]
-    names = np.array(tab.names, object)
+    made_all = np.empty(n, object)  # in the manifest's order, filled group by group
     kinds = sorted(set(tab.dtypes))
     code = {d: i for i, d in enumerate(kinds)}
     dcode = np.fromiter(map(code.__getitem__, tab.dtypes), np.intp, n) if len(kinds) > 1 else np.zeros(n, np.intp)
@@ -895,7 +894,6 @@ def _build_arrays(lease, tab, framework):
                 shapes, inverse = np.zeros((1, 0), np.int64), np.zeros(len(pos), np.intp)
             for j, shape in enumerate(shapes.tolist()):
                 mine = inverse == j if len(shapes) > 1 else slice(None)
-                group = names[pos[mine]].tolist()
                 starts = a[mine].tolist()
                 shape = tuple(shape)
                 strides = _contiguous_strides(shape)
@@ -910,7 +908,10 @@ def _build_arrays(lease, tab, framework):
                     made = map(rows.__getitem__, starts)
                 else:
                     made = map(functools.partial(typed.as_strided, shape, strides), starts)
-                out.update(zip(group, made))
+                # fromiter(object): a 1-D array of the arrays, never read as
+                # a nested sequence.
+                made_all[pos[mine]] = np.fromiter(made, object, len(starts))
+    out = dict(zip(tab.names, made_all.tolist()))
     for idx in rest:
         for i in idx.tolist():
             rid = int(tab.rids[i])
