@@ -244,7 +244,10 @@ typedef struct wd_load_options {
          * costs what they do, not what the component's manifest does.  A
          * name the component (or the shard's tensors) lacks is
          * WD_NOT_FOUND, naming it; with wd_prefetch_ex(),
-         * WD_INVALID_ARGUMENT.  none: every tensor. */
+         * WD_INVALID_ARGUMENT.  A daemon older than this field ignores
+         * it and lists every tensor: a caller that must know compares
+         * wd_manifest_n_tensors() with the names it gave.  none: every
+         * tensor. */
         const char *const *names;
         size_t n_names;
 } wd_load_options;
