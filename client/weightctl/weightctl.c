@@ -1353,6 +1353,12 @@ static int run_cat(wd_client *c, const Options *o) {
         int r;
 
         wd_load_options lo = load_options(o);
+        /* A lease of that tensor only: its cost does not grow with the
+         * component's (a daemon older than named leases lists them all,
+         * and the tensor is found among them). */
+        const char *names[] = { o->tensor };
+        lo.names = names;
+        lo.n_names = 1;
         r = wd_load_ex(c, o->model, component, &lo, &lease, &e);
         if (r != WD_OK)
                 return fail_wd(r, &e);

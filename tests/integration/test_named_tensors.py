@@ -184,3 +184,20 @@ def test_named_device_load_lists_those_of_the_device_slab(start_daemon, tmp_root
         env = c.request(LOAD, load_body(str(model), target="cuda:0", names=["d.3.w", "d.30.w"]))
         assert env.code == "NOT_FOUND" and '"d.30.w"' in env.message, env.message
         assert len([e for e in d.ls() if e["tier"] == "cuda:0"]) == 1
+
+
+def test_weightctl_cat_leases_the_tensor_it_prints(sharded):
+    """weightctl cat: the bytes of the file's tensor, through a lease of that
+    tensor only; an unknown name is the daemon's NOT_FOUND naming it."""
+    d, model, _pipe = sharded
+    files = sorted(model.glob("*.safetensors"))
+    offset, nbytes = _header(files[1])["b.7.w"]
+    with open(files[1], "rb") as f:
+        f.seek(offset)
+        want = f.read(nbytes)
+    r = d.ctl("cat", str(model), "--tensor", "b.7.w")
+    assert r.returncode == 0 and r.stdout == want, r.stderr.decode()
+    r = d.ctl("cat", str(model), "--tensor", "b.70.w")
+    err = r.stderr.decode()
+    assert r.returncode == 1 and r.stdout == b"" and "NOT_FOUND:" in err and '"b.70.w"' in err, err
+    assert d.status()["leases"] == 0
