@@ -79,6 +79,12 @@ int main(int argc, char **argv) {
         /* Peers that go away must not kill the daemon; sends use MSG_NOSIGNAL
          * too. */
         signal(SIGPIPE, SIG_IGN);
+        /* SIGTERM, SIGINT and SIGHUP wait until the loop handles them
+         * (server_run()): one that comes while the daemon starts (its socket
+         * already answers) must stop it the way it stops later, giving back
+         * what it took, not kill it.  Every thread started from here on
+         * keeps them blocked, so they reach the loop's thread. */
+        server_block_signals();
 
         /* Before the server opens anything; logged once server_new() has set
          * the configured log level. */

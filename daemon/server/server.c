@@ -13,6 +13,8 @@
 #include <fcntl.h>
 #include <grp.h>
 #include <inttypes.h>
+#include <pthread.h>
+#include <signal.h>
 #include <stdio.h>
 #include <string.h>
 #include <sys/stat.h>
@@ -1293,11 +1295,30 @@ int server_new(Server **ret, Config *config, const char *config_path) {
         return 0;
 }
 
+static void handled_signals(sigset_t *set) {
+        sigemptyset(set);
+        sigaddset(set, SIGTERM);
+        sigaddset(set, SIGINT);
+        sigaddset(set, SIGHUP);
+}
+
+void server_block_signals(void) {
+        sigset_t set;
+
+        handled_signals(&set);
+        (void) pthread_sigmask(SIG_BLOCK, &set, NULL);
+}
+
 int server_run(Server *s) {
+        sigset_t set;
+
         uv_poll_start(&s->listen_poll, UV_READABLE, on_listen);
         uv_signal_start(&s->sig_term, on_signal, SIGTERM);
         uv_signal_start(&s->sig_int, on_signal, SIGINT);
         uv_signal_start(&s->sig_hup, on_signal, SIGHUP);
+        /* One that came while the daemon started is handled now. */
+        handled_signals(&set);
+        (void) pthread_sigmask(SIG_UNBLOCK, &set, NULL);
         uv_timer_start(&s->status_timer, on_status_timer, 5000, 5000);
         s->hugetlb_free_pages = hugetlb_pool_free();
         uv_timer_start(&s->tick_timer, on_tick, 1000, 1000);

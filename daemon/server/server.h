@@ -32,3 +32,7 @@ bool server_searching_devices(const Server *s);
 
 /* Serve until SIGTERM or SIGINT, then drain.  Returns 0 or -errno. */
 int server_run(Server *s);
+/* Block the signals server_run() handles, in the calling thread and every
+ * thread it starts after; server_run() unblocks them in its own once its
+ * handlers are in place. */
+void server_block_signals(void);
