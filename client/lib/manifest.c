@@ -187,6 +187,24 @@ static int tensor_check_shard(const PbTensor *t, const char *label, const char *
         return WD_OK;
 }
 
+/* Whether t's shape of its dtype makes its nbytes (true for a dtype this
+ * library does not know: the daemon's word for it).  Bits of the whole
+ * tensor: a zero dimension makes it empty, however large the others. */
+static bool shape_matches_bytes(const PbTensor *t) {
+        unsigned bits = dtype_bits(t->dtype);
+        unsigned __int128 n = bits;
+        bool overflow = false;
+
+        if (bits == 0)
+                return true;
+        for (size_t i = 0; i < t->n_shape && !overflow; i++)
+                overflow = __builtin_mul_overflow(n, t->shape[i], &n);
+        for (size_t i = 0; i < t->n_shape; i++)
+                if (t->shape[i] == 0)
+                        overflow = false, n = 0;
+        return !overflow && n % 8 == 0 && n / 8 == t->nbytes;
+}
+
 /* The checks of one tensor, without a message: true when it passes. */
 static bool tensor_ok(const wd_manifest *m, const PbTensor *t, bool derived) {
         uint64_t end;
@@ -198,17 +216,7 @@ static bool tensor_ok(const wd_manifest *m, const PbTensor *t, bool derived) {
         if (t->n_full_shape > 0 || t->shard_dim != 0 || t->shard_start != 0)
                 return false; /* tensor_check() looks at the shard's part */
 
-        unsigned bits = dtype_bits(t->dtype);
-        if (bits == 0)
-                return true;
-        unsigned __int128 n = bits;
-        bool overflow = false;
-        for (size_t i = 0; i < t->n_shape && !overflow; i++)
-                overflow = __builtin_mul_overflow(n, t->shape[i], &n);
-        for (size_t i = 0; i < t->n_shape; i++)
-                if (t->shape[i] == 0)
-                        overflow = false, n = 0;
-        return !overflow && n % 8 == 0 && n / 8 == t->nbytes;
+        return shape_matches_bytes(t);
 }
 
 static int tensor_check(const wd_manifest *m, const PbTensor *t, bool derived, wd_error *err) {
@@ -244,20 +252,7 @@ static int tensor_check(const wd_manifest *m, const PbTensor *t, bool derived, w
         if (r != WD_OK)
                 return r;
 
-        unsigned bits = dtype_bits(t->dtype);
-        if (bits == 0)
-                return WD_OK;
-
-        /* Bits of the whole tensor: a zero dimension makes it empty, however
-         * large the others. */
-        unsigned __int128 n = bits;
-        bool overflow = false;
-        for (size_t i = 0; i < t->n_shape && !overflow; i++)
-                overflow = __builtin_mul_overflow(n, t->shape[i], &n);
-        for (size_t i = 0; i < t->n_shape; i++)
-                if (t->shape[i] == 0)
-                        overflow = false, n = 0;
-        if (overflow || n % 8 != 0 || n / 8 != t->nbytes) {
+        if (!shape_matches_bytes(t)) {
                 char shape[256], dtype[64];
 
                 shape_format(shape, sizeof(shape), t->shape, t->n_shape);

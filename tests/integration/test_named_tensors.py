@@ -9,13 +9,12 @@ empty, too long or too many are INVALID_ARGUMENT; every lease ends."""
 import json
 import mmap
 import os
-import struct
 
 import pytest
 
 import wdwire
 from harness import BUILD, wait_until
-from reference import write_safetensors
+from reference import read_header, write_safetensors
 from wdwire import LOAD, PREFETCH, RELEASE, f_varint, load_body
 
 
@@ -30,12 +29,9 @@ def _tensors(prefix, n, seed):
 
 def _header(path):
     """name -> (absolute offset in the file, nbytes), in data order."""
-    with open(path, "rb") as f:
-        n = struct.unpack("<Q", f.read(8))[0]
-        header = json.loads(f.read(n))
-    header.pop("__metadata__", None)
+    start, header, _ = read_header(path)
     items = sorted(header.items(), key=lambda kv: kv[1]["data_offsets"][0])
-    return {k: (8 + n + v["data_offsets"][0], v["data_offsets"][1] - v["data_offsets"][0]) for k, v in items}
+    return {k: (start + v["data_offsets"][0], v["data_offsets"][1] - v["data_offsets"][0]) for k, v in items}
 
 
 @pytest.fixture

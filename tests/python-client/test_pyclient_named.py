@@ -7,11 +7,11 @@ end (none left in the daemon, no descriptor or mapping left here)."""
 import json
 import os
 
-import numpy as np
 import pytest
 import safetensors.torch
 import torch
 from safetensors import safe_open as st_open
+from test_pyclient_bulk import _bytes
 
 N = 200
 
@@ -49,12 +49,6 @@ def _reference(model):
                 ref[name] = (k, sl.get_dtype(), tuple(sl.get_shape()),
                              t.reshape(-1).contiguous().view(torch.uint8).numpy().tobytes() if t.numel() else b"")
     return ref
-
-
-def _bytes(a):
-    if isinstance(a, torch.Tensor):
-        return a.reshape(-1).contiguous().view(torch.uint8).numpy().tobytes() if a.numel() else b""
-    return np.ascontiguousarray(a).tobytes()
 
 
 @pytest.mark.parametrize("framework", ["np", "pt"])
