@@ -1073,10 +1073,6 @@ void transfer_drop_lane(Transfer *t, const char *why) {
         transfer_unref(t);
 }
 
-bool transfer_lane_idle(const Transfer *t) {
-        return !t->lane;
-}
-
 void transfer_lane_down(Transfer *t, unsigned node, const char *why) {
         int k = receiver_index(t, node);
 

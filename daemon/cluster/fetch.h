@@ -170,8 +170,6 @@ int transfer_set_lane(Transfer *t, TransferLane *lane);
 /* Let go of the lane now (it failed elsewhere, or the cluster takes it
  * back): what it did not deliver goes over the data plane. */
 void transfer_drop_lane(Transfer *t, const char *why);
-/* Whether the lane ended for t and nothing of it is in flight. */
-bool transfer_lane_idle(const Transfer *t);
 /* Node (a rank) says the lane ended there: it gets what this node read
  * over the data plane from now on (again, where the lane did not deliver),
  * and the lane ends here too (ended() with why). */
