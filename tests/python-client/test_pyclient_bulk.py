@@ -98,3 +98,42 @@ def test_bulk_matches_safetensors(wd, served, framework):
             infos = {n: tuple(lease.info(n)) for n in names}
         # After release the infos stay.
         assert {n: tuple(lease.info(n)) for n in lease.keys()} == infos
+
+
+def _ragged():
+    """Tensors alike but for their first dimension, at every start modulo
+    the rest's size, touching and with gaps between them, in three dtypes,
+    with 0-d and 1-d ones between: what a whole-component torch lease cuts
+    in groups (one split_with_sizes() a group)."""
+    g = torch.Generator().manual_seed(20261208)
+    out = {}
+    tails = [(3,), (2, 5), (4, 1, 2), ()]
+    for i in range(400):
+        tail = tails[i % len(tails)]
+        lead = 1 + (i * 7) % 5
+        dtype = (torch.float32, torch.float16, torch.int32)[(i // 4) % 3]
+        shape = (lead,) + tail if tail or i % 8 else ()
+        out[f"r.{i:03d}"] = (torch.randn(shape, generator=g) * 100).to(dtype)
+        if i % 3 == 0:  # one element of a wider type: moves the next start by one
+            out[f"r.{i:03d}.pad"] = torch.tensor([i % 100], dtype=torch.int8 if i % 2 else torch.int16)
+    return out
+
+
+def test_bulk_torch_groups_match_safetensors(wd, start_daemon, tmp_root):
+    path = tmp_root / "ragged.safetensors"
+    safetensors.torch.save_file(_ragged(), path)
+    ref = _reference(str(path))
+    daemon = start_daemon(roots=[tmp_root])
+    with wd.connect(daemon.socket) as c, c.load(str(path), framework="pt") as lease:
+        got = dict(lease.items())
+        assert sorted(got) == sorted(ref)
+        storages = set()
+        for name, t in got.items():
+            dtype, shape, _offset, _nbytes, data = ref[name]
+            assert tuple(t.shape) == shape, name
+            assert t.is_contiguous(), name
+            assert _bytes(t) == data, name
+            if t.numel():
+                storages.add(t.untyped_storage().data_ptr())
+        # Every tensor is a view of the one mapping of the file.
+        assert len(storages) == 1
