@@ -103,6 +103,7 @@ static const KeyDef key_defs[] = {
         { "memory", "host_budget", KEY_BUDGET },
         { "memory", "host_pages", KEY_PAGES },
         { "memory", "hugetlb_reserve", KEY_RESERVE },
+        { "memory", "ready_after_touch", KEY_BOOL, offsetof(Config, ready_after_touch) },
         { "io", "queue_depth", KEY_UNSIGNED, offsetof(Config, queue_depth), 1, 4096 },
         { "io", "chunk_size", KEY_SIZE, offsetof(Config, chunk_size), 64ull << 10, 1ull << 30, 4096 },
         { "io", "direct_io", KEY_DIRECT },
@@ -327,6 +328,7 @@ int config_new_default(Config **ret, WdError *err) {
                 .log_level = LOG_INFO,
                 .host_pages = SLAB_PAGES_AUTO,
                 .hugetlb_reserve = CONFIG_HUGETLB_RESERVE_AUTO,
+                .ready_after_touch = true,
                 .queue_depth = CONFIG_QUEUE_DEPTH_DEFAULT,
                 .chunk_size = CONFIG_CHUNK_SIZE_DEFAULT,
                 .direct_io = DIRECT_AUTO,
@@ -1730,7 +1732,7 @@ bool config_equal(const Config *a, const Config *b) {
             a->frame_timeout != b->frame_timeout ||
             a->log_level != b->log_level || a->host_budget != b->host_budget ||
             strcmp(a->host_budget_spec, b->host_budget_spec) != 0 || a->host_pages != b->host_pages ||
-            a->hugetlb_reserve != b->hugetlb_reserve ||
+            a->hugetlb_reserve != b->hugetlb_reserve || a->ready_after_touch != b->ready_after_touch ||
             a->queue_depth != b->queue_depth || a->chunk_size != b->chunk_size || a->direct_io != b->direct_io ||
             strcmp(a->gpu_budget_spec, b->gpu_budget_spec) != 0 || a->gpu_budget.percent != b->gpu_budget.percent ||
             a->gpu_budget.value != b->gpu_budget.value || a->keep_host != b->keep_host ||
@@ -1834,6 +1836,7 @@ int config_dump(const Config *c, FILE *f) {
         fprintf(f, "hugetlb_reserve = %s\n", c->hugetlb_reserve == CONFIG_HUGETLB_RESERVE_AUTO ? "auto"
                                               : c->hugetlb_reserve == 0                       ? "off"
                                                                                               : format_size(c->hugetlb_reserve, a));
+        fprintf(f, "ready_after_touch = %s\n", c->ready_after_touch ? "yes" : "no");
 
         fprintf(f, "\n[io]\nqueue_depth = %u\n", c->queue_depth);
         fprintf(f, "chunk_size = %s\n", format_size(c->chunk_size, a));

@@ -109,6 +109,7 @@ typedef struct Config {
         uint64_t hugetlb_reserve; /* bytes of 2 MiB hugetlb pages the daemon adds to the kernel's pool
                                    * for its slabs, at most the host budget: 0 (off), a size, or
                                    * CONFIG_HUGETLB_RESERVE_AUTO (the host budget); default auto */
+        bool ready_after_touch;   /* READY=1 at start only once the pool added then is touched, default yes */
 
         /* [io] */
         unsigned queue_depth; /* default 32, 1..4096 */

@@ -94,6 +94,7 @@ struct Server {
         uint64_t adopted_hugetlb;    /* bytes of huge pages the slabs adopted at start hold (fdstore.c) */
         char hugepool_note[192];     /* "" while it is in use, else "off" or why there is none */
         char status_line[256];       /* the last STATUS= sent */
+        bool ready_pending;          /* READY=1 waits for the hugetlb pool's touch ([memory] ready_after_touch) */
         bool stopping;
         bool handles_closed;
         int exit_code;
@@ -197,6 +198,44 @@ static void server_hugepool_apply(Server *s, const Config *c, const char *prefix
         }
 }
 
+static bool server_hugepool_touching(Server *s) {
+        HugePoolStats hp;
+
+        if (!s->hugepool)
+                return false;
+        hugepool_get_stats(s->hugepool, &hp);
+        return hp.touching;
+}
+
+static void server_update_status(Server *s);
+
+/* READY=1, unless it waits for the touch at start (server_ready_check()). */
+static void server_notify_ready(Server *s) {
+        if (!s->ready_pending)
+                (void) notify_send("READY=1");
+}
+
+/* While READY=1 waits for the touch: ask systemd for more time to start
+ * (the touch of a large pool on fresh memory can outlast TimeoutStartSec),
+ * else say READY=1. */
+static void server_ready_check(Server *s) {
+        char buf[64];
+
+        if (!s->ready_pending)
+                return;
+        if (server_hugepool_touching(s)) {
+                snprintf(buf, sizeof(buf), "EXTEND_TIMEOUT_USEC=%" PRIu64, (uint64_t) 30000000);
+                (void) notify_send(buf);
+                server_update_status(s);
+                return;
+        }
+        s->ready_pending = false;
+        log_info("Ready, %.2f s after start: the hugetlb pool is touched ([memory] ready_after_touch = yes)",
+                 (double) (now_usec() - s->started_usec) / 1e6);
+        (void) notify_send("READY=1");
+        server_update_status(s);
+}
+
 /* Every second: give back what slabs held when the pool shrank, and log
  * once when the touch ended. */
 static void server_hugepool_tick(Server *s) {
@@ -271,10 +310,18 @@ static void server_update_status(Server *s) {
         if (s->stopping)
                 return;
         cache_get_stats(s->store.cache, &st);
-        snprintf(buf, sizeof(buf),
-                 "STATUS=%zu components, %.1f of %.1f GiB used, %u leases, %u connections, %u loading", st.n_entries,
-                 (double) st.used / (1u << 30), (double) st.budget / (1u << 30), s->peers.n_leases, s->peers.n_peers,
-                 s->store.jobs.n);
+        if (s->ready_pending) {
+                HugePoolStats hp;
+
+                hugepool_get_stats(s->hugepool, &hp);
+                snprintf(buf, sizeof(buf),
+                         "STATUS=not ready: touching the hugetlb pool, %.1f of %.1f GiB; %u connections, %u loading",
+                         gib(hp.touched_pages), gib(hp.touch_target), s->peers.n_peers, s->store.jobs.n);
+        } else
+                snprintf(buf, sizeof(buf),
+                         "STATUS=%zu components, %.1f of %.1f GiB used, %u leases, %u connections, %u loading",
+                         st.n_entries, (double) st.used / (1u << 30), (double) st.budget / (1u << 30),
+                         s->peers.n_leases, s->peers.n_peers, s->store.jobs.n);
         if (strcmp(buf, s->status_line) == 0)
                 return;
         memcpy(s->status_line, buf, sizeof(buf));
@@ -394,6 +441,7 @@ static void on_tick(uv_timer_t *t) {
 
         s->hugetlb_free_pages = hugetlb_pool_free();
         server_hugepool_tick(s);
+        server_ready_check(s);
         peer_context_tick(&s->peers, now_usec());
         server_publish_metrics(s);
 }
@@ -906,13 +954,13 @@ static void server_reload(Server *s) {
 
         if (!s->config_path) {
                 log_info("SIGHUP: running on built-in defaults, no configuration file to re-read");
-                (void) notify_send("READY=1");
+                server_notify_ready(s);
                 return;
         }
         r = config_load(s->config_path, &c, &err);
         if (r != 0) {
                 log_error("SIGHUP: %s; keeping the running configuration", err.message);
-                (void) notify_send("READY=1");
+                server_notify_ready(s);
                 return;
         }
 
@@ -923,7 +971,7 @@ static void server_reload(Server *s) {
                 r = roots_new(&roots, c->model_roots, c->n_model_roots);
                 if (r < 0) {
                         log_error_errno(r, "SIGHUP: cannot open the model roots: %m; keeping the running configuration");
-                        (void) notify_send("READY=1");
+                        server_notify_ready(s);
                         return;
                 }
                 roots_unref(s->roots);
@@ -936,7 +984,7 @@ static void server_reload(Server *s) {
         r = server_cluster_reload(s, c, &err);
         if (r != 0) {
                 log_error("SIGHUP: %s; keeping the running configuration", err.message);
-                (void) notify_send("READY=1");
+                server_notify_ready(s);
                 return;
         }
         cache_set_budget(s->store.cache, c->host_budget);
@@ -955,7 +1003,7 @@ static void server_reload(Server *s) {
         server_replace_reader(s);
         log_info("Reloaded the configuration from %s", s->config_path);
         server_update_status(s);
-        (void) notify_send("READY=1");
+        server_notify_ready(s);
 }
 
 /* ---- the cluster -------------------------------------------------------- */
@@ -1327,7 +1375,16 @@ int server_run(Server *s) {
                 uint64_t ms = MAX(s->watchdog_usec / 2000, 1);
                 uv_timer_start(&s->watchdog_timer, on_watchdog_timer, ms, ms);
         }
-        (void) notify_send("READY=1");
+        /* With [memory] ready_after_touch, READY=1 waits for the pool the
+         * daemon added to be touched (server_ready_check()): the first
+         * load after `systemctl start` returns then lands on touched huge
+         * pages.  The socket serves meanwhile. */
+        s->ready_pending = s->config->ready_after_touch && server_hugepool_touching(s);
+        if (s->ready_pending)
+                log_info("Not ready until the hugetlb pool is touched ([memory] ready_after_touch = yes); "
+                         "serving meanwhile");
+        else
+                (void) notify_send("READY=1");
         server_update_status(s);
 
         (void) uv_run(&s->loop, UV_RUN_DEFAULT);

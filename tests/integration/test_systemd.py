@@ -47,9 +47,12 @@ def wait_for(sock, text, timeout=10.0):
     raise AssertionError(f"no {text!r} from weightd; got {seen}")
 
 
-def write_config(d, roots, sock_path):
+def write_config(d, roots, sock_path, memory=""):
+    """As root the daemon adds its host budget's worth of hugetlb pages
+    at start: 64 MiB here, not half the machine."""
     conf = d / "weightd.conf"
-    conf.write_text(f"[daemon]\nsocket = {sock_path}\nmodel_roots = {roots}\n")
+    conf.write_text(f"[daemon]\nsocket = {sock_path}\nmodel_roots = {roots}\n"
+                    f"[memory]\nhost_budget = 64M\n{memory}")
     return conf
 
 
@@ -80,6 +83,53 @@ def test_notify_ready_status_reload_stopping(bins, workdir, testdata):
         p.terminate()
         wait_for(ns, "STOPPING=1")
         assert p.wait(15) == 0
+    finally:
+        if p.poll() is None:
+            p.kill()
+            p.wait()
+        ns.close()
+
+
+NR_HUGEPAGES = "/sys/kernel/mm/hugepages/hugepages-2048kB/nr_hugepages"
+
+
+@pytest.mark.skipif(os.geteuid() != 0 or not os.path.exists(NR_HUGEPAGES),
+                    reason="needs root and a 2 MiB hugetlb pool: the daemon adds pages to it")
+@pytest.mark.parametrize("wait", [True, False])
+def test_ready_waits_for_the_hugetlb_touch(bins, workdir, testdata, wait):
+    """[memory] ready_after_touch (default yes): READY=1 comes once the pool
+    the daemon added at start is touched, so that the first load after
+    `systemctl start` returns lands on touched pages; STATUS= says what it
+    waits for, and the socket serves meanwhile.  With no, READY=1 comes at
+    once, as without a pool."""
+    d = make_dir(workdir, "touch-")
+    ns_path = str(d / "notify.sock")
+    ns = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    ns.bind(ns_path)
+    sock_path = str(d / "weightd.sock")
+    conf = write_config(d, testdata / "models", sock_path,
+                        "hugetlb_reserve = auto\n" + ("" if wait else "ready_after_touch = no\n"))
+    env = dict(os.environ, NOTIFY_SOCKET=ns_path)
+    p = subprocess.Popen([str(bins.weightd), "--config", str(conf)], env=env,
+                         stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    try:
+        seen = wait_for(ns, "READY=1", timeout=60)
+        r = subprocess.run([str(bins.weightctl), "--socket", sock_path, "status", "--json"],
+                           capture_output=True, text=True)
+        assert r.returncode == 0, r.stderr
+        pool = json.loads(r.stdout)["hugetlb_pool"]
+        if not pool["reserved_bytes"]:
+            pytest.skip(f"the kernel added no 2 MiB pages for the daemon: {pool['state']}")
+        waited = [m for m in seen if m.startswith("STATUS=not ready: touching the hugetlb pool")]
+        if wait:
+            assert waited, seen
+            assert pool["state"] == "ready", pool
+        else:
+            assert not waited, seen
+        p.terminate()
+        assert p.wait(15) == 0
+        log = p.stderr.read().decode()
+        assert ("Ready, " in log and "the hugetlb pool is touched" in log) == wait, log
     finally:
         if p.poll() is None:
             p.kill()

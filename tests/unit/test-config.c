@@ -363,6 +363,21 @@ static void test_hugetlb_reserve(void **state) {
                  "test.conf:2: [memory] hugetlb_reserve: \"yes\" is not auto, off or a positive size");
 }
 
+static void test_ready_after_touch(void **state) {
+        _cleanup_(config_freep) Config *c = NULL;
+
+        c = load_ok("[memory]\n");
+        assert_true(c->ready_after_touch);
+        c = config_free(c);
+        c = load_ok("[memory]\nready_after_touch = no\n");
+        assert_false(c->ready_after_touch);
+        c = config_free(c);
+        c = load_ok("[memory]\nready_after_touch = no\nready_after_touch = yes\n");
+        assert_true(c->ready_after_touch);
+        load_bad("[memory]\nready_after_touch = later\n",
+                 "test.conf:2: [memory] ready_after_touch: \"later\" is not one of yes, no");
+}
+
 static void test_io_keys(void **state) {
         _cleanup_(config_freep) Config *c = NULL;
 
@@ -1584,6 +1599,7 @@ int main(int argc, char **argv) {
                 cmocka_unit_test(test_daemon_keys),
                 cmocka_unit_test(test_memory_keys),
                 cmocka_unit_test(test_hugetlb_reserve),
+                cmocka_unit_test(test_ready_after_touch),
                 cmocka_unit_test(test_io_keys),
                 cmocka_unit_test(test_gpu_keys),
                 cmocka_unit_test(test_bad_values),
