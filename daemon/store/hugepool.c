@@ -83,6 +83,23 @@ static int write_u64_file(const char *path, uint64_t v) {
         return 0;
 }
 
+/* The persistent pool: nr_hugepages counts the surplus pages too (those a
+ * smaller size left in use, which the kernel frees by itself once they
+ * are), and what a write sets is the persistent count.  Accounting in
+ * surplus pages would count pages the kernel gives back on its own, and a
+ * write of nr_hugepages plus more would make them persistent again. */
+static int read_persistent(uint64_t *ret) {
+        uint64_t nr, surplus = 0;
+        int r;
+
+        r = read_u64_file(HUGEPOOL_NR_PATH, &nr);
+        if (r < 0)
+                return r;
+        (void) read_u64_file(HUGEPOOL_SURPLUS_PATH, &surplus);
+        *ret = nr - MIN(surplus, nr);
+        return 0;
+}
+
 uint64_t hugepool_free_pages(void) {
         uint64_t n;
 
@@ -166,7 +183,7 @@ int hugepool_resize(HugePool *p, uint64_t pages, uint64_t *ret_before, uint64_t 
                 goto done;
         }
         touch_stop(p);
-        r = read_u64_file(HUGEPOOL_NR_PATH, &nr);
+        r = read_persistent(&nr);
         if (r < 0)
                 return r;
         if (pages > p->reserved)
@@ -176,15 +193,16 @@ int hugepool_resize(HugePool *p, uint64_t pages, uint64_t *ret_before, uint64_t 
         r = write_u64_file(HUGEPOOL_NR_PATH, target);
         if (r < 0 && r != -ENOMEM) /* ENOMEM: the kernel added what it could */
                 return r;
-        r = read_u64_file(HUGEPOOL_NR_PATH, &now);
+        r = read_persistent(&now);
         if (r < 0)
                 return r;
         if (pages > p->reserved)
                 p->reserved += now > nr ? now - nr : 0;
         else
-                /* The kernel keeps pages that are in use (slabs hold them):
-                 * they stay counted, and hugepool_retry() gives them back
-                 * once they are free. */
+                /* Pages in use (slabs hold them) become surplus, which the
+                 * kernel frees once they are: given back.  Should it keep
+                 * some persistent, they stay counted, and hugepool_retry()
+                 * gives them back once they are free. */
                 p->reserved -= MIN(nr > now ? nr - now : 0, p->reserved - pages);
         p->target = pages;
         if (ret_before)
@@ -194,7 +212,7 @@ int hugepool_resize(HugePool *p, uint64_t pages, uint64_t *ret_before, uint64_t 
         return 0;
 done:
         if (ret_before || ret_after) {
-                r = read_u64_file(HUGEPOOL_NR_PATH, &nr);
+                r = read_persistent(&nr);
                 if (r < 0)
                         nr = 0;
                 if (ret_before)

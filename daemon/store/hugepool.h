@@ -26,6 +26,7 @@
 #define HUGEPOOL_PAGE_SIZE (2ull << 20)
 #define HUGEPOOL_NR_PATH "/sys/kernel/mm/hugepages/hugepages-2048kB/nr_hugepages"
 #define HUGEPOOL_FREE_PATH "/sys/kernel/mm/hugepages/hugepages-2048kB/free_hugepages"
+#define HUGEPOOL_SURPLUS_PATH "/sys/kernel/mm/hugepages/hugepages-2048kB/surplus_hugepages"
 
 typedef struct HugePool HugePool;
 

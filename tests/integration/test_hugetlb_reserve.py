@@ -24,6 +24,7 @@ from reference import component_tensors
 NR = "/sys/kernel/mm/hugepages/hugepages-2048kB/nr_hugepages"
 FREE = "/sys/kernel/mm/hugepages/hugepages-2048kB/free_hugepages"
 RESV = "/sys/kernel/mm/hugepages/hugepages-2048kB/resv_hugepages"
+SURPLUS = "/sys/kernel/mm/hugepages/hugepages-2048kB/surplus_hugepages"
 MIB = 1 << 20
 PAGE = 2 * MIB
 
@@ -166,3 +167,43 @@ def test_pool_taken_by_others_falls_back(start_daemon, make_model):
     assert r.returncode == 0, r.stderr.decode()
     check_bytes(d, model)
     assert d.status()["hugetlb_pool"]["shmem_fallback_slabs"] == 2
+
+
+def test_shrink_with_every_page_in_use(start_daemon, make_model):
+    """The budget shrinks while the model's slabs hold pages and no page
+    of the pool is free (another program holds the rest): the kernel keeps
+    the pages in use as surplus pages and frees them once they are free,
+    so the daemon's share is given back at once and counted so (it was
+    counted as still held for ever, and nr_hugepages, which counts surplus
+    pages too, was read as if the daemon still owed them)."""
+    model = make_model("16M", 2)
+    d = start_daemon(roots=[model.parent], host_budget="64M", hugetlb_reserve="auto")
+    assert wait_ready(d)["state"] == "ready"
+    check_bytes(d, model)
+    persistent0 = read_int(NR) - read_int(SURPLUS)
+    taken = take_free_pages(keep=0)
+    try:
+        d.write_config(hugetlb_reserve="off")
+        d.hup()
+        wait_until(lambda: d.log().count("Reloaded the configuration") == 1, what="the reload")
+        assert d.status()["hugetlb_pool"]["reserved_bytes"] == 0, d.log()
+        assert "vm.nr_hugepages %d -> %d" % (persistent0, persistent0 - 32) in d.log(), d.log()
+        check_bytes(d, model)  # the slabs keep their pages
+    finally:
+        if taken:
+            taken[0].close()
+            os.close(taken[1])
+    r = d.ctl("evict", str(model))
+    assert r.returncode == 0, r.stderr.decode()
+    # Nothing is owed: no page is given back later, and none stays surplus.
+    wait_until(lambda: read_int(SURPLUS) == 0, timeout=5, what="the surplus pages freed")
+    assert d.status()["hugetlb_pool"]["reserved_bytes"] == 0
+    d.write_config(hugetlb_reserve="auto")
+    d.hup()
+    wait_until(lambda: d.log().count("Reloaded the configuration") == 2, what="the second reload")
+    assert d.status()["hugetlb_pool"]["reserved_bytes"] == 64 * MIB
+    assert d.stop() == 0
+    log = d.log()
+    assert "more pages that slabs held" not in log, log
+    changes = pool_changes(log)
+    assert [b - a for a, b in changes] == [32, -32, 32, -32], changes
