@@ -579,6 +579,7 @@ static int handle_load(Driver *d, Peer *p, uint64_t id, const Weightd__V1__LoadR
         r = request_resolve(d, p, id, kind, req->progress, req->model, req->component, spec);
         if (!r)
                 return 0;
+        r->compact_tensors = req->compact_tensors;
         if (req->cluster) {
                 r->cluster = true;
                 r->nodes = calloc(req->n_nodes + 1, sizeof(char *));

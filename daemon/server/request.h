@@ -67,6 +67,8 @@ struct Request {
         size_t n_names;
         size_t *pick;
         size_t n_pick;
+        /* A Load whose client reads LoadReply.table. */
+        bool compact_tensors;
 
         /* The resolve, on the thread pool (resolving meanwhile). */
         uv_work_t work;
