@@ -40,6 +40,7 @@ static inline void envelope_freep(WireEnvelope **p) {
 typedef Weightd__V1__Reply PbReply;
 typedef Weightd__V1__Slab PbSlab;
 typedef Weightd__V1__Tensor PbTensor;
+typedef Weightd__V1__TensorTable PbTensorTable;
 
 struct wd_client {
         pthread_mutex_t mutex;
@@ -92,17 +93,19 @@ int error_set(wd_error *err, int code, const char *fmt, ...) _printf_(3, 4);
 void escape_string(char *dst, size_t dst_size, const char *src, size_t max_bytes);
 
 /* Build and validate a manifest from the daemon's slabs and tensors, which
- * point into *env.  files (n_files > 0) is LoadReply.files of a reply whose
- * slabs are derived (a sharded load): the component's files, which
- * Tensor.file indexes, while Tensor.slab indexes the slabs; bytes is then
- * the component's size.  Without files every slab is one whole file.  With
+ * point into *env: the tensors as messages, or (table not NULL, tensors
+ * then empty) as a LoadReply.table, whose columns must break no rule of
+ * the table and whose rows pass the same checks as messages.  files
+ * (n_files > 0) is LoadReply.files of a reply whose slabs are derived (a
+ * sharded load): the component's files, which Tensor.file indexes, while
+ * Tensor.slab indexes the slabs; bytes is then the component's size.  Without files every slab is one whole file.  With
  * fds (one per slab, by fd_index) each slab is mapped read-only and the
  * tensors' data pointers set; the caller still closes the fds.  On success
  * the manifest takes *env.  Returns WD_OK, WD_PROTOCOL_ERROR naming the
  * tensor or file that breaks a rule, or WD_INTERNAL. */
 int manifest_new(WireEnvelope **env, const char *model, const char *component, PbSlab *const *slabs, size_t n_slabs,
                  PbSlab *const *files, size_t n_files, uint64_t bytes, PbTensor *const *tensors, size_t n_tensors,
-                 const int *fds, wd_manifest **ret, wd_error *err);
+                 const PbTensorTable *table, const int *fds, wd_manifest **ret, wd_error *err);
 /* Unmap and free, whoever owns it.  Accepts NULL; returns NULL. */
 wd_manifest *manifest_free(wd_manifest *m);
 

@@ -606,7 +606,7 @@ _public_ int wd_tensors(wd_client *c, const char *model, const char *component, 
                 Weightd__V1__TensorsReply *t = reply->reply->tensors;
 
                 r = manifest_new(&reply, t->model, t->component, t->files, t->n_files, NULL, 0, 0, t->tensors,
-                                 t->n_tensors, NULL, ret, &e);
+                                 t->n_tensors, NULL, NULL, ret, &e);
         }
         return finish(r, &e, err);
 }
@@ -647,6 +647,9 @@ static int client_load(wd_client *c, WireEnvelope *req, wd_progress_fn progress,
         wd_lease *l;
         int r;
 
+        /* The table costs both sides a fraction of 100,000 Tensor messages;
+         * a daemon that does not know the field sends the messages. */
+        req->load->compact_tensors = true;
         r = client_call(c, req, WEIGHTD__V1__REPLY__RESULT_LOAD, progress, userdata, true, &reply, err);
         if (r != WD_OK)
                 return r;
@@ -671,7 +674,7 @@ static int client_load(wd_client *c, WireEnvelope *req, wd_progress_fn progress,
         else {
                 l->id = lr->lease;
                 r = manifest_new(&reply, lr->model, lr->component, lr->slabs, n, lr->files, lr->n_files, lr->bytes,
-                                 lr->tensors, lr->n_tensors, fds, &l->manifest, err);
+                                 lr->tensors, lr->n_tensors, lr->table, fds, &l->manifest, err);
         }
         close_fds(fds, n);
         if (r != WD_OK) {

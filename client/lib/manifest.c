@@ -6,7 +6,11 @@
  * inside its tensor.  For a lease the slabs are mapped read-only and each
  * tensor points into its mapping.  A sharded load's reply has one derived
  * slab for the whole component and lists the component's files apart
- * (LoadReply.files): Tensor.slab indexes the slabs, Tensor.file the files.  The
+ * (LoadReply.files): Tensor.slab indexes the slabs, Tensor.file the files.
+ * The tensors come as Tensor messages or, from a daemon that knows
+ * LoadRequest.compact_tensors, as the columns of a LoadReply.table: the
+ * table's own rules are checked first, then each of its rows becomes the
+ * same TensorRow a message does and passes the same checks.  The
  * manifest keeps the unpacked reply and points into it, so nothing is
  * copied; a hash table of the names serves wd_manifest_find() and finds
  * a name sent twice.  A reply of 100,000 tensors is checked and indexed in
@@ -154,9 +158,25 @@ static int manifest_map(wd_manifest *m, const int *fds, wd_error *err) {
         return WD_OK;
 }
 
+/* One tensor as the daemon described it, in either form of the reply (a
+ * Tensor message, or a row of a TensorTable): the checks below see only
+ * this, so both forms pass the same ones. */
+typedef struct TensorRow {
+        const char *name;
+        const char *dtype;
+        const uint64_t *shape;
+        size_t n_shape;
+        uint32_t slab, file;
+        uint64_t offset, nbytes;
+        const uint64_t *full_shape;
+        size_t n_full_shape;
+        uint32_t shard_dim;
+        uint64_t shard_start;
+} TensorRow;
+
 /* A sharded tensor's part: full_shape has the same dimensions, differs
  * only along shard_dim, and the part lies inside it there. */
-static int tensor_check_shard(const PbTensor *t, const char *label, const char *name, wd_error *err) {
+static int tensor_check_shard(const TensorRow *t, const char *label, const char *name, wd_error *err) {
         uint64_t end;
 
         if (t->n_full_shape == 0)
@@ -190,7 +210,7 @@ static int tensor_check_shard(const PbTensor *t, const char *label, const char *
 /* Whether t's shape of its dtype makes its nbytes (true for a dtype this
  * library does not know: the daemon's word for it).  Bits of the whole
  * tensor: a zero dimension makes it empty, however large the others. */
-static bool shape_matches_bytes(const PbTensor *t) {
+static bool shape_matches_bytes(const TensorRow *t) {
         unsigned bits = dtype_bits(t->dtype);
         unsigned __int128 n = bits;
         bool overflow = false;
@@ -206,7 +226,7 @@ static bool shape_matches_bytes(const PbTensor *t) {
 }
 
 /* The checks of one tensor, without a message: true when it passes. */
-static bool tensor_ok(const wd_manifest *m, const PbTensor *t, bool derived) {
+static bool tensor_ok(const wd_manifest *m, const TensorRow *t, bool derived) {
         uint64_t end;
 
         if (t->slab >= m->n_slabs || (derived && t->file >= m->n_files) || t->dtype[0] == '\0' ||
@@ -219,7 +239,7 @@ static bool tensor_ok(const wd_manifest *m, const PbTensor *t, bool derived) {
         return shape_matches_bytes(t);
 }
 
-static int tensor_check(const wd_manifest *m, const PbTensor *t, bool derived, wd_error *err) {
+static int tensor_check(const wd_manifest *m, const TensorRow *t, bool derived, wd_error *err) {
         char name[256], label[256];
         int r;
 
@@ -264,6 +284,148 @@ static int tensor_check(const wd_manifest *m, const PbTensor *t, bool derived, w
         return WD_OK;
 }
 
+/* Check tensor i and make it the manifest's entry i. */
+static int manifest_put(wd_manifest *m, size_t i, const TensorRow *t, bool derived, wd_error *err) {
+        int r = tensor_check(m, t, derived, err);
+
+        if (r != WD_OK)
+                return r;
+
+        const ManifestFile *f = &m->slabs[t->slab];
+        m->tensors[i] = (wd_tensor){
+                .name = t->name,
+                .dtype = t->dtype,
+                .ndim = (unsigned) t->n_shape,
+                .shape = t->n_shape > 0 ? t->shape : NULL,
+                .nbytes = t->nbytes,
+                .file = derived ? t->file : t->slab,
+                .offset = t->offset,
+                .data = f->map ? (const uint8_t *) f->map + t->offset : NULL,
+                .full_shape = t->n_full_shape > 0 ? t->full_shape : NULL,
+                .shard_dim = t->shard_dim,
+                .shard_start = t->shard_start,
+                .device = f->cuda.size > 0 ? f->cuda.device : -1,
+                .device_ptr = f->cuda.size > 0 ? f->cuda.ptr + t->offset : 0,
+        };
+        return WD_OK;
+}
+
+/* The tensors of a LoadReply.tensors or TensorsReply.tensors. */
+static int manifest_put_messages(wd_manifest *m, PbTensor *const *tensors, bool derived, wd_error *err) {
+        for (size_t i = 0; i < m->n_tensors; i++) {
+                const PbTensor *t = tensors[i];
+                TensorRow row = {
+                        .name = t->name,
+                        .dtype = t->dtype,
+                        .shape = t->shape,
+                        .n_shape = t->n_shape,
+                        .slab = t->slab,
+                        .file = t->file,
+                        .offset = t->offset,
+                        .nbytes = t->nbytes,
+                        .full_shape = t->full_shape,
+                        .n_full_shape = t->n_full_shape,
+                        .shard_dim = t->shard_dim,
+                        .shard_start = t->shard_start,
+                };
+                int r = manifest_put(m, i, &row, derived, err);
+
+                if (r != WD_OK)
+                        return r;
+        }
+        return WD_OK;
+}
+
+/* The rules of a table's columns, before any row is read: each per-tensor
+ * column has count entries (file: count where the reply lists its files,
+ * else none), names holds count NUL-terminated names and nothing after
+ * them, and ndim adds up to the length of dims. */
+static int table_check(const PbTensorTable *t, bool derived, wd_error *err) {
+        const struct {
+                const char *column;
+                size_t n;
+        } columns[] = {
+                { "dtype", t->dtype.len },   { "ndim", t->ndim.len },   { "offset", t->n_offset },
+                { "nbytes", t->n_nbytes },   { "slab", t->n_slab },
+        };
+        size_t n_dims = 0;
+
+        for (size_t i = 0; i < ELEMENTSOF(columns); i++)
+                if (columns[i].n != t->count)
+                        return error_set(err, WD_PROTOCOL_ERROR,
+                                         "daemon's manifest: table: %s has %zu entries for count %u", columns[i].column,
+                                         columns[i].n, t->count);
+        if (t->n_file != (derived ? t->count : 0))
+                return error_set(err, WD_PROTOCOL_ERROR,
+                                 "daemon's manifest: table: file has %zu entries, %s", t->n_file,
+                                 derived ? "one per tensor is required (the reply lists its files)"
+                                         : "none is allowed (the reply lists no files apart from its slabs)");
+
+        const char *p = t->names.len > 0 ? (const char *) t->names.data : "", *end = p + t->names.len;
+        for (size_t i = 0; i < t->count; i++) {
+                const char *nul = p < end ? memchr(p, '\0', (size_t) (end - p)) : NULL;
+
+                if (!nul)
+                        return error_set(err, WD_PROTOCOL_ERROR,
+                                         "daemon's manifest: table: names holds %zu NUL-terminated names for count %u",
+                                         i, t->count);
+                p = nul + 1;
+        }
+        if (p != end)
+                return error_set(err, WD_PROTOCOL_ERROR,
+                                 "daemon's manifest: table: names has %zu bytes after the last of count %u names",
+                                 (size_t) (end - p), t->count);
+        for (size_t i = 0; i < t->count; i++)
+                n_dims += t->ndim.data[i];
+        if (n_dims != t->n_dims)
+                return error_set(err, WD_PROTOCOL_ERROR,
+                                 "daemon's manifest: table: ndim adds up to %zu dimensions, dims has %zu", n_dims,
+                                 t->n_dims);
+        return WD_OK;
+}
+
+/* The tensors of a LoadReply.table: its columns checked, then each row as
+ * the message form's tensors.  Names and shapes point into the table. */
+static int manifest_put_table(wd_manifest *m, const PbTensorTable *t, bool derived, wd_error *err) {
+        const char *name = (const char *) t->names.data;
+        size_t dim = 0;
+        int r;
+
+        r = table_check(t, derived, err);
+        if (r != WD_OK)
+                return r;
+        for (size_t i = 0; i < t->count; i++) {
+                uint8_t dtype = t->dtype.data[i], ndim = t->ndim.data[i];
+
+                if (dtype >= t->n_dtypes) {
+                        char label[256];
+
+                        escape_string(label, sizeof(label), name, 200);
+                        return error_set(err, WD_PROTOCOL_ERROR,
+                                         "daemon's manifest: table: tensor \"%s\": dtype index %u is out of range "
+                                         "(%zu dtypes)",
+                                         label, dtype, t->n_dtypes);
+                }
+
+                TensorRow row = {
+                        .name = name,
+                        .dtype = t->dtypes[dtype],
+                        .shape = ndim > 0 ? t->dims + dim : NULL,
+                        .n_shape = ndim,
+                        .slab = t->slab[i],
+                        .file = derived ? t->file[i] : 0,
+                        .offset = t->offset[i],
+                        .nbytes = t->nbytes[i],
+                };
+                r = manifest_put(m, i, &row, derived, err);
+                if (r != WD_OK)
+                        return r;
+                name += strlen(name) + 1;
+                dim += ndim;
+        }
+        return WD_OK;
+}
+
 /* FNV-1a, 64 bits: names are short and the table is sized for them. */
 static uint64_t name_hash(const char *s) {
         uint64_t h = 0xcbf29ce484222325ULL;
@@ -303,13 +465,18 @@ static int manifest_index(wd_manifest *m, wd_error *err) {
 
 int manifest_new(WireEnvelope **env, const char *model, const char *component, PbSlab *const *slabs, size_t n_slabs,
                  PbSlab *const *files, size_t n_files, uint64_t bytes, PbTensor *const *tensors, size_t n_tensors,
-                 const int *fds, wd_manifest **ret, wd_error *err) {
+                 const PbTensorTable *table, const int *fds, wd_manifest **ret, wd_error *err) {
         _cleanup_(manifest_freep) wd_manifest *m = calloc(1, sizeof(*m));
         bool derived = n_files > 0;
         int r;
 
         if (!m)
                 return error_set(err, WD_INTERNAL, "out of memory");
+        if (table && n_tensors > 0)
+                return error_set(err, WD_PROTOCOL_ERROR,
+                                 "daemon's manifest: the reply has both a table and %zu tensor messages", n_tensors);
+        if (table)
+                n_tensors = table->count;
         m->model = model;
         m->component = component;
         m->n_slabs = n_slabs;
@@ -342,29 +509,9 @@ int manifest_new(WireEnvelope **env, const char *model, const char *component, P
                         return r;
         }
 
-        for (size_t i = 0; i < n_tensors; i++) {
-                const PbTensor *t = tensors[i];
-
-                r = tensor_check(m, t, derived, err);
-                if (r != WD_OK)
-                        return r;
-                const ManifestFile *f = &m->slabs[t->slab];
-                m->tensors[i] = (wd_tensor){
-                        .name = t->name,
-                        .dtype = t->dtype,
-                        .ndim = (unsigned) t->n_shape,
-                        .shape = t->n_shape > 0 ? t->shape : NULL,
-                        .nbytes = t->nbytes,
-                        .file = derived ? t->file : t->slab,
-                        .offset = t->offset,
-                        .data = f->map ? (const uint8_t *) f->map + t->offset : NULL,
-                        .full_shape = t->n_full_shape > 0 ? t->full_shape : NULL,
-                        .shard_dim = t->shard_dim,
-                        .shard_start = t->shard_start,
-                        .device = f->cuda.size > 0 ? f->cuda.device : -1,
-                        .device_ptr = f->cuda.size > 0 ? f->cuda.ptr + t->offset : 0,
-                };
-        }
+        r = table ? manifest_put_table(m, table, derived, err) : manifest_put_messages(m, tensors, derived, err);
+        if (r != WD_OK)
+                return r;
 
         r = manifest_index(m, err);
         if (r != WD_OK)

@@ -484,6 +484,9 @@ static void test_load_release(void **state) {
         assert_string_equal(env->load->model, "/models/m");
         assert_string_equal(env->load->component, "unet");
         assert_string_equal(env->load->target, "");
+        /* The client asks for the table, and still takes the Tensor
+         * messages of a daemon that does not know it (this reply). */
+        assert_true(env->load->compact_tensors);
         wire_envelope_free(env);
 
         /* A lease's manifest is not the caller's to free. */
@@ -934,6 +937,270 @@ static void test_hostile_manifest(void **state) {
 
         for (size_t i = 0; i < ELEMENTSOF(cases); i++)
                 hostile_load(cases[i].spoil, cases[i].n_slabs, cases[i].message);
+}
+
+/* ---- LoadReply.table: the same component as columns ---- */
+
+/* A TensorTable of a Component's tensors, encoded here column by column
+ * from the Component's own fields (the dtypes in order of first use);
+ * derived: with the file column (from Tensor.file). */
+typedef struct Table {
+        PbTensorTable t;
+        char names[512];
+        char *dtypes[8];
+        uint8_t dtype[8], ndim[8];
+        uint64_t dims[32], offset[8], nbytes[8];
+        uint32_t slab[8], file[8];
+        bool with_messages; /* also send the Tensor messages */
+} Table;
+
+static void table_from(Table *x, const Component *k, bool derived) {
+        size_t o = 0, d = 0, n_dtypes = 0;
+
+        memset(x, 0, sizeof(*x));
+        x->t = (PbTensorTable) WEIGHTD__V1__TENSOR_TABLE__INIT;
+        for (size_t i = 0; i < k->n_tensors; i++) {
+                const PbTensor *t = &k->tensors[i];
+                size_t j = 0;
+
+                memcpy(x->names + o, t->name, strlen(t->name) + 1);
+                o += strlen(t->name) + 1;
+                while (j < n_dtypes && strcmp(x->dtypes[j], t->dtype) != 0)
+                        j++;
+                if (j == n_dtypes)
+                        x->dtypes[n_dtypes++] = t->dtype;
+                x->dtype[i] = (uint8_t) j;
+                x->ndim[i] = (uint8_t) t->n_shape;
+                for (size_t e = 0; e < t->n_shape; e++)
+                        x->dims[d++] = t->shape[e];
+                x->offset[i] = t->offset;
+                x->nbytes[i] = t->nbytes;
+                x->slab[i] = t->slab;
+                x->file[i] = t->file;
+        }
+        x->t.count = (uint32_t) k->n_tensors;
+        x->t.names = (ProtobufCBinaryData){ .len = o, .data = (uint8_t *) x->names };
+        x->t.n_dtypes = n_dtypes;
+        x->t.dtypes = x->dtypes;
+        x->t.dtype = (ProtobufCBinaryData){ .len = k->n_tensors, .data = x->dtype };
+        x->t.ndim = (ProtobufCBinaryData){ .len = k->n_tensors, .data = x->ndim };
+        x->t.n_dims = d;
+        x->t.dims = x->dims;
+        x->t.n_offset = x->t.n_nbytes = x->t.n_slab = k->n_tensors;
+        x->t.offset = x->offset;
+        x->t.nbytes = x->nbytes;
+        x->t.slab = x->slab;
+        if (derived) {
+                x->t.n_file = k->n_tensors;
+                x->t.file = x->file;
+        }
+}
+
+static void table_load_reply(Fake *f, Component *k, Table *x, PbSlab **files, size_t n_files, uint64_t id,
+                             uint64_t lease, const int *fds, size_t n_fds) {
+        Weightd__V1__LoadReply load = WEIGHTD__V1__LOAD_REPLY__INIT;
+        PbReply reply = WEIGHTD__V1__REPLY__INIT;
+
+        load.lease = lease;
+        load.model = (char *) "/models/m";
+        load.component = (char *) "unet";
+        load.slabs = k->slab_ptrs;
+        load.n_slabs = k->n_slabs;
+        load.files = files;
+        load.n_files = n_files;
+        load.table = &x->t;
+        if (x->with_messages) {
+                load.tensors = k->tensor_ptrs;
+                load.n_tensors = k->n_tensors;
+        }
+        load.bytes = n_files > 0 ? 123456 : SLAB_SIZE * k->n_slabs;
+        reply.result_case = WEIGHTD__V1__REPLY__RESULT_LOAD;
+        reply.load = &load;
+        fake_send_reply(f, id, &reply, fds, n_fds);
+}
+
+/* The table gives the manifest the message form gives (every field of
+ * every tensor, compared with the Component's), names and shapes
+ * included, for one and for two files. */
+static void test_load_table(void **state) {
+        for (size_t n_slabs = 1; n_slabs <= 2; n_slabs++) {
+                wd_lease *l = NULL;
+                wd_error err;
+                Component k;
+                Table x;
+                int fds[2];
+                Fake f;
+                wd_client *c = fake_connect(&f);
+
+                component_init(&k, n_slabs);
+                table_from(&x, &k, false);
+                component_fds(&k, fds);
+                table_load_reply(&f, &k, &x, NULL, 0, 2, 77, fds, n_slabs);
+                component_close(&k);
+
+                assert_int_equal(wd_load(c, "/models/m", "unet", &l, &err), WD_OK);
+                component_check_manifest(&k, wd_lease_manifest(l), true);
+                wire_envelope_free(fake_expect(&f, WEIGHTD__V1__ENVELOPE__BODY_LOAD, 2));
+                fake_reply(&f, 3, WD_OK, "");
+                assert_int_equal(wd_release(l, &err), WD_OK);
+                fake_expect_release(&f, 3, 77);
+                wd_disconnect(c);
+                fake_close(&f);
+        }
+}
+
+/* A sharded or device reply's table has the file column: Tensor.file. */
+static void test_load_table_files(void **state) {
+        wd_load_options o = { .world = 1, .tensors = (const char *const[]){ "*" }, .n_tensors = 1 };
+        const wd_manifest *m;
+        wd_lease *l = NULL;
+        wd_error err;
+        Sharded s;
+        Table x;
+        Fake f;
+        wd_client *c = fake_connect(&f);
+
+        sharded_init(&s);
+        /* A table carries no split tensors. */
+        for (size_t i = 0; i < 2; i++) {
+                s.k.tensors[i].full_shape = NULL;
+                s.k.tensors[i].n_full_shape = 0;
+                s.k.tensors[i].shard_start = 0;
+        }
+        s.k.tensors[3].file = 1;
+        table_from(&x, &s.k, true);
+        table_load_reply(&f, &s.k, &x, s.file_ptrs, 2, 2, 5, s.k.fds, 1);
+        component_close(&s.k);
+
+        assert_int_equal(wd_load_ex(c, "/models/m", "unet", &o, &l, &err), WD_OK);
+        wire_envelope_free(fake_expect(&f, WEIGHTD__V1__ENVELOPE__BODY_LOAD, 2));
+        m = wd_lease_manifest(l);
+        assert_int_equal(wd_manifest_n_files(m), 2);
+        assert_int_equal(wd_manifest_n_tensors(m), s.k.n_tensors);
+        for (size_t i = 0; i < s.k.n_tensors; i++) {
+                const wd_tensor *t = wd_manifest_tensor(m, i);
+
+                assert_string_equal(t->name, s.k.tensors[i].name);
+                assert_int_equal(t->file, s.k.tensors[i].file);
+                assert_null(t->full_shape);
+                assert_memory_equal(t->data, s.k.content[0] + s.k.tensors[i].offset, s.k.tensors[i].nbytes);
+        }
+        assert_int_equal(wd_manifest_find(m, "d.odd")->file, 1);
+
+        fake_reply(&f, 3, WD_OK, "");
+        assert_int_equal(wd_release(l, &err), WD_OK);
+        fake_expect_release(&f, 3, 5);
+        wd_disconnect(c);
+        fake_close(&f);
+}
+
+typedef void (*SpoilTable)(Table *x, Component *k);
+
+static void spoil_t_count(Table *x, Component *k) {
+        x->t.count = 4;
+}
+static void spoil_t_nbytes_short(Table *x, Component *k) {
+        x->t.n_nbytes = 4;
+}
+static void spoil_t_dtype_long(Table *x, Component *k) {
+        x->t.dtype.len = 6;
+}
+static void spoil_t_file_unasked(Table *x, Component *k) {
+        x->t.n_file = x->t.count;
+        x->t.file = x->file;
+}
+static void spoil_t_unterminated(Table *x, Component *k) {
+        x->t.names.len--; /* the last name loses its NUL */
+}
+static void spoil_t_fewer_names(Table *x, Component *k) {
+        x->t.names.len = strlen(x->names) + 1; /* only the first */
+}
+static void spoil_t_more_names(Table *x, Component *k) {
+        memcpy(x->names + x->t.names.len, "extra", 6);
+        x->t.names.len += 6;
+}
+static void spoil_t_ndim_sum(Table *x, Component *k) {
+        x->ndim[2] = 1; /* the scalar c.scale now takes a dimension from dims */
+}
+static void spoil_t_dtype_index(Table *x, Component *k) {
+        x->dtype[1] = 9;
+}
+static void spoil_t_both(Table *x, Component *k) {
+        x->with_messages = true;
+}
+/* The rules both forms share, broken in the table: */
+static void spoil_t_offset(Table *x, Component *k) {
+        x->offset[1] = 190;
+}
+static void spoil_t_shape(Table *x, Component *k) {
+        x->dims[1] = 9; /* a.weight [4, 9] */
+}
+static void spoil_t_duplicate(Table *x, Component *k) {
+        Table y;
+
+        k->tensors[3].name = (char *) "a.weight";
+        table_from(&y, k, false);
+        memcpy(x->names, y.names, y.t.names.len);
+        x->t.names.len = y.t.names.len;
+}
+static void spoil_t_slab(Table *x, Component *k) {
+        x->slab[2] = 2;
+}
+static void spoil_t_no_dtype(Table *x, Component *k) {
+        x->dtypes[x->dtype[3]] = (char *) "";
+}
+
+static void hostile_table(SpoilTable spoil, const char *needle) {
+        wd_lease *l = NULL;
+        wd_error err;
+        Component k;
+        Table x;
+        int fds[1];
+        Fake f;
+        wd_client *c = fake_connect(&f);
+
+        component_init(&k, 1);
+        table_from(&x, &k, false);
+        spoil(&x, &k);
+        component_fds(&k, fds);
+        table_load_reply(&f, &k, &x, NULL, 0, 2, 9, fds, 1);
+        component_close(&k);
+        fake_reply(&f, 3, WD_OK, ""); /* to the Release */
+
+        assert_int_equal(wd_load(c, "/models/m", "unet", &l, &err), WD_PROTOCOL_ERROR);
+        assert_null(l);
+        if (!strstr(err.message, needle))
+                fail_msg("\"%s\" does not contain \"%s\"", err.message, needle);
+        wire_envelope_free(fake_expect(&f, WEIGHTD__V1__ENVELOPE__BODY_LOAD, 2));
+        fake_expect_release(&f, 3, 9);
+        wd_disconnect(c);
+        fake_close(&f);
+}
+
+static void test_hostile_table(void **state) {
+        static const struct {
+                SpoilTable spoil;
+                const char *message;
+        } cases[] = {
+                { spoil_t_count, "table: dtype has 5 entries for count 4" },
+                { spoil_t_nbytes_short, "table: nbytes has 4 entries for count 5" },
+                { spoil_t_dtype_long, "table: dtype has 6 entries for count 5" },
+                { spoil_t_file_unasked, "table: file has 5 entries, none is allowed" },
+                { spoil_t_unterminated, "table: names holds 4 NUL-terminated names for count 5" },
+                { spoil_t_fewer_names, "table: names holds 1 NUL-terminated names for count 5" },
+                { spoil_t_more_names, "table: names has 6 bytes after the last of count 5 names" },
+                { spoil_t_ndim_sum, "table: ndim adds up to 7 dimensions, dims has 6" },
+                { spoil_t_dtype_index, "table: tensor \"b.bias\": dtype index 9 is out of range (4 dtypes)" },
+                { spoil_t_both, "the reply has both a table and 5 tensor messages" },
+                { spoil_t_offset, "tensor \"b.bias\": 32 bytes at offset 190 end past the file's 200 bytes" },
+                { spoil_t_shape, "tensor \"a.weight\": shape [4, 9] of F32 does not match 128 bytes" },
+                { spoil_t_slab, "tensor \"c.scale\": slab 2 is out of range (1 files)" },
+                { spoil_t_duplicate, "tensor \"a.weight\" appears twice" },
+                { spoil_t_no_dtype, "tensor \"d.odd\": no dtype" },
+        };
+
+        for (size_t i = 0; i < ELEMENTSOF(cases); i++)
+                hostile_table(cases[i].spoil, cases[i].message);
 }
 
 /* Fewer or more descriptors than slabs: the lease is released and the
@@ -2120,6 +2387,9 @@ int main(void) {
                 cmocka_unit_test(test_hostile_manifest),
                 cmocka_unit_test(test_sharded_load),
                 cmocka_unit_test(test_hostile_sharded),
+                cmocka_unit_test(test_load_table),
+                cmocka_unit_test(test_load_table_files),
+                cmocka_unit_test(test_hostile_table),
                 cmocka_unit_test(test_load_options_checked),
                 cmocka_unit_test(test_fd_count_mismatch),
                 cmocka_unit_test(test_hostile_frames),
