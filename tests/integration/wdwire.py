@@ -67,9 +67,12 @@ def shard_body(rank, world, rules=(), uneven=False):
     return b
 
 
-def load_body(model, component="", target="", progress=False, shard=None, keep_host=0, names=()):
-    """A LoadRequest; names: LoadRequest.names (the tensors to lease)."""
+def load_body(model, component="", target="", progress=False, shard=None, keep_host=0, names=(), compact=False):
+    """A LoadRequest; names: LoadRequest.names (the tensors to lease);
+    compact: LoadRequest.compact_tensors (the reply's tensors as a table)."""
     b = f_bytes(1, model) + f_bytes(2, component) + b"".join(f_bytes(11, name) for name in names)
+    if compact:
+        b += f_varint(12, 1)
     if target:
         b += f_bytes(3, target)
     if progress:
@@ -205,6 +208,45 @@ def tensors_of(result, num=5):
     return [(t.str(1), t.str(2), t.packed(3), t.int(4), t.int(5), t.int(6)) for t in result.msgs(num)]
 
 
+def _fixed(msg, num, fmt):
+    """A packed repeated fixed32 ("I") or fixed64 ("Q") field."""
+    out = []
+    for v in msg.f.get(num, []):
+        if isinstance(v, int):  # sent unpacked: one value per field
+            out.append(v)
+        else:
+            out.extend(struct.unpack(f"<{len(v) // struct.calcsize(fmt)}{fmt}", v))
+    return out
+
+
+def table_of(load):
+    """[(name, dtype, shape, slab, offset, nbytes, file or None)] of a
+    LoadReply's TensorTable (its field 11), decoded from the columns alone;
+    None when the reply has no table."""
+    t = load.msg(11)
+    if t is None:
+        return None
+    count = t.int(1)
+    names = t.f.get(2, [b""])[-1]
+    dtypes = t.strs(3)
+    dtype = t.f.get(4, [b""])[-1]
+    ndim = t.f.get(5, [b""])[-1]
+    dims = _fixed(t, 6, "Q")
+    offset, nbytes = _fixed(t, 7, "Q"), _fixed(t, 8, "Q")
+    slab, file = _fixed(t, 9, "I"), _fixed(t, 10, "I")
+    assert names.endswith(b"\0") or count == 0, "names must end with a NUL"
+    split = names[:-1].split(b"\0") if count else []
+    assert len(split) == count == len(dtype) == len(ndim) == len(offset) == len(nbytes) == len(slab)
+    assert len(file) in (0, count)
+    assert sum(ndim) == len(dims)
+    out, d = [], 0
+    for i in range(count):
+        out.append((split[i].decode(), dtypes[dtype[i]], dims[d:d + ndim[i]], slab[i], offset[i], nbytes[i],
+                    file[i] if file else None))
+        d += ndim[i]
+    return out
+
+
 # ---- a connection ------------------------------------------------------------
 
 class Closed(Exception):
@@ -312,4 +354,4 @@ def _close_quietly(fd):
 
 
 __all__ = ["Conn", "Closed", "connect", "frame", "envelope", "f_varint", "f_bytes", "varint", "decode",
-           "hello_body", "load_body", "ref_body", "status_dict", "tensors_of"]
+           "hello_body", "load_body", "ref_body", "status_dict", "table_of", "tensors_of"]
