@@ -418,6 +418,31 @@ static void check_slab_fd(int fd) {
                 fail("a LoadReply's descriptor is not read-only (flags 0x%x)", fl);
 }
 
+/* A LoadReply.table: the tensors in it alone, every column as long as the
+ * table says, every slab index in range. */
+static void client_got_table(const Weightd__V1__LoadReply *l) {
+        const Weightd__V1__TensorTable *t = l->table;
+        size_t n_dims = 0, n_names = 0;
+
+        if (l->n_tensors > 0)
+                fail("a LoadReply with a table and %zu tensors", l->n_tensors);
+        if (t->dtype.len != t->count || t->ndim.len != t->count || t->n_offset != t->count ||
+            t->n_nbytes != t->count || t->n_slab != t->count || (t->n_file != 0 && t->n_file != t->count))
+                fail("a table of %u tensors with columns of other lengths", t->count);
+        for (size_t i = 0; i < t->names.len; i++)
+                n_names += t->names.data[i] == 0;
+        if (n_names != t->count || (t->count > 0 && t->names.data[t->names.len - 1] != 0))
+                fail("a table of %u tensors with %zu names", t->count, n_names);
+        for (size_t i = 0; i < t->count; i++) {
+                n_dims += t->ndim.data[i];
+                if (t->dtype.data[i] >= t->n_dtypes || t->slab[i] >= l->n_slabs)
+                        fail("a table's tensor %zu has dtype %u of %zu, slab %u of %zu", i, t->dtype.data[i],
+                             t->n_dtypes, t->slab[i], l->n_slabs);
+        }
+        if (n_dims != t->n_dims)
+                fail("a table's ndim adds up to %zu, dims has %zu", n_dims, t->n_dims);
+}
+
 static void client_got_load(Client *c, const Weightd__V1__LoadReply *l) {
         int fds[WIRE_MAX_FDS];
 
@@ -436,6 +461,8 @@ static void client_got_load(Client *c, const Weightd__V1__LoadReply *l) {
         }
         if (l->n_slabs == 0)
                 fail("a LoadReply with lease %" PRIu64 " and no slab", l->lease);
+        if (l->table)
+                client_got_table(l);
         for (unsigned i = 0; i < MIN(c->n_leases, MAX_LEASES); i++)
                 if (c->leases[i] == l->lease)
                         fail("lease %" PRIu64 " handed out twice", l->lease);
@@ -553,10 +580,10 @@ static const RuleDef rule_sets[8][3] = {
         { { "", 0 } }, /* an empty pattern is refused */
 };
 
-/* LOAD: a model byte and a flags byte (bit 0 Prefetch, 1 progress, 2 a
- * shard byte follows, 3-4 the target, 5 reuse a recent id, 6-7 keep_host),
- * then the shard byte: world 1 + bits 0-1, rank bits 2-3, bit 4 uneven,
- * bits 5-7 the rules. */
+/* LOAD: a model byte (bit 6: compact_tensors) and a flags byte (bit 0
+ * Prefetch, 1 progress, 2 a shard byte follows, 3-4 the target, 5 reuse a
+ * recent id, 6-7 keep_host), then the shard byte: world 1 + bits 0-1, rank
+ * bits 2-3, bit 4 uneven, bits 5-7 the rules. */
 static void send_load(Client *c, uint8_t m, uint8_t flags, uint8_t s) {
         static const char *const targets[] = { "", "host", "cuda:0", "disk" };
         WireEnvelope env = WEIGHTD__V1__ENVELOPE__INIT;
@@ -570,6 +597,7 @@ static void send_load(Client *c, uint8_t m, uint8_t flags, uint8_t s) {
         l.target = (char *) targets[(flags >> 3) & 3];
         l.progress = flags & 2;
         l.keep_host = (Weightd__V1__KeepHost) (flags >> 6); /* 3 is not a value */
+        l.compact_tensors = (m >> 6) & 1;
         if (flags & 4) {
                 const RuleDef *set = rule_sets[s >> 5];
 

@@ -17,6 +17,7 @@ UNET, VAE, SCHEDULER, TEXT, NOPE = (PIPE | c << 3 for c in range(5))
 
 # Load flags.
 PREFETCH, PROGRESS, SHARD, REUSE = 1, 2, 4, 32
+COMPACT = 64  # in the model byte: LoadRequest.compact_tensors
 TARGET_HOST, TARGET_CUDA, TARGET_BOGUS = 1 << 3, 2 << 3, 3 << 3
 
 
@@ -54,6 +55,9 @@ SEEDS = {
     + run(4) + op(CANCEL, 0, 0, 0x11) + settle(),
     "sharded": hello(0) + load(0, BIG, SHARD, shard(2, 1, 0)) + load(0, MULTI, SHARD, shard(3, 2, 4, True))
     + load(0, UNET, SHARD | TARGET_HOST, shard(4, 0, 5)) + settle() + op(QUERY, 0, 0, 0) + op(DRAIN),
+    "compact": hello(0) + load(0, TINY | COMPACT) + load(0, MULTI | COMPACT, SHARD, shard(2, 1, 5))
+    + load(0, MULTI | COMPACT, SHARD, shard(2, 0, 0)) + load(0, UNET | COMPACT, PREFETCH) + settle()
+    + op(RELEASE, 0, 0, 0x10) + settle(1),
     "sharded-refused": hello(0) + load(0, BIG, SHARD, shard(3, 0, 0)) + load(0, TINY, SHARD, shard(2, 0, 3))
     + load(0, BIG, SHARD, shard(2, 3, 1)) + load(0, BIG, SHARD, shard(2, 1, 7)) + settle(2),
     "disconnect-mid-load": hello(0) + hello(1) + load(0, UNET, PROGRESS) + run(2, False) + op(CLOSE, 0)
