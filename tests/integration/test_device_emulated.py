@@ -326,6 +326,30 @@ def test_every_dtype_whole_and_sharded(emu, tmp_root):
     assert d.status()["storage_read_bytes"] == total
 
 
+def test_compact_device_load_has_the_file_column(emu, tmp_root):
+    """A device Load with compact_tensors gets LoadReply.table, with the
+    file column: its rows are the Tensor messages of the same Load without
+    the flag, and each row's bytes in the slab are the file's."""
+    model, files = make_every_dtype(tmp_root)
+    d = emu(roots=[tmp_root])
+    want = expected_tensors(files)
+    with d.raw() as c:
+        plain, fd = load_ok(c, model)
+        os.close(fd)
+        load, fd = load_ok(c, model, compact=True)
+        assert not load.has(5), "a table was asked for: no Tensor messages"
+        rows = wdwire.table_of(load)
+        assert rows == [(t.str(1), t.str(2), t.packed(3), t.int(4), t.int(5), t.int(6), t.int(10))
+                        for t in plain.msgs(5)]
+        m = Mapped(fd, load.msgs(4)[0].int(3))
+        for name, dtype, shape, slab, off, n, fi in rows:
+            wfi, wdtype, wshape, raw = want[name]
+            assert (slab, fi, dtype, shape, n) == (0, wfi, wdtype, wshape, len(raw)), name
+            assert m[off:off + n] == raw, name
+        m.close()
+        assert len(rows) == len(want)
+
+
 # ---- 3. cold loads pipelined with the read ------------------------------------
 
 def test_cold_device_load_reads_once_with_progress(emu, make_model):
