@@ -732,6 +732,18 @@ static void test_sharded_load(void **state) {
         fake_close(&f);
 }
 
+/* A Load (id 2) of lease 9 that the client refused: WD_PROTOCOL_ERROR
+ * with needle in the message, no lease, and a Release (id 3) of it sent. */
+static void expect_refused(Fake *f, int r, wd_lease *const *l, const wd_error *err, const char *needle) {
+        assert_int_equal(r, WD_PROTOCOL_ERROR);
+        assert_null(*l);
+        assert_int_equal(err->code, WD_PROTOCOL_ERROR);
+        if (!strstr(err->message, needle))
+                fail_msg("\"%s\" does not contain \"%s\"", err->message, needle);
+        wire_envelope_free(fake_expect(f, WEIGHTD__V1__ENVELOPE__BODY_LOAD, 2));
+        fake_expect_release(f, 3, 9);
+}
+
 typedef void (*SpoilSharded)(Sharded *x);
 
 static void spoil_file_index(Sharded *x) {
@@ -784,12 +796,7 @@ static void test_hostile_sharded(void **state) {
                 component_close(&x.k);
                 fake_reply(&f, 3, WD_OK, ""); /* to the Release */
 
-                assert_int_equal(wd_load_ex(c, "/models/m", "unet", &o, &l, &err), WD_PROTOCOL_ERROR);
-                assert_null(l);
-                if (!strstr(err.message, cases[i].message))
-                        fail_msg("\"%s\" does not contain \"%s\"", err.message, cases[i].message);
-                wire_envelope_free(fake_expect(&f, WEIGHTD__V1__ENVELOPE__BODY_LOAD, 2));
-                fake_expect_release(&f, 3, 9);
+                expect_refused(&f, wd_load_ex(c, "/models/m", "unet", &o, &l, &err), &l, &err, cases[i].message);
                 wd_disconnect(c);
                 fake_close(&f);
         }
@@ -845,13 +852,7 @@ static void hostile_load(Spoil spoil, size_t n_slabs, const char *needle) {
         component_close(&k);
         fake_reply(&f, 3, WD_OK, ""); /* to the Release */
 
-        assert_int_equal(wd_load(c, "/models/m", "unet", &l, &err), WD_PROTOCOL_ERROR);
-        assert_null(l);
-        assert_int_equal(err.code, WD_PROTOCOL_ERROR);
-        if (!strstr(err.message, needle))
-                fail_msg("\"%s\" does not contain \"%s\"", err.message, needle);
-        wire_envelope_free(fake_expect(&f, WEIGHTD__V1__ENVELOPE__BODY_LOAD, 2));
-        fake_expect_release(&f, 3, 9);
+        expect_refused(&f, wd_load(c, "/models/m", "unet", &l, &err), &l, &err, needle);
 
         /* An empty ListReply: the connection carries on. */
         Weightd__V1__ListReply list = WEIGHTD__V1__LIST_REPLY__INIT;
@@ -1167,12 +1168,7 @@ static void hostile_table(SpoilTable spoil, const char *needle) {
         component_close(&k);
         fake_reply(&f, 3, WD_OK, ""); /* to the Release */
 
-        assert_int_equal(wd_load(c, "/models/m", "unet", &l, &err), WD_PROTOCOL_ERROR);
-        assert_null(l);
-        if (!strstr(err.message, needle))
-                fail_msg("\"%s\" does not contain \"%s\"", err.message, needle);
-        wire_envelope_free(fake_expect(&f, WEIGHTD__V1__ENVELOPE__BODY_LOAD, 2));
-        fake_expect_release(&f, 3, 9);
+        expect_refused(&f, wd_load(c, "/models/m", "unet", &l, &err), &l, &err, needle);
         wd_disconnect(c);
         fake_close(&f);
 }
