@@ -569,6 +569,57 @@ _public_ int wd_manifest_strings(const wd_manifest *m, char *buf, size_t size) {
         return WD_OK;
 }
 
+_public_ size_t wd_manifest_names_size(const wd_manifest *m) {
+        size_t n = 0;
+
+        for (size_t i = 0; m && i < m->n_tensors; i++)
+                n += strlen(m->tensors[i].name) + 1;
+        return n;
+}
+
+_public_ int wd_manifest_names(const wd_manifest *m, char *buf, size_t size) {
+        if (!m || (size > 0 && !buf) || size < wd_manifest_names_size(m))
+                return WD_INVALID_ARGUMENT;
+
+        char *p = buf;
+        for (size_t i = 0; i < m->n_tensors; i++)
+                p = stpcpy(p, m->tensors[i].name) + 1;
+        return WD_OK;
+}
+
+_public_ int wd_manifest_dtype_codes(const wd_manifest *m, uint8_t *codes, size_t n, const char **dtypes,
+                                     size_t max_dtypes, size_t *ret_n_dtypes) {
+        const char *last = NULL;
+        size_t n_dtypes = 0;
+        uint8_t code = 0;
+
+        if (!m || n < m->n_tensors || (n > 0 && !codes) || !ret_n_dtypes || (max_dtypes > 0 && !dtypes))
+                return WD_INVALID_ARGUMENT;
+        max_dtypes = MIN(max_dtypes, (size_t) UINT8_MAX + 1);
+        for (size_t i = 0; i < m->n_tensors; i++) {
+                const char *d = m->tensors[i].dtype;
+
+                /* Tensors of a dtype share its string in a table reply:
+                 * mostly the same pointer as the tensor before. */
+                if (d != last) {
+                        size_t k = 0;
+
+                        while (k < n_dtypes && dtypes[k] != d && strcmp(dtypes[k], d) != 0)
+                                k++;
+                        if (k == n_dtypes) {
+                                if (n_dtypes == max_dtypes)
+                                        return WD_RESOURCE_EXHAUSTED;
+                                dtypes[n_dtypes++] = d;
+                        }
+                        code = (uint8_t) k;
+                        last = d;
+                }
+                codes[i] = code;
+        }
+        *ret_n_dtypes = n_dtypes;
+        return WD_OK;
+}
+
 _public_ size_t wd_manifest_n_dims(const wd_manifest *m) {
         size_t n = 0;
 

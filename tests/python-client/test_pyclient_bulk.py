@@ -137,3 +137,21 @@ def test_bulk_torch_groups_match_safetensors(wd, start_daemon, tmp_root):
                 storages.add(t.untyped_storage().data_ptr())
         # Every tensor is a view of the one mapping of the file.
         assert len(storages) == 1
+
+
+def test_bulk_without_dtype_codes(wd, served, monkeypatch):
+    """A manifest whose dtypes the library cannot number (more than 256
+    distinct spellings) is read one dtype at a time: the same tensors."""
+    import weightd.client
+
+    daemon, path = served
+    ref = _reference(path)
+    monkeypatch.setattr(weightd.client.lib, "wd_manifest_dtype_codes",
+                        lambda *args: wd.errors.ResourceExhausted.code)
+    with wd.connect(daemon.socket) as c, c.load(path, framework="np") as lease:
+        got = dict(lease.items())
+        assert sorted(got) == sorted(ref)
+        for name, a in got.items():
+            dtype, shape, offset, nbytes, data = ref[name]
+            assert tuple(lease.info(name)) == (name, dtype, shape, 0, offset, nbytes), name
+            assert _bytes(a) == data, name

@@ -376,6 +376,54 @@ static void component_check_manifest(const Component *k, const wd_manifest *m, b
         assert_ptr_equal(p, strings + size);
         free(strings);
 
+        /* Names alone, and dtypes as codes into the distinct spellings. */
+        assert_int_equal(wd_manifest_names_size(NULL), 0);
+        assert_int_equal(wd_manifest_names(NULL, NULL, 0), WD_INVALID_ARGUMENT);
+        size = wd_manifest_names_size(m);
+        char *names = malloc(size + 1);
+        assert_non_null(names);
+        names[size] = 'x';
+        if (size > 0)
+                assert_int_equal(wd_manifest_names(m, names, size - 1), WD_INVALID_ARGUMENT);
+        assert_int_equal(wd_manifest_names(m, names, size), WD_OK);
+        assert_int_equal(names[size], 'x');
+        p = names;
+        for (size_t i = 0; i < k->n_tensors; i++) {
+                assert_string_equal(p, k->tensors[i].name);
+                p += strlen(p) + 1;
+        }
+        assert_ptr_equal(p, names + size);
+        free(names);
+
+        uint8_t *codes = malloc(k->n_tensors + 1);
+        const char *kinds[256];
+        size_t n_kinds = 0, want_kinds = 0;
+        assert_non_null(codes);
+        for (size_t i = 0; i < k->n_tensors; i++) {
+                size_t j = 0;
+                while (j < i && strcmp(k->tensors[j].dtype, k->tensors[i].dtype) != 0)
+                        j++;
+                want_kinds += j == i;
+        }
+        assert_int_equal(wd_manifest_dtype_codes(NULL, codes, k->n_tensors, kinds, 256, &n_kinds),
+                         WD_INVALID_ARGUMENT);
+        if (k->n_tensors > 0)
+                assert_int_equal(wd_manifest_dtype_codes(m, codes, k->n_tensors - 1, kinds, 256, &n_kinds),
+                                 WD_INVALID_ARGUMENT);
+        assert_int_equal(wd_manifest_dtype_codes(m, codes, k->n_tensors, kinds, 256, &n_kinds), WD_OK);
+        assert_int_equal(n_kinds, want_kinds);
+        for (size_t i = 0; i < k->n_tensors; i++) {
+                assert_true(codes[i] < n_kinds);
+                assert_string_equal(kinds[codes[i]], k->tensors[i].dtype);
+                /* In the order of their first tensor. */
+                if (i == 0)
+                        assert_int_equal(codes[i], 0);
+        }
+        if (want_kinds > 1)
+                assert_int_equal(wd_manifest_dtype_codes(m, codes, k->n_tensors, kinds, want_kinds - 1, &n_kinds),
+                                 WD_RESOURCE_EXHAUSTED);
+        free(codes);
+
         size_t n_dims = wd_manifest_n_dims(m);
         uint64_t *dims = malloc((n_dims + 1) * sizeof(uint64_t));
         assert_non_null(dims);

@@ -166,6 +166,23 @@ size_t wd_manifest_strings_size(const wd_manifest *m);
  * back in buf.  Returns WD_OK, or WD_INVALID_ARGUMENT (buf left alone)
  * when m is NULL or size is less than wd_manifest_strings_size(m). */
 int wd_manifest_strings(const wd_manifest *m, char *buf, size_t size);
+/* The bytes wd_manifest_names() writes: 0 for no tensors or a NULL m. */
+size_t wd_manifest_names_size(const wd_manifest *m);
+/* Every tensor's name in one copy: for each tensor in the order of
+ * wd_manifest_tensor(), its name and a NUL, back to back in buf.  Returns
+ * WD_OK, or WD_INVALID_ARGUMENT (buf left alone) when m is NULL or size is
+ * less than wd_manifest_names_size(m). */
+int wd_manifest_names(const wd_manifest *m, char *buf, size_t size);
+/* Every tensor's dtype as a number, for bindings that group tensors by
+ * dtype: codes[i] (n at least wd_manifest_n_tensors()) is tensor i's
+ * dtype's place in dtypes, which receives the distinct spellings (pointers
+ * into m), in the order of their first tensor, *ret_n_dtypes of them.
+ * Returns WD_OK; WD_RESOURCE_EXHAUSTED when the manifest has more than
+ * max_dtypes (at most 256) distinct dtypes (codes and dtypes then hold
+ * nothing of use); WD_INVALID_ARGUMENT when m is NULL or a buffer is
+ * short. */
+int wd_manifest_dtype_codes(const wd_manifest *m, uint8_t *codes, size_t n, const char **dtypes,
+                            size_t max_dtypes, size_t *ret_n_dtypes);
 /* The sum of every tensor's ndim: the entries wd_manifest_shapes() writes. */
 size_t wd_manifest_n_dims(const wd_manifest *m);
 /* Every tensor's shape in one copy: for each tensor in the order of

@@ -476,23 +476,37 @@ def _addresses(rec):
 
 
 class _Table:
-    """Every tensor of a lease's manifest, read in three calls
-    (wd_manifest_tensors(), wd_manifest_strings(), wd_manifest_shapes())
-    into numpy arrays indexed as wd_manifest_tensor(), plus the names and
-    dtypes as lists; the name index and TensorInfo tuples are made on
-    demand."""
+    """Every tensor of a lease's manifest, read in four calls
+    (wd_manifest_tensors(), wd_manifest_names(), wd_manifest_dtype_codes(),
+    wd_manifest_shapes()) into numpy arrays indexed as wd_manifest_tensor(),
+    plus the names as a list; each dtype is a code into the distinct
+    spellings (kinds).  The name index, the dtypes as a list and
+    TensorInfo tuples are made on demand."""
 
     def __init__(self, m, n):
         import numpy as np
 
         self.n = n
-        size = lib.wd_manifest_strings_size(m)
+        size = lib.wd_manifest_names_size(m)
         buf = ctypes.create_string_buffer(size + 1)
-        r = lib.wd_manifest_strings(m, buf, size)
-        check(r, WdError(code=r, message=b"the manifest's strings changed size"))
-        strings = buf.raw[:size].decode("utf-8", "surrogateescape").split("\0")
-        self.names = strings[0:2 * n:2]
-        self.dtypes = strings[1:2 * n:2]
+        r = lib.wd_manifest_names(m, buf, size)
+        check(r, WdError(code=r, message=b"the manifest's names changed size"))
+        self.names = buf.raw[:size].decode("utf-8", "surrogateescape").split("\0")[:n]
+        codes = np.zeros(n, np.uint8)
+        kinds = (ctypes.c_char_p * 256)()
+        n_kinds = ctypes.c_size_t()
+        r = lib.wd_manifest_dtype_codes(m, codes.ctypes.data, n, kinds, 256, ctypes.byref(n_kinds))
+        if r == errors.ResourceExhausted.code:  # more than 256 distinct dtypes: read each
+            dtypes = [lib.wd_manifest_tensor(m, i).contents.dtype.decode("utf-8", "surrogateescape")
+                      for i in range(n)]
+            self.kinds = sorted(set(dtypes))
+            code = {d: k for k, d in enumerate(self.kinds)}
+            self.dcodes = np.fromiter(map(code.__getitem__, dtypes), np.intp, n)
+        else:
+            check(r, WdError(code=r, message=b"the manifest's dtypes could not be read"))
+            self.kinds = [kinds[k].decode("utf-8", "surrogateescape") for k in range(n_kinds.value)]
+            self.dcodes = codes.astype(np.intp)
+        self._dtypes = None
         self._index = None
 
         rec = _records(m, n, copy=False)  # each field kept is copied out below
@@ -530,6 +544,13 @@ class _Table:
             self.shards[self.names[i]] = (t.shard_dim, t.shard_start, tuple(t.full_shape[:t.ndim]))
 
     @property
+    def dtypes(self):
+        """Every tensor's dtype spelling, built on first use."""
+        if self._dtypes is None:
+            self._dtypes = list(map(self.kinds.__getitem__, self.dcodes.tolist()))
+        return self._dtypes
+
+    @property
     def index(self):
         """name -> position, built on first use."""
         if self._index is None:
@@ -538,7 +559,7 @@ class _Table:
 
     def info(self, i):
         start = int(self.starts[i])
-        return TensorInfo((self.names[i], self.dtypes[i], tuple(self.dims[start:start + int(self.ndims[i])].tolist()),
+        return TensorInfo((self.names[i], self.kinds[self.dcodes[i]], tuple(self.dims[start:start + int(self.ndims[i])].tolist()),
                            int(self.files[i]), int(self.offsets[i]), int(self.nbytes[i])))
 
 
@@ -862,9 +883,7 @@ def _build_arrays(lease, tab, framework):
     numpy = framework == "np"
     one = _ARRAY[framework]
     made_all = np.empty(n, object)  # in the manifest's order, filled group by group
-    kinds = sorted(set(tab.dtypes))
-    code = {d: i for i, d in enumerate(kinds)}
-    dcode = np.fromiter(map(code.__getitem__, tab.dtypes), np.intp, n) if len(kinds) > 1 else np.zeros(n, np.intp)
+    kinds, dcode = tab.kinds, tab.dcodes
     key = tab.rids * len(kinds) + dcode
     order = np.argsort(key, kind="stable")
     cuts = np.flatnonzero(np.diff(key[order])) + 1
