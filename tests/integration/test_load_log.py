@@ -11,7 +11,9 @@ import time
 STAGE = r"([0-9]+\.[0-9]+ m?s)"
 LOADED = re.compile(r"loaded (?P<what>.*): (?P<mib>[0-9]+\.[0-9]) MiB in (?P<total>[0-9]+\.[0-9]{2}) s "
                     r"\([0-9]+\.[0-9]{2} GB/s\); "
-                    rf"resolve {STAGE}, queue {STAGE}, read {STAGE}, seal {STAGE}$", re.M)
+                    rf"resolve {STAGE}, queue {STAGE}, read {STAGE}, seal {STAGE}"
+                    # where slabs went on small pages, "; 2 of 2 files on small pages (...)"
+                    r"(?:; [0-9]+ of [0-9]+ files on small pages \(.*\))?$", re.M)
 
 # What printing can lose: half of its last digit, 5 ms for the total and
 # at most that for each of the four stages.
