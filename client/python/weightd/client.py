@@ -559,8 +559,9 @@ class _Table:
 
     def info(self, i):
         start = int(self.starts[i])
-        return TensorInfo((self.names[i], self.kinds[self.dcodes[i]], tuple(self.dims[start:start + int(self.ndims[i])].tolist()),
-                           int(self.files[i]), int(self.offsets[i]), int(self.nbytes[i])))
+        shape = tuple(self.dims[start:start + int(self.ndims[i])].tolist())
+        return TensorInfo((self.names[i], self.kinds[self.dcodes[i]], shape, int(self.files[i]), int(self.offsets[i]),
+                           int(self.nbytes[i])))
 
 
 class Lease(collections.abc.Mapping):
@@ -949,8 +950,9 @@ def _torch_split(typed, tab, pos, a, k, made_all):
     first dimension, T, and by their start modulo T's size, t; in a view of
     typed as rows of shape T starting at that remainder, each tensor is
     the rows [start / t, start / t + shape[0]), and one split_with_sizes()
-    cuts a whole group (the tensors, and the gaps between them) in C++:
-    about 0.25 us a piece, against 1 us for an as_strided() each.
+    cuts a whole group (the tensors, and the gaps between them that are not
+    empty) in C++: about 0.35 us a piece, against about 1 us for an
+    as_strided() call from Python per tensor.
     Overlapping tensors (none in a valid file) go through as_strided()."""
     import numpy as np
 
