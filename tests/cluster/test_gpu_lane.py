@@ -17,11 +17,11 @@ say a broadcast to every other node moves.
 import pytest
 
 from cluster import Cluster, per_node, prefetch_results, wait_transfer
-from harness import BUILD, make_dir, wait_until
-from test_device_emulated import _emulated_build, check_slab, load_ok
+from harness import BUILD, emulated_build, make_dir, wait_until
+from test_device_emulated import check_slab, load_ok
 from test_parts import NAMES, coordinator, make_tp_model
 
-pytestmark = pytest.mark.skipif(not _emulated_build(),
+pytestmark = pytest.mark.skipif(not emulated_build(),
                                 reason=f"{BUILD} is not built with -Dgpu_emulation=true (no emulated GPUs); NCCL "
                                        "cannot initialise without a GPU")
 

@@ -18,14 +18,14 @@ import sys
 import pytest
 
 from cluster import Cluster, per_node, prefetch_results
-from harness import BUILD, make_dir, wait_until
+from harness import BUILD, emulated_build, make_dir, wait_until
 from reference import component_tensors
-from test_device_emulated import _emulated_build, check_slab, load_ok
+from test_device_emulated import check_slab, load_ok
 from test_parts import NAMES, RULES, expected_bytes, make_tp_model, node_counters
 import wdwire
 
 
-pytestmark = pytest.mark.skipif(not _emulated_build(),
+pytestmark = pytest.mark.skipif(not emulated_build(),
                                 reason=f"{BUILD} is not built with -Dgpu_emulation=true (no emulated GPUs); a "
                                        "real GPU cluster cannot run here")
 

@@ -30,12 +30,22 @@ TESTDATA_SRC = BUILD / "tests" / "testdata"
 NOBODY = 65534
 AS_NOBODY = ["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups", "--"]
 
+def emulated_build():
+    """Whether BUILD was configured with -Dgpu_emulation=true (emulated GPUs)."""
+    try:
+        with open(BUILD / "meson-info" / "intro-buildoptions.json") as f:
+            opts = {o["name"]: o["value"] for o in json.load(f)}
+    except (OSError, ValueError):
+        return False
+    return opts.get("gpu_emulation") is True
+
+
 # Which section each config key lives in.
 SECTIONS = {
     "socket": "daemon", "model_roots": "daemon", "allow_uids": "daemon", "allow_gids": "daemon",
     "max_connections": "daemon", "max_connections_per_uid": "daemon", "max_pending_requests": "daemon", "hello_timeout": "daemon",
     "max_frame_size": "daemon", "max_request_size": "daemon", "frame_timeout": "daemon", "log_level": "daemon",
-    "host_budget": "memory", "host_pages": "memory", "hugetlb_reserve": "memory",
+    "host_budget": "memory", "host_pages": "memory", "hugetlb_reserve": "memory", "ready_after_touch": "memory",
     "queue_depth": "io", "chunk_size": "io", "direct_io": "io",
     "budget": "gpu", "device_budgets": "gpu", "keep_host": "gpu", "devices": "gpu",
     "listen": "metrics",

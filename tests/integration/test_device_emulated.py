@@ -14,7 +14,6 @@ daemon, errors, and weightctl.
 
 Other builds skip this module (tests/run does not pass it to them).
 """
-import json
 import math
 import mmap
 import os
@@ -29,22 +28,13 @@ import pytest
 from safetensors import safe_open
 
 import wdwire
-from harness import BUILD, REPO, Daemon, wait_until
+from harness import BUILD, REPO, Daemon, emulated_build, wait_until
 from reference import NUMPY_DTYPES, read_header, write_safetensors
 from test_layouts import LAYOUTS, _files, _id
 from test_shard import RULES, file_tensors, make_every_dtype, numpy_part, rule_for, split
 
 
-def _emulated_build():
-    try:
-        with open(BUILD / "meson-info" / "intro-buildoptions.json") as f:
-            opts = {o["name"]: o["value"] for o in json.load(f)}
-    except (OSError, ValueError):
-        return False
-    return opts.get("gpu_emulation") is True
-
-
-pytestmark = pytest.mark.skipif(not _emulated_build(),
+pytestmark = pytest.mark.skipif(not emulated_build(),
                                 reason=f"{BUILD} is not built with -Dgpu_emulation=true (no emulated GPUs)")
 
 EMU = "2:256M"

@@ -22,7 +22,7 @@ import time
 import pytest
 
 import harness
-from harness import REPO, Daemon, make_dir
+from harness import REPO, Daemon, emulated_build, make_dir
 from reference import component_tensors, write_safetensors
 
 TICK = 0.05  # see test_stale.py: file times move with the kernel's coarse clock
@@ -501,16 +501,7 @@ def test_unit_keeps_a_store():
     assert values and int(values[-1]) >= 4096
 
 
-def _emulated_build():
-    from harness import BUILD
-    try:
-        with open(BUILD / "meson-info" / "intro-buildoptions.json") as f:
-            return {o["name"]: o["value"] for o in json.load(f)}.get("gpu_emulation") is True
-    except (OSError, ValueError):
-        return False
-
-
-@pytest.mark.skipif(not _emulated_build(), reason="not a -Dgpu_emulation=true build (no emulated GPUs)")
+@pytest.mark.skipif(not emulated_build(), reason="not a -Dgpu_emulation=true build (no emulated GPUs)")
 def test_device_slab_of_a_worker_across_the_restart(managed, systemd, tmp_root, models):
     """A worker's device slab keeps its bytes across the restart (the worker
     holds it); the host copy comes back from the store, so loading the

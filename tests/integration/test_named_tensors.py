@@ -13,7 +13,7 @@ import os
 import pytest
 
 import wdwire
-from harness import BUILD, wait_until
+from harness import BUILD, emulated_build, wait_until
 from reference import read_header, write_safetensors
 from wdwire import LOAD, PREFETCH, RELEASE, f_varint, load_body
 
@@ -148,15 +148,7 @@ def test_bad_names_are_invalid(sharded, case):
         assert not c.fds and c.status()["leases"] == 0
 
 
-def _emulated_build():
-    try:
-        with open(BUILD / "meson-info" / "intro-buildoptions.json") as f:
-            return {o["name"]: o["value"] for o in json.load(f)}.get("gpu_emulation") is True
-    except (OSError, ValueError):
-        return False
-
-
-@pytest.mark.skipif(not _emulated_build(), reason=f"{BUILD} is not built with -Dgpu_emulation=true")
+@pytest.mark.skipif(not emulated_build(), reason=f"{BUILD} is not built with -Dgpu_emulation=true")
 def test_named_device_load_lists_those_of_the_device_slab(start_daemon, tmp_root):
     """A device Load with names: the same device entry and slab as without,
     and each tensor named where the whole device Load puts it."""

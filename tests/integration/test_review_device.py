@@ -33,13 +33,13 @@ import pytest
 import xxhash
 
 import wdwire
-from harness import SLOW, wait_until
+from harness import SLOW, emulated_build, wait_until
 from reference import read_header
-from test_device_emulated import KEEP_HOST_NO, _emulated_build, check_slab, device_load, wait_gpu
+from test_device_emulated import KEEP_HOST_NO, check_slab, device_load, wait_gpu
 from test_review_lifetimes import died, expected_hashes
 from wdwire import CANCEL, EVICT, LOAD, PREFETCH, PROGRESS, TENSORS, f_varint, load_body, ref_body
 
-pytestmark = pytest.mark.skipif(not _emulated_build(), reason="not built with -Dgpu_emulation=true (no emulated GPUs)")
+pytestmark = pytest.mark.skipif(not emulated_build(), reason="not built with -Dgpu_emulation=true (no emulated GPUs)")
 
 MiB = 1 << 20
 
