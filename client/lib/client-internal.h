@@ -98,7 +98,8 @@ void escape_string(char *dst, size_t dst_size, const char *src, size_t max_bytes
  * the table and whose rows pass the same checks as messages.  files
  * (n_files > 0) is LoadReply.files of a reply whose slabs are derived (a
  * sharded load): the component's files, which Tensor.file indexes, while
- * Tensor.slab indexes the slabs; bytes is then the component's size.  Without files every slab is one whole file.  With
+ * Tensor.slab indexes the slabs; bytes is then the component's size.
+ * Without files every slab is one whole file.  With
  * fds (one per slab, by fd_index) each slab is mapped read-only and the
  * tensors' data pointers set; the caller still closes the fds.  On success
  * the manifest takes *env.  Returns WD_OK, WD_PROTOCOL_ERROR naming the

@@ -232,7 +232,7 @@ static void server_ready_check(Server *s) {
         s->ready_pending = false;
         log_info("Ready, %.2f s after start: the hugetlb pool is touched ([memory] ready_after_touch = yes)",
                  (double) (now_usec() - s->started_usec) / 1e6);
-        (void) notify_send("READY=1");
+        server_notify_ready(s);
         server_update_status(s);
 }
 
@@ -1383,8 +1383,7 @@ int server_run(Server *s) {
         if (s->ready_pending)
                 log_info("Not ready until the hugetlb pool is touched ([memory] ready_after_touch = yes); "
                          "serving meanwhile");
-        else
-                (void) notify_send("READY=1");
+        server_notify_ready(s);
         server_update_status(s);
 
         (void) uv_run(&s->loop, UV_RUN_DEFAULT);
