@@ -218,8 +218,6 @@ _SIGNATURES = {
     "wd_manifest_tensor": (ctypes.POINTER(WdTensor), [_P, ctypes.c_size_t]),
     "wd_manifest_find": (ctypes.POINTER(WdTensor), [_P, ctypes.c_char_p]),
     "wd_manifest_tensors": (ctypes.c_void_p, [_P]),
-    "wd_manifest_strings_size": (ctypes.c_size_t, [_P]),
-    "wd_manifest_strings": (ctypes.c_int, [_P, ctypes.c_void_p, ctypes.c_size_t]),
     "wd_manifest_names_size": (ctypes.c_size_t, [_P]),
     "wd_manifest_names": (ctypes.c_int, [_P, ctypes.c_void_p, ctypes.c_size_t]),
     "wd_manifest_dtype_codes": (ctypes.c_int, [_P, ctypes.c_void_p, ctypes.c_size_t, ctypes.POINTER(ctypes.c_char_p),

@@ -480,8 +480,8 @@ class _Table:
     (wd_manifest_tensors(), wd_manifest_names(), wd_manifest_dtype_codes(),
     wd_manifest_shapes()) into numpy arrays indexed as wd_manifest_tensor(),
     plus the names as a list; each dtype is a code into the distinct
-    spellings (kinds).  The name index, the dtypes as a list and
-    TensorInfo tuples are made on demand."""
+    spellings (kinds).  The name index and TensorInfo tuples are made on
+    demand."""
 
     def __init__(self, m, n):
         import numpy as np
@@ -506,7 +506,6 @@ class _Table:
             check(r, WdError(code=r, message=b"the manifest's dtypes could not be read"))
             self.kinds = [kinds[k].decode("utf-8", "surrogateescape") for k in range(n_kinds.value)]
             self.dcodes = codes.astype(np.intp)
-        self._dtypes = None
         self._index = None
 
         rec = _records(m, n, copy=False)  # each field kept is copied out below
@@ -542,13 +541,6 @@ class _Table:
         for i in np.flatnonzero(rec["full_shape"]).tolist():
             t = lib.wd_manifest_tensor(m, i).contents
             self.shards[self.names[i]] = (t.shard_dim, t.shard_start, tuple(t.full_shape[:t.ndim]))
-
-    @property
-    def dtypes(self):
-        """Every tensor's dtype spelling, built on first use."""
-        if self._dtypes is None:
-            self._dtypes = list(map(self.kinds.__getitem__, self.dcodes.tolist()))
-        return self._dtypes
 
     @property
     def index(self):
